@@ -1,0 +1,16 @@
+//! Model files and model maths, independent of any GPU or network.
+//!
+//! - [`gguf`]: reading (memory-mapped) and writing GGUF v2/v3 files.
+//! - [`quant`]: tensor types, CPU dequantisation and Q8_0 quantisation.
+//! - [`config`]: architecture configs (`llama`, `qwen3`, `qwen35`) read from GGUF metadata.
+//! - [`tokenizer`], [`chat`]: text to token ids and back; chat templates.
+//! - [`sampling`]: turning logits into a token id, seeded and reproducible.
+//! - [`reference`]: a plain CPU forward pass, the oracle for every GPU kernel.
+
+pub mod error;
+pub mod gguf;
+pub mod quant;
+
+pub use error::{Error, Result};
+pub mod chat;
+pub mod tokenizer;

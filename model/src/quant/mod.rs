@@ -1,0 +1,11 @@
+//! Tensor types and their CPU (de)quantisation.
+//!
+//! These functions are the ground truth that the WGSL kernels are tested against.
+
+mod dequant;
+mod q8_0;
+mod types;
+
+pub use dequant::{dequantize, dequantize_into};
+pub use q8_0::quantize_q8_0;
+pub use types::GgmlType;

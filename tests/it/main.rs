@@ -1,0 +1,3 @@
+//! Strata's integration tests: one binary, one module per area.
+
+mod support;
