@@ -1,0 +1,167 @@
+//! Adapter choice and device creation.
+
+use wgpu::util::DeviceExt;
+
+use crate::{Error, Result};
+
+/// How to pick and open the GPU.
+#[derive(Debug, Clone, Default)]
+pub struct GpuConfig {
+    /// Substring of the adapter name to use (case-insensitive); falls back to the
+    /// `WGPU_ADAPTER_NAME` environment variable, then to the best adapter found.
+    pub adapter: Option<String>,
+}
+
+/// An open device with the adapter's full limits.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("adapter", &self.info.name).field("backend", &self.info.backend).finish()
+    }
+}
+
+fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl Gpu {
+    pub fn new(config: &GpuConfig) -> Result<Gpu> {
+        pollster::block_on(Self::open(config))
+    }
+
+    async fn open(config: &GpuConfig) -> Result<Gpu> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        let instance = wgpu::Instance::new(desc);
+        let wanted = config.adapter.clone().or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()).map(|s| s.to_lowercase());
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        adapters.retain(|a| a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS));
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        let adapter = match &wanted {
+            Some(w) => adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(w)).ok_or_else(|| {
+                Error::NoAdapter(format!(" named like `{w}` (found: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
+            })?,
+            None => adapters.into_iter().min_by_key(|a| adapter_rank(&a.get_info())).ok_or_else(|| {
+                Error::NoAdapter(": install a Vulkan driver (e.g. `apt-get install mesa-vulkan-drivers libvulkan1` for the CPU driver lavapipe)".into())
+            })?,
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & optional;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("strata"),
+                required_features: features,
+                required_limits: limits.clone(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Device(e.to_string()))?;
+        tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type,
+            max_binding = limits.max_storage_buffer_binding_size, "opened GPU");
+        Ok(Gpu { device, queue, info, limits, features })
+    }
+
+    /// The largest storage binding, rounded down to a 256-byte multiple so that
+    /// bindings split at this size stay offset-aligned.
+    pub fn max_binding(&self) -> u64 {
+        let m = u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size);
+        m / 256 * 256
+    }
+
+    /// A storage buffer holding `data` (also a copy source, so tests can read it back).
+    pub fn storage_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        // Zero-sized buffers cannot be bound; keep at least one word.
+        let padded;
+        let contents = if data.len() < 4 || data.len() % 4 != 0 {
+            padded = { let mut v = data.to_vec(); v.resize(data.len().max(4).div_ceil(4) * 4, 0); v };
+            &padded[..]
+        } else {
+            data
+        };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        })
+    }
+
+    /// An uninitialised (zeroed) storage buffer of `size` bytes.
+    pub fn storage(&self, label: &str, size: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: size.max(4).div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A uniform buffer holding `value`, writable later with `queue.write_buffer`.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(value),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Copies `size` bytes at `offset` of `buffer` back to the CPU (blocking).
+    pub fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        self.map_and_read(&staging)
+    }
+
+    /// Maps a MAP_READ buffer, waits, and copies its contents out.
+    pub fn map_and_read(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu { context: "poll".into(), message: e.to_string() })?;
+        rx.recv()
+            .map_err(|e| Error::Gpu { context: "map".into(), message: e.to_string() })?
+            .map_err(|e| Error::Gpu { context: "map".into(), message: e.to_string() })?;
+        let bytes = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu { context: "map".into(), message: e.to_string() })?
+            .to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        let b = self.read_bytes(buffer, 0, (count * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+
+    pub fn read_u32(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<u32>> {
+        let b = self.read_bytes(buffer, 0, (count * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+}

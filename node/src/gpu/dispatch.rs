@@ -1,0 +1,83 @@
+//! A recorded dispatch, and encoding a list of them into one compute pass.
+
+use std::sync::Arc;
+
+use super::Gpu;
+
+/// One workgroup-count dimension: fixed at build time, or derived from the number of
+/// tokens in the step (prefill batches vary in size; their bind groups do not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(u32),
+    /// `ceil(n_tokens / group)` workgroups.
+    Tokens { group: u32 },
+}
+
+impl Dim {
+    fn resolve(self, n_tokens: u32) -> u32 {
+        match self {
+            Dim::Fixed(n) => n,
+            Dim::Tokens { group } => n_tokens.div_ceil(group),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workgroups(pub Dim, pub Dim, pub Dim);
+
+impl Workgroups {
+    pub fn fixed(x: u32, y: u32, z: u32) -> Self {
+        Workgroups(Dim::Fixed(x), Dim::Fixed(y), Dim::Fixed(z))
+    }
+
+    pub fn resolve(self, n_tokens: u32) -> [u32; 3] {
+        [self.0.resolve(n_tokens), self.1.resolve(n_tokens), self.2.resolve(n_tokens)]
+    }
+}
+
+/// Everything needed to run one kernel once: built at load time, encoded every step.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub label: &'static str,
+    pub pipeline: Arc<wgpu::ComputePipeline>,
+    pub bind_group: wgpu::BindGroup,
+    pub workgroups: Workgroups,
+}
+
+impl Dispatch {
+    /// Binds `resources` to bindings 0.. of group 0 of `pipeline`, in order.
+    pub fn new(
+        gpu: &Gpu,
+        label: &'static str,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        resources: &[wgpu::BindingResource<'_>],
+        workgroups: Workgroups,
+    ) -> Dispatch {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() })
+            .collect();
+        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Dispatch { label, pipeline, bind_group, workgroups }
+    }
+}
+
+/// Encodes `dispatches` in order into one compute pass of `encoder`. Dispatches
+/// whose workgroup count resolves to zero (e.g. no tokens) are skipped.
+pub fn encode_dispatches(encoder: &mut wgpu::CommandEncoder, dispatches: &[Dispatch], n_tokens: u32) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+    for d in dispatches {
+        let [x, y, z] = d.workgroups.resolve(n_tokens);
+        if x == 0 || y == 0 || z == 0 {
+            continue;
+        }
+        pass.set_pipeline(&d.pipeline);
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+}

@@ -1,0 +1,74 @@
+//! Compiled pipelines, cached by kernel and specialisation so each is built once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use strata_shaders::Kernel;
+
+use super::Gpu;
+use crate::{Error, Result};
+
+type Key = (&'static str, Vec<(&'static str, String)>);
+
+/// Pipelines by (kernel, specialised constants). Built at load time, reused by every op.
+#[derive(Default)]
+pub struct KernelCache {
+    pipelines: Mutex<HashMap<Key, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl KernelCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pipeline of `kernel`'s entry point `main` with `consts` specialised;
+    /// `prelude` (e.g. a weight-format snippet) is prepended to the source.
+    pub fn pipeline(
+        &self,
+        gpu: &Gpu,
+        kernel: Kernel,
+        prelude: Option<Kernel>,
+        consts: &[(&'static str, String)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut key_consts = consts.to_vec();
+        if let Some(p) = prelude {
+            key_consts.push(("#prelude", p.name.to_owned()));
+        }
+        let key = (kernel.name, key_consts);
+        if let Some(p) = self.pipelines.lock().expect("kernel cache poisoned").get(&key) {
+            return Ok(p.clone());
+        }
+        let mut source = String::new();
+        if let Some(p) = prelude {
+            source.push_str(p.source);
+            source.push('\n');
+        }
+        source.push_str(kernel.source);
+        let source = strata_shaders::specialise(&source, consts)
+            .map_err(|e| Error::Kernel { kernel: kernel.name.into(), message: e.to_string() })?;
+        let label = match prelude {
+            Some(p) => format!("{}+{}", kernel.name, p.name),
+            None => kernel.name.to_owned(),
+        };
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Kernel { kernel: label, message: e.to_string() });
+        }
+        tracing::debug!(kernel = %label, "built pipeline");
+        let pipeline = Arc::new(pipeline);
+        self.pipelines.lock().expect("kernel cache poisoned").insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

@@ -1,0 +1,34 @@
+use super::*;
+use crate::testing::gpu;
+
+#[test]
+fn every_kernel_compiles() {
+    let (gpu, kernels) = gpu();
+    for k in strata_shaders::all() {
+        // Kernels with a weight-format prelude are compiled by their own tests.
+        if k.source.contains("fn load8(") || k.name.starts_with("mm_") {
+            continue;
+        }
+        kernels.pipeline(gpu, k, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn read_bandwidth_kernel_runs() {
+    let (gpu, kernels) = gpu();
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct P {
+        n_vec4: u32,
+        stride: u32,
+    }
+    let src = gpu.storage_init("src", &vec![7u8; 1 << 20]);
+    let sink = gpu.storage("sink", 4096);
+    let p = gpu.uniform("p", &P { n_vec4: (1 << 20) / 16, stride: 64 * 256 });
+    let pipe = kernels.pipeline(gpu, strata_shaders::Kernel::READ_BANDWIDTH, None, &[]).unwrap();
+    let d = Dispatch::new(gpu, "bw", pipe, &[p.as_entire_binding(), src.as_entire_binding(), sink.as_entire_binding()], Workgroups::fixed(64, 1, 1));
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    encode_dispatches(&mut enc, &[d], 1);
+    gpu.queue.submit([enc.finish()]);
+    assert_eq!(gpu.read_u32(&sink, 4).unwrap(), vec![0; 4]);
+}

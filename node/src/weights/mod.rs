@@ -1,0 +1,1 @@
+//! GPU weights: quantised matrices repacked into aligned layouts, split across bindings.
