@@ -13,4 +13,6 @@ pub mod quant;
 
 pub use error::{Error, Result};
 pub mod chat;
+pub mod config;
+pub mod reference;
 pub mod tokenizer;

@@ -1,3 +1,6 @@
 //! Strata's integration tests: one binary, one module per area.
 
+mod golden;
 mod support;
+
+mod reference;

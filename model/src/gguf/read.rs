@@ -4,12 +4,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::value::{Value, ValueType, expect};
-use super::{DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS};
+use super::{DEFAULT_ALIGNMENT, MAGIC, MAX_ALIGNMENT, MAX_DIMS, MAX_NESTING};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 
-/// Arrays nest at most this deep; real files use one level.
-const MAX_NESTING: u32 = 8;
+/// Fewest bytes of one metadata entry: key length, value type, a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// Fewest bytes of one tensor entry: name length, n_dims, one dim, type, offset.
+const MIN_TENSOR_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 /// One entry of the tensor index.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,23 +108,33 @@ impl Gguf {
         }
         let version = r.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(r.err_at(4, format!("unsupported GGUF version {version} (supported: 2, 3)")));
+            // The magic is stored as bytes, so only the version shows a big-endian file.
+            let hint = if (2..=3).contains(&version.swap_bytes()) { " (a big-endian GGUF?)" } else { "" };
+            return Err(r.err_at(4, format!("unsupported GGUF version {version}{hint} (supported: 2, 3)")));
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
-        // Each metadata entry takes at least 12 bytes, each tensor entry at least 24.
-        r.check_count(n_kv, 12, "metadata count")?;
-        r.check_count(n_tensors, 24, "tensor count")?;
+        // Refuse counts that cannot fit before allocating for them; the tensor count is
+        // checked again, against what the metadata left, before the index is allocated.
+        r.check_count(n_kv, MIN_KV_BYTES, "metadata count")?;
+        r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
         let mut meta_index = HashMap::with_capacity(n_kv as usize);
+        let mut alignment_at = 0;
         for _ in 0..n_kv {
             let at = r.pos;
             let key = r.string("metadata key")?;
+            if key.is_empty() {
+                return Err(r.err_at(at, "empty metadata key".into()));
+            }
             let ty = r.value_type("metadata value type")?;
             let value = r.value(ty, 0)?;
             if meta_index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(r.err_at(at, format!("duplicate metadata key `{key}`")));
+            }
+            if key == "general.alignment" {
+                alignment_at = at;
             }
             metadata.push((key, value));
         }
@@ -131,13 +143,14 @@ impl Gguf {
             None => DEFAULT_ALIGNMENT,
             Some(v) => {
                 let a = expect("general.alignment", "integer", v, Value::as_u64)?;
-                if a == 0 || !a.is_power_of_two() || a > 1 << 20 {
-                    return Err(Error::Malformed { offset: 0, reason: format!("general.alignment {a} is not a power of two up to 1 MiB") });
+                if !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                    return Err(r.err_at(alignment_at, format!("general.alignment {a} is not a power of two up to {MAX_ALIGNMENT}")));
                 }
                 a
             }
         };
 
+        r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
@@ -155,10 +168,7 @@ impl Gguf {
             let ty = GgmlType::from_id(ty_id)
                 .map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
             let offset = r.u64("tensor offset")?;
-            let n = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-            let size = n
-                .and_then(|n| if dims[0] % ty.block_len() == 0 { ty.bytes_for(n) } else { None })
-                .ok_or_else(|| r.err_at(at, format!("tensor `{name}` has impossible shape {dims:?} for type {ty}")))?;
+            let size = tensor_size(ty, &dims).map_err(|why| r.err_at(at, format!("tensor `{name}` {why}")))?;
             if offset % alignment != 0 {
                 return Err(r.err_at(at, format!("tensor `{name}` offset {offset} is not aligned to {alignment}")));
             }
@@ -242,6 +252,24 @@ impl Gguf {
     }
 }
 
+/// Bytes of a tensor of type `ty` and shape `dims`, or why that shape is impossible.
+/// llama.cpp keeps dimensions and element counts in i64, so anything larger is refused.
+pub(crate) fn tensor_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, String> {
+    if let Some(d) = dims.iter().find(|&&d| d > i64::MAX as u64) {
+        return Err(format!("dimension {d} is too large"));
+    }
+    let n = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| format!("shape {dims:?}: the element count overflows"))?;
+    let row = dims.first().copied().unwrap_or(1);
+    if row % ty.block_len() != 0 {
+        return Err(format!("shape {dims:?}: rows of {row} are not a whole number of {ty} blocks of {}", ty.block_len()));
+    }
+    ty.bytes_for(n).ok_or_else(|| format!("shape {dims:?}: the byte size of {ty} overflows"))
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -283,7 +311,10 @@ impl Reader<'_> {
     /// A count claims `n` items of at least `min` bytes each: refuse what cannot fit.
     fn check_count(&self, n: u64, min: u64, what: &str) -> Result<()> {
         if n.checked_mul(min).is_none_or(|b| b > self.remaining()) {
-            return Err(self.err_at(self.pos, format!("{what} {n} is impossible: only {} bytes remain", self.remaining())));
+            return Err(self.err_at(
+                self.pos,
+                format!("{what} {n} is impossible: at least {min} bytes each, only {} bytes left (truncated?)", self.remaining()),
+            ));
         }
         Ok(())
     }

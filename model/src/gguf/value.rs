@@ -136,11 +136,12 @@ impl Value {
         }
     }
 
-    /// Any numeric type as f64.
+    /// Any numeric type as f64 (a u64 beyond i64 too, which `as_i64` refuses).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v.into()),
             Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
             _ => self.as_i64().map(|v| v as f64),
         }
     }

@@ -1,0 +1,118 @@
+//! The CPU reference forward pass: the oracle every GPU kernel is tested against.
+//!
+//! Deliberately plain: weights dequantised to f32 at load, one token at a time, no
+//! batching, no cleverness. It reads like the maths in `docs` (see `qwen35.md`).
+
+mod attention;
+mod deltanet;
+mod ffn;
+pub mod ops;
+
+use crate::config::{LayerKind, ModelConfig, layer_tensor};
+use crate::gguf::Gguf;
+use crate::quant::dequantize;
+use crate::{Error, Result};
+use attention::Attention;
+use deltanet::DeltaNet;
+use ffn::Ffn;
+use ops::{Matrix, add_in_place, rms_norm};
+
+/// Loads tensor `name` as f32, checking its shape (`[k]` or `[k, n]`).
+pub(crate) fn load_f32(g: &Gguf, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
+    let t = g.require_tensor(name)?;
+    let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+    if t.dims != want {
+        return Err(Error::TensorShape { name: name.to_owned(), expected: want, found: t.dims.clone() });
+    }
+    dequantize(t.ty, g.tensor_data(t))
+}
+
+pub(crate) fn load_matrix(g: &Gguf, name: &str, k: usize, n: usize) -> Result<Matrix> {
+    Ok(Matrix { k, n, data: load_f32(g, name, &[k, n])? })
+}
+
+enum Mixer {
+    Attention(Attention),
+    DeltaNet(DeltaNet),
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    mixer: Mixer,
+    ffn_norm: Vec<f32>,
+    ffn: Ffn,
+}
+
+/// A whole model on the CPU, with the state of one sequence.
+pub struct Reference {
+    pub config: ModelConfig,
+    embd: Matrix,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    output: Option<Matrix>,
+    pos: usize,
+}
+
+impl Reference {
+    pub fn load(g: &Gguf) -> Result<Reference> {
+        let config = ModelConfig::from_gguf(g)?;
+        let e = config.n_embd;
+        let embd = load_matrix(g, "token_embd.weight", e, config.n_vocab)?;
+        let mut blocks = Vec::with_capacity(config.n_layer());
+        for (i, kind) in config.layers.iter().enumerate() {
+            let mixer = match kind {
+                LayerKind::Attention => Mixer::Attention(Attention::load(g, &config, i)?),
+                LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(g, &config, i)?),
+            };
+            blocks.push(Block {
+                attn_norm: load_f32(g, &layer_tensor(i, "attn_norm.weight"), &[e])?,
+                mixer,
+                ffn_norm: load_f32(g, &layer_tensor(i, &format!("{}.weight", config.ffn_norm_name())), &[e])?,
+                ffn: Ffn::load(g, &config, i)?,
+            });
+        }
+        let output_norm = load_f32(g, "output_norm.weight", &[e])?;
+        let output = if config.tied_output { None } else { Some(load_matrix(g, "output.weight", e, config.n_vocab)?) };
+        Ok(Reference { config, embd, blocks, output_norm, output, pos: 0 })
+    }
+
+    /// Forgets the sequence: the next token is at position 0.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        for b in &mut self.blocks {
+            match &mut b.mixer {
+                Mixer::Attention(a) => a.reset(),
+                Mixer::DeltaNet(d) => d.reset(),
+            }
+        }
+    }
+
+    /// Position of the next token.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Feeds one token at the next position and returns its logits.
+    pub fn forward(&mut self, token: u32) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let t = token as usize;
+        if t >= cfg.n_vocab {
+            return Err(Error::Config(format!("token id {token} is outside the vocabulary of {}", cfg.n_vocab)));
+        }
+        let mut x = self.embd.row(t).to_vec();
+        for b in &mut self.blocks {
+            let n = rms_norm(&x, &b.attn_norm, cfg.eps);
+            let mixed = match &mut b.mixer {
+                Mixer::Attention(a) => a.forward(&n, self.pos, cfg),
+                Mixer::DeltaNet(d) => d.forward(&n, cfg),
+            };
+            add_in_place(&mut x, &mixed);
+            let n = rms_norm(&x, &b.ffn_norm, cfg.eps);
+            add_in_place(&mut x, &b.ffn.forward(&n));
+        }
+        self.pos += 1;
+        let n = rms_norm(&x, &self.output_norm, cfg.eps);
+        Ok(self.output.as_ref().unwrap_or(&self.embd).matvec(&n))
+    }
+}
