@@ -1,1 +1,29 @@
-fn main() {}
+//! `strata`: run a GGUF model on this machine's GPU (and, later, a cluster of them).
+
+mod cli;
+mod engine;
+mod generate;
+mod progress;
+mod quantize;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        cli::Command::Run(args) => generate::run(args),
+        cli::Command::Bench(args) => generate::bench(args),
+        cli::Command::Quantize(args) => quantize::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

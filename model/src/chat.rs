@@ -187,7 +187,8 @@ mod tests {
     #[test]
     fn smollm2_template_adds_its_default_system_prompt() {
         let template = template_of(SMOLLM2);
-        let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+        let system =
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
         let rendered = template.render(&haiku(), true).unwrap();
         assert_eq!(rendered, format!("{system}{}", golden_prompt("smollm2-135m-q4_1.golden.json")));
 

@@ -10,9 +10,11 @@
 pub mod error;
 pub mod gguf;
 pub mod quant;
+pub mod quantize;
 
 pub use error::{Error, Result};
 pub mod chat;
 pub mod config;
 pub mod reference;
+pub mod sampling;
 pub mod tokenizer;

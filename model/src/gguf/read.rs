@@ -169,7 +169,7 @@ impl Gguf {
                 .map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
             let offset = r.u64("tensor offset")?;
             let size = tensor_size(ty, &dims).map_err(|why| r.err_at(at, format!("tensor `{name}` {why}")))?;
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(r.err_at(at, format!("tensor `{name}` offset {offset} is not aligned to {alignment}")));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
@@ -264,7 +264,7 @@ pub(crate) fn tensor_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64
         .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| format!("shape {dims:?}: the element count overflows"))?;
     let row = dims.first().copied().unwrap_or(1);
-    if row % ty.block_len() != 0 {
+    if !row.is_multiple_of(ty.block_len()) {
         return Err(format!("shape {dims:?}: rows of {row} are not a whole number of {ty} blocks of {}", ty.block_len()));
     }
     ty.bytes_for(n).ok_or_else(|| format!("shape {dims:?}: the byte size of {ty} overflows"))

@@ -139,7 +139,7 @@ impl GgufWriter {
             offsets.push(offset);
             offset = offset
                 .checked_add(t.size)
-                .map(|end| end.next_multiple_of(self.alignment))
+                .and_then(|end| end.checked_next_multiple_of(self.alignment))
                 .ok_or_else(|| Error::Config("GGUF data section overflows u64".into()))?;
         }
         let header_len = w.stream_position()?;

@@ -17,7 +17,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
 pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let bb = ty.block_bytes() as usize;
     let bl = ty.block_len() as usize;
-    if bytes.len() % bb != 0 || bytes.len() / bb * bl != out.len() {
+    if !bytes.len().is_multiple_of(bb) || bytes.len() / bb * bl != out.len() {
         return Err(Error::Config(format!(
             "dequantize {ty}: {} bytes do not hold {} values",
             bytes.len(),

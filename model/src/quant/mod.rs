@@ -6,6 +6,9 @@ mod dequant;
 mod q8_0;
 mod types;
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 pub use dequant::{dequantize, dequantize_into};
 pub use q8_0::quantize_q8_0;
 pub use types::GgmlType;

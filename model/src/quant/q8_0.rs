@@ -5,7 +5,7 @@ use half::f16;
 /// Quantises `x` (a multiple of 32 values) to Q8_0 blocks: per 32 values, `d = amax / 127`
 /// stored as f16, `q = round(x * (1/d))` rounding half away from zero.
 pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
-    assert!(x.len() % 32 == 0, "Q8_0 needs a multiple of 32 values");
+    assert!(x.len().is_multiple_of(32), "Q8_0 needs a multiple of 32 values");
     let mut out = Vec::with_capacity(x.len() / 32 * 34);
     for block in x.chunks_exact(32) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -5,8 +5,6 @@ use std::collections::{BinaryHeap, HashMap};
 
 use super::bytes;
 use super::vocab::Vocab;
-use crate::gguf::Value;
-use crate::{Error, Result};
 
 /// Marks a symbol whose text is not a token (a byte missing from the vocabulary).
 const NO_TOKEN: u32 = u32::MAX;
@@ -57,15 +55,11 @@ struct Candidate {
 }
 
 impl Bpe {
-    pub(crate) fn new(merges: &[Value], vocab: &Vocab, ignore_merges: bool) -> Result<Self> {
+    /// `merges` are `"left right"` pairs, best first.
+    pub(crate) fn new(merges: &[&str], vocab: &Vocab, ignore_merges: bool) -> Self {
         let mut table = HashMap::with_capacity(merges.len());
         let mut skipped = 0usize;
         for (rank, m) in merges.iter().enumerate() {
-            let m = m.as_str().ok_or_else(|| Error::KeyType {
-                key: "tokenizer.ggml.merges".into(),
-                expected: "array of strings",
-                found: m.type_name(),
-            })?;
             // Split at the first space after the first byte, like llama.cpp.
             let Some(at) = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
                 skipped += 1;
@@ -88,7 +82,7 @@ impl Bpe {
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             *slot = vocab.id(bytes::byte_to_char(b as u8).encode_utf8(&mut [0; 4])).unwrap_or(NO_TOKEN);
         }
-        Ok(Bpe { merges: table, byte_tokens, ignore_merges })
+        Bpe { merges: table, byte_tokens, ignore_merges }
     }
 
     /// Appends the tokens of one pre-tokenized word to `out`.

@@ -1,10 +1,10 @@
 //! Text to token ids and back: byte-level BPE (`tokenizer.ggml.model = gpt2`) read
 //! from GGUF metadata, reproducing llama.cpp's tokenization exactly.
 //!
-//! Encoding goes: special tokens are cut out of the text ([`partition`]), the rest is
-//! split into words by the pre-tokenizer regexes ([`pretokenize`]), and each word is
-//! merged by BPE rank ([`bpe`]). Decoding maps each token back to its bytes through
-//! GPT-2's byte map ([`bytes`]); [`TextStream`] does it incrementally.
+//! Encoding goes: special tokens are cut out of the text (`partition`), the rest is
+//! split into words by the pre-tokenizer regexes (`pretokenize`), and each word is
+//! merged by BPE rank (`bpe`). Decoding maps each token back to its bytes through
+//! GPT-2's byte map (`bytes`); [`TextStream`] does it incrementally.
 
 mod bpe;
 mod bytes;
@@ -64,12 +64,8 @@ impl Tokenizer {
         let pre_name = gguf.get_str(KEY_PRE)?;
         let pre = PreTokenizer::new(pre_name)?;
         let mut vocab = Vocab::from_gguf(gguf)?;
-        let merges = gguf.require(KEY_MERGES)?.as_array().ok_or_else(|| Error::KeyType {
-            key: KEY_MERGES.into(),
-            expected: "array of strings",
-            found: gguf.get(KEY_MERGES).map_or("none", |v| v.type_name()),
-        })?;
-        let bpe = Bpe::new(merges, &vocab, pre.ignore_merges)?;
+        let merges = vocab::strings(gguf, KEY_MERGES)?;
+        let bpe = Bpe::new(&merges, &vocab, pre.ignore_merges);
         // Resolving special ids can change token kinds, which the rest depends on.
         let special = SpecialTokens::resolve(gguf, &mut vocab, pre.add_bos)?;
         let special_order = partition::match_order(&vocab);

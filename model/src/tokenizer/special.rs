@@ -31,12 +31,36 @@ const EOT_TEXTS: &[&str] = &[
     "<end_of_utterance>",
 ];
 const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
-const FIM_PRE_TEXTS: &[&str] =
-    &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"];
-const FIM_SUF_TEXTS: &[&str] =
-    &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"];
-const FIM_MID_TEXTS: &[&str] =
-    &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"];
+const FIM_PRE_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+];
+const FIM_SUF_TEXTS: &[&str] = &[
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+];
+const FIM_MID_TEXTS: &[&str] = &[
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
 const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
@@ -130,13 +154,10 @@ impl SpecialTokens {
         let fim_sep = find(&FIM_SEP)?;
 
         let mut eog: BTreeSet<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for (id, text) in vocab.iter() {
-            if EOG_TEXTS.contains(&text) {
-                eog.insert(id);
-            }
-        }
-        for &id in &eog {
+        let by_text: Vec<u32> = vocab.iter().filter(|(_, text)| EOG_TEXTS.contains(text)).map(|(id, _)| id).collect();
+        for id in by_text {
             make_control(vocab, id);
+            eog.insert(id);
         }
         for &text in ALWAYS_USER_DEFINED {
             if let Some(id) = vocab.id(text) {
@@ -187,7 +208,8 @@ fn drop_harmony_end(vocab: &mut Vocab, eog: &mut BTreeSet<u32>) {
     let has_call = has(eog, &["<|call|>", "<|calls|>"]);
     let has_flush = has(eog, &["<|flush|>"]);
     if let Some(end) = end
-        && ((has_return && has_call) || (has_call && has_flush))
+        && has_call
+        && (has_return || has_flush)
     {
         eog.remove(&end);
         vocab.set_kind(end, TokenKind::UserDefined);

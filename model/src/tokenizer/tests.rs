@@ -147,7 +147,8 @@ fn stream_finish_flushes_leftovers_lossily() {
 #[test]
 fn long_text_round_trips() {
     let tok = open_tokenizer(&fixture("tiny-qwen35.gguf"));
-    let paragraph = "The quick brown fox (née «Renard») jumps over 13 lazy dogs; 中文字符 🚀\n\n\tdef f(x): return x**2\r\n";
+    let paragraph =
+        "The quick brown fox (née «Renard») jumps over 13 lazy dogs; 中文字符 🚀\n\n\tdef f(x): return x**2\r\n";
     let text = paragraph.repeat(200);
     let started = std::time::Instant::now();
     let ids = tok.encode(&text, true).unwrap();
@@ -158,6 +159,14 @@ fn long_text_round_trips() {
     // The regex engine backtracks through whitespace runs; a long one still works.
     let spaces = " ".repeat(100_000) + "x";
     assert_eq!(tok.decode(&tok.encode(&spaces, true).unwrap()), spaces);
+}
+
+/// Servers share one tokenizer (and template) between request threads.
+#[test]
+fn tokenizer_and_template_are_shareable() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
+    shareable::<crate::chat::ChatTemplate>();
 }
 
 #[test]
@@ -251,7 +260,7 @@ fn merges_apply_by_rank() {
 #[test]
 fn bos_defaults_follow_the_pre_tokenizer() {
     let bos = ("tokenizer.ggml.bos_token_id", Value::U32(3));
-    let tok = synthetic("bos", &[], &[], &[bos.clone()]).unwrap();
+    let tok = synthetic("bos", &[], &[], std::slice::from_ref(&bos)).unwrap();
     assert_eq!((tok.bos_id(), tok.bos_to_add()), (Some(3), None));
     let llama3 = ("tokenizer.ggml.pre", Value::String("llama-bpe".into()));
     let tok = synthetic("bos-llama3", &[], &[], &[bos.clone(), llama3.clone()]).unwrap();

@@ -51,14 +51,13 @@ pub(crate) struct Vocab {
 
 impl Vocab {
     pub(crate) fn from_gguf(gguf: &Gguf) -> Result<Self> {
-        let tokens = array(gguf.require(KEY_TOKENS)?, KEY_TOKENS, "array of strings")?;
+        let tokens = strings(gguf, KEY_TOKENS)?;
         if u32::try_from(tokens.len()).is_err() {
             return Err(Error::Tokenizer(format!("{} tokens do not fit 32-bit ids", tokens.len())));
         }
         let mut texts = Vec::with_capacity(tokens.len());
         let mut ids = HashMap::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            let text = t.as_str().ok_or_else(|| key_type(KEY_TOKENS, "array of strings", t))?;
+        for (i, text) in tokens.into_iter().enumerate() {
             // llama.cpp renames empty tokens so that every text maps back to one id.
             let text = if text.is_empty() { format!("[EMPTY_{i}]") } else { text.to_owned() };
             if let Some(first) = ids.insert(text.clone(), i as u32) {
@@ -70,7 +69,7 @@ impl Vocab {
         let kinds = match gguf.get(KEY_TOKEN_TYPE) {
             None => vec![TokenKind::Normal; texts.len()],
             Some(v) => {
-                let types = array(v, KEY_TOKEN_TYPE, "array of i32")?;
+                let types = v.as_array().ok_or_else(|| key_type(KEY_TOKEN_TYPE, "array of i32", v))?;
                 if types.len() < texts.len() {
                     return Err(Error::Tokenizer(format!(
                         "{KEY_TOKEN_TYPE} has {} entries for {} tokens",
@@ -81,7 +80,11 @@ impl Vocab {
                 types
                     .iter()
                     .take(texts.len())
-                    .map(|t| t.as_i64().map(TokenKind::from_type_id).ok_or_else(|| key_type(KEY_TOKEN_TYPE, "array of i32", t)))
+                    .map(|t| {
+                        t.as_i64()
+                            .map(TokenKind::from_type_id)
+                            .ok_or_else(|| key_type(KEY_TOKEN_TYPE, "array of i32", t))
+                    })
                     .collect::<Result<_>>()?
             }
         };
@@ -142,8 +145,11 @@ fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-fn array<'a>(v: &'a Value, key: &str, expected: &'static str) -> Result<&'a [Value]> {
-    v.as_array().ok_or_else(|| key_type(key, expected, v))
+/// The required string-array metadata `key`.
+pub(super) fn strings<'g>(gguf: &'g Gguf, key: &str) -> Result<Vec<&'g str>> {
+    let v = gguf.require(key)?;
+    let items = v.as_array().ok_or_else(|| key_type(key, "array of strings", v))?;
+    items.iter().map(|item| item.as_str().ok_or_else(|| key_type(key, "array of strings", item))).collect()
 }
 
 fn key_type(key: &str, expected: &'static str, found: &Value) -> Error {

@@ -1,0 +1,206 @@
+//! `strata run` and `strata bench`.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use strata_model::chat::{ChatMessage, ChatTemplate};
+use strata_model::gguf::Gguf;
+use strata_model::sampling::SamplingParams;
+use strata_model::tokenizer::Tokenizer;
+
+use crate::cli::{BenchArgs, RunArgs};
+use crate::engine::LocalEngine;
+
+#[derive(Serialize)]
+struct RunReport {
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    text: String,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    stop_reason: &'static str,
+}
+
+/// The prompt's token ids: optionally chat-templated, special tokens recognised, BOS
+/// only where the model asks for it (as llama.cpp does).
+fn prompt_ids(gguf: &Gguf, tok: &Tokenizer, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
+    let text = if chat {
+        let template = ChatTemplate::from_gguf(gguf)?.context("--chat: the model has no chat template (tokenizer.chat_template)")?;
+        template.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?
+    } else {
+        prompt.to_owned()
+    };
+    let mut ids: Vec<u32> = tok.bos_to_add().into_iter().collect();
+    ids.extend(tok.encode(&text, true)?);
+    Ok(ids)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
+    let ids = prompt_ids(&gguf, &tok, &args.prompt, args.chat)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty: it has no tokens");
+    }
+    let mut engine = LocalEngine::load(&gguf, &args.engine)?;
+    let need = ids.len() + args.max_tokens as usize;
+    if need > engine.ctx as usize {
+        bail!(
+            "the prompt ({} tokens) plus --max-tokens ({}) needs {need} positions, more than the context length {} (raise --ctx)",
+            ids.len(),
+            args.max_tokens,
+            engine.ctx
+        );
+    }
+    let seq = 0;
+    if sampling.has_penalties() {
+        engine.stage.note_prompt(seq, &ids)?;
+    }
+    let mut out = std::io::stdout().lock();
+    let mut stream = tok.stream();
+    let mut generated = Vec::new();
+    let mut text = String::new();
+    let t0 = Instant::now();
+    let mut prefill_seconds = 0.0;
+    let mut stop_reason = "length";
+    if args.max_tokens > 0 {
+        let mut token = engine.prefill(seq, &ids, 0, &sampling)?;
+        prefill_seconds = t0.elapsed().as_secs_f64();
+        loop {
+            if tok.is_end_of_generation(token) && !args.ignore_eos {
+                stop_reason = "stop";
+                break;
+            }
+            generated.push(token);
+            let piece = stream.push(token);
+            if !args.json {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            text.push_str(&piece);
+            if generated.len() >= args.max_tokens as usize {
+                break;
+            }
+            let pos = (ids.len() + generated.len() - 1) as u32;
+            token = engine.step(seq, &[token], &[pos], &sampling)?;
+        }
+    }
+    let rest = stream.finish();
+    text.push_str(&rest);
+    let decode_seconds = t0.elapsed().as_secs_f64() - prefill_seconds;
+    let decoded = generated.len().saturating_sub(1);
+    let report = RunReport {
+        prompt_tokens: ids.len(),
+        generated_tokens: generated.len(),
+        prefill_tokens_per_s: rate(ids.len(), prefill_seconds),
+        decode_tokens_per_s: rate(decoded, decode_seconds),
+        prompt_ids: ids,
+        generated_ids: generated,
+        text,
+        prefill_seconds,
+        decode_seconds,
+        stop_reason,
+    };
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{rest}")?;
+        eprintln!(
+            "\n[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s]",
+            report.prompt_tokens, report.prefill_tokens_per_s, report.generated_tokens, report.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    model: String,
+    adapter: String,
+    backend: String,
+    prompt_tokens: u32,
+    decode_tokens: u32,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    weight_bytes_per_token: u64,
+    decode_weight_gb_per_s: f64,
+    read_bandwidth_gb_per_s: f64,
+    bandwidth_fraction: f64,
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
+    let mut engine = LocalEngine::load(&gguf, &args.engine)?;
+    let need = args.prompt_tokens + args.decode_tokens;
+    if need > engine.ctx {
+        bail!("--prompt-tokens + --decode-tokens = {need} is more than the context length {} (raise --ctx)", engine.ctx);
+    }
+    let vocab = engine.stage.config().n_vocab as u32;
+    // A deterministic prompt of ordinary tokens (ids past the control tokens at the start).
+    let ids: Vec<u32> = (0..args.prompt_tokens).map(|i| 300 + (i * 7919) % (vocab - 300).max(1)).collect();
+    let greedy = SamplingParams::greedy();
+    // One warm-up step so that first-use costs (sequence set-up) stay out of the figures.
+    engine.prefill(1, &ids[..1], 0, &greedy)?;
+    engine.stage.release(1);
+
+    let t0 = Instant::now();
+    let mut token = engine.prefill(0, &ids, 0, &greedy)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for i in 0..args.decode_tokens {
+        token = engine.step(0, &[token], &[args.prompt_tokens + i], &greedy)?;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let bytes = engine.stage.weight_bytes_per_token();
+    let decode_tps = f64::from(args.decode_tokens) / decode;
+    let achieved = bytes as f64 * decode_tps / 1e9;
+    let bandwidth = strata_node::bench::read_bandwidth(engine.stage.gpu())?;
+    let info = &engine.stage.gpu().info;
+    let report = BenchReport {
+        model: args.engine.model.display().to_string(),
+        adapter: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        prompt_tokens: args.prompt_tokens,
+        decode_tokens: args.decode_tokens,
+        prefill_tokens_per_s: f64::from(args.prompt_tokens) / prefill,
+        decode_tokens_per_s: decode_tps,
+        weight_bytes_per_token: bytes,
+        decode_weight_gb_per_s: achieved,
+        read_bandwidth_gb_per_s: bandwidth,
+        bandwidth_fraction: achieved / bandwidth,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model            {}", report.model);
+        println!("adapter          {} ({})", report.adapter, report.backend);
+        println!("prefill          {:.1} tok/s ({} tokens)", report.prefill_tokens_per_s, report.prompt_tokens);
+        println!("decode           {:.2} tok/s ({} tokens)", report.decode_tokens_per_s, report.decode_tokens);
+        println!("weights/token    {:.1} MB", report.weight_bytes_per_token as f64 / 1e6);
+        println!("weight reads     {:.2} GB/s", report.decode_weight_gb_per_s);
+        println!("read bandwidth   {:.2} GB/s (plain streaming read, measured now)", report.read_bandwidth_gb_per_s);
+        println!("fraction         {:.0}%", report.bandwidth_fraction * 100.0);
+    }
+    Ok(())
+}

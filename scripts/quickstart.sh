@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# From a fresh machine to generated text: set up, build, make a Q8_0 copy of SmolLM2
+# with `strata quantize`, and chat with it on this machine's GPU (or lavapipe).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --bin strata
+Q8=models/SmolLM2-135M-Instruct.Q8_0.gguf
+[ -f "$Q8" ] || ./target/release/strata quantize models/SmolLM2-135M-Instruct.Q4_1.gguf "$Q8" --type q8_0
+exec ./target/release/strata run --model "$Q8" --chat --max-tokens 64 \
+    --prompt "${1:-Write a haiku about GPUs.}"

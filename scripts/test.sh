@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything CI runs: set-up, then every test (kernels on lavapipe when there is no
+# GPU), then the kernel tests again with a subgroup size of 4, so that no reduction
+# can rely on a particular subgroup size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RUST_BACKTRACE=1
+cargo test --workspace --no-fail-fast 2>&1
+LP_NATIVE_VECTOR_WIDTH=128 cargo test -p strata-node --no-fail-fast 2>&1
