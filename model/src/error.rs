@@ -31,6 +31,8 @@ pub enum Error {
     Template(String),
     #[error("sampling: {0}")]
     Sampling(String),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -6,6 +6,9 @@
 //! - [`tokenizer`], [`chat`]: text to token ids and back; chat templates.
 //! - [`sampling`]: turning logits into a token id, seeded and reproducible.
 //! - [`reference`]: a plain CPU forward pass, the oracle for every GPU kernel.
+//! - [`plan`]: which layers each node holds, from the tensor index and memory budgets.
+//! - [`synthetic`]: all-zero GGUFs of real models' exact shapes (sparse files), for planning
+//!   and loading tests without the weights.
 
 pub mod error;
 pub mod gguf;
@@ -15,6 +18,8 @@ pub mod quantize;
 pub use error::{Error, Result};
 pub mod chat;
 pub mod config;
+pub mod plan;
 pub mod reference;
 pub mod sampling;
+pub mod synthetic;
 pub mod tokenizer;

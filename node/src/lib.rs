@@ -3,8 +3,12 @@
 //! Architecture invariant: everything that touches wgpu lives here (and WGSL in
 //! `strata-shaders`); the node never speaks HTTP.
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod layers;
+pub mod scratch;
+pub mod stage;
 pub mod ops;
 #[cfg(test)]
 mod testing;
@@ -12,3 +16,5 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use wgpu;
+pub mod kv_cache;
+pub mod deltanet_state;

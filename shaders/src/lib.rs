@@ -5,6 +5,7 @@
 //! some of its `const` declarations replaced, e.g. a workgroup size or a weight format
 //! snippet prepended. No other crate holds WGSL.
 
+pub mod deltanet;
 pub mod matmul;
 pub mod ops;
 mod registry;

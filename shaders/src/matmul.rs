@@ -1,3 +1,20 @@
 //! Kernels that read quantised weights: matrix-vector, matrix-matrix, embedding rows.
+//!
+//! The `q_*` kernels are weight-format preludes: each binds one format's arrays at
+//! bindings 4.. and defines `fn load8(p: u32) -> mat2x4<f32>`, the 8 consecutive values
+//! of piece `p`. The `mm_*` kernels and `embed` are written against that function alone.
 
-crate::registry::kernels! { MATMUL: }
+crate::registry::kernels! { MATMUL:
+    Q_F32 => "q_f32",
+    Q_F16 => "q_f16",
+    Q_BF16 => "q_bf16",
+    Q_Q8_0 => "q_q8_0",
+    Q_Q4_0 => "q_q4_0",
+    Q_Q4_1 => "q_q4_1",
+    Q_Q4_K => "q_q4_k",
+    Q_Q6_K => "q_q6_k",
+    MM_VEC => "mm_vec",
+    MM_VEC_SG => "mm_vec_sg",
+    MM_MAT => "mm_mat",
+    EMBED => "embed",
+}

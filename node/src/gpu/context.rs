@@ -131,12 +131,13 @@ impl Gpu {
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         self.queue.submit([enc.finish()]);
-        self.map_and_read(&staging)
+        self.map_and_read(&staging, size)
     }
 
-    /// Maps a MAP_READ buffer, waits, and copies its contents out.
-    pub fn map_and_read(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
-        let slice = staging.slice(..);
+    /// Waits for submitted work, maps the first `size` bytes of a MAP_READ buffer and
+    /// copies them out.
+    pub fn map_and_read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);

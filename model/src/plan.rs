@@ -1,0 +1,568 @@
+//! The memory planner: which contiguous range of layers each node holds.
+//!
+//! **Architecture invariant:** planning is pure arithmetic over a GGUF's tensor index, the
+//! [`ModelConfig`] and the nodes' memory budgets: no I/O, no GPU, no network. Deciding the
+//! split is the coordinator's job, but because it needs nothing the coordinator has, it
+//! lives in the model crate, next to the tensor index it reads, where every case is tested
+//! on plain data.
+//!
+//! **API boundary:** [`ModelCost::new`] prices the model once (per-layer weights and cache,
+//! the embedding and head, activation scratch); [`Plan::auto`] and [`Plan::manual`] turn
+//! that and a list of [`NodeBudget`]s into a [`Plan`]; [`Plan::table`] prints it. Every
+//! failure is a [`PlanError`] whose message carries the numbers a user needs to act.
+//!
+//! # What a stage costs
+//!
+//! - **Weights:** the exact bytes of every tensor `blk.{i}.*` of its layers, as stored in
+//!   the file (the GPU layouts hold no more than GGUF does). The first stage also holds
+//!   `token_embd.weight`; the last holds `output_norm.weight` and `output.weight`, or, when
+//!   the head is tied, the embedding table again (one copy when one stage is both).
+//! - **Cache**, per sequence: an attention layer keeps K and V for every position,
+//!   `2 · ctx · n_head_kv · head_dim · kv_elem_bytes`; a DeltaNet layer keeps a fixed f32
+//!   state, `DeltaNetConfig::state_values() · 4`, whatever the context. Times `seqs`.
+//! - **Scratch:** activation buffers sized for a prefill chunk of `T = max_batch` tokens,
+//!   all f32 and shared by the stage's layers (see [`ScratchCost`]).
+//!
+//! MTP blocks (the last `nextn_predict_layers` blocks) are not part of the main pass: no
+//! stage loads them, and their bytes are reported as `unplanned_bytes`.
+
+use std::cmp::Ordering;
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::gguf::Gguf;
+use crate::{Error, Result};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What is planned for: context, cache precision, sequences and prefill chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Positions of KV cache per sequence.
+    pub ctx: usize,
+    /// Bytes of one cached K or V value (f16: 2).
+    pub kv_elem_bytes: u64,
+    /// Sequences whose caches are resident at once.
+    pub seqs: usize,
+    /// The most tokens one step carries (a prefill chunk); sizes the scratch.
+    pub max_batch: usize,
+}
+
+impl PlanConfig {
+    /// `ctx` positions of f16 KV cache, one sequence, prefill chunks of 128 tokens (the
+    /// CLI's default `--batch`).
+    pub fn new(ctx: usize) -> Self {
+        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 128 }
+    }
+}
+
+/// A node and the bytes of its memory that Strata may use (after the driver and any
+/// other tenant took theirs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBudget {
+    pub name: String,
+    pub usable_bytes: u64,
+}
+
+impl NodeBudget {
+    pub fn new(name: impl Into<String>, usable_bytes: u64) -> Self {
+        NodeBudget { name: name.into(), usable_bytes }
+    }
+}
+
+/// What one layer of the main pass costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerCost {
+    pub kind: LayerKind,
+    /// Bytes of its tensors `blk.{i}.*`.
+    pub weight_bytes: u64,
+    /// KV cache (attention) or recurrent state (DeltaNet), for all sequences.
+    pub cache_bytes: u64,
+}
+
+/// Activation scratch of a stage, in bytes, for a chunk of `T = max_batch` tokens. f32
+/// buffers, as `node::scratch` allocates them; E = n_embd, F = n_ff, H/HKV/D the attention
+/// heads and head dim, C = DeltaNet conv channels, Vd = its value dim, nv its value heads:
+///
+/// - `common` (every stage): `T · (3E + 2F) · 4 + T · 8`: residual, normed input, the
+///   hidden state handed on, FFN gate and up; token ids and positions (u32).
+/// - `attention` (a stage with an attention layer): `T · (H·D · (2 + gate) + 2 · HKV·D) · 4`:
+///   q, the output gate (qwen35), the attention output, k and v. The attention kernel
+///   uses an online softmax, so no `T x ctx` score matrix exists.
+/// - `deltanet` (a stage with a DeltaNet layer): `T · (2C + 2Vd + 2nv) · 4`: qkv before and
+///   after the conv, z, the output, beta and alpha.
+/// - `head` (the last stage): `(2E + n_vocab) · 4`: the last row, normed, and its logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchCost {
+    pub common: u64,
+    pub attention: u64,
+    pub deltanet: u64,
+    pub head: u64,
+}
+
+/// The memory a model needs, independent of how it is split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCost {
+    /// The main pass's layers, in order.
+    pub layers: Vec<LayerCost>,
+    /// `token_embd.weight`, held by the first stage.
+    pub embedding_bytes: u64,
+    /// `output_norm.weight` plus the head matrix, held by the last stage.
+    pub head_bytes: u64,
+    /// The head matrix is the embedding table: a single stage holds it once.
+    pub tied_head: bool,
+    pub scratch: ScratchCost,
+    /// Tensors no stage loads: MTP blocks and any tensor the forward pass does not read.
+    pub unplanned_bytes: u64,
+}
+
+/// The three parts of a stage's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageCost {
+    pub weight_bytes: u64,
+    pub cache_bytes: u64,
+    pub scratch_bytes: u64,
+}
+
+impl StageCost {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.cache_bytes + self.scratch_bytes
+    }
+}
+
+impl ModelCost {
+    /// Prices `cfg`'s layers from `gguf`'s tensor index.
+    pub fn new(gguf: &Gguf, cfg: &ModelConfig, pc: &PlanConfig) -> Result<ModelCost> {
+        if pc.ctx == 0 || pc.seqs == 0 || pc.max_batch == 0 || pc.kv_elem_bytes == 0 {
+            return Err(PlanError::Invalid(format!("ctx, seqs, max_batch and kv_elem_bytes must be at least 1: {pc:?}")).into());
+        }
+        let n_layer = cfg.n_layer();
+        let mut weights = vec![0u64; n_layer];
+        let (mut embedding, mut output_norm, mut output, mut unplanned) = (None, 0, 0, 0);
+        for t in &gguf.tensors {
+            match block_index(&t.name) {
+                Some(i) if i < n_layer => weights[i] += t.size,
+                // MTP blocks follow the main pass's blocks.
+                Some(_) => unplanned += t.size,
+                None => match t.name.as_str() {
+                    "token_embd.weight" => embedding = Some(t.size),
+                    "output_norm.weight" => output_norm = t.size,
+                    "output.weight" => output = t.size,
+                    _ => unplanned += t.size,
+                },
+            }
+        }
+        let embedding = embedding.ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+        if let Some(i) = weights.iter().position(|&w| w == 0) {
+            return Err(Error::Config(format!("layer {i} has no tensors `blk.{i}.*` in the file")));
+        }
+
+        let (ctx, seqs, t) = (pc.ctx as u64, pc.seqs as u64, pc.max_batch as u64);
+        let a = &cfg.attention;
+        let kv = 2 * ctx * (a.n_head_kv * a.head_dim) as u64 * pc.kv_elem_bytes * seqs;
+        let layers = cfg
+            .layers
+            .iter()
+            .zip(weights)
+            .map(|(&kind, weight_bytes)| {
+                let cache_bytes = match kind {
+                    LayerKind::Attention => kv,
+                    LayerKind::DeltaNet => {
+                        let dn = cfg.deltanet.as_ref().ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
+                        dn.state_values() as u64 * 4 * seqs
+                    }
+                };
+                Ok(LayerCost { kind, weight_bytes, cache_bytes })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let (e, f) = (cfg.n_embd as u64, cfg.n_ff as u64);
+        let q = (a.n_head * a.head_dim) as u64;
+        let gate = u64::from(a.output_gate);
+        let deltanet = cfg.deltanet.as_ref().map_or(0, |dn| {
+            let (c, vd, nv) = (dn.conv_channels() as u64, dn.value_dim() as u64, dn.n_value_heads as u64);
+            t * (2 * c + 2 * vd + 2 * nv) * 4
+        });
+        let scratch = ScratchCost {
+            common: t * (3 * e + 2 * f) * 4 + t * 8,
+            attention: t * (q * (2 + gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
+            deltanet,
+            head: (2 * e + cfg.n_vocab as u64) * 4,
+        };
+        Ok(ModelCost {
+            layers,
+            embedding_bytes: embedding,
+            head_bytes: output_norm + if cfg.tied_output { embedding } else { output },
+            tied_head: cfg.tied_output,
+            scratch,
+            unplanned_bytes: unplanned,
+        })
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// What a stage holding `layers` costs; a range from 0 is the first stage, one to
+    /// `n_layer` the last.
+    pub fn stage(&self, layers: Range<usize>) -> StageCost {
+        let (first, last) = (layers.start == 0, layers.end == self.n_layer());
+        let held = &self.layers[layers];
+        let mut weight_bytes: u64 = held.iter().map(|l| l.weight_bytes).sum();
+        if first {
+            weight_bytes += self.embedding_bytes;
+        }
+        if last {
+            weight_bytes += self.head_bytes;
+            if first && self.tied_head {
+                weight_bytes -= self.embedding_bytes;
+            }
+        }
+        let has = |kind| held.iter().any(|l| l.kind == kind);
+        let s = &self.scratch;
+        let scratch_bytes = s.common
+            + if has(LayerKind::Attention) { s.attention } else { 0 }
+            + if has(LayerKind::DeltaNet) { s.deltanet } else { 0 }
+            + if last { s.head } else { 0 };
+        StageCost { weight_bytes, cache_bytes: held.iter().map(|l| l.cache_bytes).sum(), scratch_bytes }
+    }
+}
+
+/// `blk.12.attn_q.weight` -> 12.
+fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
+}
+
+/// What went wrong when planning; every message carries the numbers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid plan settings: {0}")]
+    Invalid(String),
+    #[error("no nodes to plan for")]
+    NoNodes,
+    #[error("{nodes} nodes but the model has only {layers} layers: every node needs at least one layer")]
+    MoreNodesThanLayers { nodes: usize, layers: usize },
+    #[error(
+        "node `{node}` is too small for even one layer: the smallest stage it could hold needs {}, it has {}",
+        gib(*needed), gib(*available)
+    )]
+    NodeTooSmall { node: String, needed: u64, available: u64 },
+    #[error("{}", does_not_fit(stages, *needed, *available))]
+    DoesNotFit { stages: Vec<StageNeed>, needed: u64, available: u64 },
+    #[error("bad --split `{0}`: expected layer counts separated by commas, such as 10,12,8")]
+    SplitSyntax(String),
+    #[error("--split has {given} entries for {nodes} nodes")]
+    SplitCount { given: usize, nodes: usize },
+    #[error("--split adds up to {sum} layers, the model has {layers}")]
+    SplitSum { sum: usize, layers: usize },
+    #[error("--split gives node `{node}` no layers: every node needs at least one")]
+    SplitEmpty { node: String },
+    #[error(
+        "node `{node}` cannot hold layers {}..{}: they need {}, it has {}",
+        layers.start, layers.end, gib(*needed), gib(*available)
+    )]
+    StageTooBig { node: String, layers: Range<usize>, needed: u64, available: u64 },
+}
+
+/// One node's share of a split that does not fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageNeed {
+    pub node: String,
+    pub layers: Range<usize>,
+    pub needed: u64,
+    pub available: u64,
+}
+
+fn does_not_fit(stages: &[StageNeed], needed: u64, available: u64) -> String {
+    let mut s = format!(
+        "the model does not fit: it needs {} in all, the nodes have {}; the most even split would need:",
+        gib(needed),
+        gib(available)
+    );
+    for st in stages {
+        let verdict = if st.needed > st.available { "  <- over" } else { "" };
+        let _ = write!(
+            s,
+            "\n  node `{}`: layers {}..{} need {} of {} available{verdict}",
+            st.node,
+            st.layers.start,
+            st.layers.end,
+            gib(st.needed),
+            gib(st.available)
+        );
+    }
+    s
+}
+
+/// `bytes` in GiB with two decimals, as every planner error reports sizes.
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / GIB)
+}
+
+/// `bytes` in the largest binary unit that keeps it at least 1, two decimals.
+fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    match UNITS.iter().find(|(_, size)| bytes >= *size) {
+        Some((unit, size)) => format!("{:.2} {unit}", bytes as f64 / *size as f64),
+        None => format!("{bytes} B"),
+    }
+}
+
+/// Parses `--split 10,12,8`: layers per node, in node order.
+pub fn parse_split(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|part| part.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| PlanError::SplitSyntax(s.to_owned()).into())
+}
+
+/// One node's part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePlan {
+    /// Index into the node list.
+    pub node: usize,
+    pub name: String,
+    pub layers: Range<usize>,
+    pub weight_bytes: u64,
+    pub cache_bytes: u64,
+    pub scratch_bytes: u64,
+    pub total_bytes: u64,
+    pub usable_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// Contiguous layer ranges covering the main pass in order, one per node, each within
+/// its node's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub stages: Vec<StagePlan>,
+    /// Bytes in the file that no stage loads (MTP blocks).
+    pub unplanned_bytes: u64,
+}
+
+impl Plan {
+    /// The split that uses memory most evenly: among all contiguous splits giving every
+    /// node at least one layer, the one whose largest fraction of a node's memory used is
+    /// smallest, then the second largest, and so on (leximax). With equal layers and no
+    /// fixed costs that is a split proportional to memory; the embedding, head and scratch
+    /// are accounted where they fall. Exact, by dynamic programming over (node, layer)
+    /// boundaries: O(nodes² · layers²), nothing for real models.
+    pub fn auto(cost: &ModelCost, nodes: &[NodeBudget]) -> Result<Plan> {
+        check_counts(cost, nodes)?;
+        let (k_n, l_n) = (nodes.len(), cost.n_layer());
+        for (k, node) in nodes.iter().enumerate() {
+            // The first node's range starts at 0, the last's ends at n_layer, and every
+            // node before and after needs a layer of its own.
+            let positions = match k {
+                0 => 0..1,
+                k if k == k_n - 1 => l_n - 1..l_n,
+                k => k..l_n - (k_n - k) + 1,
+            };
+            let needed = positions.map(|i| cost.stage(i..i + 1).total()).min().expect("a position exists");
+            if needed > node.usable_bytes {
+                return Err(PlanError::NodeTooSmall { node: node.name.clone(), needed, available: node.usable_bytes }.into());
+            }
+        }
+
+        // best[k][i]: layers 0..i on nodes 0..k, as (fractions used, sorted descending;
+        // where node k-1's range starts).
+        let mut best: Vec<Vec<Option<(Vec<Fraction>, usize)>>> = vec![vec![None; l_n + 1]; k_n + 1];
+        best[0][0] = Some((Vec::new(), 0));
+        for k in 1..=k_n {
+            for i in k..=l_n - (k_n - k) {
+                let mut choice: Option<(Vec<Fraction>, usize)> = None;
+                for j in k - 1..i {
+                    let Some((before, _)) = &best[k - 1][j] else { continue };
+                    let f = Fraction { used: cost.stage(j..i).total(), of: nodes[k - 1].usable_bytes };
+                    let mut fs = before.clone();
+                    let at = fs.partition_point(|x| *x >= f);
+                    fs.insert(at, f);
+                    if choice.as_ref().is_none_or(|(c, _)| fs < *c) {
+                        choice = Some((fs, j));
+                    }
+                }
+                best[k][i] = choice;
+            }
+        }
+        let mut ranges = Vec::with_capacity(k_n);
+        let mut end = l_n;
+        for k in (1..=k_n).rev() {
+            let start = best[k][end].as_ref().expect("every node can get a layer").1;
+            ranges.push(start..end);
+            end = start;
+        }
+        ranges.reverse();
+
+        let stages = Self::price(cost, nodes, &ranges);
+        if stages.iter().any(|s| s.total_bytes > s.usable_bytes) {
+            return Err(PlanError::DoesNotFit {
+                needed: stages.iter().map(|s| s.total_bytes).sum(),
+                available: nodes.iter().map(|n| n.usable_bytes).sum(),
+                stages: stages
+                    .into_iter()
+                    .map(|s| StageNeed { node: s.name, layers: s.layers, needed: s.total_bytes, available: s.usable_bytes })
+                    .collect(),
+            }
+            .into());
+        }
+        Ok(Plan { stages, unplanned_bytes: cost.unplanned_bytes })
+    }
+
+    /// The split given by `--split`: `split[k]` layers for node k, in order.
+    pub fn manual(cost: &ModelCost, nodes: &[NodeBudget], split: &[usize]) -> Result<Plan> {
+        check_counts(cost, nodes)?;
+        if split.len() != nodes.len() {
+            return Err(PlanError::SplitCount { given: split.len(), nodes: nodes.len() }.into());
+        }
+        if let Some(k) = split.iter().position(|&n| n == 0) {
+            return Err(PlanError::SplitEmpty { node: nodes[k].name.clone() }.into());
+        }
+        let sum: usize = split.iter().sum();
+        if sum != cost.n_layer() {
+            return Err(PlanError::SplitSum { sum, layers: cost.n_layer() }.into());
+        }
+        let ranges: Vec<Range<usize>> = split
+            .iter()
+            .scan(0, |start, &n| {
+                *start += n;
+                Some(*start - n..*start)
+            })
+            .collect();
+        let stages = Self::price(cost, nodes, &ranges);
+        if let Some(s) = stages.iter().find(|s| s.total_bytes > s.usable_bytes) {
+            return Err(PlanError::StageTooBig {
+                node: s.name.clone(),
+                layers: s.layers.clone(),
+                needed: s.total_bytes,
+                available: s.usable_bytes,
+            }
+            .into());
+        }
+        Ok(Plan { stages, unplanned_bytes: cost.unplanned_bytes })
+    }
+
+    /// Prices each range on its node; `free_bytes` is 0 where a stage is over.
+    fn price(cost: &ModelCost, nodes: &[NodeBudget], ranges: &[Range<usize>]) -> Vec<StagePlan> {
+        nodes
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .map(|(k, (node, layers))| {
+                let c = cost.stage(layers.clone());
+                let total_bytes = c.total();
+                StagePlan {
+                    node: k,
+                    name: node.name.clone(),
+                    layers: layers.clone(),
+                    weight_bytes: c.weight_bytes,
+                    cache_bytes: c.cache_bytes,
+                    scratch_bytes: c.scratch_bytes,
+                    total_bytes,
+                    usable_bytes: node.usable_bytes,
+                    free_bytes: node.usable_bytes.saturating_sub(total_bytes),
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes all stages hold together.
+    pub fn total_bytes(&self) -> u64 {
+        self.stages.iter().map(|s| s.total_bytes).sum()
+    }
+
+    /// The plan as a table: one row per node, then the totals.
+    pub fn table(&self) -> String {
+        let header = ["node", "layers", "weights", "cache", "scratch", "total", "usable", "free"];
+        let row = |name: String, layers: String, w: u64, c: u64, s: u64, t: u64, u: u64, f: u64| {
+            [name, layers, human(w), human(c), human(s), human(t), human(u), human(f)]
+        };
+        let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
+        for s in &self.stages {
+            let layers = format!("{}..{} ({})", s.layers.start, s.layers.end, s.layers.len());
+            rows.push(row(s.name.clone(), layers, s.weight_bytes, s.cache_bytes, s.scratch_bytes, s.total_bytes, s.usable_bytes, s.free_bytes));
+        }
+        let sum = |f: fn(&StagePlan) -> u64| self.stages.iter().map(f).sum::<u64>();
+        let n_layer = self.stages.last().map_or(0, |s| s.layers.end);
+        rows.push(row(
+            "total".into(),
+            format!("{n_layer} layers"),
+            sum(|s| s.weight_bytes),
+            sum(|s| s.cache_bytes),
+            sum(|s| s.scratch_bytes),
+            sum(|s| s.total_bytes),
+            sum(|s| s.usable_bytes),
+            sum(|s| s.free_bytes),
+        ));
+        let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        let mut out = String::new();
+        for r in &rows {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                // Names and ranges read left to right, sizes line up on the right.
+                .map(|(c, (cell, &w))| if c < 2 { format!("{cell:<w$}") } else { format!("{cell:>w$}") })
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        if self.unplanned_bytes > 0 {
+            let _ = writeln!(out, "not loaded: {} (MTP blocks, tensors the forward pass does not read)", human(self.unplanned_bytes));
+        }
+        out
+    }
+}
+
+fn check_counts(cost: &ModelCost, nodes: &[NodeBudget]) -> Result<()> {
+    if nodes.is_empty() {
+        return Err(PlanError::NoNodes.into());
+    }
+    if nodes.len() > cost.n_layer() {
+        return Err(PlanError::MoreNodesThanLayers { nodes: nodes.len(), layers: cost.n_layer() }.into());
+    }
+    Ok(())
+}
+
+/// `used / of`, compared exactly; anything over nothing is infinitely much.
+#[derive(Debug, Clone, Copy)]
+struct Fraction {
+    used: u64,
+    of: u64,
+}
+
+impl Fraction {
+    fn is_infinite(&self) -> bool {
+        self.of == 0 && self.used > 0
+    }
+}
+
+impl Ord for Fraction {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self.is_infinite(), other.is_infinite()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            // 0 / 0 is read as 0 / 1.
+            (false, false) => (u128::from(self.used) * u128::from(other.of.max(1)))
+                .cmp(&(u128::from(other.used) * u128::from(self.of.max(1)))),
+        }
+    }
+}
+
+impl PartialOrd for Fraction {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Fraction {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Fraction {}
+
+#[cfg(test)]
+mod tests;

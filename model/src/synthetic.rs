@@ -1,0 +1,241 @@
+//! All-zero GGUFs with a real model's exact shape.
+//!
+//! Every tensor is [`TensorData::Zeros`], so the file is sparse: Qwen3.6-27B's shape is a
+//! 29 GB file that takes next to no disk and is written in a moment. Its tensor index is
+//! exactly that of a real Q8_0 conversion, which is what the planner reads, and its
+//! metadata is what [`ModelConfig::from_gguf`](crate::config::ModelConfig::from_gguf) and
+//! the tokenizer read, so a node can load and run it (producing nonsense) to test memory
+//! and speed at full scale without downloading the weights.
+//!
+//! The tokenizer is a stand-in: the 256 byte tokens of GPT-2's byte map, then
+//! `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then unused padding up to the vocabulary
+//! size, with no merges. Every byte is its own token; ids do not match the real model's.
+
+use std::path::Path;
+
+use crate::gguf::{GgufWriter, TensorData, Value, ValueType};
+use crate::quant::GgmlType;
+use crate::{Error, Result};
+
+/// The shape of a `qwen35` model (see `docs/qwen35.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen35Shape {
+    pub name: &'static str,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    /// Layers of the main pass.
+    pub n_layer: usize,
+    /// MTP blocks after them (`nextn_predict_layers`).
+    pub n_mtp: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub rope_sections: [i32; 4],
+    pub rope_theta: f32,
+    pub eps: f32,
+    pub full_attention_interval: usize,
+    pub conv_kernel: usize,
+    /// DeltaNet key heads (nk, `ssm.group_count`).
+    pub ssm_key_heads: usize,
+    /// DeltaNet value heads (nv, `ssm.time_step_rank`).
+    pub ssm_value_heads: usize,
+    /// DeltaNet head dim (dk, `ssm.state_size`).
+    pub ssm_head_dim: usize,
+    pub context_length: usize,
+    /// Type of every matrix; vectors and `ssm_conv1d` are F32, as in llama.cpp's files.
+    pub matrix_type: GgmlType,
+    /// No `output.weight`: the embedding is the head.
+    pub tied_output: bool,
+}
+
+/// The tokens before the padding: the byte tokens, then these.
+const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+impl Qwen35Shape {
+    /// Qwen3.6-27B (its published config), with its one MTP block, as a Q8_0 file.
+    pub const QWEN36_27B: Qwen35Shape = Qwen35Shape {
+        name: "Qwen3.6-27B (zeros)",
+        n_embd: 5120,
+        n_ff: 17408,
+        n_vocab: 248_320,
+        n_layer: 64,
+        n_mtp: 1,
+        n_head: 24,
+        n_head_kv: 4,
+        head_dim: 256,
+        n_rot: 64,
+        rope_sections: [11, 11, 10, 0],
+        rope_theta: 10_000_000.0,
+        eps: 1e-6,
+        full_attention_interval: 4,
+        conv_kernel: 4,
+        ssm_key_heads: 16,
+        ssm_value_heads: 48,
+        ssm_head_dim: 128,
+        context_length: 262_144,
+        matrix_type: GgmlType::Q8_0,
+        tied_output: false,
+    };
+
+    pub fn block_count(&self) -> usize {
+        self.n_layer + self.n_mtp
+    }
+
+    fn is_attention(&self, layer: usize) -> bool {
+        (layer + 1).is_multiple_of(self.full_attention_interval)
+    }
+}
+
+/// A writer holding `shape`'s metadata and every tensor, all zeros.
+///
+/// Per layer, as llama.cpp's converter writes them: `attn_norm`, `post_attention_norm`,
+/// the mixer's tensors (see `docs/qwen35.md`), `ffn_gate/up/down`. Each MTP block has an
+/// attention layer's tensors (its transformer layer is a full-attention layer) plus
+/// llama.cpp's `nextn.eh_proj` {2E, E} (the projection of the concatenated embedding and
+/// hidden state) and the `nextn.enorm`, `nextn.hnorm` and `nextn.shared_head_norm`
+/// vectors; it shares the embedding and head with the main model.
+pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
+    let s = shape;
+    let n_tokens = 256 + SPECIALS.len();
+    if s.n_vocab < n_tokens {
+        return Err(Error::Config(format!("a synthetic vocabulary needs at least {n_tokens} tokens, got {}", s.n_vocab)));
+    }
+    if s.full_attention_interval == 0 {
+        return Err(Error::Config("full_attention_interval must be at least 1".into()));
+    }
+    let mut w = GgufWriter::new();
+    let arch = |k: &str| format!("qwen35.{k}");
+    let u32v = |v: usize| -> Result<Value> {
+        u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
+    };
+    w.set("general.architecture", Value::String("qwen35".into()))?;
+    w.set("general.name", Value::String(s.name.into()))?;
+    w.set(arch("context_length"), u32v(s.context_length)?)?;
+    w.set(arch("embedding_length"), u32v(s.n_embd)?)?;
+    w.set(arch("block_count"), u32v(s.block_count())?)?;
+    w.set(arch("nextn_predict_layers"), u32v(s.n_mtp)?)?;
+    w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?;
+    w.set(arch("attention.head_count"), u32v(s.n_head)?)?;
+    w.set(arch("attention.head_count_kv"), u32v(s.n_head_kv)?)?;
+    w.set(arch("attention.key_length"), u32v(s.head_dim)?)?;
+    w.set(arch("attention.value_length"), u32v(s.head_dim)?)?;
+    w.set(arch("attention.layer_norm_rms_epsilon"), Value::F32(s.eps))?;
+    w.set(arch("rope.dimension_count"), u32v(s.n_rot)?)?;
+    w.set(arch("rope.freq_base"), Value::F32(s.rope_theta))?;
+    w.set(arch("rope.dimension_sections"), Value::Array(ValueType::I32, s.rope_sections.map(Value::I32).to_vec()))?;
+    w.set(arch("ssm.conv_kernel"), u32v(s.conv_kernel)?)?;
+    w.set(arch("ssm.state_size"), u32v(s.ssm_head_dim)?)?;
+    w.set(arch("ssm.group_count"), u32v(s.ssm_key_heads)?)?;
+    w.set(arch("ssm.time_step_rank"), u32v(s.ssm_value_heads)?)?;
+    w.set(arch("ssm.inner_size"), u32v(s.ssm_head_dim * s.ssm_value_heads)?)?;
+    w.set(arch("full_attention_interval"), u32v(s.full_attention_interval)?)?;
+    set_tokenizer(&mut w, s.n_vocab)?;
+    // llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 is 7; other types get "all F32" (0) as a placeholder.
+    w.set("general.file_type", Value::U32(if s.matrix_type == GgmlType::Q8_0 { 7 } else { 0 }))?;
+
+    let (e, f, v) = (s.n_embd as u64, s.n_ff as u64, s.n_vocab as u64);
+    let (m, f32) = (s.matrix_type, GgmlType::F32);
+    let mut add = |name: String, ty: GgmlType, dims: &[u64]| w.add_tensor(name, ty, dims.to_vec(), TensorData::Zeros);
+
+    add("token_embd.weight".into(), m, &[e, v])?;
+    add("output_norm.weight".into(), f32, &[e])?;
+    if !s.tied_output {
+        add("output.weight".into(), m, &[e, v])?;
+    }
+    let (h, hkv, d) = (s.n_head as u64, s.n_head_kv as u64, s.head_dim as u64);
+    let (dk, nk, nv, k) = (s.ssm_head_dim as u64, s.ssm_key_heads as u64, s.ssm_value_heads as u64, s.conv_kernel as u64);
+    let conv_channels = 2 * dk * nk + dk * nv;
+    for i in 0..s.block_count() {
+        let mut t = |name: &str, ty: GgmlType, dims: &[u64]| add(format!("blk.{i}.{name}"), ty, dims);
+        t("attn_norm.weight", f32, &[e])?;
+        t("post_attention_norm.weight", f32, &[e])?;
+        let mtp = i >= s.n_layer;
+        if mtp || s.is_attention(i) {
+            t("attn_q.weight", m, &[e, 2 * h * d])?;
+            t("attn_k.weight", m, &[e, hkv * d])?;
+            t("attn_v.weight", m, &[e, hkv * d])?;
+            t("attn_output.weight", m, &[h * d, e])?;
+            t("attn_q_norm.weight", f32, &[d])?;
+            t("attn_k_norm.weight", f32, &[d])?;
+        } else {
+            t("attn_qkv.weight", m, &[e, conv_channels])?;
+            t("attn_gate.weight", m, &[e, dk * nv])?;
+            t("ssm_conv1d.weight", f32, &[k, conv_channels])?;
+            t("ssm_dt.bias", f32, &[nv])?;
+            t("ssm_a", f32, &[nv])?;
+            t("ssm_beta.weight", m, &[e, nv])?;
+            t("ssm_alpha.weight", m, &[e, nv])?;
+            t("ssm_norm.weight", f32, &[dk])?;
+            t("ssm_out.weight", m, &[dk * nv, e])?;
+        }
+        t("ffn_gate.weight", m, &[e, f])?;
+        t("ffn_up.weight", m, &[e, f])?;
+        t("ffn_down.weight", m, &[f, e])?;
+        if mtp {
+            t("nextn.eh_proj.weight", m, &[2 * e, e])?;
+            t("nextn.enorm.weight", f32, &[e])?;
+            t("nextn.hnorm.weight", f32, &[e])?;
+            t("nextn.shared_head_norm.weight", f32, &[e])?;
+        }
+    }
+    Ok(w)
+}
+
+/// Qwen3.6-27B's exact shape, Q8_0, all zeros.
+pub fn qwen36_27b_shape() -> Result<GgufWriter> {
+    qwen35_zeros(&Qwen35Shape::QWEN36_27B)
+}
+
+/// Writes [`qwen36_27b_shape`] to `path` as a sparse file (about 29 GB apparent size).
+pub fn write_qwen36_27b_shape(path: impl AsRef<Path>) -> Result<()> {
+    qwen36_27b_shape()?.write(path)
+}
+
+/// The stand-in byte-level tokenizer described in the module docs.
+fn set_tokenizer(w: &mut GgufWriter, n_vocab: usize) -> Result<()> {
+    // llama.cpp's token types: 1 normal, 3 control, 5 unused.
+    let mut tokens = Vec::with_capacity(n_vocab);
+    let mut types = Vec::with_capacity(n_vocab);
+    for b in 0..=255u8 {
+        tokens.push(Value::String(gpt2_byte_char(b).to_string()));
+        types.push(Value::I32(1));
+    }
+    for sp in SPECIALS {
+        tokens.push(Value::String(sp.into()));
+        types.push(Value::I32(3));
+    }
+    for i in tokens.len()..n_vocab {
+        tokens.push(Value::String(format!("<|pad_{i}|>")));
+        types.push(Value::I32(5));
+    }
+    let id = |text: &str| Value::U32(256 + SPECIALS.iter().position(|s| *s == text).expect("a special token") as u32);
+    w.set("tokenizer.ggml.model", Value::String("gpt2".into()))?;
+    w.set("tokenizer.ggml.pre", Value::String("qwen35".into()))?;
+    w.set("tokenizer.ggml.tokens", Value::Array(ValueType::String, tokens))?;
+    w.set("tokenizer.ggml.token_type", Value::Array(ValueType::I32, types))?;
+    w.set("tokenizer.ggml.merges", Value::Array(ValueType::String, Vec::new()))?;
+    w.set("tokenizer.ggml.bos_token_id", id("<|endoftext|>"))?;
+    w.set("tokenizer.ggml.eos_token_id", id("<|im_end|>"))?;
+    w.set("tokenizer.ggml.padding_token_id", id("<|endoftext|>"))?;
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(false))?;
+    w.set("tokenizer.chat_template", Value::String(CHATML.into()))?;
+    Ok(())
+}
+
+/// GPT-2's byte-to-character map: printable bytes stand for themselves, the rest take the
+/// characters from U+0100 on, in byte order.
+fn gpt2_byte_char(b: u8) -> char {
+    let printable = |x: u8| matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).expect("U+0100 to U+0143 are characters")
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

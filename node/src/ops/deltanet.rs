@@ -1,0 +1,514 @@
+//! The Gated DeltaNet mixer of qwen35 (see `qwen35.md`), after its input projections:
+//! [`conv`] (causal depthwise conv, SiLU, L2 norm of q and k), [`delta_rule`] (gates and
+//! the recurrence over a [`DeltaNetState`]) and [`gated_norm`]. Decode and prefill use the
+//! same dispatches; a prefill batch runs its tokens in order inside the kernels.
+#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
+
+use strata_shaders::Kernel;
+
+use super::elementwise::require_bytes;
+use crate::deltanet_state::DeltaNetState;
+use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use crate::{Error, Result};
+
+/// Threads per workgroup of `deltanet_conv`, `deltanet_conv_state` and `deltanet_gated_norm`.
+const WG: u32 = 64;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ConvParams {
+    channels: u32,
+    head_dim: u32,
+    kernel: u32,
+    norm_heads: u32,
+    q_heads: u32,
+    eps: f32,
+    q_scale: f32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ConvStateParams {
+    channels: u32,
+    kernel: u32,
+    _pad: [u32; 2],
+}
+
+/// The conv of the step's projected `qkv` (f32 `[n_tokens, channels]`, q then k then v
+/// heads) into `out` (same shape): per channel the causal depthwise conv with `weight`
+/// (f32 `[channels, conv_kernel]`, the last tap on the current input) over the state's
+/// history and the step's inputs, then SiLU; then each q and k head divided by
+/// `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A second dispatch then
+/// advances the state's conv history past the step.
+pub fn conv(
+    gpu: &Gpu,
+    kernels: &KernelCache,
+    step: &wgpu::Buffer,
+    state: &DeltaNetState,
+    qkv: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    eps: f32,
+    max_tokens: u32,
+) -> Result<Vec<Dispatch>> {
+    let cfg = state.config();
+    let (channels, head_dim, kernel) = (cfg.conv_channels() as u32, cfg.head_dim as u32, cfg.conv_kernel as u32);
+    if max_tokens == 0 {
+        return Err(Error::Shape { op: "deltanet conv", message: "max_tokens must be at least 1".into() });
+    }
+    if qkv == out {
+        return Err(Error::Shape { op: "deltanet conv", message: "out must not be qkv: later tokens read earlier inputs".into() });
+    }
+    let act = u64::from(max_tokens) * u64::from(channels) * 4;
+    require_bytes("deltanet conv", "qkv", qkv, act)?;
+    require_bytes("deltanet conv", "out", out, act)?;
+    require_bytes("deltanet conv", "weight", weight, u64::from(channels * kernel) * 4)?;
+    let nk = cfg.n_key_heads as u32;
+    let params = ConvParams {
+        channels,
+        head_dim,
+        kernel,
+        norm_heads: 2 * nk,
+        q_heads: nk,
+        eps,
+        q_scale: 1.0 / (head_dim as f32).sqrt(),
+        _pad: 0,
+    };
+    let params = gpu.uniform("deltanet_conv", &params);
+    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_CONV, None, &[])?;
+    let resources = [step, &params, qkv, weight, state.conv(), out].map(|b| b.as_entire_binding());
+    let heads = channels / head_dim;
+    let conv = Dispatch::new(gpu, "deltanet_conv", pipeline, &resources, Workgroups(Dim::Fixed(heads), Dim::Tokens { group: 1 }, Dim::Fixed(1)));
+
+    let params = gpu.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
+    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_CONV_STATE, None, &[])?;
+    let resources = [step, &params, qkv, state.conv()].map(|b| b.as_entire_binding());
+    let advance = Dispatch::new(gpu, "deltanet_conv_state", pipeline, &resources, Workgroups::fixed(channels.div_ceil(WG), 1, 1));
+    Ok(vec![conv, advance])
+}
+
+/// The per-token gate inputs of [`delta_rule`].
+#[derive(Debug, Clone, Copy)]
+pub struct Gates<'a> {
+    /// f32 `[n_tokens, n_value_heads]`: `beta = sigmoid(b)`.
+    pub b: &'a wgpu::Buffer,
+    /// f32 `[n_tokens, n_value_heads]`: `g = ssm_a * softplus(a + dt_bias)`.
+    pub a: &'a wgpu::Buffer,
+    /// f32 `[n_value_heads]`: the layer's `ssm_a` (already `-exp(A_log)`).
+    pub ssm_a: &'a wgpu::Buffer,
+    /// f32 `[n_value_heads]`: the layer's `ssm_dt.bias`.
+    pub dt_bias: &'a wgpu::Buffer,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StateParams {
+    n_key_heads: u32,
+    n_value_heads: u32,
+    channels: u32,
+    _pad: u32,
+}
+
+/// Columns of the state per workgroup of `deltanet_state` (one thread each).
+fn state_columns(gpu: &Gpu, head_dim: u32) -> u32 {
+    // CPU adapters (lavapipe) run a workgroup as SIMD lanes of one thread: small
+    // workgroups spread the heads over more cores.
+    let cols = if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 };
+    cols.min(head_dim)
+}
+
+/// The delta rule over the step's tokens in order, from the conv's output `y` (f32
+/// `[n_tokens, channels]`: L2-normed q and k per key head, v per value head): for each
+/// value head `h` with key head `h mod n_key_heads`, `S = exp(g) S; d = beta (v - S^T k);
+/// S += k d^T; out = S^T q`, updating the state's matrices. `out`: f32
+/// `[n_tokens, n_value_heads, head_dim]`.
+pub fn delta_rule(
+    gpu: &Gpu,
+    kernels: &KernelCache,
+    step: &wgpu::Buffer,
+    state: &DeltaNetState,
+    y: &wgpu::Buffer,
+    gates: Gates<'_>,
+    out: &wgpu::Buffer,
+    max_tokens: u32,
+) -> Result<Dispatch> {
+    let cfg = state.config();
+    let (channels, nv, dk) = (cfg.conv_channels() as u32, cfg.n_value_heads as u32, cfg.head_dim as u32);
+    if max_tokens == 0 {
+        return Err(Error::Shape { op: "deltanet delta_rule", message: "max_tokens must be at least 1".into() });
+    }
+    if y == out {
+        return Err(Error::Shape { op: "deltanet delta_rule", message: "out must not be y".into() });
+    }
+    let tokens = u64::from(max_tokens);
+    require_bytes("deltanet delta_rule", "y", y, tokens * u64::from(channels) * 4)?;
+    require_bytes("deltanet delta_rule", "out", out, tokens * u64::from(nv * dk) * 4)?;
+    require_bytes("deltanet delta_rule", "b", gates.b, tokens * u64::from(nv) * 4)?;
+    require_bytes("deltanet delta_rule", "a", gates.a, tokens * u64::from(nv) * 4)?;
+    require_bytes("deltanet delta_rule", "ssm_a", gates.ssm_a, u64::from(nv) * 4)?;
+    require_bytes("deltanet delta_rule", "dt_bias", gates.dt_bias, u64::from(nv) * 4)?;
+    let params = StateParams { n_key_heads: cfg.n_key_heads as u32, n_value_heads: nv, channels, _pad: 0 };
+    let params = gpu.uniform("deltanet_state", &params);
+    let cols = state_columns(gpu, dk);
+    let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
+    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_STATE, None, &consts)?;
+    let resources = [step, &params, y, gates.b, gates.a, gates.ssm_a, gates.dt_bias, state.matrices(), out].map(|b| b.as_entire_binding());
+    // Fixed workgroups: every head runs (and keeps its state) whatever the token count.
+    Ok(Dispatch::new(gpu, "deltanet_state", pipeline, &resources, Workgroups::fixed(nv, dk.div_ceil(cols), 1)))
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NormParams {
+    head_dim: u32,
+    n_heads: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+/// `o = o / sqrt(mean(o^2) + eps) * weight * silu(z)` per head of `head_dim`, in place.
+/// `o`, `z`: f32 `[n_tokens, n_heads, head_dim]`; `weight`: f32 `[head_dim]`.
+pub fn gated_norm(
+    gpu: &Gpu,
+    kernels: &KernelCache,
+    step: &wgpu::Buffer,
+    o: &wgpu::Buffer,
+    z: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    n_heads: u32,
+    head_dim: u32,
+    eps: f32,
+    max_tokens: u32,
+) -> Result<Dispatch> {
+    if max_tokens == 0 || n_heads == 0 || head_dim == 0 || o == z {
+        return Err(Error::Shape {
+            op: "deltanet gated_norm",
+            message: format!("{n_heads} heads of {head_dim}, max_tokens {max_tokens}, o and z distinct"),
+        });
+    }
+    let bytes = u64::from(max_tokens) * u64::from(n_heads * head_dim) * 4;
+    require_bytes("deltanet gated_norm", "o", o, bytes)?;
+    require_bytes("deltanet gated_norm", "z", z, bytes)?;
+    require_bytes("deltanet gated_norm", "weight", weight, u64::from(head_dim) * 4)?;
+    let params = gpu.uniform("deltanet_gated_norm", &NormParams { head_dim, n_heads, eps, _pad: 0 });
+    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_GATED_NORM, None, &[])?;
+    let resources = [step, &params, o, z, weight].map(|b| b.as_entire_binding());
+    let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+    Ok(Dispatch::new(gpu, "deltanet_gated_norm", pipeline, &resources, workgroups))
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_model::config::DeltaNetConfig;
+
+    use super::*;
+    use crate::ops::harness::{f32_buffer, run, step_buffer};
+    use crate::testing::{Rng, assert_close, gpu};
+
+    fn config(n_key_heads: usize, n_value_heads: usize, head_dim: usize) -> DeltaNetConfig {
+        DeltaNetConfig { conv_kernel: 4, n_key_heads, n_value_heads, head_dim }
+    }
+
+    fn silu(x: f64) -> f64 {
+        x / (1.0 + (-x).exp())
+    }
+
+    fn softplus(x: f64) -> f64 {
+        if x > 20.0 { x } else { x.exp().ln_1p() }
+    }
+
+    /// The conv's CPU twin: `t` tokens of `qkv` after the history `hist` ([K-1, C], oldest
+    /// first). Returns the normed output and the new history.
+    fn cpu_conv(cfg: &DeltaNetConfig, eps: f32, qkv: &[f32], t: usize, w: &[f32], hist: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (c, kk, dk, nk) = (cfg.conv_channels(), cfg.conv_kernel, cfg.head_dim, cfg.n_key_heads);
+        // Rows of inputs: the history, then the step's tokens.
+        let all: Vec<f32> = hist.iter().chain(&qkv[..t * c]).copied().collect();
+        let mut y = vec![0f64; t * c];
+        for tok in 0..t {
+            for ch in 0..c {
+                let acc: f64 = (0..kk).map(|j| f64::from(w[ch * kk + j]) * f64::from(all[(tok + j) * c + ch])).sum();
+                y[tok * c + ch] = silu(acc);
+            }
+            for head in 0..2 * nk {
+                let row = &mut y[tok * c + head * dk..][..dk];
+                let mut scale = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() + f64::from(eps)).sqrt();
+                if head < nk {
+                    scale /= (dk as f64).sqrt();
+                }
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        (y.iter().map(|&v| v as f32).collect(), all[t * c..].to_vec())
+    }
+
+    /// The delta rule's CPU twin over `t` tokens, updating `s` ([nv, dk, dk], f64).
+    fn cpu_delta_rule(cfg: &DeltaNetConfig, y: &[f32], b: &[f32], a: &[f32], ssm_a: &[f32], dt_bias: &[f32], s: &mut [f64], t: usize) -> Vec<f32> {
+        let (c, nk, nv, dk) = (cfg.conv_channels(), cfg.n_key_heads, cfg.n_value_heads, cfg.head_dim);
+        let mut out = vec![0f32; t * nv * dk];
+        for tok in 0..t {
+            let row = &y[tok * c..(tok + 1) * c];
+            for h in 0..nv {
+                let kh = h % nk;
+                let q = &row[kh * dk..][..dk];
+                let k = &row[(nk + kh) * dk..][..dk];
+                let v = &row[(2 * nk + h) * dk..][..dk];
+                let beta = 1.0 / (1.0 + (-f64::from(b[tok * nv + h])).exp());
+                let decay = (f64::from(ssm_a[h]) * softplus(f64::from(a[tok * nv + h]) + f64::from(dt_bias[h]))).exp();
+                let sh = &mut s[h * dk * dk..(h + 1) * dk * dk];
+                sh.iter_mut().for_each(|x| *x *= decay);
+                for j in 0..dk {
+                    let kv: f64 = (0..dk).map(|i| sh[i * dk + j] * f64::from(k[i])).sum();
+                    let d = beta * (f64::from(v[j]) - kv);
+                    (0..dk).for_each(|i| sh[i * dk + j] += f64::from(k[i]) * d);
+                    let o: f64 = (0..dk).map(|i| sh[i * dk + j] * f64::from(q[i])).sum();
+                    out[(tok * nv + h) * dk + j] = o as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn write(buffer: &wgpu::Buffer, values: &[f32]) {
+        gpu().0.queue.write_buffer(buffer, 0, bytemuck::cast_slice(values));
+    }
+
+    /// Runs the conv for `t` of `max_tokens` tokens from a random history; checks the output
+    /// and the new history against the twin.
+    fn check_conv(cfg: &DeltaNetConfig, t: usize, max_tokens: u32, seed: u64) {
+        let (gpu, kernels) = gpu();
+        let mut rng = Rng::new(seed);
+        let (c, kk) = (cfg.conv_channels(), cfg.conv_kernel);
+        let eps = 1e-6;
+        let state = DeltaNetState::new(gpu, cfg).unwrap();
+        let hist = rng.vec((kk - 1) * c, 2.0);
+        write(state.conv(), &hist);
+        let qkv = rng.vec(max_tokens as usize * c, 2.0);
+        let w = rng.vec(c * kk, 1.0);
+        let step = step_buffer(gpu);
+        let (qkv_b, w_b) = (f32_buffer(gpu, &qkv), f32_buffer(gpu, &w));
+        let out = f32_buffer(gpu, &vec![0.0; max_tokens as usize * c]);
+        let d = conv(gpu, kernels, &step, &state, &qkv_b, &w_b, &out, eps, max_tokens).unwrap();
+        run(gpu, &step, &d, t as u32);
+        let (want, want_hist) = cpu_conv(cfg, eps, &qkv, t, &w, &hist);
+        let got = gpu.read_f32(&out, max_tokens as usize * c).unwrap();
+        let what = format!("{cfg:?}, {t} tokens");
+        assert_close(&got[..t * c], &want, 1e-5, 1e-4, &what);
+        assert!(got[t * c..].iter().all(|&v| v == 0.0), "{what}: wrote past the step's tokens");
+        if kk > 1 {
+            assert_eq!(gpu.read_f32(state.conv(), (kk - 1) * c).unwrap(), want_hist, "{what}: conv state");
+        }
+    }
+
+    #[test]
+    fn conv_matches_cpu_from_a_history() {
+        // Decode; prefill of fewer tokens than the history (part old, part new); longer ones.
+        for (t, max_tokens) in [(1, 1), (2, 4), (7, 9), (9, 9)] {
+            check_conv(&config(2, 6, 32), t, max_tokens, 1 + t as u64);
+        }
+        check_conv(&config(2, 4, 128), 1, 1, 11);
+        check_conv(&config(2, 4, 128), 7, 8, 12);
+        // Other kernel sizes, heads wider than the workgroup but not a multiple of it.
+        check_conv(&DeltaNetConfig { conv_kernel: 2, ..config(1, 2, 80) }, 3, 3, 13);
+        check_conv(&DeltaNetConfig { conv_kernel: 1, ..config(1, 1, 16) }, 2, 2, 14);
+    }
+
+    /// Random gate inputs and conv output (q and k unit-normed like the conv's) for `t` tokens.
+    struct Inputs {
+        y: Vec<f32>,
+        b: Vec<f32>,
+        a: Vec<f32>,
+        ssm_a: Vec<f32>,
+        dt_bias: Vec<f32>,
+    }
+
+    impl Inputs {
+        fn random(cfg: &DeltaNetConfig, t: usize, rng: &mut Rng) -> Inputs {
+            let (c, nk, nv, dk) = (cfg.conv_channels(), cfg.n_key_heads, cfg.n_value_heads, cfg.head_dim);
+            let mut y = rng.vec(t * c, 1.0);
+            for row in y.chunks_exact_mut(c) {
+                for (head, x) in row[..2 * nk * dk].chunks_exact_mut(dk).enumerate() {
+                    let mut n = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    if head < nk {
+                        n *= (dk as f32).sqrt();
+                    }
+                    x.iter_mut().for_each(|v| *v /= n);
+                }
+            }
+            Inputs {
+                y,
+                b: rng.vec(t * nv, 3.0),
+                a: rng.vec(t * nv, 3.0),
+                ssm_a: (0..nv).map(|_| -rng.f32().exp()).collect(),
+                dt_bias: rng.vec(nv, 1.0),
+            }
+        }
+
+        /// Tokens `r` only.
+        fn tokens(&self, cfg: &DeltaNetConfig, r: std::ops::Range<usize>) -> Inputs {
+            let (c, nv) = (cfg.conv_channels(), cfg.n_value_heads);
+            Inputs {
+                y: self.y[r.start * c..r.end * c].to_vec(),
+                b: self.b[r.start * nv..r.end * nv].to_vec(),
+                a: self.a[r.start * nv..r.end * nv].to_vec(),
+                ssm_a: self.ssm_a.clone(),
+                dt_bias: self.dt_bias.clone(),
+            }
+        }
+    }
+
+    /// A state and the buffers of one delta-rule dispatch for up to `max_tokens`.
+    struct Rule {
+        state: DeltaNetState,
+        step: wgpu::Buffer,
+        y: wgpu::Buffer,
+        b: wgpu::Buffer,
+        a: wgpu::Buffer,
+        ssm_a: wgpu::Buffer,
+        dt_bias: wgpu::Buffer,
+        out: wgpu::Buffer,
+        dispatch: Dispatch,
+    }
+
+    impl Rule {
+        fn new(cfg: &DeltaNetConfig, max_tokens: u32, s0: &[f32]) -> Rule {
+            let (gpu, kernels) = gpu();
+            let state = DeltaNetState::new(gpu, cfg).unwrap();
+            write(state.matrices(), s0);
+            let act = |w: usize| gpu.storage("act", max_tokens as u64 * w as u64 * 4);
+            let nv = cfg.n_value_heads;
+            let (y, b, a, out) = (act(cfg.conv_channels()), act(nv), act(nv), act(cfg.value_dim()));
+            let (ssm_a, dt_bias) = (gpu.storage("ssm_a", nv as u64 * 4), gpu.storage("dt_bias", nv as u64 * 4));
+            let step = step_buffer(gpu);
+            let gates = Gates { b: &b, a: &a, ssm_a: &ssm_a, dt_bias: &dt_bias };
+            let dispatch = delta_rule(gpu, kernels, &step, &state, &y, gates, &out, max_tokens).unwrap();
+            Rule { state, step, y, b, a, ssm_a, dt_bias, out, dispatch }
+        }
+
+        fn run(&self, x: &Inputs, t: usize) -> Vec<f32> {
+            let (gpu, _) = gpu();
+            for (buf, v) in [(&self.y, &x.y), (&self.b, &x.b), (&self.a, &x.a), (&self.ssm_a, &x.ssm_a), (&self.dt_bias, &x.dt_bias)] {
+                write(buf, v);
+            }
+            run(gpu, &self.step, std::slice::from_ref(&self.dispatch), t as u32);
+            let cfg = self.state.config();
+            gpu.read_f32(&self.out, t * cfg.value_dim()).unwrap()
+        }
+
+        fn matrices(&self) -> Vec<f32> {
+            let cfg = self.state.config();
+            gpu().0.read_f32(self.state.matrices(), cfg.n_value_heads * cfg.head_dim * cfg.head_dim).unwrap()
+        }
+    }
+
+    fn check_delta_rule(cfg: &DeltaNetConfig, t: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let dk = cfg.head_dim;
+        let s0 = rng.vec(cfg.n_value_heads * dk * dk, 0.5);
+        let x = Inputs::random(cfg, t, &mut rng);
+        let what = format!("{cfg:?}, {t} tokens");
+
+        // The whole step at once, bound for more tokens than it has.
+        let batch = Rule::new(cfg, t as u32 + 2, &s0);
+        let got = batch.run(&x, t);
+        let mut s = s0.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let want = cpu_delta_rule(cfg, &x.y, &x.b, &x.a, &x.ssm_a, &x.dt_bias, &mut s, t);
+        assert_close(&got, &want, 1e-5, 1e-4, &what);
+        let s_want: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+        assert_close(&batch.matrices(), &s_want, 1e-5, 1e-4, &format!("{what}: state"));
+
+        // Token by token, through a decode dispatch: the same, up to rounding.
+        let single = Rule::new(cfg, 1, &s0);
+        let mut one_by_one = Vec::new();
+        for i in 0..t {
+            one_by_one.extend(single.run(&x.tokens(cfg, i..i + 1), 1));
+        }
+        assert_close(&one_by_one, &got, 1e-6, 1e-5, &format!("{what}: one by one"));
+        assert_close(&single.matrices(), &batch.matrices(), 1e-6, 1e-5, &format!("{what}: one by one, state"));
+    }
+
+    #[test]
+    fn delta_rule_matches_cpu_and_token_by_token() {
+        // Fewer key heads than value heads (tiled: value head h reads key head h mod nk).
+        check_delta_rule(&config(2, 6, 32), 1, 21);
+        check_delta_rule(&config(2, 6, 32), 9, 22);
+        // Qwen3.6's head size.
+        check_delta_rule(&config(2, 4, 128), 1, 23);
+        check_delta_rule(&config(2, 4, 128), 9, 24);
+        // A head that is not a multiple of the workgroup's columns.
+        check_delta_rule(&config(1, 2, 20), 3, 25);
+    }
+
+    #[test]
+    fn delta_rule_starts_from_zero_and_resets() {
+        let (gpu, _) = gpu();
+        let cfg = config(1, 2, 32);
+        let mut rng = Rng::new(31);
+        let x = Inputs::random(&cfg, 3, &mut rng);
+        let fresh = Rule::new(&cfg, 3, &[]);
+        let first = fresh.run(&x, 3);
+        let mut s = vec![0f64; 2 * 32 * 32];
+        let want = cpu_delta_rule(&cfg, &x.y, &x.b, &x.a, &x.ssm_a, &x.dt_bias, &mut s, 3);
+        assert_close(&first, &want, 1e-5, 1e-4, "from zero");
+        let hist = 3 * cfg.conv_channels();
+        write(fresh.state.conv(), &vec![1.0; hist]);
+        fresh.state.reset(gpu);
+        assert!(fresh.matrices().iter().all(|&v| v == 0.0), "reset matrices");
+        assert!(gpu.read_f32(fresh.state.conv(), hist).unwrap().iter().all(|&v| v == 0.0), "reset conv");
+        assert_eq!(fresh.run(&x, 3), first, "after reset");
+        assert_eq!(fresh.state.bytes(), DeltaNetState::bytes_for(&cfg));
+    }
+
+    #[test]
+    fn gated_norm_matches_cpu() {
+        let (gpu, kernels) = gpu();
+        let mut rng = Rng::new(41);
+        for (n_heads, head_dim, max_tokens, t) in [(6u32, 32u32, 1u32, 1usize), (4, 128, 5, 3), (2, 80, 2, 2)] {
+            let len = (max_tokens * n_heads * head_dim) as usize;
+            let (o, z, w) = (rng.vec(len, 2.0), rng.vec(len, 4.0), rng.vec(head_dim as usize, 1.5));
+            let eps = 1e-6;
+            let step = step_buffer(gpu);
+            let (ob, zb, wb) = (f32_buffer(gpu, &o), f32_buffer(gpu, &z), f32_buffer(gpu, &w));
+            let d = gated_norm(gpu, kernels, &step, &ob, &zb, &wb, n_heads, head_dim, eps, max_tokens).unwrap();
+            run(gpu, &step, &[d], t as u32);
+            let n = head_dim as usize;
+            let mut want = Vec::new();
+            for (row, zrow) in o.chunks_exact(n).zip(z.chunks_exact(n)).take(t * n_heads as usize) {
+                let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n as f64;
+                let scale = 1.0 / (ms + f64::from(eps)).sqrt();
+                want.extend((0..n).map(|i| (f64::from(row[i]) * scale * f64::from(w[i]) * silu(f64::from(zrow[i]))) as f32));
+            }
+            let got = gpu.read_f32(&ob, len).unwrap();
+            let m = want.len();
+            assert_close(&got[..m], &want, 1e-5, 1e-4, &format!("{n_heads} heads of {head_dim}, {t} tokens"));
+            assert_eq!(&got[m..], &o[m..], "wrote past the step's tokens");
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let (gpu, kernels) = gpu();
+        let cfg = config(2, 4, 32);
+        assert!(DeltaNetState::new(gpu, &config(2, 5, 32)).is_err());
+        assert!(DeltaNetState::new(gpu, &config(1, 1, 512)).is_err());
+        assert!(DeltaNetState::new(gpu, &DeltaNetConfig { conv_kernel: 0, ..cfg.clone() }).is_err());
+        let state = DeltaNetState::new(gpu, &cfg).unwrap();
+        let step = step_buffer(gpu);
+        let c = cfg.conv_channels();
+        let act = f32_buffer(gpu, &vec![0.0; 2 * c]);
+        let out = f32_buffer(gpu, &vec![0.0; 2 * c]);
+        let w = f32_buffer(gpu, &vec![0.0; 4 * c]);
+        assert!(conv(gpu, kernels, &step, &state, &act, &w, &out, 1e-6, 2).is_ok());
+        assert!(conv(gpu, kernels, &step, &state, &act, &w, &out, 1e-6, 3).is_err());
+        assert!(conv(gpu, kernels, &step, &state, &act, &w, &act, 1e-6, 1).is_err());
+        assert!(conv(gpu, kernels, &step, &state, &act, &act, &out, 1e-6, 1).is_err());
+        let small = f32_buffer(gpu, &[0.0; 8]);
+        let gates = Gates { b: &small, a: &small, ssm_a: &small, dt_bias: &small };
+        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &out, 2).is_ok());
+        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &out, 3).is_err());
+        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &act, 1).is_err());
+        assert!(gated_norm(gpu, kernels, &step, &act, &out, &small, 4, 32, 1e-6, 1).is_err());
+        assert!(gated_norm(gpu, kernels, &step, &act, &out, &w, 4, 32, 1e-6, 1).is_ok());
+        assert!(gated_norm(gpu, kernels, &step, &act, &act, &w, 4, 32, 1e-6, 1).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! Running ops in tests: buffers from slices, the step uniform, one submission per step.
+
+use crate::gpu::{Dispatch, Gpu, Step, encode_dispatches};
+
+pub(crate) fn f32_buffer(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
+    gpu.storage_init("f32", bytemuck::cast_slice(values))
+}
+
+pub(crate) fn u32_buffer(gpu: &Gpu, values: &[u32]) -> wgpu::Buffer {
+    gpu.storage_init("u32", bytemuck::cast_slice(values))
+}
+
+/// The step uniform, to be written by [`run`].
+pub(crate) fn step_buffer(gpu: &Gpu) -> wgpu::Buffer {
+    gpu.uniform("step", &Step::default())
+}
+
+/// One step of `n_tokens`: writes the step uniform, encodes `dispatches` in one pass and
+/// submits it.
+pub(crate) fn run(gpu: &Gpu, step: &wgpu::Buffer, dispatches: &[Dispatch], n_tokens: u32) {
+    gpu.queue.write_buffer(step, 0, bytemuck::bytes_of(&Step { n_tokens, _pad: [0; 3] }));
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    encode_dispatches(&mut enc, dispatches, n_tokens);
+    gpu.queue.submit([enc.finish()]);
+}

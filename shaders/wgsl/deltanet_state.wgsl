@@ -1,0 +1,110 @@
+// Gated DeltaNet, part 2: the gates and the delta rule, for the step's tokens in order.
+// Per value head h (key head kh = h mod n_key_heads: heads are tiled) and token:
+//   beta = sigmoid(b), g = ssm_a * softplus(a + dt_bias)
+//   S = exp(g) S;  kv = S^T k;  d = beta (v - kv);  S += k d^T;  o = S^T q
+// with S a DK x DK f32 matrix (rows: key dim, columns: value dim).
+//
+// Column j of S only ever meets column j of d, so columns are independent: one thread
+// per column, holding it in private memory for the whole step, COLS columns per
+// workgroup (workgroups: value heads x DK / COLS). q and k (already L2-normed by
+// deltanet_conv) go through workgroup memory once per token. Decode and prefill run
+// the same kernel.
+
+const DK: u32 = 128u;
+const COLS: u32 = 64u;
+
+struct Step {
+    n_tokens: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+struct Params {
+    n_key_heads: u32,
+    n_value_heads: u32,
+    // C: channels of one token of `y`.
+    channels: u32,
+    pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> params: Params;
+// [n_tokens, channels]: q (key heads), k (key heads), v (value heads), heads of DK.
+@group(0) @binding(2) var<storage, read> y: array<f32>;
+// [n_tokens, n_value_heads] each.
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read> a: array<f32>;
+// [n_value_heads] each: ssm_a (already -exp(A_log)) and ssm_dt.bias.
+@group(0) @binding(5) var<storage, read> ssm_a: array<f32>;
+@group(0) @binding(6) var<storage, read> dt_bias: array<f32>;
+// [n_value_heads, DK, DK].
+@group(0) @binding(7) var<storage, read_write> state: array<f32>;
+// [n_tokens, n_value_heads, DK].
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+
+var<workgroup> q_s: array<f32, DK>;
+var<workgroup> k_s: array<f32, DK>;
+
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        return x;
+    }
+    return log(1.0 + exp(x));
+}
+
+@compute @workgroup_size(COLS)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let j = wid.y * COLS + lid;
+    // Threads past the last column still help load q and k and meet every barrier.
+    let active = j < DK;
+    let nk = params.n_key_heads;
+    let nv = params.n_value_heads;
+    let kh = h % nk;
+    let q_base = kh * DK;
+    let k_base = (nk + kh) * DK;
+    let v_base = (2u * nk + h) * DK;
+    let s_base = h * DK * DK + j;
+
+    var col: array<f32, DK>;
+    if active {
+        for (var i = 0u; i < DK; i++) {
+            col[i] = state[s_base + i * DK];
+        }
+    }
+    let a_h = ssm_a[h];
+    let bias = dt_bias[h];
+    let n_tokens = step.n_tokens;
+    for (var t = 0u; t < n_tokens; t++) {
+        let row = t * params.channels;
+        // The previous token's reads of q_s and k_s are done.
+        workgroupBarrier();
+        for (var i = lid; i < DK; i += COLS) {
+            q_s[i] = y[row + q_base + i];
+            k_s[i] = y[row + k_base + i];
+        }
+        workgroupBarrier();
+        let beta = 1.0 / (1.0 + exp(-b[t * nv + h]));
+        let decay = exp(a_h * softplus(a[t * nv + h] + bias));
+        if active {
+            var kv = 0.0;
+            for (var i = 0u; i < DK; i++) {
+                kv += col[i] * k_s[i];
+            }
+            let d = beta * (y[row + v_base + j] - decay * kv);
+            var o = 0.0;
+            for (var i = 0u; i < DK; i++) {
+                let s = decay * col[i] + k_s[i] * d;
+                col[i] = s;
+                o += s * q_s[i];
+            }
+            out[(t * nv + h) * DK + j] = o;
+        }
+    }
+    if active {
+        for (var i = 0u; i < DK; i++) {
+            state[s_base + i * DK] = col[i];
+        }
+    }
+}

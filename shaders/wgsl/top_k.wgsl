@@ -1,0 +1,179 @@
+// The k largest logits of one row, sorted (ties: lower id first), with the row's max and
+// log-sum-exp; k = 1 is the argmax. Two dispatches of this kernel:
+//   merge = 0: workgroup c takes chunk c (WG * PER logits) and writes to `partial` its
+//              (max, sum exp(x - max)) and its own top k as (logit bits, id);
+//   merge = 1: one workgroup merges the chunks' candidates and sums, and writes
+//              out = [ids[k], logit bits[k], max bits, log-sum-exp bits].
+// Each of k rounds takes every thread's best untaken value and reduces them in workgroup
+// memory; no subgroup operations, so any subgroup size works.
+
+const WG: u32 = 256u;
+// Values per thread (at most 32: one bit each in `taken`).
+const PER: u32 = 32u;
+const NONE: u32 = 0xffffffffu;
+
+struct Step {
+    n_tokens: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+struct Params {
+    n_vocab: u32,
+    // 0xffffffff: the step's last token.
+    row: u32,
+    k: u32,
+    n_chunks: u32,
+    merge: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> params: Params;
+@group(0) @binding(2) var<storage, read> logits: array<f32>;
+// Per chunk k + 1 entries: (max bits, sum bits), then (logit bits, id) k times.
+@group(0) @binding(3) var<storage, read_write> partial: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+
+var<workgroup> red_v: array<f32, WG>;
+var<workgroup> red_i: array<u32, WG>;
+var<workgroup> red_s: array<f32, WG>;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+// Whether (v, i) sorts before (bv, bi): larger value, then lower id.
+fn before(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return v > bv || (v == bv && i < bi);
+}
+
+// s * exp(m - to), where a sum over nothing (m = -inf) stays 0.
+fn rescale(m: f32, s: f32, to: f32) -> f32 {
+    if m == neg_inf() {
+        return 0.0;
+    }
+    return s * exp(m - to);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if step.n_tokens == 0u {
+        return;
+    }
+    var row = params.row;
+    if row == NONE {
+        row = step.n_tokens - 1u;
+    }
+    let k = params.k;
+    let stride = k + 1u;
+    var vals: array<f32, PER>;
+    var ids: array<u32, PER>;
+    var m = neg_inf();
+    var s = 0.0;
+    if params.merge == 0u {
+        let base = wid.x * WG * PER;
+        for (var j = 0u; j < PER; j++) {
+            let i = base + j * WG + lid;
+            vals[j] = neg_inf();
+            ids[j] = NONE;
+            if i < params.n_vocab {
+                vals[j] = logits[row * params.n_vocab + i];
+                ids[j] = i;
+                m = max(m, vals[j]);
+            }
+        }
+        for (var j = 0u; j < PER; j++) {
+            if ids[j] != NONE {
+                s += rescale(vals[j], 1.0, m);
+            }
+        }
+    } else {
+        for (var j = 0u; j < PER; j++) {
+            let c = j * WG + lid;
+            vals[j] = neg_inf();
+            ids[j] = NONE;
+            if c < params.n_chunks * k {
+                let e = partial[(c / k) * stride + 1u + c % k];
+                vals[j] = bitcast<f32>(e.x);
+                ids[j] = e.y;
+            }
+        }
+        for (var c = lid; c < params.n_chunks; c += WG) {
+            let e = partial[c * stride];
+            let cm = bitcast<f32>(e.x);
+            let mm = max(m, cm);
+            s = rescale(m, s, mm) + rescale(cm, bitcast<f32>(e.y), mm);
+            m = mm;
+        }
+    }
+
+    // The (max, sum) of the workgroup.
+    red_v[lid] = m;
+    red_s[lid] = s;
+    for (var w = WG / 2u; w > 0u; w >>= 1u) {
+        workgroupBarrier();
+        if lid < w {
+            let m1 = red_v[lid];
+            let m2 = red_v[lid + w];
+            let mm = max(m1, m2);
+            red_s[lid] = rescale(m1, red_s[lid], mm) + rescale(m2, red_s[lid + w], mm);
+            red_v[lid] = mm;
+        }
+    }
+    workgroupBarrier();
+    let row_max = red_v[0];
+    let row_sum = red_s[0];
+    workgroupBarrier();
+
+    var taken = 0u;
+    for (var r = 0u; r < k; r++) {
+        var bv = neg_inf();
+        var bi = NONE;
+        var bj = PER;
+        for (var j = 0u; j < PER; j++) {
+            if (taken & (1u << j)) == 0u && ids[j] != NONE && before(vals[j], ids[j], bv, bi) {
+                bv = vals[j];
+                bi = ids[j];
+                bj = j;
+            }
+        }
+        red_v[lid] = bv;
+        red_i[lid] = bi;
+        for (var w = WG / 2u; w > 0u; w >>= 1u) {
+            workgroupBarrier();
+            if lid < w && before(red_v[lid + w], red_i[lid + w], red_v[lid], red_i[lid]) {
+                red_v[lid] = red_v[lid + w];
+                red_i[lid] = red_i[lid + w];
+            }
+        }
+        workgroupBarrier();
+        let win_v = red_v[0];
+        let win_i = red_i[0];
+        // Ids are unique, so only the owner of the winner marks it.
+        if bj < PER && bi == win_i {
+            taken |= 1u << bj;
+        }
+        if lid == 0u {
+            if params.merge == 0u {
+                partial[wid.x * stride + 1u + r] = vec2<u32>(bitcast<u32>(win_v), win_i);
+            } else {
+                out[r] = win_i;
+                out[k + r] = bitcast<u32>(win_v);
+            }
+        }
+        // Before the next round overwrites red_v and red_i.
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        if params.merge == 0u {
+            partial[wid.x * stride] = vec2<u32>(bitcast<u32>(row_max), bitcast<u32>(row_sum));
+        } else {
+            out[2u * k] = bitcast<u32>(row_max);
+            out[2u * k + 1u] = bitcast<u32>(row_max + log(row_sum));
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The `strata` command line: help, bad input, and `bench`.
+
+use crate::support::{fixture, path_str, strata, strata_json};
+
+/// Runs strata expecting failure; returns stderr, which must not show a panic.
+fn fails(args: &[&str]) -> String {
+    let o = strata().args(args).output().expect("run strata");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "strata {args:?} should fail");
+    assert!(!err.contains("panicked"), "strata {args:?} panicked:\n{err}");
+    err
+}
+
+#[test]
+fn help_explains_every_command_and_flag() {
+    let o = strata().arg("--help").output().unwrap();
+    let top = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["run", "bench", "quantize"] {
+        assert!(top.contains(cmd), "--help lacks `{cmd}`");
+    }
+    let o = strata().args(["run", "--help"]).output().unwrap();
+    let run = String::from_utf8_lossy(&o.stdout);
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--seed", "--json", "--ctx", "--batch", "--adapter", "--ignore-eos"] {
+        assert!(run.contains(flag), "`strata run --help` lacks {flag}");
+        assert!(readme.contains(flag), "README lacks {flag}");
+    }
+}
+
+#[test]
+fn missing_and_malformed_models_are_named() {
+    let err = fails(&["run", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let full = std::fs::read(fixture("tiny-qwen3.gguf")).unwrap();
+    for (i, cut) in [3usize, 100, 5000, full.len() / 2, full.len() - 1].into_iter().enumerate() {
+        let p = dir.join(format!("truncated-{i}.gguf"));
+        std::fs::write(&p, &full[..cut]).unwrap();
+        let err = fails(&["run", "--model", path_str(&p), "--prompt", "hi"]);
+        assert!(err.contains("malformed GGUF") || err.contains("truncated"), "cut at {cut}: {err}");
+    }
+    let p = dir.join("not-a-gguf.gguf");
+    std::fs::write(&p, b"this is not a model at all, just text").unwrap();
+    let err = fails(&["run", "--model", path_str(&p), "--prompt", "hi"]);
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+#[test]
+fn flags_out_of_range_are_refused() {
+    let m = fixture("tiny-qwen3.gguf");
+    let m = path_str(&m);
+    assert!(fails(&["run", "--model", m, "--prompt", "hi", "--temperature", "-1"]).contains("temperature"));
+    assert!(fails(&["run", "--model", m, "--prompt", "hi", "--top-p", "1.5"]).contains("top_p"));
+    assert!(fails(&["run", "--model", m, "--prompt", "hi", "--batch", "0"]).contains("--batch"));
+    assert!(fails(&["run", "--model", m, "--prompt", "hi", "--ctx", "5"]).contains("--ctx"));
+    let err = fails(&["run", "--model", m, "--prompt", "hi", "--ctx", "16", "--max-tokens", "100"]);
+    assert!(err.contains("context length 16"), "{err}");
+    assert!(fails(&["quantize", m, "/tmp/x.gguf", "--type", "q5_k"]).contains("q5_k"));
+}
+
+#[test]
+fn bench_reports_what_it_measured() {
+    let m = fixture("tiny-qwen3.gguf");
+    let out = strata_json(&["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "8", "--json"]);
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_weight_gb_per_s", "read_bandwidth_gb_per_s", "bandwidth_fraction"] {
+        let v = out[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert!(out["weight_bytes_per_token"].as_u64().unwrap() > 1_000_000, "tiny-qwen3 reads over 1 MB per token");
+}

@@ -1,0 +1,80 @@
+//! The GPU stage against the float64 goldens, logit by logit: every teacher-forced
+//! position one token at a time (the decode kernels), and the same sequences in
+//! prefill chunks (the batched kernels), checking the last row of each chunk.
+
+use std::sync::Arc;
+
+use strata_model::gguf::Gguf;
+use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::stage::{Input, Stage, StageSpec};
+
+use crate::golden::{self, check_position};
+use crate::support::{fixture, golden as load_golden, model, smol_q8_0, SMOL_Q4_1};
+
+fn stage(path: &std::path::Path, max_batch: u32) -> Stage {
+    let gguf = Gguf::open(path).unwrap();
+    let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
+    let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
+    Stage::load(gpu, &gguf, StageSpec { layers: 0..n_layer, ctx: 512, max_batch }).unwrap()
+}
+
+fn teacher_forced(path: &std::path::Path, golden_name: &str) {
+    let mut st = stage(path, 7);
+    let g = load_golden(golden_name);
+    let mut worst = 0f32;
+    for (s, seq) in golden::sequences(&g).iter().enumerate() {
+        let what = format!("{golden_name} sequence {s} (decode)");
+        let id = s as u64;
+        for (pos, (&tok, topk)) in seq.forced_ids.iter().zip(&seq.ref_topk).enumerate() {
+            let logits = st.logits(id, Input::Tokens(&[tok]), &[pos as u32]).unwrap();
+            worst = worst.max(check_position(&what, pos, &logits, topk));
+        }
+        st.release(id);
+        // Prefill in chunks of 7: batched matmul and causal attention over earlier chunks.
+        let what = format!("{golden_name} sequence {s} (prefill)");
+        for (c, chunk) in seq.forced_ids.chunks(7).enumerate() {
+            let p0 = c * 7;
+            let positions: Vec<u32> = (p0 as u32..(p0 + chunk.len()) as u32).collect();
+            let logits = st.logits(id, Input::Tokens(chunk), &positions).unwrap();
+            let last = p0 + chunk.len() - 1;
+            worst = worst.max(check_position(&what, last, &logits, &seq.ref_topk[last]));
+        }
+        st.release(id);
+    }
+    assert_eq!(st.sequences(), 0);
+    eprintln!("{golden_name}: worst top-16 logit error on the GPU {worst:.2e}");
+}
+
+#[test]
+fn tiny_qwen3_teacher_forced_on_gpu() {
+    teacher_forced(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json");
+}
+
+#[test]
+fn smollm2_q4_1_teacher_forced_on_gpu() {
+    teacher_forced(&model(SMOL_Q4_1), "smollm2-135m-q4_1.golden.json");
+}
+
+#[test]
+fn smollm2_q8_0_teacher_forced_on_gpu() {
+    teacher_forced(&smol_q8_0(), "smollm2-135m-q8_0.golden.json");
+}
+
+#[test]
+fn bad_steps_are_errors_not_panics() {
+    let mut st = stage(&fixture("tiny-qwen3.gguf"), 4);
+    let greedy = strata_model::sampling::SamplingParams::greedy();
+    let cases: Vec<(Vec<u32>, Vec<u32>, &str)> = vec![
+        (vec![], vec![], "1..=4 tokens"),
+        (vec![1; 5], (0..5).collect(), "1..=4 tokens"),
+        (vec![1, 2], vec![0], "2 token ids for 1 positions"),
+        (vec![5000], vec![0], "outside the vocabulary"),
+        (vec![1], vec![512], "past the context length"),
+    ];
+    for (ids, pos, want) in cases {
+        let e = st.forward(9, Input::Tokens(&ids), &pos, &greedy).unwrap_err().to_string();
+        assert!(e.contains(want), "{ids:?} at {pos:?}: `{e}` should mention `{want}`");
+    }
+    let e = st.forward(9, Input::Hidden(&[0.0; 128]), &[0], &greedy).unwrap_err().to_string();
+    assert!(e.contains("first stage"), "{e}");
+}
