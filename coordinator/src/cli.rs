@@ -19,6 +19,10 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a copy of a GGUF model with its matrices quantised (llama.cpp's rule, bit for bit).
     Quantize(QuantizeArgs),
+    /// Show how a model's layers would be split over nodes of given memory sizes.
+    Plan(PlanArgs),
+    /// Write an all-zero GGUF with a real model's exact shape (sparse: no disk used), for planning.
+    Synthesize(SynthesizeArgs),
 }
 
 /// Where the model runs.
@@ -102,4 +106,32 @@ pub struct QuantizeArgs {
     /// Target type (supported: q8_0).
     #[arg(long, default_value = "q8_0")]
     pub r#type: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Path to a GGUF model (only its header and tensor index are read).
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Context length: tokens of KV cache per sequence.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub ctx: u32,
+    /// A node as NAME=SIZE (e.g. `desk=16GiB`, `mac=12GiB`), in pipeline order; repeatable.
+    #[arg(long = "node", required = true)]
+    pub nodes: Vec<String>,
+    /// Layers per node, e.g. `10,12,8`, instead of the memory-proportional split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Sequences whose caches every node holds at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub seqs: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthesizeArgs {
+    /// The shape to write (supported: qwen36-27b).
+    #[arg(long, default_value = "qwen36-27b")]
+    pub shape: String,
+    /// Output GGUF path.
+    pub output: PathBuf,
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod engine;
 mod generate;
+mod plan;
 mod progress;
 mod quantize;
 
@@ -18,6 +19,8 @@ fn main() -> std::process::ExitCode {
         cli::Command::Run(args) => generate::run(args),
         cli::Command::Bench(args) => generate::bench(args),
         cli::Command::Quantize(args) => quantize::run(args),
+        cli::Command::Plan(args) => plan::run(args),
+        cli::Command::Synthesize(args) => plan::synthesize(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

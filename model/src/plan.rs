@@ -14,9 +14,10 @@
 //! # What a stage costs
 //!
 //! - **Weights:** the exact bytes of every tensor `blk.{i}.*` of its layers, as stored in
-//!   the file (the GPU layouts hold no more than GGUF does). The first stage also holds
-//!   `token_embd.weight`; the last holds `output_norm.weight` and `output.weight`, or, when
-//!   the head is tied, the embedding table again (one copy when one stage is both).
+//!   the file (the GPU layouts hold no more, bar a few bytes of padding per tensor). The
+//!   first stage also holds `token_embd.weight`; the last holds `output_norm.weight` and
+//!   `output.weight`, or, when the head is tied, the embedding table again (one copy when
+//!   one stage is both).
 //! - **Cache**, per sequence: an attention layer keeps K and V for every position,
 //!   `2 · ctx · n_head_kv · head_dim · kv_elem_bytes`; a DeltaNet layer keeps a fixed f32
 //!   state, `DeltaNetConfig::state_values() · 4`, whatever the context. Times `seqs`.
@@ -87,9 +88,10 @@ pub struct LayerCost {
 ///
 /// - `common` (every stage): `T · (3E + 2F) · 4 + T · 8`: residual, normed input, the
 ///   hidden state handed on, FFN gate and up; token ids and positions (u32).
-/// - `attention` (a stage with an attention layer): `T · (H·D · (2 + gate) + 2 · HKV·D) · 4`:
-///   q, the output gate (qwen35), the attention output, k and v. The attention kernel
-///   uses an online softmax, so no `T x ctx` score matrix exists.
+/// - `attention` (a stage with an attention layer): `T · (H·D · (2 + 2·gate) + 2 · HKV·D) · 4`:
+///   q, the attention output, k and v, and with an output gate (qwen35) `attn_q`'s raw
+///   `[q | gate]` rows. The attention kernel uses an online softmax, so no `T x ctx` score
+///   matrix exists.
 /// - `deltanet` (a stage with a DeltaNet layer): `T · (2C + 2Vd + 2nv) · 4`: qkv before and
 ///   after the conv, z, the output, beta and alpha.
 /// - `head` (the last stage): `(2E + n_vocab) · 4`: the last row, normed, and its logits.
@@ -186,7 +188,7 @@ impl ModelCost {
         });
         let scratch = ScratchCost {
             common: t * (3 * e + 2 * f) * 4 + t * 8,
-            attention: t * (q * (2 + gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
+            attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
             deltanet,
             head: (2 * e + cfg.n_vocab as u64) * 4,
         };
@@ -347,7 +349,7 @@ impl Plan {
     /// smallest, then the second largest, and so on (leximax). With equal layers and no
     /// fixed costs that is a split proportional to memory; the embedding, head and scratch
     /// are accounted where they fall. Exact, by dynamic programming over (node, layer)
-    /// boundaries: O(nodes² · layers²), nothing for real models.
+    /// boundaries: O(nodes · layers² · (nodes + layers)), milliseconds for real models.
     pub fn auto(cost: &ModelCost, nodes: &[NodeBudget]) -> Result<Plan> {
         check_counts(cost, nodes)?;
         let (k_n, l_n) = (nodes.len(), cost.n_layer());
@@ -365,30 +367,30 @@ impl Plan {
             }
         }
 
-        // best[k][i]: layers 0..i on nodes 0..k, as (fractions used, sorted descending;
-        // where node k-1's range starts).
-        let mut best: Vec<Vec<Option<(Vec<Fraction>, usize)>>> = vec![vec![None; l_n + 1]; k_n + 1];
-        best[0][0] = Some((Vec::new(), 0));
+        // best[k][i]: the best way to put layers 0..i on nodes 0..k.
+        let mut best: Vec<Vec<Option<Partial>>> = vec![vec![None; l_n + 1]];
+        best[0][0] = Some(Partial { fractions: Vec::new(), start: 0 });
         for k in 1..=k_n {
-            for i in k..=l_n - (k_n - k) {
-                let mut choice: Option<(Vec<Fraction>, usize)> = None;
-                for j in k - 1..i {
-                    let Some((before, _)) = &best[k - 1][j] else { continue };
+            let mut row = vec![None; l_n + 1];
+            for (i, slot) in row.iter_mut().enumerate().take(l_n - (k_n - k) + 1).skip(k) {
+                // Node k-1 takes layers j..i.
+                for (j, before) in best[k - 1].iter().enumerate().take(i).skip(k - 1) {
+                    let Some(before) = before else { continue };
                     let f = Fraction { used: cost.stage(j..i).total(), of: nodes[k - 1].usable_bytes };
-                    let mut fs = before.clone();
-                    let at = fs.partition_point(|x| *x >= f);
-                    fs.insert(at, f);
-                    if choice.as_ref().is_none_or(|(c, _)| fs < *c) {
-                        choice = Some((fs, j));
+                    let mut fractions = before.fractions.clone();
+                    let at = fractions.partition_point(|x| *x >= f);
+                    fractions.insert(at, f);
+                    if slot.as_ref().is_none_or(|s: &Partial| fractions < s.fractions) {
+                        *slot = Some(Partial { fractions, start: j });
                     }
                 }
-                best[k][i] = choice;
             }
+            best.push(row);
         }
         let mut ranges = Vec::with_capacity(k_n);
         let mut end = l_n;
         for k in (1..=k_n).rev() {
-            let start = best[k][end].as_ref().expect("every node can get a layer").1;
+            let start = best[k][end].as_ref().expect("every node can get a layer").start;
             ranges.push(start..end);
             end = start;
         }
@@ -522,6 +524,14 @@ fn check_counts(cost: &ModelCost, nodes: &[NodeBudget]) -> Result<()> {
         return Err(PlanError::MoreNodesThanLayers { nodes: nodes.len(), layers: cost.n_layer() }.into());
     }
     Ok(())
+}
+
+/// Layers 0..i placed on nodes 0..k: the fractions of memory they use, largest first
+/// (compared lexicographically, that is the leximax order), and where node k-1 starts.
+#[derive(Debug, Clone)]
+struct Partial {
+    fractions: Vec<Fraction>,
+    start: usize,
 }
 
 /// `used / of`, compared exactly; anything over nothing is infinitely much.

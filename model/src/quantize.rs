@@ -26,6 +26,14 @@ fn should_quantize(t: &TensorInfo, target: GgmlType) -> bool {
     t.dims.len() >= 2 && t.row_len() % target.block_len() == 0 && t.name.ends_with(".weight") && !t.name.contains("ssm_conv1d")
 }
 
+/// The `N` of a `blk.N.` tensor name, or -1 (as llama.cpp's `sscanf` leaves it).
+fn layer_of(name: &str) -> i64 {
+    name.strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(-1)
+}
+
 /// Writes `input` to `out` with every matrix in `target` (only Q8_0 is supported),
 /// following llama.cpp's Q8_0 rule bit for bit. `progress(done, total)` is called per tensor.
 pub fn quantize_file(input: &Gguf, out: &Path, target: GgmlType, mut progress: impl FnMut(usize, usize)) -> Result<QuantizeReport> {
@@ -33,14 +41,21 @@ pub fn quantize_file(input: &Gguf, out: &Path, target: GgmlType, mut progress: i
         return Err(Error::UnsupportedType(format!("{target} as a quantisation target (supported: Q8_0)")));
     }
     let mut w = GgufWriter::new();
-    for (k, v) in &input.metadata {
+    // llama.cpp's gguf_set_val removes a key and appends it again, so these two end up
+    // last, in this order: matching that keeps the output identical to llama.cpp's.
+    const MOVED: [&str; 2] = ["general.quantization_version", "general.file_type"];
+    for (k, v) in input.metadata.iter().filter(|(k, _)| !MOVED.contains(&k.as_str())) {
         w.set(k.clone(), v.clone())?;
     }
-    w.set("general.quantization_version", Value::U32(QUANTIZATION_VERSION))?;
-    w.set("general.file_type", Value::U32(FILE_TYPE_Q8_0))?;
+    w.set(MOVED[0], Value::U32(QUANTIZATION_VERSION))?;
+    w.set(MOVED[1], Value::U32(FILE_TYPE_Q8_0))?;
     let mut report = QuantizeReport::default();
     let total = input.tensors.len();
-    for (i, t) in input.tensors.iter().enumerate() {
+    // llama.cpp's quantiser walks tensors in its loader's order (by layer number, then
+    // by name; non-layer tensors first); doing the same makes the output byte-identical.
+    let mut tensors: Vec<&TensorInfo> = input.tensors.iter().collect();
+    tensors.sort_by(|a, b| (layer_of(&a.name), a.name.as_bytes()).cmp(&(layer_of(&b.name), b.name.as_bytes())));
+    for (i, t) in tensors.into_iter().enumerate() {
         let data = input.tensor_data(t);
         report.bytes_in += t.size;
         let (ty, bytes) = if should_quantize(t, target) && t.ty != target {

@@ -69,3 +69,23 @@ fn bench_reports_what_it_measured() {
     }
     assert!(out["weight_bytes_per_token"].as_u64().unwrap() > 1_000_000, "tiny-qwen3 reads over 1 MB per token");
 }
+
+#[test]
+fn plan_splits_the_27b_shape_over_three_nodes() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let model = dir.join("qwen36-27b-shape.gguf");
+    let o = strata().args(["synthesize", "--shape", "qwen36-27b"]).arg(&model).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = path_str(&model);
+    let o = strata().args(["plan", "--model", m, "--ctx", "32768", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("{table}");
+    for row in ["a      0..", "b      ", "c      ", "..64 (", "64 layers"] {
+        assert!(table.contains(row), "plan table lacks `{row}`:\n{table}");
+    }
+    // 36 GiB cannot hold the 27B at 256k context: the error gives the numbers.
+    let err = fails(&["plan", "--model", m, "--ctx", "262144", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]);
+    assert!(err.contains("GiB") && err.contains("36.00"), "{err}");
+    std::fs::remove_file(&model).unwrap();
+}

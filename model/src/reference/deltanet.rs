@@ -7,7 +7,7 @@ use crate::config::{ModelConfig, layer_tensor};
 use crate::gguf::Gguf;
 use crate::{Error, Result};
 
-pub(super) struct DeltaNet {
+pub struct DeltaNet {
     qkv: Matrix,
     gate: Matrix,
     beta: Matrix,

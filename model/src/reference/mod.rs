@@ -4,7 +4,7 @@
 //! batching, no cleverness. It reads like the maths in `docs` (see `qwen35.md`).
 
 mod attention;
-mod deltanet;
+pub mod deltanet;
 mod ffn;
 pub mod ops;
 

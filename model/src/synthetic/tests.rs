@@ -91,7 +91,6 @@ fn q8(cols: u64, rows: u64) -> u64 {
 
 #[test]
 fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
-    let s = Qwen35Shape::QWEN36_27B;
     let path = TempPath(std::env::temp_dir().join(format!("strata-synthetic-27b-{}.gguf", std::process::id())));
     write_qwen36_27b_shape(&path.0).unwrap();
 

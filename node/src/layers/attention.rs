@@ -68,15 +68,18 @@ impl Attention {
         out.extend(matmul(gpu, kc, &s.step, &self.q, &s.n, q_out, max_tokens, false)?);
         out.extend(matmul(gpu, kc, &s.step, &self.k, &s.n, &s.k, max_tokens, false)?);
         out.extend(matmul(gpu, kc, &s.step, &self.v, &s.n, &s.v, max_tokens, false)?);
-        if let Some(w) = &self.q_norm {
-            let shape = if a.output_gate { RmsNorm::new(d, h, cfg.eps).with_strides(2 * d, d) } else { RmsNorm::new(d, h, cfg.eps) };
-            out.push(norm::rms_norm(gpu, kc, &s.step, q_out, w, &s.q, shape, max_tokens)?);
+        // Per-head norm (qwen3, qwen35) fused with RoPE; llama rotates only.
+        match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let q_shape = if a.output_gate { RmsNorm::new(d, h, cfg.eps).with_strides(2 * d, d) } else { RmsNorm::new(d, h, cfg.eps) };
+                out.push(rope::rms_norm_rope(gpu, kc, &s.step, q_out, qn, &s.q, &s.positions, q_shape, rope(h), max_tokens)?);
+                out.push(rope::rms_norm_rope(gpu, kc, &s.step, &s.k, kn, &s.k, &s.positions, RmsNorm::new(d, hkv, cfg.eps), rope(hkv), max_tokens)?);
+            }
+            _ => {
+                out.push(rope::rope(gpu, kc, &s.step, &s.q, &s.positions, rope(h), max_tokens)?);
+                out.push(rope::rope(gpu, kc, &s.step, &s.k, &s.positions, rope(hkv), max_tokens)?);
+            }
         }
-        if let Some(w) = &self.k_norm {
-            out.push(norm::rms_norm(gpu, kc, &s.step, &s.k, w, &s.k, RmsNorm::new(d, hkv, cfg.eps), max_tokens)?);
-        }
-        out.push(rope::rope(gpu, kc, &s.step, &s.q, &s.positions, rope(h), max_tokens)?);
-        out.push(rope::rope(gpu, kc, &s.step, &s.k, &s.positions, rope(hkv), max_tokens)?);
         out.push(attention::kv_store(gpu, kc, &s.step, cache, &s.k, &s.v, &s.positions, max_tokens)?);
         let mut attn = attention::Attention::new(h, d);
         if a.output_gate {

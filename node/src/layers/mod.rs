@@ -2,6 +2,7 @@
 //! and able to record its dispatches for one sequence.
 
 pub mod attention;
+pub mod deltanet;
 pub mod ffn;
 
 use strata_model::gguf::Gguf;

@@ -1,0 +1,203 @@
+//! qwen35's Gated DeltaNet mixer with its pre-norm (see `qwen35.md`):
+//! `x += W_ssm_out gated_norm(delta_rule(conv(W_qkv n)), W_gate n)`, `n = rmsnorm(x) * attn_norm`,
+//! over a per-sequence [`DeltaNetState`] instead of a KV cache.
+
+use strata_model::config::{DeltaNetConfig, ModelConfig, layer_tensor};
+
+use super::LoadCtx;
+use crate::deltanet_state::DeltaNetState;
+use crate::gpu::{Dispatch, Gpu, KernelCache};
+use crate::ops::deltanet::{self, Gates};
+use crate::ops::matmul::matmul;
+use crate::ops::norm::{self, RmsNorm};
+use crate::scratch::Scratch;
+use crate::weights::QuantMatrix;
+use crate::{Error, Result};
+
+pub struct DeltaNet {
+    attn_norm: wgpu::Buffer,
+    attn_qkv: QuantMatrix,
+    /// `z`, the output gate.
+    attn_gate: QuantMatrix,
+    ssm_beta: QuantMatrix,
+    ssm_alpha: QuantMatrix,
+    /// f32 `[channels, conv_kernel]`.
+    ssm_conv1d: wgpu::Buffer,
+    ssm_dt_bias: wgpu::Buffer,
+    ssm_a: wgpu::Buffer,
+    ssm_norm: wgpu::Buffer,
+    ssm_out: QuantMatrix,
+}
+
+/// The DeltaNet config of a qwen35 model, or why there is none.
+pub fn config(cfg: &ModelConfig) -> Result<&DeltaNetConfig> {
+    cfg.deltanet.as_ref().ok_or_else(|| Error::Invalid(format!("a {} model has no Gated DeltaNet layers", cfg.arch.name())))
+}
+
+impl DeltaNet {
+    pub fn load(ctx: &LoadCtx, cfg: &ModelConfig, i: usize) -> Result<DeltaNet> {
+        let dn = config(cfg)?;
+        let (e, c, nv, dk, v) = (cfg.n_embd, dn.conv_channels(), dn.n_value_heads, dn.head_dim, dn.value_dim());
+        let name = |n: &str| layer_tensor(i, n);
+        Ok(DeltaNet {
+            attn_norm: ctx.vector(&name("attn_norm.weight"), e)?,
+            attn_qkv: ctx.matrix(&name("attn_qkv.weight"), e, c)?,
+            attn_gate: ctx.matrix(&name("attn_gate.weight"), e, v)?,
+            ssm_beta: ctx.matrix(&name("ssm_beta.weight"), e, nv)?,
+            ssm_alpha: ctx.matrix(&name("ssm_alpha.weight"), e, nv)?,
+            ssm_conv1d: conv_weight(ctx, &name("ssm_conv1d.weight"), dn.conv_kernel, c)?,
+            ssm_dt_bias: ctx.vector(&name("ssm_dt.bias"), nv)?,
+            ssm_a: ctx.vector(&name("ssm_a"), nv)?,
+            ssm_norm: ctx.vector(&name("ssm_norm.weight"), dk)?,
+            ssm_out: ctx.matrix(&name("ssm_out.weight"), v, e)?,
+        })
+    }
+
+    /// Bytes of weights held on the GPU (all read by every step).
+    pub fn bytes(&self) -> u64 {
+        let matrices = [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
+        let vectors = [&self.attn_norm, &self.ssm_conv1d, &self.ssm_dt_bias, &self.ssm_a, &self.ssm_norm].map(|b| b.size());
+        matrices.iter().chain(&vectors).sum()
+    }
+
+    /// Records `x += mixer(rmsnorm(x))` for the step's tokens of one sequence, whose
+    /// `state` the dispatches advance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        gpu: &Gpu,
+        kc: &KernelCache,
+        cfg: &ModelConfig,
+        s: &Scratch,
+        scratch: &DeltaNetScratch,
+        state: &DeltaNetState,
+        max_tokens: u32,
+        out: &mut Vec<Dispatch>,
+    ) -> Result<()> {
+        let dn = config(cfg)?;
+        if state.config() != dn {
+            return Err(Error::Invalid(format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config())));
+        }
+        let d = scratch;
+        out.push(norm::rms_norm(gpu, kc, &s.step, &s.x, &self.attn_norm, &s.n, RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps), max_tokens)?);
+        for (w, y) in [(&self.attn_qkv, &d.qkv), (&self.attn_gate, &d.z), (&self.ssm_beta, &d.b), (&self.ssm_alpha, &d.a)] {
+            out.extend(matmul(gpu, kc, &s.step, w, &s.n, y, max_tokens, false)?);
+        }
+        out.extend(deltanet::conv(gpu, kc, &s.step, state, &d.qkv, &self.ssm_conv1d, &d.y, cfg.eps, max_tokens)?);
+        let gates = Gates { b: &d.b, a: &d.a, ssm_a: &self.ssm_a, dt_bias: &self.ssm_dt_bias };
+        out.push(deltanet::delta_rule(gpu, kc, &s.step, state, &d.y, gates, &d.o, max_tokens)?);
+        let (nv, dk) = (dn.n_value_heads as u32, dn.head_dim as u32);
+        out.push(deltanet::gated_norm(gpu, kc, &s.step, &d.o, &d.z, &self.ssm_norm, nv, dk, cfg.eps, max_tokens)?);
+        out.extend(matmul(gpu, kc, &s.step, &self.ssm_out, &d.o, &s.x, max_tokens, true)?);
+        Ok(())
+    }
+}
+
+/// `ssm_conv1d.weight`, ggml dims `[kernel, channels]`: a row of taps per channel, as f32.
+fn conv_weight(ctx: &LoadCtx, name: &str, kernel: usize, channels: usize) -> Result<wgpu::Buffer> {
+    let t = ctx.gguf.require_tensor(name)?;
+    if t.dims != [kernel as u64, channels as u64] {
+        return Err(Error::Shape { op: "load", message: format!("`{name}` has shape {:?}, expected [{kernel}, {channels}]", t.dims) });
+    }
+    let v = strata_model::quant::dequantize(t.ty, ctx.gguf.tensor_data(t))?;
+    Ok(ctx.gpu.storage_init(name, bytemuck::cast_slice(&v)))
+}
+
+/// The activations of the DeltaNet layers beyond [`Scratch`]'s, sized for a stage's largest
+/// batch and shared by its DeltaNet layers and sequences.
+pub struct DeltaNetScratch {
+    /// f32 `[max_tokens, channels]`: `W_qkv n`.
+    pub qkv: wgpu::Buffer,
+    /// f32 `[max_tokens, channels]`: the conv's output, q and k normed.
+    pub y: wgpu::Buffer,
+    /// f32 `[max_tokens, n_value_heads * head_dim]`: `W_gate n`.
+    pub z: wgpu::Buffer,
+    /// f32 `[max_tokens, n_value_heads]`: `W_beta n` and `W_alpha n`.
+    pub b: wgpu::Buffer,
+    pub a: wgpu::Buffer,
+    /// f32 `[max_tokens, n_value_heads * head_dim]`: the heads' outputs, before `W_ssm_out`.
+    pub o: wgpu::Buffer,
+}
+
+impl DeltaNetScratch {
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, max_tokens: u32) -> Result<DeltaNetScratch> {
+        let dn = config(cfg)?;
+        let f32s = |label: &str, width: usize| gpu.storage(label, u64::from(max_tokens) * width as u64 * 4);
+        Ok(DeltaNetScratch {
+            qkv: f32s("deltanet qkv", dn.conv_channels()),
+            y: f32s("deltanet y", dn.conv_channels()),
+            z: f32s("deltanet z", dn.value_dim()),
+            b: f32s("deltanet b", dn.n_value_heads),
+            a: f32s("deltanet a", dn.n_value_heads),
+            o: f32s("deltanet o", dn.value_dim()),
+        })
+    }
+
+    /// Bytes held on the GPU.
+    pub fn bytes(&self) -> u64 {
+        [&self.qkv, &self.y, &self.z, &self.b, &self.a, &self.o].iter().map(|b| b.size()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_model::config::LayerKind;
+    use strata_model::gguf::Gguf;
+    use strata_model::reference::deltanet::DeltaNet as CpuDeltaNet;
+    use strata_model::reference::ops::rms_norm;
+
+    use super::*;
+    use crate::gpu::{Step, encode_dispatches};
+    use crate::testing::{Rng, assert_close, gpu};
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen35.gguf");
+
+    /// Layer 0 of the tiny qwen35 model on 12 random hidden states, a prefill of 8 then 4
+    /// decode steps, against the CPU reference fed one token at a time.
+    #[test]
+    fn layer_matches_the_reference_over_prefill_and_decode() {
+        let (gpu, kernels) = gpu();
+        let gguf = Gguf::open(FIXTURE).unwrap();
+        let cfg = ModelConfig::from_gguf(&gguf).unwrap();
+        assert_eq!(cfg.layers[0], LayerKind::DeltaNet);
+        let ctx = LoadCtx { gguf: &gguf, gpu, kernels };
+        let layer = DeltaNet::load(&ctx, &cfg, 0).unwrap();
+        assert!(layer.bytes() > 0);
+
+        let max_tokens = 8u32;
+        let s = Scratch::new(gpu, &cfg, max_tokens);
+        let dn_scratch = DeltaNetScratch::new(gpu, &cfg, max_tokens).unwrap();
+        let state = DeltaNetState::new(gpu, config(&cfg).unwrap()).unwrap();
+        let record = |max_tokens| {
+            let mut out = Vec::new();
+            layer.record(gpu, kernels, &cfg, &s, &dn_scratch, &state, max_tokens, &mut out).unwrap();
+            out
+        };
+        let (prefill, decode) = (record(max_tokens), record(1));
+
+        let mut cpu = CpuDeltaNet::load(&gguf, &cfg, 0).unwrap();
+        let norm_t = gguf.require_tensor("blk.0.attn_norm.weight").unwrap();
+        let attn_norm = strata_model::quant::dequantize(norm_t.ty, gguf.tensor_data(norm_t)).unwrap();
+
+        let e = cfg.n_embd;
+        let mut rng = Rng::new(7);
+        let mut pos = 0u32;
+        for n in [8usize, 1, 1, 1, 1] {
+            let x = rng.vec(n * e, 1.0);
+            gpu.queue.write_buffer(&s.x, 0, bytemuck::cast_slice(&x));
+            let positions: Vec<u32> = (pos..pos + n as u32).collect();
+            gpu.queue.write_buffer(&s.positions, 0, bytemuck::cast_slice(&positions));
+            gpu.queue.write_buffer(&s.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, _pad: [0; 3] }));
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            encode_dispatches(&mut enc, if n == 1 { &decode } else { &prefill }, n as u32);
+            gpu.queue.submit([enc.finish()]);
+            let got = gpu.read_f32(&s.x, n * e).unwrap();
+            // Compare what the layer added, not the residual it added it to.
+            let got_mixed: Vec<f32> = got.iter().zip(&x).map(|(g, x)| g - x).collect();
+            let want: Vec<f32> = x.chunks_exact(e).flat_map(|row| cpu.forward(&rms_norm(row, &attn_norm, cfg.eps), &cfg)).collect();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_close(&got_mixed, &want, 1e-4 * scale, 1e-4, &format!("{n} tokens at position {pos}"));
+            pos += n as u32;
+        }
+    }
+}
