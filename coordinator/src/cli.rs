@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long, short = 'n', default_value_t = 128, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_tokens: u32,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, short, default_value_t = 0.0)]
+    #[arg(long, short, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the K most likely tokens (0: no limit beyond the 64 candidates considered).
     #[arg(long, default_value_t = 40)]
