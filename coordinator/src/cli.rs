@@ -15,6 +15,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from a prompt, streaming it to stdout.
     Run(RunArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with a web chat page at `/`.
+    Serve(ServeArgs),
+    /// Chat with the model in the terminal.
+    Chat(ChatArgs),
     /// Measure prefill and decode speed, and weight-read bandwidth against the GPU's own.
     Bench(BenchArgs),
     /// Write a copy of a GGUF model with its matrices quantised (llama.cpp's rule, bit for bit).
@@ -23,6 +27,21 @@ pub enum Command {
     Plan(PlanArgs),
     /// Write an all-zero GGUF with a real model's exact shape (sparse: no disk used), for planning.
     Synthesize(SynthesizeArgs),
+    /// List the nodes on this LAN (found over mDNS) and static peers, with their memory and latency.
+    Nodes(NodesArgs),
+    /// Serve this machine's GPU as a pipeline stage (a worker for `run`/`bench --peer`).
+    Node(NodeArgs),
+    /// Measure the latency of handing one hidden state to another process (hidden).
+    #[command(hide = true)]
+    BenchHop(BenchHopArgs),
+}
+
+/// How hidden states cross the wire between stages.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    #[default]
+    F32,
+    F16,
 }
 
 /// Where the model runs.
@@ -41,6 +60,74 @@ pub struct EngineArgs {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch: u32,
+    /// A `strata node` to run layers on, as HOST:PORT (repeatable; in pipeline order,
+    /// after this machine's own in-process stage).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+    /// Run no layers on this machine: only the peers hold the model.
+    #[arg(long)]
+    pub no_local: bool,
+    /// Layers per stage, in pipeline order, e.g. `10,12,8` (default: by each node's memory).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Encoding of hidden states between stages.
+    #[arg(long, value_enum, default_value_t = Wire::F32)]
+    pub wire: Wire,
+}
+
+impl EngineArgs {
+    /// Whether the model runs as a pipeline of stage services rather than in-process.
+    pub fn is_pipeline(&self) -> bool {
+        !self.peers.is_empty() || self.no_local || self.split.is_some()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Name shown to coordinators (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address to listen on; port 0 picks a free port. Prints `listening on ADDR` once bound.
+    #[arg(long, default_value = "0.0.0.0:7470")]
+    pub listen: std::net::SocketAddr,
+    /// Memory this node offers for weights and caches, e.g. `12GiB` or `800MB`; `auto`
+    /// probes it (CPU and integrated adapters: available system memory; discrete GPUs: 8 GiB).
+    #[arg(long, default_value = "auto")]
+    pub memory: String,
+    /// Directory holding GGUF models; a shard is loaded from the file whose identity matches.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Directory for streamed weight shards (reserved: weight streaming is not implemented yet).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// GPU adapter to use: a case-insensitive substring of its name (also `WGPU_ADAPTER_NAME`).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Free a sequence's caches after this many seconds unused.
+    #[arg(long, default_value_t = 600)]
+    pub idle_timeout: u64,
+    /// Do not advertise this node on mDNS (coordinators then need `--peer`).
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchHopArgs {
+    /// A running node to measure against (default: start one as a child process).
+    #[arg(long)]
+    pub connect: Option<String>,
+    /// Timed round trips.
+    #[arg(long, default_value_t = 2000)]
+    pub iterations: usize,
+    /// Untimed round trips first.
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    /// Values in the hidden state.
+    #[arg(long, default_value_t = 5120)]
+    pub values: usize,
+    /// Encoding of the hidden state.
+    #[arg(long, value_enum, default_value_t = Wire::F16)]
+    pub wire: Wire,
 }
 
 #[derive(Args, Debug)]
@@ -134,4 +221,68 @@ pub struct SynthesizeArgs {
     pub shape: String,
     /// Output GGUF path.
     pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct NodesArgs {
+    /// Seconds to listen for mDNS answers (mDNS has no "everyone answered" signal).
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
+    /// Stop listening as soon as this many nodes are known.
+    #[arg(long, value_name = "N")]
+    pub expect: Option<usize>,
+    /// Also list this node, as HOST:PORT (repeatable; details come over gRPC later).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+    /// Do not browse mDNS: list only the `--peer` nodes.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Ignore IPv6 mDNS answers and interfaces.
+    #[arg(long)]
+    pub no_ipv6: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on; port 0 picks a free port. Prints `listening on http://ADDR` once bound.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Sequences generating at once; further requests wait in a queue.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_seqs: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop each answer after this many tokens.
+    #[arg(long, short = 'n', default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, short, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: no limit beyond the 64 candidates considered).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to P.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens seen in the last 64 (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, short, default_value_t = 0)]
+    pub seed: u64,
 }

@@ -24,7 +24,8 @@ impl std::fmt::Debug for DeltaNetState {
 }
 
 impl DeltaNetState {
-    /// The largest head the delta-rule kernel takes (each thread keeps a column).
+    /// The largest head the delta-rule kernel takes (each thread keeps a column of the
+    /// state in private memory); heads must also be a multiple of 4 (it reads vec4s).
     pub const MAX_HEAD_DIM: usize = 256;
 
     /// Bytes of one layer's state for one sequence, e.g. for the planner.
@@ -35,8 +36,8 @@ impl DeltaNetState {
     pub fn new(gpu: &Gpu, cfg: &DeltaNetConfig) -> Result<DeltaNetState> {
         let shape = |message: String| Error::Shape { op: "deltanet state", message };
         let DeltaNetConfig { conv_kernel, n_key_heads, n_value_heads, head_dim } = *cfg;
-        if conv_kernel == 0 || n_key_heads == 0 || head_dim == 0 || head_dim > Self::MAX_HEAD_DIM || n_value_heads % n_key_heads != 0 {
-            return Err(shape(format!("{cfg:?}: needs conv_kernel >= 1, key heads dividing value heads, head_dim up to {}", Self::MAX_HEAD_DIM)));
+        if conv_kernel == 0 || n_key_heads == 0 || head_dim == 0 || head_dim > Self::MAX_HEAD_DIM || !head_dim.is_multiple_of(4) || !n_value_heads.is_multiple_of(n_key_heads) {
+            return Err(shape(format!("{cfg:?}: needs conv_kernel >= 1, key heads dividing value heads, head_dim a multiple of 4 up to {}", Self::MAX_HEAD_DIM)));
         }
         let matrix_bytes = (n_value_heads * head_dim * head_dim) as u64 * 4;
         if matrix_bytes > gpu.max_binding() {

@@ -7,7 +7,10 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod layers;
+pub mod advertise;
+pub mod memory;
 pub mod scratch;
+pub mod service;
 pub mod stage;
 pub mod ops;
 #[cfg(test)]

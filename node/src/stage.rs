@@ -17,6 +17,8 @@ use strata_model::sampling::{Candidate, MAX_CANDIDATES, Sampler, SamplingParams}
 use crate::gpu::{Dispatch, Gpu, KernelCache, Step, encode_dispatches};
 use crate::kv_cache::KvCache;
 use crate::layers::attention::Attention;
+use crate::deltanet_state::DeltaNetState;
+use crate::layers::deltanet::{DeltaNet, DeltaNetScratch};
 use crate::layers::ffn::Ffn;
 use crate::layers::LoadCtx;
 use crate::ops::elementwise::Row;
@@ -57,6 +59,22 @@ pub enum Output {
 
 enum Mixer {
     Attention(Attention),
+    DeltaNet(DeltaNet),
+}
+
+/// A sequence's state in one layer: a KV cache, or DeltaNet's fixed recurrent state.
+enum LayerState {
+    Kv(KvCache),
+    DeltaNet(DeltaNetState),
+}
+
+impl LayerState {
+    fn bytes(&self) -> u64 {
+        match self {
+            LayerState::Kv(c) => c.bytes(),
+            LayerState::DeltaNet(d) => d.bytes(),
+        }
+    }
 }
 
 struct Block {
@@ -85,12 +103,14 @@ struct Head {
 const MAX_RECENT: usize = 256;
 
 struct Sequence {
-    caches: Vec<Option<KvCache>>,
+    states: Vec<LayerState>,
     decode: Vec<Dispatch>,
     prefill: Vec<Dispatch>,
     sampler: Option<Sampler>,
     history: Vec<u32>,
     last_used: Instant,
+    /// The position the next step must start at, for layers whose state cannot rewind.
+    next_pos: u32,
 }
 
 pub struct Stage {
@@ -103,6 +123,8 @@ pub struct Stage {
     head: Option<Head>,
     scratch: Scratch,
     staging: wgpu::Buffer,
+    /// DeltaNet activations, when the stage has DeltaNet layers.
+    dn_scratch: Option<DeltaNetScratch>,
     seqs: HashMap<SeqId, Sequence>,
     /// A recorded, unused sequence state, so that a new sequence costs no recording.
     spare: Option<Sequence>,
@@ -129,13 +151,13 @@ impl Stage {
         for i in spec.layers.clone() {
             let mixer = match config.layers[i] {
                 LayerKind::Attention => Mixer::Attention(Attention::load(&ctx, &config, i)?),
-                LayerKind::DeltaNet => {
-                    return Err(Error::Invalid(format!("layer {i} is a Gated DeltaNet layer, which this node cannot run yet")));
-                }
+                LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(&ctx, &config, i)?),
             };
             blocks.push(Block { mixer, ffn: Ffn::load(&ctx, &config, i)? });
         }
         let scratch = Scratch::new(&gpu, &config, spec.max_batch);
+        let has_deltanet = blocks.iter().any(|b| matches!(b.mixer, Mixer::DeltaNet(_)));
+        let dn_scratch = if has_deltanet { Some(DeltaNetScratch::new(&gpu, &config, spec.max_batch)?) } else { None };
         let head = if last { Some(Head::load(&ctx, &config, &scratch)?) } else { None };
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("staging"),
@@ -143,7 +165,7 @@ impl Stage {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut stage = Stage { gpu, kernels, config, spec, embed, blocks, head, scratch, staging, seqs: HashMap::new(), spare: None };
+        let mut stage = Stage { gpu, kernels, config, spec, embed, blocks, head, scratch, staging, dn_scratch, seqs: HashMap::new(), spare: None };
         // Compile every pipeline and build every bind group now, not on the first request:
         // one sequence's state is recorded ahead and handed to the first sequence to come.
         stage.spare = Some(stage.new_sequence()?);
@@ -184,6 +206,7 @@ impl Stage {
             .map(|b| {
                 let m = match &b.mixer {
                     Mixer::Attention(a) => a.bytes(),
+                    Mixer::DeltaNet(d) => d.bytes(),
                 };
                 m + b.ffn.bytes()
             })
@@ -197,9 +220,14 @@ impl Stage {
         self.seqs.len()
     }
 
-    /// Bytes of KV cache held for all sequences.
+    /// Bytes of KV caches and recurrent states held for all sequences.
     pub fn cache_bytes(&self) -> u64 {
-        self.seqs.values().flat_map(|s| s.caches.iter().flatten()).map(KvCache::bytes).sum()
+        self.seqs.values().flat_map(|s| &s.states).map(LayerState::bytes).sum()
+    }
+
+    /// Whether `seq` holds caches here.
+    pub fn has_sequence(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
     }
 
     /// Frees a sequence's caches.
@@ -228,11 +256,15 @@ impl Stage {
     /// Allocates a sequence's caches and records its dispatch lists.
     fn new_sequence(&self) -> Result<Sequence> {
         let a = &self.config.attention;
-        let caches = self
+        let states = self
             .blocks
             .iter()
             .map(|b| match b.mixer {
-                Mixer::Attention(_) => KvCache::new(&self.gpu, self.spec.ctx, a.n_head_kv as u32, a.head_dim as u32).map(Some),
+                Mixer::Attention(_) => KvCache::new(&self.gpu, self.spec.ctx, a.n_head_kv as u32, a.head_dim as u32).map(LayerState::Kv),
+                Mixer::DeltaNet(_) => {
+                    let dn = self.config.deltanet.as_ref().ok_or_else(|| Error::Invalid("DeltaNet layer without its config".into()))?;
+                    DeltaNetState::new(&self.gpu, dn).map(LayerState::DeltaNet)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let record = |max_tokens: u32| -> Result<Vec<Dispatch>> {
@@ -241,10 +273,14 @@ impl Stage {
             if let Some(table) = &self.embed {
                 out.extend(embed(gpu, kc, &s.step, table, &s.ids, &s.x, max_tokens)?);
             }
-            for (b, cache) in self.blocks.iter().zip(&caches) {
-                match (&b.mixer, cache) {
-                    (Mixer::Attention(att), Some(cache)) => att.record(gpu, kc, cfg, s, cache, max_tokens, &mut out)?,
-                    (Mixer::Attention(_), None) => unreachable!("attention layers always get a KV cache"),
+            for (b, state) in self.blocks.iter().zip(&states) {
+                match (&b.mixer, state) {
+                    (Mixer::Attention(att), LayerState::Kv(cache)) => att.record(gpu, kc, cfg, s, cache, max_tokens, &mut out)?,
+                    (Mixer::DeltaNet(dn), LayerState::DeltaNet(st)) => {
+                        let dn_scratch = self.dn_scratch.as_ref().expect("allocated for stages with DeltaNet layers");
+                        dn.record(gpu, kc, cfg, s, dn_scratch, st, max_tokens, &mut out)?
+                    }
+                    _ => unreachable!("states are made from the same blocks"),
                 }
                 b.ffn.record(gpu, kc, cfg, s, max_tokens, &mut out)?;
             }
@@ -253,7 +289,7 @@ impl Stage {
         let decode = record(1)?;
         let prefill = if self.spec.max_batch > 1 { record(self.spec.max_batch)? } else { Vec::new() };
         tracing::debug!(dispatches = decode.len(), "recorded sequence");
-        Ok(Sequence { caches, decode, prefill, sampler: None, history: Vec::new(), last_used: Instant::now() })
+        Ok(Sequence { next_pos: 0, states, decode, prefill, sampler: None, history: Vec::new(), last_used: Instant::now() })
     }
 
     /// Runs one step of `seq`: tokens (or hidden states) at `positions` through the
@@ -294,8 +330,29 @@ impl Stage {
         self.gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, _pad: [0; 3] }));
         self.gpu.queue.write_buffer(&self.scratch.positions, 0, bytemuck::cast_slice(positions));
         self.sequence(seq)?;
+        let gpu = &self.gpu;
         let s = self.seqs.get_mut(&seq).expect("created above");
         s.last_used = Instant::now();
+        // A KV cache may be overwritten at any position, but DeltaNet's recurrent state
+        // only moves forward: restarting at 0 resets it; anything else out of order is refused.
+        let recurrent = s.states.iter().any(|st| matches!(st, LayerState::DeltaNet(_)));
+        if recurrent && positions[0] != s.next_pos {
+            if positions[0] != 0 {
+                return Err(Error::Invalid(format!(
+                    "sequence {seq}: step at position {} but its recurrent state is at {}",
+                    positions[0], s.next_pos
+                )));
+            }
+            for st in &s.states {
+                if let LayerState::DeltaNet(d) = st {
+                    d.reset(gpu);
+                }
+            }
+        }
+        if positions.windows(2).any(|w| w[1] != w[0] + 1) && recurrent {
+            return Err(Error::Invalid(format!("sequence {seq}: a step's positions must be consecutive")));
+        }
+        s.next_pos = positions[n - 1] + 1;
         let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         encode_dispatches(&mut enc, if n == 1 { &s.decode } else { &s.prefill }, n as u32);
         Ok(enc)

@@ -10,3 +10,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
+
+pub mod transport;
+
+/// Re-exported so that users of the contract name one version of each.
+pub use {tokio_stream, tonic};

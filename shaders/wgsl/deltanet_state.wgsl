@@ -5,10 +5,10 @@
 // with S a DK x DK f32 matrix (rows: key dim, columns: value dim).
 //
 // Column j of S only ever meets column j of d, so columns are independent: one thread
-// per column, holding it in private memory for the whole step, COLS columns per
-// workgroup (workgroups: value heads x DK / COLS). q and k (already L2-normed by
-// deltanet_conv) go through workgroup memory once per token. Decode and prefill run
-// the same kernel.
+// per column, holding it in private memory (as vec4s of 4 rows) for the whole step,
+// COLS columns per workgroup (workgroups: value heads x DK / COLS). q and k (already
+// L2-normed by deltanet_conv) go through workgroup memory once per token. Decode and
+// prefill run the same kernel. DK must be a multiple of 4.
 
 const DK: u32 = 128u;
 const COLS: u32 = 64u;
@@ -43,8 +43,10 @@ struct Params {
 // [n_tokens, n_value_heads, DK].
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 
-var<workgroup> q_s: array<f32, DK>;
-var<workgroup> k_s: array<f32, DK>;
+const DK4: u32 = DK / 4u;
+
+var<workgroup> q_s: array<vec4<f32>, DK4>;
+var<workgroup> k_s: array<vec4<f32>, DK4>;
 
 fn softplus(x: f32) -> f32 {
     if x > 20.0 {
@@ -58,7 +60,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.x;
     let j = wid.y * COLS + lid;
     // Threads past the last column still help load q and k and meet every barrier.
-    let active = j < DK;
+    let owns_column = j < DK;
     let nk = params.n_key_heads;
     let nv = params.n_value_heads;
     let kh = h % nk;
@@ -67,10 +69,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let v_base = (2u * nk + h) * DK;
     let s_base = h * DK * DK + j;
 
-    var col: array<f32, DK>;
-    if active {
-        for (var i = 0u; i < DK; i++) {
-            col[i] = state[s_base + i * DK];
+    // Rows 4i..4i+3 of the column.
+    var col: array<vec4<f32>, DK4>;
+    if owns_column {
+        for (var i = 0u; i < DK4; i++) {
+            let r = s_base + 4u * i * DK;
+            col[i] = vec4<f32>(state[r], state[r + DK], state[r + 2u * DK], state[r + 3u * DK]);
         }
     }
     let a_h = ssm_a[h];
@@ -80,31 +84,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let row = t * params.channels;
         // The previous token's reads of q_s and k_s are done.
         workgroupBarrier();
-        for (var i = lid; i < DK; i += COLS) {
-            q_s[i] = y[row + q_base + i];
-            k_s[i] = y[row + k_base + i];
+        for (var i = lid; i < DK4; i += COLS) {
+            let q = row + q_base + 4u * i;
+            let k = row + k_base + 4u * i;
+            q_s[i] = vec4<f32>(y[q], y[q + 1u], y[q + 2u], y[q + 3u]);
+            k_s[i] = vec4<f32>(y[k], y[k + 1u], y[k + 2u], y[k + 3u]);
         }
         workgroupBarrier();
         let beta = 1.0 / (1.0 + exp(-b[t * nv + h]));
         let decay = exp(a_h * softplus(a[t * nv + h] + bias));
-        if active {
+        if owns_column {
             var kv = 0.0;
-            for (var i = 0u; i < DK; i++) {
-                kv += col[i] * k_s[i];
+            for (var i = 0u; i < DK4; i++) {
+                kv += dot(col[i], k_s[i]);
             }
             let d = beta * (y[row + v_base + j] - decay * kv);
             var o = 0.0;
-            for (var i = 0u; i < DK; i++) {
+            for (var i = 0u; i < DK4; i++) {
                 let s = decay * col[i] + k_s[i] * d;
                 col[i] = s;
-                o += s * q_s[i];
+                o += dot(s, q_s[i]);
             }
             out[(t * nv + h) * DK + j] = o;
         }
     }
-    if active {
-        for (var i = 0u; i < DK; i++) {
-            state[s_base + i * DK] = col[i];
+    if owns_column {
+        for (var i = 0u; i < DK4; i++) {
+            let r = s_base + 4u * i * DK;
+            let c = col[i];
+            state[r] = c.x;
+            state[r + DK] = c.y;
+            state[r + 2u * DK] = c.z;
+            state[r + 3u * DK] = c.w;
         }
     }
 }

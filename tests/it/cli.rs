@@ -15,13 +15,13 @@ fn fails(args: &[&str]) -> String {
 fn help_explains_every_command_and_flag() {
     let o = strata().arg("--help").output().unwrap();
     let top = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["run", "bench", "quantize"] {
+    for cmd in ["run", "bench", "quantize", "node"] {
         assert!(top.contains(cmd), "--help lacks `{cmd}`");
     }
     let o = strata().args(["run", "--help"]).output().unwrap();
     let run = String::from_utf8_lossy(&o.stdout);
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--seed", "--json", "--ctx", "--batch", "--adapter", "--ignore-eos"] {
+    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--seed", "--json", "--ctx", "--batch", "--adapter", "--ignore-eos", "--peer", "--no-local", "--split", "--wire"] {
         assert!(run.contains(flag), "`strata run --help` lacks {flag}");
         assert!(readme.contains(flag), "README lacks {flag}");
     }

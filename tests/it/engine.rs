@@ -114,3 +114,13 @@ fn long_prefill_matches_reference(path: &std::path::Path) {
 fn tiny_qwen3_long_prefill_matches_reference() {
     long_prefill_matches_reference(&fixture("tiny-qwen3.gguf"));
 }
+
+#[test]
+fn tiny_qwen35_teacher_forced_on_gpu() {
+    teacher_forced(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json");
+}
+
+#[test]
+fn tiny_qwen35_long_prefill_matches_reference() {
+    long_prefill_matches_reference(&fixture("tiny-qwen35.gguf"));
+}

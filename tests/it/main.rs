@@ -1,10 +1,14 @@
 //! Strata's integration tests: one binary, one module per area.
 
 mod golden;
+mod netns;
 mod support;
 
 mod cli;
+mod cluster;
+mod discovery;
 mod engine;
 mod generate;
 mod quantize;
 mod reference;
+mod serve;

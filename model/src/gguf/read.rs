@@ -195,6 +195,18 @@ impl Gguf {
         Ok(Gguf { backing, version, alignment, metadata, tensors, data_start, header_len, meta_index, tensor_index })
     }
 
+    /// The model's identity: a 64-bit FNV-1a hash of the header and tensor index
+    /// (`bytes()[..header_len]`: metadata, tensor names, shapes, types and offsets), as
+    /// 8 little-endian bytes. Two files with the same identity hold the same tensors in
+    /// the same places; it is cheap (one pass over a few MB at most) and not a guard
+    /// against deliberate collisions: nodes and coordinator trust each other.
+    pub fn identity(&self) -> [u8; 8] {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let header = &self.bytes()[..self.header_len as usize];
+        header.iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME)).to_le_bytes()
+    }
+
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         self.backing.bytes()

@@ -7,6 +7,8 @@ use crate::config::{ModelConfig, layer_tensor};
 use crate::gguf::Gguf;
 use crate::{Error, Result};
 
+/// One Gated DeltaNet mixer and one sequence's state; public as the oracle of the GPU
+/// layer's tests.
 pub struct DeltaNet {
     qkv: Matrix,
     gate: Matrix,

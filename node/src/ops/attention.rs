@@ -304,6 +304,19 @@ mod tests {
             gpu.read_f32(&self.out, q.len()).unwrap()
         }
 
+        /// Stores random keys and values at `positions`, without attending (a cache filled
+        /// by earlier steps).
+        fn random_fill(&mut self, rng: &mut Rng, positions: &[u32]) {
+            let (gpu, _) = gpu();
+            let n = positions.len() * self.twin.n_kv * self.twin.hd;
+            let (k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+            gpu.queue.write_buffer(&self.k, 0, bytemuck::cast_slice(&k));
+            gpu.queue.write_buffer(&self.v, 0, bytemuck::cast_slice(&v));
+            gpu.queue.write_buffer(&self.pos, 0, bytemuck::cast_slice(positions));
+            run(gpu, &self.step, &self.dispatches[..1], positions.len() as u32);
+            self.twin.store(&k, &v, positions);
+        }
+
         /// A step with random q, k, v; returns (q, GPU output).
         fn random_step(&mut self, rng: &mut Rng, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
             let t = positions.len();
@@ -345,7 +358,7 @@ mod tests {
                 let mut layer = Layer::new(n_heads, n_kv, hd, 320, 320, None);
                 if len > 1 {
                     let cached: Vec<u32> = (0..len - 1).collect();
-                    layer.random_step(&mut rng, &cached);
+                    layer.random_fill(&mut rng, &cached);
                 }
                 let (q, got) = layer.random_step(&mut rng, &[len - 1]);
                 let want = layer.twin.attend(&q, &[len - 1], layer.scale(), None);
@@ -360,7 +373,7 @@ mod tests {
         let len = 3000u32;
         let mut layer = Layer::new(4, 2, 64, 4096, 1024, None);
         for chunk in (0..len - 1).collect::<Vec<u32>>().chunks(1024) {
-            layer.random_step(&mut rng, chunk);
+            layer.random_fill(&mut rng, chunk);
         }
         let (q, got) = layer.random_step(&mut rng, &[len - 1]);
         let want = layer.twin.attend(&q, &[len - 1], layer.scale(), None);

@@ -110,13 +110,8 @@ struct StateParams {
     _pad: u32,
 }
 
-/// Columns of the state per workgroup of `deltanet_state` (one thread each).
-fn state_columns(gpu: &Gpu, head_dim: u32) -> u32 {
-    // CPU adapters (lavapipe) run a workgroup as SIMD lanes of one thread: small
-    // workgroups spread the heads over more cores.
-    let cols = if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 };
-    cols.min(head_dim)
-}
+/// Columns of the state per workgroup of `deltanet_state` (one thread each), at most.
+const STATE_COLS: u32 = 64;
 
 /// The delta rule over the step's tokens in order, from the conv's output `y` (f32
 /// `[n_tokens, channels]`: L2-normed q and k per key head, v per value head): for each
@@ -150,7 +145,7 @@ pub fn delta_rule(
     require_bytes("deltanet delta_rule", "dt_bias", gates.dt_bias, u64::from(nv) * 4)?;
     let params = StateParams { n_key_heads: cfg.n_key_heads as u32, n_value_heads: nv, channels, _pad: 0 };
     let params = gpu.uniform("deltanet_state", &params);
-    let cols = state_columns(gpu, dk);
+    let cols = STATE_COLS.min(dk);
     let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
     let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_STATE, None, &consts)?;
     let resources = [step, &params, y, gates.b, gates.a, gates.ssm_a, gates.dt_bias, state.matrices(), out].map(|b| b.as_entire_binding());
@@ -436,7 +431,7 @@ mod tests {
         check_delta_rule(&config(2, 4, 128), 1, 23);
         check_delta_rule(&config(2, 4, 128), 9, 24);
         // A head that is not a multiple of the workgroup's columns.
-        check_delta_rule(&config(1, 2, 20), 3, 25);
+        check_delta_rule(&config(1, 2, 80), 3, 25);
     }
 
     #[test]
@@ -491,6 +486,7 @@ mod tests {
         let cfg = config(2, 4, 32);
         assert!(DeltaNetState::new(gpu, &config(2, 5, 32)).is_err());
         assert!(DeltaNetState::new(gpu, &config(1, 1, 512)).is_err());
+        assert!(DeltaNetState::new(gpu, &config(1, 1, 30)).is_err());
         assert!(DeltaNetState::new(gpu, &DeltaNetConfig { conv_kernel: 0, ..cfg.clone() }).is_err());
         let state = DeltaNetState::new(gpu, &cfg).unwrap();
         let step = step_buffer(gpu);

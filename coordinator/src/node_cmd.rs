@@ -1,0 +1,220 @@
+//! `strata node`: serve this machine's GPU as a pipeline stage; and the hidden
+//! `strata bench-hop`, which times handing one hidden state to another process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::service::{self, NodeConfig, NodeIdentity, StageService};
+use strata_proto::tokio_stream::wrappers::ReceiverStream;
+use strata_proto::v1 as pb;
+
+use crate::cli::{BenchHopArgs, NodeArgs, Wire};
+
+/// Parses `12GiB`, `800MB`, `1.5 TiB`, `4096` (bytes): decimal (kB, MB, GB, TB) and
+/// binary (KiB, MiB, GiB, TiB) units, case-insensitive.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || anyhow::anyhow!("invalid size `{s}`: expected a number with a unit such as 12GiB, 800MB or 4096B (or `auto`)");
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into())
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let memory = if args.memory.eq_ignore_ascii_case("auto") { None } else { Some(parse_size(&args.memory).context("--memory")?) };
+    if let Some(d) = &args.model_dir
+        && !d.is_dir()
+    {
+        bail!("--model-dir {} is not a directory", d.display());
+    }
+    if args.cache_dir.is_some() {
+        tracing::warn!("--cache-dir is reserved: weight streaming is not implemented yet");
+    }
+    let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: args.adapter.clone() })?);
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let identity = NodeIdentity {
+        node_id: format!("{name}-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() % 1_000_000),
+        name,
+        usable_memory: memory.unwrap_or_else(|| service::probe_memory(&gpu)),
+        adapter: gpu.info.name.clone(),
+        backend: format!("{:?}", gpu.info.backend),
+    };
+    let config = NodeConfig {
+        identity: identity.clone(),
+        model_dir: args.model_dir.clone(),
+        model_files: Vec::new(),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = strata_proto::transport::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {addr}")?;
+            out.flush()?;
+        }
+        service::advertise(addr, &identity);
+        // Kept alive while serving; dropping it sends mDNS goodbyes.
+        let _advertisement = crate::discovery::advertise_node(
+            &strata_node::advertise::NodeAdvert {
+                node_id: identity.node_id.clone(),
+                name: identity.name.clone(),
+                protocol_version: strata_proto::PROTOCOL_VERSION,
+                usable_memory: identity.usable_memory,
+                adapter: identity.adapter.clone(),
+                backend: identity.backend.clone(),
+            },
+            addr,
+            args.no_mdns,
+        )?;
+        service::serve(listener, StageService::new(config, gpu), std::future::pending()).await?;
+        Ok(())
+    })
+}
+
+/// A child process killed (by its id) when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Serialize)]
+struct HopReport {
+    values: usize,
+    wire: String,
+    payload_bytes: usize,
+    iterations: usize,
+    round_trip_p50_ms: f64,
+    round_trip_p99_ms: f64,
+    /// Half the round trip: one hand-over, as the activation is the large direction.
+    hop_p50_ms: f64,
+    hop_p99_ms: f64,
+}
+
+/// Times round trips of one hidden state to a node holding no shard: the node decodes
+/// the activation and answers at once (with a "no shard" error), so this measures the
+/// transport (serialisation, HTTP/2, loopback TCP), not any compute.
+pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
+    let mut _child = None;
+    let addr = match &args.connect {
+        Some(a) => a.clone(),
+        None => {
+            let exe = std::env::current_exe()?;
+            let mut child = Command::new(exe)
+                .args(["node", "--listen", "127.0.0.1:0", "--name", "hop-bench", "--memory", "1GiB"])
+                // Every answer is a "no shard" step error; do not log 2000 of them.
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a node")?;
+            let stdout = child.stdout.take().context("node stdout")?;
+            let guard = ChildGuard(child);
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line)?;
+            let addr = line.trim().strip_prefix("listening on ").with_context(|| format!("unexpected node output `{}`", line.trim()))?.to_owned();
+            _child = Some(guard);
+            addr
+        }
+    };
+    if args.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let (format, width) = match args.wire {
+        Wire::F32 => (pb::HiddenFormat::F32, 4),
+        Wire::F16 => (pb::HiddenFormat::F16, 2),
+    };
+    let payload = vec![0u8; args.values * width];
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut times = rt.block_on(async {
+        let mut client = strata_proto::transport::connect(&addr).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut results = client.forward(ReceiverStream::new(rx)).await?.into_inner();
+        let mut times = Vec::with_capacity(args.iterations);
+        for i in 0..args.warmup + args.iterations {
+            let act = pb::Activation {
+                seq_id: 1,
+                step: i as u64,
+                positions: vec![0],
+                hidden: payload.clone(),
+                format: format as i32,
+                want_token: true,
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            tx.send(act).await?;
+            results.message().await?.context("the node closed the stream")?;
+            if i >= args.warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        anyhow::Ok(times)
+    })?;
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
+    let (p50, p99) = (pct(0.50), pct(0.99));
+    let report = HopReport {
+        values: args.values,
+        wire: format!("{format:?}").to_lowercase(),
+        payload_bytes: payload.len(),
+        iterations: args.iterations,
+        round_trip_p50_ms: p50,
+        round_trip_p99_ms: p99,
+        hop_p50_ms: p50 / 2.0,
+        hop_p99_ms: p99 / 2.0,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("12GiB").unwrap(), 12 << 30);
+        assert_eq!(parse_size("800MB").unwrap(), 800_000_000);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "GiB", "12 parsecs", "-3GB", "0"] {
+            assert!(parse_size(bad).unwrap_err().to_string().contains("invalid size"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The pipeline driver: plans a model over nodes, loads a shard on each, and drives
+//! steps through them.
+//!
+//! Every stage is reached the same way, over the transport: this machine's own share
+//! (unless `--no-local`) runs as an in-process stage service on an ephemeral loopback
+//! port. Activations go to stage 0 on one long-lived `Forward` stream; each stage hands
+//! its hidden state straight to the next; the last stage's token comes back up the
+//! chain. Prefill sends every chunk without waiting (a token is asked for on the last
+//! only), so consecutive stages work on consecutive chunks at once.
+//!
+//! This module is the coordinator's boundary with the wire: proto messages are built
+//! and read here and nowhere else in the coordinator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use strata_model::config::ModelConfig;
+use strata_model::gguf::Gguf;
+use strata_model::plan::{ModelCost, NodeBudget, Plan, PlanConfig, parse_split};
+use strata_model::sampling::SamplingParams;
+use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::service::{self, NodeConfig, NodeIdentity, StageService};
+use strata_node::stage::SeqId;
+use strata_proto::tokio_stream::wrappers::ReceiverStream;
+use strata_proto::tonic::Streaming;
+use strata_proto::tonic::transport::Channel;
+use strata_proto::v1::{self as pb, stage_client::StageClient};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cli::{EngineArgs, Wire};
+use crate::engine::context_length;
+
+/// One stage as the coordinator sees it.
+pub struct StageHandle {
+    pub name: String,
+    pub addr: String,
+    pub adapter: String,
+    pub backend: String,
+    pub layers: std::ops::Range<usize>,
+    client: StageClient<Channel>,
+}
+
+/// A node's counters (from `Health`), for benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageCounters {
+    pub steps: u64,
+    pub compute_seconds: f64,
+    pub waited_steps: u64,
+    pub downstream_wait_seconds: f64,
+}
+
+impl StageCounters {
+    pub fn since(&self, before: &StageCounters) -> StageCounters {
+        StageCounters {
+            steps: self.steps - before.steps,
+            compute_seconds: self.compute_seconds - before.compute_seconds,
+            waited_steps: self.waited_steps - before.waited_steps,
+            downstream_wait_seconds: self.downstream_wait_seconds - before.downstream_wait_seconds,
+        }
+    }
+}
+
+/// This machine's in-process stage service; stops when dropped.
+struct LocalNode {
+    _shutdown: oneshot::Sender<()>,
+}
+
+pub struct Pipeline {
+    rt: tokio::runtime::Runtime,
+    pub stages: Vec<StageHandle>,
+    pub ctx: u32,
+    pub batch: u32,
+    wire: pb::HiddenFormat,
+    tx: mpsc::Sender<pb::Activation>,
+    results: Streaming<pb::StepResult>,
+    next_step: u64,
+    /// Prompt ids to hand the last stage with a sequence's next activation (penalties).
+    history: Vec<(SeqId, Vec<u32>)>,
+    _local: Option<LocalNode>,
+}
+
+fn wire_format(w: Wire) -> pb::HiddenFormat {
+    match w {
+        Wire::F32 => pb::HiddenFormat::F32,
+        Wire::F16 => pb::HiddenFormat::F16,
+    }
+}
+
+/// Starts this machine's stage service on a free loopback port; returns its address.
+async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> anyhow::Result<(String, LocalNode)> {
+    let gpu = Arc::new(Gpu::new(&GpuConfig { adapter })?);
+    let identity = NodeIdentity {
+        node_id: format!("local-{}", std::process::id()),
+        name: "local".into(),
+        usable_memory: service::probe_memory(&gpu),
+        adapter: gpu.info.name.clone(),
+        backend: format!("{:?}", gpu.info.backend),
+    };
+    let config = NodeConfig { identity, model_dir: None, model_files: vec![gguf_path.to_owned()], idle_timeout: Duration::from_secs(600) };
+    let listener = strata_proto::transport::bind(([127, 0, 0, 1], 0).into()).await.context("binding the local stage's port")?;
+    let addr = listener.local_addr()?.to_string();
+    let (tx, rx) = oneshot::channel::<()>();
+    let svc = StageService::new(config, gpu);
+    tokio::spawn(async move {
+        if let Err(e) = service::serve(listener, svc, async move { let _ = rx.await; }).await {
+            tracing::error!(error = %e, "local stage service failed");
+        }
+    });
+    Ok((addr, LocalNode { _shutdown: tx }))
+}
+
+impl Pipeline {
+    pub fn load(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<Pipeline> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let config = ModelConfig::from_gguf(gguf)?;
+        let ctx = context_length(gguf, args)?;
+        let batch = args.batch.min(ctx);
+        let (stages, _plan, tx, results, local) = rt.block_on(Self::connect_and_load(gguf, &config, args, ctx, batch))?;
+        Ok(Pipeline {
+            rt,
+            stages,
+            ctx,
+            batch,
+            wire: wire_format(args.wire),
+            tx,
+            results,
+            next_step: 0,
+            history: Vec::new(),
+            _local: local,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn connect_and_load(
+        gguf: &Gguf,
+        config: &ModelConfig,
+        args: &EngineArgs,
+        ctx: u32,
+        batch: u32,
+    ) -> anyhow::Result<(Vec<StageHandle>, Plan, mpsc::Sender<pb::Activation>, Streaming<pb::StepResult>, Option<LocalNode>)> {
+        let mut addrs = Vec::new();
+        let local = if args.no_local {
+            None
+        } else {
+            let (addr, node) = start_local(&args.model, args.adapter.clone()).await?;
+            addrs.push(addr);
+            Some(node)
+        };
+        addrs.extend(args.peers.iter().cloned());
+        if addrs.is_empty() {
+            bail!("--no-local without any --peer: no node to run the model on");
+        }
+        let mut stages = Vec::new();
+        let mut budgets = Vec::new();
+        for addr in &addrs {
+            let mut client = strata_proto::transport::connect(addr).await?;
+            let info = client.info(pb::InfoRequest {}).await.with_context(|| format!("asking {addr} for its info"))?.into_inner();
+            if info.protocol_version != strata_proto::PROTOCOL_VERSION {
+                bail!("node {addr} speaks protocol {}, this coordinator {}", info.protocol_version, strata_proto::PROTOCOL_VERSION);
+            }
+            let name = if stages.iter().any(|s: &StageHandle| s.name == info.name) { format!("{}@{addr}", info.name) } else { info.name.clone() };
+            budgets.push(NodeBudget::new(name.clone(), info.usable_memory));
+            stages.push(StageHandle { name, addr: addr.clone(), adapter: info.adapter, backend: info.backend, layers: 0..0, client });
+        }
+        let pc = PlanConfig { max_batch: batch as usize, ..PlanConfig::new(ctx as usize) };
+        let cost = ModelCost::new(gguf, config, &pc)?;
+        let plan = match &args.split {
+            Some(s) => Plan::manual(&cost, &budgets, &parse_split(s)?)?,
+            None => Plan::auto(&cost, &budgets)?,
+        };
+        tracing::info!("plan:\n{}", plan.table());
+        let model_id = gguf.identity().to_vec();
+        let mut loads = Vec::new();
+        for (k, sp) in plan.stages.iter().enumerate() {
+            let stage = &mut stages[sp.node];
+            stage.layers = sp.layers.clone();
+            let req = pb::LoadShardRequest {
+                model_id: model_id.clone(),
+                layer_start: sp.layers.start as u32,
+                layer_end: sp.layers.end as u32,
+                ctx,
+                max_batch: batch,
+                next_stage: addrs.get(k + 1).cloned().unwrap_or_default(),
+            };
+            let mut client = stage.client.clone();
+            let what = format!("loading layers {}..{} on {} ({})", sp.layers.start, sp.layers.end, stage.name, stage.addr);
+            loads.push(tokio::spawn(async move { client.load_shard(req).await.map_err(|s| anyhow::anyhow!("{what}: {}", s.message())) }));
+        }
+        for l in loads {
+            l.await??;
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let results = stages[0].client.forward(ReceiverStream::new(rx)).await.context("opening the forward stream to stage 0")?.into_inner();
+        Ok((stages, plan, tx, results, local))
+    }
+
+    pub fn note_prompt(&mut self, seq: SeqId, ids: &[u32]) {
+        self.history.push((seq, ids.to_vec()));
+    }
+
+    fn activation(&mut self, seq: SeqId, ids: &[u32], positions: &[u32], sampling: &SamplingParams, want_token: bool) -> pb::Activation {
+        let step = self.next_step;
+        self.next_step += 1;
+        let history = match self.history.iter().position(|(s, _)| *s == seq) {
+            Some(i) => self.history.swap_remove(i).1,
+            None => Vec::new(),
+        };
+        pb::Activation {
+            seq_id: seq,
+            step,
+            positions: positions.to_vec(),
+            token_ids: ids.to_vec(),
+            hidden: Vec::new(),
+            format: self.wire as i32,
+            sampling: Some(service::sampling_to_wire(sampling)),
+            want_token,
+            history,
+        }
+    }
+
+    async fn send(tx: &mpsc::Sender<pb::Activation>, act: pb::Activation) -> anyhow::Result<()> {
+        tx.send(act).await.map_err(|_| anyhow::anyhow!("the pipeline's forward stream closed"))
+    }
+
+    /// Waits for the result of `step`; an error of any step of the stream fails.
+    async fn wait(results: &mut Streaming<pb::StepResult>, step: u64) -> anyhow::Result<u32> {
+        loop {
+            let r = results.message().await.map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?;
+            let r = r.context("the pipeline closed its result stream")?;
+            if !r.error.is_empty() {
+                bail!("pipeline step {} failed: {}", r.step, r.error);
+            }
+            if r.step == step {
+                return Ok(r.token_id);
+            }
+        }
+    }
+
+    /// Sends every chunk of `ids` at once and waits only for the last one's token.
+    pub fn prefill(&mut self, seq: SeqId, ids: &[u32], pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
+        let chunks: Vec<&[u32]> = ids.chunks(self.batch as usize).collect();
+        let Some(n_chunks) = std::num::NonZeroUsize::new(chunks.len()) else { bail!("nothing to prefill") };
+        let mut acts = Vec::with_capacity(chunks.len());
+        let mut p = pos;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let positions: Vec<u32> = (p..p + chunk.len() as u32).collect();
+            acts.push(self.activation(seq, chunk, &positions, sampling, i + 1 == n_chunks.get()));
+            p += chunk.len() as u32;
+        }
+        let last = acts.last().expect("at least one chunk").step;
+        let (tx, results) = (&self.tx, &mut self.results);
+        self.rt.block_on(async move {
+            for a in acts {
+                Self::send(tx, a).await?;
+            }
+            Self::wait(results, last).await
+        })
+    }
+
+    pub fn step(&mut self, seq: SeqId, ids: &[u32], positions: &[u32], sampling: &SamplingParams) -> anyhow::Result<u32> {
+        let act = self.activation(seq, ids, positions, sampling, true);
+        let step = act.step;
+        let (tx, results) = (&self.tx, &mut self.results);
+        self.rt.block_on(async move {
+            Self::send(tx, act).await?;
+            Self::wait(results, step).await
+        })
+    }
+
+    /// Frees a sequence on every stage (each stage passes it on to the next).
+    pub fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
+        let mut client = self.stages[0].client.clone();
+        self.rt.block_on(client.release(pb::ReleaseRequest { seq_id: seq })).context("releasing a sequence")?;
+        Ok(())
+    }
+
+    /// Every stage's counters, in pipeline order.
+    pub fn counters(&self) -> anyhow::Result<Vec<StageCounters>> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            for s in &self.stages {
+                let h = s.client.clone().health(pb::HealthRequest {}).await.with_context(|| format!("health of {}", s.addr))?.into_inner();
+                out.push(StageCounters {
+                    steps: h.steps,
+                    compute_seconds: h.compute_seconds,
+                    waited_steps: h.waited_steps,
+                    downstream_wait_seconds: h.downstream_wait_seconds,
+                });
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! `strata serve`: the OpenAI-compatible HTTP API, `/metrics`, `/v1/cluster` and the web
+//! page, in front of the [`Scheduler`].
+
+mod errors;
+mod metrics;
+mod openai;
+mod web;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde_json::json;
+use strata_model::chat::ChatTemplate;
+use strata_model::gguf::Gguf;
+use strata_model::tokenizer::Tokenizer;
+
+use crate::cli::ServeArgs;
+use crate::engine::Engine;
+use crate::scheduler::{Scheduler, SchedulerConfig, StepEngine, SyncStepEngine};
+use errors::ApiError;
+use metrics::Metrics;
+
+pub struct AppState {
+    pub scheduler: Scheduler,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    /// The name clients use in `model`: the GGUF's file name without `.gguf`.
+    pub model_id: String,
+    /// Unix seconds when the model was loaded.
+    pub created: u64,
+    pub max_seqs: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The model id for a GGUF path: its file name without the extension.
+pub fn model_id(path: &std::path::Path) -> String {
+    path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let path = &args.engine.model;
+    let gguf = Gguf::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
+    let template = ChatTemplate::from_gguf(&gguf)?;
+    if template.is_none() {
+        eprintln!("note: {} has no chat template: /v1/chat/completions will refuse requests", path.display());
+    }
+    eprintln!("loading {} ...", path.display());
+    let t0 = Instant::now();
+    let engine = Engine::load(&gguf, &args.engine)?;
+    let engine = SyncStepEngine::new(engine);
+    let stats = engine.stats();
+    let where_ = stats.stages.iter().map(|s| format!("{} ({}: layers {}..{})", s.node, s.device, s.layers.start, s.layers.end)).collect::<Vec<_>>().join(", ");
+    eprintln!(
+        "loaded {} layers on {where_} in {:.1} s (context {}, up to {} sequences at once)",
+        stats.n_layer,
+        t0.elapsed().as_secs_f64(),
+        engine.ctx(),
+        args.max_seqs
+    );
+    drop(gguf);
+    let scheduler = Scheduler::spawn(Box::new(engine), tokenizer.clone(), SchedulerConfig { max_seqs: args.max_seqs as usize })?;
+    let state = Arc::new(AppState {
+        scheduler,
+        tokenizer,
+        template,
+        model_id: model_id(path),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        max_seqs: args.max_seqs as usize,
+        metrics: Arc::new(Metrics::default()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to learn the port (`--listen 127.0.0.1:0`).
+        println!("listening on http://{addr}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/cluster", get(cluster))
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
+        .route("/", get(web::index))
+        .route("/app.js", get(web::app))
+        .route("/style.css", get(web::style))
+        .route_layer(axum::middleware::from_fn_with_state(metrics, metrics::count_requests))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.scheduler))
+}
+
+/// `/v1/cluster`: the nodes, their layer ranges and memory, sequences held, tokens/s.
+async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let snap = state.scheduler.snapshot();
+    let nodes: Vec<_> = snap
+        .engine
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "stage": i,
+                "name": s.node,
+                "device": s.device,
+                "layers": [s.layers.start, s.layers.end],
+                "weight_bytes": s.weight_bytes,
+                "cache_bytes": s.cache_bytes,
+                "memory_bytes": s.memory_bytes,
+                "sequences": s.sequences,
+                "steps": s.step_latency.count,
+                "mean_step_ms": if s.step_latency.count > 0 { s.step_latency.sum_seconds * 1e3 / s.step_latency.count as f64 } else { 0.0 },
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "model": state.model_id,
+        "n_layer": snap.engine.n_layer,
+        "ctx": state.scheduler.ctx(),
+        "max_seqs": state.max_seqs,
+        "nodes": nodes,
+        "active_sequences": snap.active,
+        "queued": snap.queued,
+        "tokens_per_s": state.scheduler.tokens_per_second(),
+        "prompt_tokens_total": snap.prompt_tokens_total,
+        "generated_tokens_total": snap.generated_tokens_total,
+    }))
+}

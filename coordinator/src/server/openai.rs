@@ -1,0 +1,388 @@
+//! The OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use strata_model::chat::ChatMessage;
+use strata_model::sampling::SamplingParams;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::AppState;
+use super::errors::ApiError;
+use crate::scheduler::{Event, Finished, GenRequest};
+
+/// The most stop strings a request may give.
+const MAX_STOPS: usize = 16;
+
+/// Parameters both completion endpoints take.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Params {
+    model: Option<String>,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Parses a JSON body into the endpoint's own fields and the common [`Params`] (two
+/// passes over one value: `#[serde(flatten)]` would lose the field paths in errors).
+/// Malformed JSON and wrongly typed fields are 400s naming the field.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Params), ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid(None, format!("malformed JSON in the request body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(None, "the request body must be a JSON object"));
+    }
+    let params = typed(value.clone())?;
+    Ok((typed(value)?, params))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = known_param(path.split(['.', '[']).next().unwrap_or(""));
+        ApiError::invalid(param, if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) })
+    })
+}
+
+const PARAMS: &[&str] = &[
+    "model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "logprobs", "top_logprobs",
+];
+
+fn known_param(name: &str) -> Option<&'static str> {
+    PARAMS.iter().find(|p| **p == name).copied()
+}
+
+/// What a validated request becomes, before its prompt is known.
+struct Prepared {
+    sampling: SamplingParams,
+    max_tokens: Option<u32>,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Params {
+    fn prepare(self, state: &AppState) -> Result<Prepared, ApiError> {
+        if let Some(model) = &self.model
+            && model != &state.model_id
+        {
+            return Err(ApiError::model_not_found(model));
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid(Some("n"), format!("n = {n}: only one choice per request is supported (n = 1)")));
+        }
+        if let Some(k) = self.top_logprobs
+            && k > 20
+        {
+            return Err(ApiError::invalid(Some("top_logprobs"), format!("top_logprobs {k} is outside 0..=20")));
+        }
+        let wants_logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_u64() != Some(0),
+            Some(_) => true,
+        };
+        if wants_logprobs || self.top_logprobs.is_some_and(|k| k > 0) {
+            return Err(ApiError::invalid(Some("logprobs"), "logprobs not supported: the engine returns sampled token ids only"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            let param = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+            return Err(ApiError::invalid(Some(param), format!("{param} must be at least 1")));
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > MAX_STOPS {
+            return Err(ApiError::invalid(Some("stop"), format!("{} stop strings: at most {MAX_STOPS} are allowed", stop.len())));
+        }
+        let d = SamplingParams::default();
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.map_or(d.top_k, |k| k as usize),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            // No seed: a fresh one per request, as OpenAI's API behaves.
+            seed: self.seed.map_or_else(random_seed, |s| s as u64),
+            ..d
+        };
+        if let Err(e) = sampling.validate() {
+            let message = match e {
+                strata_model::Error::Sampling(m) => m,
+                other => other.to_string(),
+            };
+            let param = known_param(message.split(' ').next().unwrap_or(""));
+            return Err(ApiError::invalid(param, message));
+        }
+        Ok(Prepared {
+            sampling,
+            max_tokens,
+            stop,
+            stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+/// Token ids of a prompt text: BOS where the model wants one, special tokens recognised
+/// (as `strata run` does). Checks that it leaves room in the context.
+fn tokenize(state: &AppState, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
+    let mut ids: Vec<u32> = state.tokenizer.bos_to_add().into_iter().collect();
+    ids.extend(state.tokenizer.encode(text, true).map_err(|e| ApiError::invalid(Some(param), format!("tokenizing the prompt: {e}")))?);
+    if ids.is_empty() {
+        return Err(ApiError::invalid(Some(param), "the prompt is empty: it has no tokens"));
+    }
+    let ctx = state.scheduler.ctx() as usize;
+    if ids.len() >= ctx {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("the prompt has {} tokens, but the context length is {ctx} (at most {} prompt tokens leave room for an answer)", ids.len(), ctx - 1),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(ids)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn usage(f: &Finished) -> Value {
+    json!({ "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens })
+}
+
+fn sse(data: &Value) -> String {
+    format!("data: {data}\n\n")
+}
+
+/// Which endpoint's response shapes to use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let (req, params): (ChatRequest, _) = parse(&body)?;
+    let prepared = params.prepare(&state)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(Some("messages"), "messages must hold at least one message"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => return Err(ApiError::invalid(Some("messages"), format!("messages[{i}].role `{other}` is not supported (system, user, assistant)"))),
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(Some("messages"), format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind)));
+                    }
+                    text.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    let template = state
+        .template
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
+    let text = template.render(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
+    let prompt = tokenize(&state, &text, "messages")?;
+    generate(state, prompt, prepared, Kind::Chat).await
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let (req, params): (CompletionRequest, _) = parse(&body)?;
+    let prepared = params.prepare(&state)?;
+    let text = match req.prompt {
+        Prompt::One(s) => s,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(v) => return Err(ApiError::invalid(Some("prompt"), format!("{} prompts: only one per request is supported", v.len()))),
+    };
+    let prompt = tokenize(&state, &text, "prompt")?;
+    generate(state, prompt, prepared, Kind::Completion).await
+}
+
+async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
+    let room = state.scheduler.ctx() - prompt.len() as u32;
+    let request = GenRequest { max_tokens: p.max_tokens.map_or(room, |m| m.min(room)), prompt, sampling: p.sampling, stop: p.stop };
+    let (id, mut rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{id}"),
+        Kind::Completion => format!("cmpl-{id}"),
+    };
+    let created = now_secs();
+    let model = state.model_id.clone();
+    let object = match kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    if !p.stream {
+        let mut text = String::new();
+        let done = loop {
+            match rx.recv().await {
+                Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Done(f)) => break f,
+                Some(Event::Failed(e)) => return Err(ApiError::internal(e)),
+                None => return Err(ApiError::internal("the scheduler stopped")),
+            }
+        };
+        let choice = match kind {
+            Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null, "finish_reason": done.reason.as_str() }),
+            Kind::Completion => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": done.reason.as_str() }),
+        };
+        let body = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&done),
+            "timings": { "time_to_first_token_ms": done.time_to_first_token.as_millis() as u64, "total_ms": done.elapsed.as_millis() as u64 } });
+        return Ok(axum::Json(body).into_response());
+    }
+
+    let object = match kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    };
+    let include_usage = p.include_usage;
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let choice = match kind {
+            Kind::Chat => json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }),
+            Kind::Completion => json!({ "index": 0, "text": delta, "logprobs": null, "finish_reason": finish }),
+        };
+        let mut c = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let first = match kind {
+        Kind::Chat => sse(&chunk(json!({ "role": "assistant", "content": "" }), None)),
+        Kind::Completion => String::new(),
+    };
+    let events = UnboundedReceiverStream::new(rx).map(move |event| {
+        let out = match event {
+            Event::Text(t) => match kind {
+                Kind::Chat => sse(&chunk(json!({ "content": t }), None)),
+                Kind::Completion => sse(&chunk(json!(t), None)),
+            },
+            Event::Done(f) => {
+                let empty = match kind {
+                    Kind::Chat => json!({}),
+                    Kind::Completion => json!(""),
+                };
+                let mut out = sse(&chunk(empty, Some(f.reason.as_str())));
+                if include_usage {
+                    let mut u = chunk(Value::Null, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&f);
+                    out.push_str(&sse(&u));
+                }
+                out + "data: [DONE]\n\n"
+            }
+            Event::Failed(e) => sse(&ApiError::internal(e).body()) + "data: [DONE]\n\n",
+        };
+        Ok::<_, Infallible>(Bytes::from(out))
+    });
+    let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
+    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body)).into_response())
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{ "id": state.model_id, "object": "model", "created": state.created, "owned_by": "strata", "context_length": state.scheduler.ctx() }],
+    }))
+}

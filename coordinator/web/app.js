@@ -1,0 +1,187 @@
+// Strata's web page: a streaming chat over /v1/chat/completions and a live cluster view
+// polled from /v1/cluster. No dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];
+let controller = null;
+
+function fmtBytes(n) {
+  if (n == null) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + " " + units[i];
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return div;
+}
+
+// Reads an SSE body and calls onData with each `data:` payload.
+async function readSse(response, onData) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let sep;
+    while ((sep = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, sep);
+      buf = buf.slice(sep + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (data) onData(data);
+    }
+  }
+}
+
+async function send(text) {
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const out = addMessage("assistant", "");
+  out.classList.add("streaming");
+  $("send").disabled = true;
+  $("stop").disabled = false;
+  controller = new AbortController();
+  let answer = "";
+  let finish = null;
+  let usage = null;
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({
+        messages: history,
+        stream: true,
+        stream_options: { include_usage: true },
+        temperature: parseFloat($("temperature").value),
+        max_tokens: parseInt($("max-tokens").value, 10),
+      }),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error((body.error && body.error.message) || response.statusText);
+    }
+    await readSse(response, (data) => {
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) return;
+      if (choice.delta && choice.delta.content) {
+        answer += choice.delta.content;
+        out.textContent = answer;
+        $("messages").scrollTop = $("messages").scrollHeight;
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    });
+  } catch (e) {
+    if (e.name === "AbortError") {
+      finish = "stopped";
+    } else {
+      out.classList.add("error");
+      out.textContent = answer + (answer ? "\n" : "") + "error: " + e.message;
+    }
+  } finally {
+    out.classList.remove("streaming");
+    const secs = (performance.now() - started) / 1000;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = (finish || "") + (usage ? ` · ${usage.completion_tokens} tokens in ${secs.toFixed(1)} s` : "");
+    out.appendChild(meta);
+    history.push({ role: "assistant", content: answer });
+    controller = null;
+    $("send").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+function bar(parts) {
+  const b = document.createElement("div");
+  b.className = "bar";
+  for (const [cls, from, width, title] of parts) {
+    const s = document.createElement("span");
+    s.className = cls;
+    s.style.left = (100 * from).toFixed(2) + "%";
+    s.style.width = Math.max(0.5, 100 * width).toFixed(2) + "%";
+    s.title = title;
+    b.appendChild(s);
+  }
+  return b;
+}
+
+function renderCluster(c) {
+  $("model").textContent = `${c.model} · context ${c.ctx}`;
+  $("rate").textContent = `${c.tokens_per_s.toFixed(1)} tok/s`;
+  $("summary").textContent = `${c.nodes.length} node(s) · ${c.n_layer} layers · ${c.active_sequences} active, ${c.queued} queued (max ${c.max_seqs}) · ${c.generated_tokens_total} tokens generated`;
+  const nodes = $("nodes");
+  nodes.replaceChildren();
+  for (const n of c.nodes) {
+    const div = document.createElement("div");
+    div.className = "node";
+    const [a, b] = n.layers;
+    const name = document.createElement("div");
+    name.innerHTML = "";
+    const strong = document.createElement("span");
+    strong.className = "name";
+    strong.textContent = n.name;
+    name.append(strong, ` · ${n.device}`);
+    div.appendChild(name);
+    const l = document.createElement("div");
+    l.className = "legend";
+    l.textContent = `layers ${a}–${b - 1} (${b - a} of ${c.n_layer})`;
+    div.appendChild(l);
+    div.appendChild(bar([["layers", a / c.n_layer, (b - a) / c.n_layer, `layers ${a}..${b}`]]));
+    const total = n.memory_bytes || (n.weight_bytes + n.cache_bytes) || 1;
+    const m = document.createElement("div");
+    m.className = "legend";
+    m.textContent = `weights ${fmtBytes(n.weight_bytes)} · cache ${fmtBytes(n.cache_bytes)}` + (n.memory_bytes ? ` of ${fmtBytes(n.memory_bytes)}` : "") + ` · ${n.sequences} seq · ${n.mean_step_ms.toFixed(1)} ms/step`;
+    div.appendChild(m);
+    div.appendChild(bar([
+      ["weights", 0, n.weight_bytes / total, "weights " + fmtBytes(n.weight_bytes)],
+      ["cache", n.weight_bytes / total, n.cache_bytes / total, "cache " + fmtBytes(n.cache_bytes)],
+    ]));
+    nodes.appendChild(div);
+  }
+}
+
+async function poll() {
+  try {
+    const r = await fetch("/v1/cluster");
+    if (r.ok) renderCluster(await r.json());
+  } catch (e) {
+    $("summary").textContent = "server unreachable";
+  }
+  setTimeout(poll, 1000);
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || controller) return;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("reset").addEventListener("click", () => {
+  if (controller) controller.abort();
+  history.length = 0;
+  $("messages").replaceChildren();
+});
+poll();

@@ -1,0 +1,485 @@
+//! The stage service: the gRPC face of a node, around one [`Stage`].
+//!
+//! A stage's GPU work is blocking, so it runs under a `std::sync::Mutex` from
+//! `spawn_blocking`; each `Forward` stream is read in order, one activation at a time, so
+//! a sequence's steps run in the order they were sent. A stage that is not last opens its
+//! own `Forward` stream to the next stage for every upstream stream it serves, hands its
+//! hidden states on there (node to node, never via the coordinator) and relays the
+//! results that come back up. Because handing on does not wait for the result, stage k+1
+//! works on prefill chunk i while stage k runs chunk i+1.
+//!
+//! Wire format: `Activation.format` names the encoding of `hidden`; into the first stage
+//! it names the encoding the whole pipeline hands hidden states on in. Every error of a
+//! step (malformed payload, unknown sequence, no shard) becomes a `StepResult.error` for
+//! that step; the node keeps serving.
+//!
+//! Weights: a node reads its layers from its own copy of the model (found by identity,
+//! [`Gguf::identity`], among the candidate files); streaming them from the coordinator
+//! (`PushTensors`, a shard cache) is not implemented yet and answers `unimplemented`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use strata_model::gguf::Gguf;
+use strata_model::sampling::SamplingParams;
+use strata_proto::tokio_stream::wrappers::ReceiverStream;
+use strata_proto::tonic::transport::Channel;
+use strata_proto::tonic::{self, Request, Response, Status, Streaming};
+use strata_proto::v1::{self as pb, stage_client::StageClient};
+use tokio::sync::mpsc;
+
+use crate::gpu::Gpu;
+use crate::stage::{Input, Output, SeqId, Stage, StageSpec};
+
+/// Who a node is and what it offers (the domain side of `NodeInfo`).
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node_id: String,
+    pub name: String,
+    /// Bytes the node may use for weights and caches.
+    pub usable_memory: u64,
+    pub adapter: String,
+    pub backend: String,
+}
+
+/// How a node serves.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub identity: NodeIdentity,
+    /// Where the node looks for models (every `*.gguf` in it).
+    pub model_dir: Option<PathBuf>,
+    /// Further model files to consider (an in-process node gets the coordinator's model).
+    pub model_files: Vec<PathBuf>,
+    /// Sequences unused this long are freed.
+    pub idle_timeout: Duration,
+}
+
+/// The hook for advertising a node on the LAN (mDNS), called once the listener is bound.
+/// Discovery is not implemented yet; this only logs.
+pub fn advertise(addr: SocketAddr, identity: &NodeIdentity) {
+    tracing::info!(%addr, name = %identity.name, usable_memory = identity.usable_memory, "node ready (not advertised: mDNS not implemented)");
+}
+
+/// The memory a node offers when `--memory auto`: on a CPU adapter (lavapipe) and on
+/// integrated GPUs, which share system memory, the system's available memory
+/// (`MemAvailable`); on a discrete GPU, whose memory wgpu does not report, an estimate of
+/// 8 GiB (set `--memory` for the real figure).
+pub fn probe_memory(gpu: &Gpu) -> u64 {
+    const DISCRETE_ESTIMATE: u64 = 8 << 30;
+    match gpu.info.device_type {
+        wgpu::DeviceType::DiscreteGpu => DISCRETE_ESTIMATE,
+        _ => mem_available().unwrap_or(DISCRETE_ESTIMATE),
+    }
+}
+
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Serves `service` on `listener` until `shutdown`, freeing idle sequences meanwhile.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: StageService,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), strata_proto::transport::TransportError> {
+    let inner = service.inner.clone();
+    let idle = inner.config.idle_timeout;
+    let reaper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)));
+        loop {
+            tick.tick().await;
+            let inner = inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(loaded) = inner.lock().as_mut() {
+                    let n = loaded.stage.release_idle(idle);
+                    if n > 0 {
+                        tracing::info!(freed = n, "released idle sequences");
+                    }
+                }
+            })
+            .await;
+        }
+    });
+    let result = strata_proto::transport::serve(listener, service, shutdown).await;
+    reaper.abort();
+    result
+}
+
+struct Loaded {
+    stage: Stage,
+    n_embd: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    steps: u64,
+    compute_seconds: f64,
+    waited_steps: u64,
+    downstream_wait_seconds: f64,
+    /// (seq, step) of want_token steps handed downstream, and when.
+    pending: HashMap<(SeqId, u64), Instant>,
+}
+
+struct Inner {
+    config: NodeConfig,
+    gpu: Arc<Gpu>,
+    loaded: Mutex<Option<Loaded>>,
+    next: Mutex<Option<StageClient<Channel>>>,
+    stats: Mutex<Stats>,
+}
+
+/// Implements the `Stage` gRPC service.
+#[derive(Clone)]
+pub struct StageService {
+    inner: Arc<Inner>,
+}
+
+impl StageService {
+    pub fn new(config: NodeConfig, gpu: Arc<Gpu>) -> StageService {
+        StageService {
+            inner: Arc::new(Inner {
+                config,
+                gpu,
+                loaded: Mutex::new(None),
+                next: Mutex::new(None),
+                stats: Mutex::new(Stats::default()),
+            }),
+        }
+    }
+}
+
+/// A poisoned lock means a step panicked; the data (a stage, counters) is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one activation produced.
+enum Ran {
+    Token(u32),
+    HandOn(pb::Activation),
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Option<Loaded>> {
+        lock(&self.loaded)
+    }
+
+    fn name(&self) -> &str {
+        &self.config.identity.name
+    }
+
+    /// The candidate model files: `--model-dir`'s `*.gguf` and the explicit ones.
+    fn candidates(&self) -> Vec<PathBuf> {
+        let mut files = self.config.model_files.clone();
+        if let Some(dir) = &self.config.model_dir
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            let mut found: Vec<PathBuf> =
+                entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))).collect();
+            found.sort();
+            files.extend(found);
+        }
+        files
+    }
+
+    fn find_model(&self, id: &[u8]) -> Result<(PathBuf, Gguf), Status> {
+        for path in self.candidates() {
+            match Gguf::open(&path) {
+                Ok(g) if g.identity() == id => return Ok((path, g)),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(path = %path.display(), error = %e, "not a usable GGUF"),
+            }
+        }
+        let dir = self.config.model_dir.as_deref().map_or("(none)".into(), |d: &Path| d.display().to_string());
+        Err(Status::not_found(format!(
+            "node `{}` does not hold model {} in --model-dir {dir}; weight streaming not available",
+            self.name(),
+            hex(id)
+        )))
+    }
+
+    fn load(&self, req: &pb::LoadShardRequest) -> Result<u64, Status> {
+        let (path, gguf) = self.find_model(&req.model_id)?;
+        let spec = StageSpec { layers: req.layer_start as usize..req.layer_end as usize, ctx: req.ctx, max_batch: req.max_batch.max(1) };
+        // Free the old shard first: both may not fit at once.
+        *self.lock() = None;
+        let stage = Stage::load(self.gpu.clone(), &gguf, spec)
+            .map_err(|e| Status::invalid_argument(format!("node `{}` cannot load {}: {e}", self.name(), path.display())))?;
+        let weight_bytes = stage.weight_bytes();
+        let n_embd = stage.config().n_embd;
+        tracing::info!(model = %path.display(), layers = ?stage.spec().layers, "shard loaded");
+        *self.lock() = Some(Loaded { stage, n_embd });
+        Ok(weight_bytes)
+    }
+
+    /// Runs one activation through the stage.
+    fn run(&self, act: pb::Activation) -> Result<Ran, String> {
+        let mut guard = self.lock();
+        let loaded = guard.as_mut().ok_or_else(|| format!("node `{}` has no shard loaded", self.name()))?;
+        let stage = &mut loaded.stage;
+        let n = act.positions.len();
+        if n == 0 {
+            return Err("an activation without positions".into());
+        }
+        if act.positions[0] > 0 && !stage.has_sequence(act.seq_id) {
+            return Err(format!("unknown sequence {} (released, timed out, or never started at position 0)", act.seq_id));
+        }
+        let format = pb::HiddenFormat::try_from(act.format).map_err(|_| format!("unknown hidden format {}", act.format))?;
+        let hidden;
+        let input = if !act.token_ids.is_empty() {
+            Input::Tokens(&act.token_ids)
+        } else {
+            hidden = decode_hidden(&act.hidden, format, n, loaded.n_embd)?;
+            Input::Hidden(&hidden)
+        };
+        let sampling = act.sampling.as_ref().map(sampling_from_wire).unwrap_or_else(SamplingParams::greedy);
+        if stage.is_last() && !act.history.is_empty() {
+            stage.note_prompt(act.seq_id, &act.history).map_err(|e| e.to_string())?;
+        }
+        let t0 = Instant::now();
+        let _span = tracing::debug_span!("step", seq = act.seq_id, pos = act.positions[0], n).entered();
+        let out = stage.forward(act.seq_id, input, &act.positions, &sampling).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        drop(guard);
+        {
+            let mut s = lock(&self.stats);
+            s.steps += 1;
+            s.compute_seconds += secs;
+        }
+        Ok(match out {
+            Output::Token(t) => Ran::Token(t),
+            Output::Hidden(h) => Ran::HandOn(pb::Activation {
+                hidden: encode_hidden(&h, format),
+                token_ids: Vec::new(),
+                format: format as i32,
+                ..act
+            }),
+        })
+    }
+
+    fn note_result(&self, r: &pb::StepResult) {
+        let mut s = lock(&self.stats);
+        if let Some(t0) = s.pending.remove(&(r.seq_id, r.step)) {
+            s.waited_steps += 1;
+            s.downstream_wait_seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// f32 or f16 little-endian bytes -> f32 values, checking the length.
+pub fn decode_hidden(bytes: &[u8], format: pb::HiddenFormat, n_tokens: usize, n_embd: usize) -> Result<Vec<f32>, String> {
+    let width = match format {
+        pb::HiddenFormat::F32 => 4,
+        pb::HiddenFormat::F16 => 2,
+    };
+    let want = n_tokens * n_embd * width;
+    if bytes.len() != want {
+        return Err(format!(
+            "hidden payload of {} bytes, expected {want} ({n_tokens} tokens x {n_embd} values x {width} bytes, {format:?})",
+            bytes.len()
+        ));
+    }
+    Ok(match format {
+        pb::HiddenFormat::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        pb::HiddenFormat::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    })
+}
+
+/// f32 values -> f32 or f16 little-endian bytes.
+pub fn encode_hidden(values: &[f32], format: pb::HiddenFormat) -> Vec<u8> {
+    match format {
+        pb::HiddenFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        pb::HiddenFormat::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+pub fn sampling_to_wire(p: &SamplingParams) -> pb::Sampling {
+    pb::Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
+        repeat_last_n: p.repeat_last_n as u32,
+    }
+}
+
+pub fn sampling_from_wire(s: &pb::Sampling) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n as usize,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+    }
+}
+
+fn internal(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("stage task failed: {e}"))
+}
+
+type ResultStream = ReceiverStream<Result<pb::StepResult, Status>>;
+
+#[tonic::async_trait]
+impl pb::stage_server::Stage for StageService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let id = &self.inner.config.identity;
+        Ok(Response::new(pb::NodeInfo {
+            node_id: id.node_id.clone(),
+            name: id.name.clone(),
+            protocol_version: strata_proto::PROTOCOL_VERSION,
+            usable_memory: id.usable_memory,
+            adapter: id.adapter.clone(),
+            backend: id.backend.clone(),
+        }))
+    }
+
+    async fn load_shard(&self, req: Request<pb::LoadShardRequest>) -> Result<Response<pb::LoadShardResponse>, Status> {
+        let req = req.into_inner();
+        let next = if req.next_stage.is_empty() {
+            None
+        } else {
+            let client = strata_proto::transport::connect(&req.next_stage)
+                .await
+                .map_err(|e| Status::unavailable(format!("node `{}`: next stage: {e}", self.inner.name())))?;
+            Some(client)
+        };
+        let inner = self.inner.clone();
+        let weight_bytes = tokio::task::spawn_blocking(move || inner.load(&req)).await.map_err(internal)??;
+        *lock(&self.inner.next) = next;
+        Ok(Response::new(pb::LoadShardResponse { weight_bytes, missing_tensors: Vec::new() }))
+    }
+
+    async fn push_tensors(&self, _: Request<Streaming<pb::TensorChunk>>) -> Result<Response<pb::TransferAck>, Status> {
+        Err(Status::unimplemented("weight streaming is not available yet: put the model in the node's --model-dir"))
+    }
+
+    type ForwardStream = ResultStream;
+
+    async fn forward(&self, req: Request<Streaming<pb::Activation>>) -> Result<Response<ResultStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::StepResult, Status>>(1024);
+        let inner = self.inner.clone();
+        let next = lock(&inner.next).clone();
+        let down_tx = match next {
+            None => None,
+            Some(mut client) => {
+                let (tx, rx) = mpsc::channel::<pb::Activation>(1024);
+                let mut results = client
+                    .forward(ReceiverStream::new(rx))
+                    .await
+                    .map_err(|s| Status::unavailable(format!("node `{}`: next stage: {}", inner.name(), s.message())))?
+                    .into_inner();
+                let (out, relay) = (out_tx.clone(), inner.clone());
+                tokio::spawn(async move {
+                    loop {
+                        match results.message().await {
+                            Ok(Some(r)) => {
+                                relay.note_result(&r);
+                                if out.send(Ok(r)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(s) => {
+                                let msg = format!("node `{}`: next stage failed: {}", relay.name(), s.message());
+                                let _ = out.send(Err(Status::unavailable(msg))).await;
+                                break;
+                            }
+                        }
+                    }
+                });
+                Some(tx)
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                let act = match incoming.message().await {
+                    Ok(Some(a)) => a,
+                    Ok(None) => break,
+                    Err(s) => {
+                        tracing::debug!(status = %s, "upstream closed the forward stream");
+                        break;
+                    }
+                };
+                let (seq_id, step, want) = (act.seq_id, act.step, act.want_token);
+                let run = inner.clone();
+                let answer = |error: String| pb::StepResult { seq_id, step, token_id: 0, error };
+                let reply = match tokio::task::spawn_blocking(move || run.run(act)).await {
+                    Ok(Ok(Ran::Token(token_id))) => want.then_some(pb::StepResult { seq_id, step, token_id, error: String::new() }),
+                    Ok(Ok(Ran::HandOn(next))) => match &down_tx {
+                        Some(tx) => {
+                            if want {
+                                lock(&inner.stats).pending.insert((seq_id, step), Instant::now());
+                            }
+                            tx.send(next).await.err().map(|_| answer(format!("node `{}`: the next stage closed its stream", inner.name())))
+                        }
+                        None => Some(answer(format!("node `{}` is not the last stage but has no next stage", inner.name()))),
+                    },
+                    Ok(Err(msg)) => {
+                        tracing::warn!(seq = seq_id, step, error = %msg, "step failed");
+                        Some(answer(format!("node `{}`: {msg}", inner.name())))
+                    }
+                    Err(e) => Some(answer(format!("node `{}`: stage task failed: {e}", inner.name()))),
+                };
+                if let Some(r) = reply
+                    && out_tx.send(Ok(r)).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let seq = req.into_inner().seq_id;
+        let inner = self.inner.clone();
+        let released = tokio::task::spawn_blocking(move || inner.lock().as_mut().is_some_and(|l| l.stage.release(seq)))
+            .await
+            .map_err(internal)?;
+        let next = lock(&self.inner.next).clone();
+        if let Some(mut client) = next
+            && let Err(s) = client.release(pb::ReleaseRequest { seq_id: seq }).await
+        {
+            tracing::warn!(seq, status = %s, "the next stage did not release");
+        }
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let inner = self.inner.clone();
+        let (loaded, sequences) = tokio::task::spawn_blocking(move || {
+            let g = inner.lock();
+            (g.is_some(), g.as_ref().map_or(0, |l| l.stage.sequences() as u32))
+        })
+        .await
+        .map_err(internal)?;
+        let s = lock(&self.inner.stats);
+        Ok(Response::new(pb::HealthResponse {
+            loaded,
+            sequences,
+            steps: s.steps,
+            compute_seconds: s.compute_seconds,
+            waited_steps: s.waited_steps,
+            downstream_wait_seconds: s.downstream_wait_seconds,
+        }))
+    }
+}

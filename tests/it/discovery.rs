@@ -1,0 +1,96 @@
+//! Discovery: real `strata node` processes advertising over real mDNS, each in its own
+//! network namespace ("host"), found by `strata nodes` in a third; and static peers.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::netns::Lan;
+use crate::support::strata;
+
+fn strata_exe() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// `strata nodes ...` in host `i`, parsed.
+fn list_nodes(lan: &Lan, i: usize, args: &[&str]) -> (serde_json::Value, Duration) {
+    let mut cmd = lan.command(i, strata_exe());
+    cmd.args(["nodes", "--json", "--no-ipv6"]).args(args);
+    let t0 = Instant::now();
+    let o = lan.output(cmd);
+    let took = t0.elapsed();
+    assert!(o.status.success(), "strata nodes {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("strata nodes: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout)));
+    (v, took)
+}
+
+fn names(listing: &serde_json::Value) -> Vec<String> {
+    listing["nodes"].as_array().expect("nodes array").iter().map(|n| n["name"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Starts `strata node` in host `i` and waits for its `listening on` line.
+fn start_node(lan: &mut Lan, i: usize, name: &str) -> usize {
+    let mut cmd = lan.command(i, strata_exe());
+    cmd.args(["node", "--listen", &format!("{}:7470", lan.addr(i)), "--name", name, "--memory", "1GiB"])
+        .env("WGPU_ADAPTER_NAME", "llvmpipe")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let idx = lan.spawn(cmd);
+    let stdout = lan.child(idx).stdout.take().expect("node stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read the node's first line");
+    assert_eq!(line.trim(), format!("listening on {}:7470", lan.addr(i)), "strata node {name} did not start (see its stderr above)");
+    idx
+}
+
+#[test]
+fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
+    let mut lan = Lan::new(3);
+    let n2 = start_node(&mut lan, 1, "node2");
+    let n3 = start_node(&mut lan, 2, "node3");
+
+    let (first, took) = list_nodes(&lan, 0, &["--expect", "2", "--timeout", "10"]);
+    assert_eq!(names(&first), ["node2", "node3"], "both nodes found by mDNS alone:\n{first:#}");
+    assert_eq!(first["latency"], "tcp-connect");
+    for (node, i) in first["nodes"].as_array().unwrap().iter().zip([1, 2]) {
+        assert_eq!(node["address"], format!("{}:7470", lan.addr(i)), "{node:#}");
+        assert_eq!(node["source"], "mdns");
+        assert_eq!(node["usable_memory"], 1u64 << 30, "the TXT record carries --memory");
+        assert_eq!(node["protocol_version"], 1);
+        assert_eq!(node["compatible"], true);
+        assert!(!node["node_id"].as_str().unwrap().is_empty());
+        assert!(node["adapter"].as_str().unwrap().contains("llvmpipe"), "{node:#}");
+        assert!(node["latency_ms"].as_f64().is_some(), "the node's port answers: {node:#}");
+    }
+    let found: Vec<f64> = first["nodes"].as_array().unwrap().iter().map(|n| n["found_after_ms"].as_f64().unwrap()).collect();
+    eprintln!("resolution: {found:?} ms after browsing started; whole listing {:.0} ms", took.as_secs_f64() * 1e3);
+    assert!(took < Duration::from_secs(9), "--expect 2 returns as soon as both are found, not at the timeout");
+
+    // Killed without a goodbye: a fresh browser must not list it (no ghosts).
+    lan.kill(n3);
+    let (second, took) = list_nodes(&lan, 0, &["--timeout", "3"]);
+    assert_eq!(names(&second), ["node2"], "node3 was killed:\n{second:#}");
+    assert!(took >= Duration::from_secs(3), "without --expect, the whole window is used");
+    lan.kill(n2);
+}
+
+#[test]
+fn static_peers_are_listed_without_mdns() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let o = strata().args(["nodes", "--json", "--no-mdns", "--timeout", "0", "--peer", &addr]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{v:#}");
+    assert_eq!(nodes[0]["address"], addr);
+    assert_eq!(nodes[0]["source"], "static");
+    assert!(nodes[0]["latency_ms"].as_f64().is_some(), "{v:#}");
+    assert!(nodes[0].get("usable_memory").is_none(), "a static peer's details come over gRPC, not guessed: {v:#}");
+
+    let o = strata().args(["nodes", "--no-mdns", "--peer", "no-port-here"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected HOST:PORT"));
+}

@@ -1,0 +1,265 @@
+//! `strata serve`: a real server process on 127.0.0.1 (ephemeral port), driven by the
+//! official OpenAI Python client, raw HTTP, and headless Chromium.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{fixture, path_str, smol_q8_0, strata, strata_json};
+
+/// A running `strata serve`; killed on drop, on every exit path of a test.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let log = dir.join(format!("serve-{}-{}.log", std::process::id(), model.file_stem().unwrap().to_string_lossy()));
+        let mut child = strata()
+            .args(["serve", "--model", path_str(model), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn strata serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                }
+            }
+        });
+        let server = |addr| Server { child, addr, log: log.clone() };
+        match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(addr) => server(addr),
+            Err(_) => {
+                let mut s = server("0.0.0.0:0".parse().unwrap());
+                let _ = s.child.kill();
+                panic!("strata serve did not start:\n{}", std::fs::read_to_string(&s.log).unwrap_or_default());
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(self.addr, "GET", path, "")
+    }
+
+    fn post(&self, path: &str, body: &str) -> Reply {
+        http(self.addr, "POST", path, body)
+    }
+
+    /// Waits (at most 30 s) until no sequence is active or held.
+    fn wait_idle(&self) {
+        let t0 = Instant::now();
+        loop {
+            let active = self.active();
+            if active == (0, 0) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "sequences still active or held after 30 s: {active:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Active sequences, by `/metrics` and by `/v1/cluster`.
+    fn active(&self) -> (u64, u64) {
+        let m = self.get("/metrics").body;
+        let metric = m.lines().find_map(|l| l.strip_prefix("strata_active_sequences ")).expect("strata_active_sequences").trim().parse().unwrap();
+        let c = self.get("/v1/cluster").json();
+        let held = c["nodes"].as_array().unwrap().iter().map(|n| n["sequences"].as_u64().unwrap()).sum();
+        (metric, held)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- strata serve log ---\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read reply");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_owned() };
+    Reply { status, body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn python(script: &str, args: &[&str]) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/py/");
+    let o = Command::new("python3").arg(format!("{path}{script}")).args(args).output().expect("run python3");
+    assert!(
+        o.status.success(),
+        "{script} failed (needs `bash scripts/setup.sh` for the openai package):\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+const MAX_TOKENS: u32 = 24;
+
+/// SmolLM2 Q8_0 (a real instruction-tuned model, so stop strings and chat make sense),
+/// with the official OpenAI client: non-streaming and streaming chat, /v1/models, stop
+/// strings, seeds, greedy output equal to `strata run`'s, and 1/4/8 concurrent streams
+/// each equal to the same request alone.
+#[test]
+fn openai_client_against_smollm2() {
+    let model = smol_q8_0();
+    let prompt = "What is the capital of France? Answer in one sentence.";
+    let n = MAX_TOKENS.to_string();
+    let run = strata_json(&["run", "--model", path_str(&model), "--chat", "--prompt", prompt, "--max-tokens", &n, "--ctx", "1024", "--json"]);
+    let greedy_text = run["text"].as_str().unwrap();
+    let server = Server::start(&model, &["--ctx", "1024", "--max-seqs", "8"]);
+    let prompts = [
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Tell me a fact about cats.",
+        "Write a short greeting.",
+        "What is the largest planet?",
+        "Describe rain in a few words.",
+        "Give me a name for a dog.",
+        "What language is spoken in Spain?",
+    ];
+    let checks = json!({ "greedy_prompt": prompt, "greedy_text": greedy_text, "max_tokens": MAX_TOKENS, "concurrent_prompts": prompts });
+    let out = python("openai_client.py", &[&format!("{}/v1", server.url()), "SmolLM2-135M-Instruct.Q8_0.by-strata", &checks.to_string()]);
+    let report: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    eprintln!("openai client report: {report}");
+    server.wait_idle();
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("strata_stage_step_seconds_count{stage=\"0\",node=\"local\"}"), "{metrics}");
+}
+
+/// Error cases answer in OpenAI's shape with the right status, and the server keeps going.
+#[test]
+fn bad_requests_are_refused_in_openai_shape() {
+    let server = Server::start(&fixture("tiny-qwen3.gguf"), &["--ctx", "64"]);
+    let long = "word ".repeat(200);
+    let cases: &[(&str, &str, u16, &str, Option<&str>)] = &[
+        ("/v1/chat/completions", "{not json", 400, "malformed JSON", None),
+        ("/v1/chat/completions", r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#, 404, "gpt-4", Some("model")),
+        ("/v1/completions", &format!(r#"{{"prompt":"{long}"}}"#), 400, "but the context length is 64", Some("prompt")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#, 400, "temperature", Some("temperature")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"top_p":1.5}"#, 400, "top_p", Some("top_p")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":3}"#, 400, "presence_penalty", Some("presence_penalty")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#, 400, "temperature", Some("temperature")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#, 400, "n = 2", Some("n")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#, 400, "max_tokens", Some("max_tokens")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#, 400, "logprobs not supported", Some("logprobs")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#, 400, "top_logprobs", Some("top_logprobs")),
+        ("/v1/chat/completions", r#"{"messages":[]}"#, 400, "at least one message", Some("messages")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"tool","content":"x"}]}"#, 400, "role", Some("messages")),
+        ("/v1/nothing", "{}", 404, "no such endpoint", None),
+    ];
+    for (path, body, status, needle, param) in cases {
+        let r = server.post(path, body);
+        assert_eq!(r.status, *status, "{path} {body}: {}", r.body);
+        let e = &r.json()["error"];
+        let message = e["message"].as_str().unwrap_or_else(|| panic!("no error.message: {}", r.body));
+        assert!(message.contains(needle), "{path} {body}: message {message:?} lacks {needle:?}");
+        assert!(e["type"].is_string() && e.get("code").is_some(), "{}", r.body);
+        assert_eq!(e["param"].as_str(), *param, "{path} {body}: param");
+        // Still serving.
+        assert_eq!(server.get("/health").status, 200);
+    }
+    let r = server.post("/v1/chat/completions", r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    let r = server.post("/v1/completions", &format!(r#"{{"prompt":"{long}"}}"#));
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("64") && msg.contains("tokens"), "{msg}");
+    // A good request works after all of that.
+    let r = server.post("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"].as_u64().unwrap() <= 4, true);
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"}"), "{metrics}");
+}
+
+/// A client that disconnects mid-stream cancels its generation: the sequence is freed.
+#[test]
+fn disconnect_mid_stream_frees_the_sequence() {
+    let server = Server::start(&fixture("tiny-qwen3.gguf"), &["--ctx", "4096"]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let body = r#"{"prompt":"Once upon a time","max_tokens":4000,"temperature":1.0,"stream":true,"seed":7}"#;
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    // Read until a few chunks of text have arrived: the sequence is generating.
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(server.active(), (1, 1), "one sequence generating");
+    drop(s);
+    server.wait_idle();
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("request cancelled"), "{log}");
+    assert_eq!(server.get("/health").status, 200);
+}
+
+/// The web page in headless Chromium: a chat answer streams in, and the cluster view
+/// draws the node with its layers and memory.
+#[test]
+fn web_page_streams_a_chat_and_shows_the_cluster() {
+    let server = Server::start(&smol_q8_0(), &["--ctx", "1024"]);
+    let page = server.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<script src=\"/app.js\">") && !page.body.contains("https://"), "the page must be self-contained");
+    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("strata-web.png");
+    let out = python("../web/drive.py", &[&format!("{}/", server.url()), path_str(&shot)]);
+    let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    eprintln!("web page: {r}\nscreenshot: {}", shot.display());
+    assert!(r["final"].as_str().unwrap().trim().len() > 5, "{r}");
+    assert!(r["cluster"].as_str().unwrap().contains("layers 0–29"), "{r}");
+}
