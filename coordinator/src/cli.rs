@@ -91,7 +91,7 @@ pub struct NodeArgs {
     #[arg(long, default_value = "0.0.0.0:7470")]
     pub listen: std::net::SocketAddr,
     /// Memory this node offers for weights and caches, e.g. `12GiB` or `800MB`; `auto`
-    /// probes it (CPU and integrated adapters: available system memory; discrete GPUs: 8 GiB).
+    /// probes it (CPU adapters: available system memory; Apple: 75% of unified memory; Vulkan GPUs: device-local heaps).
     #[arg(long, default_value = "auto")]
     pub memory: String,
     /// Directory holding GGUF models; a shard is loaded from the file whose identity matches.

@@ -112,7 +112,9 @@ impl NodeTable {
         });
     }
 
-    /// Hook for the gRPC `Info` answer of a static peer (or a fresher one for any node).
+    /// Hook for the gRPC `Info` answer of a static peer (or a fresher one for any node);
+    /// the pipeline driver is to call it once it asks peers for `Info`.
+    #[allow(dead_code)]
     pub fn set_details(&mut self, key: &str, name: Option<String>, details: NodeDetails) -> bool {
         match self.entries.get_mut(key) {
             Some(e) => {
@@ -168,10 +170,6 @@ impl NodeTable {
 
     pub fn len(&self) -> usize {
         self.nodes().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -235,10 +233,6 @@ impl Browser {
 
     pub fn table(&self) -> &NodeTable {
         &self.table
-    }
-
-    pub fn table_mut(&mut self) -> &mut NodeTable {
-        &mut self.table
     }
 
     /// When browsing started.

@@ -9,38 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::memory::{parse_size, probe};
 use strata_node::service::{self, NodeConfig, NodeIdentity, StageService};
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::v1 as pb;
 
 use crate::cli::{BenchHopArgs, NodeArgs, Wire};
-
-/// Parses `12GiB`, `800MB`, `1.5 TiB`, `4096` (bytes): decimal (kB, MB, GB, TB) and
-/// binary (KiB, MiB, GiB, TiB) units, case-insensitive.
-pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || anyhow::anyhow!("invalid size `{s}`: expected a number with a unit such as 12GiB, 800MB or 4096B (or `auto`)");
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "m" | "mb" => 1_000_000,
-        "g" | "gb" => 1_000_000_000,
-        "t" | "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    let bytes = n * mult as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
-}
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -52,7 +26,7 @@ fn host_name() -> String {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let memory = if args.memory.eq_ignore_ascii_case("auto") { None } else { Some(parse_size(&args.memory).context("--memory")?) };
+    let memory = parse_size(&args.memory).context("--memory")?;
     if let Some(d) = &args.model_dir
         && !d.is_dir()
     {
@@ -66,7 +40,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let identity = NodeIdentity {
         node_id: format!("{name}-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() % 1_000_000),
         name,
-        usable_memory: memory.unwrap_or_else(|| service::probe_memory(&gpu)),
+        usable_memory: {
+            let probe = memory.resolve(|| probe(&gpu));
+            tracing::info!(bytes = probe.bytes, source = probe.source, "usable memory");
+            probe.bytes
+        },
         adapter: gpu.info.name.clone(),
         backend: format!("{:?}", gpu.info.backend),
     };
@@ -85,7 +63,6 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             writeln!(out, "listening on {addr}")?;
             out.flush()?;
         }
-        service::advertise(addr, &identity);
         // Kept alive while serving; dropping it sends mDNS goodbyes.
         let _advertisement = crate::discovery::advertise_node(
             &strata_node::advertise::NodeAdvert {
@@ -137,7 +114,7 @@ pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
         None => {
             let exe = std::env::current_exe()?;
             let mut child = Command::new(exe)
-                .args(["node", "--listen", "127.0.0.1:0", "--name", "hop-bench", "--memory", "1GiB"])
+                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--name", "hop-bench", "--memory", "1GiB"])
                 // Every answer is a "no shard" step error; do not log 2000 of them.
                 .env("RUST_LOG", "error")
                 .stdout(Stdio::piped())
@@ -201,20 +178,4 @@ pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_with_units() {
-        assert_eq!(parse_size("12GiB").unwrap(), 12 << 30);
-        assert_eq!(parse_size("800MB").unwrap(), 800_000_000);
-        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "GiB", "12 parsecs", "-3GB", "0"] {
-            assert!(parse_size(bad).unwrap_err().to_string().contains("invalid size"), "{bad}");
-        }
-    }
 }

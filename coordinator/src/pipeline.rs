@@ -93,7 +93,7 @@ async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> an
     let identity = NodeIdentity {
         node_id: format!("local-{}", std::process::id()),
         name: "local".into(),
-        usable_memory: service::probe_memory(&gpu),
+        usable_memory: strata_node::memory::probe(&gpu).bytes,
         adapter: gpu.info.name.clone(),
         backend: format!("{:?}", gpu.info.backend),
     };

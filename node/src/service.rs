@@ -18,7 +18,6 @@
 //! (`PushTensors`, a shard cache) is not implemented yet and answers `unimplemented`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,31 +54,6 @@ pub struct NodeConfig {
     pub model_files: Vec<PathBuf>,
     /// Sequences unused this long are freed.
     pub idle_timeout: Duration,
-}
-
-/// The hook for advertising a node on the LAN (mDNS), called once the listener is bound.
-/// Discovery is not implemented yet; this only logs.
-pub fn advertise(addr: SocketAddr, identity: &NodeIdentity) {
-    tracing::info!(%addr, name = %identity.name, usable_memory = identity.usable_memory, "node ready (not advertised: mDNS not implemented)");
-}
-
-/// The memory a node offers when `--memory auto`: on a CPU adapter (lavapipe) and on
-/// integrated GPUs, which share system memory, the system's available memory
-/// (`MemAvailable`); on a discrete GPU, whose memory wgpu does not report, an estimate of
-/// 8 GiB (set `--memory` for the real figure).
-pub fn probe_memory(gpu: &Gpu) -> u64 {
-    const DISCRETE_ESTIMATE: u64 = 8 << 30;
-    match gpu.info.device_type {
-        wgpu::DeviceType::DiscreteGpu => DISCRETE_ESTIMATE,
-        _ => mem_available().unwrap_or(DISCRETE_ESTIMATE),
-    }
-}
-
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Serves `service` on `listener` until `shutdown`, freeing idle sequences meanwhile.

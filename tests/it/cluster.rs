@@ -25,7 +25,7 @@ impl Cluster {
         let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
         for i in 0..n {
             let mut child = strata()
-                .args(["node", "--listen", "127.0.0.1:0", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir)])
+                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir)])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -111,6 +111,15 @@ fn three_nodes_match_one_tiny_qwen3() {
     assert_same("tiny-qwen3, auto split", &compare(&m, "tiny-qwen3.golden.json", &cluster, &[], &[]));
     // Uneven, and prefill in chunks of 8 so that several chunks are in flight at once.
     assert_same("tiny-qwen3, split 2,1,3", &compare(&m, "tiny-qwen3.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,3"]));
+}
+
+#[test]
+fn three_nodes_match_one_tiny_qwen35() {
+    let m = fixture("tiny-qwen35.gguf");
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+    // Layers 3 and 7 are attention, the rest DeltaNet: 2,1,5 puts one boundary between two
+    // DeltaNet layers (1|2) and one between a DeltaNet and an attention layer (2|3).
+    assert_same("tiny-qwen35, split 2,1,5", &compare(&m, "tiny-qwen35.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,5"]));
 }
 
 #[test]
