@@ -17,8 +17,9 @@ as_root() {
 }
 
 have_vulkan_driver() {
-    ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || return 1
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1
+    # Not grep -q: it would close the pipe early and pipefail would report ldconfig's SIGPIPE.
+    ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1' >/dev/null || return 1
+    compgen -G '/usr/share/vulkan/icd.d/*.json' >/dev/null || compgen -G '/etc/vulkan/icd.d/*.json' >/dev/null
 }
 
 if [ "$(uname -s)" = Linux ] && ! have_vulkan_driver; then
