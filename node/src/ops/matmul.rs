@@ -161,7 +161,6 @@ fn matmul_with(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
 
     use strata_model::quant::{GgmlType, dequantize};
 
@@ -345,39 +344,5 @@ mod tests {
         let err = matmul(gpu, kernels, &step, &w, &x, &out, 2, false).unwrap_err();
         assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains("out holds 16 bytes"), "{err}");
         assert!(matmul(gpu, kernels, &step, &w, &x, &out, 1, false).is_ok());
-    }
-
-    /// Best time of 3 batches of 5 runs of `d`, per run, in seconds.
-    fn time(gpu: &Gpu, d: &[Dispatch], n_tokens: u32, out: &wgpu::Buffer) -> f64 {
-        let runs = 5;
-        let batch: Vec<Dispatch> = (0..runs).flat_map(|_| d.iter().cloned()).collect();
-        submit(gpu, d, n_tokens);
-        gpu.read_f32(out, 1).unwrap();
-        (0..3)
-            .map(|_| {
-                let start = Instant::now();
-                submit(gpu, &batch, n_tokens);
-                gpu.read_f32(out, 1).unwrap();
-                start.elapsed().as_secs_f64() / runs as f64
-            })
-            .fold(f64::INFINITY, f64::min)
-    }
-
-    /// Decode read bandwidth and prefill throughput on this adapter, printed, not checked
-    /// (`cargo test -p strata-node matmul_speed -- --nocapture`).
-    #[test]
-    fn matmul_speed() {
-        let (gpu, kernels) = gpu();
-        let mut rng = Rng::new(5);
-        for (k, n, t) in [(5120, 5120, 1), (576, 49152, 1), (576, 1536, 64)] {
-            let bytes = fast_q8_0(&mut rng, k, n);
-            let w = QuantMatrix::upload(gpu, "w", GgmlType::Q8_0, k, n, &bytes).unwrap();
-            let x = f32_buffer(gpu, &rng.vec(t * k, 1.0));
-            let (out, step) = (gpu.storage("out", (t * n) as u64 * 4), step(gpu, t as u32));
-            let d = matmul(gpu, kernels, &step, &w, &x, &out, t as u32, false).unwrap();
-            let secs = time(gpu, &d, t as u32, &out);
-            let (gbs, gflops) = (w.bytes() as f64 / secs / 1e9, (2 * k * n * t) as f64 / secs / 1e9);
-            println!("Q8_0 k={k} n={n} tokens={t} on {}: {:.3} ms, {gbs:.2} GB/s, {gflops:.1} GFLOP/s", gpu.info.name, secs * 1e3);
-        }
     }
 }
