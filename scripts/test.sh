@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RUST_BACKTRACE=1
 cargo test --workspace --no-fail-fast 2>&1
-LP_NATIVE_VECTOR_WIDTH=128 cargo test -p strata-node --no-fail-fast 2>&1
+# --workspace --lib (not -p strata-node) keeps the feature set of the run above: no rebuild.
+LP_NATIVE_VECTOR_WIDTH=128 cargo test --workspace --lib --no-fail-fast 2>&1
