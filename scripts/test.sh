@@ -4,7 +4,7 @@
 # can rely on a particular subgroup size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 export RUST_BACKTRACE=1
 cargo test --workspace --no-fail-fast 2>&1
 # --workspace --lib (not -p strata-node) keeps the feature set of the run above: no rebuild.

@@ -138,7 +138,7 @@ fn python(script: &str, args: &[&str]) -> String {
     let o = Command::new("python3").arg(format!("{path}{script}")).args(args).output().expect("run python3");
     assert!(
         o.status.success(),
-        "{script} failed (needs `bash scripts/setup.sh` for the openai package):\n{}\n{}",
+        "{script} failed (needs `bash scripts/setup.sh --test` for the openai package):\n{}\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );

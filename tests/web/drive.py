@@ -24,7 +24,7 @@ def main():
     url, shot = sys.argv[1], sys.argv[2]
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
-        raise SystemExit("chromium is missing: run `bash scripts/setup.sh`")
+        raise SystemExit("chromium is missing: run `bash scripts/setup.sh --test`")
     profile = tempfile.mkdtemp(prefix="strata-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
