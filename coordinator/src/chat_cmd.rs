@@ -14,7 +14,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::cli::ChatArgs;
 use crate::engine::Engine;
-use crate::scheduler::{Event, GenRequest, SyncStepEngine, Scheduler, SchedulerConfig};
+use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig, step_engine};
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let path = &args.engine.model;
@@ -34,7 +34,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     eprintln!("loading {} ...", path.display());
     let engine = Engine::load(&gguf, &args.engine)?;
     drop(gguf);
-    let scheduler = Scheduler::spawn(Box::new(SyncStepEngine::new(engine)), tokenizer.clone(), SchedulerConfig { max_seqs: 1 })?;
+    let scheduler = Scheduler::spawn(step_engine(engine), tokenizer.clone(), SchedulerConfig { max_seqs: 1 })?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

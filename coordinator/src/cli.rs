@@ -73,13 +73,33 @@ pub struct EngineArgs {
     /// Encoding of hidden states between stages.
     #[arg(long, value_enum, default_value_t = Wire::F32)]
     pub wire: Wire,
+    /// Find `strata node`s on the LAN over mDNS and run layers on them too (after this
+    /// machine's own stage and any `--peer`, in name order).
+    #[arg(long)]
+    pub discover: bool,
+    /// With `--discover`: stop looking as soon as this many nodes are found, and fail if
+    /// fewer turn up within `--discover-timeout`.
+    #[arg(long, value_name = "N", requires = "discover", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub expect_nodes: Option<u32>,
+    /// With `--discover`: seconds to look for nodes (mDNS has no "that is everyone" signal).
+    #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_seconds)]
+    pub discover_timeout: f64,
 }
 
 impl EngineArgs {
     /// Whether the model runs as a pipeline of stage services rather than in-process.
     pub fn is_pipeline(&self) -> bool {
-        !self.peers.is_empty() || self.no_local || self.split.is_some()
+        !self.peers.is_empty() || self.no_local || self.split.is_some() || self.discover
     }
+}
+
+/// A duration in seconds: finite, 0 to one hour.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(0.0..=3600.0).contains(&v) {
+        return Err(format!("{v} s is out of range (0 to 3600)"));
+    }
+    Ok(v)
 }
 
 #[derive(Args, Debug)]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
 use serde::Serialize;
 use strata_node::advertise::{self, Advertisement, NodeAdvert, SERVICE_TYPE, txt};
@@ -411,6 +411,37 @@ struct NodeRow<'a> {
 }
 
 const LATENCY_METHOD: &str = "tcp-connect";
+
+/// The nodes a pipeline may use, found over mDNS: browses until `expect` nodes are
+/// known (or for the whole `timeout` when `None`) and returns the addresses of those
+/// that speak this protocol, in name order. Fewer than `expect` is an error.
+pub fn discover_nodes(expect: Option<usize>, timeout: Duration) -> anyhow::Result<Vec<String>> {
+    let mut browser = Browser::start(BrowseConfig::default())?;
+    let found = match expect {
+        Some(n) => browser.wait_until(timeout, |t| t.nodes().iter().filter(|e| e.compatible()).count() >= n),
+        None => browser.wait_until(timeout, |_| false),
+    };
+    let mut nodes: Vec<&NodeEntry> = browser.table().nodes();
+    for e in nodes.iter().filter(|e| !e.compatible()) {
+        let proto = e.details.as_ref().map_or("unreadable TXT records".to_string(), |d| format!("protocol {}", d.protocol_version));
+        eprintln!("ignoring node {} at {}: {proto}, this coordinator speaks {}", e.name, e.addr, strata_proto::PROTOCOL_VERSION);
+    }
+    nodes.retain(|e| e.compatible());
+    if let Some(n) = expect
+        && !found
+    {
+        bail!(
+            "found {} of the {n} nodes expected over mDNS within {:.1} s ({}); is multicast blocked? try --peer HOST:PORT",
+            nodes.len(),
+            timeout.as_secs_f64(),
+            if nodes.is_empty() { "none".to_string() } else { nodes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ") }
+        );
+    }
+    for e in &nodes {
+        tracing::info!(name = %e.name, addr = %e.addr, "discovered node");
+    }
+    Ok(nodes.iter().map(|e| e.addr.to_string()).collect())
+}
 
 /// `strata nodes`.
 pub fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {

@@ -68,6 +68,14 @@ impl Engine {
         }
     }
 
+    /// (node, address, layers) of every stage, in pipeline order.
+    pub fn placement(&self) -> Vec<(String, String, std::ops::Range<usize>)> {
+        match self {
+            Engine::Local(e) => vec![("local".into(), String::new(), e.stage.spec().layers.clone())],
+            Engine::Pipeline(p) => p.stages.iter().map(|s| (s.name.clone(), s.addr.clone(), s.layers.clone())).collect(),
+        }
+    }
+
     pub fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
         match self {
             Engine::Local(e) => {
@@ -98,14 +106,17 @@ impl LocalEngine {
     /// Feeds `ids` starting at `pos` in chunks of the batch size and returns the token
     /// sampled after the last one.
     pub fn prefill(&mut self, seq: SeqId, ids: &[u32], pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
-        let mut token = None;
+        let chunks: Vec<&[u32]> = ids.chunks(self.batch as usize).collect();
+        let (last, before) = chunks.split_last().context("nothing to prefill")?;
         let mut p = pos;
-        for chunk in ids.chunks(self.batch as usize) {
+        // Chunks before the last only fill the caches: nothing is sampled from them.
+        for chunk in before {
             let positions: Vec<u32> = (p..p + chunk.len() as u32).collect();
-            token = Some(self.step(seq, chunk, &positions, sampling)?);
+            self.stage.advance(seq, Input::Tokens(chunk), &positions)?;
             p += chunk.len() as u32;
         }
-        token.context("nothing to prefill")
+        let positions: Vec<u32> = (p..p + last.len() as u32).collect();
+        self.step(seq, last, &positions, sampling)
     }
 
     pub fn step(&mut self, seq: SeqId, ids: &[u32], positions: &[u32], sampling: &SamplingParams) -> anyhow::Result<u32> {

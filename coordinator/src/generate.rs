@@ -26,6 +26,16 @@ struct RunReport {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     stop_reason: &'static str,
+    /// Where the layers ran, in pipeline order.
+    stages: Vec<Placement>,
+}
+
+#[derive(Serialize)]
+struct Placement {
+    node: String,
+    /// The node's stage service (empty for the in-process engine).
+    address: String,
+    layers: [usize; 2],
 }
 
 /// The prompt's token ids: optionally chat-templated, special tokens recognised, BOS
@@ -117,6 +127,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         prefill_seconds,
         decode_seconds,
         stop_reason,
+        stages: engine.placement().into_iter().map(|(node, address, l)| Placement { node, address, layers: [l.start, l.end] }).collect(),
     };
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report)?;

@@ -11,8 +11,9 @@
 //! This module is the coordinator's boundary with the wire: proto messages are built
 //! and read here and nowhere else in the coordinator.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use strata_model::config::ModelConfig;
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cli::{EngineArgs, Wire};
 use crate::engine::context_length;
+use crate::scheduler::{EngineStats, LatencyHistogram, StageStats, Step, StepEngine};
 
 /// One stage as the coordinator sees it.
 pub struct StageHandle {
@@ -37,6 +39,8 @@ pub struct StageHandle {
     pub addr: String,
     pub adapter: String,
     pub backend: String,
+    /// The node's usable memory, as it reported it.
+    pub memory: u64,
     pub layers: std::ops::Range<usize>,
     client: StageClient<Channel>,
 }
@@ -77,8 +81,20 @@ pub struct Pipeline {
     next_step: u64,
     /// Prompt ids to hand the last stage with a sequence's next activation (penalties).
     history: Vec<(SeqId, Vec<u32>)>,
+    /// Submitted steps that want a token: step number -> (sequence, when sent).
+    in_flight: HashMap<u64, (SeqId, Instant)>,
+    /// Results owed at once: steps that asked for no token have nothing to wait for.
+    ready: VecDeque<(SeqId, anyhow::Result<Option<u32>>)>,
+    /// Errors of steps that asked for no token, reported with the sequence's next result.
+    failed: HashMap<SeqId, String>,
+    latency: LatencyHistogram,
+    /// The nodes' counters, refreshed at most every [`STATS_EVERY`].
+    node_stats: Mutex<(Option<Instant>, Vec<StageStats>)>,
     _local: Option<LocalNode>,
 }
+
+/// How often `stats` asks the nodes for their counters (the scheduler asks every step).
+const STATS_EVERY: Duration = Duration::from_millis(250);
 
 fn wire_format(w: Wire) -> pb::HiddenFormat {
     match w {
@@ -116,7 +132,15 @@ impl Pipeline {
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
         let batch = args.batch.min(ctx);
-        let (stages, _plan, tx, results, local) = rt.block_on(Self::connect_and_load(gguf, &config, args, ctx, batch))?;
+        let discovered = if args.discover {
+            let timeout = Duration::from_secs_f64(args.discover_timeout);
+            let found = crate::discovery::discover_nodes(args.expect_nodes.map(|n| n as usize), timeout)?;
+            eprintln!("discovered {} node(s) over mDNS: {}", found.len(), found.join(", "));
+            found
+        } else {
+            Vec::new()
+        };
+        let (stages, _plan, tx, results, local) = rt.block_on(Self::connect_and_load(gguf, &config, args, &discovered, ctx, batch))?;
         Ok(Pipeline {
             rt,
             stages,
@@ -127,6 +151,11 @@ impl Pipeline {
             results,
             next_step: 0,
             history: Vec::new(),
+            in_flight: HashMap::new(),
+            ready: VecDeque::new(),
+            failed: HashMap::new(),
+            latency: LatencyHistogram::default(),
+            node_stats: Mutex::new((None, Vec::new())),
             _local: local,
         })
     }
@@ -136,6 +165,7 @@ impl Pipeline {
         gguf: &Gguf,
         config: &ModelConfig,
         args: &EngineArgs,
+        discovered: &[String],
         ctx: u32,
         batch: u32,
     ) -> anyhow::Result<(Vec<StageHandle>, Plan, mpsc::Sender<pb::Activation>, Streaming<pb::StepResult>, Option<LocalNode>)> {
@@ -148,8 +178,9 @@ impl Pipeline {
             Some(node)
         };
         addrs.extend(args.peers.iter().cloned());
+        addrs.extend(discovered.iter().cloned());
         if addrs.is_empty() {
-            bail!("--no-local without any --peer: no node to run the model on");
+            bail!("no node to run the model on: --no-local without any --peer, and --discover found none");
         }
         let mut stages = Vec::new();
         let mut budgets = Vec::new();
@@ -161,7 +192,15 @@ impl Pipeline {
             }
             let name = if stages.iter().any(|s: &StageHandle| s.name == info.name) { format!("{}@{addr}", info.name) } else { info.name.clone() };
             budgets.push(NodeBudget::new(name.clone(), info.usable_memory));
-            stages.push(StageHandle { name, addr: addr.clone(), adapter: info.adapter, backend: info.backend, layers: 0..0, client });
+            stages.push(StageHandle {
+                name,
+                addr: addr.clone(),
+                adapter: info.adapter,
+                backend: info.backend,
+                memory: info.usable_memory,
+                layers: 0..0,
+                client,
+            });
         }
         let pc = PlanConfig { max_batch: batch as usize, ..PlanConfig::new(ctx as usize) };
         let cost = ModelCost::new(gguf, config, &pc)?;
@@ -169,7 +208,7 @@ impl Pipeline {
             Some(s) => Plan::manual(&cost, &budgets, &parse_split(s)?)?,
             None => Plan::auto(&cost, &budgets)?,
         };
-        tracing::info!("plan:\n{}", plan.table());
+        eprintln!("plan:\n{}", plan.table());
         let model_id = gguf.identity().to_vec();
         let mut loads = Vec::new();
         for (k, sp) in plan.stages.iter().enumerate() {
@@ -216,6 +255,7 @@ impl Pipeline {
             sampling: Some(service::sampling_to_wire(sampling)),
             want_token,
             history,
+            want_logits: false,
         }
     }
 
@@ -268,8 +308,57 @@ impl Pipeline {
         })
     }
 
+    /// Sends a step without waiting for it; its outcome comes from [`Pipeline::next_result`].
+    pub fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
+        if step.prompt && step.sampling.has_penalties() {
+            self.note_prompt(step.seq, step.ids);
+        }
+        let act = self.activation(step.seq, step.ids, step.positions, step.sampling, step.want_token);
+        let n = act.step;
+        self.rt.block_on(Self::send(&self.tx, act))?;
+        if step.want_token {
+            self.in_flight.insert(n, (step.seq, Instant::now()));
+        } else {
+            self.ready.push_back((step.seq, Ok(None)));
+        }
+        Ok(())
+    }
+
+    /// The next finished step (see [`StepEngine::next_result`]).
+    pub fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+        if let Some(r) = self.ready.pop_front() {
+            return Ok(r);
+        }
+        if self.in_flight.is_empty() {
+            bail!("next_result without a submitted step");
+        }
+        loop {
+            let r = self.rt.block_on(self.results.message()).map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?;
+            let r = r.context("the pipeline closed its result stream")?;
+            match self.in_flight.remove(&r.step) {
+                Some((seq, sent)) => {
+                    self.latency.observe(sent.elapsed());
+                    let result = match self.failed.remove(&seq) {
+                        Some(e) => Err(anyhow::anyhow!(e)),
+                        None if !r.error.is_empty() => Err(anyhow::anyhow!(r.error)),
+                        None => Ok(Some(r.token_id)),
+                    };
+                    return Ok((seq, result));
+                }
+                // A step nobody waits for failed (a prefill chunk): its sequence's next
+                // result carries the error.
+                None if !r.error.is_empty() => {
+                    tracing::warn!(seq = r.seq_id, step = r.step, error = %r.error, "step failed");
+                    self.failed.entry(r.seq_id).or_insert(r.error);
+                }
+                None => tracing::debug!(seq = r.seq_id, step = r.step, "result of a step nobody waits for"),
+            }
+        }
+    }
+
     /// Frees a sequence on every stage (each stage passes it on to the next).
     pub fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
+        self.failed.remove(&seq);
         let mut client = self.stages[0].client.clone();
         self.rt.block_on(client.release(pb::ReleaseRequest { seq_id: seq })).context("releasing a sequence")?;
         Ok(())
@@ -290,5 +379,66 @@ impl Pipeline {
             }
             Ok(out)
         })
+    }
+}
+
+impl StepEngine for Pipeline {
+    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
+        Pipeline::submit(self, step)
+    }
+
+    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+        Pipeline::next_result(self)
+    }
+
+    fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
+        Pipeline::release(self, seq)
+    }
+
+    fn ctx(&self) -> u32 {
+        self.ctx
+    }
+
+    fn max_batch(&self) -> u32 {
+        self.batch
+    }
+
+    /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a
+    /// node that does not answer keeps its last figures).
+    fn stats(&self) -> EngineStats {
+        let mut cache = self.node_stats.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
+            let fresh: Vec<StageStats> = self.rt.block_on(async {
+                let mut out = Vec::new();
+                for (i, s) in self.stages.iter().enumerate() {
+                    let h = s.client.clone().health(pb::HealthRequest {}).await.map(|r| r.into_inner());
+                    let mut st = cache.1.get(i).cloned().unwrap_or_else(|| StageStats {
+                        node: s.name.clone(),
+                        device: s.adapter.clone(),
+                        layers: s.layers.clone(),
+                        weight_bytes: 0,
+                        cache_bytes: 0,
+                        memory_bytes: Some(s.memory),
+                        sequences: 0,
+                        steps: 0,
+                        busy_seconds: 0.0,
+                    });
+                    match h {
+                        Ok(h) => {
+                            st.weight_bytes = h.weight_bytes;
+                            st.cache_bytes = h.cache_bytes;
+                            st.sequences = h.sequences as usize;
+                            st.steps = h.steps;
+                            st.busy_seconds = h.compute_seconds;
+                        }
+                        Err(e) => tracing::debug!(node = %s.name, error = %e.message(), "no health answer"),
+                    }
+                    out.push(st);
+                }
+                out
+            });
+            *cache = (Some(Instant::now()), fresh);
+        }
+        EngineStats { n_layer: self.stages.last().map_or(0, |s| s.layers.end), stages: cache.1.clone(), step_latency: self.latency.clone() }
     }
 }

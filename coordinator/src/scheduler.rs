@@ -17,7 +17,9 @@ use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::engine::Engine;
+use strata_node::stage::Input;
+
+use crate::engine::{Engine, LocalEngine};
 
 /// One step of one sequence, as the scheduler hands it to an engine.
 pub struct Step<'a> {
@@ -61,6 +63,8 @@ pub trait StepEngine: Send {
 pub struct EngineStats {
     pub n_layer: usize,
     pub stages: Vec<StageStats>,
+    /// From submitting a step that wants a token to its token coming back.
+    pub step_latency: LatencyHistogram,
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +82,15 @@ pub struct StageStats {
     pub memory_bytes: Option<u64>,
     /// Sequences holding caches on this stage.
     pub sequences: usize,
-    pub step_latency: LatencyHistogram,
+    /// Steps (prefill chunks and decode tokens) the stage has run, and its time in them.
+    pub steps: u64,
+    pub busy_seconds: f64,
+}
+
+impl StageStats {
+    pub fn mean_step_seconds(&self) -> f64 {
+        if self.steps == 0 { 0.0 } else { self.busy_seconds / self.steps as f64 }
+    }
 }
 
 /// Upper bounds (seconds) of the step-latency buckets.
@@ -103,19 +115,28 @@ impl LatencyHistogram {
     }
 }
 
-/// The engine of `strata run` (one local stage, or a pipeline driven one step at a
-/// time), driven step by step: `submit` runs the step at once and queues its result.
-/// A pipelined engine that keeps several sequences in flight implements [`StepEngine`]
-/// itself.
+/// One local stage driven step by step: `submit` runs the step at once and queues its
+/// result (there is no second stage to overlap with).
 pub struct SyncStepEngine {
-    engine: Engine,
+    engine: LocalEngine,
     results: VecDeque<(SeqId, anyhow::Result<Option<u32>>)>,
     latency: LatencyHistogram,
+    steps: u64,
+    busy_seconds: f64,
 }
 
 impl SyncStepEngine {
-    pub fn new(engine: Engine) -> Self {
-        SyncStepEngine { engine, results: VecDeque::new(), latency: LatencyHistogram::default() }
+    pub fn new(engine: LocalEngine) -> Self {
+        SyncStepEngine { engine, results: VecDeque::new(), latency: LatencyHistogram::default(), steps: 0, busy_seconds: 0.0 }
+    }
+}
+
+/// The scheduler's engine for `engine`: a pipeline keeps steps in flight; a local
+/// stage runs them one by one.
+pub fn step_engine(engine: Engine) -> Box<dyn StepEngine> {
+    match engine {
+        Engine::Local(e) => Box::new(SyncStepEngine::new(e)),
+        Engine::Pipeline(p) => Box::new(p),
     }
 }
 
@@ -123,13 +144,22 @@ impl StepEngine for SyncStepEngine {
     fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let result = (|| {
+            let stage = &mut self.engine.stage;
             if step.prompt && step.sampling.has_penalties() {
-                self.engine.note_prompt(step.seq, step.ids)?;
+                stage.note_prompt(step.seq, step.ids)?;
             }
-            let token = self.engine.step(step.seq, step.ids, step.positions, step.sampling)?;
-            Ok(step.want_token.then_some(token))
+            if !step.want_token {
+                stage.advance(step.seq, Input::Tokens(step.ids), step.positions)?;
+                return Ok(None);
+            }
+            self.engine.step(step.seq, step.ids, step.positions, step.sampling).map(Some)
         })();
-        self.latency.observe(t0.elapsed());
+        let took = t0.elapsed();
+        if step.want_token {
+            self.latency.observe(took);
+        }
+        self.steps += 1;
+        self.busy_seconds += took.as_secs_f64();
         self.results.push_back((step.seq, result));
         Ok(())
     }
@@ -139,57 +169,34 @@ impl StepEngine for SyncStepEngine {
     }
 
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-        self.engine.release(seq)
+        self.engine.stage.release(seq);
+        Ok(())
     }
 
     fn ctx(&self) -> u32 {
-        self.engine.ctx()
+        self.engine.ctx
     }
 
     fn max_batch(&self) -> u32 {
-        match &self.engine {
-            Engine::Local(e) => e.batch,
-            Engine::Pipeline(p) => p.batch,
-        }
+        self.engine.batch
     }
 
     fn stats(&self) -> EngineStats {
-        match &self.engine {
-            Engine::Local(e) => {
-                let stage = &e.stage;
-                EngineStats {
-                    n_layer: stage.config().n_layer(),
-                    stages: vec![StageStats {
-                        node: "local".into(),
-                        device: stage.gpu().info.name.clone(),
-                        layers: stage.spec().layers.clone(),
-                        weight_bytes: stage.weight_bytes(),
-                        cache_bytes: stage.cache_bytes(),
-                        memory_bytes: None,
-                        sequences: stage.sequences(),
-                        step_latency: self.latency.clone(),
-                    }],
-                }
-            }
-            // What the pipeline knows without asking its nodes; the step latency is the
-            // whole pipeline's. Per-node bytes and sequences need the nodes' counters.
-            Engine::Pipeline(p) => EngineStats {
-                n_layer: p.stages.last().map_or(0, |s| s.layers.end),
-                stages: p
-                    .stages
-                    .iter()
-                    .map(|s| StageStats {
-                        node: s.name.clone(),
-                        device: s.adapter.clone(),
-                        layers: s.layers.clone(),
-                        weight_bytes: 0,
-                        cache_bytes: 0,
-                        memory_bytes: None,
-                        sequences: 0,
-                        step_latency: self.latency.clone(),
-                    })
-                    .collect(),
-            },
+        let stage = &self.engine.stage;
+        EngineStats {
+            n_layer: stage.config().n_layer(),
+            stages: vec![StageStats {
+                node: "local".into(),
+                device: stage.gpu().info.name.clone(),
+                layers: stage.spec().layers.clone(),
+                weight_bytes: stage.weight_bytes(),
+                cache_bytes: stage.cache_bytes(),
+                memory_bytes: None,
+                sequences: stage.sequences(),
+                steps: self.steps,
+                busy_seconds: self.busy_seconds,
+            }],
+            step_latency: self.latency.clone(),
         }
     }
 }
@@ -268,6 +275,9 @@ struct Shared {
     /// Tokens generated per iteration, for tokens/s over the last few seconds.
     recent: Mutex<VecDeque<(Instant, u32)>>,
 }
+
+/// How often an idle scheduler refreshes its snapshot.
+const IDLE_REFRESH: Duration = Duration::from_millis(500);
 
 /// How far back tokens/s looks.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -362,9 +372,12 @@ impl<'a> Loop<'a> {
         let mut next_seq: SeqId = 1;
         loop {
             if active.is_empty() && waiting.is_empty() {
-                match self.jobs.recv() {
+                // Idle: wake now and then to refresh the snapshot (a pipeline's nodes free
+                // sequences on their own, and their counters move).
+                match self.jobs.recv_timeout(IDLE_REFRESH) {
                     Ok(job) => waiting.push_back(job),
-                    Err(_) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(job) = self.jobs.try_recv() {

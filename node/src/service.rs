@@ -136,7 +136,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What one activation produced.
 enum Ran {
     Token(u32),
+    /// Hidden states for the next stage (inside `run`, before they become `HandOn`).
+    Hidden(Vec<f32>),
     HandOn(pb::Activation),
+    /// The last token's logit row (`want_logits`).
+    Logits(Vec<f32>),
+    /// A last-stage step nobody wants a token of (a prefill chunk before the last).
+    Nothing,
 }
 
 impl Inner {
@@ -218,7 +224,18 @@ impl Inner {
         }
         let t0 = Instant::now();
         let _span = tracing::debug_span!("step", seq = act.seq_id, pos = act.positions[0], n).entered();
-        let out = stage.forward(act.seq_id, input, &act.positions, &sampling).map_err(|e| e.to_string())?;
+        let (seq, positions) = (act.seq_id, &act.positions);
+        let out = if act.want_logits && stage.is_last() {
+            stage.logits(seq, input, positions).map(Ran::Logits)
+        } else if !act.want_token {
+            stage.advance(seq, input, positions).map(|h| h.map_or(Ran::Nothing, Ran::Hidden))
+        } else {
+            stage.forward(seq, input, positions, &sampling).map(|o| match o {
+                Output::Token(t) => Ran::Token(t),
+                Output::Hidden(h) => Ran::Hidden(h),
+            })
+        }
+        .map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
         drop(guard);
         {
@@ -227,13 +244,8 @@ impl Inner {
             s.compute_seconds += secs;
         }
         Ok(match out {
-            Output::Token(t) => Ran::Token(t),
-            Output::Hidden(h) => Ran::HandOn(pb::Activation {
-                hidden: encode_hidden(&h, format),
-                token_ids: Vec::new(),
-                format: format as i32,
-                ..act
-            }),
+            Ran::Hidden(h) => Ran::HandOn(pb::Activation { hidden: encode_hidden(&h, format), token_ids: Vec::new(), format: format as i32, ..act }),
+            other => other,
         })
     }
 
@@ -393,11 +405,13 @@ impl pb::stage_server::Stage for StageService {
                         break;
                     }
                 };
-                let (seq_id, step, want) = (act.seq_id, act.step, act.want_token);
+                let (seq_id, step, want) = (act.seq_id, act.step, act.want_token || act.want_logits);
                 let run = inner.clone();
-                let answer = |error: String| pb::StepResult { seq_id, step, token_id: 0, error };
+                let answer = |error: String| pb::StepResult { seq_id, step, error, ..Default::default() };
                 let reply = match tokio::task::spawn_blocking(move || run.run(act)).await {
-                    Ok(Ok(Ran::Token(token_id))) => want.then_some(pb::StepResult { seq_id, step, token_id, error: String::new() }),
+                    Ok(Ok(Ran::Token(token_id))) => want.then_some(pb::StepResult { seq_id, step, token_id, ..Default::default() }),
+                    Ok(Ok(Ran::Logits(l))) => Some(pb::StepResult { seq_id, step, logits: encode_hidden(&l, pb::HiddenFormat::F32), ..Default::default() }),
+                    Ok(Ok(Ran::Nothing | Ran::Hidden(_))) => None,
                     Ok(Ok(Ran::HandOn(next))) => match &down_tx {
                         Some(tx) => {
                             if want {
@@ -440,9 +454,9 @@ impl pb::stage_server::Stage for StageService {
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         let inner = self.inner.clone();
-        let (loaded, sequences) = tokio::task::spawn_blocking(move || {
-            let g = inner.lock();
-            (g.is_some(), g.as_ref().map_or(0, |l| l.stage.sequences() as u32))
+        let (loaded, sequences, weight_bytes, cache_bytes) = tokio::task::spawn_blocking(move || match inner.lock().as_ref() {
+            Some(l) => (true, l.stage.sequences() as u32, l.stage.weight_bytes(), l.stage.cache_bytes()),
+            None => (false, 0, 0, 0),
         })
         .await
         .map_err(internal)?;
@@ -454,6 +468,8 @@ impl pb::stage_server::Stage for StageService {
             compute_seconds: s.compute_seconds,
             waited_steps: s.waited_steps,
             downstream_wait_seconds: s.downstream_wait_seconds,
+            weight_bytes,
+            cache_bytes,
         }))
     }
 }

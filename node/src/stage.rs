@@ -292,8 +292,6 @@ impl Stage {
         Ok(Sequence { next_pos: 0, states, decode, prefill, sampler: None, history: Vec::new(), last_used: Instant::now() })
     }
 
-    /// Runs one step of `seq`: tokens (or hidden states) at `positions` through the
-    /// stage's layers. The last stage samples the next token with `sampling`.
     /// Validates a step, writes its inputs and encodes the sequence's layer dispatches.
     fn encode_layers(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<wgpu::CommandEncoder> {
         let n = positions.len();
@@ -358,18 +356,36 @@ impl Stage {
         Ok(enc)
     }
 
+    /// Submits `enc` and reads the step's hidden states back (a stage without the head).
+    fn finish_hidden(&self, mut enc: wgpu::CommandEncoder, n: usize) -> Result<Vec<f32>> {
+        let bytes = (n * self.config.n_embd * 4) as u64;
+        enc.copy_buffer_to_buffer(&self.scratch.x, 0, &self.staging, 0, bytes);
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&self.gpu.map_and_read(&self.staging, bytes)?))
+    }
+
+    /// Runs a step whose token nobody needs (a prefill chunk before the last one): the
+    /// last stage fills its caches and stops before the head, so no sampler state moves;
+    /// any other stage returns its hidden states as [`Stage::forward`] does.
+    pub fn advance(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<Option<Vec<f32>>> {
+        let enc = self.encode_layers(seq, input, positions)?;
+        if self.head.is_none() {
+            return self.finish_hidden(enc, positions.len()).map(Some);
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(None)
+    }
+
+    /// Runs one step of `seq`: tokens (or hidden states) at `positions` through the
+    /// stage's layers. The last stage samples the next token with `sampling`.
     pub fn forward(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams) -> Result<Output> {
         let n = positions.len();
         let e = self.config.n_embd;
         let mut enc = self.encode_layers(seq, input, positions)?;
-        let (gpu, scratch, head, staging) = (&*self.gpu, &self.scratch, &self.head, &self.staging);
-        let Some(head) = head else {
-            let bytes = (n * e * 4) as u64;
-            enc.copy_buffer_to_buffer(&scratch.x, 0, staging, 0, bytes);
-            gpu.queue.submit([enc.finish()]);
-            let out = gpu.map_and_read(staging, bytes)?;
-            return Ok(Output::Hidden(bytemuck::pod_collect_to_vec(&out)));
+        let Some(head) = &self.head else {
+            return self.finish_hidden(enc, n).map(Output::Hidden);
         };
+        let (gpu, scratch, staging) = (&*self.gpu, &self.scratch, &self.staging);
         let s = self.seqs.get_mut(&seq).expect("created by encode_layers");
         enc.copy_buffer_to_buffer(&scratch.x, ((n - 1) * e * 4) as u64, &head.x_last, 0, (e * 4) as u64);
         encode_dispatches(&mut enc, &head.logits_dispatches, 1);

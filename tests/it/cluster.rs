@@ -1,77 +1,13 @@
 //! Pipelines of real `strata node` processes on loopback: the same tokens as one node,
 //! whatever the split and wire format; malformed activations answered, not fatal.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Stdio};
 
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::v1 as pb;
 
 use crate::golden;
-use crate::support::{fixture, golden as load_golden, path_str, smol_q8_0, strata, strata_json};
-
-/// `strata node` processes, killed (by process id) however the test ends.
-struct Cluster {
-    nodes: Vec<Child>,
-    /// Kept open while the nodes run.
-    _stdouts: Vec<BufReader<ChildStdout>>,
-    addrs: Vec<String>,
-}
-
-impl Cluster {
-    /// Starts `n` nodes serving the models in `model_dir`, each offering the same memory.
-    fn start(n: usize, model_dir: &Path) -> Cluster {
-        let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
-        for i in 0..n {
-            let mut child = strata()
-                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir)])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start strata node");
-            let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
-            cluster.nodes.push(child);
-            let mut line = String::new();
-            stdout.read_line(&mut line).expect("read node stdout");
-            let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("node {i} printed `{}`", line.trim()));
-            cluster.addrs.push(addr.to_owned());
-            cluster._stdouts.push(stdout);
-        }
-        cluster
-    }
-
-    /// `--no-local --peer A --peer B ...`.
-    fn flags(&self) -> Vec<String> {
-        let mut f = vec!["--no-local".to_owned()];
-        for a in &self.addrs {
-            f.extend(["--peer".to_owned(), a.clone()]);
-        }
-        f
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in &mut self.nodes {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A directory holding (links to) the models the nodes serve.
-fn model_dir(models: &[PathBuf]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-models-{}-{}", std::process::id(), models.len()));
-    let _ = std::fs::create_dir_all(&dir);
-    for m in models {
-        let link = dir.join(m.file_name().expect("file name"));
-        if !link.exists() {
-            std::os::unix::fs::symlink(m, &link).expect("link model");
-        }
-    }
-    dir
-}
+use crate::support::{Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata, strata_json};
 
 fn generated(out: &serde_json::Value) -> Vec<u32> {
     out["generated_ids"].as_array().expect("generated_ids").iter().map(|v| v.as_u64().unwrap() as u32).collect()
@@ -206,4 +142,88 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
         assert!(h.loaded && h.sequences == 1, "{h:?}");
         assert!(client.release(pb::ReleaseRequest { seq_id: 7 }).await.unwrap().into_inner().released);
     });
+}
+
+/// Every forced position's logit row, one token per step, through the nodes at `addrs`
+/// loaded with `split` (layers per node, in order), hidden states handed on in `format`.
+fn wire_logits(addrs: &[String], model: &Path, split: &[u32], format: pb::HiddenFormat, seqs: &[golden::Sequence]) -> Vec<Vec<Vec<f32>>> {
+    let gguf = strata_model::gguf::Gguf::open(model).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut start = 0;
+        for (k, &n) in split.iter().enumerate() {
+            let mut client = strata_proto::transport::connect(&addrs[k]).await.unwrap();
+            let next_stage = if k + 1 < split.len() { addrs[k + 1].clone() } else { String::new() };
+            let load = pb::LoadShardRequest { model_id: gguf.identity().to_vec(), layer_start: start, layer_end: start + n, ctx: 256, max_batch: 8, next_stage };
+            client.load_shard(load).await.unwrap_or_else(|s| panic!("loading {split:?} on {}: {}", addrs[k], s.message()));
+            start += n;
+        }
+        let mut first = strata_proto::transport::connect(&addrs[0]).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut results = first.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let mut step = 0;
+        let mut out = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            let mut rows = Vec::new();
+            for (pos, &tok) in seq.forced_ids.iter().enumerate() {
+                let act = pb::Activation {
+                    seq_id: s as u64,
+                    step,
+                    positions: vec![pos as u32],
+                    token_ids: vec![tok],
+                    format: format as i32,
+                    want_token: true,
+                    want_logits: true,
+                    ..Default::default()
+                };
+                tx.send(act).await.unwrap();
+                let r = results.message().await.unwrap().expect("a result");
+                assert!(r.error.is_empty() && r.step == step, "step {step}: {r:?}");
+                rows.push(r.logits.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>());
+                step += 1;
+            }
+            first.release(pb::ReleaseRequest { seq_id: s as u64 }).await.unwrap();
+            out.push(rows);
+        }
+        out
+    })
+}
+
+/// The largest |a - b| over every position of every sequence.
+fn max_difference(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    let mut worst = 0f32;
+    for (sa, sb) in a.iter().zip(b) {
+        assert_eq!(sa.len(), sb.len());
+        for (ra, rb) in sa.iter().zip(sb) {
+            assert_eq!(ra.len(), rb.len());
+            worst = ra.iter().zip(rb).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+        }
+    }
+    worst
+}
+
+/// Teacher-forced logits: one node, then three with f32 on the wire (bit for bit the
+/// same), then three with f16 (within the goldens' 0.05).
+fn wire_formats_keep_logits(model: &Path, golden_name: &str, split: [u32; 3], sequences: usize) {
+    let cluster = Cluster::start(3, &model_dir(&[model.to_owned()]));
+    let g = load_golden(golden_name);
+    let seqs: Vec<golden::Sequence> = golden::sequences(&g).into_iter().take(sequences).collect();
+    let n_layer: u32 = split.iter().sum();
+    let single = wire_logits(&cluster.addrs[..1], model, &[n_layer], pb::HiddenFormat::F32, &seqs);
+    let f32_wire = wire_logits(&cluster.addrs, model, &split, pb::HiddenFormat::F32, &seqs);
+    let f16_wire = wire_logits(&cluster.addrs, model, &split, pb::HiddenFormat::F16, &seqs);
+    let (d32, d16) = (max_difference(&single, &f32_wire), max_difference(&single, &f16_wire));
+    eprintln!("{golden_name}: largest logit difference from one node: f32 wire {d32:e}, f16 wire {d16:.4}");
+    assert_eq!(d32, 0.0, "f32 on the wire must compute exactly what one node computes");
+    assert!(d16 < golden::LOGIT_TOLERANCE, "f16 on the wire moved a logit by {d16}");
+}
+
+#[test]
+fn wire_formats_keep_teacher_forced_logits_tiny_qwen3() {
+    wire_formats_keep_logits(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json", [2, 1, 3], 3);
+}
+
+#[test]
+fn wire_formats_keep_teacher_forced_logits_smollm2_q8_0() {
+    wire_formats_keep_logits(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", [10, 12, 8], 1);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{fixture, path_str, smol_q8_0, strata, strata_json};
+use crate::support::{Cluster, fixture, model_dir, path_str, smol_q8_0, strata, strata_json};
 
 /// A running `strata serve`; killed on drop, on every exit path of a test.
 struct Server {
@@ -75,13 +75,18 @@ impl Server {
         }
     }
 
-    /// Active sequences, by `/metrics` and by `/v1/cluster`.
+    /// Active sequences by `/metrics`, and the most any node holds by `/v1/cluster`.
     fn active(&self) -> (u64, u64) {
         let m = self.get("/metrics").body;
         let metric = m.lines().find_map(|l| l.strip_prefix("strata_active_sequences ")).expect("strata_active_sequences").trim().parse().unwrap();
-        let c = self.get("/v1/cluster").json();
-        let held = c["nodes"].as_array().unwrap().iter().map(|n| n["sequences"].as_u64().unwrap()).sum();
+        let held = self.held().into_iter().max().unwrap_or(0);
         (metric, held)
+    }
+
+    /// Sequences each node holds caches for, in pipeline order (`/v1/cluster`).
+    fn held(&self) -> Vec<u64> {
+        let c = self.get("/v1/cluster").json();
+        c["nodes"].as_array().unwrap().iter().map(|n| n["sequences"].as_u64().unwrap()).collect()
     }
 }
 
@@ -147,18 +152,30 @@ fn python(script: &str, args: &[&str]) -> String {
 
 const MAX_TOKENS: u32 = 24;
 
-/// SmolLM2 Q8_0 (a real instruction-tuned model, so stop strings and chat make sense),
-/// with the official OpenAI client: non-streaming and streaming chat, /v1/models, stop
-/// strings, seeds, greedy output equal to `strata run`'s, and 1/4/8 concurrent streams
-/// each equal to the same request alone.
+/// SmolLM2 Q8_0 (a real instruction-tuned model, so stop strings and chat make sense)
+/// served by three `strata node` processes, with the official OpenAI client:
+/// non-streaming and streaming chat, /v1/models, stop strings, seeds, greedy output
+/// equal to `strata run`'s on one machine, and 1/4/8 concurrent streams each equal to
+/// the same request alone.
 #[test]
-fn openai_client_against_smollm2() {
+fn openai_client_against_smollm2_on_three_nodes() {
     let model = smol_q8_0();
     let prompt = "What is the capital of France? Answer in one sentence.";
     let n = MAX_TOKENS.to_string();
     let run = strata_json(&["run", "--model", path_str(&model), "--chat", "--prompt", prompt, "--max-tokens", &n, "--ctx", "1024", "--json"]);
     let greedy_text = run["text"].as_str().unwrap();
-    let server = Server::start(&model, &["--ctx", "1024", "--max-seqs", "8"]);
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&model)));
+    let mut args = vec!["--ctx", "1024", "--max-seqs", "8"];
+    let flags = cluster.flags();
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&model, &args);
+    let c = server.get("/v1/cluster").json();
+    let layers: Vec<(u64, u64)> = c["nodes"].as_array().unwrap().iter().map(|n| (n["layers"][0].as_u64().unwrap(), n["layers"][1].as_u64().unwrap())).collect();
+    assert_eq!(layers.len(), 3, "{c:#}");
+    assert!(layers[0].0 == 0 && layers[2].1 == 30 && layers.windows(2).all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1), "{c:#}");
+    for node in c["nodes"].as_array().unwrap() {
+        assert!(node["weight_bytes"].as_u64().unwrap() > 0 && node["memory_bytes"].as_u64() == Some(4 << 30), "{node:#}");
+    }
     let prompts = [
         "Name three colours.",
         "What is 2 + 2?",
@@ -176,7 +193,12 @@ fn openai_client_against_smollm2() {
     server.wait_idle();
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}"), "{metrics}");
-    assert!(metrics.contains("strata_stage_step_seconds_count{stage=\"0\",node=\"local\"}"), "{metrics}");
+    for (i, name) in ["node0", "node1", "node2"].iter().enumerate() {
+        let steps = format!("strata_stage_steps_total{{stage=\"{i}\",node=\"{name}\"}} ");
+        let v: u64 = metrics.lines().find_map(|l| l.strip_prefix(&steps)).unwrap_or_else(|| panic!("{steps}missing:\n{metrics}")).parse().unwrap();
+        assert!(v > 0, "{metrics}");
+    }
+    assert!(metrics.contains("strata_step_seconds_count "), "{metrics}");
 }
 
 /// Error cases answer in OpenAI's shape with the right status, and the server keeps going.
@@ -224,10 +246,16 @@ fn bad_requests_are_refused_in_openai_shape() {
     assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"}"), "{metrics}");
 }
 
-/// A client that disconnects mid-stream cancels its generation: the sequence is freed.
+/// A client that disconnects mid-stream cancels its generation: the sequence is freed
+/// on every node of a three-node pipeline.
 #[test]
-fn disconnect_mid_stream_frees_the_sequence() {
-    let server = Server::start(&fixture("tiny-qwen3.gguf"), &["--ctx", "4096"]);
+fn disconnect_mid_stream_frees_the_sequence_on_every_node() {
+    let model = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&model)));
+    let mut args = vec!["--ctx", "4096"];
+    let flags = cluster.flags();
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&model, &args);
     // A sampled answer may end by itself (an end-of-generation token) before the client
     // leaves; try a few seeds until one is cut off by the disconnect.
     for (attempt, seed) in [7, 11, 13, 17, 19].into_iter().enumerate() {
@@ -243,9 +271,10 @@ fn disconnect_mid_stream_frees_the_sequence() {
             assert!(n > 0, "stream ended early: {seen}");
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-        let generating = server.active() == (1, 1);
+        let generating = server.active().0 == 1 && wait_for(|| server.held() == [1, 1, 1]);
         drop(s);
         server.wait_idle();
+        assert_eq!(server.held(), [0, 0, 0], "every node freed the sequence");
         let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap());
         let cancelled = log.lines().any(|l| l.contains(&format!("id={}", attempt + 1)) && l.contains("request cancelled"));
         if generating && cancelled {
@@ -253,6 +282,18 @@ fn disconnect_mid_stream_frees_the_sequence() {
         }
     }
     panic!("no request was cancelled by its client leaving:\n{}", std::fs::read_to_string(&server.log).unwrap());
+}
+
+/// Polls `ok` for up to 5 s (the cluster view refreshes the nodes' figures every 250 ms).
+fn wait_for(ok: impl Fn() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// The log without terminal colour codes.

@@ -2,8 +2,9 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 
 /// `tests/fixtures/NAME`.
@@ -65,4 +66,66 @@ pub fn path_str(p: &Path) -> &str {
 pub fn sha256(path: &Path) -> String {
     let o = Command::new("sha256sum").arg(path).output().expect("sha256sum");
     String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// `strata node` processes, killed (by process id) however the test ends.
+pub struct Cluster {
+    nodes: Vec<Child>,
+    /// Kept open while the nodes run.
+    _stdouts: Vec<BufReader<ChildStdout>>,
+    pub addrs: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes serving the models in `model_dir`, each offering the same memory.
+    pub fn start(n: usize, model_dir: &Path) -> Cluster {
+        let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
+        for i in 0..n {
+            let mut child = strata()
+                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start strata node");
+            let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
+            cluster.nodes.push(child);
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read node stdout");
+            let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("node {i} printed `{}`", line.trim()));
+            cluster.addrs.push(addr.to_owned());
+            cluster._stdouts.push(stdout);
+        }
+        cluster
+    }
+
+    /// `--no-local --peer A --peer B ...`.
+    pub fn flags(&self) -> Vec<String> {
+        let mut f = vec!["--no-local".to_owned()];
+        for a in &self.addrs {
+            f.extend(["--peer".to_owned(), a.clone()]);
+        }
+        f
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A directory holding (links to) the models the nodes serve.
+pub fn model_dir(models: &[PathBuf]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-models-{}-{}", std::process::id(), models.len()));
+    let _ = std::fs::create_dir_all(&dir);
+    for m in models {
+        let link = dir.join(m.file_name().expect("file name"));
+        if !link.exists() {
+            std::os::unix::fs::symlink(m, &link).expect("link model");
+        }
+    }
+    dir
 }

@@ -49,19 +49,24 @@ impl Metrics {
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_cache_bytes{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.cache_bytes);
         }
-        head(&mut out, "strata_stage_step_seconds", "histogram", "Time of one step (decode token or prefill chunk) on a stage.");
+        head(&mut out, "strata_stage_steps_total", "counter", "Steps (prefill chunks and decode tokens) a stage has run.");
         for (i, s) in snap.engine.stages.iter().enumerate() {
-            let h = &s.step_latency;
-            let labels = format!("stage=\"{i}\",node=\"{}\"", s.node);
-            let mut cumulative = 0;
-            for (b, c) in LATENCY_BOUNDS.iter().zip(&h.counts) {
-                cumulative += c;
-                let _ = writeln!(out, "strata_stage_step_seconds_bucket{{{labels},le=\"{b}\"}} {cumulative}");
-            }
-            let _ = writeln!(out, "strata_stage_step_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "strata_stage_step_seconds_sum{{{labels}}} {:.6}", h.sum_seconds);
-            let _ = writeln!(out, "strata_stage_step_seconds_count{{{labels}}} {}", h.count);
+            let _ = writeln!(out, "strata_stage_steps_total{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.steps);
         }
+        head(&mut out, "strata_stage_busy_seconds_total", "counter", "Time a stage has spent running steps.");
+        for (i, s) in snap.engine.stages.iter().enumerate() {
+            let _ = writeln!(out, "strata_stage_busy_seconds_total{{stage=\"{i}\",node=\"{}\"}} {:.6}", s.node, s.busy_seconds);
+        }
+        head(&mut out, "strata_step_seconds", "histogram", "From submitting a step that wants a token to the token coming back.");
+        let h = &snap.engine.step_latency;
+        let mut cumulative = 0;
+        for (b, c) in LATENCY_BOUNDS.iter().zip(&h.counts) {
+            cumulative += c;
+            let _ = writeln!(out, "strata_step_seconds_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "strata_step_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "strata_step_seconds_sum {:.6}", h.sum_seconds);
+        let _ = writeln!(out, "strata_step_seconds_count {}", h.count);
         out
     }
 }

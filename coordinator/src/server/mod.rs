@@ -22,7 +22,7 @@ use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::ServeArgs;
 use crate::engine::Engine;
-use crate::scheduler::{Scheduler, SchedulerConfig, StepEngine, SyncStepEngine};
+use crate::scheduler::{Scheduler, SchedulerConfig, step_engine};
 use errors::ApiError;
 use metrics::Metrics;
 
@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!("loading {} ...", path.display());
     let t0 = Instant::now();
     let engine = Engine::load(&gguf, &args.engine)?;
-    let engine = SyncStepEngine::new(engine);
+    let engine = step_engine(engine);
     let stats = engine.stats();
     let where_ = stats.stages.iter().map(|s| format!("{} ({}: layers {}..{})", s.node, s.device, s.layers.start, s.layers.end)).collect::<Vec<_>>().join(", ");
     eprintln!(
@@ -65,7 +65,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.max_seqs
     );
     drop(gguf);
-    let scheduler = Scheduler::spawn(Box::new(engine), tokenizer.clone(), SchedulerConfig { max_seqs: args.max_seqs as usize })?;
+    let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: args.max_seqs as usize })?;
     let state = Arc::new(AppState {
         scheduler,
         tokenizer,
@@ -139,8 +139,9 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "cache_bytes": s.cache_bytes,
                 "memory_bytes": s.memory_bytes,
                 "sequences": s.sequences,
-                "steps": s.step_latency.count,
-                "mean_step_ms": if s.step_latency.count > 0 { s.step_latency.sum_seconds * 1e3 / s.step_latency.count as f64 } else { 0.0 },
+                "steps": s.steps,
+                "busy_seconds": s.busy_seconds,
+                "mean_step_ms": s.mean_step_seconds() * 1e3,
             })
         })
         .collect();
