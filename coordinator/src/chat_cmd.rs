@@ -89,6 +89,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 prompt,
                 sampling: SamplingParams { seed: sampling.seed.wrapping_add(turn), ..sampling.clone() },
                 stop: Vec::new(),
+                logprobs: None,
             };
             let (_, mut rx) = scheduler.submit(request)?;
             let mut answer = String::new();
@@ -106,6 +107,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                             }
                             break;
                         }
+                        Some(Event::Logprob(_)) => {}
                         Some(Event::Failed(e)) => {
                             print!("\n(error: {e})");
                             break;

@@ -22,7 +22,7 @@ use strata_model::plan::{ModelCost, NodeBudget, Plan, PlanConfig, parse_split};
 use strata_model::sampling::SamplingParams;
 use strata_node::gpu::{Gpu, GpuConfig};
 use strata_node::service::{self, NodeConfig, NodeIdentity, StageService};
-use strata_node::stage::SeqId;
+use strata_node::stage::{Logprobs, SeqId};
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::tonic::Streaming;
 use strata_proto::tonic::transport::Channel;
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cli::{EngineArgs, Wire};
 use crate::engine::context_length;
-use crate::scheduler::{EngineStats, LatencyHistogram, StageStats, Step, StepEngine};
+use crate::scheduler::{EngineStats, LatencyHistogram, Sampled, StageStats, Step, StepEngine};
 
 /// One stage as the coordinator sees it.
 pub struct StageHandle {
@@ -81,10 +81,10 @@ pub struct Pipeline {
     next_step: u64,
     /// Prompt ids to hand the last stage with a sequence's next activation (penalties).
     history: Vec<(SeqId, Vec<u32>)>,
-    /// Submitted steps that want a token: step number -> (sequence, when sent).
-    in_flight: HashMap<u64, (SeqId, Instant)>,
+    /// Submitted steps that want a token: step number -> (sequence, when sent, logprobs asked).
+    in_flight: HashMap<u64, (SeqId, Instant, bool)>,
     /// Results owed at once: steps that asked for no token have nothing to wait for.
-    ready: VecDeque<(SeqId, anyhow::Result<Option<u32>>)>,
+    ready: VecDeque<(SeqId, anyhow::Result<Option<Sampled>>)>,
     /// Errors of steps that asked for no token, reported with the sequence's next result.
     failed: HashMap<SeqId, String>,
     latency: LatencyHistogram,
@@ -256,6 +256,8 @@ impl Pipeline {
             want_token,
             history,
             want_logits: false,
+            want_logprobs: false,
+            top_logprobs: 0,
         }
     }
 
@@ -313,11 +315,15 @@ impl Pipeline {
         if step.prompt && step.sampling.has_penalties() {
             self.note_prompt(step.seq, step.ids);
         }
-        let act = self.activation(step.seq, step.ids, step.positions, step.sampling, step.want_token);
+        let mut act = self.activation(step.seq, step.ids, step.positions, step.sampling, step.want_token);
+        if let Some(top) = step.logprobs {
+            act.want_logprobs = true;
+            act.top_logprobs = top;
+        }
         let n = act.step;
         self.rt.block_on(Self::send(&self.tx, act))?;
         if step.want_token {
-            self.in_flight.insert(n, (step.seq, Instant::now()));
+            self.in_flight.insert(n, (step.seq, Instant::now(), step.logprobs.is_some()));
         } else {
             self.ready.push_back((step.seq, Ok(None)));
         }
@@ -325,7 +331,7 @@ impl Pipeline {
     }
 
     /// The next finished step (see [`StepEngine::next_result`]).
-    pub fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+    pub fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
         if let Some(r) = self.ready.pop_front() {
             return Ok(r);
         }
@@ -336,12 +342,15 @@ impl Pipeline {
             let r = self.rt.block_on(self.results.message()).map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?;
             let r = r.context("the pipeline closed its result stream")?;
             match self.in_flight.remove(&r.step) {
-                Some((seq, sent)) => {
+                Some((seq, sent, logprobs)) => {
                     self.latency.observe(sent.elapsed());
                     let result = match self.failed.remove(&seq) {
                         Some(e) => Err(anyhow::anyhow!(e)),
                         None if !r.error.is_empty() => Err(anyhow::anyhow!(r.error)),
-                        None => Ok(Some(r.token_id)),
+                        None => Ok(Some(Sampled {
+                            token: r.token_id,
+                            logprobs: logprobs.then(|| Logprobs { token: r.logprob, top: r.top_ids.iter().copied().zip(r.top_logprobs.iter().copied()).collect() }),
+                        })),
                     };
                     return Ok((seq, result));
                 }
@@ -387,7 +396,7 @@ impl StepEngine for Pipeline {
         Pipeline::submit(self, step)
     }
 
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
         Pipeline::next_result(self)
     }
 

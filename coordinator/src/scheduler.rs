@@ -17,7 +17,7 @@ use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use strata_node::stage::Input;
+use strata_node::stage::{Input, Logprobs};
 
 use crate::engine::{Engine, LocalEngine};
 
@@ -32,6 +32,15 @@ pub struct Step<'a> {
     pub prompt: bool,
     /// Whether the caller needs the sampled token (false for all but the last prefill chunk).
     pub want_token: bool,
+    /// With the token, its log-probability and this many top alternatives'.
+    pub logprobs: Option<u32>,
+}
+
+/// A sampled token, and its log-probabilities when the step asked for them.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<Logprobs>,
 }
 
 /// What the scheduler needs of an engine: the model on this machine, or a pipeline of
@@ -47,7 +56,7 @@ pub trait StepEngine: Send {
     /// The next finished step: its sequence, and its sampled token (`None` when the step
     /// did not ask for one) or the error that step hit. The outer error means the engine
     /// itself failed: every step in flight is lost.
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)>;
+    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)>;
     /// Frees a sequence's caches on every stage. Releasing an unknown sequence is not an error.
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()>;
     /// Positions of KV cache per sequence.
@@ -119,7 +128,7 @@ impl LatencyHistogram {
 /// result (there is no second stage to overlap with).
 pub struct SyncStepEngine {
     engine: LocalEngine,
-    results: VecDeque<(SeqId, anyhow::Result<Option<u32>>)>,
+    results: VecDeque<(SeqId, anyhow::Result<Option<Sampled>>)>,
     latency: LatencyHistogram,
     steps: u64,
     busy_seconds: f64,
@@ -152,7 +161,12 @@ impl StepEngine for SyncStepEngine {
                 stage.advance(step.seq, Input::Tokens(step.ids), step.positions)?;
                 return Ok(None);
             }
-            self.engine.step(step.seq, step.ids, step.positions, step.sampling).map(Some)
+            if let Some(top) = step.logprobs {
+                let (token, lp) = stage.forward_logprobs(step.seq, Input::Tokens(step.ids), step.positions, step.sampling, top as usize)?;
+                return Ok(Some(Sampled { token, logprobs: Some(lp) }));
+            }
+            let token = self.engine.step(step.seq, step.ids, step.positions, step.sampling)?;
+            Ok(Some(Sampled { token, logprobs: None }))
         })();
         let took = t0.elapsed();
         if step.want_token {
@@ -164,7 +178,7 @@ impl StepEngine for SyncStepEngine {
         Ok(())
     }
 
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
         self.results.pop_front().ok_or_else(|| anyhow::anyhow!("next_result without a submitted step"))
     }
 
@@ -210,6 +224,18 @@ pub struct GenRequest {
     pub max_tokens: u32,
     /// Generation ends before any of these strings; none of one is ever emitted.
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many top alternatives'.
+    pub logprobs: Option<u32>,
+}
+
+/// One generated token's log-probability (natural log), for the API's `logprobs`.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The most likely tokens at that position, most likely first.
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +269,8 @@ pub struct Finished {
 #[derive(Debug, Clone)]
 pub enum Event {
     Text(String),
+    /// A generated token's log-probabilities (sent before its text, when asked for).
+    Logprob(TokenLogprob),
     Done(Finished),
     Failed(String),
 }
@@ -448,7 +476,7 @@ impl<'a> Loop<'a> {
                 (vec![t], (prompt.len() + a.generated - 1) as u32, false, true)
             };
             let positions: Vec<u32> = (start..start + ids.len() as u32).collect();
-            let step = Step { seq: a.seq, ids: &ids, positions: &positions, sampling: &a.job.request.sampling, prompt: is_prompt, want_token };
+            let step = Step { seq: a.seq, ids: &ids, positions: &positions, sampling: &a.job.request.sampling, prompt: is_prompt, want_token, logprobs: a.job.request.logprobs };
             let _enter = a.span.enter();
             match self.engine.submit(step) {
                 Ok(()) => in_flight += 1,
@@ -464,9 +492,9 @@ impl<'a> Loop<'a> {
                         continue;
                     };
                     match result {
-                        Ok(Some(token)) => {
+                        Ok(Some(sampled)) => {
                             generated += 1;
-                            self.accept(a, token);
+                            self.accept(a, sampled);
                         }
                         Ok(None) => {}
                         Err(e) => a.failed = Some(format!("{e:#}")),
@@ -489,13 +517,23 @@ impl<'a> Loop<'a> {
 
     /// Takes one sampled token: stream its text (holding back what may start a stop
     /// string) and decide whether the request is done.
-    fn accept(&self, a: &mut Active<'_>, token: u32) {
+    fn accept(&self, a: &mut Active<'_>, sampled: Sampled) {
+        let token = sampled.token;
         a.first_token.get_or_insert_with(Instant::now);
         if self.tok.is_end_of_generation(token) {
             a.finish = Some(FinishReason::Stop);
             return;
         }
         a.generated += 1;
+        if let Some(lp) = sampled.logprobs {
+            let entry = |id: u32| {
+                let bytes = self.tok.token_bytes(id).to_vec();
+                (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            };
+            let (text, bytes) = entry(token);
+            let top = lp.top.iter().map(|&(id, l)| { let (t, b) = entry(id); (t, b, l) }).collect();
+            let _ = a.job.events.send(Event::Logprob(TokenLogprob { token: text, bytes, logprob: lp.token, top }));
+        }
         let piece = a.stream.push(token);
         let (text, stopped) = a.stop.push(&piece);
         if !text.is_empty() {
@@ -651,7 +689,7 @@ mod tests {
     /// Records every step and answers with a fixed ordinary token per sequence.
     struct FakeEngine {
         log: Arc<Mutex<Vec<String>>>,
-        results: VecDeque<(SeqId, anyhow::Result<Option<u32>>)>,
+        results: VecDeque<(SeqId, anyhow::Result<Option<Sampled>>)>,
     }
 
     impl StepEngine for FakeEngine {
@@ -662,7 +700,7 @@ mod tests {
             self.results.push_back((step.seq, Ok(step.want_token.then_some(300 + step.seq as u32))));
             Ok(())
         }
-        fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<u32>>)> {
+        fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
             Ok(self.results.pop_front().expect("a submitted step"))
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {

@@ -31,7 +31,7 @@ use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::mpsc;
 
 use crate::gpu::Gpu;
-use crate::stage::{Input, Output, SeqId, Stage, StageSpec};
+use crate::stage::{Input, Logprobs, Output, SeqId, Stage, StageSpec};
 
 /// Who a node is and what it offers (the domain side of `NodeInfo`).
 #[derive(Debug, Clone)]
@@ -135,7 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What one activation produced.
 enum Ran {
-    Token(u32),
+    Token(u32, Option<Logprobs>),
     /// Hidden states for the next stage (inside `run`, before they become `HandOn`).
     Hidden(Vec<f32>),
     HandOn(pb::Activation),
@@ -229,9 +229,11 @@ impl Inner {
             stage.logits(seq, input, positions).map(Ran::Logits)
         } else if !act.want_token {
             stage.advance(seq, input, positions).map(|h| h.map_or(Ran::Nothing, Ran::Hidden))
+        } else if act.want_logprobs && stage.is_last() {
+            stage.forward_logprobs(seq, input, positions, &sampling, act.top_logprobs as usize).map(|(t, lp)| Ran::Token(t, Some(lp)))
         } else {
             stage.forward(seq, input, positions, &sampling).map(|o| match o {
-                Output::Token(t) => Ran::Token(t),
+                Output::Token(t) => Ran::Token(t, None),
                 Output::Hidden(h) => Ran::Hidden(h),
             })
         }
@@ -409,7 +411,18 @@ impl pb::stage_server::Stage for StageService {
                 let run = inner.clone();
                 let answer = |error: String| pb::StepResult { seq_id, step, error, ..Default::default() };
                 let reply = match tokio::task::spawn_blocking(move || run.run(act)).await {
-                    Ok(Ok(Ran::Token(token_id))) => want.then_some(pb::StepResult { seq_id, step, token_id, ..Default::default() }),
+                    Ok(Ok(Ran::Token(token_id, lp))) => want.then(|| {
+                        let lp = lp.unwrap_or(Logprobs { token: 0.0, top: Vec::new() });
+                        pb::StepResult {
+                            seq_id,
+                            step,
+                            token_id,
+                            logprob: lp.token,
+                            top_ids: lp.top.iter().map(|e| e.0).collect(),
+                            top_logprobs: lp.top.iter().map(|e| e.1).collect(),
+                            ..Default::default()
+                        }
+                    }),
                     Ok(Ok(Ran::Logits(l))) => Some(pb::StepResult { seq_id, step, logits: encode_hidden(&l, pb::HiddenFormat::F32), ..Default::default() }),
                     Ok(Ok(Ran::Nothing | Ran::Hidden(_))) => None,
                     Ok(Ok(Ran::HandOn(next))) => match &down_tx {

@@ -57,6 +57,21 @@ pub enum Output {
     Token(u32),
 }
 
+/// Log-probabilities at a sampled position (natural log, over the whole vocabulary).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    /// The sampled token's.
+    pub token: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What `forward_inner` produced.
+enum Produced {
+    Hidden(Vec<f32>),
+    Token(u32, Option<Logprobs>),
+}
+
 enum Mixer {
     Attention(Attention),
     DeltaNet(DeltaNet),
@@ -379,11 +394,28 @@ impl Stage {
     /// Runs one step of `seq`: tokens (or hidden states) at `positions` through the
     /// stage's layers. The last stage samples the next token with `sampling`.
     pub fn forward(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams) -> Result<Output> {
+        Ok(match self.forward_inner(seq, input, positions, sampling, None)? {
+            Produced::Hidden(h) => Output::Hidden(h),
+            Produced::Token(t, _) => Output::Token(t),
+        })
+    }
+
+    /// Like [`Stage::forward`] on the last stage, also answering the sampled token's
+    /// log-probability and the `top` most likely tokens' (at most 64), over the row after
+    /// repetition penalties and before temperature.
+    pub fn forward_logprobs(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, top: usize) -> Result<(u32, Logprobs)> {
+        match self.forward_inner(seq, input, positions, sampling, Some(top.min(MAX_CANDIDATES)))? {
+            Produced::Token(t, Some(lp)) => Ok((t, lp)),
+            _ => Err(Error::Invalid("logprobs asked of a stage without the output head".into())),
+        }
+    }
+
+    fn forward_inner(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, logprobs: Option<usize>) -> Result<Produced> {
         let n = positions.len();
         let e = self.config.n_embd;
         let mut enc = self.encode_layers(seq, input, positions)?;
         let Some(head) = &self.head else {
-            return self.finish_hidden(enc, n).map(Output::Hidden);
+            return self.finish_hidden(enc, n).map(Produced::Hidden);
         };
         let (gpu, scratch, staging) = (&*self.gpu, &self.scratch, &self.staging);
         let s = self.seqs.get_mut(&seq).expect("created by encode_layers");
@@ -392,7 +424,8 @@ impl Stage {
         if s.sampler.as_ref().is_none_or(|smp| smp.params() != sampling) {
             s.sampler = Some(Sampler::new(sampling.clone())?);
         }
-        let greedy = sampling.is_greedy() && !sampling.has_penalties();
+        // Log-probabilities need the row's top candidates and log-sum-exp: the top-k path.
+        let greedy = sampling.is_greedy() && !sampling.has_penalties() && logprobs.is_none();
         let words = if greedy {
             encode_dispatches(&mut enc, &head.argmax, 1);
             top_k_words(1)
@@ -409,15 +442,28 @@ impl Stage {
         enc.copy_buffer_to_buffer(&head.result, 0, staging, 0, bytes);
         gpu.queue.submit([enc.finish()]);
         let out: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.map_and_read(staging, bytes)?);
-        let token = if greedy {
-            out[0]
+        let (token, lp) = if greedy {
+            (out[0], None)
         } else {
             let top = TopK::from_words(&out, MAX_CANDIDATES as u32);
             let candidates: Vec<Candidate> = top.entries.iter().map(|&(id, logit)| Candidate { id, logit }).filter(|c| c.logit.is_finite()).collect();
-            s.sampler.as_mut().expect("set above").sample(&candidates)?
+            // Greedy with logprobs: the top candidate (ties to the lower id, as argmax).
+            let token = if sampling.is_greedy() && !sampling.has_penalties() {
+                candidates.first().map(|c| c.id).ok_or_else(|| Error::Invalid("no finite logit in the row".into()))?
+            } else {
+                s.sampler.as_mut().expect("set above").sample(&candidates)?
+            };
+            let lp = logprobs.map(|k| {
+                let logprob = |logit: f32| logit - top.log_sum_exp;
+                Logprobs {
+                    token: top.entries.iter().find(|e| e.0 == token).map_or(f32::NEG_INFINITY, |e| logprob(e.1)),
+                    top: top.entries.iter().take(k).map(|&(id, logit)| (id, logprob(logit))).collect(),
+                }
+            });
+            (token, lp)
         };
         s.history.push(token);
-        Ok(Output::Token(token))
+        Ok(Produced::Token(token, lp))
     }
 
     /// Runs a step like [`Stage::forward`] but returns the last token's whole logit row

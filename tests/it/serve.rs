@@ -216,7 +216,9 @@ fn bad_requests_are_refused_in_openai_shape() {
         ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#, 400, "temperature", Some("temperature")),
         ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#, 400, "n = 2", Some("n")),
         ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#, 400, "max_tokens", Some("max_tokens")),
-        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#, 400, "logprobs not supported", Some("logprobs")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"top_logprobs":3}"#, 400, "top_logprobs requires logprobs", Some("top_logprobs")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":"yes"}"#, 400, "logprobs must be", Some("logprobs")),
+        ("/v1/completions", r#"{"prompt":"hi","logprobs":50}"#, 400, "logprobs 50 is outside", Some("logprobs")),
         ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#, 400, "top_logprobs", Some("top_logprobs")),
         ("/v1/chat/completions", r#"{"messages":[]}"#, 400, "at least one message", Some("messages")),
         ("/v1/chat/completions", r#"{"messages":[{"role":"tool","content":"x"}]}"#, 400, "role", Some("messages")),
@@ -244,6 +246,19 @@ fn bad_requests_are_refused_in_openai_shape() {
     assert_eq!(r.json()["usage"]["completion_tokens"].as_u64().unwrap() <= 4, true);
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"}"), "{metrics}");
+    // Legacy completions logprobs: the top alternatives per token, keyed by token text.
+    let r = server.post("/v1/completions", r#"{"prompt":"Once upon a time","max_tokens":5,"temperature":0,"logprobs":2}"#).json();
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap(), "{r:#}");
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        // Tokens that print alike (partial UTF-8) share a key, so compare, not look up.
+        assert!(top.len() <= 2 && !top.is_empty() && chosen <= 0.0 && best <= chosen + 1e-6, "greedy takes the most likely: {r:#}");
+    }
+    assert_eq!(lp["text_offset"][0], 0, "{r:#}");
 }
 
 /// A client that disconnects mid-stream cancels its generation: the sequence is freed

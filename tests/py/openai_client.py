@@ -8,6 +8,7 @@ Prints one JSON object of measurements on the last line; exits non-zero on a fai
 """
 
 import json
+import math
 import sys
 import threading
 import time
@@ -92,6 +93,24 @@ def main():
     c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
     cs = "".join(ch.choices[0].text for ch in client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if ch.choices)
     check(c.choices[0].text == cs and len(cs) > 0, f"completions: {c.choices[0].text!r} vs streamed {cs!r}")
+
+    # Log-probabilities: greedy picks the most likely token, so each token's logprob is
+    # its list's first; the tokens spell the answer; streamed equals non-streamed.
+    lp = client.chat.completions.create(model=model, messages=msgs, max_tokens=n, temperature=0, logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    check(lp.choices[0].message.content == r.choices[0].message.content, "logprobs changed the greedy answer")
+    check(len(content) == lp.usage.completion_tokens, f"{len(content)} logprob entries for {lp.usage.completion_tokens} tokens")
+    for e in content:
+        check(len(e.top_logprobs) == 3, f"top_logprobs {e.top_logprobs}")
+        check(e.logprob <= 0 and abs(e.logprob - e.top_logprobs[0].logprob) < 1e-6, f"entry {e}")
+        check(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob, f"order {e.top_logprobs}")
+        check(sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1.0 + 1e-4, f"probabilities {e.top_logprobs}")
+    if lp.choices[0].finish_reason == "length":
+        check(b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == lp.choices[0].message.content, "tokens do not spell the answer")
+    streamed = [e for ch in client.chat.completions.create(model=model, messages=msgs, max_tokens=n, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    check([(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content], "streamed logprobs differ")
+    report["logprobs_first"] = [(e.token, round(e.logprob, 4)) for e in content[:3]]
 
     # Concurrency: every prompt alone, then all at once; each answer must be the same.
     prompts = checks["concurrent_prompts"]

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::AppState;
 use super::errors::ApiError;
-use crate::scheduler::{Event, Finished, GenRequest};
+use crate::scheduler::{Event, Finished, GenRequest, TokenLogprob};
 
 /// The most stop strings a request may give.
 const MAX_STOPS: usize = 16;
@@ -132,7 +132,12 @@ struct Prepared {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Top alternatives to report with each token's logprob; `None`: no logprobs.
+    logprobs: Option<u32>,
 }
+
+/// The most alternatives `top_logprobs` (or the legacy integer `logprobs`) may ask for.
+const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Params {
     fn prepare(self, state: &AppState) -> Result<Prepared, ApiError> {
@@ -147,17 +152,22 @@ impl Params {
             return Err(ApiError::invalid(Some("n"), format!("n = {n}: only one choice per request is supported (n = 1)")));
         }
         if let Some(k) = self.top_logprobs
-            && k > 20
+            && k > MAX_TOP_LOGPROBS
         {
-            return Err(ApiError::invalid(Some("top_logprobs"), format!("top_logprobs {k} is outside 0..=20")));
+            return Err(ApiError::invalid(Some("top_logprobs"), format!("top_logprobs {k} is outside 0..={MAX_TOP_LOGPROBS}")));
         }
-        let wants_logprobs = match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Number(n)) => n.as_u64() != Some(0),
-            Some(_) => true,
+        // Chat: `logprobs: true` with `top_logprobs: k`; completions (legacy): `logprobs: k`.
+        let logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(self.top_logprobs.unwrap_or(0)),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(k) if k <= u64::from(MAX_TOP_LOGPROBS) => Some(k as u32),
+                _ => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs {n} is outside 0..={MAX_TOP_LOGPROBS}"))),
+            },
+            Some(other) => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs must be a boolean (or, for completions, an integer), not {other}"))),
         };
-        if wants_logprobs || self.top_logprobs.is_some_and(|k| k > 0) {
-            return Err(ApiError::invalid(Some("logprobs"), "logprobs not supported: the engine returns sampled token ids only"));
+        if logprobs.is_none() && self.top_logprobs.is_some_and(|k| k > 0) {
+            return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs requires logprobs: true"));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if max_tokens == Some(0) {
@@ -199,6 +209,7 @@ impl Params {
             stop,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            logprobs,
         })
     }
 }
@@ -301,7 +312,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
 
 async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
-    let request = GenRequest { max_tokens: p.max_tokens.map_or(room, |m| m.min(room)), prompt, sampling: p.sampling, stop: p.stop };
+    let request = GenRequest { max_tokens: p.max_tokens.map_or(room, |m| m.min(room)), prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs };
     let (id, mut rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id}"),
@@ -315,17 +326,20 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
     };
     if !p.stream {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         let done = loop {
             match rx.recv().await {
                 Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Logprob(lp)) => logprobs.push(lp),
                 Some(Event::Done(f)) => break f,
                 Some(Event::Failed(e)) => return Err(ApiError::internal(e)),
                 None => return Err(ApiError::internal("the scheduler stopped")),
             }
         };
+        let lp = p.logprobs.map_or(Value::Null, |_| logprobs_json(kind, &logprobs, 0));
         let choice = match kind {
-            Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null, "finish_reason": done.reason.as_str() }),
-            Kind::Completion => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": done.reason.as_str() }),
+            Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": lp, "finish_reason": done.reason.as_str() }),
+            Kind::Completion => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": done.reason.as_str() }),
         };
         let body = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&done),
             "timings": { "time_to_first_token_ms": done.time_to_first_token.as_millis() as u64, "total_ms": done.elapsed.as_millis() as u64 } });
@@ -337,10 +351,10 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
         Kind::Completion => "text_completion",
     };
     let include_usage = p.include_usage;
-    let chunk = move |delta: Value, finish: Option<&str>| {
+    let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {
         let choice = match kind {
-            Kind::Chat => json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }),
-            Kind::Completion => json!({ "index": 0, "text": delta, "logprobs": null, "finish_reason": finish }),
+            Kind::Chat => json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }),
+            Kind::Completion => json!({ "index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish }),
         };
         let mut c = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] });
         if include_usage {
@@ -349,23 +363,36 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
         c
     };
     let first = match kind {
-        Kind::Chat => sse(&chunk(json!({ "role": "assistant", "content": "" }), None)),
+        Kind::Chat => sse(&chunk(json!({ "role": "assistant", "content": "" }), None, Value::Null)),
         Kind::Completion => String::new(),
     };
+    // Legacy completions count `text_offset` in characters of the text so far.
+    let mut offset = 0usize;
     let events = UnboundedReceiverStream::new(rx).map(move |event| {
         let out = match event {
-            Event::Text(t) => match kind {
-                Kind::Chat => sse(&chunk(json!({ "content": t }), None)),
-                Kind::Completion => sse(&chunk(json!(t), None)),
-            },
+            Event::Text(t) => {
+                offset += t.chars().count();
+                match kind {
+                    Kind::Chat => sse(&chunk(json!({ "content": t }), None, Value::Null)),
+                    Kind::Completion => sse(&chunk(json!(t), None, Value::Null)),
+                }
+            }
+            // Its own chunk: the token's text may be held back (a possible stop string).
+            Event::Logprob(lp) => {
+                let empty = match kind {
+                    Kind::Chat => json!({ "content": "" }),
+                    Kind::Completion => json!(""),
+                };
+                sse(&chunk(empty, None, logprobs_json(kind, std::slice::from_ref(&lp), offset)))
+            }
             Event::Done(f) => {
                 let empty = match kind {
                     Kind::Chat => json!({}),
                     Kind::Completion => json!(""),
                 };
-                let mut out = sse(&chunk(empty, Some(f.reason.as_str())));
+                let mut out = sse(&chunk(empty, Some(f.reason.as_str()), Value::Null));
                 if include_usage {
-                    let mut u = chunk(Value::Null, None);
+                    let mut u = chunk(Value::Null, None, Value::Null);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&f);
                     out.push_str(&sse(&u));
@@ -378,6 +405,32 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
     });
     let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
     Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body)).into_response())
+}
+
+/// `logprobs` of a choice: chat's `{content: [...]}`, or the legacy completions shape
+/// (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset` from `offset` on).
+fn logprobs_json(kind: Kind, entries: &[TokenLogprob], mut offset: usize) -> Value {
+    match kind {
+        Kind::Chat => json!({ "content": entries.iter().map(|e| json!({
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top_logprobs": e.top.iter().map(|(t, b, l)| json!({ "token": t, "logprob": l, "bytes": b })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>() }),
+        Kind::Completion => {
+            let mut text_offset = Vec::with_capacity(entries.len());
+            for e in entries {
+                text_offset.push(offset);
+                offset += e.token.chars().count();
+            }
+            json!({
+                "tokens": entries.iter().map(|e| &e.token).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                "top_logprobs": entries.iter().map(|e| e.top.iter().map(|(t, _, l)| (t.clone(), json!(l))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                "text_offset": text_offset,
+            })
+        }
+    }
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
