@@ -12,3 +12,4 @@ mod generate;
 mod quantize;
 mod reference;
 mod serve;
+mod streaming;
