@@ -117,7 +117,9 @@ pub struct NodeArgs {
     /// Directory holding GGUF models; a shard is loaded from the file whose identity matches.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
-    /// Directory for streamed weight shards (reserved: weight streaming is not implemented yet).
+    /// Directory for weight shards streamed from coordinators, for models not in
+    /// --model-dir (default: `$XDG_CACHE_HOME/strata`, else `~/.cache/strata`). A
+    /// restarted node finds its shards here and is sent nothing again.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// GPU adapter to use: a case-insensitive substring of its name (also `WGPU_ADAPTER_NAME`).

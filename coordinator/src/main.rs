@@ -12,6 +12,7 @@ mod progress;
 mod quantize;
 mod scheduler;
 mod server;
+mod shipping;
 
 use clap::Parser;
 

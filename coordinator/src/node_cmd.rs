@@ -25,6 +25,13 @@ fn host_name() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
+/// `$XDG_CACHE_HOME/strata`, else `~/.cache/strata`.
+fn default_cache_dir() -> Option<std::path::PathBuf> {
+    let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let base = xdg.or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("strata"))
+}
+
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let memory = parse_size(&args.memory).context("--memory")?;
     if let Some(d) = &args.model_dir
@@ -32,9 +39,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     {
         bail!("--model-dir {} is not a directory", d.display());
     }
-    if args.cache_dir.is_some() {
-        tracing::warn!("--cache-dir is reserved: weight streaming is not implemented yet");
-    }
+    let cache_dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => default_cache_dir().context("no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set")?,
+    };
+    tracing::info!(dir = %cache_dir.display(), "shard cache");
     let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: args.adapter.clone() })?);
     let name = args.name.clone().unwrap_or_else(host_name);
     let identity = NodeIdentity {
@@ -52,8 +61,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         identity: identity.clone(),
         model_dir: args.model_dir.clone(),
         model_files: Vec::new(),
+        cache_dir: Some(cache_dir),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
+    let service = StageService::new(config, gpu)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = strata_proto::transport::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -76,7 +87,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             addr,
             args.no_mdns,
         )?;
-        service::serve(listener, StageService::new(config, gpu), std::future::pending()).await?;
+        service::serve(listener, service, std::future::pending()).await?;
         Ok(())
     })
 }

@@ -113,11 +113,18 @@ async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> an
         adapter: gpu.info.name.clone(),
         backend: format!("{:?}", gpu.info.backend),
     };
-    let config = NodeConfig { identity, model_dir: None, model_files: vec![gguf_path.to_owned()], idle_timeout: Duration::from_secs(600) };
+    // The coordinator's own node has the file: it never needs a shard cache.
+    let config = NodeConfig {
+        identity,
+        model_dir: None,
+        model_files: vec![gguf_path.to_owned()],
+        cache_dir: None,
+        idle_timeout: Duration::from_secs(600),
+    };
     let listener = strata_proto::transport::bind(([127, 0, 0, 1], 0).into()).await.context("binding the local stage's port")?;
     let addr = listener.local_addr()?.to_string();
     let (tx, rx) = oneshot::channel::<()>();
-    let svc = StageService::new(config, gpu);
+    let svc = StageService::new(config, gpu)?;
     tokio::spawn(async move {
         if let Err(e) = service::serve(listener, svc, async move { let _ = rx.await; }).await {
             tracing::error!(error = %e, "local stage service failed");
@@ -210,6 +217,12 @@ impl Pipeline {
         };
         eprintln!("plan:\n{}", plan.table());
         let model_id = gguf.identity().to_vec();
+        // The bytes nodes without the file are streamed: the same file, mapped again so
+        // that each node's load task can own a handle.
+        let source = Arc::new(Gguf::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?);
+        if source.identity() != gguf.identity() {
+            bail!("{} changed while loading", args.model.display());
+        }
         let mut loads = Vec::new();
         for (k, sp) in plan.stages.iter().enumerate() {
             let stage = &mut stages[sp.node];
@@ -224,10 +237,18 @@ impl Pipeline {
             };
             let mut client = stage.client.clone();
             let what = format!("loading layers {}..{} on {} ({})", sp.layers.start, sp.layers.end, stage.name, stage.addr);
-            loads.push(tokio::spawn(async move { client.load_shard(req).await.map_err(|s| anyhow::anyhow!("{what}: {}", s.message())) }));
+            let (name, source) = (stage.name.clone(), source.clone());
+            loads.push(tokio::spawn(async move {
+                let shipped = crate::shipping::load_shard(&mut client, req, source, &name).await.with_context(|| what.clone())?;
+                anyhow::Ok((what, name, shipped))
+            }));
         }
         for l in loads {
-            l.await??;
+            let (what, name, s) = l.await??;
+            tracing::info!(node = %name, weight_bytes = s.weight_bytes, secs = s.total_secs, "{what}: done");
+            // A stable line (tests and benchmarks read it): bytes streamed and the load time.
+            let rate = if s.stream_secs > 0.0 { s.streamed_bytes as f64 / 1e6 / s.stream_secs } else { 0.0 };
+            eprintln!("streamed {} bytes to {name} in {:.2} s ({rate:.1} MB/s); shard loaded in {:.2} s", s.streamed_bytes, s.stream_secs, s.total_secs);
         }
         let (tx, rx) = mpsc::channel(1024);
         let results = stages[0].client.forward(ReceiverStream::new(rx)).await.context("opening the forward stream to stage 0")?.into_inner();

@@ -697,7 +697,7 @@ mod tests {
             self.log.lock().unwrap().push(format!("{}:{}@{}", step.seq, step.ids.len(), step.positions[0]));
             // Slow enough that a request submitted right after another joins it mid-way.
             std::thread::sleep(Duration::from_millis(20));
-            self.results.push_back((step.seq, Ok(step.want_token.then_some(300 + step.seq as u32))));
+            self.results.push_back((step.seq, Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None }))));
             Ok(())
         }
         fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
@@ -723,6 +723,7 @@ mod tests {
         while let Some(e) = rx.blocking_recv() {
             match e {
                 Event::Text(t) => text.push_str(&t),
+                Event::Logprob(_) => {}
                 Event::Done(f) => return (text, Some(f)),
                 Event::Failed(e) => panic!("failed: {e}"),
             }
@@ -737,7 +738,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
         let sched = Scheduler::spawn(Box::new(engine), tok.clone(), SchedulerConfig { max_seqs: 2 }).unwrap();
-        let req = |n: usize, max_tokens| GenRequest { prompt: vec![1; n], sampling: SamplingParams::greedy(), max_tokens, stop: Vec::new() };
+        let req = |n: usize, max_tokens| GenRequest { prompt: vec![1; n], sampling: SamplingParams::greedy(), max_tokens, stop: Vec::new(), logprobs: None };
         let (_, mut a) = sched.submit(req(6, 3)).unwrap();
         let (_, mut b) = sched.submit(req(2, 3)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
@@ -759,7 +760,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
         let sched = Scheduler::spawn(Box::new(engine), tok, SchedulerConfig { max_seqs: 8 }).unwrap();
-        let (_, mut rx) = sched.submit(GenRequest { prompt: vec![1; 3], sampling: SamplingParams::greedy(), max_tokens: 1000, stop: Vec::new() }).unwrap();
+        let (_, mut rx) = sched.submit(GenRequest { prompt: vec![1; 3], sampling: SamplingParams::greedy(), max_tokens: 1000, stop: Vec::new(), logprobs: None }).unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
         let t0 = Instant::now();

@@ -32,7 +32,7 @@ use std::fmt::Write as _;
 use std::ops::Range;
 
 use crate::config::{LayerKind, ModelConfig};
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, TensorInfo};
 use crate::{Error, Result};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -229,6 +229,32 @@ impl ModelCost {
             + if last { s.head } else { 0 };
         StageCost { weight_bytes, cache_bytes: held.iter().map(|l| l.cache_bytes).sum(), scratch_bytes }
     }
+}
+
+/// The tensors a stage holding `layers` reads: every `blk.{i}.*` of its layers, the
+/// embedding on the first stage, and the output norm and head (maybe the embedding again,
+/// listed once) on the last. A node without the file is streamed exactly these.
+pub fn shard_tensors<'a>(gguf: &'a Gguf, cfg: &ModelConfig, layers: Range<usize>) -> Result<Vec<&'a TensorInfo>> {
+    let n = cfg.n_layer();
+    if layers.start >= layers.end || layers.end > n {
+        return Err(Error::Config(format!("layer range {layers:?} is not within the model's {n} layers")));
+    }
+    let mut names: Vec<&str> = Vec::new();
+    if layers.start == 0 {
+        names.push("token_embd.weight");
+    }
+    if layers.end == n {
+        names.push("output_norm.weight");
+        names.push(cfg.output_name());
+    }
+    let mut out: Vec<&TensorInfo> = gguf.tensors.iter().filter(|t| block_index(&t.name).is_some_and(|i| layers.contains(&i))).collect();
+    for name in names {
+        let t = gguf.require_tensor(name)?;
+        if !out.iter().any(|o| o.name == t.name) {
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 /// `blk.12.attn_q.weight` -> 12.

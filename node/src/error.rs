@@ -18,6 +18,11 @@ pub enum Error {
     UnsupportedTensor { name: String, ty: String },
     #[error("{0}")]
     Invalid(String),
+    /// Bytes that fail their checksum (a streamed chunk).
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -11,6 +11,7 @@ pub mod advertise;
 pub mod memory;
 pub mod scratch;
 pub mod service;
+pub mod shard_cache;
 pub mod stage;
 pub mod ops;
 #[cfg(test)]

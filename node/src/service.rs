@@ -13,16 +13,22 @@
 //! step (malformed payload, unknown sequence, no shard) becomes a `StepResult.error` for
 //! that step; the node keeps serving.
 //!
-//! Weights: a node reads its layers from its own copy of the model (found by identity,
-//! [`Gguf::identity`], among the candidate files); streaming them from the coordinator
-//! (`PushTensors`, a shard cache) is not implemented yet and answers `unimplemented`.
+//! Weights: a node reads only its layers' tensors. With its own copy of the model (found
+//! by identity, [`Gguf::identity`], among the candidate files) it reads them from there.
+//! Otherwise `LoadShard` answers what is missing (the header, then per tensor the bytes
+//! from where its verified prefix ends) instead of loading; the coordinator streams those
+//! bytes with `PushTensors` in checksummed chunks into the node's [`ShardCache`] and asks
+//! again. A chunk that fails its checksum ends the stream with `DATA_LOSS` and is not
+//! recorded; a restart finds the cache complete and transfers nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use strata_model::config::ModelConfig;
 use strata_model::gguf::Gguf;
+use strata_model::plan::shard_tensors;
 use strata_model::sampling::SamplingParams;
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::tonic::transport::Channel;
@@ -31,6 +37,7 @@ use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::mpsc;
 
 use crate::gpu::Gpu;
+use crate::shard_cache::{MissingRange, ShardCache, hex};
 use crate::stage::{Input, Logprobs, Output, SeqId, Stage, StageSpec};
 
 /// Who a node is and what it offers (the domain side of `NodeInfo`).
@@ -52,8 +59,17 @@ pub struct NodeConfig {
     pub model_dir: Option<PathBuf>,
     /// Further model files to consider (an in-process node gets the coordinator's model).
     pub model_files: Vec<PathBuf>,
+    /// Where streamed shards are kept; `None`: the node only loads models it holds.
+    pub cache_dir: Option<PathBuf>,
     /// Sequences unused this long are freed.
     pub idle_timeout: Duration,
+}
+
+/// What `LoadShard` came to.
+enum LoadOutcome {
+    Loaded(u64),
+    /// The node lacks these bytes (and, `need_header`, the header first).
+    Missing { need_header: bool, ranges: Vec<MissingRange> },
 }
 
 /// Serves `service` on `listener` until `shutdown`, freeing idle sequences meanwhile.
@@ -103,6 +119,9 @@ struct Stats {
 struct Inner {
     config: NodeConfig,
     gpu: Arc<Gpu>,
+    cache: Option<ShardCache>,
+    /// One transfer at a time: each continues where the held bytes end.
+    push_lock: tokio::sync::Mutex<()>,
     loaded: Mutex<Option<Loaded>>,
     next: Mutex<Option<StageClient<Channel>>>,
     stats: Mutex<Stats>,
@@ -115,16 +134,20 @@ pub struct StageService {
 }
 
 impl StageService {
-    pub fn new(config: NodeConfig, gpu: Arc<Gpu>) -> StageService {
-        StageService {
+    /// Fails only when the shard cache directory cannot be created.
+    pub fn new(config: NodeConfig, gpu: Arc<Gpu>) -> crate::Result<StageService> {
+        let cache = config.cache_dir.as_ref().map(ShardCache::new).transpose()?;
+        Ok(StageService {
             inner: Arc::new(Inner {
                 config,
                 gpu,
+                cache,
+                push_lock: tokio::sync::Mutex::new(()),
                 loaded: Mutex::new(None),
                 next: Mutex::new(None),
                 stats: Mutex::new(Stats::default()),
             }),
-        }
+        })
     }
 }
 
@@ -168,34 +191,59 @@ impl Inner {
         files
     }
 
-    fn find_model(&self, id: &[u8]) -> Result<(PathBuf, Gguf), Status> {
+    fn find_model(&self, id: &[u8]) -> Option<(PathBuf, Gguf)> {
         for path in self.candidates() {
             match Gguf::open(&path) {
-                Ok(g) if g.identity() == id => return Ok((path, g)),
+                Ok(g) if g.identity() == id => return Some((path, g)),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(path = %path.display(), error = %e, "not a usable GGUF"),
             }
         }
-        let dir = self.config.model_dir.as_deref().map_or("(none)".into(), |d: &Path| d.display().to_string());
-        Err(Status::not_found(format!(
-            "node `{}` does not hold model {} in --model-dir {dir}; weight streaming not available",
-            self.name(),
-            hex(id)
-        )))
+        None
     }
 
-    fn load(&self, req: &pb::LoadShardRequest) -> Result<u64, Status> {
-        let (path, gguf) = self.find_model(&req.model_id)?;
+    /// The model from a candidate file, else from the shard cache if it holds every
+    /// tensor of `layers`; else what the cache lacks.
+    fn locate(&self, id: &[u8], layers: std::ops::Range<usize>) -> Result<Result<(PathBuf, Gguf), LoadOutcome>, Status> {
+        if let Some(found) = self.find_model(id) {
+            return Ok(Ok(found));
+        }
+        let Some(cache) = &self.cache else {
+            let dir = self.config.model_dir.as_deref().map_or("(none)".into(), |d: &Path| d.display().to_string());
+            return Err(Status::not_found(format!(
+                "node `{}` does not hold model {} in --model-dir {dir} and has no shard cache to receive it",
+                self.name(),
+                hex(id)
+            )));
+        };
+        let cached = cache.open(id).map_err(|e| Status::internal(format!("node `{}`: shard cache: {e}", self.name())))?;
+        let Some(model) = cached else { return Ok(Err(LoadOutcome::Missing { need_header: true, ranges: Vec::new() })) };
+        let invalid = |e: strata_model::Error| Status::invalid_argument(format!("node `{}` cannot load model {}: {e}", self.name(), hex(id)));
+        let config = ModelConfig::from_gguf(&model.gguf).map_err(invalid)?;
+        let tensors = shard_tensors(&model.gguf, &config, layers).map_err(invalid)?;
+        let ranges = model.missing(&tensors);
+        if !ranges.is_empty() {
+            return Ok(Err(LoadOutcome::Missing { need_header: false, ranges }));
+        }
+        Ok(Ok((model.path, model.gguf)))
+    }
+
+    fn load(&self, req: &pb::LoadShardRequest) -> Result<LoadOutcome, Status> {
         let spec = StageSpec { layers: req.layer_start as usize..req.layer_end as usize, ctx: req.ctx, max_batch: req.max_batch.max(1) };
+        let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
+            Ok(found) => found,
+            Err(missing) => return Ok(missing),
+        };
         // Free the old shard first: both may not fit at once.
         *self.lock() = None;
+        let t0 = Instant::now();
         let stage = Stage::load(self.gpu.clone(), &gguf, spec)
             .map_err(|e| Status::invalid_argument(format!("node `{}` cannot load {}: {e}", self.name(), path.display())))?;
         let weight_bytes = stage.weight_bytes();
         let n_embd = stage.config().n_embd;
-        tracing::info!(model = %path.display(), layers = ?stage.spec().layers, "shard loaded");
+        tracing::info!(model = %path.display(), layers = ?stage.spec().layers, secs = t0.elapsed().as_secs_f64(), "shard loaded");
         *self.lock() = Some(Loaded { stage, n_embd });
-        Ok(weight_bytes)
+        Ok(LoadOutcome::Loaded(weight_bytes))
     }
 
     /// Runs one activation through the stage.
@@ -260,10 +308,6 @@ impl Inner {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// f32 or f16 little-endian bytes -> f32 values, checking the length.
 pub fn decode_hidden(bytes: &[u8], format: pb::HiddenFormat, n_tokens: usize, n_embd: usize) -> Result<Vec<f32>, String> {
     let width = match format {
@@ -319,6 +363,16 @@ pub fn sampling_from_wire(s: &pb::Sampling) -> SamplingParams {
     }
 }
 
+/// A shard cache error as a status: a failed checksum is `DATA_LOSS` (the coordinator
+/// sends the chunk again), a chunk that does not fit is the sender's mistake.
+fn cache_status(node: &str, e: crate::Error) -> Status {
+    match e {
+        crate::Error::Corrupt(m) => Status::data_loss(format!("node `{node}`: {m}")),
+        crate::Error::Invalid(m) => Status::invalid_argument(format!("node `{node}`: {m}")),
+        e => Status::internal(format!("node `{node}`: shard cache: {e}")),
+    }
+}
+
 fn internal(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("stage task failed: {e}"))
 }
@@ -350,13 +404,54 @@ impl pb::stage_server::Stage for StageService {
             Some(client)
         };
         let inner = self.inner.clone();
-        let weight_bytes = tokio::task::spawn_blocking(move || inner.load(&req)).await.map_err(internal)??;
-        *lock(&self.inner.next) = next;
-        Ok(Response::new(pb::LoadShardResponse { weight_bytes, missing_tensors: Vec::new() }))
+        let outcome = tokio::task::spawn_blocking(move || inner.load(&req)).await.map_err(internal)??;
+        Ok(Response::new(match outcome {
+            LoadOutcome::Loaded(weight_bytes) => {
+                *lock(&self.inner.next) = next;
+                pb::LoadShardResponse { weight_bytes, ..Default::default() }
+            }
+            LoadOutcome::Missing { need_header, ranges } => pb::LoadShardResponse {
+                weight_bytes: 0,
+                need_header,
+                missing: ranges.into_iter().map(|r| pb::TensorRange { tensor: r.tensor, from: r.from, to: r.to }).collect(),
+            },
+        }))
     }
 
-    async fn push_tensors(&self, _: Request<Streaming<pb::TensorChunk>>) -> Result<Response<pb::TransferAck>, Status> {
-        Err(Status::unimplemented("weight streaming is not available yet: put the model in the node's --model-dir"))
+    async fn push_tensors(&self, req: Request<Streaming<pb::TensorChunk>>) -> Result<Response<pb::TransferAck>, Status> {
+        let name = self.inner.name().to_owned();
+        let Some(cache) = &self.inner.cache else {
+            return Err(Status::failed_precondition(format!("node `{name}` has no shard cache: put the model in its --model-dir")));
+        };
+        let _one_at_a_time = self.inner.push_lock.lock().await;
+        let receiver = Arc::new(Mutex::new(cache.receiver()));
+        let mut chunks = req.into_inner();
+        let (t0, mut received) = (Instant::now(), 0u64);
+        let outcome = loop {
+            let chunk = match chunks.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
+                Err(s) => break Err(Status::cancelled(format!("node `{name}`: the transfer broke after {received} bytes: {}", s.message()))),
+            };
+            let r = receiver.clone();
+            let n = chunk.data.len() as u64;
+            let applied = tokio::task::spawn_blocking(move || lock(&r).apply(&chunk.model_id, &chunk.tensor, chunk.offset, &chunk.data, chunk.checksum))
+                .await
+                .map_err(internal)?;
+            match applied {
+                Ok(()) => received += n,
+                Err(e) => break Err(cache_status(&name, e)),
+            }
+        };
+        // Whatever was verified is recorded, however the stream ended: the next transfer
+        // resumes after it.
+        let r = receiver.clone();
+        let recorded = tokio::task::spawn_blocking(move || lock(&r).finish()).await.map_err(internal)?;
+        let secs = t0.elapsed().as_secs_f64();
+        tracing::info!(bytes = received, secs, ok = outcome.is_ok(), "tensor transfer ended");
+        outcome?;
+        recorded.map_err(|e| cache_status(&name, e))?;
+        Ok(Response::new(pb::TransferAck { bytes_received: received }))
     }
 
     type ForwardStream = ResultStream;

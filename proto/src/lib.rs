@@ -4,13 +4,14 @@
 //! crates convert to and from their own domain types by hand.
 
 /// Bumped on any incompatible change of the contract.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
 
+pub mod checksum;
 pub mod transport;
 
 /// Re-exported so that users of the contract name one version of each.

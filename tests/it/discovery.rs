@@ -59,7 +59,7 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
         assert_eq!(node["address"], format!("{}:7470", lan.addr(i)), "{node:#}");
         assert_eq!(node["source"], "mdns");
         assert_eq!(node["usable_memory"], 1u64 << 30, "the TXT record carries --memory");
-        assert_eq!(node["protocol_version"], 1);
+        assert_eq!(node["protocol_version"], strata_proto::PROTOCOL_VERSION);
         assert_eq!(node["compatible"], true);
         assert!(!node["node_id"].as_str().unwrap().is_empty());
         assert!(node["adapter"].as_str().unwrap().contains("llvmpipe"), "{node:#}");

@@ -13,3 +13,4 @@ mod generate;
 mod quantize;
 mod reference;
 mod serve;
+mod streaming;

@@ -79,10 +79,13 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes serving the models in `model_dir`, each offering the same memory.
     pub fn start(n: usize, model_dir: &Path) -> Cluster {
+        // Every model the tests load is in `model_dir`; a cache of their own keeps the
+        // nodes out of the user's.
+        let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-cache-{}", std::process::id()));
         let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
         for i in 0..n {
             let mut child = strata()
-                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir)])
+                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir), "--cache-dir", path_str(&cache)])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()

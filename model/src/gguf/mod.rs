@@ -11,7 +11,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-pub use read::{Gguf, TensorInfo};
+pub use read::{Gguf, HeaderIndex, TensorInfo};
 pub use value::{Value, ValueType};
 pub use write::{GgufWriter, TensorData};
 

@@ -56,6 +56,18 @@ impl Backing {
     }
 }
 
+/// What a header and tensor index alone tell (see [`Gguf::header_index`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderIndex {
+    pub header_len: u64,
+    /// Absolute offset of the data section.
+    pub data_start: u64,
+    /// Length of the whole file: the end of its last tensor.
+    pub file_len: u64,
+    /// [`Gguf::identity`] of the file.
+    pub identity: [u8; 8],
+}
+
 /// A parsed GGUF file whose tensor data stays in the (memory-mapped) file.
 pub struct Gguf {
     backing: Backing,
@@ -90,17 +102,33 @@ impl Gguf {
         // SAFETY: the map is read-only; a file truncated underneath us would fault, which
         // is the usual contract of memory-mapped model files (llama.cpp does the same).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Open { path: path.to_owned(), source })?;
-        let gguf = Self::parse(Backing::Mmap(mmap))?;
+        let gguf = Self::parse(Backing::Mmap(mmap), true)?;
         tracing::debug!(path = %path.display(), version = gguf.version, tensors = gguf.tensors.len(), "opened GGUF");
         Ok(gguf)
     }
 
     /// Parses a GGUF held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        Self::parse(Backing::Owned(bytes))
+        Self::parse(Backing::Owned(bytes), true)
     }
 
-    fn parse(backing: Backing) -> Result<Self> {
+    /// Reads a header and tensor index alone (exactly `bytes()[..header_len]` of a file):
+    /// what a node assembling a file from streamed pieces needs before any tensor data.
+    pub fn header_index(header: &[u8]) -> Result<HeaderIndex> {
+        let g = Self::parse(Backing::Owned(header.to_vec()), false)?;
+        if g.header_len != header.len() as u64 {
+            return Err(Error::Malformed {
+                offset: g.header_len,
+                reason: format!("{} bytes given, but the header and tensor index end at {}", header.len(), g.header_len),
+            });
+        }
+        let data_len = g.tensors.iter().map(|t| t.offset.saturating_add(t.size)).max().unwrap_or(0);
+        let file_len = g.data_start.checked_add(data_len).ok_or_else(|| Error::Malformed { offset: 0, reason: "tensor data ends past 2^64".into() })?;
+        Ok(HeaderIndex { header_len: g.header_len, data_start: g.data_start, file_len, identity: g.identity() })
+    }
+
+    /// `whole`: the buffer is the whole file, so every tensor must lie within it.
+    fn parse(backing: Backing, whole: bool) -> Result<Self> {
         let mut r = Reader { buf: backing.bytes(), pos: 0 };
         let magic = r.u32("magic")?;
         if magic != MAGIC {
@@ -180,7 +208,7 @@ impl Gguf {
         let header_len = r.pos as u64;
         let data_start = header_len.div_ceil(alignment) * alignment;
         let file_len = r.buf.len() as u64;
-        for t in &tensors {
+        for t in tensors.iter().filter(|_| whole) {
             let end = data_start.checked_add(t.offset).and_then(|o| o.checked_add(t.size));
             if end.is_none_or(|e| e > file_len) {
                 return Err(Error::Malformed {

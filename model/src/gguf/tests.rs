@@ -620,3 +620,17 @@ fn open_names_the_file_it_cannot_read() {
     let e = Gguf::open(&empty.0).unwrap_err().to_string();
     assert!(e.contains("while reading magic") && e.contains("truncated"), "{e}");
 }
+
+#[test]
+fn header_index_describes_the_whole_file_from_its_header_alone() {
+    let g = Gguf::open(format!("{FIXTURES}tiny-qwen3.gguf")).unwrap();
+    let header = &g.bytes()[..g.header_len as usize];
+    let idx = Gguf::header_index(header).unwrap();
+    assert_eq!(idx.identity, g.identity());
+    assert_eq!((idx.header_len, idx.data_start), (g.header_len, g.data_start));
+    assert_eq!(idx.file_len, g.tensors.iter().map(|t| g.data_start + t.offset + t.size).max().unwrap());
+    assert!(idx.file_len <= g.bytes().len() as u64);
+    // A header with bytes missing or extra is refused, not misread.
+    assert!(Gguf::header_index(&header[..header.len() - 3]).is_err());
+    assert!(Gguf::header_index(&g.bytes()[..header.len() + 1]).is_err());
+}

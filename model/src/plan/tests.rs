@@ -359,3 +359,19 @@ fn table_lists_nodes_and_totals() {
     assert_eq!(human(0), "0 B");
     assert_eq!(human(1536), "1.50 KiB");
 }
+
+#[test]
+fn shard_tensors_are_the_layers_plus_embedding_and_head_at_the_ends() {
+    let g = crate::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    let n = cfg.n_layer();
+    let names = |r: std::ops::Range<usize>| -> Vec<String> { shard_tensors(&g, &cfg, r).unwrap().iter().map(|t| t.name.clone()).collect() };
+    let first = names(0..1);
+    assert!(first.contains(&"token_embd.weight".to_owned()) && !first.contains(&"output_norm.weight".to_owned()));
+    assert!(first.iter().all(|t| t == "token_embd.weight" || t.starts_with("blk.0.")), "{first:?}");
+    let last = names(n - 1..n);
+    assert!(last.contains(&"output_norm.weight".to_owned()) && last.contains(&cfg.output_name().to_owned()));
+    let all = names(0..n);
+    assert_eq!(all.len(), all.iter().collect::<std::collections::HashSet<_>>().len(), "each tensor once");
+    assert!(shard_tensors(&g, &cfg, 0..n + 1).is_err() && shard_tensors(&g, &cfg, 1..1).is_err());
+}
