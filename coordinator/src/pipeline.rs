@@ -286,49 +286,35 @@ impl Pipeline {
         tx.send(act).await.map_err(|_| anyhow::anyhow!("the pipeline's forward stream closed"))
     }
 
-    /// Waits for the result of `step`; an error of any step of the stream fails.
-    async fn wait(results: &mut Streaming<pb::StepResult>, step: u64) -> anyhow::Result<u32> {
-        loop {
-            let r = results.message().await.map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?;
-            let r = r.context("the pipeline closed its result stream")?;
-            if !r.error.is_empty() {
-                bail!("pipeline step {} failed: {}", r.step, r.error);
-            }
-            if r.step == step {
-                return Ok(r.token_id);
-            }
-        }
-    }
-
     /// Sends every chunk of `ids` at once and waits only for the last one's token.
     pub fn prefill(&mut self, seq: SeqId, ids: &[u32], pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
         let chunks: Vec<&[u32]> = ids.chunks(self.batch as usize).collect();
-        let Some(n_chunks) = std::num::NonZeroUsize::new(chunks.len()) else { bail!("nothing to prefill") };
-        let mut acts = Vec::with_capacity(chunks.len());
+        if chunks.is_empty() {
+            bail!("nothing to prefill");
+        }
         let mut p = pos;
         for (i, chunk) in chunks.iter().enumerate() {
             let positions: Vec<u32> = (p..p + chunk.len() as u32).collect();
-            acts.push(self.activation(seq, chunk, &positions, sampling, i + 1 == n_chunks.get()));
+            let want_token = i + 1 == chunks.len();
+            self.submit(Step { seq, ids: chunk, positions: &positions, sampling, prompt: false, want_token, logprobs: None })?;
             p += chunk.len() as u32;
         }
-        let last = acts.last().expect("at least one chunk").step;
-        let (tx, results) = (&self.tx, &mut self.results);
-        self.rt.block_on(async move {
-            for a in acts {
-                Self::send(tx, a).await?;
-            }
-            Self::wait(results, last).await
-        })
+        self.token_of()
     }
 
     pub fn step(&mut self, seq: SeqId, ids: &[u32], positions: &[u32], sampling: &SamplingParams) -> anyhow::Result<u32> {
-        let act = self.activation(seq, ids, positions, sampling, true);
-        let step = act.step;
-        let (tx, results) = (&self.tx, &mut self.results);
-        self.rt.block_on(async move {
-            Self::send(tx, act).await?;
-            Self::wait(results, step).await
-        })
+        self.submit(Step { seq, ids, positions, sampling, prompt: false, want_token: true, logprobs: None })?;
+        self.token_of()
+    }
+
+    /// The token of the one step in flight that wants one (`run` and `bench` drive a
+    /// single sequence); results of the steps before it are passed over, their errors not.
+    fn token_of(&mut self) -> anyhow::Result<u32> {
+        loop {
+            if let Some(sampled) = self.next_result()?.1? {
+                return Ok(sampled.token);
+            }
+        }
     }
 
     /// Sends a step without waiting for it; its outcome comes from [`Pipeline::next_result`].
