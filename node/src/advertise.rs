@@ -92,9 +92,9 @@ pub fn advertise(info: &NodeAdvert, addr: SocketAddr) -> Result<Advertisement> {
 pub fn advertise_with(info: &NodeAdvert, addr: SocketAddr, config: &AdvertiseConfig) -> Result<Advertisement> {
     validate_name(&info.name)?;
     if addr.port() == 0 {
-        return Err(Error::Invalid("mDNS: cannot advertise port 0 (advertise after binding, with the real port)".into()));
+        return Err(Error::Mdns("cannot advertise port 0 (advertise after binding, with the real port)".into()));
     }
-    let mdns = |what: &str, e: mdns_sd::Error| Error::Invalid(format!("mDNS: {what}: {e}"));
+    let mdns = |what: &str, e: mdns_sd::Error| Error::Mdns(format!("{what}: {e}"));
     let daemon = ServiceDaemon::new().map_err(|e| mdns("cannot start the responder", e))?;
 
     let mut interfaces = config.interfaces.clone();
@@ -139,10 +139,10 @@ pub fn txt_properties(info: &NodeAdvert) -> Vec<(&'static str, String)> {
 
 fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 63 {
-        return Err(Error::Invalid(format!("node name `{name}` must be 1 to 63 bytes long (it is a DNS-SD instance name)")));
+        return Err(Error::Setting(format!("node name `{name}` must be 1 to 63 bytes long (it is a DNS-SD instance name)")));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::Invalid(format!("node name {name:?} must not contain control characters")));
+        return Err(Error::Setting(format!("node name {name:?} must not contain control characters")));
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ const WG: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     n_vec4: u32,
     stride: u32,
 }

@@ -54,7 +54,7 @@ pub fn parse_size(s: &str) -> Result<MemoryLimit> {
     if text.eq_ignore_ascii_case("auto") {
         return Ok(MemoryLimit::Auto);
     }
-    let bad = |why: &str| Error::Invalid(format!("memory size `{s}`: {why} (examples: 12GiB, 800MB, 1.5GB, auto)"));
+    let bad = |why: &str| Error::Setting(format!("memory size `{s}`: {why} (examples: 12GiB, 800MB, 1.5GB, auto)"));
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = (&text[..split], text[split..].trim());
     if number.is_empty() {

@@ -368,7 +368,7 @@ pub fn sampling_from_wire(s: &pb::Sampling) -> SamplingParams {
 fn cache_status(node: &str, e: crate::Error) -> Status {
     match e {
         crate::Error::Corrupt(m) => Status::data_loss(format!("node `{node}`: {m}")),
-        crate::Error::Invalid(m) => Status::invalid_argument(format!("node `{node}`: {m}")),
+        crate::Error::Transfer(m) => Status::invalid_argument(format!("node `{node}`: {m}")),
         e => Status::internal(format!("node `{node}`: shard cache: {e}")),
     }
 }

@@ -199,12 +199,12 @@ impl Receiver {
     /// ([`HEADER`]: the header and tensor index, whole, at offset 0).
     pub fn apply(&mut self, id: &[u8], tensor: &str, offset: u64, data: &[u8], checksum: u64) -> Result<()> {
         if id.len() != 8 {
-            return Err(Error::Invalid(format!("a model id of {} bytes (expected 8)", id.len())));
+            return Err(Error::Transfer(format!("a model id of {} bytes (expected 8)", id.len())));
         }
         if let Some(o) = &self.open
             && o.id != id
         {
-            return Err(Error::Invalid(format!("one transfer carries one model: {} after {}", hex(id), hex(&o.id))));
+            return Err(Error::Transfer(format!("one transfer carries one model: {} after {}", hex(id), hex(&o.id))));
         }
         if strata_proto::checksum::checksum(data) != checksum {
             let what = if tensor == HEADER { "the header".to_owned() } else { format!("tensor `{tensor}`") };
@@ -214,21 +214,21 @@ impl Receiver {
             return self.header(id, offset, data);
         }
         if self.open.is_none() {
-            self.open = Some(self.reopen(id)?.ok_or_else(|| Error::Invalid(format!("tensor `{tensor}` sent before the header of model {}", hex(id))))?);
+            self.open = Some(self.reopen(id)?.ok_or_else(|| Error::Transfer(format!("tensor `{tensor}` sent before the header of model {}", hex(id))))?);
         }
         let o = self.open.as_mut().expect("opened above");
-        let &(start, size) = o.tensors.get(tensor).ok_or_else(|| Error::Invalid(format!("model {} has no tensor `{tensor}`", hex(id))))?;
+        let &(start, size) = o.tensors.get(tensor).ok_or_else(|| Error::Transfer(format!("model {} has no tensor `{tensor}`", hex(id))))?;
         let have = o.have.get(tensor).copied().unwrap_or(0);
         if data.is_empty() {
-            return Err(Error::Invalid(format!("an empty chunk of tensor `{tensor}`")));
+            return Err(Error::Transfer(format!("an empty chunk of tensor `{tensor}`")));
         }
         if offset != have {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Transfer(format!(
                 "a chunk of tensor `{tensor}` at offset {offset}, but the node holds its bytes up to {have}: chunks must continue where the held bytes end"
             )));
         }
         let end = offset.checked_add(data.len() as u64).filter(|&e| e <= size).ok_or_else(|| {
-            Error::Invalid(format!("a chunk of tensor `{tensor}` at offset {offset} of {} bytes runs past its {size} bytes", data.len()))
+            Error::Transfer(format!("a chunk of tensor `{tensor}` at offset {offset} of {} bytes runs past its {size} bytes", data.len()))
         })?;
         o.file.seek(SeekFrom::Start(start + offset)).and_then(|_| o.file.write_all(data)).map_err(io("writing to the shard cache"))?;
         o.have.insert(tensor.to_owned(), end);
@@ -261,9 +261,9 @@ impl Receiver {
     /// Starts (or, if the cache already holds this header, keeps) the model's file.
     fn header(&mut self, id: &[u8], offset: u64, data: &[u8]) -> Result<()> {
         if offset != 0 {
-            return Err(Error::Invalid(format!("the header is sent whole, at offset 0, not {offset}")));
+            return Err(Error::Transfer(format!("the header is sent whole, at offset 0, not {offset}")));
         }
-        let index = Gguf::header_index(data).map_err(|e| Error::Invalid(format!("the streamed header is not a GGUF header: {e}")))?;
+        let index = Gguf::header_index(data).map_err(|e| Error::Transfer(format!("the streamed header is not a GGUF header: {e}")))?;
         if index.identity != id {
             return Err(Error::Corrupt(format!("the streamed header has identity {}, not {}", hex(&index.identity), hex(id))));
         }
@@ -285,7 +285,7 @@ impl Receiver {
         tracing::info!(model = %hex(id), bytes = index.file_len, path = %path.display(), "started a shard file");
         self.open = self.reopen(id)?;
         if self.open.is_none() {
-            return Err(Error::Invalid(format!("the shard file {} did not read back as model {}", path.display(), hex(id))));
+            return Err(Error::Transfer(format!("the shard file {} did not read back as model {}", path.display(), hex(id))));
         }
         Ok(())
     }

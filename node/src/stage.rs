@@ -150,10 +150,10 @@ impl Stage {
         let config = ModelConfig::from_gguf(gguf)?;
         let n_layer = config.n_layer();
         if spec.layers.start >= spec.layers.end || spec.layers.end > n_layer {
-            return Err(Error::Invalid(format!("layer range {:?} is not within the model's {n_layer} layers", spec.layers)));
+            return Err(Error::Spec(format!("layer range {:?} is not within the model's {n_layer} layers", spec.layers)));
         }
         if spec.max_batch == 0 || spec.ctx == 0 {
-            return Err(Error::Invalid("max_batch and ctx must be at least 1".into()));
+            return Err(Error::Spec("max_batch and ctx must be at least 1".into()));
         }
         let kernels = KernelCache::new();
         let ctx = LoadCtx { gguf, gpu: &gpu, kernels: &kernels };
@@ -186,6 +186,23 @@ impl Stage {
         stage.spare = Some(stage.new_sequence()?);
         tracing::info!(layers = ?stage.spec.layers, weights_mb = stage.weight_bytes() as f64 / 1e6, secs = t0.elapsed().as_secs_f64(), "stage loaded");
         Ok(stage)
+    }
+
+    /// Opens the GPU (`adapter`: a substring of its name, else the best one) and loads
+    /// `spec`'s layers of `gguf` on it.
+    pub fn open(gguf: &Gguf, spec: StageSpec, adapter: Option<String>) -> Result<Stage> {
+        let gpu = std::sync::Arc::new(Gpu::new(&crate::gpu::GpuConfig { adapter })?);
+        Stage::load(gpu, gguf, spec)
+    }
+
+    /// The device this stage runs on.
+    pub fn device(&self) -> crate::gpu::DeviceInfo {
+        self.gpu.describe()
+    }
+
+    /// The device's streaming-read bandwidth in GB/s, measured now (see [`crate::bench`]).
+    pub fn read_bandwidth(&self) -> Result<f64> {
+        crate::bench::read_bandwidth(&self.gpu)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -277,7 +294,7 @@ impl Stage {
             .map(|b| match b.mixer {
                 Mixer::Attention(_) => KvCache::new(&self.gpu, self.spec.ctx, a.n_head_kv as u32, a.head_dim as u32).map(LayerState::Kv),
                 Mixer::DeltaNet(_) => {
-                    let dn = self.config.deltanet.as_ref().ok_or_else(|| Error::Invalid("DeltaNet layer without its config".into()))?;
+                    let dn = self.config.deltanet.as_ref().ok_or_else(|| Error::Spec("DeltaNet layer without its config".into()))?;
                     DeltaNetState::new(&self.gpu, dn).map(LayerState::DeltaNet)
                 }
             })
@@ -312,30 +329,30 @@ impl Stage {
         let n = positions.len();
         let e = self.config.n_embd;
         if n == 0 || n > self.spec.max_batch as usize {
-            return Err(Error::Invalid(format!("a step carries 1..={} tokens, got {n}", self.spec.max_batch)));
+            return Err(Error::Step(format!("a step carries 1..={} tokens, got {n}", self.spec.max_batch)));
         }
         if let Some(&p) = positions.iter().find(|&&p| p >= self.spec.ctx) {
-            return Err(Error::Invalid(format!("position {p} is past the context length {}", self.spec.ctx)));
+            return Err(Error::Step(format!("position {p} is past the context length {}", self.spec.ctx)));
         }
         match input {
             Input::Tokens(ids) => {
                 if !self.is_first() {
-                    return Err(Error::Invalid("token ids sent to a stage that is not first".into()));
+                    return Err(Error::Step("token ids sent to a stage that is not first".into()));
                 }
                 if ids.len() != n {
-                    return Err(Error::Invalid(format!("{} token ids for {n} positions", ids.len())));
+                    return Err(Error::Step(format!("{} token ids for {n} positions", ids.len())));
                 }
                 if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.n_vocab) {
-                    return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {}", self.config.n_vocab)));
+                    return Err(Error::Step(format!("token id {bad} is outside the vocabulary of {}", self.config.n_vocab)));
                 }
                 self.gpu.queue.write_buffer(&self.scratch.ids, 0, bytemuck::cast_slice(ids));
             }
             Input::Hidden(h) => {
                 if self.is_first() {
-                    return Err(Error::Invalid("hidden states sent to the first stage".into()));
+                    return Err(Error::Step("hidden states sent to the first stage".into()));
                 }
                 if h.len() != n * e {
-                    return Err(Error::Invalid(format!("{} hidden values for {n} tokens of width {e}", h.len())));
+                    return Err(Error::Step(format!("{} hidden values for {n} tokens of width {e}", h.len())));
                 }
                 self.gpu.queue.write_buffer(&self.scratch.x, 0, bytemuck::cast_slice(h));
             }
@@ -351,10 +368,10 @@ impl Stage {
         let recurrent = s.states.iter().any(|st| matches!(st, LayerState::DeltaNet(_)));
         if recurrent && positions[0] != s.next_pos {
             if positions[0] != 0 {
-                return Err(Error::Invalid(format!(
-                    "sequence {seq}: step at position {} but its recurrent state is at {}",
-                    positions[0], s.next_pos
-                )));
+                return Err(Error::Sequence {
+                    seq,
+                    message: format!("step at position {} but its recurrent state is at {}", positions[0], s.next_pos),
+                });
             }
             for st in &s.states {
                 if let LayerState::DeltaNet(d) = st {
@@ -363,7 +380,7 @@ impl Stage {
             }
         }
         if positions.windows(2).any(|w| w[1] != w[0] + 1) && recurrent {
-            return Err(Error::Invalid(format!("sequence {seq}: a step's positions must be consecutive")));
+            return Err(Error::Sequence { seq, message: "a step's positions must be consecutive".into() });
         }
         s.next_pos = positions[n - 1] + 1;
         let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
@@ -406,7 +423,7 @@ impl Stage {
     pub fn forward_logprobs(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, top: usize) -> Result<(u32, Logprobs)> {
         match self.forward_inner(seq, input, positions, sampling, Some(top.min(MAX_CANDIDATES)))? {
             Produced::Token(t, Some(lp)) => Ok((t, lp)),
-            _ => Err(Error::Invalid("logprobs asked of a stage without the output head".into())),
+            _ => Err(Error::NotOnStage("logprobs asked of a stage without the output head".into())),
         }
     }
 
@@ -449,7 +466,7 @@ impl Stage {
             let candidates: Vec<Candidate> = top.entries.iter().map(|&(id, logit)| Candidate { id, logit }).filter(|c| c.logit.is_finite()).collect();
             // Greedy with logprobs: the top candidate (ties to the lower id, as argmax).
             let token = if sampling.is_greedy() && !sampling.has_penalties() {
-                candidates.first().map(|c| c.id).ok_or_else(|| Error::Invalid("no finite logit in the row".into()))?
+                candidates.first().map(|c| c.id).ok_or_else(|| Error::Step("no finite logit in the row".into()))?
             } else {
                 s.sampler.as_mut().expect("set above").sample(&candidates)?
             };
@@ -472,7 +489,7 @@ impl Stage {
         let n = positions.len();
         let e = self.config.n_embd;
         let mut enc = self.encode_layers(seq, input, positions)?;
-        let head = self.head.as_ref().ok_or_else(|| Error::Invalid("logits asked of a stage without the output head".into()))?;
+        let head = self.head.as_ref().ok_or_else(|| Error::NotOnStage("logits asked of a stage without the output head".into()))?;
         enc.copy_buffer_to_buffer(&self.scratch.x, ((n - 1) * e * 4) as u64, &head.x_last, 0, (e * 4) as u64);
         encode_dispatches(&mut enc, &head.logits_dispatches, 1);
         self.gpu.queue.submit([enc.finish()]);

@@ -12,6 +12,16 @@ pub struct GpuConfig {
     pub adapter: Option<String>,
 }
 
+/// What a device is, in words: for logs, reports and node identities (callers outside
+/// this crate never format wgpu types themselves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The adapter's name, e.g. `llvmpipe (LLVM 19.1.7, 256 bits)`.
+    pub name: String,
+    /// The graphics API, e.g. `Vulkan`.
+    pub backend: String,
+}
+
 /// An open device with the adapter's full limits.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -75,6 +85,10 @@ impl Gpu {
         tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type,
             max_binding = limits.max_storage_buffer_binding_size, "opened GPU");
         Ok(Gpu { device, queue, info, limits, features })
+    }
+
+    pub fn describe(&self) -> DeviceInfo {
+        DeviceInfo { name: self.info.name.clone(), backend: format!("{:?}", self.info.backend) }
     }
 
     /// The largest storage binding, rounded down to a 256-byte multiple so that

@@ -9,7 +9,7 @@ mod dispatch;
 mod kernels;
 mod step;
 
-pub use context::{Gpu, GpuConfig};
+pub use context::{DeviceInfo, Gpu, GpuConfig};
 pub use dispatch::{Dim, Dispatch, Workgroups, encode_dispatches};
 pub use kernels::KernelCache;
 pub use step::Step;

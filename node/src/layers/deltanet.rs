@@ -31,7 +31,7 @@ pub struct DeltaNet {
 
 /// The DeltaNet config of a qwen35 model, or why there is none.
 pub fn config(cfg: &ModelConfig) -> Result<&DeltaNetConfig> {
-    cfg.deltanet.as_ref().ok_or_else(|| Error::Invalid(format!("a {} model has no Gated DeltaNet layers", cfg.arch.name())))
+    cfg.deltanet.as_ref().ok_or_else(|| Error::Spec(format!("a {} model has no Gated DeltaNet layers", cfg.arch.name())))
 }
 
 impl DeltaNet {
@@ -76,7 +76,7 @@ impl DeltaNet {
     ) -> Result<()> {
         let dn = config(cfg)?;
         if state.config() != dn {
-            return Err(Error::Invalid(format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config())));
+            return Err(Error::Shape { op: "deltanet", message: format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config()) });
         }
         let d = scratch;
         out.push(norm::rms_norm(gpu, kc, &s.step, &s.x, &self.attn_norm, &s.n, RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps), max_tokens)?);

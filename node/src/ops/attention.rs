@@ -18,7 +18,7 @@ const ATTN_WG: u32 = 64;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct StoreParams {
+pub(crate) struct StoreParams {
     row_pairs: u32,
     capacity: u32,
     _pad: [u32; 2],
@@ -89,7 +89,7 @@ impl Attention<'_> {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct AttnParams {
+pub(crate) struct AttnParams {
     n_heads: u32,
     n_kv_heads: u32,
     group: u32,

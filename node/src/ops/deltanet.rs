@@ -16,7 +16,7 @@ const WG: u32 = 64;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ConvParams {
+pub(crate) struct ConvParams {
     channels: u32,
     head_dim: u32,
     kernel: u32,
@@ -29,7 +29,7 @@ struct ConvParams {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ConvStateParams {
+pub(crate) struct ConvStateParams {
     channels: u32,
     kernel: u32,
     _pad: [u32; 2],
@@ -103,7 +103,7 @@ pub struct Gates<'a> {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct StateParams {
+pub(crate) struct StateParams {
     n_key_heads: u32,
     n_value_heads: u32,
     channels: u32,
@@ -155,7 +155,7 @@ pub fn delta_rule(
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct NormParams {
+pub(crate) struct NormParams {
     head_dim: u32,
     n_heads: u32,
     eps: f32,

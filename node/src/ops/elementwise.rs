@@ -65,7 +65,7 @@ pub(crate) fn bind<'a>(
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     n: u32,
     row: u32,
     _pad: [u32; 2],

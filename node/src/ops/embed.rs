@@ -12,7 +12,7 @@ const WG: u32 = 64;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     k8: u32,
     rows: u32,
     row0: u32,

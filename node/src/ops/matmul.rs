@@ -25,7 +25,7 @@ const MAX_GROUPS: u32 = 65535;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     k8: u32,
     rows: u32,
     n: u32,

@@ -35,7 +35,7 @@ impl RmsNorm {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     row_len: u32,
     rows_per_token: u32,
     x_stride: u32,

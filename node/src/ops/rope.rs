@@ -42,7 +42,7 @@ impl Rope {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     n_heads: u32,
     head_dim: u32,
     half: u32,

@@ -19,7 +19,7 @@ const PENALIZE_WG: u32 = 64;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TopKParams {
+pub(crate) struct TopKParams {
     n_vocab: u32,
     row: u32,
     k: u32,
@@ -124,7 +124,7 @@ pub struct Penalties {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct PenalizeParams {
+pub(crate) struct PenalizeParams {
     n_vocab: u32,
     row: u32,
     count: u32,
