@@ -57,6 +57,16 @@ PY
     mv "$SMOL_FILE.part" "$SMOL_FILE"
 fi
 echo "$SMOL_SHA256  $SMOL_FILE" | sha256sum --check --quiet || { echo "$SMOL_FILE: checksum mismatch (delete it and re-run)" >&2; exit 1; }
+# With --test: the formatter and linter CI runs, where rustup can add them.
+if [ "${1:-}" = --test ] && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+    if command -v rustup >/dev/null; then
+        say "adding rustfmt and clippy (rustup components)"
+        rustup component add rustfmt clippy
+    else
+        echo "cargo fmt and cargo clippy are needed for the tests: install rustfmt and clippy for your toolchain" >&2
+        exit 1
+    fi
+fi
 # With --test: the test clients of `strata serve` too (the official OpenAI Python client,
 # and headless Chromium driven over the DevTools protocol with websocket-client).
 if [ "${1:-}" = --test ] && ! python3 -c 'import openai, websocket' >/dev/null 2>&1; then

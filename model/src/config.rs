@@ -2,27 +2,13 @@
 //!
 //! One [`ModelConfig`] describes every supported architecture; per-layer differences
 //! (the `qwen35` hybrid) are a [`LayerKind`] per layer, so executors branch once per
-//! layer at construction, never per token.
+//! layer at construction, never per token. The keys every architecture shares are read
+//! here; what is particular to one, and its tensor schema, is in its file in [`crate::arch`].
 
+pub use crate::arch::Arch;
+use crate::arch::{ArchMetadata, AttentionStyle};
 use crate::gguf::Gguf;
 use crate::{Error, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Qwen3,
-    Qwen35,
-}
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen3 => "qwen3",
-            Arch::Qwen35 => "qwen35",
-        }
-    }
-}
 
 /// How rotary embedding pairs dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,82 +90,17 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
-        let arch_name = g.architecture()?;
-        let arch = match arch_name {
-            "llama" => Arch::Llama,
-            "qwen3" => Arch::Qwen3,
-            "qwen35" => Arch::Qwen35,
-            other => return Err(Error::UnsupportedArch(other.to_owned())),
-        };
-        let key = |k: &str| format!("{arch_name}.{k}");
-        let req = |k: &str| -> Result<usize> { Ok(g.require_u64(&key(k))? as usize) };
-        let opt = |k: &str| -> Result<Option<usize>> { Ok(g.get_u64(&key(k))?.map(|v| v as usize)) };
-
-        let n_embd = req("embedding_length")?;
-        let n_ff = req("feed_forward_length")?;
-        let block_count = req("block_count")?;
-        let n_head = req("attention.head_count")?;
-        let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
-            return Err(Error::Config(format!("{n_head} query heads cannot share {n_head_kv} KV heads")));
-        }
-        let head_dim = match opt("attention.key_length")? {
-            Some(d) => d,
-            None if n_embd % n_head == 0 => n_embd / n_head,
-            None => return Err(Error::Config(format!("embedding {n_embd} is not a multiple of {n_head} heads"))),
-        };
-        let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
-        if n_rot > head_dim || n_rot % 2 != 0 {
-            return Err(Error::Config(format!("rope.dimension_count {n_rot} must be even and at most the head dim {head_dim}")));
-        }
-        let eps = g.get_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32;
-        let rope_theta = g.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32;
-        let embd = g.require_tensor("token_embd.weight")?;
-        let n_vocab = embd.n_rows() as usize;
-        if embd.row_len() as usize != n_embd {
-            return Err(Error::Config(format!("token_embd.weight rows have {} values, embedding_length is {n_embd}", embd.row_len())));
-        }
-        let context_length = opt("context_length")?.unwrap_or(4096);
-        let n_mtp = if arch == Arch::Qwen35 { opt("nextn_predict_layers")?.unwrap_or(0) } else { 0 };
-        let n_layer = block_count
-            .checked_sub(n_mtp)
-            .filter(|&n| n > 0)
-            .ok_or_else(|| Error::Config(format!("block_count {block_count} leaves no layers after {n_mtp} MTP blocks")))?;
-
-        let (layers, deltanet) = match arch {
-            Arch::Llama | Arch::Qwen3 => (vec![LayerKind::Attention; n_layer], None),
-            Arch::Qwen35 => {
-                let interval = opt("full_attention_interval")?.unwrap_or(4).max(1);
-                let layers = (0..n_layer)
-                    .map(|i| if (i + 1) % interval == 0 { LayerKind::Attention } else { LayerKind::DeltaNet })
-                    .collect();
-                let dn = DeltaNetConfig {
-                    conv_kernel: req("ssm.conv_kernel")?,
-                    n_key_heads: req("ssm.group_count")?,
-                    n_value_heads: req("ssm.time_step_rank")?,
-                    head_dim: req("ssm.state_size")?,
-                };
-                if dn.n_key_heads == 0 || dn.n_value_heads % dn.n_key_heads != 0 || dn.conv_kernel == 0 {
-                    return Err(Error::Config(format!("DeltaNet heads {}/{} or conv kernel {} invalid", dn.n_key_heads, dn.n_value_heads, dn.conv_kernel)));
-                }
-                if let Some(inner) = opt("ssm.inner_size")?
-                    && inner != dn.value_dim()
-                {
-                    return Err(Error::Config(format!("ssm.inner_size {inner} != state_size x time_step_rank {}", dn.value_dim())));
-                }
-                (layers, Some(dn))
-            }
-        };
-        let attention = AttentionConfig {
-            n_head,
-            n_head_kv,
-            head_dim,
-            n_rot,
-            rope_theta,
-            rope_style: if arch == Arch::Llama { RopeStyle::Adjacent } else { RopeStyle::Neox },
-            qk_norm: arch != Arch::Llama,
-            output_gate: arch == Arch::Qwen35,
-        };
+        let name = g.architecture()?;
+        let arch = Arch::from_name(name).ok_or_else(|| Error::UnsupportedArch(name.to_owned()))?;
+        let m = ArchMetadata::new(g, arch);
+        let n_embd = m.require("embedding_length")?;
+        let n_ff = m.require("feed_forward_length")?;
+        let block_count = m.require("block_count")?;
+        let attention = AttentionConfig::read(&m, n_embd, arch.attention())?;
+        let eps = m.get_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32;
+        let n_vocab = vocab_size(g, n_embd)?;
+        let context_length = m.get("context_length")?.unwrap_or(4096);
+        let params = arch.params(&m, block_count)?;
         Ok(ModelConfig {
             arch,
             n_embd,
@@ -188,9 +109,9 @@ impl ModelConfig {
             eps,
             context_length,
             attention,
-            deltanet,
-            layers,
-            n_mtp,
+            deltanet: params.deltanet,
+            layers: params.layers,
+            n_mtp: params.n_mtp,
             tied_output: g.tensor("output.weight").is_none(),
         })
     }
@@ -198,22 +119,44 @@ impl ModelConfig {
     pub fn n_layer(&self) -> usize {
         self.layers.len()
     }
+}
 
-    /// Name of the pre-FFN norm tensor, which differs between families.
-    pub fn ffn_norm_name(&self) -> &'static str {
-        match self.arch {
-            Arch::Qwen35 => "post_attention_norm",
-            Arch::Llama | Arch::Qwen3 => "ffn_norm",
+impl AttentionConfig {
+    /// The head counts and RoPE of `m`, with the architecture's `style`.
+    fn read(m: &ArchMetadata, n_embd: usize, style: AttentionStyle) -> Result<AttentionConfig> {
+        let n_head = m.require("attention.head_count")?;
+        let n_head_kv = m.get("attention.head_count_kv")?.unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(Error::Config(format!("{n_head} query heads cannot share {n_head_kv} KV heads")));
         }
-    }
-
-    /// Name of the output head tensor (the embedding when tied).
-    pub fn output_name(&self) -> &'static str {
-        if self.tied_output { "token_embd.weight" } else { "output.weight" }
+        let head_dim = match m.get("attention.key_length")? {
+            Some(d) => d,
+            None if n_embd.is_multiple_of(n_head) => n_embd / n_head,
+            None => return Err(Error::Config(format!("embedding {n_embd} is not a multiple of {n_head} heads"))),
+        };
+        let n_rot = m.get("rope.dimension_count")?.unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            return Err(Error::Config(format!("rope.dimension_count {n_rot} must be even and at most the head dim {head_dim}")));
+        }
+        Ok(AttentionConfig {
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            rope_theta: m.get_f64("rope.freq_base")?.unwrap_or(10_000.0) as f32,
+            rope_style: style.rope_style,
+            qk_norm: style.qk_norm,
+            output_gate: style.output_gate,
+        })
     }
 }
 
-/// `blk.{layer}.{name}.weight`-style tensor names.
-pub fn layer_tensor(layer: usize, name: &str) -> String {
-    format!("blk.{layer}.{name}")
+/// Rows of `token_embd.weight`, whose rows must be `n_embd` long. Read by name: the
+/// schema needs the vocabulary size this finds.
+fn vocab_size(g: &Gguf, n_embd: usize) -> Result<usize> {
+    let embd = g.require_tensor("token_embd.weight")?;
+    if embd.row_len() as usize != n_embd {
+        return Err(Error::Config(format!("token_embd.weight rows have {} values, embedding_length is {n_embd}", embd.row_len())));
+    }
+    Ok(embd.n_rows() as usize)
 }

@@ -3,9 +3,11 @@
 //! - [`gguf`]: reading (memory-mapped) and writing GGUF v2/v3 files.
 //! - [`quant`]: tensor types, CPU dequantisation and Q8_0 quantisation.
 //! - [`config`]: architecture configs (`llama`, `qwen3`, `qwen35`) read from GGUF metadata.
+//! - [`arch`]: one file per architecture: its metadata and its tensor schema, the one place
+//!   tensor names and shapes are written.
 //! - [`tokenizer`], [`chat`]: text to token ids and back; chat templates.
 //! - [`sampling`]: turning logits into a token id, seeded and reproducible.
-//! - [`reference`]: a plain CPU forward pass, the oracle for every GPU kernel.
+//! - [`reference`](mod@reference): a plain CPU forward pass, the oracle for every GPU kernel.
 //! - [`plan`]: which layers each node holds, from the tensor index and memory budgets.
 //! - [`synthetic`]: all-zero GGUFs of real models' exact shapes (sparse files), for planning
 //!   and loading tests without the weights.
@@ -16,6 +18,7 @@ pub mod quant;
 pub mod quantize;
 
 pub use error::{Error, Result};
+pub mod arch;
 pub mod chat;
 pub mod config;
 pub mod plan;

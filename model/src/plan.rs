@@ -142,20 +142,20 @@ impl ModelCost {
         let n_layer = cfg.n_layer();
         let mut weights = vec![0u64; n_layer];
         let (mut embedding, mut output_norm, mut output, mut unplanned) = (None, 0, 0, 0);
+        let globals = cfg.global_tensors();
         for t in &gguf.tensors {
             match block_index(&t.name) {
                 Some(i) if i < n_layer => weights[i] += t.size,
                 // MTP blocks follow the main pass's blocks.
                 Some(_) => unplanned += t.size,
-                None => match t.name.as_str() {
-                    "token_embd.weight" => embedding = Some(t.size),
-                    "output_norm.weight" => output_norm = t.size,
-                    "output.weight" => output = t.size,
-                    _ => unplanned += t.size,
-                },
+                // A tied head is the embedding, matched first.
+                None if t.name == globals.token_embd.name => embedding = Some(t.size),
+                None if t.name == globals.output_norm.name => output_norm = t.size,
+                None if t.name == globals.output.name => output = t.size,
+                None => unplanned += t.size,
             }
         }
-        let embedding = embedding.ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+        let embedding = embedding.ok_or_else(|| Error::MissingTensor(globals.token_embd.name.clone()))?;
         if let Some(i) = weights.iter().position(|&w| w == 0) {
             return Err(Error::Config(format!("layer {i} has no tensors `blk.{i}.*` in the file")));
         }
@@ -239,13 +239,14 @@ pub fn shard_tensors<'a>(gguf: &'a Gguf, cfg: &ModelConfig, layers: Range<usize>
     if layers.start >= layers.end || layers.end > n {
         return Err(Error::Config(format!("layer range {layers:?} is not within the model's {n} layers")));
     }
+    let globals = cfg.global_tensors();
     let mut names: Vec<&str> = Vec::new();
     if layers.start == 0 {
-        names.push("token_embd.weight");
+        names.push(&globals.token_embd.name);
     }
     if layers.end == n {
-        names.push("output_norm.weight");
-        names.push(cfg.output_name());
+        names.push(&globals.output_norm.name);
+        names.push(&globals.output.name);
     }
     let mut out: Vec<&TensorInfo> = gguf.tensors.iter().filter(|t| block_index(&t.name).is_some_and(|i| layers.contains(&i))).collect();
     for name in names {

@@ -23,7 +23,7 @@ pub struct QuantizeReport {
 /// Whether llama.cpp's quantiser would quantise this tensor: matrices whose rows are
 /// whole blocks; vectors (norms, biases) and the DeltaNet conv kernel stay as they are.
 fn should_quantize(t: &TensorInfo, target: GgmlType) -> bool {
-    t.dims.len() >= 2 && t.row_len() % target.block_len() == 0 && t.name.ends_with(".weight") && !t.name.contains("ssm_conv1d")
+    t.dims.len() >= 2 && t.row_len().is_multiple_of(target.block_len()) && t.name.ends_with(".weight") && !t.name.contains("ssm_conv1d")
 }
 
 /// The `N` of a `blk.N.` tensor name, or -1 (as llama.cpp's `sscanf` leaves it).

@@ -13,6 +13,8 @@
 
 use std::path::Path;
 
+use crate::arch::{Arch, TensorRole, qwen35};
+use crate::config::{AttentionConfig, DeltaNetConfig, ModelConfig};
 use crate::gguf::{GgufWriter, TensorData, Value, ValueType};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
@@ -85,19 +87,46 @@ impl Qwen35Shape {
         self.n_layer + self.n_mtp
     }
 
-    fn is_attention(&self, layer: usize) -> bool {
-        (layer + 1).is_multiple_of(self.full_attention_interval)
+    /// The config [`ModelConfig::from_gguf`] reads back from [`qwen35_zeros`]'s file,
+    /// whose tensor schema is the file's tensor index.
+    pub fn config(&self) -> ModelConfig {
+        let style = qwen35::ATTENTION;
+        ModelConfig {
+            arch: Arch::Qwen35,
+            n_embd: self.n_embd,
+            n_ff: self.n_ff,
+            n_vocab: self.n_vocab,
+            eps: self.eps,
+            context_length: self.context_length,
+            attention: AttentionConfig {
+                n_head: self.n_head,
+                n_head_kv: self.n_head_kv,
+                head_dim: self.head_dim,
+                n_rot: self.n_rot,
+                rope_theta: self.rope_theta,
+                rope_style: style.rope_style,
+                qk_norm: style.qk_norm,
+                output_gate: style.output_gate,
+            },
+            deltanet: Some(DeltaNetConfig {
+                conv_kernel: self.conv_kernel,
+                n_key_heads: self.ssm_key_heads,
+                n_value_heads: self.ssm_value_heads,
+                head_dim: self.ssm_head_dim,
+            }),
+            layers: qwen35::layer_kinds(self.n_layer, self.full_attention_interval),
+            n_mtp: self.n_mtp,
+            tied_output: self.tied_output,
+        }
     }
 }
 
 /// A writer holding `shape`'s metadata and every tensor, all zeros.
 ///
-/// Per layer, as llama.cpp's converter writes them: `attn_norm`, `post_attention_norm`,
-/// the mixer's tensors (see `docs/qwen35.md`), `ffn_gate/up/down`. Each MTP block has an
-/// attention layer's tensors (its transformer layer is a full-attention layer) plus
-/// llama.cpp's `nextn.eh_proj` {2E, E} (the projection of the concatenated embedding and
-/// hidden state) and the `nextn.enorm`, `nextn.hnorm` and `nextn.shared_head_norm`
-/// vectors; it shares the embedding and head with the main model.
+/// The tensors are those of the `qwen35` schema ([`ModelConfig::tensors`]), in llama.cpp's
+/// converter order: per layer `attn_norm`, `post_attention_norm`, the mixer's tensors (see
+/// `docs/qwen35.md`), `ffn_gate/up/down`; each MTP block a full-attention layer's tensors
+/// plus its `nextn.*` ones. Matrices are `matrix_type`; vectors and `ssm_conv1d` F32.
 pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     let s = shape;
     let n_tokens = 256 + SPECIALS.len();
@@ -137,50 +166,9 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     // llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 is 7; other types get "all F32" (0) as a placeholder.
     w.set("general.file_type", Value::U32(if s.matrix_type == GgmlType::Q8_0 { 7 } else { 0 }))?;
 
-    let (e, f, v) = (s.n_embd as u64, s.n_ff as u64, s.n_vocab as u64);
-    let (m, f32) = (s.matrix_type, GgmlType::F32);
-    let mut add = |name: String, ty: GgmlType, dims: &[u64]| w.add_tensor(name, ty, dims.to_vec(), TensorData::Zeros);
-
-    add("token_embd.weight".into(), m, &[e, v])?;
-    add("output_norm.weight".into(), f32, &[e])?;
-    if !s.tied_output {
-        add("output.weight".into(), m, &[e, v])?;
-    }
-    let (h, hkv, d) = (s.n_head as u64, s.n_head_kv as u64, s.head_dim as u64);
-    let (dk, nk, nv, k) = (s.ssm_head_dim as u64, s.ssm_key_heads as u64, s.ssm_value_heads as u64, s.conv_kernel as u64);
-    let conv_channels = 2 * dk * nk + dk * nv;
-    for i in 0..s.block_count() {
-        let mut t = |name: &str, ty: GgmlType, dims: &[u64]| add(format!("blk.{i}.{name}"), ty, dims);
-        t("attn_norm.weight", f32, &[e])?;
-        t("post_attention_norm.weight", f32, &[e])?;
-        let mtp = i >= s.n_layer;
-        if mtp || s.is_attention(i) {
-            t("attn_q.weight", m, &[e, 2 * h * d])?;
-            t("attn_k.weight", m, &[e, hkv * d])?;
-            t("attn_v.weight", m, &[e, hkv * d])?;
-            t("attn_output.weight", m, &[h * d, e])?;
-            t("attn_q_norm.weight", f32, &[d])?;
-            t("attn_k_norm.weight", f32, &[d])?;
-        } else {
-            t("attn_qkv.weight", m, &[e, conv_channels])?;
-            t("attn_gate.weight", m, &[e, dk * nv])?;
-            t("ssm_conv1d.weight", f32, &[k, conv_channels])?;
-            t("ssm_dt.bias", f32, &[nv])?;
-            t("ssm_a", f32, &[nv])?;
-            t("ssm_beta.weight", m, &[e, nv])?;
-            t("ssm_alpha.weight", m, &[e, nv])?;
-            t("ssm_norm.weight", f32, &[dk])?;
-            t("ssm_out.weight", m, &[dk * nv, e])?;
-        }
-        t("ffn_gate.weight", m, &[e, f])?;
-        t("ffn_up.weight", m, &[e, f])?;
-        t("ffn_down.weight", m, &[f, e])?;
-        if mtp {
-            t("nextn.eh_proj.weight", m, &[2 * e, e])?;
-            t("nextn.enorm.weight", f32, &[e])?;
-            t("nextn.hnorm.weight", f32, &[e])?;
-            t("nextn.shared_head_norm.weight", f32, &[e])?;
-        }
+    for t in s.config().tensors() {
+        let ty = if t.role == TensorRole::Matrix { s.matrix_type } else { GgmlType::F32 };
+        w.add_tensor(t.name, ty, t.dims, TensorData::Zeros)?;
     }
     Ok(w)
 }

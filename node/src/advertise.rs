@@ -31,8 +31,8 @@ pub struct NodeAdvert {
     pub node_id: String,
     /// Instance name: unique on the LAN, at most 63 bytes.
     pub name: String,
-    /// `strata_proto::PROTOCOL_VERSION` of the node (passed in: this crate does not
-    /// depend on the contract crate for one number).
+    /// The node's protocol version (`strata_proto::PROTOCOL_VERSION`; a field, so that
+    /// tests can advertise a node of another version).
     pub protocol_version: u32,
     /// Bytes the node may use for weights and caches.
     pub usable_memory: u64,

@@ -10,7 +10,7 @@ use crate::gpu::{Dispatch, Gpu, KernelCache, Workgroups, encode_dispatches};
 const WG: u32 = 256;
 
 #[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Params {
     n_vec4: u32,
     stride: u32,

@@ -3,22 +3,23 @@
 //! Architecture invariant: everything that touches wgpu lives here (and WGSL in
 //! `strata-shaders`); the node never speaks HTTP.
 
+pub mod advertise;
+pub mod arch;
 pub mod bench;
+pub mod deltanet_state;
 pub mod error;
 pub mod gpu;
+pub mod kv_cache;
 pub mod layers;
-pub mod advertise;
 pub mod memory;
+pub mod ops;
 pub mod scratch;
 pub mod service;
 pub mod shard_cache;
 pub mod stage;
-pub mod ops;
 #[cfg(test)]
 mod testing;
 pub mod weights;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use wgpu;
-pub mod kv_cache;
-pub mod deltanet_state;

@@ -124,16 +124,16 @@ pub fn probe(gpu: &Gpu) -> MemoryProbe {
 /// - Anything else (DX12, GL, no device): an estimate, with a warning.
 pub fn usable_memory(info: &wgpu::AdapterInfo, device: Option<&wgpu::Device>) -> MemoryProbe {
     let system = system_memory();
-    if info.device_type == wgpu::DeviceType::Cpu {
-        if let Some(sys) = system {
-            return MemoryProbe { bytes: sys.available.saturating_sub(reserve(sys.total)), source: "system-available" };
-        }
+    if info.device_type == wgpu::DeviceType::Cpu
+        && let Some(sys) = system
+    {
+        return MemoryProbe { bytes: sys.available.saturating_sub(reserve(sys.total)), source: "system-available" };
     }
-    if info.backend == wgpu::Backend::Metal {
-        if let Some(sys) = system {
-            // Unified memory: the GPU's working set shares RAM with everything else.
-            return MemoryProbe { bytes: sys.total / 4 * 3, source: "unified" };
-        }
+    // Unified memory: the GPU's working set shares RAM with everything else.
+    if info.backend == wgpu::Backend::Metal
+        && let Some(sys) = system
+    {
+        return MemoryProbe { bytes: sys.total / 4 * 3, source: "unified" };
     }
     if let Some(heaps) = device.and_then(vulkan_device_local_heaps) {
         let local = heaps.saturating_sub(reserve(heaps));

@@ -4,6 +4,9 @@
 use strata_model::config::ModelConfig;
 
 use crate::gpu::{Gpu, Step};
+use crate::layers::deltanet::DeltaNetScratch;
+use crate::ops::Act;
+use crate::{Error, Result};
 
 pub struct Scratch {
     pub max_tokens: u32,
@@ -27,15 +30,30 @@ pub struct Scratch {
     pub att: wgpu::Buffer,
     pub ffn_gate: wgpu::Buffer,
     pub ffn_up: wgpu::Buffer,
+    /// DeltaNet's activations, when the stage has DeltaNet layers.
+    deltanet: Option<DeltaNetScratch>,
+    widths: Widths,
+}
+
+/// Values per token of each activation.
+struct Widths {
+    embd: u32,
+    q: u32,
+    /// `[query | gate]` per head with gated attention; else 1 (a placeholder buffer).
+    q_full: u32,
+    kv: u32,
+    ff: u32,
 }
 
 impl Scratch {
-    pub fn new(gpu: &Gpu, cfg: &ModelConfig, max_tokens: u32) -> Scratch {
+    /// Buffers for steps of up to `max_tokens`; DeltaNet's too with `deltanet`.
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, max_tokens: u32, deltanet: bool) -> Result<Scratch> {
         let a = &cfg.attention;
         let t = u64::from(max_tokens);
         let f32s = |label: &str, width: usize| gpu.storage(label, t * width as u64 * 4);
         let q_width = a.n_head * a.head_dim;
-        Scratch {
+        let deltanet = if deltanet { Some(DeltaNetScratch::new(gpu, cfg, max_tokens)?) } else { None };
+        Ok(Scratch {
             max_tokens,
             step: gpu.uniform("step", &Step::default()),
             step_one: gpu.uniform("step_one", &Step { n_tokens: 1, _pad: [0; 3] }),
@@ -50,6 +68,73 @@ impl Scratch {
             att: f32s("att", q_width),
             ffn_gate: f32s("ffn_gate", cfg.n_ff),
             ffn_up: f32s("ffn_up", cfg.n_ff),
-        }
+            deltanet,
+            widths: Widths {
+                embd: cfg.n_embd as u32,
+                q: q_width as u32,
+                q_full: if a.output_gate { 2 * q_width as u32 } else { 1 },
+                kv: (a.n_head_kv * a.head_dim) as u32,
+                ff: cfg.n_ff as u32,
+            },
+        })
+    }
+
+    fn act<'a>(&self, buffer: &'a wgpu::Buffer, width: u32) -> Act<'a> {
+        Act::new(buffer, self.max_tokens, width)
+    }
+
+    pub fn positions(&self) -> Act<'_> {
+        self.act(&self.positions, 1)
+    }
+
+    pub fn ids(&self) -> Act<'_> {
+        self.act(&self.ids, 1)
+    }
+
+    pub fn x(&self) -> Act<'_> {
+        self.act(&self.x, self.widths.embd)
+    }
+
+    pub fn n(&self) -> Act<'_> {
+        self.act(&self.n, self.widths.embd)
+    }
+
+    pub fn q(&self) -> Act<'_> {
+        self.act(&self.q, self.widths.q)
+    }
+
+    /// Only gated attention has it: elsewhere a placeholder of width 1.
+    pub fn q_full(&self) -> Act<'_> {
+        self.act(&self.q_full, self.widths.q_full)
+    }
+
+    pub fn k(&self) -> Act<'_> {
+        self.act(&self.k, self.widths.kv)
+    }
+
+    pub fn v(&self) -> Act<'_> {
+        self.act(&self.v, self.widths.kv)
+    }
+
+    pub fn att(&self) -> Act<'_> {
+        self.act(&self.att, self.widths.q)
+    }
+
+    pub fn ffn_gate(&self) -> Act<'_> {
+        self.act(&self.ffn_gate, self.widths.ff)
+    }
+
+    pub fn ffn_up(&self) -> Act<'_> {
+        self.act(&self.ffn_up, self.widths.ff)
+    }
+
+    pub fn deltanet(&self) -> Result<&DeltaNetScratch> {
+        self.deltanet.as_ref().ok_or_else(|| Error::Spec("DeltaNet activations asked of a stage without DeltaNet layers".into()))
+    }
+
+    /// Bytes held on the GPU.
+    pub fn bytes(&self) -> u64 {
+        let own = [&self.x, &self.n, &self.q, &self.q_full, &self.k, &self.v, &self.att, &self.ffn_gate, &self.ffn_up];
+        own.iter().map(|b| b.size()).sum::<u64>() + self.deltanet.as_ref().map_or(0, DeltaNetScratch::bytes)
     }
 }

@@ -14,17 +14,13 @@ use strata_model::config::{LayerKind, ModelConfig};
 use strata_model::gguf::Gguf;
 use strata_model::sampling::{Candidate, MAX_CANDIDATES, Sampler, SamplingParams};
 
-use crate::gpu::{Dispatch, Gpu, KernelCache, Step, encode_dispatches};
-use crate::kv_cache::KvCache;
-use crate::layers::attention::Attention;
-use crate::deltanet_state::DeltaNetState;
-use crate::layers::deltanet::{DeltaNet, DeltaNetScratch};
-use crate::layers::ffn::Ffn;
+use crate::arch::{self, Layer, LayerState};
+use crate::gpu::{Dispatch, Gpu, KernelCache, Step, encode_pass};
 use crate::layers::LoadCtx;
 use crate::ops::elementwise::Row;
-use crate::ops::norm::{self, RmsNorm};
-use crate::ops::sample::{self, Penalize, Penalties, TopK, top_k_words};
-use crate::ops::{embed::embed, matmul::matmul};
+use crate::ops::norm::RmsNorm;
+use crate::ops::sample::{Penalize, Penalties, TopK, top_k_words};
+use crate::ops::{Act, Recorder};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 use crate::{Error, Result};
@@ -72,46 +68,22 @@ enum Produced {
     Token(u32, Option<Logprobs>),
 }
 
-enum Mixer {
-    Attention(Attention),
-    DeltaNet(DeltaNet),
-}
-
-/// A sequence's state in one layer: a KV cache, or DeltaNet's fixed recurrent state.
-enum LayerState {
-    Kv(KvCache),
-    DeltaNet(DeltaNetState),
-}
-
-impl LayerState {
-    fn bytes(&self) -> u64 {
-        match self {
-            LayerState::Kv(c) => c.bytes(),
-            LayerState::DeltaNet(d) => d.bytes(),
-        }
-    }
-}
-
-struct Block {
-    mixer: Mixer,
-    ffn: Ffn,
-}
-
 /// The output norm and head, with the buffers of the last row only.
 struct Head {
     output: QuantMatrix,
-    /// The last token's residual, f32 `[n_embd]`, copied out of the batch.
-    x_last: wgpu::Buffer,
     logits: wgpu::Buffer,
     /// u32 words: the argmax, or the top candidates (see `sample::top_k_words`).
     result: wgpu::Buffer,
     /// Recent token ids for the penalties.
     recent: wgpu::Buffer,
-    /// Output norm and head: x_last -> logits.
+    /// The step's last row of the residual into `x_last`, at the step's token count.
+    last_row: Vec<Dispatch>,
+    /// Output norm and head on `x_last`: one row.
     logits_dispatches: Vec<Dispatch>,
-    argmax: Vec<Dispatch>,
+    sample_argmax: Vec<Dispatch>,
     penalize: Penalize,
-    top_k: Vec<Dispatch>,
+    /// The penalties (a no-op until set), then the top candidates.
+    sample_top_k: Vec<Dispatch>,
 }
 
 /// Recent tokens the repetition penalties look at, at most.
@@ -134,12 +106,10 @@ pub struct Stage {
     config: ModelConfig,
     spec: StageSpec,
     embed: Option<QuantMatrix>,
-    blocks: Vec<Block>,
+    layers: Vec<Box<dyn Layer>>,
     head: Option<Head>,
     scratch: Scratch,
     staging: wgpu::Buffer,
-    /// DeltaNet activations, when the stage has DeltaNet layers.
-    dn_scratch: Option<DeltaNetScratch>,
     seqs: HashMap<SeqId, Sequence>,
     /// A recorded, unused sequence state, so that a new sequence costs no recording.
     spare: Option<Sequence>,
@@ -155,24 +125,25 @@ impl Stage {
         if spec.max_batch == 0 || spec.ctx == 0 {
             return Err(Error::Spec("max_batch and ctx must be at least 1".into()));
         }
+        // Whatever the device refuses while loading (a buffer it cannot allocate) is this
+        // load's error, not a panic of wgpu's default handler.
+        let scope = gpu.clone();
+        scope.scoped("loading a stage", || Stage::build(gpu, gguf, spec, config))
+    }
+
+    fn build(gpu: std::sync::Arc<Gpu>, gguf: &Gguf, spec: StageSpec, config: ModelConfig) -> Result<Stage> {
+        let n_layer = config.n_layer();
         let kernels = KernelCache::new();
         let ctx = LoadCtx { gguf, gpu: &gpu, kernels: &kernels };
         let t0 = Instant::now();
         let e = config.n_embd;
         let first = spec.layers.start == 0;
         let last = spec.layers.end == n_layer;
-        let embed = if first { Some(ctx.matrix("token_embd.weight", e, config.n_vocab)?) } else { None };
-        let mut blocks = Vec::with_capacity(spec.layers.len());
-        for i in spec.layers.clone() {
-            let mixer = match config.layers[i] {
-                LayerKind::Attention => Mixer::Attention(Attention::load(&ctx, &config, i)?),
-                LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(&ctx, &config, i)?),
-            };
-            blocks.push(Block { mixer, ffn: Ffn::load(&ctx, &config, i)? });
-        }
-        let scratch = Scratch::new(&gpu, &config, spec.max_batch);
-        let has_deltanet = blocks.iter().any(|b| matches!(b.mixer, Mixer::DeltaNet(_)));
-        let dn_scratch = if has_deltanet { Some(DeltaNetScratch::new(&gpu, &config, spec.max_batch)?) } else { None };
+        let globals = config.global_tensors();
+        let embed = if first { Some(ctx.matrix(&globals.token_embd)?) } else { None };
+        let layers = spec.layers.clone().map(|i| arch::load_layer(&ctx, &config, i)).collect::<Result<Vec<_>>>()?;
+        let has_deltanet = spec.layers.clone().any(|i| config.layers[i] == LayerKind::DeltaNet);
+        let scratch = Scratch::new(&gpu, &config, spec.max_batch, has_deltanet)?;
         let head = if last { Some(Head::load(&ctx, &config, &scratch)?) } else { None };
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("staging"),
@@ -180,7 +151,7 @@ impl Stage {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut stage = Stage { gpu, kernels, config, spec, embed, blocks, head, scratch, staging, dn_scratch, seqs: HashMap::new(), spare: None };
+        let mut stage = Stage { gpu, kernels, config, spec, embed, layers, head, scratch, staging, seqs: HashMap::new(), spare: None };
         // Compile every pipeline and build every bind group now, not on the first request:
         // one sequence's state is recorded ahead and handed to the first sequence to come.
         stage.spare = Some(stage.new_sequence()?);
@@ -232,19 +203,9 @@ impl Stage {
 
     /// Weight bytes one decode step reads (every matrix once; one embedding row).
     pub fn weight_bytes_per_token(&self) -> u64 {
-        let blocks: u64 = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let m = match &b.mixer {
-                    Mixer::Attention(a) => a.bytes(),
-                    Mixer::DeltaNet(d) => d.bytes(),
-                };
-                m + b.ffn.bytes()
-            })
-            .sum();
+        let layers: u64 = self.layers.iter().map(|l| l.weight_bytes()).sum();
         let embed_row = self.embed.as_ref().map_or(0, |e| e.bytes() / e.n() as u64);
-        blocks + self.head.as_ref().map_or(0, |h| h.output.bytes()) + embed_row
+        layers + self.head.as_ref().map_or(0, |h| h.output.bytes()) + embed_row
     }
 
     /// Sequences holding caches here.
@@ -278,7 +239,7 @@ impl Stage {
         if !self.seqs.contains_key(&seq) {
             let s = match self.spare.take() {
                 Some(s) => s,
-                None => self.new_sequence()?,
+                None => self.gpu.scoped("a new sequence's caches", || self.new_sequence())?,
             };
             self.seqs.insert(seq, s);
         }
@@ -287,45 +248,29 @@ impl Stage {
 
     /// Allocates a sequence's caches and records its dispatch lists.
     fn new_sequence(&self) -> Result<Sequence> {
-        let a = &self.config.attention;
-        let states = self
-            .blocks
-            .iter()
-            .map(|b| match b.mixer {
-                Mixer::Attention(_) => KvCache::new(&self.gpu, self.spec.ctx, a.n_head_kv as u32, a.head_dim as u32).map(LayerState::Kv),
-                Mixer::DeltaNet(_) => {
-                    let dn = self.config.deltanet.as_ref().ok_or_else(|| Error::Spec("DeltaNet layer without its config".into()))?;
-                    DeltaNetState::new(&self.gpu, dn).map(LayerState::DeltaNet)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let record = |max_tokens: u32| -> Result<Vec<Dispatch>> {
-            let (gpu, kc, s, cfg) = (&*self.gpu, &self.kernels, &self.scratch, &self.config);
-            let mut out = Vec::new();
-            if let Some(table) = &self.embed {
-                out.extend(embed(gpu, kc, &s.step, table, &s.ids, &s.x, max_tokens)?);
-            }
-            for (b, state) in self.blocks.iter().zip(&states) {
-                match (&b.mixer, state) {
-                    (Mixer::Attention(att), LayerState::Kv(cache)) => att.record(gpu, kc, cfg, s, cache, max_tokens, &mut out)?,
-                    (Mixer::DeltaNet(dn), LayerState::DeltaNet(st)) => {
-                        let dn_scratch = self.dn_scratch.as_ref().expect("allocated for stages with DeltaNet layers");
-                        dn.record(gpu, kc, cfg, s, dn_scratch, st, max_tokens, &mut out)?
-                    }
-                    _ => unreachable!("states are made from the same blocks"),
-                }
-                b.ffn.record(gpu, kc, cfg, s, max_tokens, &mut out)?;
-            }
-            Ok(out)
-        };
-        let decode = record(1)?;
-        let prefill = if self.spec.max_batch > 1 { record(self.spec.max_batch)? } else { Vec::new() };
+        let states = self.layers.iter().map(|l| l.new_state(&self.gpu, &self.config, self.spec.ctx)).collect::<Result<Vec<_>>>()?;
+        let decode = self.record(&states, 1)?;
+        let prefill = if self.spec.max_batch > 1 { self.record(&states, self.spec.max_batch)? } else { Vec::new() };
         tracing::debug!(dispatches = decode.len(), "recorded sequence");
         Ok(Sequence { next_pos: 0, states, decode, prefill, sampler: None, history: Vec::new(), last_used: Instant::now() })
     }
 
-    /// Validates a step, writes its inputs and encodes the sequence's layer dispatches.
-    fn encode_layers(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<wgpu::CommandEncoder> {
+    /// The dispatches of a step of up to `max_tokens` over the sequence with `states`:
+    /// the embedding (first stage), then every layer in order.
+    fn record(&self, states: &[LayerState], max_tokens: u32) -> Result<Vec<Dispatch>> {
+        let s = &self.scratch;
+        let mut rec = Recorder::new(&self.gpu, &self.kernels, &s.step, max_tokens)?;
+        if let Some(table) = &self.embed {
+            rec.embed(table, s.ids(), s.x())?;
+        }
+        for (layer, state) in self.layers.iter().zip(states) {
+            layer.record(&mut rec, &self.config, s, state)?;
+        }
+        Ok(rec.finish())
+    }
+
+    /// Validates a step and writes its inputs; afterwards [`Stage::layer_pass`] encodes it.
+    fn prepare(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<()> {
         let n = positions.len();
         let e = self.config.n_embd;
         if n == 0 || n > self.spec.max_batch as usize {
@@ -383,27 +328,43 @@ impl Stage {
             return Err(Error::Sequence { seq, message: "a step's positions must be consecutive".into() });
         }
         s.next_pos = positions[n - 1] + 1;
-        let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        encode_dispatches(&mut enc, if n == 1 { &s.decode } else { &s.prefill }, n as u32);
-        Ok(enc)
+        Ok(())
     }
 
-    /// Submits `enc` and reads the step's hidden states back (a stage without the head).
-    fn finish_hidden(&self, mut enc: wgpu::CommandEncoder, n: usize) -> Result<Vec<f32>> {
+    /// The recorded layer dispatches of a step of `n` tokens of `seq`, with that count.
+    fn layer_pass(&self, seq: SeqId, n: usize) -> (&[Dispatch], u32) {
+        let s = &self.seqs[&seq];
+        (if n == 1 { &s.decode } else { &s.prefill }, n as u32)
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+    }
+
+    /// Runs a prepared step's layers and reads its hidden states back (a stage without
+    /// the head): one pass, one submission.
+    fn run_hidden(&self, seq: SeqId, n: usize) -> Result<Vec<f32>> {
         let bytes = (n * self.config.n_embd * 4) as u64;
+        let mut enc = self.encoder();
+        encode_pass(&mut enc, &[self.layer_pass(seq, n)]);
         enc.copy_buffer_to_buffer(&self.scratch.x, 0, &self.staging, 0, bytes);
         self.gpu.queue.submit([enc.finish()]);
-        Ok(bytemuck::pod_collect_to_vec(&self.gpu.map_and_read(&self.staging, bytes)?))
+        let hidden = bytemuck::pod_collect_to_vec(&self.gpu.map_and_read(&self.staging, bytes)?);
+        self.gpu.check("a step")?;
+        Ok(hidden)
     }
 
     /// Runs a step whose token nobody needs (a prefill chunk before the last one): the
     /// last stage fills its caches and stops before the head, so no sampler state moves;
     /// any other stage returns its hidden states as [`Stage::forward`] does.
     pub fn advance(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<Option<Vec<f32>>> {
-        let enc = self.encode_layers(seq, input, positions)?;
+        self.prepare(seq, input, positions)?;
+        let n = positions.len();
         if self.head.is_none() {
-            return self.finish_hidden(enc, positions.len()).map(Some);
+            return self.run_hidden(seq, n).map(Some);
         }
+        let mut enc = self.encoder();
+        encode_pass(&mut enc, &[self.layer_pass(seq, n)]);
         self.gpu.queue.submit([enc.finish()]);
         Ok(None)
     }
@@ -428,36 +389,39 @@ impl Stage {
     }
 
     fn forward_inner(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, logprobs: Option<usize>) -> Result<Produced> {
+        self.prepare(seq, input, positions)?;
         let n = positions.len();
-        let e = self.config.n_embd;
-        let mut enc = self.encode_layers(seq, input, positions)?;
         let Some(head) = &self.head else {
-            return self.finish_hidden(enc, n).map(Produced::Hidden);
+            return self.run_hidden(seq, n).map(Produced::Hidden);
         };
-        let (gpu, scratch, staging) = (&*self.gpu, &self.scratch, &self.staging);
-        let s = self.seqs.get_mut(&seq).expect("created by encode_layers");
-        enc.copy_buffer_to_buffer(&scratch.x, ((n - 1) * e * 4) as u64, &head.x_last, 0, (e * 4) as u64);
-        encode_dispatches(&mut enc, &head.logits_dispatches, 1);
-        if s.sampler.as_ref().is_none_or(|smp| smp.params() != sampling) {
-            s.sampler = Some(Sampler::new(sampling.clone())?);
-        }
+        let (gpu, staging) = (&*self.gpu, &self.staging);
+        let s = &self.seqs[&seq];
         // Log-probabilities need the row's top candidates and log-sum-exp: the top-k path.
         let greedy = sampling.is_greedy() && !sampling.has_penalties() && logprobs.is_none();
-        let words = if greedy {
-            encode_dispatches(&mut enc, &head.argmax, 1);
-            top_k_words(1)
+        let (sample, words): (&[Dispatch], _) = if greedy {
+            (&head.sample_argmax, top_k_words(1))
         } else {
             let recent = &s.history[s.history.len().saturating_sub(sampling.repeat_last_n.min(MAX_RECENT))..];
             gpu.queue.write_buffer(&head.recent, 0, bytemuck::cast_slice(recent));
-            let penalties = Penalties { repeat: sampling.repeat_penalty, frequency: sampling.frequency_penalty, presence: sampling.presence_penalty };
+            let penalties = Penalties {
+                repeat: sampling.repeat_penalty,
+                frequency: sampling.frequency_penalty,
+                presence: sampling.presence_penalty,
+            };
             head.penalize.set(&gpu.queue, recent.len() as u32, penalties)?;
-            encode_dispatches(&mut enc, std::slice::from_ref(&head.penalize.dispatch), 1);
-            encode_dispatches(&mut enc, &head.top_k, 1);
-            top_k_words(MAX_CANDIDATES as u32)
+            (&head.sample_top_k, top_k_words(MAX_CANDIDATES as u32))
         };
+        // The whole step in one pass: the layers, the last row, the head on it, sampling.
+        let mut enc = self.encoder();
+        encode_pass(&mut enc, &[self.layer_pass(seq, n), (&head.last_row, n as u32), (&head.logits_dispatches, 1), (sample, 1)]);
         let bytes = u64::from(words) * 4;
         enc.copy_buffer_to_buffer(&head.result, 0, staging, 0, bytes);
         gpu.queue.submit([enc.finish()]);
+        gpu.check("a step")?;
+        let s = self.seqs.get_mut(&seq).expect("prepared above");
+        if s.sampler.as_ref().is_none_or(|smp| smp.params() != sampling) {
+            s.sampler = Some(Sampler::new(sampling.clone())?);
+        }
         let out: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.map_and_read(staging, bytes)?);
         let (token, lp) = if greedy {
             (out[0], None)
@@ -486,12 +450,14 @@ impl Stage {
     /// Runs a step like [`Stage::forward`] but returns the last token's whole logit row
     /// instead of sampling: for tests and diagnostics only (it reads `n_vocab` floats back).
     pub fn logits(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<Vec<f32>> {
+        if self.head.is_none() {
+            return Err(Error::NotOnStage("logits asked of a stage without the output head".into()));
+        }
+        self.prepare(seq, input, positions)?;
         let n = positions.len();
-        let e = self.config.n_embd;
-        let mut enc = self.encode_layers(seq, input, positions)?;
-        let head = self.head.as_ref().ok_or_else(|| Error::NotOnStage("logits asked of a stage without the output head".into()))?;
-        enc.copy_buffer_to_buffer(&self.scratch.x, ((n - 1) * e * 4) as u64, &head.x_last, 0, (e * 4) as u64);
-        encode_dispatches(&mut enc, &head.logits_dispatches, 1);
+        let head = self.head.as_ref().expect("checked above");
+        let mut enc = self.encoder();
+        encode_pass(&mut enc, &[self.layer_pass(seq, n), (&head.last_row, n as u32), (&head.logits_dispatches, 1)]);
         self.gpu.queue.submit([enc.finish()]);
         self.gpu.read_f32(&head.logits, self.config.n_vocab)
     }
@@ -505,29 +471,31 @@ impl Stage {
 
 impl Head {
     fn load(ctx: &LoadCtx, cfg: &ModelConfig, s: &Scratch) -> Result<Head> {
-        let (gpu, kc) = (ctx.gpu, ctx.kernels);
-        let (e, vocab) = (cfg.n_embd, cfg.n_vocab as u32);
-        let norm_w = ctx.vector("output_norm.weight", e)?;
-        let output = ctx.matrix(cfg.output_name(), e, cfg.n_vocab)?;
-        let x_last = gpu.storage("x_last", e as u64 * 4);
-        let n_last = gpu.storage("n_last", e as u64 * 4);
+        let (gpu, e, vocab) = (ctx.gpu, cfg.n_embd as u32, cfg.n_vocab as u32);
+        let globals = cfg.global_tensors();
+        let norm_w = ctx.vector(&globals.output_norm)?;
+        let output = ctx.matrix(&globals.output)?;
+        let x_last = gpu.storage("x_last", u64::from(e) * 4);
+        let n_last = gpu.storage("n_last", u64::from(e) * 4);
         let logits = gpu.storage("logits", u64::from(vocab) * 4);
         let result = gpu.storage("result", u64::from(top_k_words(MAX_CANDIDATES as u32)) * 4);
         let recent = gpu.storage("recent", MAX_RECENT as u64 * 4);
-        let one = &s.step_one;
-        let mut logits_dispatches = vec![norm::rms_norm(gpu, kc, one, &x_last, &norm_w, &n_last, RmsNorm::new(e as u32, 1, cfg.eps), 1)?];
-        logits_dispatches.extend(matmul(gpu, kc, one, &output, &n_last, &logits, 1, false)?);
+        let (x_act, n_act, logits_act) = (Act::new(&x_last, 1, e), Act::new(&n_last, 1, e), Act::new(&logits, 1, vocab));
+        let mut rec = Recorder::new(gpu, ctx.kernels, &s.step, s.max_tokens)?;
+        rec.copy_row(s.x(), x_act, Row::Last)?;
+        let last_row = rec.finish();
+        // The head runs on the last row alone: one token, whatever the step's size.
+        let mut rec = Recorder::new(gpu, ctx.kernels, &s.step_one, 1)?;
+        rec.rms_norm(x_act, &norm_w, n_act, RmsNorm::new(e, 1, cfg.eps))?;
+        rec.matmul(&output, n_act, logits_act, false)?;
+        let logits_dispatches = rec.take();
         let row = Row::Index(0);
-        Ok(Head {
-            argmax: sample::argmax(gpu, kc, one, &logits, vocab, row, &result, 1)?,
-            penalize: sample::penalize(gpu, kc, one, &logits, vocab, row, &recent, MAX_RECENT as u32, 1)?,
-            top_k: sample::top_k(gpu, kc, one, &logits, vocab, row, MAX_CANDIDATES as u32, &result, 1)?,
-            output,
-            x_last,
-            logits,
-            result,
-            recent,
-            logits_dispatches,
-        })
+        rec.argmax(logits_act, row, &result)?;
+        let sample_argmax = rec.take();
+        let penalize = rec.penalize(logits_act, row, &recent, MAX_RECENT as u32)?;
+        rec.top_k(logits_act, row, MAX_CANDIDATES as u32, &result)?;
+        let mut sample_top_k = vec![penalize.dispatch.clone()];
+        sample_top_k.extend(rec.finish());
+        Ok(Head { output, logits, result, recent, last_row, logits_dispatches, sample_argmax, penalize, sample_top_k })
     }
 }

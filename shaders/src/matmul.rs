@@ -2,7 +2,10 @@
 //!
 //! The `q_*` kernels are weight-format preludes: each binds one format's arrays at
 //! bindings 4.. and defines `fn load8(p: u32) -> mat2x4<f32>`, the 8 consecutive values
-//! of piece `p`. The `mm_*` kernels and `embed` are written against that function alone.
+//! of piece `p`. The `mm_*` kernels and `embed` are written against that function alone,
+//! so they compile only with a prelude in front ([`crate::Kernel::assemble`]).
+
+use crate::Kernel;
 
 crate::registry::kernels! { MATMUL:
     Q_F32 => "q_f32",
@@ -18,3 +21,18 @@ crate::registry::kernels! { MATMUL:
     MM_MAT => "mm_mat",
     EMBED => "embed",
 }
+
+/// The weight-format preludes.
+pub const FORMATS: &[Kernel] = &[
+    Kernel::Q_F32,
+    Kernel::Q_F16,
+    Kernel::Q_BF16,
+    Kernel::Q_Q8_0,
+    Kernel::Q_Q4_0,
+    Kernel::Q_Q4_1,
+    Kernel::Q_Q4_K,
+    Kernel::Q_Q6_K,
+];
+
+/// The kernels that call `load8`, each compiled with one of [`FORMATS`] in front.
+pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_VEC, Kernel::MM_VEC_SG, Kernel::MM_MAT, Kernel::EMBED];

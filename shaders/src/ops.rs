@@ -6,7 +6,6 @@ crate::registry::kernels! { OPS:
     KV_STORE => "kv_store",
     ATTENTION => "attention",
     SWIGLU => "swiglu",
-    ADD => "add",
     COPY_ROW => "copy_row",
     TOP_K => "top_k",
     PENALIZE => "penalize",

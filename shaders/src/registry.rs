@@ -1,17 +1,91 @@
 //! The kernel registry: each `.wgsl` file under `wgsl/`, embedded at compile time.
 
-/// A named WGSL source.
+use std::fmt;
+
+use crate::include::{IncludeError, PIECES, Resolver};
+use crate::specialise::{SpecialiseError, specialise};
+
+/// A named WGSL kernel file. Its text may include shared pieces, so compile
+/// [`Kernel::source`] or [`Kernel::assemble`], not [`Kernel::text`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernel {
     pub name: &'static str,
-    pub source: &'static str,
+    text: &'static str,
+}
+
+/// Why a kernel's source could not be put together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssembleError {
+    Include(IncludeError),
+    Specialise(SpecialiseError),
+}
+
+impl fmt::Display for AssembleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Include(e) => e.fmt(f),
+            Self::Specialise(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for AssembleError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Include(e) => Some(e),
+            Self::Specialise(e) => Some(e),
+        }
+    }
+}
+
+impl From<IncludeError> for AssembleError {
+    fn from(e: IncludeError) -> Self {
+        Self::Include(e)
+    }
+}
+
+impl From<SpecialiseError> for AssembleError {
+    fn from(e: SpecialiseError) -> Self {
+        Self::Specialise(e)
+    }
+}
+
+impl Kernel {
+    pub(crate) const fn new(name: &'static str, text: &'static str) -> Self {
+        Self { name, text }
+    }
+
+    /// The file as written: include directives not yet resolved.
+    pub fn text(&self) -> &'static str {
+        self.text
+    }
+
+    /// The kernel with its includes resolved and default constants. Kernels that call
+    /// `load8` still need a weight-format prelude: see [`Kernel::assemble`].
+    pub fn source(&self) -> Result<String, IncludeError> {
+        let mut r = Resolver::new(PIECES);
+        r.push(self.name, self.text)?;
+        Ok(r.finish())
+    }
+
+    /// What gets compiled: `prelude` (if any, e.g. a weight format) then the kernel, includes
+    /// resolved (a piece both include is pasted once), then `consts` specialised — also
+    /// constants that come from included pieces.
+    pub fn assemble(&self, prelude: Option<Kernel>, consts: &[(&str, String)]) -> Result<String, AssembleError> {
+        let mut r = Resolver::new(PIECES);
+        if let Some(p) = prelude {
+            r.push(p.name, p.text)?;
+        }
+        r.push(self.name, self.text)?;
+        Ok(specialise(&r.finish(), consts)?)
+    }
 }
 
 /// Declares `Kernel::NAME` constants for `.wgsl` files and a list of them.
 macro_rules! kernels {
     ($list:ident: $($ident:ident => $file:literal),* $(,)?) => {
         impl $crate::Kernel {
-            $(pub const $ident: $crate::Kernel = $crate::Kernel { name: $file, source: include_str!(concat!("../wgsl/", $file, ".wgsl")) };)*
+            $(pub const $ident: $crate::Kernel = $crate::Kernel::new($file, include_str!(concat!("../wgsl/", $file, ".wgsl")));)*
         }
         pub const $list: &[$crate::Kernel] = &[$($crate::Kernel::$ident),*];
     };

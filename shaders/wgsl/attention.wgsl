@@ -21,12 +21,7 @@ const QUADS: u32 = HEAD_DIM / 4u;
 // Below every score, yet finite, so that exp(NEG - NEG) is no NaN.
 const NEG: f32 = -3.0e38;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
 
 struct Params {
     n_heads: u32,
@@ -41,7 +36,6 @@ struct Params {
     gate_offset: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 @group(0) @binding(2) var<storage, read> positions: array<u32>;
 @group(0) @binding(3) var<storage, read> q: array<vec4<f32>>;

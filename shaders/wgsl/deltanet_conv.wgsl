@@ -8,12 +8,8 @@
 
 const WG: u32 = 64u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
+//#include "common/workgroup_sum.wgsl"
 
 struct Params {
     // C: q, k and v channels of one token.
@@ -30,7 +26,6 @@ struct Params {
     pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels]: the step's inputs u.
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;
@@ -40,8 +35,6 @@ struct Params {
 @group(0) @binding(4) var<storage, read> conv_state: array<f32>;
 // [n_tokens, channels].
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
-
-var<workgroup> partial: array<f32, WG>;
 
 // Input s of channel c, counted from the step's first token; negative s is history.
 fn input(s: i32, c: u32) -> f32 {
@@ -75,15 +68,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if head >= params.norm_heads {
         return;
     }
-    partial[lid] = ss;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if lid < s {
-            partial[lid] += partial[lid + s];
-        }
-    }
-    workgroupBarrier();
-    var scale = 1.0 / sqrt(partial[0] + params.eps);
+    let sum = workgroup_sum(lid, ss);
+    var scale = 1.0 / sqrt(sum + params.eps);
     if head < params.q_heads {
         scale *= params.q_scale;
     }

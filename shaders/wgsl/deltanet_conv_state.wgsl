@@ -5,12 +5,7 @@
 
 const WG: u32 = 64u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
 
 struct Params {
     channels: u32,
@@ -19,7 +14,6 @@ struct Params {
     pad1: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels].
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;

@@ -3,12 +3,8 @@
 
 const WG: u32 = 64u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
+//#include "common/workgroup_sum.wgsl"
 
 struct Params {
     head_dim: u32,
@@ -17,15 +13,12 @@ struct Params {
     pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, n_heads, head_dim] each.
 @group(0) @binding(2) var<storage, read_write> o: array<f32>;
 @group(0) @binding(3) var<storage, read> z: array<f32>;
 // [head_dim].
 @group(0) @binding(4) var<storage, read> w: array<f32>;
-
-var<workgroup> partial: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -40,15 +33,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let v = o[base + i];
         ss += v * v;
     }
-    partial[lid] = ss;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if lid < s {
-            partial[lid] += partial[lid + s];
-        }
-    }
-    workgroupBarrier();
-    let scale = 1.0 / sqrt(partial[0] / f32(n) + params.eps);
+    let sum = workgroup_sum(lid, ss);
+    let scale = 1.0 / sqrt(sum / f32(n) + params.eps);
     for (var i = lid; i < n; i += WG) {
         let g = z[base + i];
         o[base + i] = o[base + i] * scale * w[i] * (g / (1.0 + exp(-g)));

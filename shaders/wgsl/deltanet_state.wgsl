@@ -13,12 +13,7 @@
 const DK: u32 = 128u;
 const COLS: u32 = 64u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
 
 struct Params {
     n_key_heads: u32,
@@ -28,7 +23,6 @@ struct Params {
     pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels]: q (key heads), k (key heads), v (value heads), heads of DK.
 @group(0) @binding(2) var<storage, read> y: array<f32>;

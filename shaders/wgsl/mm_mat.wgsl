@@ -17,34 +17,7 @@ const WG: u32 = 128u;
 // k values per step, a multiple of 8 (pieces).
 const KC: u32 = 16u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-struct Params {
-    // Pieces of 8 values per row (k / 8).
-    k8: u32,
-    // Rows in this part.
-    rows: u32,
-    // Row stride of `out`: all rows of the matrix.
-    n: u32,
-    // First row of this part.
-    row0: u32,
-    // 1: add to `out` instead of overwriting it.
-    accumulate: u32,
-    // Workgroups along x; the row tile is y * groups_x + x (past 65535 tiles).
-    groups_x: u32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> params: Params;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+//#include "common/matmul.wgsl"
 
 // [kk][row / 4]: 4 consecutive rows of one k value.
 var<workgroup> w_tile: array<vec4<f32>, KC * TN / 4u>;
@@ -109,12 +82,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var e = 0u; e < 4u * RV; e++) {
             let r = r0 + 4u * RV * tr + e;
             if r < params.rows {
-                let i = t * params.n + params.row0 + r;
-                var v = acc[4u * (e / 4u) + j][e % 4u];
-                if params.accumulate != 0u {
-                    v += out[i];
-                }
-                out[i] = v;
+                store_out(t * params.n + params.row0 + r, acc[4u * (e / 4u) + j][e % 4u]);
             }
         }
     }

@@ -2,45 +2,11 @@
 // the rows r of one part of a weight matrix. Needs a weight-format prelude (`q_*.wgsl`)
 // that binds the weights at 4.. and defines `load8`.
 //
-// Each workgroup computes ROWS consecutive rows; its threads stride over k in pieces of 8
-// values, reading x once per piece for all ROWS rows, then reduce with subgroup adds and
-// one pass through shared memory. For adapters with subgroups (of any size); `mm_vec`
-// is the same without them.
+// Workgroups of WG threads compute ROWS rows each (common/mm_vec.wgsl), then reduce with
+// subgroup adds and one pass through shared memory. For adapters with subgroups (of any
+// size); `mm_vec` is the same without them.
 
-const WG: u32 = 64u;
-const ROWS: u32 = 4u;
-
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-struct Params {
-    // Pieces of 8 values per row (k / 8).
-    k8: u32,
-    // Rows in this part.
-    rows: u32,
-    // Row stride of `out`: all rows of the matrix.
-    n: u32,
-    // First row of this part.
-    row0: u32,
-    // 1: add to `out` instead of overwriting it.
-    accumulate: u32,
-    // Workgroups along x; the group index is y * groups_x + x (past 65535 groups).
-    groups_x: u32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> params: Params;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-
-// One partial sum per row and subgroup; no subgroup size is assumed.
-var<workgroup> partial: array<f32, WG * ROWS>;
+//#include "common/mm_vec.wgsl"
 
 @compute @workgroup_size(WG)
 fn main(
@@ -50,24 +16,11 @@ fn main(
     @builtin(subgroup_invocation_id) sg_lane: u32,
     @builtin(num_subgroups) n_sg: u32,
 ) {
-    let r0 = (wid.y * params.groups_x + wid.x) * ROWS;
+    let r0 = first_row(wid);
     if step.n_tokens == 0u || r0 >= params.rows {
         return;
     }
-    // The last group may have fewer than ROWS rows: it recomputes the last one.
-    var base: array<u32, ROWS>;
-    for (var r = 0u; r < ROWS; r++) {
-        base[r] = min(r0 + r, params.rows - 1u) * params.k8;
-    }
-    var acc: array<f32, ROWS>;
-    for (var p = lid; p < params.k8; p += WG) {
-        let xa = x[2u * p];
-        let xb = x[2u * p + 1u];
-        for (var r = 0u; r < ROWS; r++) {
-            let w = load8(base[r] + p);
-            acc[r] += dot(w[0], xa) + dot(w[1], xb);
-        }
-    }
+    let acc = row_dots(r0, lid);
     for (var r = 0u; r < ROWS; r++) {
         let s = subgroupAdd(acc[r]);
         if sg_lane == 0u {
@@ -80,10 +33,6 @@ fn main(
         for (var s = 0u; s < n_sg; s++) {
             v += partial[lid * WG + s];
         }
-        let i = params.row0 + r0 + lid;
-        if params.accumulate != 0u {
-            v += out[i];
-        }
-        out[i] = v;
+        store_out(params.row0 + r0 + lid, v);
     }
 }

@@ -3,12 +3,14 @@
 // them) and 32 u32 of quants, one per piece of 8 values, value i in nibble i.
 // Value v of sub-block j = v / 32 is d * scale[j] * q - dmin * min[j].
 
+//#include "common/nibbles.wgsl"
+
 @group(0) @binding(4) var<storage, read> w_q4_k: array<u32>;
 @group(0) @binding(5) var<storage, read> w_q4_k_head: array<vec4<u32>>;
 
 // The 8 weights of piece `p`: values 8p..8p+8 of the part, rows laid end to end.
 fn load8(p: u32) -> mat2x4<f32> {
-    let q = vec4<u32>(w_q4_k[p]);
+    let q = nibbles(w_q4_k[p]);
     let h = w_q4_k_head[p >> 5u];
     let dm = unpack2x16float(h.x);
     // Sub-block j: scale and min are bytes j and j+4 (low 6 bits) for j < 4; for j >= 4
@@ -27,7 +29,5 @@ fn load8(p: u32) -> mat2x4<f32> {
     }
     let d = dm.x * f32(sc);
     let m = dm.y * f32(mn);
-    let lo = vec4<f32>((q >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
-    let hi = vec4<f32>((q >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
-    return mat2x4<f32>(d * lo - m, d * hi - m);
+    return mat2x4<f32>(d * q[0] - m, d * q[1] - m);
 }

@@ -5,12 +5,8 @@
 
 const WG: u32 = 256u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
+//#include "common/workgroup_sum.wgsl"
 
 struct Params {
     row_len: u32,
@@ -23,15 +19,12 @@ struct Params {
     pad2: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 // read_write although only read: `out` may be `x` (in place), and one buffer cannot be
 // bound read-only and writable in the same dispatch.
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;
 @group(0) @binding(3) var<storage, read> w: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
-
-var<workgroup> partial: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -47,15 +40,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let v = x[xb + i];
         ss += v * v;
     }
-    partial[lid] = ss;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if lid < s {
-            partial[lid] += partial[lid + s];
-        }
-    }
-    workgroupBarrier();
-    let scale = 1.0 / sqrt(partial[0] / f32(params.row_len) + params.eps);
+    let sum = workgroup_sum(lid, ss);
+    let scale = 1.0 / sqrt(sum / f32(params.row_len) + params.eps);
     for (var i = lid; i < params.row_len; i += WG) {
         out[ob + i] = x[xb + i] * scale * w[i];
     }

@@ -14,12 +14,8 @@
 
 const WG: u32 = 64u;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
+//#include "common/workgroup_sum.wgsl"
 
 struct Params {
     n_heads: u32,
@@ -36,7 +32,6 @@ struct Params {
     out_stride: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 @group(0) @binding(2) var<storage, read> positions: array<u32>;
 @group(0) @binding(3) var<storage, read> freq: array<vec2<u32>>;
@@ -44,8 +39,6 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;
 @group(0) @binding(5) var<storage, read> w: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
-
-var<workgroup> partial: array<f32, WG>;
 
 // The high 32 bits of the 64-bit product a * b.
 fn mul_hi(a: u32, b: u32) -> u32 {
@@ -94,15 +87,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let v = x[xb + i];
             ss += v * v;
         }
-        partial[lid] = ss;
-        for (var s = WG / 2u; s > 0u; s >>= 1u) {
-            workgroupBarrier();
-            if lid < s {
-                partial[lid] += partial[lid + s];
-            }
-        }
-        workgroupBarrier();
-        scale = 1.0 / sqrt(partial[0] / f32(params.head_dim) + params.eps);
+        let sum = workgroup_sum(lid, ss);
+        scale = 1.0 / sqrt(sum / f32(params.head_dim) + params.eps);
         // Each element is read (again) and written by one thread only, so out may be x.
         for (var i = 2u * params.half + lid; i < params.head_dim; i += WG) {
             out[ob + i] = x[xb + i] * scale * w[i];

@@ -12,12 +12,7 @@ const WG: u32 = 256u;
 const PER: u32 = 32u;
 const NONE: u32 = 0xffffffffu;
 
-struct Step {
-    n_tokens: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
+//#include "common/step.wgsl"
 
 struct Params {
     n_vocab: u32,
@@ -31,7 +26,6 @@ struct Params {
     pad2: u32,
 }
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 // Per chunk k + 1 entries: (max bits, sum bits), then (logit bits, id) k times.

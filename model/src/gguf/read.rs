@@ -130,95 +130,13 @@ impl Gguf {
     /// `whole`: the buffer is the whole file, so every tensor must lie within it.
     fn parse(backing: Backing, whole: bool) -> Result<Self> {
         let mut r = Reader { buf: backing.bytes(), pos: 0 };
-        let magic = r.u32("magic")?;
-        if magic != MAGIC {
-            return Err(r.err_at(0, format!("bad magic {magic:#010x}: not a GGUF file")));
-        }
-        let version = r.u32("version")?;
-        if !(2..=3).contains(&version) {
-            // The magic is stored as bytes, so only the version shows a big-endian file.
-            let hint = if (2..=3).contains(&version.swap_bytes()) { " (a big-endian GGUF?)" } else { "" };
-            return Err(r.err_at(4, format!("unsupported GGUF version {version}{hint} (supported: 2, 3)")));
-        }
-        let n_tensors = r.u64("tensor count")?;
-        let n_kv = r.u64("metadata count")?;
-        // Refuse counts that cannot fit before allocating for them; the tensor count is
-        // checked again, against what the metadata left, before the index is allocated.
-        r.check_count(n_kv, MIN_KV_BYTES, "metadata count")?;
-        r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
-
-        let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut meta_index = HashMap::with_capacity(n_kv as usize);
-        let mut alignment_at = 0;
-        for _ in 0..n_kv {
-            let at = r.pos;
-            let key = r.string("metadata key")?;
-            if key.is_empty() {
-                return Err(r.err_at(at, "empty metadata key".into()));
-            }
-            let ty = r.value_type("metadata value type")?;
-            let value = r.value(ty, 0)?;
-            if meta_index.insert(key.clone(), metadata.len()).is_some() {
-                return Err(r.err_at(at, format!("duplicate metadata key `{key}`")));
-            }
-            if key == "general.alignment" {
-                alignment_at = at;
-            }
-            metadata.push((key, value));
-        }
-
-        let alignment = match meta_index.get("general.alignment").map(|&i| &metadata[i].1) {
-            None => DEFAULT_ALIGNMENT,
-            Some(v) => {
-                let a = expect("general.alignment", "integer", v, Value::as_u64)?;
-                if !a.is_power_of_two() || a > MAX_ALIGNMENT {
-                    return Err(r.err_at(alignment_at, format!("general.alignment {a} is not a power of two up to {MAX_ALIGNMENT}")));
-                }
-                a
-            }
-        };
-
-        r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
-        for _ in 0..n_tensors {
-            let at = r.pos;
-            let name = r.string("tensor name")?;
-            let n_dims = r.u32("tensor dimension count")?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.err_at(at, format!("tensor `{name}` has {n_dims} dimensions (allowed 1..={MAX_DIMS})")));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(r.u64("tensor dimension")?);
-            }
-            let ty_id = r.u32("tensor type")?;
-            let ty = GgmlType::from_id(ty_id)
-                .map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
-            let offset = r.u64("tensor offset")?;
-            let size = tensor_size(ty, &dims).map_err(|why| r.err_at(at, format!("tensor `{name}` {why}")))?;
-            if !offset.is_multiple_of(alignment) {
-                return Err(r.err_at(at, format!("tensor `{name}` offset {offset} is not aligned to {alignment}")));
-            }
-            if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(r.err_at(at, format!("duplicate tensor `{name}`")));
-            }
-            tensors.push(TensorInfo { name, dims, ty, offset, size });
-        }
+        let Header { version, n_tensors, n_kv } = read_header(&mut r)?;
+        let Metadata { metadata, meta_index, alignment } = read_metadata(&mut r, n_kv)?;
+        let (tensors, tensor_index) = read_tensor_index(&mut r, n_tensors, alignment)?;
         let header_len = r.pos as u64;
         let data_start = header_len.div_ceil(alignment) * alignment;
-        let file_len = r.buf.len() as u64;
-        for t in tensors.iter().filter(|_| whole) {
-            let end = data_start.checked_add(t.offset).and_then(|o| o.checked_add(t.size));
-            if end.is_none_or(|e| e > file_len) {
-                return Err(Error::Malformed {
-                    offset: data_start.saturating_add(t.offset),
-                    reason: format!(
-                        "tensor `{}` ({} bytes at data offset {}) runs past the end of the file ({} bytes): truncated?",
-                        t.name, t.size, t.offset, file_len
-                    ),
-                });
-            }
+        if whole {
+            check_tensors_in_file(&tensors, data_start, r.buf.len() as u64)?;
         }
         Ok(Gguf { backing, version, alignment, metadata, tensors, data_start, header_len, meta_index, tensor_index })
     }
@@ -308,6 +226,128 @@ pub(crate) fn tensor_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64
         return Err(format!("shape {dims:?}: rows of {row} are not a whole number of {ty} blocks of {}", ty.block_len()));
     }
     ty.bytes_for(n).ok_or_else(|| format!("shape {dims:?}: the byte size of {ty} overflows"))
+}
+
+/// The fixed header after the magic.
+struct Header {
+    version: u32,
+    n_tensors: u64,
+    n_kv: u64,
+}
+
+/// Magic, version and the two counts, each count refused if it cannot fit in the file.
+fn read_header(r: &mut Reader) -> Result<Header> {
+    let magic = r.u32("magic")?;
+    if magic != MAGIC {
+        return Err(r.err_at(0, format!("bad magic {magic:#010x}: not a GGUF file")));
+    }
+    let version = r.u32("version")?;
+    if !(2..=3).contains(&version) {
+        // The magic is stored as bytes, so only the version shows a big-endian file.
+        let hint = if (2..=3).contains(&version.swap_bytes()) { " (a big-endian GGUF?)" } else { "" };
+        return Err(r.err_at(4, format!("unsupported GGUF version {version}{hint} (supported: 2, 3)")));
+    }
+    let n_tensors = r.u64("tensor count")?;
+    let n_kv = r.u64("metadata count")?;
+    // Refuse counts that cannot fit before allocating for them; the tensor count is
+    // checked again, against what the metadata left, before the index is allocated.
+    r.check_count(n_kv, MIN_KV_BYTES, "metadata count")?;
+    r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
+    Ok(Header { version, n_tensors, n_kv })
+}
+
+/// The metadata section: entries in file order, keyed, and the data alignment they set.
+struct Metadata {
+    metadata: Vec<(String, Value)>,
+    meta_index: HashMap<String, usize>,
+    alignment: u64,
+}
+
+fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Metadata> {
+    let mut metadata = Vec::with_capacity(n_kv as usize);
+    let mut meta_index = HashMap::with_capacity(n_kv as usize);
+    let mut alignment_at = 0;
+    for _ in 0..n_kv {
+        let at = r.pos;
+        let key = r.string("metadata key")?;
+        if key.is_empty() {
+            return Err(r.err_at(at, "empty metadata key".into()));
+        }
+        let ty = r.value_type("metadata value type")?;
+        let value = r.value(ty, 0)?;
+        if meta_index.insert(key.clone(), metadata.len()).is_some() {
+            return Err(r.err_at(at, format!("duplicate metadata key `{key}`")));
+        }
+        if key == "general.alignment" {
+            alignment_at = at;
+        }
+        metadata.push((key, value));
+    }
+    let alignment = match meta_index.get("general.alignment").map(|&i| &metadata[i].1) {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => {
+            let a = expect("general.alignment", "integer", v, Value::as_u64)?;
+            if !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                return Err(r.err_at(alignment_at, format!("general.alignment {a} is not a power of two up to {MAX_ALIGNMENT}")));
+            }
+            a
+        }
+    };
+    Ok(Metadata { metadata, meta_index, alignment })
+}
+
+/// The tensor index: each entry's shape, type and offset checked, names unique.
+fn read_tensor_index(r: &mut Reader, n_tensors: u64, alignment: u64) -> Result<(Vec<TensorInfo>, HashMap<String, usize>)> {
+    r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let at = r.pos;
+        let t = read_tensor_info(r, alignment)?;
+        if tensor_index.insert(t.name.clone(), tensors.len()).is_some() {
+            return Err(r.err_at(at, format!("duplicate tensor `{}`", t.name)));
+        }
+        tensors.push(t);
+    }
+    Ok((tensors, tensor_index))
+}
+
+fn read_tensor_info(r: &mut Reader, alignment: u64) -> Result<TensorInfo> {
+    let at = r.pos;
+    let name = r.string("tensor name")?;
+    let n_dims = r.u32("tensor dimension count")?;
+    if n_dims == 0 || n_dims > MAX_DIMS {
+        return Err(r.err_at(at, format!("tensor `{name}` has {n_dims} dimensions (allowed 1..={MAX_DIMS})")));
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for _ in 0..n_dims {
+        dims.push(r.u64("tensor dimension")?);
+    }
+    let ty_id = r.u32("tensor type")?;
+    let ty = GgmlType::from_id(ty_id).map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
+    let offset = r.u64("tensor offset")?;
+    let size = tensor_size(ty, &dims).map_err(|why| r.err_at(at, format!("tensor `{name}` {why}")))?;
+    if !offset.is_multiple_of(alignment) {
+        return Err(r.err_at(at, format!("tensor `{name}` offset {offset} is not aligned to {alignment}")));
+    }
+    Ok(TensorInfo { name, dims, ty, offset, size })
+}
+
+/// Every tensor's data lies within a file of `file_len` bytes.
+fn check_tensors_in_file(tensors: &[TensorInfo], data_start: u64, file_len: u64) -> Result<()> {
+    for t in tensors {
+        let end = data_start.checked_add(t.offset).and_then(|o| o.checked_add(t.size));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(Error::Malformed {
+                offset: data_start.saturating_add(t.offset),
+                reason: format!(
+                    "tensor `{}` ({} bytes at data offset {}) runs past the end of the file ({} bytes): truncated?",
+                    t.name, t.size, t.offset, file_len
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 struct Reader<'a> {

@@ -4,7 +4,8 @@
 use super::ops::{Matrix, dot, rms_norm, rope, sigmoid, softmax_in_place};
 use super::{load_f32, load_matrix};
 use crate::Result;
-use crate::config::{ModelConfig, layer_tensor};
+use crate::arch::AttentionTensors;
+use crate::config::ModelConfig;
 use crate::gguf::Gguf;
 
 pub(super) struct Attention {
@@ -20,21 +21,15 @@ pub(super) struct Attention {
 }
 
 impl Attention {
-    pub fn load(g: &Gguf, cfg: &ModelConfig, i: usize) -> Result<Attention> {
-        let a = &cfg.attention;
-        let e = cfg.n_embd;
-        let q_rows = a.n_head * a.head_dim * if a.output_gate { 2 } else { 1 };
-        let kv_rows = a.n_head_kv * a.head_dim;
-        let norm = |name: &str| -> Result<Option<Vec<f32>>> {
-            if a.qk_norm { load_f32(g, &layer_tensor(i, name), &[a.head_dim]).map(Some) } else { Ok(None) }
-        };
+    pub fn load(g: &Gguf, t: &AttentionTensors) -> Result<Attention> {
+        let norm = |spec: &Option<_>| spec.as_ref().map(|s| load_f32(g, s)).transpose();
         Ok(Attention {
-            q: load_matrix(g, &layer_tensor(i, "attn_q.weight"), e, q_rows)?,
-            k: load_matrix(g, &layer_tensor(i, "attn_k.weight"), e, kv_rows)?,
-            v: load_matrix(g, &layer_tensor(i, "attn_v.weight"), e, kv_rows)?,
-            o: load_matrix(g, &layer_tensor(i, "attn_output.weight"), a.n_head * a.head_dim, e)?,
-            q_norm: norm("attn_q_norm.weight")?,
-            k_norm: norm("attn_k_norm.weight")?,
+            q: load_matrix(g, &t.q)?,
+            k: load_matrix(g, &t.k)?,
+            v: load_matrix(g, &t.v)?,
+            o: load_matrix(g, &t.o)?,
+            q_norm: norm(&t.q_norm)?,
+            k_norm: norm(&t.k_norm)?,
             keys: Vec::new(),
             values: Vec::new(),
         })

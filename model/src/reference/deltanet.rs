@@ -3,7 +3,8 @@
 
 use super::ops::{Matrix, l2_norm, rms_norm, sigmoid, silu, softplus};
 use super::{load_f32, load_matrix};
-use crate::config::{ModelConfig, layer_tensor};
+use crate::arch::{DeltaNetTensors, MixerTensors};
+use crate::config::ModelConfig;
 use crate::gguf::Gguf;
 use crate::{Error, Result};
 
@@ -27,20 +28,32 @@ pub struct DeltaNet {
 }
 
 impl DeltaNet {
+    /// Layer `i` of `cfg`, which must be a DeltaNet layer.
     pub fn load(g: &Gguf, cfg: &ModelConfig, i: usize) -> Result<DeltaNet> {
-        let dn = cfg.deltanet.as_ref().ok_or_else(|| Error::Config("DeltaNet layer without ssm.* metadata".into()))?;
-        let (e, c, nv, dk) = (cfg.n_embd, dn.conv_channels(), dn.n_value_heads, dn.head_dim);
-        let name = |n: &str| layer_tensor(i, n);
+        // The schema of a DeltaNet layer needs `cfg.deltanet`.
+        check_config(cfg)?;
+        let not_deltanet = || Error::Config(format!("layer {i} of the {} model is not a DeltaNet layer", cfg.arch.name()));
+        if i >= cfg.n_layer() {
+            return Err(not_deltanet());
+        }
+        match cfg.layer_tensors(i).mixer {
+            MixerTensors::DeltaNet(t) => DeltaNet::from_tensors(g, cfg, &t),
+            MixerTensors::Attention(_) => Err(not_deltanet()),
+        }
+    }
+
+    pub(super) fn from_tensors(g: &Gguf, cfg: &ModelConfig, t: &DeltaNetTensors) -> Result<DeltaNet> {
+        check_config(cfg)?;
         let mut s = DeltaNet {
-            qkv: load_matrix(g, &name("attn_qkv.weight"), e, c)?,
-            gate: load_matrix(g, &name("attn_gate.weight"), e, dn.value_dim())?,
-            beta: load_matrix(g, &name("ssm_beta.weight"), e, nv)?,
-            alpha: load_matrix(g, &name("ssm_alpha.weight"), e, nv)?,
-            conv: load_f32(g, &name("ssm_conv1d.weight"), &[dn.conv_kernel, c])?,
-            dt_bias: load_f32(g, &name("ssm_dt.bias"), &[nv])?,
-            a: load_f32(g, &name("ssm_a"), &[nv])?,
-            norm: load_f32(g, &name("ssm_norm.weight"), &[dk])?,
-            out: load_matrix(g, &name("ssm_out.weight"), dn.value_dim(), e)?,
+            qkv: load_matrix(g, &t.qkv)?,
+            gate: load_matrix(g, &t.gate)?,
+            beta: load_matrix(g, &t.beta)?,
+            alpha: load_matrix(g, &t.alpha)?,
+            conv: load_f32(g, &t.conv1d)?,
+            dt_bias: load_f32(g, &t.dt_bias)?,
+            a: load_f32(g, &t.a)?,
+            norm: load_f32(g, &t.norm)?,
+            out: load_matrix(g, &t.out)?,
             conv_state: Vec::new(),
             state: Vec::new(),
         };
@@ -72,8 +85,8 @@ impl DeltaNet {
         for ch in 0..c {
             let w = &self.conv[ch * kk..(ch + 1) * kk];
             let mut acc = w[kk - 1] * u[ch];
-            for j in 0..kk - 1 {
-                acc += w[j] * self.conv_state[j * c + ch];
+            for (j, w) in w[..kk - 1].iter().enumerate() {
+                acc += w * self.conv_state[j * c + ch];
             }
             y[ch] = silu(acc);
         }
@@ -130,5 +143,13 @@ impl DeltaNet {
             }
         }
         self.out.matvec(&o_all)
+    }
+}
+
+/// The forward pass reads `cfg.deltanet`; refuse a config without it at load.
+fn check_config(cfg: &ModelConfig) -> Result<()> {
+    match cfg.deltanet {
+        Some(_) => Ok(()),
+        None => Err(Error::Config("DeltaNet layer without ssm.* metadata".into())),
     }
 }

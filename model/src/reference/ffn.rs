@@ -3,7 +3,7 @@
 use super::load_matrix;
 use super::ops::{Matrix, silu};
 use crate::Result;
-use crate::config::{ModelConfig, layer_tensor};
+use crate::arch::FfnTensors;
 use crate::gguf::Gguf;
 
 pub(super) struct Ffn {
@@ -13,13 +13,8 @@ pub(super) struct Ffn {
 }
 
 impl Ffn {
-    pub fn load(g: &Gguf, cfg: &ModelConfig, i: usize) -> Result<Ffn> {
-        let (e, f) = (cfg.n_embd, cfg.n_ff);
-        Ok(Ffn {
-            gate: load_matrix(g, &layer_tensor(i, "ffn_gate.weight"), e, f)?,
-            up: load_matrix(g, &layer_tensor(i, "ffn_up.weight"), e, f)?,
-            down: load_matrix(g, &layer_tensor(i, "ffn_down.weight"), f, e)?,
-        })
+    pub fn load(g: &Gguf, t: &FfnTensors) -> Result<Ffn> {
+        Ok(Ffn { gate: load_matrix(g, &t.gate)?, up: load_matrix(g, &t.up)?, down: load_matrix(g, &t.down)? })
     }
 
     pub fn forward(&self, n: &[f32]) -> Vec<f32> {

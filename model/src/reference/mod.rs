@@ -8,7 +8,8 @@ pub mod deltanet;
 mod ffn;
 pub mod ops;
 
-use crate::config::{LayerKind, ModelConfig, layer_tensor};
+use crate::arch::{LayerTensors, MixerTensors, TensorSpec};
+use crate::config::ModelConfig;
 use crate::gguf::Gguf;
 use crate::quant::dequantize;
 use crate::{Error, Result};
@@ -17,18 +18,17 @@ use deltanet::DeltaNet;
 use ffn::Ffn;
 use ops::{Matrix, add_in_place, rms_norm};
 
-/// Loads tensor `name` as f32, checking its shape (`[k]` or `[k, n]`).
-pub(crate) fn load_f32(g: &Gguf, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
-    let t = g.require_tensor(name)?;
-    let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-    if t.dims != want {
-        return Err(Error::TensorShape { name: name.to_owned(), expected: want, found: t.dims.clone() });
+/// Loads the tensor of `spec` as f32, checking its shape against the spec.
+pub(crate) fn load_f32(g: &Gguf, spec: &TensorSpec) -> Result<Vec<f32>> {
+    let t = g.require_tensor(&spec.name)?;
+    if t.dims != spec.dims {
+        return Err(Error::TensorShape { name: spec.name.clone(), expected: spec.dims.clone(), found: t.dims.clone() });
     }
     dequantize(t.ty, g.tensor_data(t))
 }
 
-pub(crate) fn load_matrix(g: &Gguf, name: &str, k: usize, n: usize) -> Result<Matrix> {
-    Ok(Matrix { k, n, data: load_f32(g, name, &[k, n])? })
+pub(crate) fn load_matrix(g: &Gguf, spec: &TensorSpec) -> Result<Matrix> {
+    Ok(Matrix { k: spec.k(), n: spec.n(), data: load_f32(g, spec)? })
 }
 
 enum Mixer {
@@ -41,6 +41,16 @@ struct Block {
     mixer: Mixer,
     ffn_norm: Vec<f32>,
     ffn: Ffn,
+}
+
+impl Block {
+    fn load(g: &Gguf, cfg: &ModelConfig, t: &LayerTensors) -> Result<Block> {
+        let mixer = match &t.mixer {
+            MixerTensors::Attention(a) => Mixer::Attention(Attention::load(g, a)?),
+            MixerTensors::DeltaNet(d) => Mixer::DeltaNet(DeltaNet::from_tensors(g, cfg, d)?),
+        };
+        Ok(Block { attn_norm: load_f32(g, &t.attn_norm)?, mixer, ffn_norm: load_f32(g, &t.ffn_norm)?, ffn: Ffn::load(g, &t.ffn)? })
+    }
 }
 
 /// A whole model on the CPU, with the state of one sequence.
@@ -57,23 +67,11 @@ pub struct Reference {
 impl Reference {
     pub fn load(g: &Gguf) -> Result<Reference> {
         let config = ModelConfig::from_gguf(g)?;
-        let e = config.n_embd;
-        let embd = load_matrix(g, "token_embd.weight", e, config.n_vocab)?;
-        let mut blocks = Vec::with_capacity(config.n_layer());
-        for (i, kind) in config.layers.iter().enumerate() {
-            let mixer = match kind {
-                LayerKind::Attention => Mixer::Attention(Attention::load(g, &config, i)?),
-                LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(g, &config, i)?),
-            };
-            blocks.push(Block {
-                attn_norm: load_f32(g, &layer_tensor(i, "attn_norm.weight"), &[e])?,
-                mixer,
-                ffn_norm: load_f32(g, &layer_tensor(i, &format!("{}.weight", config.ffn_norm_name())), &[e])?,
-                ffn: Ffn::load(g, &config, i)?,
-            });
-        }
-        let output_norm = load_f32(g, "output_norm.weight", &[e])?;
-        let output = if config.tied_output { None } else { Some(load_matrix(g, "output.weight", e, config.n_vocab)?) };
+        let globals = config.global_tensors();
+        let embd = load_matrix(g, &globals.token_embd)?;
+        let blocks = (0..config.n_layer()).map(|i| Block::load(g, &config, &config.layer_tensors(i))).collect::<Result<_>>()?;
+        let output_norm = load_f32(g, &globals.output_norm)?;
+        let output = if config.tied_output { None } else { Some(load_matrix(g, &globals.output)?) };
         Ok(Reference { config, embd, blocks, output_norm, output, pos: 0 })
     }
 

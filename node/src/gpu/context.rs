@@ -1,5 +1,7 @@
 //! Adapter choice and device creation.
 
+use std::sync::{Arc, Mutex};
+
 use wgpu::util::DeviceExt;
 
 use crate::{Error, Result};
@@ -29,6 +31,9 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// The first GPU error no error scope caught since the last [`Gpu::check`]. wgpu's
+    /// default handler panics; a node must instead fail the one request and keep serving.
+    uncaptured: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -84,7 +89,36 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?;
         tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type,
             max_binding = limits.max_storage_buffer_binding_size, "opened GPU");
-        Ok(Gpu { device, queue, info, limits, features })
+        let uncaptured = Arc::new(Mutex::new(None));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            tracing::error!(error = %e, "GPU error");
+            sink.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
+        }));
+        Ok(Gpu { device, queue, info, limits, features, uncaptured })
+    }
+
+    /// The GPU error raised since the last check outside any error scope, if any, as an
+    /// error of `context`; clears it.
+    pub fn check(&self, context: &str) -> Result<()> {
+        match self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(message) => Err(Error::Gpu { context: context.to_owned(), message }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` with out-of-memory and validation errors of every GPU call in it caught,
+    /// and returns the first as an error of `context` (e.g. allocating a shard the device
+    /// cannot hold).
+    pub fn scoped<T>(&self, context: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let errors = [pollster::block_on(validation.pop()), pollster::block_on(memory.pop())];
+        if let Some(e) = errors.into_iter().flatten().next() {
+            return Err(Error::Gpu { context: context.to_owned(), message: e.to_string() });
+        }
+        out
     }
 
     pub fn describe(&self) -> DeviceInfo {
@@ -94,7 +128,7 @@ impl Gpu {
     /// The largest storage binding, rounded down to a 256-byte multiple so that
     /// bindings split at this size stay offset-aligned.
     pub fn max_binding(&self) -> u64 {
-        let m = u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size);
+        let m = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         m / 256 * 256
     }
 
@@ -102,7 +136,7 @@ impl Gpu {
     pub fn storage_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
         // Zero-sized buffers cannot be bound; keep at least one word.
         let padded;
-        let contents = if data.len() < 4 || data.len() % 4 != 0 {
+        let contents = if data.len() < 4 || !data.len().is_multiple_of(4) {
             padded = { let mut v = data.to_vec(); v.resize(data.len().max(4).div_ceil(4) * 4, 0); v };
             &padded[..]
         } else {

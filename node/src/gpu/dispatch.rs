@@ -70,14 +70,23 @@ impl Dispatch {
 /// Encodes `dispatches` in order into one compute pass of `encoder`. Dispatches
 /// whose workgroup count resolves to zero (e.g. no tokens) are skipped.
 pub fn encode_dispatches(encoder: &mut wgpu::CommandEncoder, dispatches: &[Dispatch], n_tokens: u32) {
+    encode_pass(encoder, &[(dispatches, n_tokens)]);
+}
+
+/// Encodes several lists into one compute pass, each with its own token count (a step's
+/// layers at the step's size, then the output head on one row), so that a step is one
+/// pass in one submission.
+pub fn encode_pass(encoder: &mut wgpu::CommandEncoder, lists: &[(&[Dispatch], u32)]) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-    for d in dispatches {
-        let [x, y, z] = d.workgroups.resolve(n_tokens);
-        if x == 0 || y == 0 || z == 0 {
-            continue;
+    for &(dispatches, n_tokens) in lists {
+        for d in dispatches {
+            let [x, y, z] = d.workgroups.resolve(n_tokens);
+            if x == 0 || y == 0 || z == 0 {
+                continue;
+            }
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(x, y, z);
         }
-        pass.set_pipeline(&d.pipeline);
-        pass.set_bind_group(0, &d.bind_group, &[]);
-        pass.dispatch_workgroups(x, y, z);
     }
 }

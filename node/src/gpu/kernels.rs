@@ -21,8 +21,8 @@ impl KernelCache {
         Self::default()
     }
 
-    /// The pipeline of `kernel`'s entry point `main` with `consts` specialised;
-    /// `prelude` (e.g. a weight-format snippet) is prepended to the source.
+    /// The pipeline of `kernel`'s entry point `main`: `prelude` (e.g. a weight format)
+    /// prepended, includes resolved, `consts` specialised ([`Kernel::assemble`]).
     pub fn pipeline(
         &self,
         gpu: &Gpu,
@@ -38,18 +38,13 @@ impl KernelCache {
         if let Some(p) = self.pipelines.lock().expect("kernel cache poisoned").get(&key) {
             return Ok(p.clone());
         }
-        let mut source = String::new();
-        if let Some(p) = prelude {
-            source.push_str(p.source);
-            source.push('\n');
-        }
-        source.push_str(kernel.source);
-        let source = strata_shaders::specialise(&source, consts)
-            .map_err(|e| Error::Kernel { kernel: kernel.name.into(), message: e.to_string() })?;
         let label = match prelude {
             Some(p) => format!("{}+{}", kernel.name, p.name),
             None => kernel.name.to_owned(),
         };
+        let source = kernel
+            .assemble(prelude, consts)
+            .map_err(|e| Error::Kernel { kernel: label.clone(), message: e.to_string() })?;
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),

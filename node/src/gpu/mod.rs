@@ -10,7 +10,7 @@ mod kernels;
 mod step;
 
 pub use context::{DeviceInfo, Gpu, GpuConfig};
-pub use dispatch::{Dim, Dispatch, Workgroups, encode_dispatches};
+pub use dispatch::{Dim, Dispatch, Workgroups, encode_dispatches, encode_pass};
 pub use kernels::KernelCache;
 pub use step::Step;
 

@@ -1,21 +1,20 @@
-//! qwen35's Gated DeltaNet mixer with its pre-norm (see `qwen35.md`):
-//! `x += W_ssm_out gated_norm(delta_rule(conv(W_qkv n)), W_gate n)`, `n = rmsnorm(x) * attn_norm`,
+//! qwen35's Gated DeltaNet mixer (see `docs/qwen35.md`):
+//! `x += W_ssm_out gated_norm(delta_rule(conv(W_qkv n)), W_gate n)`, `n` the normed input,
 //! over a per-sequence [`DeltaNetState`] instead of a KV cache.
 
-use strata_model::config::{DeltaNetConfig, ModelConfig, layer_tensor};
+use strata_model::arch::DeltaNetTensors;
+use strata_model::config::{DeltaNetConfig, ModelConfig};
 
 use super::LoadCtx;
 use crate::deltanet_state::DeltaNetState;
-use crate::gpu::{Dispatch, Gpu, KernelCache};
-use crate::ops::deltanet::{self, Gates};
-use crate::ops::matmul::matmul;
-use crate::ops::norm::{self, RmsNorm};
+use crate::gpu::Gpu;
+use crate::ops::deltanet::Gates;
+use crate::ops::{Act, Recorder};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 use crate::{Error, Result};
 
 pub struct DeltaNet {
-    attn_norm: wgpu::Buffer,
     attn_qkv: QuantMatrix,
     /// `z`, the output gate.
     attn_gate: QuantMatrix,
@@ -35,77 +34,52 @@ pub fn config(cfg: &ModelConfig) -> Result<&DeltaNetConfig> {
 }
 
 impl DeltaNet {
-    pub fn load(ctx: &LoadCtx, cfg: &ModelConfig, i: usize) -> Result<DeltaNet> {
-        let dn = config(cfg)?;
-        let (e, c, nv, dk, v) = (cfg.n_embd, dn.conv_channels(), dn.n_value_heads, dn.head_dim, dn.value_dim());
-        let name = |n: &str| layer_tensor(i, n);
+    pub fn load(ctx: &LoadCtx, t: &DeltaNetTensors) -> Result<DeltaNet> {
         Ok(DeltaNet {
-            attn_norm: ctx.vector(&name("attn_norm.weight"), e)?,
-            attn_qkv: ctx.matrix(&name("attn_qkv.weight"), e, c)?,
-            attn_gate: ctx.matrix(&name("attn_gate.weight"), e, v)?,
-            ssm_beta: ctx.matrix(&name("ssm_beta.weight"), e, nv)?,
-            ssm_alpha: ctx.matrix(&name("ssm_alpha.weight"), e, nv)?,
-            ssm_conv1d: conv_weight(ctx, &name("ssm_conv1d.weight"), dn.conv_kernel, c)?,
-            ssm_dt_bias: ctx.vector(&name("ssm_dt.bias"), nv)?,
-            ssm_a: ctx.vector(&name("ssm_a"), nv)?,
-            ssm_norm: ctx.vector(&name("ssm_norm.weight"), dk)?,
-            ssm_out: ctx.matrix(&name("ssm_out.weight"), v, e)?,
+            attn_qkv: ctx.matrix(&t.qkv)?,
+            attn_gate: ctx.matrix(&t.gate)?,
+            ssm_beta: ctx.matrix(&t.beta)?,
+            ssm_alpha: ctx.matrix(&t.alpha)?,
+            // ggml `[kernel, channels]`: a row of taps per channel, as the kernel reads it.
+            ssm_conv1d: ctx.vector(&t.conv1d)?,
+            ssm_dt_bias: ctx.vector(&t.dt_bias)?,
+            ssm_a: ctx.vector(&t.a)?,
+            ssm_norm: ctx.vector(&t.norm)?,
+            ssm_out: ctx.matrix(&t.out)?,
         })
     }
 
     /// Bytes of weights held on the GPU (all read by every step).
     pub fn bytes(&self) -> u64 {
         let matrices = [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
-        let vectors = [&self.attn_norm, &self.ssm_conv1d, &self.ssm_dt_bias, &self.ssm_a, &self.ssm_norm].map(|b| b.size());
+        let vectors = [&self.ssm_conv1d, &self.ssm_dt_bias, &self.ssm_a, &self.ssm_norm].map(|b| b.size());
         matrices.iter().chain(&vectors).sum()
     }
 
-    /// Records `x += mixer(rmsnorm(x))` for the step's tokens of one sequence, whose
-    /// `state` the dispatches advance.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record(
-        &self,
-        gpu: &Gpu,
-        kc: &KernelCache,
-        cfg: &ModelConfig,
-        s: &Scratch,
-        scratch: &DeltaNetScratch,
-        state: &DeltaNetState,
-        max_tokens: u32,
-        out: &mut Vec<Dispatch>,
-    ) -> Result<()> {
+    /// Records `x += mixer(n)` for the step's tokens of one sequence, whose `state` the
+    /// dispatches advance; `n` is the sub-block's normed input.
+    pub fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &DeltaNetState) -> Result<()> {
         let dn = config(cfg)?;
         if state.config() != dn {
             return Err(Error::Shape { op: "deltanet", message: format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config()) });
         }
-        let d = scratch;
-        out.push(norm::rms_norm(gpu, kc, &s.step, &s.x, &self.attn_norm, &s.n, RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps), max_tokens)?);
-        for (w, y) in [(&self.attn_qkv, &d.qkv), (&self.attn_gate, &d.z), (&self.ssm_beta, &d.b), (&self.ssm_alpha, &d.a)] {
-            out.extend(matmul(gpu, kc, &s.step, w, &s.n, y, max_tokens, false)?);
+        let d = s.deltanet()?;
+        for (w, y) in [(&self.attn_qkv, d.qkv()), (&self.attn_gate, d.z()), (&self.ssm_beta, d.b()), (&self.ssm_alpha, d.a())] {
+            rec.matmul(w, s.n(), y, false)?;
         }
-        out.extend(deltanet::conv(gpu, kc, &s.step, state, &d.qkv, &self.ssm_conv1d, &d.y, cfg.eps, max_tokens)?);
-        let gates = Gates { b: &d.b, a: &d.a, ssm_a: &self.ssm_a, dt_bias: &self.ssm_dt_bias };
-        out.push(deltanet::delta_rule(gpu, kc, &s.step, state, &d.y, gates, &d.o, max_tokens)?);
-        let (nv, dk) = (dn.n_value_heads as u32, dn.head_dim as u32);
-        out.push(deltanet::gated_norm(gpu, kc, &s.step, &d.o, &d.z, &self.ssm_norm, nv, dk, cfg.eps, max_tokens)?);
-        out.extend(matmul(gpu, kc, &s.step, &self.ssm_out, &d.o, &s.x, max_tokens, true)?);
-        Ok(())
+        rec.deltanet_conv(state, d.qkv(), &self.ssm_conv1d, d.y(), cfg.eps)?;
+        let gates = Gates { b: d.b(), a: d.a(), ssm_a: &self.ssm_a, dt_bias: &self.ssm_dt_bias };
+        rec.delta_rule(state, d.y(), gates, d.o())?;
+        rec.gated_norm(d.o(), d.z(), &self.ssm_norm, dn.head_dim as u32, cfg.eps)?;
+        rec.matmul(&self.ssm_out, d.o(), s.x(), true)
     }
-}
-
-/// `ssm_conv1d.weight`, ggml dims `[kernel, channels]`: a row of taps per channel, as f32.
-fn conv_weight(ctx: &LoadCtx, name: &str, kernel: usize, channels: usize) -> Result<wgpu::Buffer> {
-    let t = ctx.gguf.require_tensor(name)?;
-    if t.dims != [kernel as u64, channels as u64] {
-        return Err(Error::Shape { op: "load", message: format!("`{name}` has shape {:?}, expected [{kernel}, {channels}]", t.dims) });
-    }
-    let v = strata_model::quant::dequantize(t.ty, ctx.gguf.tensor_data(t))?;
-    Ok(ctx.gpu.storage_init(name, bytemuck::cast_slice(&v)))
 }
 
 /// The activations of the DeltaNet layers beyond [`Scratch`]'s, sized for a stage's largest
 /// batch and shared by its DeltaNet layers and sequences.
 pub struct DeltaNetScratch {
+    max_tokens: u32,
+    config: DeltaNetConfig,
     /// f32 `[max_tokens, channels]`: `W_qkv n`.
     pub qkv: wgpu::Buffer,
     /// f32 `[max_tokens, channels]`: the conv's output, q and k normed.
@@ -124,6 +98,8 @@ impl DeltaNetScratch {
         let dn = config(cfg)?;
         let f32s = |label: &str, width: usize| gpu.storage(label, u64::from(max_tokens) * width as u64 * 4);
         Ok(DeltaNetScratch {
+            max_tokens,
+            config: dn.clone(),
             qkv: f32s("deltanet qkv", dn.conv_channels()),
             y: f32s("deltanet y", dn.conv_channels()),
             z: f32s("deltanet z", dn.value_dim()),
@@ -137,6 +113,34 @@ impl DeltaNetScratch {
     pub fn bytes(&self) -> u64 {
         [&self.qkv, &self.y, &self.z, &self.b, &self.a, &self.o].iter().map(|b| b.size()).sum()
     }
+
+    fn act<'a>(&self, buffer: &'a wgpu::Buffer, width: usize) -> Act<'a> {
+        Act::new(buffer, self.max_tokens, width as u32)
+    }
+
+    pub fn qkv(&self) -> Act<'_> {
+        self.act(&self.qkv, self.config.conv_channels())
+    }
+
+    pub fn y(&self) -> Act<'_> {
+        self.act(&self.y, self.config.conv_channels())
+    }
+
+    pub fn z(&self) -> Act<'_> {
+        self.act(&self.z, self.config.value_dim())
+    }
+
+    pub fn b(&self) -> Act<'_> {
+        self.act(&self.b, self.config.n_value_heads)
+    }
+
+    pub fn a(&self) -> Act<'_> {
+        self.act(&self.a, self.config.n_value_heads)
+    }
+
+    pub fn o(&self) -> Act<'_> {
+        self.act(&self.o, self.config.value_dim())
+    }
 }
 
 #[cfg(test)]
@@ -146,8 +150,11 @@ mod tests {
     use strata_model::reference::deltanet::DeltaNet as CpuDeltaNet;
     use strata_model::reference::ops::rms_norm;
 
+    use strata_model::arch::MixerTensors;
+
     use super::*;
     use crate::gpu::{Step, encode_dispatches};
+    use crate::ops::norm::RmsNorm;
     use crate::testing::{Rng, assert_close, gpu};
 
     const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen35.gguf");
@@ -162,18 +169,21 @@ mod tests {
         let cfg = ModelConfig::from_gguf(&gguf).unwrap();
         assert_eq!(cfg.layers[0], LayerKind::DeltaNet);
         let ctx = LoadCtx { gguf: &gguf, gpu, kernels };
-        let layer = DeltaNet::load(&ctx, &cfg, 0).unwrap();
+        let tensors = cfg.layer_tensors(0);
+        let MixerTensors::DeltaNet(dn_tensors) = &tensors.mixer else { panic!("layer 0 is DeltaNet") };
+        let layer = DeltaNet::load(&ctx, dn_tensors).unwrap();
+        let attn_norm_buf = ctx.vector(&tensors.attn_norm).unwrap();
         assert!(layer.bytes() > 0);
 
         // Bound for more tokens than the prefill has.
         let max_tokens = 10u32;
-        let s = Scratch::new(gpu, &cfg, max_tokens);
-        let dn_scratch = DeltaNetScratch::new(gpu, &cfg, max_tokens).unwrap();
+        let s = Scratch::new(gpu, &cfg, max_tokens, true).unwrap();
         let state = DeltaNetState::new(gpu, config(&cfg).unwrap()).unwrap();
         let record = |max_tokens| {
-            let mut out = Vec::new();
-            layer.record(gpu, kernels, &cfg, &s, &dn_scratch, &state, max_tokens, &mut out).unwrap();
-            out
+            let mut rec = Recorder::new(gpu, kernels, &s.step, max_tokens).unwrap();
+            rec.rms_norm(s.x(), &attn_norm_buf, s.n(), RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps)).unwrap();
+            layer.record(&mut rec, &cfg, &s, &state).unwrap();
+            rec.finish()
         };
         let (prefill, decode) = (record(max_tokens), record(1));
 

@@ -1,10 +1,12 @@
-//! The blocks a stage is made of, each loaded from GGUF tensors named as in the file
-//! and able to record its dispatches for one sequence.
+//! The parts a layer is made of (attention, DeltaNet, feed-forward), each loaded from the
+//! tensors `strata_model::arch` names and able to record its ops for one sequence. The
+//! architectures in [`crate::arch`] put them together.
 
 pub mod attention;
 pub mod deltanet;
 pub mod ffn;
 
+use strata_model::arch::TensorSpec;
 use strata_model::gguf::Gguf;
 
 use crate::gpu::{Gpu, KernelCache};
@@ -19,40 +21,26 @@ pub struct LoadCtx<'a> {
 }
 
 impl LoadCtx<'_> {
+    /// The file's tensor named by `spec`, with the shape the schema gives it.
+    fn tensor(&self, spec: &TensorSpec) -> Result<&strata_model::gguf::TensorInfo> {
+        let t = self.gguf.require_tensor(&spec.name)?;
+        if t.dims != spec.dims {
+            return Err(Error::Shape { op: "load", message: format!("`{}` has shape {:?}, expected {:?}", spec.name, t.dims, spec.dims) });
+        }
+        Ok(t)
+    }
+
     /// A weight matrix `[k, n]` in its quantised form.
-    pub fn matrix(&self, name: &str, k: usize, n: usize) -> Result<QuantMatrix> {
-        let t = self.gguf.require_tensor(name)?;
-        if t.dims != [k as u64, n as u64] {
-            return Err(Error::Shape { op: "load", message: format!("`{name}` has shape {:?}, expected [{k}, {n}]", t.dims) });
-        }
-        QuantMatrix::upload(self.gpu, name, t.ty, k, n, self.gguf.tensor_data(t))
+    pub fn matrix(&self, spec: &TensorSpec) -> Result<QuantMatrix> {
+        let t = self.tensor(spec)?;
+        QuantMatrix::upload(self.gpu, &spec.name, t.ty, spec.k(), spec.n(), self.gguf.tensor_data(t))
     }
 
-    /// Rows `rows` of a weight matrix `[k, n]` (quantised rows are independent, so
-    /// selecting rows needs no dequantisation).
-    pub fn matrix_rows(&self, name: &str, k: usize, n: usize, rows: impl Iterator<Item = std::ops::Range<usize>>) -> Result<QuantMatrix> {
-        let t = self.gguf.require_tensor(name)?;
-        if t.dims != [k as u64, n as u64] {
-            return Err(Error::Shape { op: "load", message: format!("`{name}` has shape {:?}, expected [{k}, {n}]", t.dims) });
-        }
-        let row_bytes = (t.size / n as u64) as usize;
-        let data = self.gguf.tensor_data(t);
-        let mut picked = Vec::new();
-        let mut count = 0;
-        for r in rows {
-            picked.extend_from_slice(&data[r.start * row_bytes..r.end * row_bytes]);
-            count += r.len();
-        }
-        QuantMatrix::upload(self.gpu, name, t.ty, k, count, &picked)
-    }
-
-    /// A 1-D f32 vector (norm weights), dequantised if stored otherwise.
-    pub fn vector(&self, name: &str, len: usize) -> Result<wgpu::Buffer> {
-        let t = self.gguf.require_tensor(name)?;
-        if t.dims != [len as u64] {
-            return Err(Error::Shape { op: "load", message: format!("`{name}` has shape {:?}, expected [{len}]", t.dims) });
-        }
+    /// A tensor read whole as f32 (norm weights, biases, conv taps), dequantised if stored
+    /// otherwise.
+    pub fn vector(&self, spec: &TensorSpec) -> Result<wgpu::Buffer> {
+        let t = self.tensor(spec)?;
         let v = strata_model::quant::dequantize(t.ty, self.gguf.tensor_data(t))?;
-        Ok(self.gpu.storage_init(name, bytemuck::cast_slice(&v)))
+        Ok(self.gpu.storage_init(&spec.name, bytemuck::cast_slice(&v)))
     }
 }

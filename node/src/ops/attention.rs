@@ -2,12 +2,11 @@
 //! attention of each token's query heads over the cache (grouped-query: several query
 //! heads share one KV head). Decode and prefill use the same two dispatches; positions
 //! come per token from a u32 buffer written by the caller each step.
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
 
 use strata_shaders::Kernel;
 
-use super::elementwise::bind;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::gpu::{Dim, Workgroups};
 use crate::kv_cache::KvCache;
 use crate::{Error, Result};
 
@@ -24,47 +23,30 @@ pub(crate) struct StoreParams {
     _pad: [u32; 2],
 }
 
-/// Writes the step's keys `k` and values `v` (f32 `[n_tokens, n_kv_heads, head_dim]`) into
-/// `cache` at `positions[t]` (u32 `[n_tokens]`). Positions at or past the capacity are
-/// skipped; the caller keeps them in range.
-pub fn kv_store(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    cache: &KvCache,
-    k: &wgpu::Buffer,
-    v: &wgpu::Buffer,
-    positions: &wgpu::Buffer,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    if max_tokens == 0 {
-        return Err(Error::Shape { op: "kv_store", message: "max_tokens must be at least 1".into() });
+impl Recorder<'_> {
+    /// Writes the step's keys `k` and values `v` (rows of `n_kv_heads * head_dim`) into
+    /// `cache` at the step's `positions` (one u32 per row). Positions at or past the
+    /// capacity are skipped; the caller keeps them in range.
+    pub fn kv_store(&mut self, cache: &KvCache, k: Act<'_>, v: Act<'_>, positions: Act<'_>) -> Result<()> {
+        let row_pairs = cache.n_kv_heads() * cache.head_dim() / 2;
+        let k = self.bind_act("kv_store", "k", k, 2 * row_pairs)?;
+        let v = self.bind_act("kv_store", "v", v, 2 * row_pairs)?;
+        let positions = self.bind_act("kv_store", "positions", positions, 1)?;
+        let params = self.uniform("kv_store", &StoreParams { row_pairs, capacity: cache.capacity(), _pad: [0; 2] });
+        let pipeline = self.pipeline(Kernel::KV_STORE, None, &[])?;
+        let resources = [positions, k, v, cache.k().as_entire_binding(), cache.v().as_entire_binding()];
+        let workgroups = Workgroups(Dim::Fixed(row_pairs.div_ceil(STORE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch("kv_store", pipeline, &params, &resources, workgroups);
+        Ok(())
     }
-    let row_pairs = cache.n_kv_heads() * cache.head_dim() / 2;
-    let tokens = u64::from(max_tokens);
-    let k = bind(gpu, "kv_store", "k", k, tokens * u64::from(row_pairs) * 8)?;
-    let v = bind(gpu, "kv_store", "v", v, tokens * u64::from(row_pairs) * 8)?;
-    let positions = bind(gpu, "kv_store", "positions", positions, tokens * 4)?;
-    let params = gpu.uniform("kv_store", &StoreParams { row_pairs, capacity: cache.capacity(), _pad: [0; 2] });
-    let pipeline = kernels.pipeline(gpu, Kernel::KV_STORE, None, &[])?;
-    let resources = [
-        step.as_entire_binding(),
-        params.as_entire_binding(),
-        positions,
-        k,
-        v,
-        cache.k().as_entire_binding(),
-        cache.v().as_entire_binding(),
-    ];
-    let workgroups = Workgroups(Dim::Fixed(row_pairs.div_ceil(STORE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-    Ok(Dispatch::new(gpu, "kv_store", pipeline, &resources, workgroups))
 }
 
 /// Where the output gate of gated attention (qwen35) is: the gate of value `d` of head `h`
 /// of token `t` is `gate[(t * n_heads + h) * stride + offset + d]`.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputGate<'a> {
-    pub gate: &'a wgpu::Buffer,
+    /// Rows of `n_heads * stride`.
+    pub gate: Act<'a>,
     /// `head_dim` for a `[n_tokens, n_heads, head_dim]` buffer; `2 * head_dim` with
     /// `offset = head_dim` for the gate halves of a fused `[query | gate]` projection.
     pub stride: u32,
@@ -100,82 +82,62 @@ pub(crate) struct AttnParams {
     gate_offset: u32,
 }
 
-/// `out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, g]) V[j, g]` over cache positions
-/// `j = 0..=positions[t]`, for KV head `g = h / (n_heads / n_kv_heads)`; then gated if
-/// asked. `q` and `out`: f32 `[n_tokens, n_heads, head_dim]`. The step's keys and values
-/// must be stored first ([`kv_store`], earlier in the same pass), and every position up
-/// to `positions[t]` must hold this sequence's keys.
-pub fn attention(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    cache: &KvCache,
-    q: &wgpu::Buffer,
-    positions: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    attn: Attention<'_>,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let shape = |message: String| Error::Shape { op: "attention", message };
-    let (n_heads, n_kv_heads, head_dim) = (attn.n_heads, cache.n_kv_heads(), cache.head_dim());
-    if max_tokens == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
-        return Err(shape(format!("{n_heads} query heads over {n_kv_heads} KV heads, max_tokens {max_tokens}")));
-    }
-    let tokens = u64::from(max_tokens);
-    let act_bytes = tokens * u64::from(n_heads * head_dim) * 4;
-    if out == q {
-        return Err(shape("out must not be q".into()));
-    }
-    let q_binding = bind(gpu, "attention", "q", q, act_bytes)?;
-    let out_binding = bind(gpu, "attention", "out", out, act_bytes)?;
-    let positions = bind(gpu, "attention", "positions", positions, tokens * 4)?;
-    let (gate, gate_stride, gate_offset) = match attn.gate {
-        Some(g) => {
-            if g.stride < head_dim || g.offset > g.stride - head_dim {
-                return Err(shape(format!("gate stride {} and offset {} for heads of {head_dim}", g.stride, g.offset)));
-            }
-            // The last head's gate ends at its row's start plus offset + head_dim.
-            let last_row = tokens * u64::from(n_heads) - 1;
-            let gate_bytes = (last_row * u64::from(g.stride) + u64::from(g.offset + head_dim)) * 4;
-            if g.gate == out {
-                return Err(shape("out must not be the gate".into()));
-            }
-            (bind(gpu, "attention", "gate", g.gate, gate_bytes)?, g.stride, g.offset)
+impl Recorder<'_> {
+    /// `out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, g]) V[j, g]` over cache positions
+    /// `j = 0..=positions[t]`, for KV head `g = h / (n_heads / n_kv_heads)`; then gated if
+    /// asked. `q` and `out`: rows of `n_heads * head_dim`. The step's keys and values must
+    /// be stored first ([`Recorder::kv_store`], earlier in the same pass), and every
+    /// position up to `positions[t]` must hold this sequence's keys.
+    pub fn attention(&mut self, cache: &KvCache, q: Act<'_>, positions: Act<'_>, out: Act<'_>, attn: Attention<'_>) -> Result<()> {
+        let shape = |message: String| Error::Shape { op: "attention", message };
+        let (n_heads, n_kv_heads, head_dim) = (attn.n_heads, cache.n_kv_heads(), cache.head_dim());
+        if n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+            return Err(shape(format!("{n_heads} query heads over {n_kv_heads} KV heads")));
         }
-        // An unread binding: any buffer that is only read.
-        None => (q_binding.clone(), 0, 0),
-    };
-    let params = AttnParams {
-        n_heads,
-        n_kv_heads,
-        group: n_heads / n_kv_heads,
-        capacity: cache.capacity(),
-        scale: attn.scale,
-        gated: u32::from(attn.gate.is_some()),
-        gate_stride,
-        gate_offset,
-    };
-    let params = gpu.uniform("attention", &params);
-    let pairs = head_dim / 2;
-    let consts = [
-        ("HEAD_DIM", format!("{head_dim}u")),
-        ("WG", format!("{ATTN_WG}u")),
-        ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
-        ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
-    ];
-    let pipeline = kernels.pipeline(gpu, Kernel::ATTENTION, None, &consts)?;
-    let resources = [
-        step.as_entire_binding(),
-        params.as_entire_binding(),
-        positions,
-        q_binding,
-        cache.k().as_entire_binding(),
-        cache.v().as_entire_binding(),
-        gate,
-        out_binding,
-    ];
-    let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(n_heads), Dim::Fixed(1));
-    Ok(Dispatch::new(gpu, "attention", pipeline, &resources, workgroups))
+        if out.same_buffer(&q) {
+            return Err(shape("out must not be q".into()));
+        }
+        let q_binding = self.bind_act("attention", "q", q, n_heads * head_dim)?;
+        let out_binding = self.bind_act("attention", "out", out, n_heads * head_dim)?;
+        let positions = self.bind_act("attention", "positions", positions, 1)?;
+        let (gate, gate_stride, gate_offset) = match attn.gate {
+            Some(g) => {
+                if g.stride < head_dim || g.offset > g.stride - head_dim {
+                    return Err(shape(format!("gate stride {} and offset {} for heads of {head_dim}", g.stride, g.offset)));
+                }
+                if g.gate.same_buffer(&out) {
+                    return Err(shape("out must not be the gate".into()));
+                }
+                (self.bind_act("attention", "gate", g.gate, n_heads * g.stride)?, g.stride, g.offset)
+            }
+            // An unread binding: any buffer that is only read.
+            None => (q_binding.clone(), 0, 0),
+        };
+        let params = AttnParams {
+            n_heads,
+            n_kv_heads,
+            group: n_heads / n_kv_heads,
+            capacity: cache.capacity(),
+            scale: attn.scale,
+            gated: u32::from(attn.gate.is_some()),
+            gate_stride,
+            gate_offset,
+        };
+        let params = self.uniform("attention", &params);
+        let pairs = head_dim / 2;
+        let consts = [
+            ("HEAD_DIM", format!("{head_dim}u")),
+            ("WG", format!("{ATTN_WG}u")),
+            ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
+            ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
+        ];
+        let pipeline = self.pipeline(Kernel::ATTENTION, None, &consts)?;
+        let resources =
+            [positions, q_binding, cache.k().as_entire_binding(), cache.v().as_entire_binding(), gate, out_binding];
+        let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(n_heads), Dim::Fixed(1));
+        self.dispatch("attention", pipeline, &params, &resources, workgroups);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +145,8 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer, u32_buffer};
+    use crate::gpu::Dispatch;
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer, u32_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     /// A layer's shapes, and the CPU twin of its cache: K and V rounded to f16 as stored.
@@ -276,18 +239,22 @@ mod tests {
             max_tokens: u32,
             gate: Option<(&wgpu::Buffer, u32, u32)>,
         ) -> Layer {
-            let (gpu, kernels) = gpu();
+            let (gpu, _) = gpu();
             let cache = KvCache::new(gpu, capacity, n_kv, hd).unwrap();
             let act = |heads: u32| gpu.storage("act", u64::from(max_tokens * heads * hd) * 4);
             let (q, k, v, out) = (act(n_heads), act(n_kv), act(n_kv), act(n_heads));
             let pos = gpu.storage("positions", u64::from(max_tokens) * 4);
             let step = step_buffer(gpu);
             let mut attn = Attention::new(n_heads, hd);
-            attn.gate = gate.map(|(gate, stride, offset)| OutputGate { gate, stride, offset });
-            let dispatches = vec![
-                kv_store(gpu, kernels, &step, &cache, &k, &v, &pos, max_tokens).unwrap(),
-                attention(gpu, kernels, &step, &cache, &q, &pos, &out, attn, max_tokens).unwrap(),
-            ];
+            attn.gate =
+                gate.map(|(gate, stride, offset)| OutputGate { gate: Act::new(gate, max_tokens, n_heads * stride), stride, offset });
+            let act = |b, heads| Act::new(b, max_tokens, heads * hd);
+            let dispatches = record(&step, max_tokens, |rec| {
+                let positions = Act::new(&pos, max_tokens, 1);
+                rec.kv_store(&cache, act(&k, n_kv), act(&v, n_kv), positions)?;
+                rec.attention(&cache, act(&q, n_heads), positions, act(&out, n_heads), attn)
+            })
+            .unwrap();
             let twin = Twin::new(n_heads as usize, n_kv as usize, hd as usize, capacity as usize);
             Layer { cache, step, q, k, v, pos, out, dispatches, twin }
         }
@@ -432,7 +399,7 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         assert!(KvCache::new(gpu, 16, 2, 62).is_err());
         assert!(KvCache::new(gpu, 16, 2, 1024).is_err());
         assert!(KvCache::new(gpu, u32::MAX, 8, 256).is_err());
@@ -443,10 +410,15 @@ mod tests {
         let small = f32_buffer(gpu, &vec![0.0; 128]);
         let q = f32_buffer(gpu, &vec![0.0; 3 * 64]);
         let out = f32_buffer(gpu, &vec![0.0; 3 * 64]);
-        assert!(kv_store(gpu, kernels, &step, &cache, &small, &small, &pos, 1).is_ok());
-        assert!(kv_store(gpu, kernels, &step, &cache, &small, &small, &pos, 2).is_err());
-        assert!(attention(gpu, kernels, &step, &cache, &q, &pos, &out, Attention::new(3, 64), 1).is_err());
-        assert!(attention(gpu, kernels, &step, &cache, &q, &pos, &out, Attention::new(2, 64), 1).is_ok());
-        assert!(attention(gpu, kernels, &step, &cache, &q, &pos, &q, Attention::new(2, 64), 1).is_err());
+        let (small, pos) = (Act::new(&small, 1, 128), Act::new(&pos, 4, 1));
+        assert!(record(&step, 1, |rec| rec.kv_store(&cache, small, small, pos)).is_ok());
+        assert!(record(&step, 2, |rec| rec.kv_store(&cache, small, small, pos)).is_err());
+        let attend = |heads, q: &wgpu::Buffer, out: &wgpu::Buffer| {
+            let (q, out) = (Act::new(q, 1, heads * 64), Act::new(out, 1, heads * 64));
+            record(&step, 1, |rec| rec.attention(&cache, q, pos, out, Attention::new(heads, 64)))
+        };
+        assert!(attend(3, &q, &out).is_err());
+        assert!(attend(2, &q, &out).is_ok());
+        assert!(attend(2, &q, &q).is_err());
     }
 }

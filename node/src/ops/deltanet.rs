@@ -2,13 +2,12 @@
 //! [`conv`] (causal depthwise conv, SiLU, L2 norm of q and k), [`delta_rule`] (gates and
 //! the recurrence over a [`DeltaNetState`]) and [`gated_norm`]. Decode and prefill use the
 //! same dispatches; a prefill batch runs its tokens in order inside the kernels.
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
 
 use strata_shaders::Kernel;
 
-use super::elementwise::require_bytes;
+use super::recorder::{Act, Recorder};
 use crate::deltanet_state::DeltaNetState;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use crate::gpu::{Dim, Workgroups};
 use crate::{Error, Result};
 
 /// Threads per workgroup of `deltanet_conv`, `deltanet_conv_state` and `deltanet_gated_norm`.
@@ -35,66 +34,56 @@ pub(crate) struct ConvStateParams {
     _pad: [u32; 2],
 }
 
-/// The conv of the step's projected `qkv` (f32 `[n_tokens, channels]`, q then k then v
-/// heads) into `out` (same shape): per channel the causal depthwise conv with `weight`
-/// (f32 `[channels, conv_kernel]`, the last tap on the current input) over the state's
-/// history and the step's inputs, then SiLU; then each q and k head divided by
-/// `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A second dispatch then
-/// advances the state's conv history past the step.
-pub fn conv(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    state: &DeltaNetState,
-    qkv: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    eps: f32,
-    max_tokens: u32,
-) -> Result<Vec<Dispatch>> {
-    let cfg = state.config();
-    let (channels, head_dim, kernel) = (cfg.conv_channels() as u32, cfg.head_dim as u32, cfg.conv_kernel as u32);
-    if max_tokens == 0 {
-        return Err(Error::Shape { op: "deltanet conv", message: "max_tokens must be at least 1".into() });
-    }
-    if qkv == out {
-        return Err(Error::Shape { op: "deltanet conv", message: "out must not be qkv: later tokens read earlier inputs".into() });
-    }
-    let act = u64::from(max_tokens) * u64::from(channels) * 4;
-    require_bytes("deltanet conv", "qkv", qkv, act)?;
-    require_bytes("deltanet conv", "out", out, act)?;
-    require_bytes("deltanet conv", "weight", weight, u64::from(channels * kernel) * 4)?;
-    let nk = cfg.n_key_heads as u32;
-    let params = ConvParams {
-        channels,
-        head_dim,
-        kernel,
-        norm_heads: 2 * nk,
-        q_heads: nk,
-        eps,
-        q_scale: 1.0 / (head_dim as f32).sqrt(),
-        _pad: 0,
-    };
-    let params = gpu.uniform("deltanet_conv", &params);
-    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_CONV, None, &[])?;
-    let resources = [step, &params, qkv, weight, state.conv(), out].map(|b| b.as_entire_binding());
-    let heads = channels / head_dim;
-    let conv = Dispatch::new(gpu, "deltanet_conv", pipeline, &resources, Workgroups(Dim::Fixed(heads), Dim::Tokens { group: 1 }, Dim::Fixed(1)));
+impl Recorder<'_> {
+    /// The conv of the step's projected `qkv` (rows of `channels`: q then k then v heads)
+    /// into `out` (same shape): per channel the causal depthwise conv with `weight` (f32
+    /// `[channels, conv_kernel]`, the last tap on the current input) over the state's
+    /// history and the step's inputs, then SiLU; then each q and k head divided by
+    /// `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A second dispatch then
+    /// advances the state's conv history past the step.
+    pub fn deltanet_conv(&mut self, state: &DeltaNetState, qkv: Act<'_>, weight: &wgpu::Buffer, out: Act<'_>, eps: f32) -> Result<()> {
+        let op = "deltanet conv";
+        let cfg = state.config();
+        let (channels, head_dim, kernel) = (cfg.conv_channels() as u32, cfg.head_dim as u32, cfg.conv_kernel as u32);
+        if qkv.same_buffer(&out) {
+            return Err(Error::Shape { op, message: "out must not be qkv: later tokens read earlier inputs".into() });
+        }
+        let qkv_binding = self.bind_act(op, "qkv", qkv, channels)?;
+        let out = self.bind_act(op, "out", out, channels)?;
+        let weight = self.bind(op, "weight", weight, u64::from(channels * kernel) * 4)?;
+        let nk = cfg.n_key_heads as u32;
+        let params = ConvParams {
+            channels,
+            head_dim,
+            kernel,
+            norm_heads: 2 * nk,
+            q_heads: nk,
+            eps,
+            q_scale: 1.0 / (head_dim as f32).sqrt(),
+            _pad: 0,
+        };
+        let params = self.uniform("deltanet_conv", &params);
+        let pipeline = self.pipeline(Kernel::DELTANET_CONV, None, &[])?;
+        let heads = channels / head_dim;
+        let workgroups = Workgroups(Dim::Fixed(heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        let resources = [qkv_binding.clone(), weight, state.conv().as_entire_binding(), out];
+        self.dispatch("deltanet_conv", pipeline, &params, &resources, workgroups);
 
-    let params = gpu.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
-    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_CONV_STATE, None, &[])?;
-    let resources = [step, &params, qkv, state.conv()].map(|b| b.as_entire_binding());
-    let advance = Dispatch::new(gpu, "deltanet_conv_state", pipeline, &resources, Workgroups::fixed(channels.div_ceil(WG), 1, 1));
-    Ok(vec![conv, advance])
+        let params = self.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
+        let pipeline = self.pipeline(Kernel::DELTANET_CONV_STATE, None, &[])?;
+        let workgroups = Workgroups::fixed(channels.div_ceil(WG), 1, 1);
+        self.dispatch("deltanet_conv_state", pipeline, &params, &[qkv_binding, state.conv().as_entire_binding()], workgroups);
+        Ok(())
+    }
 }
 
 /// The per-token gate inputs of [`delta_rule`].
 #[derive(Debug, Clone, Copy)]
 pub struct Gates<'a> {
-    /// f32 `[n_tokens, n_value_heads]`: `beta = sigmoid(b)`.
-    pub b: &'a wgpu::Buffer,
-    /// f32 `[n_tokens, n_value_heads]`: `g = ssm_a * softplus(a + dt_bias)`.
-    pub a: &'a wgpu::Buffer,
+    /// Rows of `n_value_heads`: `beta = sigmoid(b)`.
+    pub b: Act<'a>,
+    /// Rows of `n_value_heads`: `g = ssm_a * softplus(a + dt_bias)`.
+    pub a: Act<'a>,
     /// f32 `[n_value_heads]`: the layer's `ssm_a` (already `-exp(A_log)`).
     pub ssm_a: &'a wgpu::Buffer,
     /// f32 `[n_value_heads]`: the layer's `ssm_dt.bias`.
@@ -113,44 +102,37 @@ pub(crate) struct StateParams {
 /// Columns of the state per workgroup of `deltanet_state` (one thread each), at most.
 const STATE_COLS: u32 = 64;
 
-/// The delta rule over the step's tokens in order, from the conv's output `y` (f32
-/// `[n_tokens, channels]`: L2-normed q and k per key head, v per value head): for each
-/// value head `h` with key head `h mod n_key_heads`, `S = exp(g) S; d = beta (v - S^T k);
-/// S += k d^T; out = S^T q`, updating the state's matrices. `out`: f32
-/// `[n_tokens, n_value_heads, head_dim]`.
-pub fn delta_rule(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    state: &DeltaNetState,
-    y: &wgpu::Buffer,
-    gates: Gates<'_>,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let cfg = state.config();
-    let (channels, nv, dk) = (cfg.conv_channels() as u32, cfg.n_value_heads as u32, cfg.head_dim as u32);
-    if max_tokens == 0 {
-        return Err(Error::Shape { op: "deltanet delta_rule", message: "max_tokens must be at least 1".into() });
+impl Recorder<'_> {
+    /// The delta rule over the step's tokens in order, from the conv's output `y` (rows of
+    /// `channels`: L2-normed q and k per key head, v per value head): for each value head
+    /// `h` with key head `h mod n_key_heads`, `S = exp(g) S; d = beta (v - S^T k);
+    /// S += k d^T; out = S^T q`, updating the state's matrices. `out`: rows of
+    /// `n_value_heads * head_dim`.
+    pub fn delta_rule(&mut self, state: &DeltaNetState, y: Act<'_>, gates: Gates<'_>, out: Act<'_>) -> Result<()> {
+        let op = "deltanet delta_rule";
+        let cfg = state.config();
+        let (channels, nv, dk) = (cfg.conv_channels() as u32, cfg.n_value_heads as u32, cfg.head_dim as u32);
+        if y.same_buffer(&out) {
+            return Err(Error::Shape { op, message: "out must not be y".into() });
+        }
+        let resources = [
+            self.bind_act(op, "y", y, channels)?,
+            self.bind_act(op, "b", gates.b, nv)?,
+            self.bind_act(op, "a", gates.a, nv)?,
+            self.bind(op, "ssm_a", gates.ssm_a, u64::from(nv) * 4)?,
+            self.bind(op, "dt_bias", gates.dt_bias, u64::from(nv) * 4)?,
+            state.matrices().as_entire_binding(),
+            self.bind_act(op, "out", out, nv * dk)?,
+        ];
+        let params = StateParams { n_key_heads: cfg.n_key_heads as u32, n_value_heads: nv, channels, _pad: 0 };
+        let params = self.uniform("deltanet_state", &params);
+        let cols = STATE_COLS.min(dk);
+        let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
+        let pipeline = self.pipeline(Kernel::DELTANET_STATE, None, &consts)?;
+        // Fixed workgroups: every head runs (and keeps its state) whatever the token count.
+        self.dispatch("deltanet_state", pipeline, &params, &resources, Workgroups::fixed(nv, dk.div_ceil(cols), 1));
+        Ok(())
     }
-    if y == out {
-        return Err(Error::Shape { op: "deltanet delta_rule", message: "out must not be y".into() });
-    }
-    let tokens = u64::from(max_tokens);
-    require_bytes("deltanet delta_rule", "y", y, tokens * u64::from(channels) * 4)?;
-    require_bytes("deltanet delta_rule", "out", out, tokens * u64::from(nv * dk) * 4)?;
-    require_bytes("deltanet delta_rule", "b", gates.b, tokens * u64::from(nv) * 4)?;
-    require_bytes("deltanet delta_rule", "a", gates.a, tokens * u64::from(nv) * 4)?;
-    require_bytes("deltanet delta_rule", "ssm_a", gates.ssm_a, u64::from(nv) * 4)?;
-    require_bytes("deltanet delta_rule", "dt_bias", gates.dt_bias, u64::from(nv) * 4)?;
-    let params = StateParams { n_key_heads: cfg.n_key_heads as u32, n_value_heads: nv, channels, _pad: 0 };
-    let params = gpu.uniform("deltanet_state", &params);
-    let cols = STATE_COLS.min(dk);
-    let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
-    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_STATE, None, &consts)?;
-    let resources = [step, &params, y, gates.b, gates.a, gates.ssm_a, gates.dt_bias, state.matrices(), out].map(|b| b.as_entire_binding());
-    // Fixed workgroups: every head runs (and keeps its state) whatever the token count.
-    Ok(Dispatch::new(gpu, "deltanet_state", pipeline, &resources, Workgroups::fixed(nv, dk.div_ceil(cols), 1)))
 }
 
 #[repr(C)]
@@ -162,35 +144,26 @@ pub(crate) struct NormParams {
     _pad: u32,
 }
 
-/// `o = o / sqrt(mean(o^2) + eps) * weight * silu(z)` per head of `head_dim`, in place.
-/// `o`, `z`: f32 `[n_tokens, n_heads, head_dim]`; `weight`: f32 `[head_dim]`.
-pub fn gated_norm(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    o: &wgpu::Buffer,
-    z: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    n_heads: u32,
-    head_dim: u32,
-    eps: f32,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    if max_tokens == 0 || n_heads == 0 || head_dim == 0 || o == z {
-        return Err(Error::Shape {
-            op: "deltanet gated_norm",
-            message: format!("{n_heads} heads of {head_dim}, max_tokens {max_tokens}, o and z distinct"),
-        });
+impl Recorder<'_> {
+    /// `o = o / sqrt(mean(o^2) + eps) * weight * silu(z)` per head of `head_dim`, in place.
+    /// `o`, `z`: rows of `n_heads * head_dim`; `weight`: f32 `[head_dim]`.
+    pub fn gated_norm(&mut self, o: Act<'_>, z: Act<'_>, weight: &wgpu::Buffer, head_dim: u32, eps: f32) -> Result<()> {
+        let op = "deltanet gated_norm";
+        if head_dim == 0 || o.width == 0 || !o.width.is_multiple_of(head_dim) || o.same_buffer(&z) {
+            return Err(Error::Shape { op, message: format!("rows of {} in heads of {head_dim}, o and z distinct", o.width) });
+        }
+        let n_heads = o.width / head_dim;
+        let resources = [
+            self.bind_act(op, "o", o, o.width)?,
+            self.bind_act(op, "z", z, o.width)?,
+            self.bind(op, "weight", weight, u64::from(head_dim) * 4)?,
+        ];
+        let params = self.uniform("deltanet_gated_norm", &NormParams { head_dim, n_heads, eps, _pad: 0 });
+        let pipeline = self.pipeline(Kernel::DELTANET_GATED_NORM, None, &[])?;
+        let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch("deltanet_gated_norm", pipeline, &params, &resources, workgroups);
+        Ok(())
     }
-    let bytes = u64::from(max_tokens) * u64::from(n_heads * head_dim) * 4;
-    require_bytes("deltanet gated_norm", "o", o, bytes)?;
-    require_bytes("deltanet gated_norm", "z", z, bytes)?;
-    require_bytes("deltanet gated_norm", "weight", weight, u64::from(head_dim) * 4)?;
-    let params = gpu.uniform("deltanet_gated_norm", &NormParams { head_dim, n_heads, eps, _pad: 0 });
-    let pipeline = kernels.pipeline(gpu, Kernel::DELTANET_GATED_NORM, None, &[])?;
-    let resources = [step, &params, o, z, weight].map(|b| b.as_entire_binding());
-    let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-    Ok(Dispatch::new(gpu, "deltanet_gated_norm", pipeline, &resources, workgroups))
 }
 
 #[cfg(test)]
@@ -198,7 +171,8 @@ mod tests {
     use strata_model::config::DeltaNetConfig;
 
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer};
+    use crate::gpu::Dispatch;
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     fn config(n_key_heads: usize, n_value_heads: usize, head_dim: usize) -> DeltaNetConfig {
@@ -238,7 +212,8 @@ mod tests {
     }
 
     /// The delta rule's CPU twin over `t` tokens, updating `s` ([nv, dk, dk], f64).
-    fn cpu_delta_rule(cfg: &DeltaNetConfig, y: &[f32], b: &[f32], a: &[f32], ssm_a: &[f32], dt_bias: &[f32], s: &mut [f64], t: usize) -> Vec<f32> {
+    fn cpu_delta_rule(cfg: &DeltaNetConfig, x: &Inputs, s: &mut [f64], t: usize) -> Vec<f32> {
+        let Inputs { y, b, a, ssm_a, dt_bias } = x;
         let (c, nk, nv, dk) = (cfg.conv_channels(), cfg.n_key_heads, cfg.n_value_heads, cfg.head_dim);
         let mut out = vec![0f32; t * nv * dk];
         for tok in 0..t {
@@ -271,7 +246,7 @@ mod tests {
     /// Runs the conv for `t` of `max_tokens` tokens from a random history; checks the output
     /// and the new history against the twin.
     fn check_conv(cfg: &DeltaNetConfig, t: usize, max_tokens: u32, seed: u64) {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(seed);
         let (c, kk) = (cfg.conv_channels(), cfg.conv_kernel);
         let eps = 1e-6;
@@ -283,7 +258,8 @@ mod tests {
         let step = step_buffer(gpu);
         let (qkv_b, w_b) = (f32_buffer(gpu, &qkv), f32_buffer(gpu, &w));
         let out = f32_buffer(gpu, &vec![0.0; max_tokens as usize * c]);
-        let d = conv(gpu, kernels, &step, &state, &qkv_b, &w_b, &out, eps, max_tokens).unwrap();
+        let act = |b| Act::new(b, max_tokens, c as u32);
+        let d = record(&step, max_tokens, |rec| rec.deltanet_conv(&state, act(&qkv_b), &w_b, act(&out), eps)).unwrap();
         run(gpu, &step, &d, t as u32);
         let (want, want_hist) = cpu_conv(cfg, eps, &qkv, t, &w, &hist);
         let got = gpu.read_f32(&out, max_tokens as usize * c).unwrap();
@@ -367,7 +343,7 @@ mod tests {
 
     impl Rule {
         fn new(cfg: &DeltaNetConfig, max_tokens: u32, s0: &[f32]) -> Rule {
-            let (gpu, kernels) = gpu();
+            let (gpu, _) = gpu();
             let state = DeltaNetState::new(gpu, cfg).unwrap();
             write(state.matrices(), s0);
             let act = |w: usize| gpu.storage("act", max_tokens as u64 * w as u64 * 4);
@@ -375,8 +351,11 @@ mod tests {
             let (y, b, a, out) = (act(cfg.conv_channels()), act(nv), act(nv), act(cfg.value_dim()));
             let (ssm_a, dt_bias) = (gpu.storage("ssm_a", nv as u64 * 4), gpu.storage("dt_bias", nv as u64 * 4));
             let step = step_buffer(gpu);
-            let gates = Gates { b: &b, a: &a, ssm_a: &ssm_a, dt_bias: &dt_bias };
-            let dispatch = delta_rule(gpu, kernels, &step, &state, &y, gates, &out, max_tokens).unwrap();
+            let rows = |b, w: usize| Act::new(b, max_tokens, w as u32);
+            let gates = Gates { b: rows(&b, nv), a: rows(&a, nv), ssm_a: &ssm_a, dt_bias: &dt_bias };
+            let (ya, oa) = (rows(&y, cfg.conv_channels()), rows(&out, cfg.value_dim()));
+            let mut d = record(&step, max_tokens, |rec| rec.delta_rule(&state, ya, gates, oa)).unwrap();
+            let dispatch = d.pop().unwrap();
             Rule { state, step, y, b, a, ssm_a, dt_bias, out, dispatch }
         }
 
@@ -407,7 +386,7 @@ mod tests {
         let batch = Rule::new(cfg, t as u32 + 2, &s0);
         let got = batch.run(&x, t);
         let mut s = s0.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
-        let want = cpu_delta_rule(cfg, &x.y, &x.b, &x.a, &x.ssm_a, &x.dt_bias, &mut s, t);
+        let want = cpu_delta_rule(cfg, &x, &mut s, t);
         assert_close(&got, &want, 1e-5, 1e-4, &what);
         let s_want: Vec<f32> = s.iter().map(|&v| v as f32).collect();
         assert_close(&batch.matrices(), &s_want, 1e-5, 1e-4, &format!("{what}: state"));
@@ -443,7 +422,7 @@ mod tests {
         let fresh = Rule::new(&cfg, 3, &[]);
         let first = fresh.run(&x, 3);
         let mut s = vec![0f64; 2 * 32 * 32];
-        let want = cpu_delta_rule(&cfg, &x.y, &x.b, &x.a, &x.ssm_a, &x.dt_bias, &mut s, 3);
+        let want = cpu_delta_rule(&cfg, &x, &mut s, 3);
         assert_close(&first, &want, 1e-5, 1e-4, "from zero");
         let hist = 3 * cfg.conv_channels();
         write(fresh.state.conv(), &vec![1.0; hist]);
@@ -456,7 +435,7 @@ mod tests {
 
     #[test]
     fn gated_norm_matches_cpu() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(41);
         for (n_heads, head_dim, max_tokens, t) in [(6u32, 32u32, 1u32, 1usize), (4, 128, 5, 3), (2, 80, 2, 2)] {
             let len = (max_tokens * n_heads * head_dim) as usize;
@@ -464,8 +443,9 @@ mod tests {
             let eps = 1e-6;
             let step = step_buffer(gpu);
             let (ob, zb, wb) = (f32_buffer(gpu, &o), f32_buffer(gpu, &z), f32_buffer(gpu, &w));
-            let d = gated_norm(gpu, kernels, &step, &ob, &zb, &wb, n_heads, head_dim, eps, max_tokens).unwrap();
-            run(gpu, &step, &[d], t as u32);
+            let (oa, za) = (Act::new(&ob, max_tokens, n_heads * head_dim), Act::new(&zb, max_tokens, n_heads * head_dim));
+            let d = record(&step, max_tokens, |rec| rec.gated_norm(oa, za, &wb, head_dim, eps)).unwrap();
+            run(gpu, &step, &d, t as u32);
             let n = head_dim as usize;
             let mut want = Vec::new();
             for (row, zrow) in o.chunks_exact(n).zip(z.chunks_exact(n)).take(t * n_heads as usize) {
@@ -482,7 +462,7 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let cfg = config(2, 4, 32);
         assert!(DeltaNetState::new(gpu, &config(2, 5, 32)).is_err());
         assert!(DeltaNetState::new(gpu, &config(1, 1, 512)).is_err());
@@ -494,17 +474,23 @@ mod tests {
         let act = f32_buffer(gpu, &vec![0.0; 2 * c]);
         let out = f32_buffer(gpu, &vec![0.0; 2 * c]);
         let w = f32_buffer(gpu, &vec![0.0; 4 * c]);
-        assert!(conv(gpu, kernels, &step, &state, &act, &w, &out, 1e-6, 2).is_ok());
-        assert!(conv(gpu, kernels, &step, &state, &act, &w, &out, 1e-6, 3).is_err());
-        assert!(conv(gpu, kernels, &step, &state, &act, &w, &act, 1e-6, 1).is_err());
-        assert!(conv(gpu, kernels, &step, &state, &act, &act, &out, 1e-6, 1).is_err());
+        let (c32, v32) = (c as u32, cfg.value_dim() as u32);
+        let (qkv, qkv_out) = (Act::new(&act, 2, c32), Act::new(&out, 2, c32));
+        let conv = |max_tokens, out, w| record(&step, max_tokens, |rec| rec.deltanet_conv(&state, qkv, w, out, 1e-6));
+        assert!(conv(2, qkv_out, &w).is_ok());
+        assert!(conv(3, qkv_out, &w).is_err());
+        assert!(conv(1, qkv, &w).is_err());
+        assert!(conv(1, qkv_out, &act).is_err());
         let small = f32_buffer(gpu, &[0.0; 8]);
-        let gates = Gates { b: &small, a: &small, ssm_a: &small, dt_bias: &small };
-        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &out, 2).is_ok());
-        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &out, 3).is_err());
-        assert!(delta_rule(gpu, kernels, &step, &state, &act, gates, &act, 1).is_err());
-        assert!(gated_norm(gpu, kernels, &step, &act, &out, &small, 4, 32, 1e-6, 1).is_err());
-        assert!(gated_norm(gpu, kernels, &step, &act, &out, &w, 4, 32, 1e-6, 1).is_ok());
-        assert!(gated_norm(gpu, kernels, &step, &act, &act, &w, 4, 32, 1e-6, 1).is_err());
+        let gates = Gates { b: Act::new(&small, 2, 4), a: Act::new(&small, 2, 4), ssm_a: &small, dt_bias: &small };
+        let rule = |max_tokens, out| record(&step, max_tokens, |rec| rec.delta_rule(&state, qkv, gates, out));
+        assert!(rule(2, Act::new(&out, 2, v32)).is_ok());
+        assert!(rule(3, Act::new(&out, 2, v32)).is_err());
+        assert!(rule(1, Act::new(&act, 2, v32)).is_err());
+        let (o, z) = (Act::new(&act, 2, 128), Act::new(&out, 2, 128));
+        let norm = |z, w| record(&step, 1, |rec| rec.gated_norm(o, z, w, 32, 1e-6));
+        assert!(norm(z, &small).is_err());
+        assert!(norm(z, &w).is_ok());
+        assert!(norm(o, &w).is_err());
     }
 }

@@ -1,11 +1,10 @@
-//! Element-wise ops on `[n_tokens, n]` activations: the SwiGLU activation, the residual
-//! add, and copying one token's row out of a batch.
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
+//! Element-wise ops on `[n_tokens, n]` activations: the SwiGLU activation and copying one
+//! token's row out of a batch; and [`Row`], how ops that read one row of a batch name it.
 
 use strata_shaders::Kernel;
 
-use super::matmul::binding;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::gpu::{Dim, Workgroups};
 use crate::{Error, Result};
 
 /// Threads per workgroup of the element-wise kernels (their WGSL `WG`).
@@ -38,31 +37,6 @@ impl Row {
     }
 }
 
-/// Fails unless `buffer` holds at least `bytes` bytes.
-pub(crate) fn require_bytes(op: &'static str, what: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-    if buffer.size() < bytes {
-        return Err(Error::Shape { op, message: format!("`{what}` holds {} bytes, needs {bytes}", buffer.size()) });
-    }
-    Ok(())
-}
-
-/// The binding of the first `bytes` of `buffer`, which must hold them, within the
-/// adapter's largest binding.
-pub(crate) fn bind<'a>(
-    gpu: &Gpu,
-    op: &'static str,
-    what: &str,
-    buffer: &'a wgpu::Buffer,
-    bytes: u64,
-) -> Result<wgpu::BindingResource<'a>> {
-    require_bytes(op, what, buffer, bytes)?;
-    if bytes > gpu.max_binding() {
-        let message = format!("`{what}`: {bytes} bytes exceed the largest binding, {}", gpu.max_binding());
-        return Err(Error::Shape { op, message });
-    }
-    Ok(binding(buffer, bytes))
-}
-
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Params {
@@ -71,112 +45,69 @@ pub(crate) struct Params {
     _pad: [u32; 2],
 }
 
-fn check_width(op: &'static str, n: u32, max_tokens: u32) -> Result<u64> {
-    if n == 0 || max_tokens == 0 {
-        return Err(Error::Shape { op, message: format!("width {n} and max_tokens {max_tokens} must be positive") });
+impl Recorder<'_> {
+    /// `out = silu(gate) * up` on rows of the same width; `out` may be `gate`.
+    pub fn swiglu(&mut self, gate: Act<'_>, up: Act<'_>, out: Act<'_>) -> Result<()> {
+        let n = gate.width;
+        if n == 0 {
+            return Err(Error::Shape { op: "swiglu", message: "rows of width 0".into() });
+        }
+        let (gate, up, out) = (
+            self.bind_act("swiglu", "gate", gate, n)?,
+            self.bind_act("swiglu", "up", up, n)?,
+            self.bind_act("swiglu", "out", out, n)?,
+        );
+        let params = self.uniform("swiglu", &Params { n, row: 0, _pad: [0; 2] });
+        let pipeline = self.pipeline(Kernel::SWIGLU, None, &[])?;
+        let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch("swiglu", pipeline, &params, &[gate, up, out], workgroups);
+        Ok(())
     }
-    Ok(u64::from(n) * u64::from(max_tokens) * 4)
-}
 
-/// `out = silu(gate) * up` on `[n_tokens, n]` f32 buffers; `out` may be `gate`.
-pub fn swiglu(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    gate: &wgpu::Buffer,
-    up: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    n: u32,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let bytes = check_width("swiglu", n, max_tokens)?;
-    let (gate, up, out) = (
-        bind(gpu, "swiglu", "gate", gate, bytes)?,
-        bind(gpu, "swiglu", "up", up, bytes)?,
-        bind(gpu, "swiglu", "out", out, bytes)?,
-    );
-    let params = gpu.uniform("swiglu", &Params { n, row: 0, _pad: [0; 2] });
-    let pipeline = kernels.pipeline(gpu, Kernel::SWIGLU, None, &[])?;
-    let resources = [step.as_entire_binding(), params.as_entire_binding(), gate, up, out];
-    Ok(Dispatch::new(
-        gpu,
-        "swiglu",
-        pipeline,
-        &resources,
-        Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1)),
-    ))
-}
-
-/// `x += y` on `[n_tokens, n]` f32 buffers.
-pub fn add(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    n: u32,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let bytes = check_width("add", n, max_tokens)?;
-    if x == y {
-        return Err(Error::Shape { op: "add", message: "x and y must be different buffers".into() });
+    /// Copies `row` of `src` to the single row of `dst`, e.g. the last token's hidden state
+    /// before the output head, so that the head runs on one row inside the step's pass.
+    pub fn copy_row(&mut self, src: Act<'_>, dst: Act<'_>, row: Row) -> Result<()> {
+        let op = "copy_row";
+        let n = src.width;
+        if src.same_buffer(&dst) || dst.width != n || n == 0 {
+            return Err(Error::Shape { op, message: format!("rows of {n} into rows of {}, distinct buffers", dst.width) });
+        }
+        let rows = row.rows_needed(self.max_tokens());
+        if u64::from(src.rows) < rows {
+            return Err(Error::Shape { op, message: format!("row {row:?} of {} rows", src.rows) });
+        }
+        let src = self.bind(op, "src", src.buffer, rows * u64::from(n) * 4)?;
+        let dst = self.bind(op, "dst", dst.buffer, u64::from(n) * 4)?;
+        let params = self.uniform(op, &Params { n, row: row.encode(), _pad: [0; 2] });
+        let pipeline = self.pipeline(Kernel::COPY_ROW, None, &[])?;
+        self.dispatch(op, pipeline, &params, &[src, dst], Workgroups::fixed(n.div_ceil(WG), 1, 1));
+        Ok(())
     }
-    let (x, y) = (bind(gpu, "add", "x", x, bytes)?, bind(gpu, "add", "y", y, bytes)?);
-    let params = gpu.uniform("add", &Params { n, row: 0, _pad: [0; 2] });
-    let pipeline = kernels.pipeline(gpu, Kernel::ADD, None, &[])?;
-    let resources = [step.as_entire_binding(), params.as_entire_binding(), x, y];
-    Ok(Dispatch::new(
-        gpu,
-        "add",
-        pipeline,
-        &resources,
-        Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1)),
-    ))
-}
-
-/// Copies `row` of `src` (f32 `[n_tokens, n]`) to `dst[0..n]`, e.g. the last token's hidden
-/// state before the output head, so that the head runs on one row.
-pub fn copy_row(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    src: &wgpu::Buffer,
-    dst: &wgpu::Buffer,
-    n: u32,
-    row: Row,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    check_width("copy_row", n, max_tokens)?;
-    if src == dst {
-        return Err(Error::Shape { op: "copy_row", message: "src and dst must be different buffers".into() });
-    }
-    let src = bind(gpu, "copy_row", "src", src, row.rows_needed(max_tokens) * u64::from(n) * 4)?;
-    let dst = bind(gpu, "copy_row", "dst", dst, u64::from(n) * 4)?;
-    let params = gpu.uniform("copy_row", &Params { n, row: row.encode(), _pad: [0; 2] });
-    let pipeline = kernels.pipeline(gpu, Kernel::COPY_ROW, None, &[])?;
-    let resources = [step.as_entire_binding(), params.as_entire_binding(), src, dst];
-    Ok(Dispatch::new(gpu, "copy_row", pipeline, &resources, Workgroups::fixed(n.div_ceil(WG), 1, 1)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer};
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     #[test]
     fn swiglu_matches_cpu() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(1);
         let (n, max_tokens, t) = (1000u32, 4u32, 3usize);
         let len = (n * max_tokens) as usize;
         let (g, u) = (rng.vec(len, 8.0), rng.vec(len, 2.0));
         let step = step_buffer(gpu);
         let (gb, ub, ob) = (f32_buffer(gpu, &g), f32_buffer(gpu, &u), f32_buffer(gpu, &vec![0.0; len]));
-        let d = swiglu(gpu, kernels, &step, &gb, &ub, &ob, n, max_tokens).unwrap();
-        // In place too: out = gate.
-        let d2 = swiglu(gpu, kernels, &step, &gb, &ub, &gb, n, max_tokens).unwrap();
-        run(gpu, &step, &[d, d2], t as u32);
+        let act = |b| Act::new(b, max_tokens, n);
+        let d = record(&step, max_tokens, |rec| {
+            rec.swiglu(act(&gb), act(&ub), act(&ob))?;
+            // In place too: out = gate.
+            rec.swiglu(act(&gb), act(&ub), act(&gb))
+        })
+        .unwrap();
+        run(gpu, &step, &d, t as u32);
         let want: Vec<f32> = g
             .iter()
             .zip(&u)
@@ -190,24 +121,8 @@ mod tests {
     }
 
     #[test]
-    fn add_matches_cpu() {
-        let (gpu, kernels) = gpu();
-        let mut rng = Rng::new(2);
-        let (n, max_tokens, t) = (576u32, 3u32, 2usize);
-        let len = (n * max_tokens) as usize;
-        let (x, y) = (rng.vec(len, 1.0), rng.vec(len, 1.0));
-        let step = step_buffer(gpu);
-        let (xb, yb) = (f32_buffer(gpu, &x), f32_buffer(gpu, &y));
-        let d = add(gpu, kernels, &step, &xb, &yb, n, max_tokens).unwrap();
-        run(gpu, &step, &[d], t as u32);
-        let m = t * n as usize;
-        let want: Vec<f32> = x.iter().zip(&y).enumerate().map(|(i, (a, b))| if i < m { a + b } else { *a }).collect();
-        assert_eq!(gpu.read_f32(&xb, len).unwrap(), want);
-    }
-
-    #[test]
     fn copy_row_takes_a_fixed_or_the_last_row() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(3);
         let (n, max_tokens) = (300u32, 5u32);
         let src = rng.vec((n * max_tokens) as usize, 1.0);
@@ -216,22 +131,27 @@ mod tests {
         let row = |r: usize| src[r * n as usize..(r + 1) * n as usize].to_vec();
         for (which, t, want) in [(Row::Last, 3, row(2)), (Row::Last, 5, row(4)), (Row::Index(1), 4, row(1))] {
             let db = f32_buffer(gpu, &vec![0.0; n as usize]);
-            let d = copy_row(gpu, kernels, &step, &sb, &db, n, which, max_tokens).unwrap();
-            run(gpu, &step, &[d], t);
+            let d = record(&step, max_tokens, |rec| rec.copy_row(Act::new(&sb, max_tokens, n), Act::new(&db, 1, n), which));
+            run(gpu, &step, &d.unwrap(), t);
             assert_eq!(gpu.read_f32(&db, n as usize).unwrap(), want, "{which:?} of {t}");
         }
     }
 
     #[test]
     fn shapes_are_checked() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let small = f32_buffer(gpu, &[0.0; 10]);
         let big = f32_buffer(gpu, &[0.0; 100]);
-        let err = swiglu(gpu, kernels, &step, &big, &small, &big, 50, 2).unwrap_err();
+        let (big_rows, small_rows) = (Act::new(&big, 2, 50), Act::new(&small, 2, 50));
+        let err = record(&step, 2, |rec| rec.swiglu(big_rows, small_rows, big_rows)).unwrap_err();
         assert!(matches!(err, Error::Shape { op: "swiglu", .. }) && err.to_string().contains("`up`"), "{err}");
-        assert!(add(gpu, kernels, &step, &big, &big, 10, 1).is_err());
-        assert!(copy_row(gpu, kernels, &step, &big, &small, 10, Row::Index(10), 1).is_err());
-        assert!(copy_row(gpu, kernels, &step, &big, &small, 10, Row::Last, 11).is_err());
+        let err = record(&step, 2, |rec| rec.swiglu(big_rows, Act::new(&big, 2, 49), big_rows)).unwrap_err();
+        assert!(err.to_string().contains("`up` has rows of 49"), "{err}");
+        assert!(record(&step, 3, |rec| rec.swiglu(big_rows, big_rows, big_rows)).is_err());
+        let (ten, small_row) = (Act::new(&big, 10, 10), Act::new(&small, 1, 10));
+        assert!(record(&step, 1, |rec| rec.copy_row(ten, small_row, Row::Index(9))).is_ok());
+        assert!(record(&step, 1, |rec| rec.copy_row(ten, small_row, Row::Index(10))).is_err());
+        assert!(record(&step, 11, |rec| rec.copy_row(ten, small_row, Row::Last)).is_err());
     }
 }

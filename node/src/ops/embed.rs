@@ -2,10 +2,10 @@
 
 use strata_shaders::Kernel;
 
-use super::matmul::binding;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::Result;
+use crate::gpu::{Dim, Workgroups};
 use crate::weights::QuantMatrix;
-use crate::{Error, Result};
 
 /// Threads per workgroup of `embed.wgsl`, each one piece of 8 values.
 const WG: u32 = 64;
@@ -21,50 +21,35 @@ pub(crate) struct Params {
     _pad: [u32; 3],
 }
 
-/// The dispatches that write `out[t] = table[ids[t]]` for the first `step.n_tokens` tokens.
-///
-/// `ids`: u32 `[max_tokens]`; `out`: f32 `[max_tokens, table.k()]`. A split table runs once
-/// per part. An id past the table gives a row of zeros.
-pub fn embed(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    table: &QuantMatrix,
-    ids: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-) -> Result<Vec<Dispatch>> {
-    let shape = |message: String| Error::Shape { op: "embed", message: format!("`{}`: {message}", table.name()) };
-    if max_tokens == 0 {
-        return Err(shape("max_tokens must be at least 1".into()));
+impl Recorder<'_> {
+    /// Records `out[t] = table[ids[t]]` for the first `step.n_tokens` tokens.
+    ///
+    /// `ids`: one u32 per row; `out`: rows of `table.k()`. A split table runs once per
+    /// part. An id past the table gives a row of zeros.
+    pub fn embed(&mut self, table: &QuantMatrix, ids: Act<'_>, out: Act<'_>) -> Result<()> {
+        let what = |part: &str| format!("{}: {part}", table.name());
+        let k = table.k() as u32;
+        let ids = self.bind_act("embed", &what("ids"), ids, 1)?;
+        let out = self.bind_act("embed", &what("out"), out, k)?;
+        let pipeline = self.pipeline(Kernel::EMBED, Some(table.format()), &[("WG", format!("{WG}u"))])?;
+        let k8 = k / 8;
+        for (i, part) in table.parts().iter().enumerate() {
+            let params = Params {
+                k8,
+                rows: part.rows as u32,
+                row0: part.row0 as u32,
+                n: table.n() as u32,
+                zero_missing: u32::from(i == 0),
+                _pad: [0; 3],
+            };
+            let params = self.uniform("embed", &params);
+            let mut resources = vec![ids.clone(), out.clone()];
+            resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
+            let workgroups = Workgroups(Dim::Fixed(k8.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+            self.dispatch("embed", pipeline.clone(), &params, &resources, workgroups);
+        }
+        Ok(())
     }
-    let k = table.k() as u64;
-    let (ids_bytes, out_bytes) = (u64::from(max_tokens) * 4, u64::from(max_tokens) * k * 4);
-    if ids.size() < ids_bytes {
-        return Err(shape(format!("ids hold {} bytes, {max_tokens} u32 need {ids_bytes}", ids.size())));
-    }
-    if out.size() < out_bytes {
-        return Err(shape(format!("out holds {} bytes, {max_tokens} x {k} f32 need {out_bytes}", out.size())));
-    }
-    let pipeline = kernels.pipeline(gpu, Kernel::EMBED, Some(table.format()), &[("WG", format!("{WG}u"))])?;
-    let k8 = (k / 8) as u32;
-    let mut dispatches = Vec::with_capacity(table.parts().len());
-    for (i, part) in table.parts().iter().enumerate() {
-        let params = Params {
-            k8,
-            rows: part.rows as u32,
-            row0: part.row0 as u32,
-            n: table.n() as u32,
-            zero_missing: u32::from(i == 0),
-            _pad: [0; 3],
-        };
-        let params = gpu.uniform("embed", &params);
-        let mut resources = vec![step.as_entire_binding(), params.as_entire_binding(), binding(ids, ids_bytes), binding(out, out_bytes)];
-        resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
-        let workgroups = Workgroups(Dim::Fixed(k8.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-        dispatches.push(Dispatch::new(gpu, "embed", pipeline.clone(), &resources, workgroups));
-    }
-    Ok(dispatches)
 }
 
 #[cfg(test)]
@@ -81,7 +66,10 @@ mod tests {
         let (gpu, kernels) = gpu();
         let step = gpu.uniform("step", &Step { n_tokens: t, _pad: [0; 3] });
         let (idb, out) = (gpu.storage_init("ids", bytemuck::cast_slice(ids)), gpu.storage_init("out", bytemuck::cast_slice(init)));
-        let d = embed(gpu, kernels, &step, table, &idb, &out, ids.len() as u32).unwrap();
+        let rows = ids.len() as u32;
+        let mut rec = Recorder::new(gpu, kernels, &step, rows).unwrap();
+        rec.embed(table, Act::new(&idb, rows, 1), Act::new(&out, rows, table.k() as u32)).unwrap();
+        let d = rec.finish();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         encode_dispatches(&mut enc, &d, t);
         gpu.queue.submit([enc.finish()]);

@@ -1,5 +1,7 @@
 //! Running ops in tests: buffers from slices, the step uniform, one submission per step.
 
+use super::recorder::Recorder;
+use crate::Result;
 use crate::gpu::{Dispatch, Gpu, Step, encode_dispatches};
 
 pub(crate) fn f32_buffer(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
@@ -22,4 +24,12 @@ pub(crate) fn run(gpu: &Gpu, step: &wgpu::Buffer, dispatches: &[Dispatch], n_tok
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     encode_dispatches(&mut enc, dispatches, n_tokens);
     gpu.queue.submit([enc.finish()]);
+}
+
+/// The dispatches `f` records on the test device for steps of up to `max_tokens` tokens.
+pub(crate) fn record(step: &wgpu::Buffer, max_tokens: u32, f: impl FnOnce(&mut Recorder) -> Result<()>) -> Result<Vec<Dispatch>> {
+    let (gpu, kernels) = crate::testing::gpu();
+    let mut rec = Recorder::new(gpu, kernels, step, max_tokens)?;
+    f(&mut rec)?;
+    Ok(rec.finish())
 }

@@ -4,13 +4,12 @@
 //! matrix-matrix kernel `mm_mat`. Both read `W` in its repacked quantised form through
 //! its weight-format prelude, and run once per part of a split matrix.
 
-use std::num::NonZeroU64;
-
 use strata_shaders::Kernel;
 
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::Result;
+use crate::gpu::{Dim, Gpu, Workgroups};
 use crate::weights::QuantMatrix;
-use crate::{Error, Result};
 
 /// `mm_mat`: rows and tokens per workgroup tile, rows per thread in vec4s, and k values
 /// per step (its WGSL constants TN, TT, RV, KC). Each thread holds 8 rows x 4 tokens;
@@ -72,91 +71,58 @@ fn grid(groups: u32, max: u32) -> (u32, u32) {
     (x, groups.div_ceil(x))
 }
 
-/// A binding of the first `bytes` of `buffer`.
-pub(crate) fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: 0, size: NonZeroU64::new(bytes) })
-}
+impl Recorder<'_> {
+    /// Records `out[t] (+)= W x[t]` for the first `step.n_tokens` tokens.
+    ///
+    /// `x`: rows of `w.k()`; `out`: rows of `w.n()`. With `accumulate`, adds to `out`
+    /// (fusing a residual add). A recorder for one token builds the decode kernel, with a
+    /// fixed number of workgroups; otherwise the prefill kernel, whose workgroups follow
+    /// the step's token count.
+    pub fn matmul(&mut self, w: &QuantMatrix, x: Act<'_>, out: Act<'_>, accumulate: bool) -> Result<()> {
+        let plan = Plan::for_adapter(self.gpu());
+        self.matmul_with(w, x, out, accumulate, plan)
+    }
 
-/// The dispatches that compute `out[t] (+)= W x[t]` for the first `step.n_tokens` tokens.
-///
-/// `x`: f32 `[max_tokens, w.k()]`; `out`: f32 `[max_tokens, w.n()]`, both contiguous.
-/// With `accumulate`, adds to `out` (fusing a residual add). `max_tokens == 1` builds
-/// the decode kernel, with a fixed number of workgroups; otherwise the prefill kernel,
-/// whose workgroups follow the step's token count.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    w: &QuantMatrix,
-    x: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-    accumulate: bool,
-) -> Result<Vec<Dispatch>> {
-    matmul_with(gpu, kernels, step, w, x, out, max_tokens, accumulate, Plan::for_adapter(gpu))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matmul_with(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    w: &QuantMatrix,
-    x: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-    accumulate: bool,
-    plan: Plan,
-) -> Result<Vec<Dispatch>> {
-    let shape = |message: String| Error::Shape { op: "matmul", message: format!("`{}`: {message}", w.name()) };
-    if max_tokens == 0 {
-        return Err(shape("max_tokens must be at least 1".into()));
-    }
-    let (k, n) = (w.k() as u64, w.n() as u64);
-    let (x_bytes, out_bytes) = (u64::from(max_tokens) * k * 4, u64::from(max_tokens) * n * 4);
-    if x.size() < x_bytes {
-        return Err(shape(format!("x holds {} bytes, {max_tokens} x {k} f32 need {x_bytes}", x.size())));
-    }
-    if out.size() < out_bytes {
-        return Err(shape(format!("out holds {} bytes, {max_tokens} x {n} f32 need {out_bytes}", out.size())));
-    }
-    let decode = max_tokens == 1;
-    let (kernel, label, consts, tile_rows) = if decode {
-        let consts = vec![("WG", format!("{}u", plan.threads)), ("ROWS", format!("{}u", plan.rows))];
-        (plan.kernel(), "matmul_vec", consts, plan.rows)
-    } else {
-        let threads = MAT_ROWS / (4 * MAT_ROW_VEC4S) * MAT_TOKENS / 4;
-        let consts = vec![
-            ("TN", format!("{MAT_ROWS}u")),
-            ("TT", format!("{MAT_TOKENS}u")),
-            ("RV", format!("{MAT_ROW_VEC4S}u")),
-            ("WG", format!("{threads}u")),
-            ("KC", format!("{MAT_K_STEP}u")),
-        ];
-        (Kernel::MM_MAT, "matmul_mat", consts, MAT_ROWS)
-    };
-    let pipeline = kernels.pipeline(gpu, kernel, Some(w.format()), &consts)?;
-    let mut dispatches = Vec::with_capacity(w.parts().len());
-    for part in w.parts() {
-        let (gx, gy) = grid((part.rows as u32).div_ceil(tile_rows), plan.max_groups);
-        let params = Params {
-            k8: (k / 8) as u32,
-            rows: part.rows as u32,
-            n: n as u32,
-            row0: part.row0 as u32,
-            accumulate: accumulate.into(),
-            groups_x: gx,
-            _pad: [0; 2],
+    fn matmul_with(&mut self, w: &QuantMatrix, x: Act<'_>, out: Act<'_>, accumulate: bool, plan: Plan) -> Result<()> {
+        let what = |part: &str| format!("{}: {part}", w.name());
+        let (k, n) = (w.k() as u32, w.n() as u32);
+        let x_binding = self.bind_act("matmul", &what("x"), x, k)?;
+        let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
+        let decode = self.max_tokens() == 1;
+        let (kernel, label, consts, tile_rows) = if decode {
+            let consts = vec![("WG", format!("{}u", plan.threads)), ("ROWS", format!("{}u", plan.rows))];
+            (plan.kernel(), "matmul_vec", consts, plan.rows)
+        } else {
+            let threads = MAT_ROWS / (4 * MAT_ROW_VEC4S) * MAT_TOKENS / 4;
+            let consts = vec![
+                ("TN", format!("{MAT_ROWS}u")),
+                ("TT", format!("{MAT_TOKENS}u")),
+                ("RV", format!("{MAT_ROW_VEC4S}u")),
+                ("WG", format!("{threads}u")),
+                ("KC", format!("{MAT_K_STEP}u")),
+            ];
+            (Kernel::MM_MAT, "matmul_mat", consts, MAT_ROWS)
         };
-        let params = gpu.uniform(label, &params);
-        let mut resources = vec![step.as_entire_binding(), params.as_entire_binding(), binding(x, x_bytes), binding(out, out_bytes)];
-        resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
-        let tokens = if decode { Dim::Fixed(1) } else { Dim::Tokens { group: MAT_TOKENS } };
-        let workgroups = Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens);
-        dispatches.push(Dispatch::new(gpu, label, pipeline.clone(), &resources, workgroups));
+        let pipeline = self.pipeline(kernel, Some(w.format()), &consts)?;
+        for part in w.parts() {
+            let (gx, gy) = grid((part.rows as u32).div_ceil(tile_rows), plan.max_groups);
+            let params = Params {
+                k8: k / 8,
+                rows: part.rows as u32,
+                n,
+                row0: part.row0 as u32,
+                accumulate: accumulate.into(),
+                groups_x: gx,
+                _pad: [0; 2],
+            };
+            let params = self.uniform(label, &params);
+            let mut resources = vec![x_binding.clone(), out_binding.clone()];
+            resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
+            let tokens = if decode { Dim::Fixed(1) } else { Dim::Tokens { group: MAT_TOKENS } };
+            self.dispatch(label, pipeline.clone(), &params, &resources, Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens));
+        }
+        Ok(())
     }
-    Ok(dispatches)
 }
 
 #[cfg(test)]
@@ -165,7 +131,8 @@ mod tests {
     use strata_model::quant::{GgmlType, dequantize};
 
     use super::*;
-    use crate::gpu::{Step, encode_dispatches};
+    use crate::Error;
+    use crate::gpu::{Dispatch, Step, encode_dispatches};
     use crate::testing::{Rng, assert_close, gpu};
     use crate::weights::tests::{TYPES, random_weights};
 
@@ -191,7 +158,10 @@ mod tests {
     fn gpu_matmul_with(w: &QuantMatrix, x: &[f32], init: &[f32], t: u32, max_tokens: u32, accumulate: bool, plan: Plan) -> Vec<f32> {
         let (gpu, kernels) = gpu();
         let (xb, out, step) = (f32_buffer(gpu, x), f32_buffer(gpu, init), step(gpu, t));
-        let d = matmul_with(gpu, kernels, &step, w, &xb, &out, max_tokens, accumulate, plan).unwrap();
+        let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap();
+        let (xa, oa) = (Act::new(&xb, max_tokens, w.k() as u32), Act::new(&out, max_tokens, w.n() as u32));
+        rec.matmul_with(w, xa, oa, accumulate, plan).unwrap();
+        let d = rec.finish();
         assert_eq!(d.len(), w.parts().len());
         submit(gpu, &d, t);
         gpu.read_f32(&out, init.len()).unwrap()
@@ -341,8 +311,12 @@ mod tests {
         let bytes = random_weights(&mut Rng::new(1), GgmlType::Q8_0, 64, 4);
         let w = QuantMatrix::upload(gpu, "w", GgmlType::Q8_0, 64, 4, &bytes).unwrap();
         let (x, out, step) = (gpu.storage("x", 64 * 4 * 2), gpu.storage("out", 4 * 4), step(gpu, 1));
-        let err = matmul(gpu, kernels, &step, &w, &x, &out, 2, false).unwrap_err();
-        assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains("out holds 16 bytes"), "{err}");
-        assert!(matmul(gpu, kernels, &step, &w, &x, &out, 1, false).is_ok());
+        let mut rec = Recorder::new(gpu, kernels, &step, 2).unwrap();
+        let err = rec.matmul(&w, Act::new(&x, 2, 64), Act::new(&out, 2, 4), false).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains("out` holds 16 bytes"), "{err}");
+        let err = rec.matmul(&w, Act::new(&x, 2, 32), Act::new(&out, 2, 4), false).unwrap_err();
+        assert!(err.to_string().contains("rows of 32, needs 64"), "{err}");
+        let mut rec = Recorder::new(gpu, kernels, &step, 1).unwrap();
+        assert!(rec.matmul(&w, Act::new(&x, 2, 64), Act::new(&out, 2, 4), false).is_ok());
     }
 }

@@ -1,11 +1,10 @@
 //! RMSNorm of rows, one workgroup per row: the per-token norms of a layer and, with
 //! `rows_per_token = n_heads` and `row_len = head_dim`, the per-head Q/K norms.
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
 
 use strata_shaders::Kernel;
 
-use super::elementwise::bind;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::gpu::{Dim, Workgroups};
 use crate::{Error, Result};
 
 /// The shape of an RMSNorm: `rows_per_token` rows of `row_len` values per token.
@@ -44,43 +43,41 @@ pub(crate) struct Params {
     _pad: [u32; 3],
 }
 
-/// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for each row `r` of the step's
-/// tokens. `weight`: f32 `[row_len]`. `out` may be `x` (in place) when the strides agree.
-pub fn rms_norm(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    norm: RmsNorm,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let shape = |message: String| Error::Shape { op: "rms_norm", message };
-    let RmsNorm { row_len, rows_per_token, eps, x_stride, out_stride } = norm;
-    if row_len == 0 || rows_per_token == 0 || max_tokens == 0 || x_stride < row_len || out_stride < row_len {
-        return Err(shape(format!("{norm:?} with max_tokens {max_tokens}")));
+impl RmsNorm {
+    /// Values per token: `rows_per_token` rows `stride` apart.
+    fn width(&self, stride: u32) -> u32 {
+        self.rows_per_token * stride
     }
-    if x == out && x_stride != out_stride {
-        return Err(shape("in place needs equal strides".into()));
+}
+
+impl Recorder<'_> {
+    /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for each row `r` of the step's
+    /// tokens. `weight`: f32 `[row_len]`; `x` and `out` have `rows_per_token` rows per token,
+    /// at their strides. `out` may be `x` (in place) when the strides agree.
+    pub fn rms_norm(&mut self, x: Act<'_>, weight: &wgpu::Buffer, out: Act<'_>, norm: RmsNorm) -> Result<()> {
+        let shape = |message: String| Error::Shape { op: "rms_norm", message };
+        let RmsNorm { row_len, rows_per_token, eps, x_stride, out_stride } = norm;
+        if row_len == 0 || rows_per_token == 0 || x_stride < row_len || out_stride < row_len {
+            return Err(shape(format!("{norm:?}")));
+        }
+        if x.same_buffer(&out) && x_stride != out_stride {
+            return Err(shape("in place needs equal strides".into()));
+        }
+        let x = self.bind_act("rms_norm", "x", x, norm.width(x_stride))?;
+        let out = self.bind_act("rms_norm", "out", out, norm.width(out_stride))?;
+        let weight = self.bind("rms_norm", "weight", weight, u64::from(row_len) * 4)?;
+        let params = self.uniform("rms_norm", &Params { row_len, rows_per_token, x_stride, out_stride, eps, _pad: [0; 3] });
+        let pipeline = self.pipeline(Kernel::RMS_NORM, None, &[])?;
+        let workgroups = Workgroups(Dim::Fixed(rows_per_token), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch("rms_norm", pipeline, &params, &[x, weight, out], workgroups);
+        Ok(())
     }
-    // The last row ends at its start plus row_len.
-    let rows = u64::from(max_tokens) * u64::from(rows_per_token);
-    let span = |stride: u32| ((rows - 1) * u64::from(stride) + u64::from(row_len)) * 4;
-    let x = bind(gpu, "rms_norm", "x", x, span(x_stride))?;
-    let out = bind(gpu, "rms_norm", "out", out, span(out_stride))?;
-    let weight = bind(gpu, "rms_norm", "weight", weight, u64::from(row_len) * 4)?;
-    let params = gpu.uniform("rms_norm", &Params { row_len, rows_per_token, x_stride, out_stride, eps, _pad: [0; 3] });
-    let pipeline = kernels.pipeline(gpu, Kernel::RMS_NORM, None, &[])?;
-    let resources = [step.as_entire_binding(), params.as_entire_binding(), x, weight, out];
-    let workgroups = Workgroups(Dim::Fixed(rows_per_token), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-    Ok(Dispatch::new(gpu, "rms_norm", pipeline, &resources, workgroups))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer};
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     /// The CPU twin: rows `0..rows` of `x`, in f64, written contiguously.
@@ -97,7 +94,7 @@ pub(crate) mod tests {
     }
 
     fn check(norm: RmsNorm, max_tokens: u32, t: u32, in_place: bool, seed: u64) {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(seed);
         let rows = (max_tokens * norm.rows_per_token) as usize;
         let x = rng.vec(rows * norm.x_stride as usize, 3.0);
@@ -106,8 +103,9 @@ pub(crate) mod tests {
         let (xb, wb) = (f32_buffer(gpu, &x), f32_buffer(gpu, &w));
         let out_len = rows * norm.out_stride as usize;
         let ob = if in_place { xb.clone() } else { f32_buffer(gpu, &vec![0.0; out_len]) };
-        let d = rms_norm(gpu, kernels, &step, &xb, &wb, &ob, norm, max_tokens).unwrap();
-        run(gpu, &step, &[d], t);
+        let (xa, oa) = (Act::new(&xb, max_tokens, norm.width(norm.x_stride)), Act::new(&ob, max_tokens, norm.width(norm.out_stride)));
+        let d = record(&step, max_tokens, |rec| rec.rms_norm(xa, &wb, oa, norm)).unwrap();
+        run(gpu, &step, &d, t);
         let got = gpu.read_f32(&ob, out_len).unwrap();
         let done = (t * norm.rows_per_token) as usize;
         let want = cpu_rms_norm(&x, &w, norm, done);
@@ -133,14 +131,16 @@ pub(crate) mod tests {
 
     #[test]
     fn rms_norm_checks_shapes() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let x = f32_buffer(gpu, &[0.0; 128]);
         let w = f32_buffer(gpu, &[0.0; 64]);
-        assert!(rms_norm(gpu, kernels, &step, &x, &w, &x, RmsNorm::new(64, 2, 1e-6), 1).is_ok());
-        let err = rms_norm(gpu, kernels, &step, &x, &w, &x, RmsNorm::new(64, 2, 1e-6), 2).unwrap_err();
+        let xa = Act::new(&x, 1, 128);
+        let norm = |max_tokens, n| record(&step, max_tokens, |rec| rec.rms_norm(xa, &w, xa, n));
+        assert!(norm(1, RmsNorm::new(64, 2, 1e-6)).is_ok());
+        let err = norm(2, RmsNorm::new(64, 2, 1e-6)).unwrap_err();
         assert!(err.to_string().contains("`x`"), "{err}");
-        assert!(rms_norm(gpu, kernels, &step, &x, &w, &x, RmsNorm::new(65, 1, 1e-6), 1).is_err());
-        assert!(rms_norm(gpu, kernels, &step, &x, &w, &x, RmsNorm::new(32, 2, 1e-6).with_strides(64, 32), 1).is_err());
+        assert!(norm(1, RmsNorm::new(65, 1, 1e-6)).is_err());
+        assert!(norm(1, RmsNorm::new(32, 2, 1e-6).with_strides(64, 32)).is_err());
     }
 }

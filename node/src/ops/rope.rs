@@ -1,14 +1,13 @@
 //! Rotary position embedding on `[n_tokens, n_heads, head_dim]` queries or keys: in place,
 //! or fused with the per-head RMSNorm that qwen3 and qwen35 apply to Q and K first.
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
 
 use std::f64::consts::TAU;
 
 use strata_shaders::Kernel;
 
-use super::elementwise::bind;
 use super::norm::RmsNorm;
-use crate::gpu::{Dim, Dispatch, Gpu, KernelCache, Workgroups};
+use super::recorder::{Act, Recorder};
+use crate::gpu::{Dim, Workgroups};
 use crate::{Error, Result};
 
 /// Which dims of a head form the rotated pairs.
@@ -61,107 +60,71 @@ fn turns_per_position(inv_freq: f64) -> [u32; 2] {
     [f as u32, (f >> 32) as u32]
 }
 
-/// Rotates `x` (f32 `[n_tokens, n_heads, head_dim]`) in place by the positions in
-/// `positions` (u32 `[n_tokens]`).
-pub fn rope(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    positions: &wgpu::Buffer,
-    rope: Rope,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    build(gpu, kernels, step, x, None, x, positions, rope, max_tokens)
-}
+impl Recorder<'_> {
+    /// Rotates `x` (rows of `n_heads * head_dim`) in place by the step's `positions` (one
+    /// u32 per row).
+    pub fn rope(&mut self, x: Act<'_>, positions: Act<'_>, rope: Rope) -> Result<()> {
+        self.rope_op(x, None, x, positions, rope)
+    }
 
-/// RMSNorm of each head row (`norm.row_len = head_dim`, `norm.rows_per_token = n_heads`,
-/// `weight` f32 `[head_dim]`), then RoPE, in one pass over the row: `out` gets the result,
-/// and may be `x` when the strides agree. With strides, e.g. the query halves of a fused
-/// `[query | gate]` projection (`x_stride = 2 * head_dim`) go to a contiguous `out`.
-pub fn rms_norm_rope(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    positions: &wgpu::Buffer,
-    norm: RmsNorm,
-    rope: Rope,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    if norm.row_len != rope.head_dim || norm.rows_per_token != rope.n_heads {
-        return Err(Error::Shape { op: "rms_norm_rope", message: format!("{norm:?} does not match {rope:?}") });
+    /// RMSNorm of each head row (`norm.row_len = head_dim`, `norm.rows_per_token = n_heads`,
+    /// `weight` f32 `[head_dim]`), then RoPE, in one pass over the row: `out` gets the
+    /// result, and may be `x` when the strides agree. With strides, e.g. the query halves
+    /// of a fused `[query | gate]` projection (`x_stride = 2 * head_dim`) go to a
+    /// contiguous `out`.
+    pub fn rms_norm_rope(&mut self, x: Act<'_>, weight: &wgpu::Buffer, out: Act<'_>, positions: Act<'_>, norm: RmsNorm, rope: Rope) -> Result<()> {
+        if norm.row_len != rope.head_dim || norm.rows_per_token != rope.n_heads {
+            return Err(Error::Shape { op: "rms_norm_rope", message: format!("{norm:?} does not match {rope:?}") });
+        }
+        self.rope_op(x, Some((weight, norm)), out, positions, rope)
     }
-    build(gpu, kernels, step, x, Some((weight, norm)), out, positions, rope, max_tokens)
-}
 
-fn build(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    norm: Option<(&wgpu::Buffer, RmsNorm)>,
-    out: &wgpu::Buffer,
-    positions: &wgpu::Buffer,
-    rope: Rope,
-    max_tokens: u32,
-) -> Result<Dispatch> {
-    let op = if norm.is_some() { "rms_norm_rope" } else { "rope" };
-    let shape = |message: String| Error::Shape { op, message };
-    let Rope { n_heads, head_dim, n_rot, theta, style } = rope;
-    if n_heads == 0
-        || max_tokens == 0
-        || n_rot == 0
-        || !n_rot.is_multiple_of(2)
-        || n_rot > head_dim
-        || theta.is_nan()
-        || theta < 1.0
-    {
-        return Err(shape(format!("{rope:?} with max_tokens {max_tokens}")));
+    fn rope_op(&mut self, x: Act<'_>, norm: Option<(&wgpu::Buffer, RmsNorm)>, out: Act<'_>, positions: Act<'_>, rope: Rope) -> Result<()> {
+        let op = if norm.is_some() { "rms_norm_rope" } else { "rope" };
+        let shape = |message: String| Error::Shape { op, message };
+        let Rope { n_heads, head_dim, n_rot, theta, style } = rope;
+        if n_heads == 0 || n_rot == 0 || !n_rot.is_multiple_of(2) || n_rot > head_dim || theta.is_nan() || theta < 1.0 {
+            return Err(shape(format!("{rope:?}")));
+        }
+        let (x_stride, out_stride, eps) = match norm {
+            Some((_, n)) => (n.x_stride, n.out_stride, n.eps),
+            None => (head_dim, head_dim, 0.0),
+        };
+        if x_stride < head_dim || out_stride < head_dim || (x.same_buffer(&out) && x_stride != out_stride) {
+            return Err(shape(format!("strides {x_stride} and {out_stride} for heads of {head_dim}")));
+        }
+        let x = self.bind_act(op, "x", x, n_heads * x_stride)?;
+        let out = self.bind_act(op, "out", out, n_heads * out_stride)?;
+        let positions = self.bind_act(op, "positions", positions, 1)?;
+        let freqs: Vec<u32> = rope.inv_freqs().into_iter().flat_map(turns_per_position).collect();
+        let freqs = self.gpu().storage_init("rope freqs", bytemuck::cast_slice(&freqs));
+        let weight = match norm {
+            Some((w, _)) => self.bind(op, "weight", w, u64::from(head_dim) * 4)?,
+            // An unread binding: any buffer that is only read.
+            None => freqs.as_entire_binding(),
+        };
+        let params = Params {
+            n_heads,
+            head_dim,
+            half: n_rot / 2,
+            neox: u32::from(style == RopeStyle::Neox),
+            norm: u32::from(norm.is_some()),
+            eps,
+            x_stride,
+            out_stride,
+        };
+        let params = self.uniform(op, &params);
+        let pipeline = self.pipeline(Kernel::ROPE, None, &[])?;
+        let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch(op, pipeline, &params, &[positions, freqs.as_entire_binding(), x, weight, out], workgroups);
+        Ok(())
     }
-    let (x_stride, out_stride, eps) = match norm {
-        Some((_, n)) => (n.x_stride, n.out_stride, n.eps),
-        None => (head_dim, head_dim, 0.0),
-    };
-    if x_stride < head_dim || out_stride < head_dim || (x == out && x_stride != out_stride) {
-        return Err(shape(format!("strides {x_stride} and {out_stride} for heads of {head_dim}")));
-    }
-    let rows = u64::from(max_tokens) * u64::from(n_heads);
-    let span = |stride: u32| ((rows - 1) * u64::from(stride) + u64::from(head_dim)) * 4;
-    let x = bind(gpu, op, "x", x, span(x_stride))?;
-    let out = bind(gpu, op, "out", out, span(out_stride))?;
-    let positions = bind(gpu, op, "positions", positions, u64::from(max_tokens) * 4)?;
-    let freqs: Vec<u32> = rope.inv_freqs().into_iter().flat_map(turns_per_position).collect();
-    let freqs = gpu.storage_init("rope freqs", bytemuck::cast_slice(&freqs));
-    let weight = match norm {
-        Some((w, _)) => bind(gpu, op, "weight", w, u64::from(head_dim) * 4)?,
-        // An unread binding: any buffer that is only read.
-        None => freqs.as_entire_binding(),
-    };
-    let params = Params {
-        n_heads,
-        head_dim,
-        half: n_rot / 2,
-        neox: u32::from(style == RopeStyle::Neox),
-        norm: u32::from(norm.is_some()),
-        eps,
-        x_stride,
-        out_stride,
-    };
-    let params = gpu.uniform(op, &params);
-    let pipeline = kernels.pipeline(gpu, Kernel::ROPE, None, &[])?;
-    let resources =
-        [step.as_entire_binding(), params.as_entire_binding(), positions, freqs.as_entire_binding(), x, weight, out];
-    let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-    Ok(Dispatch::new(gpu, op, pipeline, &resources, workgroups))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer, u32_buffer};
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer, u32_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     /// The CPU twin, in f64: angle = pos * inv_freq exactly, then sin and cos.
@@ -187,7 +150,7 @@ mod tests {
 
     #[test]
     fn rope_matches_cpu() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(7);
         let cases = [
             (4, 64, 16, 1e7, RopeStyle::Neox),
@@ -205,8 +168,9 @@ mod tests {
             let x = rng.vec(len, 2.0);
             let step = step_buffer(gpu);
             let (xb, pb) = (f32_buffer(gpu, &x), u32_buffer(gpu, &positions));
-            let d = rope(gpu, kernels, &step, &xb, &pb, rope_cfg, max_tokens).unwrap();
-            run(gpu, &step, &[d], t as u32);
+            let (xa, pa) = (Act::new(&xb, max_tokens, n_heads * head_dim), Act::new(&pb, max_tokens, 1));
+            let d = record(&step, max_tokens, |rec| rec.rope(xa, pa, rope_cfg)).unwrap();
+            run(gpu, &step, &d, t as u32);
             let mut want = x.clone();
             cpu_rope(&mut want[..len / max_tokens as usize * t], &positions[..t], rope_cfg);
             let got = gpu.read_f32(&xb, len).unwrap();
@@ -216,7 +180,7 @@ mod tests {
 
     #[test]
     fn rms_norm_rope_matches_cpu() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let mut rng = Rng::new(8);
         let positions: Vec<u32> = vec![3, 29_999, 0, 1_000_003, 12, 7];
         let (max_tokens, t) = (6u32, 5usize);
@@ -237,8 +201,10 @@ mod tests {
             let (xb, wb, pb) = (f32_buffer(gpu, &x), f32_buffer(gpu, &w), u32_buffer(gpu, &positions));
             let out_len = rows * head_dim as usize;
             let ob = if in_place { xb.clone() } else { f32_buffer(gpu, &vec![0.0; out_len]) };
-            let d = rms_norm_rope(gpu, kernels, &step, &xb, &wb, &ob, &pb, norm, rope_cfg, max_tokens).unwrap();
-            run(gpu, &step, &[d], t as u32);
+            let xa = Act::new(&xb, max_tokens, n_heads * x_stride);
+            let (oa, pa) = (Act::new(&ob, max_tokens, n_heads * head_dim), Act::new(&pb, max_tokens, 1));
+            let d = record(&step, max_tokens, |rec| rec.rms_norm_rope(xa, &wb, oa, pa, norm, rope_cfg)).unwrap();
+            run(gpu, &step, &d, t as u32);
             let done = t * n_heads as usize;
             let mut want = crate::ops::norm::tests::cpu_rms_norm(&x, &w, norm, done);
             cpu_rope(&mut want, &positions[..t], rope_cfg);
@@ -252,19 +218,22 @@ mod tests {
 
     #[test]
     fn rope_checks_shapes() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let x = f32_buffer(gpu, &[0.0; 256]);
         let p = u32_buffer(gpu, &[0; 2]);
+        let (xa, pa) = (Act::new(&x, 2, 128), Act::new(&p, 2, 1));
         let ok = Rope { n_heads: 2, head_dim: 64, n_rot: 64, theta: 1e4, style: RopeStyle::Neox };
-        assert!(rope(gpu, kernels, &step, &x, &p, ok, 2).is_ok());
-        assert!(rope(gpu, kernels, &step, &x, &p, ok, 3).is_err());
-        assert!(rope(gpu, kernels, &step, &x, &p, Rope { n_rot: 66, ..ok }, 1).is_err());
-        assert!(rope(gpu, kernels, &step, &x, &p, Rope { n_rot: 15, ..ok }, 1).is_err());
+        let rope = |max_tokens, r| record(&step, max_tokens, |rec| rec.rope(xa, pa, r));
+        assert!(rope(2, ok).is_ok());
+        assert!(rope(3, ok).is_err());
+        assert!(rope(1, Rope { n_rot: 66, ..ok }).is_err());
+        assert!(rope(1, Rope { n_rot: 15, ..ok }).is_err());
         let w = f32_buffer(gpu, &[1.0; 64]);
         let norm = RmsNorm::new(64, 2, 1e-6);
-        assert!(rms_norm_rope(gpu, kernels, &step, &x, &w, &x, &p, norm, ok, 2).is_ok());
-        assert!(rms_norm_rope(gpu, kernels, &step, &x, &w, &x, &p, RmsNorm::new(64, 1, 1e-6), ok, 1).is_err());
-        assert!(rms_norm_rope(gpu, kernels, &step, &x, &w, &x, &p, norm.with_strides(128, 64), ok, 1).is_err());
+        let norm_rope = |max_tokens, n| record(&step, max_tokens, |rec| rec.rms_norm_rope(xa, &w, xa, pa, n, ok));
+        assert!(norm_rope(2, norm).is_ok());
+        assert!(norm_rope(1, RmsNorm::new(64, 1, 1e-6)).is_err());
+        assert!(norm_rope(1, norm.with_strides(128, 64)).is_err());
     }
 }

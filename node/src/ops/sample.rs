@@ -1,12 +1,12 @@
 //! Sampling on the GPU, so that only a few values of a logit row ever reach the host:
 //! repetition penalties, then the argmax or the top k with the row's log-sum-exp (enough
 //! for temperature, top-p and min-p sampling and for logprobs on the host).
-#![allow(clippy::too_many_arguments)] // the device, the step and every buffer, explicitly
 
 use strata_shaders::Kernel;
 
-use super::elementwise::{Row, bind};
-use crate::gpu::{Dispatch, Gpu, KernelCache, Workgroups};
+use super::elementwise::Row;
+use super::recorder::{Act, Recorder};
+use crate::gpu::{Dispatch, Workgroups};
 use crate::{Error, Result};
 
 /// `top_k.wgsl`: threads per workgroup and logits per thread; a chunk is their product.
@@ -28,12 +28,12 @@ pub(crate) struct TopKParams {
     _pad: [u32; 3],
 }
 
-/// Words of the output of [`top_k`] with this `k`.
+/// Words of the output of [`Recorder::top_k`] with this `k`.
 pub fn top_k_words(k: u32) -> u32 {
     2 * k + 2
 }
 
-/// The k largest logits of a row, read back from [`top_k`]'s output.
+/// The k largest logits of a row, read back from [`Recorder::top_k`]'s output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopK {
     /// (token id, logit), by logit descending, ties by lower id.
@@ -45,7 +45,7 @@ pub struct TopK {
 }
 
 impl TopK {
-    /// Parses the `top_k_words(k)` words written by [`top_k`].
+    /// Parses the `top_k_words(k)` words written by [`Recorder::top_k`].
     pub fn from_words(words: &[u32], k: u32) -> TopK {
         let k = k as usize;
         assert_eq!(words.len(), 2 * k + 2, "top-{k} output");
@@ -54,61 +54,49 @@ impl TopK {
     }
 }
 
-/// The two dispatches that write the top `k` of `row` of `logits` (f32 `[rows, n_vocab]`)
-/// to `out` (u32, at least [`top_k_words`]`(k)` words): `k` ids, then their logits' bits,
-/// then the bits of the row's max and log-sum-exp; read it with [`TopK::from_words`].
-/// Ties go to the lower id. A per-chunk pass is followed by a one-workgroup merge.
-pub fn top_k(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    logits: &wgpu::Buffer,
-    n_vocab: u32,
-    row: Row,
-    k: u32,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-) -> Result<Vec<Dispatch>> {
-    let shape = |message: String| Error::Shape { op: "top_k", message };
-    if k == 0 || k > MAX_TOP_K || k > n_vocab || max_tokens == 0 {
-        return Err(shape(format!("k = {k} of {n_vocab} (k at most {MAX_TOP_K}), max_tokens {max_tokens}")));
+impl Recorder<'_> {
+    /// Binds `row` of `logits` and every row before it (rows of the vocabulary).
+    fn bind_logits<'b>(&self, op: &'static str, logits: Act<'b>, row: Row) -> Result<wgpu::BindingResource<'b>> {
+        let rows = row.rows_needed(self.max_tokens());
+        if u64::from(logits.rows) < rows {
+            return Err(Error::Shape { op, message: format!("row {row:?} of {} rows of logits", logits.rows) });
+        }
+        self.bind(op, "logits", logits.buffer, rows * u64::from(logits.width) * 4)
     }
-    let n_chunks = n_vocab.div_ceil(TOP_K_WG * TOP_K_PER);
-    // The merge holds every chunk's k candidates in its threads.
-    if n_chunks * k > TOP_K_WG * TOP_K_PER {
-        return Err(shape(format!("top {k} of {n_vocab} logits: at most {} candidates", TOP_K_WG * TOP_K_PER)));
-    }
-    let logits = bind(gpu, "top_k", "logits", logits, row.rows_needed(max_tokens) * u64::from(n_vocab) * 4)?;
-    let out = bind(gpu, "top_k", "out", out, u64::from(top_k_words(k)) * 4)?;
-    let partial = gpu.storage("top_k partial", u64::from(n_chunks * (k + 1)) * 8);
-    let pipeline = kernels.pipeline(gpu, Kernel::TOP_K, None, &[])?;
-    let pass = |merge: u32, groups: u32| {
-        let params = gpu.uniform("top_k", &TopKParams { n_vocab, row: row.encode(), k, n_chunks, merge, _pad: [0; 3] });
-        let resources = [
-            step.as_entire_binding(),
-            params.as_entire_binding(),
-            logits.clone(),
-            partial.as_entire_binding(),
-            out.clone(),
-        ];
-        Dispatch::new(gpu, "top_k", pipeline.clone(), &resources, Workgroups::fixed(groups, 1, 1))
-    };
-    Ok(vec![pass(0, n_chunks), pass(1, 1)])
-}
 
-/// The argmax of `row` of `logits`: [`top_k`] with k = 1, so `out` (4 words) holds the id
-/// (ties: the lowest), its logit, the max again and the row's log-sum-exp.
-pub fn argmax(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    logits: &wgpu::Buffer,
-    n_vocab: u32,
-    row: Row,
-    out: &wgpu::Buffer,
-    max_tokens: u32,
-) -> Result<Vec<Dispatch>> {
-    top_k(gpu, kernels, step, logits, n_vocab, row, 1, out, max_tokens)
+    /// Records the two dispatches that write the top `k` of `row` of `logits` (rows of the
+    /// vocabulary) to `out` (u32, at least [`top_k_words`]`(k)` words): `k` ids, then their
+    /// logits' bits, then the bits of the row's max and log-sum-exp; read it with
+    /// [`TopK::from_words`]. Ties go to the lower id. A per-chunk pass is followed by a
+    /// one-workgroup merge.
+    pub fn top_k(&mut self, logits: Act<'_>, row: Row, k: u32, out: &wgpu::Buffer) -> Result<()> {
+        let shape = |message: String| Error::Shape { op: "top_k", message };
+        let n_vocab = logits.width;
+        if k == 0 || k > MAX_TOP_K || k > n_vocab {
+            return Err(shape(format!("k = {k} of {n_vocab} (k at most {MAX_TOP_K})")));
+        }
+        let n_chunks = n_vocab.div_ceil(TOP_K_WG * TOP_K_PER);
+        // The merge holds every chunk's k candidates in its threads.
+        if n_chunks * k > TOP_K_WG * TOP_K_PER {
+            return Err(shape(format!("top {k} of {n_vocab} logits: at most {} candidates", TOP_K_WG * TOP_K_PER)));
+        }
+        let logits = self.bind_logits("top_k", logits, row)?;
+        let out = self.bind("top_k", "out", out, u64::from(top_k_words(k)) * 4)?;
+        let partial = self.gpu().storage("top_k partial", u64::from(n_chunks * (k + 1)) * 8);
+        let pipeline = self.pipeline(Kernel::TOP_K, None, &[])?;
+        for (merge, groups) in [(0, n_chunks), (1, 1)] {
+            let params = self.uniform("top_k", &TopKParams { n_vocab, row: row.encode(), k, n_chunks, merge, _pad: [0; 3] });
+            let resources = [logits.clone(), partial.as_entire_binding(), out.clone()];
+            self.dispatch("top_k", pipeline.clone(), &params, &resources, Workgroups::fixed(groups, 1, 1));
+        }
+        Ok(())
+    }
+
+    /// The argmax of `row` of `logits`: [`Recorder::top_k`] with k = 1, so `out` (4 words)
+    /// holds the id (ties: the lowest), its logit, the max again and the row's log-sum-exp.
+    pub fn argmax(&mut self, logits: Act<'_>, row: Row, out: &wgpu::Buffer) -> Result<()> {
+        self.top_k(logits, row, 1, out)
+    }
 }
 
 /// Repetition penalties in llama.cpp's semantics.
@@ -169,44 +157,35 @@ impl Penalize {
     }
 }
 
-/// Applies repetition penalties in place to `row` of `logits` (f32 `[rows, n_vocab]`) for
-/// the recent tokens in `ids` (u32, room for `max_ids`; duplicates count as occurrences,
-/// ids past the vocabulary are ignored). Does nothing until [`Penalize::set`] is called.
-pub fn penalize(
-    gpu: &Gpu,
-    kernels: &KernelCache,
-    step: &wgpu::Buffer,
-    logits: &wgpu::Buffer,
-    n_vocab: u32,
-    row: Row,
-    ids: &wgpu::Buffer,
-    max_ids: u32,
-    max_tokens: u32,
-) -> Result<Penalize> {
-    if n_vocab == 0 || max_ids == 0 || max_tokens == 0 {
-        return Err(Error::Shape {
-            op: "penalize",
-            message: format!("n_vocab {n_vocab}, max_ids {max_ids}, max_tokens {max_tokens}"),
-        });
+impl Recorder<'_> {
+    /// Applies repetition penalties in place to `row` of `logits` (rows of the vocabulary)
+    /// for the recent tokens in `ids` (u32, room for `max_ids`; duplicates count as
+    /// occurrences, ids past the vocabulary are ignored). Does nothing until
+    /// [`Penalize::set`] is called. The dispatch is returned, not recorded: the caller
+    /// encodes it only when a request has penalties.
+    pub fn penalize(&self, logits: Act<'_>, row: Row, ids: &wgpu::Buffer, max_ids: u32) -> Result<Penalize> {
+        let n_vocab = logits.width;
+        if n_vocab == 0 || max_ids == 0 {
+            return Err(Error::Shape { op: "penalize", message: format!("n_vocab {n_vocab}, max_ids {max_ids}") });
+        }
+        let logits = self.bind_logits("penalize", logits, row)?;
+        let ids = self.bind("penalize", "ids", ids, u64::from(max_ids) * 4)?;
+        let off = PenalizeParams {
+            n_vocab,
+            row: row.encode(),
+            count: 0,
+            _pad0: 0,
+            repeat: 1.0,
+            frequency: 0.0,
+            presence: 0.0,
+            _pad1: 0,
+        };
+        let params = self.uniform("penalize", &off);
+        let pipeline = self.pipeline(Kernel::PENALIZE, None, &[])?;
+        let workgroups = Workgroups::fixed(max_ids.div_ceil(PENALIZE_WG), 1, 1);
+        let dispatch = self.build("penalize", pipeline, &params, &[ids, logits], workgroups);
+        Ok(Penalize { dispatch, params, n_vocab, row, max_ids })
     }
-    let logits = bind(gpu, "penalize", "logits", logits, row.rows_needed(max_tokens) * u64::from(n_vocab) * 4)?;
-    let ids = bind(gpu, "penalize", "ids", ids, u64::from(max_ids) * 4)?;
-    let off = PenalizeParams {
-        n_vocab,
-        row: row.encode(),
-        count: 0,
-        _pad0: 0,
-        repeat: 1.0,
-        frequency: 0.0,
-        presence: 0.0,
-        _pad1: 0,
-    };
-    let params = gpu.uniform("penalize", &off);
-    let pipeline = kernels.pipeline(gpu, Kernel::PENALIZE, None, &[])?;
-    let resources = [step.as_entire_binding(), params.as_entire_binding(), ids, logits];
-    let dispatch =
-        Dispatch::new(gpu, "penalize", pipeline, &resources, Workgroups::fixed(max_ids.div_ceil(PENALIZE_WG), 1, 1));
-    Ok(Penalize { dispatch, params, n_vocab, row, max_ids })
 }
 
 #[cfg(test)]
@@ -214,7 +193,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::ops::harness::{f32_buffer, run, step_buffer, u32_buffer};
+    use crate::ops::harness::{f32_buffer, record, run, step_buffer, u32_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     /// The CPU twin: the top k (by logit, then id) and the log-sum-exp, in f64.
@@ -232,11 +211,12 @@ mod tests {
 
     /// Runs top-k of `row` on a step of `n_tokens`.
     fn gpu_top_k(logits: &[f32], n_vocab: u32, row: Row, k: u32, n_tokens: u32, max_tokens: u32) -> TopK {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let lb = f32_buffer(gpu, logits);
         let out = gpu.storage("out", u64::from(top_k_words(k)) * 4);
-        let d = top_k(gpu, kernels, &step, &lb, n_vocab, row, k, &out, max_tokens).unwrap();
+        let la = Act::new(&lb, logits.len() as u32 / n_vocab, n_vocab);
+        let d = record(&step, max_tokens, |rec| rec.top_k(la, row, k, &out)).unwrap();
         run(gpu, &step, &d, n_tokens);
         TopK::from_words(&gpu.read_u32(&out, top_k_words(k) as usize).unwrap(), k)
     }
@@ -264,7 +244,7 @@ mod tests {
 
     #[test]
     fn argmax_ties_go_to_the_lowest_id() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let n_vocab = 49152u32;
         let mut logits = vec![0.5f32; n_vocab as usize];
         // Equal maxima in different chunks, threads and elements of a thread.
@@ -274,12 +254,12 @@ mod tests {
         let step = step_buffer(gpu);
         let lb = f32_buffer(gpu, &logits);
         let out = gpu.storage("out", 16);
-        let d = argmax(gpu, kernels, &step, &lb, n_vocab, Row::Index(0), &out, 1).unwrap();
+        let d = record(&step, 1, |rec| rec.argmax(Act::new(&lb, 1, n_vocab), Row::Index(0), &out)).unwrap();
         run(gpu, &step, &d, 1);
         assert_eq!(gpu.read_u32(&out, 1).unwrap(), vec![257]);
         // All equal: id 0.
         let lb = f32_buffer(gpu, &vec![-1.0; n_vocab as usize]);
-        let d = argmax(gpu, kernels, &step, &lb, n_vocab, Row::Index(0), &out, 1).unwrap();
+        let d = record(&step, 1, |rec| rec.argmax(Act::new(&lb, 1, n_vocab), Row::Index(0), &out)).unwrap();
         run(gpu, &step, &d, 1);
         assert_eq!(gpu.read_u32(&out, 1).unwrap(), vec![0]);
     }
@@ -302,15 +282,18 @@ mod tests {
 
     #[test]
     fn top_k_checks_shapes() {
-        let (gpu, kernels) = gpu();
+        let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let logits = f32_buffer(gpu, &[0.0; 100]);
         let out = gpu.storage("out", u64::from(top_k_words(64)) * 4);
-        assert!(top_k(gpu, kernels, &step, &logits, 100, Row::Last, 65, &out, 1).is_err());
-        assert!(top_k(gpu, kernels, &step, &logits, 50, Row::Last, 8, &out, 3).is_err());
-        assert!(top_k(gpu, kernels, &step, &logits, 50, Row::Index(1), 8, &out, 1).is_ok());
+        let (one_row, two_rows) = (Act::new(&logits, 1, 100), Act::new(&logits, 2, 50));
+        let top = |max_tokens, logits, row, k, out| record(&step, max_tokens, |rec| rec.top_k(logits, row, k, out));
+        assert!(top(1, one_row, Row::Last, 65, &out).is_err());
+        assert!(top(3, two_rows, Row::Last, 8, &out).is_err());
+        assert!(top(1, two_rows, Row::Index(1), 8, &out).is_ok());
+        assert!(top(1, two_rows, Row::Index(2), 8, &out).is_err());
         let small = gpu.storage("out", 8);
-        assert!(top_k(gpu, kernels, &step, &logits, 100, Row::Last, 1, &small, 1).is_err());
+        assert!(top(1, one_row, Row::Last, 1, &small).is_err());
     }
 
     /// llama.cpp's penalties on the CPU.
@@ -339,7 +322,8 @@ mod tests {
         let mut room = ids.clone();
         room.resize(max_ids as usize, 0);
         let (lb, ib) = (f32_buffer(gpu, &logits), u32_buffer(gpu, &room));
-        let p = penalize(gpu, kernels, &step, &lb, n_vocab, Row::Last, &ib, max_ids, max_tokens).unwrap();
+        let rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap();
+        let p = rec.penalize(Act::new(&lb, max_tokens, n_vocab), Row::Last, &ib, max_ids).unwrap();
         // Not set yet: nothing happens.
         run(gpu, &step, std::slice::from_ref(&p.dispatch), 2);
         assert_eq!(gpu.read_f32(&lb, logits.len()).unwrap(), logits);

@@ -1,0 +1,58 @@
+//! Each architecture's forward pass over one layer, one file per architecture: which
+//! parts a layer has and the order they run in. The parts themselves (attention, Gated
+//! DeltaNet, feed-forward) are in [`crate::layers`]; the tensors they read are named once,
+//! in `strata_model::arch`. A new architecture is a new file here (and its kernels), a
+//! schema file in the model crate, and one arm in [`load_layer`].
+
+pub mod llama;
+pub mod qwen35;
+
+use strata_model::config::{Arch, ModelConfig};
+
+use crate::Result;
+use crate::deltanet_state::DeltaNetState;
+use crate::gpu::Gpu;
+use crate::kv_cache::KvCache;
+use crate::layers::LoadCtx;
+use crate::ops::Recorder;
+use crate::ops::norm::RmsNorm;
+use crate::scratch::Scratch;
+
+/// A sequence's state in one layer: a KV cache, or DeltaNet's fixed recurrent state.
+pub enum LayerState {
+    Kv(KvCache),
+    DeltaNet(DeltaNetState),
+}
+
+impl LayerState {
+    pub fn bytes(&self) -> u64 {
+        match self {
+            LayerState::Kv(c) => c.bytes(),
+            LayerState::DeltaNet(d) => d.bytes(),
+        }
+    }
+}
+
+/// One layer of the main forward pass on the GPU, with its weights.
+pub trait Layer: Send + Sync {
+    /// Allocates one sequence's state for this layer, for positions `0..ctx`.
+    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, ctx: u32) -> Result<LayerState>;
+    /// Records `x = layer(x)` on the residual stream for a step of one sequence.
+    fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &LayerState) -> Result<()>;
+    /// Bytes of weights, all read by every step.
+    fn weight_bytes(&self) -> u64;
+}
+
+/// Layer `layer` of the model in `ctx`, as its architecture builds it.
+pub fn load_layer(ctx: &LoadCtx, cfg: &ModelConfig, layer: usize) -> Result<Box<dyn Layer>> {
+    let tensors = cfg.layer_tensors(layer);
+    Ok(match cfg.arch {
+        Arch::Llama | Arch::Qwen3 => Box::new(llama::DenseLayer::load(ctx, &tensors)?),
+        Arch::Qwen35 => Box::new(qwen35::Qwen35Layer::load(ctx, &tensors)?),
+    })
+}
+
+/// `n = rmsnorm(x) * weight`: the pre-norm before each sub-block.
+fn pre_norm(rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, weight: &wgpu::Buffer) -> Result<()> {
+    rec.rms_norm(s.x(), weight, s.n(), RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps))
+}

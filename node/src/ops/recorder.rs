@@ -1,0 +1,156 @@
+//! The op recorder: the context every op is recorded in, and activations as typed views.
+//!
+//! Ops are methods of [`Recorder`] (each in its own module): a call checks shapes, builds
+//! the op's uniform, pipeline and bind group once, and appends its [`Dispatch`]es. The
+//! recorder holds what every op needs and used to be passed one by one — the device, the
+//! kernel cache, the step uniform and the largest token count the dispatches must serve
+//! — so a layer's forward pass reads as a list of ops on [`Act`]s.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use strata_shaders::Kernel;
+
+use crate::gpu::{Dispatch, Gpu, KernelCache, Workgroups};
+use crate::{Error, Result};
+
+/// A view of `rows` rows of `width` 4-byte values (f32 activations, or u32 ids and
+/// positions with `width` 1), row-major from the start of `buffer`.
+///
+/// Ops check a view's width against what they compute and bind only the rows a step can
+/// reach (`Recorder::max_tokens`), so one buffer sized for the largest batch serves the
+/// decode recording as well.
+#[derive(Debug, Clone, Copy)]
+pub struct Act<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub rows: u32,
+    pub width: u32,
+}
+
+impl<'a> Act<'a> {
+    pub fn new(buffer: &'a wgpu::Buffer, rows: u32, width: u32) -> Act<'a> {
+        Act { buffer, rows, width }
+    }
+
+    /// Whether both views are of the same buffer (ops that cannot run in place refuse it).
+    pub fn same_buffer(&self, other: &Act<'_>) -> bool {
+        self.buffer == other.buffer
+    }
+
+    fn bytes(&self, rows: u32) -> u64 {
+        u64::from(rows) * u64::from(self.width) * 4
+    }
+}
+
+/// Records ops into a dispatch list for steps of up to `max_tokens` tokens.
+pub struct Recorder<'a> {
+    gpu: &'a Gpu,
+    kernels: &'a KernelCache,
+    step: &'a wgpu::Buffer,
+    max_tokens: u32,
+    dispatches: Vec<Dispatch>,
+}
+
+impl<'a> Recorder<'a> {
+    /// `step` is the [`crate::gpu::Step`] uniform written before each submission.
+    pub fn new(gpu: &'a Gpu, kernels: &'a KernelCache, step: &'a wgpu::Buffer, max_tokens: u32) -> Result<Recorder<'a>> {
+        if max_tokens == 0 {
+            return Err(Error::Shape { op: "record", message: "max_tokens must be at least 1".into() });
+        }
+        Ok(Recorder { gpu, kernels, step, max_tokens, dispatches: Vec::new() })
+    }
+
+    pub fn gpu(&self) -> &'a Gpu {
+        self.gpu
+    }
+
+    pub fn max_tokens(&self) -> u32 {
+        self.max_tokens
+    }
+
+    /// The dispatches recorded so far, leaving the recorder empty (to split a recording
+    /// into lists that are encoded separately, e.g. argmax or top-k after the head).
+    pub fn take(&mut self) -> Vec<Dispatch> {
+        std::mem::take(&mut self.dispatches)
+    }
+
+    pub fn finish(self) -> Vec<Dispatch> {
+        self.dispatches
+    }
+
+    pub(crate) fn pipeline(&self, kernel: Kernel, prelude: Option<Kernel>, consts: &[(&'static str, String)]) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.kernels.pipeline(self.gpu, kernel, prelude, consts)
+    }
+
+    pub(crate) fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        self.gpu.uniform(label, value)
+    }
+
+    /// Appends a dispatch binding the step uniform at 0, `params` at 1 and `rest` from 2 on:
+    /// the binding layout every op kernel shares.
+    pub(crate) fn dispatch(
+        &mut self,
+        label: &'static str,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        params: &wgpu::Buffer,
+        rest: &[wgpu::BindingResource<'_>],
+        workgroups: Workgroups,
+    ) {
+        let d = self.build(label, pipeline, params, rest, workgroups);
+        self.dispatches.push(d);
+    }
+
+    /// Like [`Recorder::dispatch`], returning the dispatch instead of appending it (ops that
+    /// hand their dispatch to a caller who updates its parameters per step).
+    pub(crate) fn build(
+        &self,
+        label: &'static str,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        params: &wgpu::Buffer,
+        rest: &[wgpu::BindingResource<'_>],
+        workgroups: Workgroups,
+    ) -> Dispatch {
+        let mut resources = vec![self.step.as_entire_binding(), params.as_entire_binding()];
+        resources.extend(rest.iter().cloned());
+        Dispatch::new(self.gpu, label, pipeline, &resources, workgroups)
+    }
+
+    /// The binding of the rows of `act` a step can reach, after checking that `act` has
+    /// `width` values per row and room for `max_tokens` rows.
+    pub(crate) fn bind_act<'b>(&self, op: &'static str, what: &str, act: Act<'b>, width: u32) -> Result<wgpu::BindingResource<'b>> {
+        if act.width != width {
+            return Err(Error::Shape { op, message: format!("`{what}` has rows of {}, needs {width}", act.width) });
+        }
+        if act.rows < self.max_tokens {
+            return Err(Error::Shape {
+                op,
+                message: format!("`{what}` has {} rows, steps of up to {} tokens need as many", act.rows, self.max_tokens),
+            });
+        }
+        self.bind(op, what, act.buffer, act.bytes(self.max_tokens))
+    }
+
+    /// The binding of the first `bytes` of `buffer`, which must hold them, within the
+    /// adapter's largest binding.
+    pub(crate) fn bind<'b>(&self, op: &'static str, what: &str, buffer: &'b wgpu::Buffer, bytes: u64) -> Result<wgpu::BindingResource<'b>> {
+        require_bytes(op, what, buffer, bytes)?;
+        if bytes > self.gpu.max_binding() {
+            let message = format!("`{what}`: {bytes} bytes exceed the largest binding, {}", self.gpu.max_binding());
+            return Err(Error::Shape { op, message });
+        }
+        Ok(binding(buffer, bytes))
+    }
+}
+
+/// Fails unless `buffer` holds at least `bytes` bytes.
+pub(crate) fn require_bytes(op: &'static str, what: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
+    if buffer.size() < bytes {
+        return Err(Error::Shape { op, message: format!("`{what}` holds {} bytes, needs {bytes}", buffer.size()) });
+    }
+    Ok(())
+}
+
+/// A binding of the first `bytes` of `buffer`, unchecked (weights split to fit).
+pub(crate) fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: 0, size: NonZeroU64::new(bytes) })
+}

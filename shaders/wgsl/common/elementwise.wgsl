@@ -1,0 +1,15 @@
+// Bindings 0 and 1 of the element-wise kernels (swiglu, copy_row), whose params are
+// one Rust struct (`ops::elementwise::Params`).
+
+//#include "common/step.wgsl"
+
+struct Params {
+    // Values per token.
+    n: u32,
+    // copy_row: the row to copy, 0xffffffff for the step's last token. Unused elsewhere.
+    row: u32,
+    pad0: u32,
+    pad1: u32,
+}
+
+@group(0) @binding(1) var<uniform> params: Params;
