@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "strata", version, about = "Run large language models across the GPUs of a LAN (one machine works too).")]
+#[command(
+    name = "strata",
+    version,
+    about = "Run large language models across the GPUs of a LAN (one machine works too)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -253,7 +257,7 @@ pub struct NodesArgs {
     /// Stop listening as soon as this many nodes are known.
     #[arg(long, value_name = "N")]
     pub expect: Option<usize>,
-    /// Also list this node, as HOST:PORT (repeatable; details come over gRPC later).
+    /// Also list this node, as HOST:PORT (repeatable; listed by address: only mDNS tells details).
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
     /// Do not browse mDNS: list only the `--peer` nodes.

@@ -18,7 +18,7 @@ use strata_node::advertise::{self, Advertisement, NodeAdvert, SERVICE_TYPE, txt}
 
 use crate::cli::NodesArgs;
 
-/// What a node says about itself (mDNS TXT records, or gRPC `Info` for static peers).
+/// What a node says about itself in its mDNS TXT records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeDetails {
     pub node_id: String,
@@ -42,8 +42,8 @@ pub struct NodeEntry {
     pub key: String,
     pub name: String,
     pub addr: SocketAddr,
-    /// `None` for a static peer until its gRPC `Info` answer is recorded with
-    /// `NodeTable::set_details` (or for an mDNS node with unreadable TXT records).
+    /// `None` for a static peer (only mDNS carries details into the table) or for an mDNS
+    /// node with unreadable TXT records.
     pub details: Option<NodeDetails>,
     pub source: Source,
     /// When the entry was first added (for resolution-latency reports).
@@ -87,7 +87,15 @@ impl NodeTable {
         match event {
             TableEvent::Resolved { fullname, name, addr, details } => {
                 let found_at = self.entries.get(&fullname).map_or(now, |e| e.found_at);
-                let entry = NodeEntry { key: fullname.clone(), name, addr, details, source: Source::Mdns, found_at, last_seen: now };
+                let entry = NodeEntry {
+                    key: fullname.clone(),
+                    name,
+                    addr,
+                    details,
+                    source: Source::Mdns,
+                    found_at,
+                    last_seen: now,
+                };
                 let changed = self.entries.get(&fullname).is_none_or(|old| {
                     (old.name.as_str(), old.addr, &old.details) != (entry.name.as_str(), entry.addr, &entry.details)
                 });
@@ -98,7 +106,7 @@ impl NodeTable {
         }
     }
 
-    /// Adds a static peer (kept until removed; its details come later over gRPC).
+    /// Adds a static peer, known by its address alone (kept until removed).
     pub fn add_static(&mut self, addr: SocketAddr, now: Instant) {
         let key = format!("static:{addr}");
         self.entries.entry(key.clone()).or_insert(NodeEntry {
@@ -110,22 +118,6 @@ impl NodeTable {
             found_at: now,
             last_seen: now,
         });
-    }
-
-    /// Hook for the gRPC `Info` answer of a static peer (or a fresher one for any node);
-    /// the pipeline driver is to call it once it asks peers for `Info`.
-    #[allow(dead_code)]
-    pub fn set_details(&mut self, key: &str, name: Option<String>, details: NodeDetails) -> bool {
-        match self.entries.get_mut(key) {
-            Some(e) => {
-                if let Some(n) = name {
-                    e.name = n;
-                }
-                e.details = Some(details);
-                true
-            }
-            None => false,
-        }
     }
 
     /// Renews an entry's lease (a liveness probe answered).
@@ -161,7 +153,8 @@ impl NodeTable {
 
     /// The nodes, by name; a static peer that mDNS also found is listed once, as found.
     pub fn nodes(&self) -> Vec<&NodeEntry> {
-        let mdns_addrs: Vec<SocketAddr> = self.entries.values().filter(|e| e.source == Source::Mdns).map(|e| e.addr).collect();
+        let mdns_addrs: Vec<SocketAddr> =
+            self.entries.values().filter(|e| e.source == Source::Mdns).map(|e| e.addr).collect();
         let mut v: Vec<&NodeEntry> =
             self.entries.values().filter(|e| e.source == Source::Mdns || !mdns_addrs.contains(&e.addr)).collect();
         v.sort_by(|a, b| (&a.name, a.addr).cmp(&(&b.name, b.addr)));
@@ -188,7 +181,12 @@ pub struct BrowseConfig {
 
 impl Default for BrowseConfig {
     fn default() -> Self {
-        BrowseConfig { interfaces: Vec::new(), no_ipv6: false, lease: Duration::from_secs(15), probe_timeout: Duration::from_millis(500) }
+        BrowseConfig {
+            interfaces: Vec::new(),
+            no_ipv6: false,
+            lease: Duration::from_secs(15),
+            probe_timeout: Duration::from_millis(500),
+        }
     }
 }
 
@@ -216,7 +214,13 @@ impl Browser {
             daemon.disable_interface(IfKind::IPv6)?;
         }
         let events = daemon.browse(SERVICE_TYPE).context("mDNS: cannot browse")?;
-        Ok(Browser { daemon: Some(daemon), events: Some(events), table: NodeTable::new(config.lease), config, started: Instant::now() })
+        Ok(Browser {
+            daemon: Some(daemon),
+            events: Some(events),
+            table: NodeTable::new(config.lease),
+            config,
+            started: Instant::now(),
+        })
     }
 
     /// A browser that only holds static peers (`--no-mdns`).
@@ -315,7 +319,8 @@ fn handle(table: &mut NodeTable, ev: ServiceEvent) {
         ServiceEvent::ServiceResolved(s) => {
             let Some(ip) = pick_address(s.addresses.iter().map(|a| a.to_ip_addr())) else { return };
             let val = |k: &str| s.get_property_val_str(k).map(str::to_owned);
-            let details = parse_details(val(txt::ID), val(txt::PROTO), val(txt::MEM), val(txt::ADAPTER), val(txt::BACKEND));
+            let details =
+                parse_details(val(txt::ID), val(txt::PROTO), val(txt::MEM), val(txt::ADAPTER), val(txt::BACKEND));
             if details.is_none() {
                 tracing::warn!(service = %s.fullname, "mDNS: node with unreadable TXT records (another Strata version?)");
             }
@@ -423,8 +428,16 @@ pub fn discover_nodes(expect: Option<usize>, timeout: Duration) -> anyhow::Resul
     };
     let mut nodes: Vec<&NodeEntry> = browser.table().nodes();
     for e in nodes.iter().filter(|e| !e.compatible()) {
-        let proto = e.details.as_ref().map_or("unreadable TXT records".to_string(), |d| format!("protocol {}", d.protocol_version));
-        eprintln!("ignoring node {} at {}: {proto}, this coordinator speaks {}", e.name, e.addr, strata_proto::PROTOCOL_VERSION);
+        let proto = e
+            .details
+            .as_ref()
+            .map_or("unreadable TXT records".to_string(), |d| format!("protocol {}", d.protocol_version));
+        eprintln!(
+            "ignoring node {} at {}: {proto}, this coordinator speaks {}",
+            e.name,
+            e.addr,
+            strata_proto::PROTOCOL_VERSION
+        );
     }
     nodes.retain(|e| e.compatible());
     if let Some(n) = expect
@@ -434,7 +447,11 @@ pub fn discover_nodes(expect: Option<usize>, timeout: Duration) -> anyhow::Resul
             "found {} of the {n} nodes expected over mDNS within {:.1} s ({}); is multicast blocked? try --peer HOST:PORT",
             nodes.len(),
             timeout.as_secs_f64(),
-            if nodes.is_empty() { "none".to_string() } else { nodes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ") }
+            if nodes.is_empty() {
+                "none".to_string()
+            } else {
+                nodes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
+            }
         );
     }
     for e in &nodes {
@@ -453,7 +470,11 @@ pub fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
     match args.expect {
         Some(n) => {
             if !browser.wait_for(n, timeout) {
-                tracing::warn!("found {} of the {n} nodes expected within {:.1} s", browser.table().len(), args.timeout);
+                tracing::warn!(
+                    "found {} of the {n} nodes expected within {:.1} s",
+                    browser.table().len(),
+                    args.timeout
+                );
             }
         }
         // No "everyone answered" signal exists in mDNS: listen for the whole window.
@@ -480,14 +501,21 @@ pub fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no nodes found in {:.1} s (is `strata node` running on this LAN? multicast blocked? try --peer HOST:PORT)", args.timeout);
+        println!(
+            "no nodes found in {:.1} s (is `strata node` running on this LAN? multicast blocked? try --peer HOST:PORT)",
+            args.timeout
+        );
         return Ok(());
     }
     println!("{:<20} {:<22} {:<32} {:>12} {:>12}", "NAME", "ADDRESS", "ADAPTER", "MEMORY", "RTT (TCP connect)");
     for r in &rows {
         let (adapter, memory) = match r.details {
             Some(d) => {
-                let a = if r.compatible { d.adapter.clone() } else { format!("{} (protocol {})", d.adapter, d.protocol_version) };
+                let a = if r.compatible {
+                    d.adapter.clone()
+                } else {
+                    format!("{} (protocol {})", d.adapter, d.protocol_version)
+                };
                 (a, strata_node::memory::format_bytes(d.usable_memory))
             }
             None => ("?".to_string(), "?".to_string()),
@@ -503,7 +531,13 @@ mod tests {
     use super::*;
 
     fn details(mem: u64) -> NodeDetails {
-        NodeDetails { node_id: "id1".into(), protocol_version: strata_proto::PROTOCOL_VERSION, usable_memory: mem, adapter: "llvmpipe".into(), backend: "Vulkan".into() }
+        NodeDetails {
+            node_id: "id1".into(),
+            protocol_version: strata_proto::PROTOCOL_VERSION,
+            usable_memory: mem,
+            adapter: "llvmpipe".into(),
+            backend: "Vulkan".into(),
+        }
     }
 
     fn resolved(name: &str, addr: &str, mem: u64) -> TableEvent {
@@ -527,7 +561,10 @@ mod tests {
         // A new address or memory is an update, not a second entry; found_at stays.
         assert!(t.apply(resolved("a", "10.0.0.9:7470", 3), t0 + Duration::from_secs(6)));
         let a = t.nodes()[0].clone();
-        assert_eq!((a.name.as_str(), a.addr.to_string(), a.details.as_ref().unwrap().usable_memory), ("a", "10.0.0.9:7470".into(), 3));
+        assert_eq!(
+            (a.name.as_str(), a.addr.to_string(), a.details.as_ref().unwrap().usable_memory),
+            ("a", "10.0.0.9:7470".into(), 3)
+        );
         assert_eq!(a.found_at, t0);
         assert!(a.compatible());
         assert!(t.apply(TableEvent::Removed { fullname: format!("b.{SERVICE_TYPE}") }, t0));
@@ -553,17 +590,15 @@ mod tests {
     }
 
     #[test]
-    fn static_peers_merge_with_mdns_and_take_grpc_details() {
+    fn static_peers_merge_with_mdns() {
         let t0 = Instant::now();
         let mut t = NodeTable::new(Duration::from_secs(10));
         t.add_static("10.0.0.1:7470".parse().unwrap(), t0);
         t.add_static("10.0.0.2:7470".parse().unwrap(), t0);
         assert!(t.nodes().iter().all(|e| e.details.is_none() && !e.compatible()));
-        assert!(t.set_details("static:10.0.0.2:7470", Some("box2".into()), details(5)));
-        assert!(!t.set_details("static:10.9.9.9:1", None, details(5)));
         t.apply(resolved("box1", "10.0.0.1:7470", 7), t0);
         let names: Vec<_> = t.nodes().iter().map(|e| (e.name.clone(), e.source)).collect();
-        assert_eq!(names, [("box1".to_string(), Source::Mdns), ("box2".to_string(), Source::Static)]);
+        assert_eq!(names, [("10.0.0.2:7470".to_string(), Source::Static), ("box1".to_string(), Source::Mdns)]);
     }
 
     #[test]
@@ -579,7 +614,8 @@ mod tests {
     #[test]
     fn names_and_addresses() {
         assert_eq!(instance_name(&format!("node\\.1.{SERVICE_TYPE}")), "node.1");
-        let ips: Vec<IpAddr> = ["fe80::1", "10.0.0.2", "10.0.0.1", "0.0.0.0"].iter().map(|s| s.parse().unwrap()).collect();
+        let ips: Vec<IpAddr> =
+            ["fe80::1", "10.0.0.2", "10.0.0.1", "0.0.0.0"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(pick_address(ips.into_iter()), Some("10.0.0.1".parse().unwrap()));
     }
 }

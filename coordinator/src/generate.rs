@@ -7,12 +7,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use strata_model::chat::{ChatMessage, ChatTemplate};
 use strata_model::gguf::Gguf;
-use strata_model::plan::{ModelCost, PlanConfig};
 use strata_model::sampling::SamplingParams;
 use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::{BenchArgs, RunArgs};
-use crate::engine::Engine;
+use crate::engine::{self, Engine, NodeCounters, Placement};
 
 #[derive(Serialize)]
 struct RunReport {
@@ -27,11 +26,11 @@ struct RunReport {
     decode_tokens_per_s: f64,
     stop_reason: &'static str,
     /// Where the layers ran, in pipeline order.
-    stages: Vec<Placement>,
+    stages: Vec<RunStage>,
 }
 
 #[derive(Serialize)]
-struct Placement {
+struct RunStage {
     node: String,
     /// The node's stage service (empty for the in-process engine).
     address: String,
@@ -42,7 +41,8 @@ struct Placement {
 /// only where the model asks for it (as llama.cpp does).
 fn prompt_ids(gguf: &Gguf, tok: &Tokenizer, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
     let text = if chat {
-        let template = ChatTemplate::from_gguf(gguf)?.context("--chat: the model has no chat template (tokenizer.chat_template)")?;
+        let template = ChatTemplate::from_gguf(gguf)?
+            .context("--chat: the model has no chat template (tokenizer.chat_template)")?;
         template.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?
     } else {
         prompt.to_owned()
@@ -69,7 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
-    let mut engine = Engine::load(&gguf, &args.engine)?;
+    let mut engine = engine::load(&gguf, &args.engine)?;
     let need = ids.len() + args.max_tokens as usize;
     if need > engine.ctx() as usize {
         bail!(
@@ -79,67 +79,94 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             engine.ctx()
         );
     }
-    let seq = 0;
-    if sampling.has_penalties() {
-        engine.note_prompt(seq, &ids)?;
-    }
     let mut out = std::io::stdout().lock();
-    let mut stream = tok.stream();
-    let mut generated = Vec::new();
-    let mut text = String::new();
-    let t0 = Instant::now();
-    let mut prefill_seconds = 0.0;
-    let mut stop_reason = "length";
-    if args.max_tokens > 0 {
-        let mut token = engine.prefill(seq, &ids, 0, &sampling)?;
-        prefill_seconds = t0.elapsed().as_secs_f64();
-        loop {
-            if tok.is_end_of_generation(token) && !args.ignore_eos {
-                stop_reason = "stop";
-                break;
-            }
-            generated.push(token);
-            let piece = stream.push(token);
-            if !args.json {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
-            }
-            text.push_str(&piece);
-            if generated.len() >= args.max_tokens as usize {
-                break;
-            }
-            let pos = (ids.len() + generated.len() - 1) as u32;
-            token = engine.step(seq, &[token], &[pos], &sampling)?;
-        }
-    }
-    let rest = stream.finish();
-    text.push_str(&rest);
-    let decode_seconds = t0.elapsed().as_secs_f64() - prefill_seconds;
-    let decoded = generated.len().saturating_sub(1);
+    let g = generate(&mut *engine, &tok, &ids, &args, &sampling, &mut out)?;
+    let decoded = g.ids.len().saturating_sub(1);
     let report = RunReport {
         prompt_tokens: ids.len(),
-        generated_tokens: generated.len(),
-        prefill_tokens_per_s: rate(ids.len(), prefill_seconds),
-        decode_tokens_per_s: rate(decoded, decode_seconds),
+        generated_tokens: g.ids.len(),
+        prefill_tokens_per_s: rate(ids.len(), g.prefill_seconds),
+        decode_tokens_per_s: rate(decoded, g.decode_seconds),
         prompt_ids: ids,
-        generated_ids: generated,
-        text,
-        prefill_seconds,
-        decode_seconds,
-        stop_reason,
-        stages: engine.placement().into_iter().map(|(node, address, l)| Placement { node, address, layers: [l.start, l.end] }).collect(),
+        generated_ids: g.ids,
+        text: g.text,
+        prefill_seconds: g.prefill_seconds,
+        decode_seconds: g.decode_seconds,
+        stop_reason: g.stop_reason,
+        stages: engine
+            .placement()
+            .into_iter()
+            .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
+            .collect(),
     };
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{rest}")?;
+        writeln!(out, "{}", g.rest)?;
         eprintln!(
             "\n[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s]",
             report.prompt_tokens, report.prefill_tokens_per_s, report.generated_tokens, report.decode_tokens_per_s
         );
     }
     Ok(())
+}
+
+/// What `run` generated, and how long it took.
+struct Generated {
+    ids: Vec<u32>,
+    /// All of the text, `rest` included.
+    text: String,
+    /// The text the detokenizer held back until the end (not yet streamed).
+    rest: String,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+    stop_reason: &'static str,
+}
+
+/// Prefills `prompt` and decodes one sequence until an end-of-generation token (unless
+/// `--ignore-eos`) or `--max-tokens`, streaming the text to `out` unless `--json`.
+fn generate(
+    engine: &mut dyn Engine,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    args: &RunArgs,
+    sampling: &SamplingParams,
+    out: &mut impl Write,
+) -> anyhow::Result<Generated> {
+    let seq = 0;
+    let mut stream = tok.stream();
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    let t0 = Instant::now();
+    let mut prefill_seconds = 0.0;
+    let mut stop_reason = "length";
+    if args.max_tokens > 0 {
+        let mut token = engine.prefill(seq, prompt, 0, sampling)?;
+        prefill_seconds = t0.elapsed().as_secs_f64();
+        loop {
+            if tok.is_end_of_generation(token) && !args.ignore_eos {
+                stop_reason = "stop";
+                break;
+            }
+            ids.push(token);
+            let piece = stream.push(token);
+            if !args.json {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            text.push_str(&piece);
+            if ids.len() >= args.max_tokens as usize {
+                break;
+            }
+            let pos = (prompt.len() + ids.len() - 1) as u32;
+            token = engine.step(seq, &[token], &[pos], sampling)?;
+        }
+    }
+    let rest = stream.finish();
+    text.push_str(&rest);
+    let decode_seconds = t0.elapsed().as_secs_f64() - prefill_seconds;
+    Ok(Generated { ids, text, rest, prefill_seconds, decode_seconds, stop_reason })
 }
 
 fn rate(n: usize, secs: f64) -> f64 {
@@ -188,117 +215,152 @@ struct HopReport {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let mut engine = Engine::load(&gguf, &args.engine)?;
+    let mut engine = engine::load(&gguf, &args.engine)?;
     let need = args.prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
-        bail!("--prompt-tokens + --decode-tokens = {need} is more than the context length {} (raise --ctx)", engine.ctx());
+        bail!(
+            "--prompt-tokens + --decode-tokens = {need} is more than the context length {} (raise --ctx)",
+            engine.ctx()
+        );
     }
-    let config = strata_model::config::ModelConfig::from_gguf(&gguf)?;
-    let vocab = config.n_vocab as u32;
-    // A deterministic prompt of ordinary tokens (ids past the control tokens at the start).
-    let ids: Vec<u32> = (0..args.prompt_tokens).map(|i| 300 + (i * 7919) % (vocab - 300).max(1)).collect();
+    let vocab = strata_model::config::ModelConfig::from_gguf(&gguf)?.n_vocab as u32;
+    let ids = bench_prompt(args.prompt_tokens, vocab);
+    let m = measure(&mut *engine, &ids, args.decode_tokens)?;
+    let report = bench_report(&args, &*engine, &m)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_bench(&report);
+    }
+    Ok(())
+}
+
+/// A deterministic prompt of `n` ordinary tokens: ids past the control tokens at the
+/// start of the vocabulary (the first 300), or any ids in a vocabulary smaller than that.
+fn bench_prompt(n: u32, vocab: u32) -> Vec<u32> {
+    let first = if vocab > 300 { 300 } else { 0 };
+    let span = (vocab - first).max(1);
+    (0..n).map(|i| first + (i * 7919) % span).collect()
+}
+
+/// What `bench` timed.
+struct Measured {
+    prefill_seconds: f64,
+    decode_seconds: f64,
+    /// Each node's counters over the decode steps (a pipeline's; empty for the local engine).
+    decode_counters: Vec<NodeCounters>,
+}
+
+/// Prefills `ids` and decodes `decode_tokens` greedily on one sequence, timing both.
+fn measure(engine: &mut dyn Engine, ids: &[u32], decode_tokens: u32) -> anyhow::Result<Measured> {
     let greedy = SamplingParams::greedy();
     // One warm-up step so that first-use costs (sequence set-up) stay out of the figures.
     engine.prefill(1, &ids[..1], 0, &greedy)?;
     engine.release(1)?;
-
     let t0 = Instant::now();
-    let mut token = engine.prefill(0, &ids, 0, &greedy)?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let before = match &engine {
-        Engine::Pipeline(p) => Some(p.counters()?),
-        Engine::Local(_) => None,
-    };
+    let mut token = engine.prefill(0, ids, 0, &greedy)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let before = engine.node_counters()?;
     let t1 = Instant::now();
-    for i in 0..args.decode_tokens {
-        token = engine.step(0, &[token], &[args.prompt_tokens + i], &greedy)?;
+    for i in 0..decode_tokens {
+        token = engine.step(0, &[token], &[ids.len() as u32 + i], &greedy)?;
     }
-    let decode = t1.elapsed().as_secs_f64();
-    let decode_tps = f64::from(args.decode_tokens) / decode;
-    let mut report = BenchReport {
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    let after = engine.node_counters()?;
+    let decode_counters = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+    Ok(Measured { prefill_seconds, decode_seconds, decode_counters })
+}
+
+fn bench_report(args: &BenchArgs, engine: &dyn Engine, m: &Measured) -> anyhow::Result<BenchReport> {
+    let decode_tps = f64::from(args.decode_tokens) / m.decode_seconds;
+    let placement = engine.placement();
+    let joined = |f: fn(&Placement) -> &str| placement.iter().map(f).collect::<Vec<_>>().join(" | ");
+    let bytes = engine.weight_bytes_per_token();
+    let achieved = bytes as f64 * decode_tps / 1e9;
+    let bandwidth = engine.read_bandwidth()?;
+    let pipelined = !m.decode_counters.is_empty();
+    Ok(BenchReport {
         model: args.engine.model.display().to_string(),
-        adapter: String::new(),
-        backend: String::new(),
+        adapter: joined(|p| &p.adapter),
+        backend: joined(|p| &p.backend),
         prompt_tokens: args.prompt_tokens,
         decode_tokens: args.decode_tokens,
-        prefill_tokens_per_s: f64::from(args.prompt_tokens) / prefill,
+        prefill_tokens_per_s: f64::from(args.prompt_tokens) / m.prefill_seconds,
         decode_tokens_per_s: decode_tps,
-        weight_bytes_per_token: 0,
-        decode_weight_gb_per_s: 0.0,
-        read_bandwidth_gb_per_s: None,
-        bandwidth_fraction: None,
-        stages: None,
-        hops: None,
+        weight_bytes_per_token: bytes,
+        decode_weight_gb_per_s: achieved,
+        read_bandwidth_gb_per_s: bandwidth,
+        bandwidth_fraction: bandwidth.map(|bw| achieved / bw),
+        stages: pipelined.then(|| stage_reports(&placement, m, args.decode_tokens)),
+        hops: pipelined.then(|| hop_reports(&placement, m, args.decode_tokens)),
+    })
+}
+
+/// Per stage, its decode compute per token.
+fn stage_reports(placement: &[Placement], m: &Measured, decode_tokens: u32) -> Vec<StageReport> {
+    let per = |secs: f64| secs / f64::from(decode_tokens) * 1e3;
+    let report = |(p, c): (&Placement, &NodeCounters)| StageReport {
+        name: p.node.clone(),
+        addr: p.address.clone(),
+        adapter: p.adapter.clone(),
+        layers: format!("{}..{}", p.layers.start, p.layers.end),
+        compute_ms_per_token: per(c.compute_seconds),
     };
-    match &engine {
-        Engine::Local(e) => {
-            let bytes = e.stage.weight_bytes_per_token();
-            let achieved = bytes as f64 * decode_tps / 1e9;
-            let bandwidth = strata_node::bench::read_bandwidth(e.stage.gpu())?;
-            let info = &e.stage.gpu().info;
-            report.adapter = info.name.clone();
-            report.backend = format!("{:?}", info.backend);
-            report.weight_bytes_per_token = bytes;
-            report.decode_weight_gb_per_s = achieved;
-            report.read_bandwidth_gb_per_s = Some(bandwidth);
-            report.bandwidth_fraction = Some(achieved / bandwidth);
-        }
-        Engine::Pipeline(p) => {
-            let after = p.counters()?;
-            let d: Vec<_> = after.iter().zip(before.as_deref().unwrap_or_default()).map(|(a, b)| a.since(b)).collect();
-            let cost = ModelCost::new(&gguf, &config, &PlanConfig::new(engine.ctx() as usize))?;
-            let bytes = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
-            report.adapter = p.stages.iter().map(|s| s.adapter.as_str()).collect::<Vec<_>>().join(" | ");
-            report.backend = p.stages.iter().map(|s| s.backend.as_str()).collect::<Vec<_>>().join(" | ");
-            report.weight_bytes_per_token = bytes;
-            report.decode_weight_gb_per_s = bytes as f64 * decode_tps / 1e9;
-            let n = f64::from(args.decode_tokens);
-            let per = |secs: f64| secs / n * 1e3;
-            report.stages = Some(
-                p.stages
-                    .iter()
-                    .zip(&d)
-                    .map(|(s, c)| StageReport {
-                        name: s.name.clone(),
-                        addr: s.addr.clone(),
-                        adapter: s.adapter.clone(),
-                        layers: format!("{}..{}", s.layers.start, s.layers.end),
-                        compute_ms_per_token: per(c.compute_seconds),
-                    })
-                    .collect(),
-            );
-            // What each side waited for beyond the stage after it: the hop's round trip.
-            let below = |k: usize| d.get(k).map_or(0.0, |c| c.compute_seconds + c.downstream_wait_seconds);
-            let mut hops = vec![HopReport { from: "coordinator".into(), to: p.stages[0].name.clone(), round_trip_ms: per(decode - below(0)) }];
-            for k in 0..p.stages.len().saturating_sub(1) {
-                hops.push(HopReport {
-                    from: p.stages[k].name.clone(),
-                    to: p.stages[k + 1].name.clone(),
-                    round_trip_ms: per(d[k].downstream_wait_seconds - below(k + 1)),
-                });
+    placement.iter().zip(&m.decode_counters).map(report).collect()
+}
+
+/// Per hop, what its upstream side waited beyond the stage after it: the round trip.
+fn hop_reports(placement: &[Placement], m: &Measured, decode_tokens: u32) -> Vec<HopReport> {
+    let per = |secs: f64| secs / f64::from(decode_tokens) * 1e3;
+    let d = &m.decode_counters;
+    let below = |k: usize| d.get(k).map_or(0.0, |c| c.compute_seconds + c.downstream_wait_seconds);
+    let first = HopReport {
+        from: "coordinator".into(),
+        to: placement[0].node.clone(),
+        round_trip_ms: per(m.decode_seconds - below(0)),
+    };
+    let rest = (0..placement.len().saturating_sub(1)).map(|k| HopReport {
+        from: placement[k].node.clone(),
+        to: placement[k + 1].node.clone(),
+        round_trip_ms: per(d[k].downstream_wait_seconds - below(k + 1)),
+    });
+    std::iter::once(first).chain(rest).collect()
+}
+
+fn print_bench(report: &BenchReport) {
+    println!("model            {}", report.model);
+    println!("adapter          {} ({})", report.adapter, report.backend);
+    println!("prefill          {:.1} tok/s ({} tokens)", report.prefill_tokens_per_s, report.prompt_tokens);
+    println!("decode           {:.2} tok/s ({} tokens)", report.decode_tokens_per_s, report.decode_tokens);
+    println!("weights/token    {:.1} MB", report.weight_bytes_per_token as f64 / 1e6);
+    println!("weight reads     {:.2} GB/s", report.decode_weight_gb_per_s);
+    if let (Some(bw), Some(f)) = (report.read_bandwidth_gb_per_s, report.bandwidth_fraction) {
+        println!("read bandwidth   {bw:.2} GB/s (plain streaming read, measured now)");
+        println!("fraction         {:.0}%", f * 100.0);
+    }
+    for s in report.stages.iter().flatten() {
+        println!(
+            "stage {:<10} layers {:<8} {:.2} ms/token compute ({})",
+            s.name, s.layers, s.compute_ms_per_token, s.addr
+        );
+    }
+    for h in report.hops.iter().flatten() {
+        println!("hop {} -> {}: {:.3} ms round trip per token", h.from, h.to, h.round_trip_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_prompts_stay_inside_any_vocabulary() {
+        for vocab in [1, 2, 100, 299, 300, 301, 49152, 151936] {
+            let ids = bench_prompt(1000, vocab);
+            assert!(ids.iter().all(|&t| t < vocab), "vocab {vocab}: {:?}", ids.iter().max());
+            if vocab > 300 {
+                assert!(ids.iter().all(|&t| t >= 300), "vocab {vocab}: control tokens in the prompt");
             }
-            report.hops = Some(hops);
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("model            {}", report.model);
-        println!("adapter          {} ({})", report.adapter, report.backend);
-        println!("prefill          {:.1} tok/s ({} tokens)", report.prefill_tokens_per_s, report.prompt_tokens);
-        println!("decode           {:.2} tok/s ({} tokens)", report.decode_tokens_per_s, report.decode_tokens);
-        println!("weights/token    {:.1} MB", report.weight_bytes_per_token as f64 / 1e6);
-        println!("weight reads     {:.2} GB/s", report.decode_weight_gb_per_s);
-        if let (Some(bw), Some(f)) = (report.read_bandwidth_gb_per_s, report.bandwidth_fraction) {
-            println!("read bandwidth   {bw:.2} GB/s (plain streaming read, measured now)");
-            println!("fraction         {:.0}%", f * 100.0);
-        }
-        for s in report.stages.iter().flatten() {
-            println!("stage {:<10} layers {:<8} {:.2} ms/token compute ({})", s.name, s.layers, s.compute_ms_per_token, s.addr);
-        }
-        for h in report.hops.iter().flatten() {
-            println!("hop {} -> {}: {:.3} ms round trip per token", h.from, h.to, h.round_trip_ms);
-        }
-    }
-    Ok(())
 }

@@ -3,18 +3,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use strata_node::gpu::{Gpu, GpuConfig};
-use strata_node::memory::{parse_size, probe};
-use strata_node::service::{self, NodeConfig, NodeIdentity, StageService};
-use strata_proto::tokio_stream::wrappers::ReceiverStream;
-use strata_proto::v1 as pb;
+use strata_node::memory::parse_size;
+use strata_node::service::{self, NodeOptions, StageService};
 
-use crate::cli::{BenchHopArgs, NodeArgs, Wire};
+use crate::cli::{BenchHopArgs, NodeArgs};
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -28,7 +24,9 @@ fn host_name() -> String {
 /// `$XDG_CACHE_HOME/strata`, else `~/.cache/strata`.
 fn default_cache_dir() -> Option<std::path::PathBuf> {
     let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
-    let base = xdg.or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    let base = xdg.or_else(|| {
+        std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| std::path::PathBuf::from(h).join(".cache"))
+    })?;
     Some(base.join("strata"))
 }
 
@@ -44,30 +42,24 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         None => default_cache_dir().context("no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set")?,
     };
     tracing::info!(dir = %cache_dir.display(), "shard cache");
-    let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: args.adapter.clone() })?);
     let name = args.name.clone().unwrap_or_else(host_name);
-    let identity = NodeIdentity {
-        node_id: format!("{name}-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() % 1_000_000),
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let service = StageService::open(NodeOptions {
+        node_id: format!("{name}-{}-{}", std::process::id(), started.as_nanos() % 1_000_000),
         name,
-        usable_memory: {
-            let probe = memory.resolve(|| probe(&gpu));
-            tracing::info!(bytes = probe.bytes, source = probe.source, "usable memory");
-            probe.bytes
-        },
-        adapter: gpu.info.name.clone(),
-        backend: format!("{:?}", gpu.info.backend),
-    };
-    let config = NodeConfig {
-        identity: identity.clone(),
+        adapter: args.adapter.clone(),
+        memory,
         model_dir: args.model_dir.clone(),
         model_files: Vec::new(),
         cache_dir: Some(cache_dir),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
-    };
-    let service = StageService::new(config, gpu)?;
+    })?;
+    let advert = service.identity().advert();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listener = strata_proto::transport::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let listener = strata_proto::transport::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         {
             let mut out = std::io::stdout().lock();
@@ -75,18 +67,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         // Kept alive while serving; dropping it sends mDNS goodbyes.
-        let _advertisement = crate::discovery::advertise_node(
-            &strata_node::advertise::NodeAdvert {
-                node_id: identity.node_id.clone(),
-                name: identity.name.clone(),
-                protocol_version: strata_proto::PROTOCOL_VERSION,
-                usable_memory: identity.usable_memory,
-                adapter: identity.adapter.clone(),
-                backend: identity.backend.clone(),
-            },
-            addr,
-            args.no_mdns,
-        )?;
+        let _advertisement = crate::discovery::advertise_node(&advert, addr, args.no_mdns)?;
         service::serve(listener, service, std::future::pending()).await?;
         Ok(())
     })
@@ -136,7 +117,11 @@ pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
             let guard = ChildGuard(child);
             let mut line = String::new();
             BufReader::new(stdout).read_line(&mut line)?;
-            let addr = line.trim().strip_prefix("listening on ").with_context(|| format!("unexpected node output `{}`", line.trim()))?.to_owned();
+            let addr = line
+                .trim()
+                .strip_prefix("listening on ")
+                .with_context(|| format!("unexpected node output `{}`", line.trim()))?
+                .to_owned();
             _child = Some(guard);
             addr
         }
@@ -144,43 +129,15 @@ pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let (format, width) = match args.wire {
-        Wire::F32 => (pb::HiddenFormat::F32, 4),
-        Wire::F16 => (pb::HiddenFormat::F16, 2),
-    };
-    let payload = vec![0u8; args.values * width];
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut times = rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&addr).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut results = client.forward(ReceiverStream::new(rx)).await?.into_inner();
-        let mut times = Vec::with_capacity(args.iterations);
-        for i in 0..args.warmup + args.iterations {
-            let act = pb::Activation {
-                seq_id: 1,
-                step: i as u64,
-                positions: vec![0],
-                hidden: payload.clone(),
-                format: format as i32,
-                want_token: true,
-                ..Default::default()
-            };
-            let t0 = Instant::now();
-            tx.send(act).await?;
-            results.message().await?.context("the node closed the stream")?;
-            if i >= args.warmup {
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        anyhow::Ok(times)
-    })?;
+    let hops = crate::engine::time_hops(&addr, args.wire, args.values, args.warmup, args.iterations)?;
+    let mut times = hops.round_trips_ms;
     times.sort_by(f64::total_cmp);
     let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
     let (p50, p99) = (pct(0.50), pct(0.99));
     let report = HopReport {
         values: args.values,
-        wire: format!("{format:?}").to_lowercase(),
-        payload_bytes: payload.len(),
+        wire: hops.format.into(),
+        payload_bytes: hops.payload_bytes,
         iterations: args.iterations,
         round_trip_p50_ms: p50,
         round_trip_p99_ms: p99,

@@ -10,7 +10,8 @@ use crate::cli::{PlanArgs, SynthesizeArgs};
 
 /// `NAME=SIZE` to a node budget.
 fn node_budget(spec: &str) -> anyhow::Result<NodeBudget> {
-    let (name, size) = spec.split_once('=').with_context(|| format!("--node `{spec}`: expected NAME=SIZE, e.g. desk=16GiB"))?;
+    let (name, size) =
+        spec.split_once('=').with_context(|| format!("--node `{spec}`: expected NAME=SIZE, e.g. desk=16GiB"))?;
     match parse_size(size)? {
         MemoryLimit::Bytes(b) => Ok(NodeBudget::new(name.trim(), b)),
         MemoryLimit::Auto => bail!("--node `{spec}`: give a size; `auto` needs a running node"),

@@ -5,7 +5,7 @@
 //! then advances every active sequence by one step (one prefill chunk or one decode
 //! token) and collects the results. No request holds the engine while others wait, and
 //! a pipelined engine can keep all of an iteration's steps in flight at once: that is why
-//! [`StepEngine`] splits a step into `submit` and `next_result`.
+//! [`Engine`] splits a step into `submit` and `next_result`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,203 +17,7 @@ use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use strata_node::stage::{Input, Logprobs};
-
-use crate::engine::{Engine, LocalEngine};
-
-/// One step of one sequence, as the scheduler hands it to an engine.
-pub struct Step<'a> {
-    pub seq: SeqId,
-    pub ids: &'a [u32],
-    pub positions: &'a [u32],
-    pub sampling: &'a SamplingParams,
-    /// The ids are prompt tokens (a prefill chunk), not yet in the sequence's history;
-    /// an engine that applies repetition penalties must note them.
-    pub prompt: bool,
-    /// Whether the caller needs the sampled token (false for all but the last prefill chunk).
-    pub want_token: bool,
-    /// With the token, its log-probability and this many top alternatives'.
-    pub logprobs: Option<u32>,
-}
-
-/// A sampled token, and its log-probabilities when the step asked for them.
-#[derive(Debug, Clone)]
-pub struct Sampled {
-    pub token: u32,
-    pub logprobs: Option<Logprobs>,
-}
-
-/// What the scheduler needs of an engine: the model on this machine, or a pipeline of
-/// stages on several.
-///
-/// `submit` starts a step and may return before it finishes; `next_result` returns the
-/// outcome of a submitted step (in any order; each submitted step yields exactly one
-/// result). A pipelined engine keeps several sequences in flight: stage k works on one
-/// while stage k+1 works on another.
-pub trait StepEngine: Send {
-    /// Starts a step. An error here concerns this step only (it yields no result).
-    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()>;
-    /// The next finished step: its sequence, and its sampled token (`None` when the step
-    /// did not ask for one) or the error that step hit. The outer error means the engine
-    /// itself failed: every step in flight is lost.
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)>;
-    /// Frees a sequence's caches on every stage. Releasing an unknown sequence is not an error.
-    fn release(&mut self, seq: SeqId) -> anyhow::Result<()>;
-    /// Positions of KV cache per sequence.
-    fn ctx(&self) -> u32;
-    /// The most tokens one step may carry (a prefill chunk).
-    fn max_batch(&self) -> u32;
-    /// Where the model runs and what each stage holds, for `/v1/cluster` and `/metrics`.
-    fn stats(&self) -> EngineStats;
-}
-
-/// A snapshot of an engine: one entry per stage, in pipeline order.
-#[derive(Debug, Clone, Default)]
-pub struct EngineStats {
-    pub n_layer: usize,
-    pub stages: Vec<StageStats>,
-    /// From submitting a step that wants a token to its token coming back.
-    pub step_latency: LatencyHistogram,
-}
-
-#[derive(Debug, Clone)]
-pub struct StageStats {
-    /// The node's name (`local` for this machine).
-    pub node: String,
-    /// The GPU adapter.
-    pub device: String,
-    /// Layers `[start, end)`.
-    pub layers: std::ops::Range<usize>,
-    pub weight_bytes: u64,
-    /// KV cache and recurrent state held for all sequences.
-    pub cache_bytes: u64,
-    /// The node's usable memory, where known.
-    pub memory_bytes: Option<u64>,
-    /// Sequences holding caches on this stage.
-    pub sequences: usize,
-    /// Steps (prefill chunks and decode tokens) the stage has run, and its time in them.
-    pub steps: u64,
-    pub busy_seconds: f64,
-}
-
-impl StageStats {
-    pub fn mean_step_seconds(&self) -> f64 {
-        if self.steps == 0 { 0.0 } else { self.busy_seconds / self.steps as f64 }
-    }
-}
-
-/// Upper bounds (seconds) of the step-latency buckets.
-pub const LATENCY_BOUNDS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-
-/// Step latencies in fixed buckets (Prometheus histogram semantics, counts not cumulative).
-#[derive(Debug, Clone, Default)]
-pub struct LatencyHistogram {
-    /// One count per bound in [`LATENCY_BOUNDS`], plus one for larger values.
-    pub counts: [u64; LATENCY_BOUNDS.len() + 1],
-    pub sum_seconds: f64,
-    pub count: u64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = LATENCY_BOUNDS.iter().position(|&b| s <= b).unwrap_or(LATENCY_BOUNDS.len());
-        self.counts[i] += 1;
-        self.sum_seconds += s;
-        self.count += 1;
-    }
-}
-
-/// One local stage driven step by step: `submit` runs the step at once and queues its
-/// result (there is no second stage to overlap with).
-pub struct SyncStepEngine {
-    engine: LocalEngine,
-    results: VecDeque<(SeqId, anyhow::Result<Option<Sampled>>)>,
-    latency: LatencyHistogram,
-    steps: u64,
-    busy_seconds: f64,
-}
-
-impl SyncStepEngine {
-    pub fn new(engine: LocalEngine) -> Self {
-        SyncStepEngine { engine, results: VecDeque::new(), latency: LatencyHistogram::default(), steps: 0, busy_seconds: 0.0 }
-    }
-}
-
-/// The scheduler's engine for `engine`: a pipeline keeps steps in flight; a local
-/// stage runs them one by one.
-pub fn step_engine(engine: Engine) -> Box<dyn StepEngine> {
-    match engine {
-        Engine::Local(e) => Box::new(SyncStepEngine::new(e)),
-        Engine::Pipeline(p) => Box::new(p),
-    }
-}
-
-impl StepEngine for SyncStepEngine {
-    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        let result = (|| {
-            let stage = &mut self.engine.stage;
-            if step.prompt && step.sampling.has_penalties() {
-                stage.note_prompt(step.seq, step.ids)?;
-            }
-            if !step.want_token {
-                stage.advance(step.seq, Input::Tokens(step.ids), step.positions)?;
-                return Ok(None);
-            }
-            if let Some(top) = step.logprobs {
-                let (token, lp) = stage.forward_logprobs(step.seq, Input::Tokens(step.ids), step.positions, step.sampling, top as usize)?;
-                return Ok(Some(Sampled { token, logprobs: Some(lp) }));
-            }
-            let token = self.engine.step(step.seq, step.ids, step.positions, step.sampling)?;
-            Ok(Some(Sampled { token, logprobs: None }))
-        })();
-        let took = t0.elapsed();
-        if step.want_token {
-            self.latency.observe(took);
-        }
-        self.steps += 1;
-        self.busy_seconds += took.as_secs_f64();
-        self.results.push_back((step.seq, result));
-        Ok(())
-    }
-
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
-        self.results.pop_front().ok_or_else(|| anyhow::anyhow!("next_result without a submitted step"))
-    }
-
-    fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-        self.engine.stage.release(seq);
-        Ok(())
-    }
-
-    fn ctx(&self) -> u32 {
-        self.engine.ctx
-    }
-
-    fn max_batch(&self) -> u32 {
-        self.engine.batch
-    }
-
-    fn stats(&self) -> EngineStats {
-        let stage = &self.engine.stage;
-        EngineStats {
-            n_layer: stage.config().n_layer(),
-            stages: vec![StageStats {
-                node: "local".into(),
-                device: stage.gpu().info.name.clone(),
-                layers: stage.spec().layers.clone(),
-                weight_bytes: stage.weight_bytes(),
-                cache_bytes: stage.cache_bytes(),
-                memory_bytes: None,
-                sequences: stage.sequences(),
-                steps: self.steps,
-                busy_seconds: self.busy_seconds,
-            }],
-            step_latency: self.latency.clone(),
-        }
-    }
-}
+use crate::engine::{Engine, EngineStats, ErrorCode, Sampled, Step, StepError};
 
 /// What a request asks to generate. The prompt is already tokenised and fits the context.
 #[derive(Debug, Clone)]
@@ -272,7 +76,7 @@ pub enum Event {
     /// A generated token's log-probabilities (sent before its text, when asked for).
     Logprob(TokenLogprob),
     Done(Finished),
-    Failed(String),
+    Failed(StepError),
 }
 
 /// Counters and gauges the scheduler publishes after every iteration.
@@ -321,7 +125,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn spawn(engine: Box<dyn StepEngine>, tokenizer: Arc<Tokenizer>, config: SchedulerConfig) -> anyhow::Result<Scheduler> {
+    pub fn spawn(
+        engine: Box<dyn Engine>,
+        tokenizer: Arc<Tokenizer>,
+        config: SchedulerConfig,
+    ) -> anyhow::Result<Scheduler> {
         let (jobs, rx) = std::sync::mpsc::channel();
         let snapshot = Snapshot { engine: engine.stats(), ..Snapshot::default() };
         let shared = Arc::new(Shared { snapshot: Mutex::new(snapshot), recent: Mutex::new(VecDeque::new()) });
@@ -329,7 +137,15 @@ impl Scheduler {
         let s = shared.clone();
         std::thread::Builder::new().name("scheduler".into()).spawn(move || {
             let mut engine = engine;
-            Loop { engine: &mut *engine, tok: &tokenizer, jobs: rx, shared: s, max_seqs: config.max_seqs.max(1), totals: (0, 0) }.run()
+            Loop {
+                engine: &mut *engine,
+                tok: &tokenizer,
+                jobs: rx,
+                shared: s,
+                max_seqs: config.max_seqs.max(1),
+                totals: (0, 0),
+            }
+            .run()
         })?;
         Ok(Scheduler { jobs, shared, next_id: Arc::new(AtomicU64::new(1)), ctx })
     }
@@ -379,11 +195,11 @@ struct Active<'t> {
     last: Option<u32>,
     first_token: Option<Instant>,
     finish: Option<FinishReason>,
-    failed: Option<String>,
+    failed: Option<StepError>,
 }
 
 struct Loop<'a> {
-    engine: &'a mut dyn StepEngine,
+    engine: &'a mut dyn Engine,
     tok: &'a Tokenizer,
     jobs: std::sync::mpsc::Receiver<Job>,
     shared: Arc<Shared>,
@@ -394,7 +210,6 @@ struct Loop<'a> {
 
 impl<'a> Loop<'a> {
     fn run(mut self) {
-        let tok = self.tok;
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut active: Vec<Active<'a>> = Vec::new();
         let mut next_seq: SeqId = 1;
@@ -417,15 +232,7 @@ impl<'a> Loop<'a> {
             {
                 let seq = next_seq;
                 next_seq += 1;
-                let span = tracing::info_span!("request", id = job.id, seq);
-                span.in_scope(|| tracing::debug!(prompt_tokens = job.request.prompt.len(), max_tokens = job.request.max_tokens, "admitted"));
-                if let Err(e) = check(&job.request, self.engine.ctx()) {
-                    let _ = job.events.send(Event::Failed(e));
-                    continue;
-                }
-                self.totals.0 += job.request.prompt.len() as u64;
-                let stop = StopMatcher::new(job.request.stop.clone());
-                active.push(Active { job, seq, span, prefilled: 0, stream: tok.stream(), stop, generated: 0, last: None, first_token: None, finish: None, failed: None });
+                active.extend(self.admit(job, seq));
             }
             // Receivers dropped: the client went away. Free the caches now.
             active.retain(|a| {
@@ -441,7 +248,8 @@ impl<'a> Loop<'a> {
             if !active.is_empty() {
                 self.step_all(&mut active);
             }
-            let (done, keep): (Vec<_>, Vec<_>) = active.into_iter().partition(|a| a.finish.is_some() || a.failed.is_some());
+            let (done, keep): (Vec<_>, Vec<_>) =
+                active.into_iter().partition(|a| a.finish.is_some() || a.failed.is_some());
             active = keep;
             for a in done {
                 if let Err(e) = self.engine.release(a.seq) {
@@ -460,6 +268,33 @@ impl<'a> Loop<'a> {
         }
     }
 
+    /// Starts a request as sequence `seq`, or fails it at once when it does not fit.
+    fn admit(&mut self, job: Job, seq: SeqId) -> Option<Active<'a>> {
+        let span = tracing::info_span!("request", id = job.id, seq);
+        span.in_scope(|| {
+            tracing::debug!(prompt_tokens = job.request.prompt.len(), max_tokens = job.request.max_tokens, "admitted")
+        });
+        if let Err(e) = check(&job.request, self.engine.ctx()) {
+            let _ = job.events.send(Event::Failed(e));
+            return None;
+        }
+        self.totals.0 += job.request.prompt.len() as u64;
+        let stop = StopMatcher::new(job.request.stop.clone());
+        Some(Active {
+            job,
+            seq,
+            span,
+            prefilled: 0,
+            stream: self.tok.stream(),
+            stop,
+            generated: 0,
+            last: None,
+            first_token: None,
+            finish: None,
+            failed: None,
+        })
+    }
+
     /// Submits one step of every active sequence, then collects every result.
     fn step_all(&mut self, active: &mut [Active<'a>]) {
         let chunk = self.engine.max_batch().max(1) as usize;
@@ -476,11 +311,19 @@ impl<'a> Loop<'a> {
                 (vec![t], (prompt.len() + a.generated - 1) as u32, false, true)
             };
             let positions: Vec<u32> = (start..start + ids.len() as u32).collect();
-            let step = Step { seq: a.seq, ids: &ids, positions: &positions, sampling: &a.job.request.sampling, prompt: is_prompt, want_token, logprobs: a.job.request.logprobs };
+            let step = Step {
+                seq: a.seq,
+                ids: &ids,
+                positions: &positions,
+                sampling: &a.job.request.sampling,
+                prompt: is_prompt,
+                want_token,
+                logprobs: a.job.request.logprobs,
+            };
             let _enter = a.span.enter();
             match self.engine.submit(step) {
                 Ok(()) => in_flight += 1,
-                Err(e) => a.failed = Some(format!("{e:#}")),
+                Err(e) => a.failed = Some(StepError::new(ErrorCode::Internal, format!("{e:#}"))),
             }
         }
         let mut generated = 0u32;
@@ -497,13 +340,15 @@ impl<'a> Loop<'a> {
                             self.accept(a, sampled);
                         }
                         Ok(None) => {}
-                        Err(e) => a.failed = Some(format!("{e:#}")),
+                        Err(e) => a.failed = Some(e),
                     }
                 }
                 Err(e) => {
                     tracing::error!("engine failed: {e:#}");
                     for a in active.iter_mut() {
-                        a.failed.get_or_insert_with(|| format!("engine failed: {e:#}"));
+                        a.failed.get_or_insert_with(|| {
+                            StepError::new(ErrorCode::Internal, format!("engine failed: {e:#}"))
+                        });
                     }
                     break;
                 }
@@ -531,7 +376,14 @@ impl<'a> Loop<'a> {
                 (String::from_utf8_lossy(&bytes).into_owned(), bytes)
             };
             let (text, bytes) = entry(token);
-            let top = lp.top.iter().map(|&(id, l)| { let (t, b) = entry(id); (t, b, l) }).collect();
+            let top = lp
+                .top
+                .iter()
+                .map(|&(id, l)| {
+                    let (t, b) = entry(id);
+                    (t, b, l)
+                })
+                .collect();
             let _ = a.job.events.send(Event::Logprob(TokenLogprob { token: text, bytes, logprob: lp.token, top }));
         }
         let piece = a.stream.push(token);
@@ -552,15 +404,16 @@ impl<'a> Loop<'a> {
 }
 
 /// The request fits: a non-empty prompt with room for at least one generated token.
-fn check(r: &GenRequest, ctx: u32) -> Result<(), String> {
+fn check(r: &GenRequest, ctx: u32) -> Result<(), StepError> {
+    let invalid = |m: String| Err(StepError::new(ErrorCode::InvalidArgument, m));
     if r.prompt.is_empty() {
-        return Err("the prompt is empty: it has no tokens".into());
+        return invalid("the prompt is empty: it has no tokens".into());
     }
     if r.prompt.len() >= ctx as usize {
-        return Err(format!("the prompt has {} tokens, but the context length is {ctx}", r.prompt.len()));
+        return invalid(format!("the prompt has {} tokens, but the context length is {ctx}", r.prompt.len()));
     }
     if r.max_tokens == 0 {
-        return Err("max_tokens must be at least 1".into());
+        return invalid("max_tokens must be at least 1".into());
     }
     Ok(())
 }
@@ -615,7 +468,11 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new(), stopped: false }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+            stopped: false,
+        }
     }
 
     /// Adds text; returns what may be emitted now and whether a stop string was reached
@@ -652,6 +509,7 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{Placement, StepOutcome};
 
     fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool, String) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
@@ -665,10 +523,12 @@ mod tests {
         (out, stopped, m.flush())
     }
 
+    /// Stops, pieces, emitted per push, stopped, left over.
+    type StopCase = (&'static [&'static str], &'static [&'static str], &'static [&'static str], bool, &'static str);
+
     #[test]
     fn stop_strings_are_never_emitted_even_in_part() {
-        let cases: &[(&[&str], &[&str], &[&str], bool, &str)] = &[
-            // stops, pieces, emitted per push, stopped, left over
+        let cases: &[StopCase] = &[
             (&[], &["a", "b"], &["a", "b"], false, ""),
             (&["END"], &["hello E", "N", "D more"], &["hello ", "", ""], true, ""),
             (&["END"], &["hello E", "N", "x"], &["hello ", "", "ENx"], false, ""),
@@ -689,18 +549,21 @@ mod tests {
     /// Records every step and answers with a fixed ordinary token per sequence.
     struct FakeEngine {
         log: Arc<Mutex<Vec<String>>>,
-        results: VecDeque<(SeqId, anyhow::Result<Option<Sampled>>)>,
+        results: VecDeque<(SeqId, StepOutcome)>,
     }
 
-    impl StepEngine for FakeEngine {
+    impl Engine for FakeEngine {
         fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
             self.log.lock().unwrap().push(format!("{}:{}@{}", step.seq, step.ids.len(), step.positions[0]));
             // Slow enough that a request submitted right after another joins it mid-way.
             std::thread::sleep(Duration::from_millis(20));
-            self.results.push_back((step.seq, Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None }))));
+            self.results.push_back((
+                step.seq,
+                Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None })),
+            ));
             Ok(())
         }
-        fn next_result(&mut self) -> anyhow::Result<(SeqId, anyhow::Result<Option<Sampled>>)> {
+        fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
             Ok(self.results.pop_front().expect("a submitted step"))
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
@@ -715,6 +578,12 @@ mod tests {
         }
         fn stats(&self) -> EngineStats {
             EngineStats::default()
+        }
+        fn placement(&self) -> Vec<Placement> {
+            Vec::new()
+        }
+        fn weight_bytes_per_token(&self) -> u64 {
+            0
         }
     }
 
@@ -733,12 +602,20 @@ mod tests {
 
     #[test]
     fn sequences_are_interleaved_step_by_step_and_released() {
-        let gguf = strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap();
+        let gguf =
+            strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
+                .unwrap();
         let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
         let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
         let sched = Scheduler::spawn(Box::new(engine), tok.clone(), SchedulerConfig { max_seqs: 2 }).unwrap();
-        let req = |n: usize, max_tokens| GenRequest { prompt: vec![1; n], sampling: SamplingParams::greedy(), max_tokens, stop: Vec::new(), logprobs: None };
+        let req = |n: usize, max_tokens| GenRequest {
+            prompt: vec![1; n],
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: Vec::new(),
+            logprobs: None,
+        };
         let (_, mut a) = sched.submit(req(6, 3)).unwrap();
         let (_, mut b) = sched.submit(req(2, 3)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
@@ -755,12 +632,22 @@ mod tests {
 
     #[test]
     fn a_dropped_receiver_releases_the_sequence() {
-        let gguf = strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap();
+        let gguf =
+            strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
+                .unwrap();
         let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
         let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
         let sched = Scheduler::spawn(Box::new(engine), tok, SchedulerConfig { max_seqs: 8 }).unwrap();
-        let (_, mut rx) = sched.submit(GenRequest { prompt: vec![1; 3], sampling: SamplingParams::greedy(), max_tokens: 1000, stop: Vec::new(), logprobs: None }).unwrap();
+        let (_, mut rx) = sched
+            .submit(GenRequest {
+                prompt: vec![1; 3],
+                sampling: SamplingParams::greedy(),
+                max_tokens: 1000,
+                stop: Vec::new(),
+                logprobs: None,
+            })
+            .unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
         let t0 = Instant::now();
@@ -770,17 +657,5 @@ mod tests {
         }
         // Context 64: the prompt of 3 leaves room for far fewer than 1000 tokens anyway.
         assert!(log.lock().unwrap().len() < 64);
-    }
-
-    #[test]
-    fn latency_buckets() {
-        let mut h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(500));
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(60));
-        assert_eq!(h.counts[0], 1);
-        assert_eq!(h.counts[5], 1);
-        assert_eq!(h.counts[LATENCY_BOUNDS.len()], 1);
-        assert_eq!(h.count, 3);
     }
 }

@@ -136,7 +136,9 @@ impl AttentionConfig {
         };
         let n_rot = m.get("rope.dimension_count")?.unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
-            return Err(Error::Config(format!("rope.dimension_count {n_rot} must be even and at most the head dim {head_dim}")));
+            return Err(Error::Config(format!(
+                "rope.dimension_count {n_rot} must be even and at most the head dim {head_dim}"
+            )));
         }
         Ok(AttentionConfig {
             n_head,
@@ -156,7 +158,10 @@ impl AttentionConfig {
 fn vocab_size(g: &Gguf, n_embd: usize) -> Result<usize> {
     let embd = g.require_tensor("token_embd.weight")?;
     if embd.row_len() as usize != n_embd {
-        return Err(Error::Config(format!("token_embd.weight rows have {} values, embedding_length is {n_embd}", embd.row_len())));
+        return Err(Error::Config(format!(
+            "token_embd.weight rows have {} values, embedding_length is {n_embd}",
+            embd.row_len()
+        )));
     }
     Ok(embd.n_rows() as usize)
 }

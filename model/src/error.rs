@@ -29,8 +29,12 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("sampling: {0}")]
-    Sampling(String),
+    /// A sampling parameter out of range; `param` is its name (`top_p`), as the API spells it.
+    #[error("sampling: {message}")]
+    Sampling { param: &'static str, message: String },
+    /// Nothing to sample from (every candidate masked).
+    #[error("sampling: no candidates")]
+    NoCandidates,
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
 }

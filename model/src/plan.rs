@@ -137,7 +137,10 @@ impl ModelCost {
     /// Prices `cfg`'s layers from `gguf`'s tensor index.
     pub fn new(gguf: &Gguf, cfg: &ModelConfig, pc: &PlanConfig) -> Result<ModelCost> {
         if pc.ctx == 0 || pc.seqs == 0 || pc.max_batch == 0 || pc.kv_elem_bytes == 0 {
-            return Err(PlanError::Invalid(format!("ctx, seqs, max_batch and kv_elem_bytes must be at least 1: {pc:?}")).into());
+            return Err(PlanError::Invalid(format!(
+                "ctx, seqs, max_batch and kv_elem_bytes must be at least 1: {pc:?}"
+            ))
+            .into());
         }
         let n_layer = cfg.n_layer();
         let mut weights = vec![0u64; n_layer];
@@ -171,7 +174,10 @@ impl ModelCost {
                 let cache_bytes = match kind {
                     LayerKind::Attention => kv,
                     LayerKind::DeltaNet => {
-                        let dn = cfg.deltanet.as_ref().ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
+                        let dn = cfg
+                            .deltanet
+                            .as_ref()
+                            .ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
                         dn.state_values() as u64 * 4 * seqs
                     }
                 };
@@ -248,7 +254,8 @@ pub fn shard_tensors<'a>(gguf: &'a Gguf, cfg: &ModelConfig, layers: Range<usize>
         names.push(&globals.output_norm.name);
         names.push(&globals.output.name);
     }
-    let mut out: Vec<&TensorInfo> = gguf.tensors.iter().filter(|t| block_index(&t.name).is_some_and(|i| layers.contains(&i))).collect();
+    let mut out: Vec<&TensorInfo> =
+        gguf.tensors.iter().filter(|t| block_index(&t.name).is_some_and(|i| layers.contains(&i))).collect();
     for name in names {
         let t = gguf.require_tensor(name)?;
         if !out.iter().any(|o| o.name == t.name) {
@@ -390,7 +397,9 @@ impl Plan {
             };
             let needed = positions.map(|i| cost.stage(i..i + 1).total()).min().expect("a position exists");
             if needed > node.usable_bytes {
-                return Err(PlanError::NodeTooSmall { node: node.name.clone(), needed, available: node.usable_bytes }.into());
+                return Err(
+                    PlanError::NodeTooSmall { node: node.name.clone(), needed, available: node.usable_bytes }.into()
+                );
             }
         }
 
@@ -430,7 +439,12 @@ impl Plan {
                 available: nodes.iter().map(|n| n.usable_bytes).sum(),
                 stages: stages
                     .into_iter()
-                    .map(|s| StageNeed { node: s.name, layers: s.layers, needed: s.total_bytes, available: s.usable_bytes })
+                    .map(|s| StageNeed {
+                        node: s.name,
+                        layers: s.layers,
+                        needed: s.total_bytes,
+                        available: s.usable_bytes,
+                    })
                     .collect(),
             }
             .into());
@@ -509,7 +523,16 @@ impl Plan {
         let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
         for s in &self.stages {
             let layers = format!("{}..{} ({})", s.layers.start, s.layers.end, s.layers.len());
-            rows.push(row(s.name.clone(), layers, s.weight_bytes, s.cache_bytes, s.scratch_bytes, s.total_bytes, s.usable_bytes, s.free_bytes));
+            rows.push(row(
+                s.name.clone(),
+                layers,
+                s.weight_bytes,
+                s.cache_bytes,
+                s.scratch_bytes,
+                s.total_bytes,
+                s.usable_bytes,
+                s.free_bytes,
+            ));
         }
         let sum = |f: fn(&StagePlan) -> u64| self.stages.iter().map(f).sum::<u64>();
         let n_layer = self.stages.last().map_or(0, |s| s.layers.end);
@@ -537,7 +560,11 @@ impl Plan {
             out.push('\n');
         }
         if self.unplanned_bytes > 0 {
-            let _ = writeln!(out, "not loaded: {} (MTP blocks, tensors the forward pass does not read)", human(self.unplanned_bytes));
+            let _ = writeln!(
+                out,
+                "not loaded: {} (MTP blocks, tensors the forward pass does not read)",
+                human(self.unplanned_bytes)
+            );
         }
         out
     }

@@ -23,20 +23,25 @@ pub struct QuantizeReport {
 /// Whether llama.cpp's quantiser would quantise this tensor: matrices whose rows are
 /// whole blocks; vectors (norms, biases) and the DeltaNet conv kernel stay as they are.
 fn should_quantize(t: &TensorInfo, target: GgmlType) -> bool {
-    t.dims.len() >= 2 && t.row_len().is_multiple_of(target.block_len()) && t.name.ends_with(".weight") && !t.name.contains("ssm_conv1d")
+    t.dims.len() >= 2
+        && t.row_len().is_multiple_of(target.block_len())
+        && t.name.ends_with(".weight")
+        && !t.name.contains("ssm_conv1d")
 }
 
 /// The `N` of a `blk.N.` tensor name, or -1 (as llama.cpp's `sscanf` leaves it).
 fn layer_of(name: &str) -> i64 {
-    name.strip_prefix("blk.")
-        .and_then(|r| r.split_once('.'))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or(-1)
+    name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(n, _)| n.parse().ok()).unwrap_or(-1)
 }
 
 /// Writes `input` to `out` with every matrix in `target` (only Q8_0 is supported),
 /// following llama.cpp's Q8_0 rule bit for bit. `progress(done, total)` is called per tensor.
-pub fn quantize_file(input: &Gguf, out: &Path, target: GgmlType, mut progress: impl FnMut(usize, usize)) -> Result<QuantizeReport> {
+pub fn quantize_file(
+    input: &Gguf,
+    out: &Path,
+    target: GgmlType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
     if target != GgmlType::Q8_0 {
         return Err(Error::UnsupportedType(format!("{target} as a quantisation target (supported: Q8_0)")));
     }

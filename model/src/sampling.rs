@@ -58,22 +58,24 @@ impl SamplingParams {
 
     /// Rejects values out of range, naming the parameter.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::Sampling(what.to_owned()));
+        let bad = |param: &'static str, range: &str, v: f32| {
+            Err(Error::Sampling { param, message: format!("{param} {v} is outside {range}") })
+        };
         if !(0.0..=100.0).contains(&self.temperature) {
-            return bad(&format!("temperature {} is outside 0..=100", self.temperature));
+            return bad("temperature", "0..=100", self.temperature);
         }
         if !(0.0..=1.0).contains(&self.top_p) || self.top_p.is_nan() {
-            return bad(&format!("top_p {} is outside 0..=1", self.top_p));
+            return bad("top_p", "0..=1", self.top_p);
         }
         if !(0.0..=1.0).contains(&self.min_p) || self.min_p.is_nan() {
-            return bad(&format!("min_p {} is outside 0..=1", self.min_p));
+            return bad("min_p", "0..=1", self.min_p);
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0) {
-            return bad(&format!("repeat_penalty {} is outside (0, 10]", self.repeat_penalty));
+            return bad("repeat_penalty", "(0, 10]", self.repeat_penalty);
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
-                return bad(&format!("{name} {v} is outside -2..=2"));
+                return bad(param, "-2..=2", v);
             }
         }
         Ok(())
@@ -141,7 +143,7 @@ impl Sampler {
 
     /// Picks a token from `candidates` (sorted best first, penalties already applied).
     pub fn sample(&mut self, candidates: &[Candidate]) -> Result<u32> {
-        let first = candidates.first().ok_or_else(|| Error::Sampling("no candidates".into()))?;
+        let first = candidates.first().ok_or(Error::NoCandidates)?;
         if self.params.is_greedy() {
             return Ok(first.id);
         }
@@ -244,7 +246,15 @@ mod tests {
     fn same_seed_same_tokens_and_different_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..Default::default() }).unwrap();
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                seed,
+                ..Default::default()
+            })
+            .unwrap();
             (0..64).map(|_| s.sample(&cands(&logits)).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -263,10 +273,20 @@ mod tests {
     fn top_p_and_min_p_cut_the_tail() {
         // p ~ [0.66, 0.24, 0.09, 0.01]: top_p 0.5 keeps only the first.
         let logits = [3.0, 2.0, 1.0, -1.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() }).unwrap();
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() })
+                .unwrap();
         assert!((0..50).all(|_| s.sample(&cands(&logits)).unwrap() == 0));
         // min_p 0.3 keeps tokens with p >= 0.3 * p_max: ids 0 and 1 (e^-1 = 0.37).
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.3, seed: 3, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.3,
+            seed: 3,
+            ..Default::default()
+        })
+        .unwrap();
         let seen: std::collections::BTreeSet<u32> = (0..300).map(|_| s.sample(&cands(&logits)).unwrap()).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
@@ -274,7 +294,15 @@ mod tests {
     #[test]
     fn sampling_frequencies_follow_the_temperature() {
         let logits = [1.0f32, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 11, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 11,
+            ..Default::default()
+        })
+        .unwrap();
         let n = 20_000;
         let zeros = (0..n).filter(|_| s.sample(&cands(&logits)).unwrap() == 0).count();
         let p = zeros as f64 / n as f64;
@@ -285,7 +313,12 @@ mod tests {
     #[test]
     fn penalties_follow_llama_cpp() {
         let mut l = vec![2.0, -2.0, 1.0, 0.5];
-        let p = SamplingParams { repeat_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
+        let p = SamplingParams {
+            repeat_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
         apply_penalties(&mut l, &[0, 1, 0, 9999], &p);
         assert_eq!(l, vec![2.0 / 2.0 - 0.5 - 0.5, -4.0 - 0.25 - 0.5, 1.0, 0.5]);
     }

@@ -131,7 +131,10 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     let s = shape;
     let n_tokens = 256 + SPECIALS.len();
     if s.n_vocab < n_tokens {
-        return Err(Error::Config(format!("a synthetic vocabulary needs at least {n_tokens} tokens, got {}", s.n_vocab)));
+        return Err(Error::Config(format!(
+            "a synthetic vocabulary needs at least {n_tokens} tokens, got {}",
+            s.n_vocab
+        )));
     }
     if s.full_attention_interval == 0 {
         return Err(Error::Config("full_attention_interval must be at least 1".into()));

@@ -115,7 +115,8 @@ pub fn advertise_with(info: &NodeAdvert, addr: SocketAddr, config: &AdvertiseCon
     let props = txt_properties(info);
     let service = if addr.ip().is_unspecified() {
         // Announce whatever addresses the enabled interfaces have, following changes.
-        ServiceInfo::new(SERVICE_TYPE, &info.name, &host, "", addr.port(), &props[..]).map(ServiceInfo::enable_addr_auto)
+        ServiceInfo::new(SERVICE_TYPE, &info.name, &host, "", addr.port(), &props[..])
+            .map(ServiceInfo::enable_addr_auto)
     } else {
         ServiceInfo::new(SERVICE_TYPE, &info.name, &host, addr.ip(), addr.port(), &props[..])
     }
@@ -139,7 +140,9 @@ pub fn txt_properties(info: &NodeAdvert) -> Vec<(&'static str, String)> {
 
 fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 63 {
-        return Err(Error::Setting(format!("node name `{name}` must be 1 to 63 bytes long (it is a DNS-SD instance name)")));
+        return Err(Error::Setting(format!(
+            "node name `{name}` must be 1 to 63 bytes long (it is a DNS-SD instance name)"
+        )));
     }
     if name.chars().any(char::is_control) {
         return Err(Error::Setting(format!("node name {name:?} must not contain control characters")));
@@ -149,7 +152,8 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// `s` reduced to a DNS host label: lowercase letters, digits and `-`, at most 40 bytes.
 fn dns_label(s: &str) -> String {
-    let label: String = s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(40).collect();
+    let label: String =
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(40).collect();
     if label.trim_matches('-').is_empty() { "node".into() } else { label }
 }
 

@@ -36,12 +36,24 @@ impl DeltaNetState {
     pub fn new(gpu: &Gpu, cfg: &DeltaNetConfig) -> Result<DeltaNetState> {
         let shape = |message: String| Error::Shape { op: "deltanet state", message };
         let DeltaNetConfig { conv_kernel, n_key_heads, n_value_heads, head_dim } = *cfg;
-        if conv_kernel == 0 || n_key_heads == 0 || head_dim == 0 || head_dim > Self::MAX_HEAD_DIM || !head_dim.is_multiple_of(4) || !n_value_heads.is_multiple_of(n_key_heads) {
-            return Err(shape(format!("{cfg:?}: needs conv_kernel >= 1, key heads dividing value heads, head_dim a multiple of 4 up to {}", Self::MAX_HEAD_DIM)));
+        if conv_kernel == 0
+            || n_key_heads == 0
+            || head_dim == 0
+            || head_dim > Self::MAX_HEAD_DIM
+            || !head_dim.is_multiple_of(4)
+            || !n_value_heads.is_multiple_of(n_key_heads)
+        {
+            return Err(shape(format!(
+                "{cfg:?}: needs conv_kernel >= 1, key heads dividing value heads, head_dim a multiple of 4 up to {}",
+                Self::MAX_HEAD_DIM
+            )));
         }
         let matrix_bytes = (n_value_heads * head_dim * head_dim) as u64 * 4;
         if matrix_bytes > gpu.max_binding() {
-            return Err(shape(format!("{matrix_bytes} bytes of state matrices exceed the adapter's largest binding of {}", gpu.max_binding())));
+            return Err(shape(format!(
+                "{matrix_bytes} bytes of state matrices exceed the adapter's largest binding of {}",
+                gpu.max_binding()
+            )));
         }
         Ok(DeltaNetState {
             conv: gpu.storage("deltanet conv state", ((conv_kernel - 1) * cfg.conv_channels()) as u64 * 4),
@@ -70,7 +82,8 @@ impl DeltaNetState {
     /// Zeroes the state, for a new sequence in old buffers. Ordered before any later
     /// submission on the same queue.
     pub fn reset(&self, gpu: &Gpu) {
-        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deltanet reset") });
+        let mut enc =
+            gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deltanet reset") });
         enc.clear_buffer(&self.conv, 0, None);
         enc.clear_buffer(&self.matrices, 0, None);
         gpu.queue.submit([enc.finish()]);

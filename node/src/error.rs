@@ -73,16 +73,17 @@ impl Error {
             | Error::Shape { .. }
             | Error::Setting(_)
             | Error::Transfer(_)
-            | Error::UnsupportedTensor { .. } => {
-                ErrorKind::InvalidArgument
-            }
+            | Error::UnsupportedTensor { .. } => ErrorKind::InvalidArgument,
             Error::Model(_) => ErrorKind::InvalidArgument,
             Error::Sequence { .. } => ErrorKind::OutOfOrder,
             Error::NotOnStage(_) => ErrorKind::NotOnStage,
             Error::Corrupt(_) => ErrorKind::DataLoss,
-            Error::NoAdapter(_) | Error::Device(_) | Error::Gpu { .. } | Error::Kernel { .. } | Error::Mdns(_) | Error::Io { .. } => {
-                ErrorKind::Internal
-            }
+            Error::NoAdapter(_)
+            | Error::Device(_)
+            | Error::Gpu { .. }
+            | Error::Kernel { .. }
+            | Error::Mdns(_)
+            | Error::Io { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -72,7 +72,9 @@ pub fn parse_size(s: &str) -> Result<MemoryLimit> {
         "tib" => 1 << 40,
         "k" | "m" | "g" | "t" => {
             let u = unit.to_ascii_uppercase();
-            return Err(bad(&format!("ambiguous unit `{unit}`: write {u}B (powers of 1000) or {u}iB (powers of 1024)")));
+            return Err(bad(&format!(
+                "ambiguous unit `{unit}`: write {u}B (powers of 1000) or {u}iB (powers of 1024)"
+            )));
         }
         _ => return Err(bad(&format!("unknown unit `{unit}`"))),
     };
@@ -84,7 +86,9 @@ pub fn parse_size(s: &str) -> Result<MemoryLimit> {
     if frac_part.len() > 12 {
         return Err(bad("too many decimal places"));
     }
-    let digits = |d: &str| -> Result<u128> { if d.is_empty() { Ok(0) } else { d.parse::<u128>().map_err(|_| bad("number too large")) } };
+    let digits = |d: &str| -> Result<u128> {
+        if d.is_empty() { Ok(0) } else { d.parse::<u128>().map_err(|_| bad("number too large")) }
+    };
     let scale = 10u128.pow(frac_part.len() as u32);
     let scaled = digits(int_part)?
         .checked_mul(scale)
@@ -198,7 +202,8 @@ const VK_MEMORY_HEAP_DEVICE_LOCAL_BIT: u32 = 0x1;
 /// Sum of the sizes of heaps flagged device-local, from (size, flags) pairs.
 #[cfg_attr(not(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd")), allow(dead_code))]
 fn device_local_bytes(heaps: impl IntoIterator<Item = (u64, u32)>) -> Option<u64> {
-    let sum: u64 = heaps.into_iter().filter(|(_, flags)| flags & VK_MEMORY_HEAP_DEVICE_LOCAL_BIT != 0).map(|(size, _)| size).sum();
+    let sum: u64 =
+        heaps.into_iter().filter(|(_, flags)| flags & VK_MEMORY_HEAP_DEVICE_LOCAL_BIT != 0).map(|(size, _)| size).sum();
     (sum > 0).then_some(sum)
 }
 
@@ -209,7 +214,8 @@ fn vulkan_device_local_heaps(device: &wgpu::Device) -> Option<u64> {
     // destroy anything; vkGetPhysicalDeviceMemoryProperties only reads properties.
     unsafe {
         let hal = device.as_hal::<wgpu::hal::api::Vulkan>()?;
-        let props = hal.shared_instance().raw_instance().get_physical_device_memory_properties(hal.raw_physical_device());
+        let props =
+            hal.shared_instance().raw_instance().get_physical_device_memory_properties(hal.raw_physical_device());
         let count = (props.memory_heap_count as usize).min(props.memory_heaps.len());
         device_local_bytes(props.memory_heaps[..count].iter().map(|h| (h.size, h.flags.as_raw())))
     }
@@ -279,7 +285,8 @@ mod tests {
 
     #[test]
     fn reads_meminfo() {
-        let text = "MemTotal:       32768000 kB\nMemFree:         1000 kB\nMemAvailableX: 1 kB\nMemAvailable:   16384000 kB\n";
+        let text =
+            "MemTotal:       32768000 kB\nMemFree:         1000 kB\nMemAvailableX: 1 kB\nMemAvailable:   16384000 kB\n";
         assert_eq!(parse_meminfo(text), Some(SystemMemory { total: 32768000 * 1024, available: 16384000 * 1024 }));
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
     }

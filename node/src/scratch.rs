@@ -129,7 +129,9 @@ impl Scratch {
     }
 
     pub fn deltanet(&self) -> Result<&DeltaNetScratch> {
-        self.deltanet.as_ref().ok_or_else(|| Error::Spec("DeltaNet activations asked of a stage without DeltaNet layers".into()))
+        self.deltanet
+            .as_ref()
+            .ok_or_else(|| Error::Spec("DeltaNet activations asked of a stage without DeltaNet layers".into()))
     }
 
     /// Bytes held on the GPU.

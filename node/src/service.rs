@@ -11,7 +11,12 @@
 //! Wire format: `Activation.format` names the encoding of `hidden`; into the first stage
 //! it names the encoding the whole pipeline hands hidden states on in. Every error of a
 //! step (malformed payload, unknown sequence, no shard) becomes a `StepResult.error` for
-//! that step; the node keeps serving.
+//! that step, with a `StepErrorCode` (from [`crate::Error::kind`]) a caller can match;
+//! the node keeps serving.
+//!
+//! `LoadShard` checks the coordinator's protocol version and that the asked context and
+//! batch fit the adapter's buffers before it drops the shard it holds, so a refused
+//! request leaves the node serving what it served.
 //!
 //! Weights: a node reads only its layers' tensors. With its own copy of the model (found
 //! by identity, [`Gguf::identity`], among the candidate files) it reads them from there.
@@ -36,7 +41,10 @@ use strata_proto::tonic::{self, Request, Response, Status, Streaming};
 use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::mpsc;
 
-use crate::gpu::Gpu;
+use crate::advertise::NodeAdvert;
+use crate::error::ErrorKind;
+use crate::gpu::{Gpu, GpuConfig};
+use crate::memory::MemoryLimit;
 use crate::shard_cache::{MissingRange, ShardCache, hex};
 use crate::stage::{Input, Logprobs, Output, SeqId, Stage, StageSpec};
 
@@ -49,6 +57,35 @@ pub struct NodeIdentity {
     pub usable_memory: u64,
     pub adapter: String,
     pub backend: String,
+}
+
+impl NodeIdentity {
+    /// What the node announces over mDNS.
+    pub fn advert(&self) -> NodeAdvert {
+        NodeAdvert {
+            node_id: self.node_id.clone(),
+            name: self.name.clone(),
+            protocol_version: strata_proto::PROTOCOL_VERSION,
+            usable_memory: self.usable_memory,
+            adapter: self.adapter.clone(),
+            backend: self.backend.clone(),
+        }
+    }
+}
+
+/// What a node is asked to be; [`StageService::open`] probes the device for the rest.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub node_id: String,
+    pub name: String,
+    /// A case-insensitive substring of the adapter's name (default: the best adapter).
+    pub adapter: Option<String>,
+    /// What the node offers for weights and caches (`Auto`: probe the device).
+    pub memory: MemoryLimit,
+    pub model_dir: Option<PathBuf>,
+    pub model_files: Vec<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub idle_timeout: Duration,
 }
 
 /// How a node serves.
@@ -69,7 +106,10 @@ pub struct NodeConfig {
 enum LoadOutcome {
     Loaded(u64),
     /// The node lacks these bytes (and, `need_header`, the header first).
-    Missing { need_header: bool, ranges: Vec<MissingRange> },
+    Missing {
+        need_header: bool,
+        ranges: Vec<MissingRange>,
+    },
 }
 
 /// Serves `service` on `listener` until `shutdown`, freeing idle sequences meanwhile.
@@ -134,6 +174,30 @@ pub struct StageService {
 }
 
 impl StageService {
+    /// Opens the GPU `options` names, sizes the memory on offer (probing it for `Auto`)
+    /// and makes the service; the caller never handles the device itself.
+    pub fn open(options: NodeOptions) -> crate::Result<StageService> {
+        let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: options.adapter })?);
+        let memory = options.memory.resolve(|| crate::memory::probe(&gpu));
+        tracing::info!(bytes = memory.bytes, source = memory.source, "usable memory");
+        let device = gpu.describe();
+        let identity = NodeIdentity {
+            node_id: options.node_id,
+            name: options.name,
+            usable_memory: memory.bytes,
+            adapter: device.name,
+            backend: device.backend,
+        };
+        let config = NodeConfig {
+            identity,
+            model_dir: options.model_dir,
+            model_files: options.model_files,
+            cache_dir: options.cache_dir,
+            idle_timeout: options.idle_timeout,
+        };
+        StageService::new(config, gpu)
+    }
+
     /// Fails only when the shard cache directory cannot be created.
     pub fn new(config: NodeConfig, gpu: Arc<Gpu>) -> crate::Result<StageService> {
         let cache = config.cache_dir.as_ref().map(ShardCache::new).transpose()?;
@@ -148,6 +212,11 @@ impl StageService {
                 stats: Mutex::new(Stats::default()),
             }),
         })
+    }
+
+    /// Who this node is, as it answers `Info`.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.inner.config.identity
     }
 }
 
@@ -168,6 +237,49 @@ enum Ran {
     Nothing,
 }
 
+/// Why a step failed, as `StepResult` carries it: a code to match and text for people.
+struct StepFailure {
+    code: pb::StepErrorCode,
+    message: String,
+}
+
+impl StepFailure {
+    fn new(code: pb::StepErrorCode, message: impl Into<String>) -> Self {
+        StepFailure { code, message: message.into() }
+    }
+}
+
+impl From<crate::Error> for StepFailure {
+    fn from(e: crate::Error) -> Self {
+        StepFailure::new(wire_code(e.kind()), e.to_string())
+    }
+}
+
+fn wire_code(kind: ErrorKind) -> pb::StepErrorCode {
+    match kind {
+        ErrorKind::InvalidArgument => pb::StepErrorCode::InvalidArgument,
+        ErrorKind::OutOfOrder => pb::StepErrorCode::OutOfOrder,
+        ErrorKind::NotOnStage => pb::StepErrorCode::NotOnStage,
+        ErrorKind::DataLoss => pb::StepErrorCode::DataLoss,
+        ErrorKind::Internal => pb::StepErrorCode::Internal,
+    }
+}
+
+/// Refuses a coordinator of another protocol version (`None`: one older than version 3,
+/// which sent none).
+fn check_version(node: &str, version: Option<u32>) -> Result<(), Status> {
+    let ours = strata_proto::PROTOCOL_VERSION;
+    match version {
+        Some(v) if v == ours => Ok(()),
+        v => {
+            let theirs = v.map_or_else(|| "an older one".to_owned(), |v| v.to_string());
+            Err(Status::failed_precondition(format!(
+                "node `{node}` speaks protocol {ours}, the coordinator {theirs}: run the same strata version on every machine"
+            )))
+        }
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Option<Loaded>> {
         lock(&self.loaded)
@@ -183,8 +295,11 @@ impl Inner {
         if let Some(dir) = &self.config.model_dir
             && let Ok(entries) = std::fs::read_dir(dir)
         {
-            let mut found: Vec<PathBuf> =
-                entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))).collect();
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")))
+                .collect();
             found.sort();
             files.extend(found);
         }
@@ -204,7 +319,11 @@ impl Inner {
 
     /// The model from a candidate file, else from the shard cache if it holds every
     /// tensor of `layers`; else what the cache lacks.
-    fn locate(&self, id: &[u8], layers: std::ops::Range<usize>) -> Result<Result<(PathBuf, Gguf), LoadOutcome>, Status> {
+    fn locate(
+        &self,
+        id: &[u8],
+        layers: std::ops::Range<usize>,
+    ) -> Result<Result<(PathBuf, Gguf), LoadOutcome>, Status> {
         if let Some(found) = self.find_model(id) {
             return Ok(Ok(found));
         }
@@ -216,9 +335,14 @@ impl Inner {
                 hex(id)
             )));
         };
-        let cached = cache.open(id).map_err(|e| Status::internal(format!("node `{}`: shard cache: {e}", self.name())))?;
-        let Some(model) = cached else { return Ok(Err(LoadOutcome::Missing { need_header: true, ranges: Vec::new() })) };
-        let invalid = |e: strata_model::Error| Status::invalid_argument(format!("node `{}` cannot load model {}: {e}", self.name(), hex(id)));
+        let cached =
+            cache.open(id).map_err(|e| Status::internal(format!("node `{}`: shard cache: {e}", self.name())))?;
+        let Some(model) = cached else {
+            return Ok(Err(LoadOutcome::Missing { need_header: true, ranges: Vec::new() }));
+        };
+        let invalid = |e: strata_model::Error| {
+            Status::invalid_argument(format!("node `{}` cannot load model {}: {e}", self.name(), hex(id)))
+        };
         let config = ModelConfig::from_gguf(&model.gguf).map_err(invalid)?;
         let tensors = shard_tensors(&model.gguf, &config, layers).map_err(invalid)?;
         let ranges = model.missing(&tensors);
@@ -229,16 +353,23 @@ impl Inner {
     }
 
     fn load(&self, req: &pb::LoadShardRequest) -> Result<LoadOutcome, Status> {
-        let spec = StageSpec { layers: req.layer_start as usize..req.layer_end as usize, ctx: req.ctx, max_batch: req.max_batch.max(1) };
+        let spec = StageSpec {
+            layers: req.layer_start as usize..req.layer_end as usize,
+            ctx: req.ctx,
+            max_batch: req.max_batch.max(1),
+        };
         let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
             Ok(found) => found,
             Err(missing) => return Ok(missing),
         };
+        let refused =
+            |e: String| Status::invalid_argument(format!("node `{}` cannot load {}: {e}", self.name(), path.display()));
+        let config = ModelConfig::from_gguf(&gguf).map_err(|e| refused(e.to_string()))?;
+        Stage::check_spec(&config, &spec, self.gpu.max_binding()).map_err(|e| refused(e.to_string()))?;
         // Free the old shard first: both may not fit at once.
         *self.lock() = None;
         let t0 = Instant::now();
-        let stage = Stage::load(self.gpu.clone(), &gguf, spec)
-            .map_err(|e| Status::invalid_argument(format!("node `{}` cannot load {}: {e}", self.name(), path.display())))?;
+        let stage = Stage::load(self.gpu.clone(), &gguf, spec).map_err(|e| refused(e.to_string()))?;
         let weight_bytes = stage.weight_bytes();
         let n_embd = stage.config().n_embd;
         tracing::info!(model = %path.display(), layers = ?stage.spec().layers, secs = t0.elapsed().as_secs_f64(), "shard loaded");
@@ -247,28 +378,35 @@ impl Inner {
     }
 
     /// Runs one activation through the stage.
-    fn run(&self, act: pb::Activation) -> Result<Ran, String> {
+    fn run(&self, act: pb::Activation) -> Result<Ran, StepFailure> {
+        use pb::StepErrorCode as Code;
         let mut guard = self.lock();
-        let loaded = guard.as_mut().ok_or_else(|| format!("node `{}` has no shard loaded", self.name()))?;
+        let loaded = guard
+            .as_mut()
+            .ok_or_else(|| StepFailure::new(Code::NotOnStage, format!("node `{}` has no shard loaded", self.name())))?;
         let stage = &mut loaded.stage;
         let n = act.positions.len();
         if n == 0 {
-            return Err("an activation without positions".into());
+            return Err(StepFailure::new(Code::InvalidArgument, "an activation without positions"));
         }
         if act.positions[0] > 0 && !stage.has_sequence(act.seq_id) {
-            return Err(format!("unknown sequence {} (released, timed out, or never started at position 0)", act.seq_id));
+            let message =
+                format!("unknown sequence {} (released, timed out, or never started at position 0)", act.seq_id);
+            return Err(StepFailure::new(Code::OutOfOrder, message));
         }
-        let format = pb::HiddenFormat::try_from(act.format).map_err(|_| format!("unknown hidden format {}", act.format))?;
+        let format = pb::HiddenFormat::try_from(act.format)
+            .map_err(|_| StepFailure::new(Code::InvalidArgument, format!("unknown hidden format {}", act.format)))?;
         let hidden;
         let input = if !act.token_ids.is_empty() {
             Input::Tokens(&act.token_ids)
         } else {
-            hidden = decode_hidden(&act.hidden, format, n, loaded.n_embd)?;
+            hidden = decode_hidden(&act.hidden, format, n, loaded.n_embd)
+                .map_err(|m| StepFailure::new(Code::InvalidArgument, m))?;
             Input::Hidden(&hidden)
         };
         let sampling = act.sampling.as_ref().map(sampling_from_wire).unwrap_or_else(SamplingParams::greedy);
         if stage.is_last() && !act.history.is_empty() {
-            stage.note_prompt(act.seq_id, &act.history).map_err(|e| e.to_string())?;
+            stage.note_prompt(act.seq_id, &act.history)?;
         }
         let t0 = Instant::now();
         let _span = tracing::debug_span!("step", seq = act.seq_id, pos = act.positions[0], n).entered();
@@ -278,14 +416,14 @@ impl Inner {
         } else if !act.want_token {
             stage.advance(seq, input, positions).map(|h| h.map_or(Ran::Nothing, Ran::Hidden))
         } else if act.want_logprobs && stage.is_last() {
-            stage.forward_logprobs(seq, input, positions, &sampling, act.top_logprobs as usize).map(|(t, lp)| Ran::Token(t, Some(lp)))
+            let top = act.top_logprobs as usize;
+            stage.forward_logprobs(seq, input, positions, &sampling, top).map(|(t, lp)| Ran::Token(t, Some(lp)))
         } else {
             stage.forward(seq, input, positions, &sampling).map(|o| match o {
                 Output::Token(t) => Ran::Token(t, None),
                 Output::Hidden(h) => Ran::Hidden(h),
             })
-        }
-        .map_err(|e| e.to_string())?;
+        }?;
         let secs = t0.elapsed().as_secs_f64();
         drop(guard);
         {
@@ -294,9 +432,98 @@ impl Inner {
             s.compute_seconds += secs;
         }
         Ok(match out {
-            Ran::Hidden(h) => Ran::HandOn(pb::Activation { hidden: encode_hidden(&h, format), token_ids: Vec::new(), format: format as i32, ..act }),
+            Ran::Hidden(h) => {
+                let hidden = encode_hidden(&h, format);
+                Ran::HandOn(pb::Activation { hidden, token_ids: Vec::new(), format: format as i32, ..act })
+            }
             other => other,
         })
+    }
+
+    /// Runs one activation and says what goes back up for it: a token, logits, an error,
+    /// or nothing (a step nobody waits for, or one handed on whose answer comes from
+    /// downstream).
+    async fn answer(
+        self: &Arc<Self>,
+        act: pb::Activation,
+        down: Option<&mpsc::Sender<pb::Activation>>,
+    ) -> Option<pb::StepResult> {
+        let (seq_id, step, want) = (act.seq_id, act.step, act.want_token || act.want_logits);
+        let run = self.clone();
+        let ran = match tokio::task::spawn_blocking(move || run.run(act)).await {
+            Ok(ran) => ran,
+            Err(e) => Err(StepFailure::new(pb::StepErrorCode::Internal, format!("stage task failed: {e}"))),
+        };
+        let failed = |f: StepFailure| {
+            let error = format!("node `{}`: {}", self.name(), f.message);
+            pb::StepResult { seq_id, step, error, error_code: f.code as i32, ..Default::default() }
+        };
+        match ran {
+            Ok(Ran::Token(token_id, lp)) => want.then(|| token_result(seq_id, step, token_id, lp)),
+            Ok(Ran::Logits(l)) => {
+                let logits = encode_hidden(&l, pb::HiddenFormat::F32);
+                Some(pb::StepResult { seq_id, step, logits, ..Default::default() })
+            }
+            Ok(Ran::Nothing | Ran::Hidden(_)) => None,
+            Ok(Ran::HandOn(next)) => self.hand_on(next, want, down).await.err().map(failed),
+            Err(f) => {
+                tracing::warn!(seq = seq_id, step, error = %f.message, "step failed");
+                Some(failed(f))
+            }
+        }
+    }
+
+    /// Sends a hidden state to the next stage; its result comes back on the relay.
+    async fn hand_on(
+        &self,
+        act: pb::Activation,
+        want: bool,
+        down: Option<&mpsc::Sender<pb::Activation>>,
+    ) -> Result<(), StepFailure> {
+        let Some(tx) = down else {
+            return Err(StepFailure::new(pb::StepErrorCode::Internal, "not the last stage, but it has no next stage"));
+        };
+        if want {
+            lock(&self.stats).pending.insert((act.seq_id, act.step), Instant::now());
+        }
+        tx.send(act)
+            .await
+            .map_err(|_| StepFailure::new(pb::StepErrorCode::Unavailable, "the next stage closed its stream"))
+    }
+
+    /// Opens this stage's `Forward` stream to the next stage and relays what comes back
+    /// up to `out`; returns where to hand hidden states on.
+    async fn open_downstream(
+        self: &Arc<Self>,
+        mut client: StageClient<Channel>,
+        out: mpsc::Sender<Result<pb::StepResult, Status>>,
+    ) -> Result<mpsc::Sender<pb::Activation>, Status> {
+        let (tx, rx) = mpsc::channel::<pb::Activation>(1024);
+        let mut results = client
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| Status::unavailable(format!("node `{}`: next stage: {}", self.name(), s.message())))?
+            .into_inner();
+        let relay = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match results.message().await {
+                    Ok(Some(r)) => {
+                        relay.note_result(&r);
+                        if out.send(Ok(r)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        let msg = format!("node `{}`: next stage failed: {}", relay.name(), s.message());
+                        let _ = out.send(Err(Status::unavailable(msg))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(tx)
     }
 
     fn note_result(&self, r: &pb::StepResult) {
@@ -308,8 +535,51 @@ impl Inner {
     }
 }
 
+/// The answer of a step that sampled a token.
+fn token_result(seq_id: SeqId, step: u64, token_id: u32, lp: Option<Logprobs>) -> pb::StepResult {
+    let lp = lp.unwrap_or(Logprobs { token: 0.0, top: Vec::new() });
+    pb::StepResult {
+        seq_id,
+        step,
+        token_id,
+        logprob: lp.token,
+        top_ids: lp.top.iter().map(|e| e.0).collect(),
+        top_logprobs: lp.top.iter().map(|e| e.1).collect(),
+        ..Default::default()
+    }
+}
+
+/// Reads one upstream `Forward` stream in order, answering each activation on `out`.
+async fn serve_stream(
+    inner: Arc<Inner>,
+    mut incoming: Streaming<pb::Activation>,
+    down: Option<mpsc::Sender<pb::Activation>>,
+    out: mpsc::Sender<Result<pb::StepResult, Status>>,
+) {
+    loop {
+        let act = match incoming.message().await {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(s) => {
+                tracing::debug!(status = %s, "upstream closed the forward stream");
+                break;
+            }
+        };
+        if let Some(r) = inner.answer(act, down.as_ref()).await
+            && out.send(Ok(r)).await.is_err()
+        {
+            break;
+        }
+    }
+}
+
 /// f32 or f16 little-endian bytes -> f32 values, checking the length.
-pub fn decode_hidden(bytes: &[u8], format: pb::HiddenFormat, n_tokens: usize, n_embd: usize) -> Result<Vec<f32>, String> {
+pub fn decode_hidden(
+    bytes: &[u8],
+    format: pb::HiddenFormat,
+    n_tokens: usize,
+    n_embd: usize,
+) -> Result<Vec<f32>, String> {
     let width = match format {
         pb::HiddenFormat::F32 => 4,
         pb::HiddenFormat::F16 => 2,
@@ -323,7 +593,9 @@ pub fn decode_hidden(bytes: &[u8], format: pb::HiddenFormat, n_tokens: usize, n_
     }
     Ok(match format {
         pb::HiddenFormat::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        pb::HiddenFormat::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        pb::HiddenFormat::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
     })
 }
 
@@ -394,6 +666,7 @@ impl pb::stage_server::Stage for StageService {
     }
 
     async fn load_shard(&self, req: Request<pb::LoadShardRequest>) -> Result<Response<pb::LoadShardResponse>, Status> {
+        check_version(self.inner.name(), strata_proto::request_version(&req))?;
         let req = req.into_inner();
         let next = if req.next_stage.is_empty() {
             None
@@ -413,15 +686,23 @@ impl pb::stage_server::Stage for StageService {
             LoadOutcome::Missing { need_header, ranges } => pb::LoadShardResponse {
                 weight_bytes: 0,
                 need_header,
-                missing: ranges.into_iter().map(|r| pb::TensorRange { tensor: r.tensor, from: r.from, to: r.to }).collect(),
+                missing: ranges
+                    .into_iter()
+                    .map(|r| pb::TensorRange { tensor: r.tensor, from: r.from, to: r.to })
+                    .collect(),
             },
         }))
     }
 
-    async fn push_tensors(&self, req: Request<Streaming<pb::TensorChunk>>) -> Result<Response<pb::TransferAck>, Status> {
+    async fn push_tensors(
+        &self,
+        req: Request<Streaming<pb::TensorChunk>>,
+    ) -> Result<Response<pb::TransferAck>, Status> {
         let name = self.inner.name().to_owned();
         let Some(cache) = &self.inner.cache else {
-            return Err(Status::failed_precondition(format!("node `{name}` has no shard cache: put the model in its --model-dir")));
+            return Err(Status::failed_precondition(format!(
+                "node `{name}` has no shard cache: put the model in its --model-dir"
+            )));
         };
         let _one_at_a_time = self.inner.push_lock.lock().await;
         let receiver = Arc::new(Mutex::new(cache.receiver()));
@@ -431,13 +712,20 @@ impl pb::stage_server::Stage for StageService {
             let chunk = match chunks.message().await {
                 Ok(Some(c)) => c,
                 Ok(None) => break Ok(()),
-                Err(s) => break Err(Status::cancelled(format!("node `{name}`: the transfer broke after {received} bytes: {}", s.message()))),
+                Err(s) => {
+                    break Err(Status::cancelled(format!(
+                        "node `{name}`: the transfer broke after {received} bytes: {}",
+                        s.message()
+                    )));
+                }
             };
             let r = receiver.clone();
             let n = chunk.data.len() as u64;
-            let applied = tokio::task::spawn_blocking(move || lock(&r).apply(&chunk.model_id, &chunk.tensor, chunk.offset, &chunk.data, chunk.checksum))
-                .await
-                .map_err(internal)?;
+            let applied = tokio::task::spawn_blocking(move || {
+                lock(&r).apply(&chunk.model_id, &chunk.tensor, chunk.offset, &chunk.data, chunk.checksum)
+            })
+            .await
+            .map_err(internal)?;
             match applied {
                 Ok(()) => received += n,
                 Err(e) => break Err(cache_status(&name, e)),
@@ -457,91 +745,13 @@ impl pb::stage_server::Stage for StageService {
     type ForwardStream = ResultStream;
 
     async fn forward(&self, req: Request<Streaming<pb::Activation>>) -> Result<Response<ResultStream>, Status> {
-        let mut incoming = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::StepResult, Status>>(1024);
-        let inner = self.inner.clone();
-        let next = lock(&inner.next).clone();
-        let down_tx = match next {
+        let next = lock(&self.inner.next).clone();
+        let down = match next {
+            Some(client) => Some(self.inner.open_downstream(client, out_tx.clone()).await?),
             None => None,
-            Some(mut client) => {
-                let (tx, rx) = mpsc::channel::<pb::Activation>(1024);
-                let mut results = client
-                    .forward(ReceiverStream::new(rx))
-                    .await
-                    .map_err(|s| Status::unavailable(format!("node `{}`: next stage: {}", inner.name(), s.message())))?
-                    .into_inner();
-                let (out, relay) = (out_tx.clone(), inner.clone());
-                tokio::spawn(async move {
-                    loop {
-                        match results.message().await {
-                            Ok(Some(r)) => {
-                                relay.note_result(&r);
-                                if out.send(Ok(r)).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(s) => {
-                                let msg = format!("node `{}`: next stage failed: {}", relay.name(), s.message());
-                                let _ = out.send(Err(Status::unavailable(msg))).await;
-                                break;
-                            }
-                        }
-                    }
-                });
-                Some(tx)
-            }
         };
-        tokio::spawn(async move {
-            loop {
-                let act = match incoming.message().await {
-                    Ok(Some(a)) => a,
-                    Ok(None) => break,
-                    Err(s) => {
-                        tracing::debug!(status = %s, "upstream closed the forward stream");
-                        break;
-                    }
-                };
-                let (seq_id, step, want) = (act.seq_id, act.step, act.want_token || act.want_logits);
-                let run = inner.clone();
-                let answer = |error: String| pb::StepResult { seq_id, step, error, ..Default::default() };
-                let reply = match tokio::task::spawn_blocking(move || run.run(act)).await {
-                    Ok(Ok(Ran::Token(token_id, lp))) => want.then(|| {
-                        let lp = lp.unwrap_or(Logprobs { token: 0.0, top: Vec::new() });
-                        pb::StepResult {
-                            seq_id,
-                            step,
-                            token_id,
-                            logprob: lp.token,
-                            top_ids: lp.top.iter().map(|e| e.0).collect(),
-                            top_logprobs: lp.top.iter().map(|e| e.1).collect(),
-                            ..Default::default()
-                        }
-                    }),
-                    Ok(Ok(Ran::Logits(l))) => Some(pb::StepResult { seq_id, step, logits: encode_hidden(&l, pb::HiddenFormat::F32), ..Default::default() }),
-                    Ok(Ok(Ran::Nothing | Ran::Hidden(_))) => None,
-                    Ok(Ok(Ran::HandOn(next))) => match &down_tx {
-                        Some(tx) => {
-                            if want {
-                                lock(&inner.stats).pending.insert((seq_id, step), Instant::now());
-                            }
-                            tx.send(next).await.err().map(|_| answer(format!("node `{}`: the next stage closed its stream", inner.name())))
-                        }
-                        None => Some(answer(format!("node `{}` is not the last stage but has no next stage", inner.name()))),
-                    },
-                    Ok(Err(msg)) => {
-                        tracing::warn!(seq = seq_id, step, error = %msg, "step failed");
-                        Some(answer(format!("node `{}`: {msg}", inner.name())))
-                    }
-                    Err(e) => Some(answer(format!("node `{}`: stage task failed: {e}", inner.name()))),
-                };
-                if let Some(r) = reply
-                    && out_tx.send(Ok(r)).await.is_err()
-                {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(serve_stream(self.inner.clone(), req.into_inner(), down, out_tx));
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 
@@ -562,12 +772,13 @@ impl pb::stage_server::Stage for StageService {
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         let inner = self.inner.clone();
-        let (loaded, sequences, weight_bytes, cache_bytes) = tokio::task::spawn_blocking(move || match inner.lock().as_ref() {
-            Some(l) => (true, l.stage.sequences() as u32, l.stage.weight_bytes(), l.stage.cache_bytes()),
-            None => (false, 0, 0, 0),
-        })
-        .await
-        .map_err(internal)?;
+        let (loaded, sequences, weight_bytes, cache_bytes) =
+            tokio::task::spawn_blocking(move || match inner.lock().as_ref() {
+                Some(l) => (true, l.stage.sequences() as u32, l.stage.weight_bytes(), l.stage.cache_bytes()),
+                None => (false, 0, 0, 0),
+            })
+            .await
+            .map_err(internal)?;
         let s = lock(&self.inner.stats);
         Ok(Response::new(pb::HealthResponse {
             loaded,

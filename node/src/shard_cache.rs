@@ -208,16 +208,24 @@ impl Receiver {
         }
         if strata_proto::checksum::checksum(data) != checksum {
             let what = if tensor == HEADER { "the header".to_owned() } else { format!("tensor `{tensor}`") };
-            return Err(Error::Corrupt(format!("the chunk of {what} at offset {offset} ({} bytes) fails its checksum", data.len())));
+            return Err(Error::Corrupt(format!(
+                "the chunk of {what} at offset {offset} ({} bytes) fails its checksum",
+                data.len()
+            )));
         }
         if tensor == HEADER {
             return self.header(id, offset, data);
         }
         if self.open.is_none() {
-            self.open = Some(self.reopen(id)?.ok_or_else(|| Error::Transfer(format!("tensor `{tensor}` sent before the header of model {}", hex(id))))?);
+            self.open = Some(self.reopen(id)?.ok_or_else(|| {
+                Error::Transfer(format!("tensor `{tensor}` sent before the header of model {}", hex(id)))
+            })?);
         }
         let o = self.open.as_mut().expect("opened above");
-        let &(start, size) = o.tensors.get(tensor).ok_or_else(|| Error::Transfer(format!("model {} has no tensor `{tensor}`", hex(id))))?;
+        let &(start, size) = o
+            .tensors
+            .get(tensor)
+            .ok_or_else(|| Error::Transfer(format!("model {} has no tensor `{tensor}`", hex(id))))?;
         let have = o.have.get(tensor).copied().unwrap_or(0);
         if data.is_empty() {
             return Err(Error::Transfer(format!("an empty chunk of tensor `{tensor}`")));
@@ -228,9 +236,15 @@ impl Receiver {
             )));
         }
         let end = offset.checked_add(data.len() as u64).filter(|&e| e <= size).ok_or_else(|| {
-            Error::Transfer(format!("a chunk of tensor `{tensor}` at offset {offset} of {} bytes runs past its {size} bytes", data.len()))
+            Error::Transfer(format!(
+                "a chunk of tensor `{tensor}` at offset {offset} of {} bytes runs past its {size} bytes",
+                data.len()
+            ))
         })?;
-        o.file.seek(SeekFrom::Start(start + offset)).and_then(|_| o.file.write_all(data)).map_err(io("writing to the shard cache"))?;
+        o.file
+            .seek(SeekFrom::Start(start + offset))
+            .and_then(|_| o.file.write_all(data))
+            .map_err(io("writing to the shard cache"))?;
         o.have.insert(tensor.to_owned(), end);
         o.pending.insert(tensor.to_owned(), end);
         o.pending_bytes += data.len() as u64;
@@ -251,11 +265,24 @@ impl Receiver {
     /// Opens the cached file of `id` for writing, if its header is held.
     fn reopen(&self, id: &[u8]) -> Result<Option<OpenShard>> {
         let Some(model) = self.cache.open(id)? else { return Ok(None) };
-        let tensors = model.gguf.tensors.iter().map(|t| (t.name.clone(), (model.gguf.data_start + t.offset, t.size))).collect();
-        let file = OpenOptions::new().write(true).open(&model.path).map_err(io(format!("opening {}", model.path.display())))?;
+        let tensors =
+            model.gguf.tensors.iter().map(|t| (t.name.clone(), (model.gguf.data_start + t.offset, t.size))).collect();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&model.path)
+            .map_err(io(format!("opening {}", model.path.display())))?;
         let mpath = self.cache.manifest_path(id);
-        let manifest = OpenOptions::new().append(true).open(&mpath).map_err(io(format!("opening {}", mpath.display())))?;
-        Ok(Some(OpenShard { id: id.to_vec(), file, manifest, tensors, have: model.have, pending: BTreeMap::new(), pending_bytes: 0 }))
+        let manifest =
+            OpenOptions::new().append(true).open(&mpath).map_err(io(format!("opening {}", mpath.display())))?;
+        Ok(Some(OpenShard {
+            id: id.to_vec(),
+            file,
+            manifest,
+            tensors,
+            have: model.have,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+        }))
     }
 
     /// Starts (or, if the cache already holds this header, keeps) the model's file.
@@ -263,9 +290,14 @@ impl Receiver {
         if offset != 0 {
             return Err(Error::Transfer(format!("the header is sent whole, at offset 0, not {offset}")));
         }
-        let index = Gguf::header_index(data).map_err(|e| Error::Transfer(format!("the streamed header is not a GGUF header: {e}")))?;
+        let index = Gguf::header_index(data)
+            .map_err(|e| Error::Transfer(format!("the streamed header is not a GGUF header: {e}")))?;
         if index.identity != id {
-            return Err(Error::Corrupt(format!("the streamed header has identity {}, not {}", hex(&index.identity), hex(id))));
+            return Err(Error::Corrupt(format!(
+                "the streamed header has identity {}, not {}",
+                hex(&index.identity),
+                hex(id)
+            )));
         }
         if self.open.is_some() {
             return Ok(());
@@ -281,11 +313,18 @@ impl Receiver {
         file.set_len(index.file_len).map_err(io(format!("sizing {} to {} bytes", path.display(), index.file_len)))?;
         file.write_all(data).and_then(|_| file.sync_data()).map_err(io(format!("writing {}", path.display())))?;
         let mut manifest = File::create(&mpath).map_err(io(format!("creating {}", mpath.display())))?;
-        manifest.write_all(format!("{HEADER}\t{}\n", data.len()).as_bytes()).and_then(|_| manifest.sync_data()).map_err(io(format!("writing {}", mpath.display())))?;
+        manifest
+            .write_all(format!("{HEADER}\t{}\n", data.len()).as_bytes())
+            .and_then(|_| manifest.sync_data())
+            .map_err(io(format!("writing {}", mpath.display())))?;
         tracing::info!(model = %hex(id), bytes = index.file_len, path = %path.display(), "started a shard file");
         self.open = self.reopen(id)?;
         if self.open.is_none() {
-            return Err(Error::Transfer(format!("the shard file {} did not read back as model {}", path.display(), hex(id))));
+            return Err(Error::Transfer(format!(
+                "the shard file {} did not read back as model {}",
+                path.display(),
+                hex(id)
+            )));
         }
         Ok(())
     }
@@ -375,7 +414,9 @@ mod tests {
         let cache = temp_cache("header");
         let t = &g.tensors[0];
         let mut r = cache.receiver();
-        assert!(push(&mut r, &g, &t.name, 0, &g.tensor_data(t)[..8]).unwrap_err().to_string().contains("before the header"));
+        assert!(
+            push(&mut r, &g, &t.name, 0, &g.tensor_data(t)[..8]).unwrap_err().to_string().contains("before the header")
+        );
         let header = &g.bytes()[..g.header_len as usize];
         let e = r.apply(&[9; 8], HEADER, 0, header, strata_proto::checksum::checksum(header)).unwrap_err();
         assert!(e.to_string().contains("identity"), "{e}");

@@ -16,6 +16,7 @@ use strata_model::sampling::{Candidate, MAX_CANDIDATES, Sampler, SamplingParams}
 
 use crate::arch::{self, Layer, LayerState};
 use crate::gpu::{Dispatch, Gpu, KernelCache, Step, encode_pass};
+use crate::kv_cache::KvCache;
 use crate::layers::LoadCtx;
 use crate::ops::elementwise::Row;
 use crate::ops::norm::RmsNorm;
@@ -100,6 +101,62 @@ struct Sequence {
     next_pos: u32,
 }
 
+impl Sequence {
+    /// Moves the sequence to a step at `positions`. A KV cache may be overwritten at any
+    /// position, but DeltaNet's recurrent state only moves forward: restarting at 0 resets
+    /// it; anything else out of order is refused.
+    fn move_to(&mut self, gpu: &Gpu, seq: SeqId, positions: &[u32]) -> Result<()> {
+        let recurrent = self.states.iter().any(|st| matches!(st, LayerState::DeltaNet(_)));
+        if recurrent && positions[0] != self.next_pos {
+            if positions[0] != 0 {
+                let message =
+                    format!("step at position {} but its recurrent state is at {}", positions[0], self.next_pos);
+                return Err(Error::Sequence { seq, message });
+            }
+            for st in &self.states {
+                if let LayerState::DeltaNet(d) = st {
+                    d.reset(gpu);
+                }
+            }
+        }
+        if recurrent && positions.windows(2).any(|w| w[1] != w[0] + 1) {
+            return Err(Error::Sequence { seq, message: "a step's positions must be consecutive".into() });
+        }
+        self.next_pos = positions[positions.len() - 1] + 1;
+        Ok(())
+    }
+
+    /// The token sampled from the top candidates the head read back (`words`, see
+    /// [`TopK::from_words`]), and its log-probabilities when asked for.
+    fn pick(
+        &mut self,
+        words: &[u32],
+        sampling: &SamplingParams,
+        logprobs: Option<usize>,
+    ) -> Result<(u32, Option<Logprobs>)> {
+        let top = TopK::from_words(words, MAX_CANDIDATES as u32);
+        let candidates: Vec<Candidate> =
+            top.entries.iter().map(|&(id, logit)| Candidate { id, logit }).filter(|c| c.logit.is_finite()).collect();
+        // Greedy with logprobs: the top candidate (ties to the lower id, as argmax).
+        let token = if sampling.is_greedy() && !sampling.has_penalties() {
+            candidates.first().map(|c| c.id).ok_or_else(|| Error::Step("no finite logit in the row".into()))?
+        } else {
+            if self.sampler.as_ref().is_none_or(|smp| smp.params() != sampling) {
+                self.sampler = Some(Sampler::new(sampling.clone())?);
+            }
+            self.sampler.as_mut().expect("set above").sample(&candidates)?
+        };
+        let lp = logprobs.map(|k| {
+            let logprob = |logit: f32| logit - top.log_sum_exp;
+            Logprobs {
+                token: top.entries.iter().find(|e| e.0 == token).map_or(f32::NEG_INFINITY, |e| logprob(e.1)),
+                top: top.entries.iter().take(k).map(|&(id, logit)| (id, logprob(logit))).collect(),
+            }
+        });
+        Ok((token, lp))
+    }
+}
+
 pub struct Stage {
     gpu: std::sync::Arc<Gpu>,
     kernels: KernelCache,
@@ -118,13 +175,7 @@ pub struct Stage {
 impl Stage {
     pub fn load(gpu: std::sync::Arc<Gpu>, gguf: &Gguf, spec: StageSpec) -> Result<Stage> {
         let config = ModelConfig::from_gguf(gguf)?;
-        let n_layer = config.n_layer();
-        if spec.layers.start >= spec.layers.end || spec.layers.end > n_layer {
-            return Err(Error::Spec(format!("layer range {:?} is not within the model's {n_layer} layers", spec.layers)));
-        }
-        if spec.max_batch == 0 || spec.ctx == 0 {
-            return Err(Error::Spec("max_batch and ctx must be at least 1".into()));
-        }
+        Stage::check_spec(&config, &spec, gpu.max_binding())?;
         // Whatever the device refuses while loading (a buffer it cannot allocate) is this
         // load's error, not a panic of wgpu's default handler.
         let scope = gpu.clone();
@@ -151,12 +202,75 @@ impl Stage {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut stage = Stage { gpu, kernels, config, spec, embed, layers, head, scratch, staging, seqs: HashMap::new(), spare: None };
+        let mut stage = Stage {
+            gpu,
+            kernels,
+            config,
+            spec,
+            embed,
+            layers,
+            head,
+            scratch,
+            staging,
+            seqs: HashMap::new(),
+            spare: None,
+        };
         // Compile every pipeline and build every bind group now, not on the first request:
         // one sequence's state is recorded ahead and handed to the first sequence to come.
         stage.spare = Some(stage.new_sequence()?);
         tracing::info!(layers = ?stage.spec.layers, weights_mb = stage.weight_bytes() as f64 / 1e6, secs = t0.elapsed().as_secs_f64(), "stage loaded");
         Ok(stage)
+    }
+
+    /// Refuses a spec whose buffers the adapter cannot hold, before anything is dropped or
+    /// allocated (wgpu answers an oversized buffer with a panic, not an error). Mirrors what
+    /// a stage allocates by `max_batch` (activations of the widest per-token row) and by
+    /// `ctx` (each attention layer's K and V), against `max_binding`, the adapter's largest
+    /// storage binding (`max_storage_buffer_binding_size`, at most `max_buffer_size`).
+    pub fn check_spec(config: &ModelConfig, spec: &StageSpec, max_binding: u64) -> Result<()> {
+        let n_layer = config.n_layer();
+        if spec.layers.start >= spec.layers.end || spec.layers.end > n_layer {
+            return Err(Error::Spec(format!(
+                "layer range {:?} is not within the model's {n_layer} layers",
+                spec.layers
+            )));
+        }
+        if spec.max_batch == 0 || spec.ctx == 0 {
+            return Err(Error::Spec("max_batch and ctx must be at least 1".into()));
+        }
+        let limit = u128::from(max_binding);
+        let over = |what: String| {
+            Error::Spec(format!(
+                "{what}, over this adapter's largest storage buffer of {max_binding} bytes (max_storage_buffer_binding_size)"
+            ))
+        };
+        let a = &config.attention;
+        let q_width = a.n_head * a.head_dim;
+        let mut widths = vec![
+            ("embedding", config.n_embd),
+            ("feed-forward", config.n_ff),
+            ("query", if a.output_gate { 2 * q_width } else { q_width }),
+            ("key", a.n_head_kv * a.head_dim),
+        ];
+        if let Some(dn) = &config.deltanet {
+            widths.extend([("DeltaNet conv", dn.conv_channels()), ("DeltaNet value", dn.value_dim())]);
+        }
+        let (what, width) = widths.into_iter().max_by_key(|w| w.1).expect("widths is not empty");
+        let activations = u128::from(spec.max_batch) * width as u128 * 4;
+        if activations > limit {
+            return Err(over(format!(
+                "max_batch {} needs activation buffers of {activations} bytes ({} tokens x {width} {what} values x 4 bytes)",
+                spec.max_batch, spec.max_batch
+            )));
+        }
+        if config.layers[spec.layers.clone()].contains(&LayerKind::Attention) {
+            let per_position = KvCache::bytes_per_position(a.n_head_kv as u32, a.head_dim as u32) / 2;
+            let kv = u128::from(spec.ctx) * u128::from(per_position);
+            if kv > limit {
+                return Err(over(format!("ctx {} needs a KV cache of {kv} bytes each for K and V", spec.ctx)));
+            }
+        }
+        Ok(())
     }
 
     /// Opens the GPU (`adapter`: a substring of its name, else the best one) and loads
@@ -248,11 +362,23 @@ impl Stage {
 
     /// Allocates a sequence's caches and records its dispatch lists.
     fn new_sequence(&self) -> Result<Sequence> {
-        let states = self.layers.iter().map(|l| l.new_state(&self.gpu, &self.config, self.spec.ctx)).collect::<Result<Vec<_>>>()?;
+        let states = self
+            .layers
+            .iter()
+            .map(|l| l.new_state(&self.gpu, &self.config, self.spec.ctx))
+            .collect::<Result<Vec<_>>>()?;
         let decode = self.record(&states, 1)?;
         let prefill = if self.spec.max_batch > 1 { self.record(&states, self.spec.max_batch)? } else { Vec::new() };
         tracing::debug!(dispatches = decode.len(), "recorded sequence");
-        Ok(Sequence { next_pos: 0, states, decode, prefill, sampler: None, history: Vec::new(), last_used: Instant::now() })
+        Ok(Sequence {
+            next_pos: 0,
+            states,
+            decode,
+            prefill,
+            sampler: None,
+            history: Vec::new(),
+            last_used: Instant::now(),
+        })
     }
 
     /// The dispatches of a step of up to `max_tokens` over the sequence with `states`:
@@ -272,13 +398,25 @@ impl Stage {
     /// Validates a step and writes its inputs; afterwards [`Stage::layer_pass`] encodes it.
     fn prepare(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32]) -> Result<()> {
         let n = positions.len();
-        let e = self.config.n_embd;
         if n == 0 || n > self.spec.max_batch as usize {
             return Err(Error::Step(format!("a step carries 1..={} tokens, got {n}", self.spec.max_batch)));
         }
         if let Some(&p) = positions.iter().find(|&&p| p >= self.spec.ctx) {
             return Err(Error::Step(format!("position {p} is past the context length {}", self.spec.ctx)));
         }
+        self.write_input(input, n)?;
+        let step = Step { n_tokens: n as u32, _pad: [0; 3] };
+        self.gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&step));
+        self.gpu.queue.write_buffer(&self.scratch.positions, 0, bytemuck::cast_slice(positions));
+        self.sequence(seq)?;
+        let s = self.seqs.get_mut(&seq).expect("created above");
+        s.last_used = Instant::now();
+        s.move_to(&self.gpu, seq, positions)
+    }
+
+    /// Checks a step's ids or hidden states (`n` tokens of them) and writes them.
+    fn write_input(&self, input: Input<'_>, n: usize) -> Result<()> {
+        let e = self.config.n_embd;
         match input {
             Input::Tokens(ids) => {
                 if !self.is_first() {
@@ -288,7 +426,8 @@ impl Stage {
                     return Err(Error::Step(format!("{} token ids for {n} positions", ids.len())));
                 }
                 if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.n_vocab) {
-                    return Err(Error::Step(format!("token id {bad} is outside the vocabulary of {}", self.config.n_vocab)));
+                    let vocab = self.config.n_vocab;
+                    return Err(Error::Step(format!("token id {bad} is outside the vocabulary of {vocab}")));
                 }
                 self.gpu.queue.write_buffer(&self.scratch.ids, 0, bytemuck::cast_slice(ids));
             }
@@ -302,32 +441,6 @@ impl Stage {
                 self.gpu.queue.write_buffer(&self.scratch.x, 0, bytemuck::cast_slice(h));
             }
         }
-        self.gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, _pad: [0; 3] }));
-        self.gpu.queue.write_buffer(&self.scratch.positions, 0, bytemuck::cast_slice(positions));
-        self.sequence(seq)?;
-        let gpu = &self.gpu;
-        let s = self.seqs.get_mut(&seq).expect("created above");
-        s.last_used = Instant::now();
-        // A KV cache may be overwritten at any position, but DeltaNet's recurrent state
-        // only moves forward: restarting at 0 resets it; anything else out of order is refused.
-        let recurrent = s.states.iter().any(|st| matches!(st, LayerState::DeltaNet(_)));
-        if recurrent && positions[0] != s.next_pos {
-            if positions[0] != 0 {
-                return Err(Error::Sequence {
-                    seq,
-                    message: format!("step at position {} but its recurrent state is at {}", positions[0], s.next_pos),
-                });
-            }
-            for st in &s.states {
-                if let LayerState::DeltaNet(d) = st {
-                    d.reset(gpu);
-                }
-            }
-        }
-        if positions.windows(2).any(|w| w[1] != w[0] + 1) && recurrent {
-            return Err(Error::Sequence { seq, message: "a step's positions must be consecutive".into() });
-        }
-        s.next_pos = positions[n - 1] + 1;
         Ok(())
     }
 
@@ -371,7 +484,13 @@ impl Stage {
 
     /// Runs one step of `seq`: tokens (or hidden states) at `positions` through the
     /// stage's layers. The last stage samples the next token with `sampling`.
-    pub fn forward(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams) -> Result<Output> {
+    pub fn forward(
+        &mut self,
+        seq: SeqId,
+        input: Input<'_>,
+        positions: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<Output> {
         Ok(match self.forward_inner(seq, input, positions, sampling, None)? {
             Produced::Hidden(h) => Output::Hidden(h),
             Produced::Token(t, _) => Output::Token(t),
@@ -381,14 +500,28 @@ impl Stage {
     /// Like [`Stage::forward`] on the last stage, also answering the sampled token's
     /// log-probability and the `top` most likely tokens' (at most 64), over the row after
     /// repetition penalties and before temperature.
-    pub fn forward_logprobs(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, top: usize) -> Result<(u32, Logprobs)> {
+    pub fn forward_logprobs(
+        &mut self,
+        seq: SeqId,
+        input: Input<'_>,
+        positions: &[u32],
+        sampling: &SamplingParams,
+        top: usize,
+    ) -> Result<(u32, Logprobs)> {
         match self.forward_inner(seq, input, positions, sampling, Some(top.min(MAX_CANDIDATES)))? {
             Produced::Token(t, Some(lp)) => Ok((t, lp)),
             _ => Err(Error::NotOnStage("logprobs asked of a stage without the output head".into())),
         }
     }
 
-    fn forward_inner(&mut self, seq: SeqId, input: Input<'_>, positions: &[u32], sampling: &SamplingParams, logprobs: Option<usize>) -> Result<Produced> {
+    fn forward_inner(
+        &mut self,
+        seq: SeqId,
+        input: Input<'_>,
+        positions: &[u32],
+        sampling: &SamplingParams,
+        logprobs: Option<usize>,
+    ) -> Result<Produced> {
         self.prepare(seq, input, positions)?;
         let n = positions.len();
         let Some(head) = &self.head else {
@@ -413,36 +546,17 @@ impl Stage {
         };
         // The whole step in one pass: the layers, the last row, the head on it, sampling.
         let mut enc = self.encoder();
-        encode_pass(&mut enc, &[self.layer_pass(seq, n), (&head.last_row, n as u32), (&head.logits_dispatches, 1), (sample, 1)]);
+        encode_pass(
+            &mut enc,
+            &[self.layer_pass(seq, n), (&head.last_row, n as u32), (&head.logits_dispatches, 1), (sample, 1)],
+        );
         let bytes = u64::from(words) * 4;
         enc.copy_buffer_to_buffer(&head.result, 0, staging, 0, bytes);
         gpu.queue.submit([enc.finish()]);
+        let out: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.map_and_read(staging, bytes)?);
         gpu.check("a step")?;
         let s = self.seqs.get_mut(&seq).expect("prepared above");
-        if s.sampler.as_ref().is_none_or(|smp| smp.params() != sampling) {
-            s.sampler = Some(Sampler::new(sampling.clone())?);
-        }
-        let out: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.map_and_read(staging, bytes)?);
-        let (token, lp) = if greedy {
-            (out[0], None)
-        } else {
-            let top = TopK::from_words(&out, MAX_CANDIDATES as u32);
-            let candidates: Vec<Candidate> = top.entries.iter().map(|&(id, logit)| Candidate { id, logit }).filter(|c| c.logit.is_finite()).collect();
-            // Greedy with logprobs: the top candidate (ties to the lower id, as argmax).
-            let token = if sampling.is_greedy() && !sampling.has_penalties() {
-                candidates.first().map(|c| c.id).ok_or_else(|| Error::Step("no finite logit in the row".into()))?
-            } else {
-                s.sampler.as_mut().expect("set above").sample(&candidates)?
-            };
-            let lp = logprobs.map(|k| {
-                let logprob = |logit: f32| logit - top.log_sum_exp;
-                Logprobs {
-                    token: top.entries.iter().find(|e| e.0 == token).map_or(f32::NEG_INFINITY, |e| logprob(e.1)),
-                    top: top.entries.iter().take(k).map(|&(id, logit)| (id, logprob(logit))).collect(),
-                }
-            });
-            (token, lp)
-        };
+        let (token, lp) = if greedy { (out[0], None) } else { s.pick(&out, sampling, logprobs)? };
         s.history.push(token);
         Ok(Produced::Token(token, lp))
     }
@@ -480,7 +594,8 @@ impl Head {
         let logits = gpu.storage("logits", u64::from(vocab) * 4);
         let result = gpu.storage("result", u64::from(top_k_words(MAX_CANDIDATES as u32)) * 4);
         let recent = gpu.storage("recent", MAX_RECENT as u64 * 4);
-        let (x_act, n_act, logits_act) = (Act::new(&x_last, 1, e), Act::new(&n_last, 1, e), Act::new(&logits, 1, vocab));
+        let (x_act, n_act, logits_act) =
+            (Act::new(&x_last, 1, e), Act::new(&n_last, 1, e), Act::new(&logits, 1, vocab));
         let mut rec = Recorder::new(gpu, ctx.kernels, &s.step, s.max_tokens)?;
         rec.copy_row(s.x(), x_act, Row::Last)?;
         let last_row = rec.finish();
@@ -497,5 +612,35 @@ impl Head {
         let mut sample_top_k = vec![penalize.dispatch.clone()];
         sample_top_k.extend(rec.finish());
         Ok(Head { output, logits, result, recent, last_row, logits_dispatches, sample_argmax, penalize, sample_top_k })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    fn tiny() -> ModelConfig {
+        let gguf = Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap();
+        ModelConfig::from_gguf(&gguf).unwrap()
+    }
+
+    #[test]
+    fn specs_beyond_the_adapters_buffers_are_refused() {
+        let config = tiny();
+        let n = config.n_layer();
+        let spec = |ctx, max_batch| StageSpec { layers: 0..n, ctx, max_batch };
+        let limit = 128 << 20;
+        assert!(Stage::check_spec(&config, &spec(4096, 512), limit).is_ok());
+        let e = Stage::check_spec(&config, &spec(64, 4_000_000_000), limit).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let e = e.to_string();
+        assert!(e.contains("max_batch 4000000000") && e.contains("max_storage_buffer_binding_size"), "{e}");
+        let e = Stage::check_spec(&config, &spec(u32::MAX, 8), limit).unwrap_err().to_string();
+        assert!(e.contains("ctx 4294967295") && e.contains(&limit.to_string()), "{e}");
+        let e =
+            Stage::check_spec(&config, &StageSpec { layers: 0..n + 1, ..spec(64, 8) }, limit).unwrap_err().to_string();
+        assert!(e.contains("layer range"), "{e}");
+        assert!(Stage::check_spec(&config, &spec(0, 8), limit).is_err());
     }
 }

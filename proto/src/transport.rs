@@ -71,7 +71,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// A client of the stage at `addr` (`host:port` or `http://host:port`), connected now.
 pub async fn connect(addr: &str) -> Result<StageClient<Channel>, TransportError> {
     let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| TransportError::Address { addr: addr.to_owned(), message: e.to_string() })?;
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| TransportError::Address { addr: addr.to_owned(), message: e.to_string() })?;
     let channel = endpoint
         .tcp_nodelay(true)
         .tcp_keepalive(Some(TCP_KEEPALIVE))
@@ -84,5 +85,7 @@ pub async fn connect(addr: &str) -> Result<StageClient<Channel>, TransportError>
         .connect()
         .await
         .map_err(|source| TransportError::Connect { addr: addr.to_owned(), source })?;
-    Ok(StageClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(StageClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

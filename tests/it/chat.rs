@@ -49,7 +49,19 @@ fn say(stdin: &mut ChildStdin, line: &str) {
 fn chat_streams_resets_and_survives_ctrl_c() {
     let model = fixture("tiny-qwen3.gguf");
     let m = path_str(&model);
-    let alone = strata_json(&["run", "--json", "--model", m, "--chat", "--prompt", "Hello", "--max-tokens", "200", "--temperature", "0"]);
+    let alone = strata_json(&[
+        "run",
+        "--json",
+        "--model",
+        m,
+        "--chat",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "200",
+        "--temperature",
+        "0",
+    ]);
     let expected = alone["text"].as_str().unwrap().to_owned();
     // The interrupt below must land in the middle of an answer: greedy, this one runs
     // to the length limit, so it is still going after its first characters.

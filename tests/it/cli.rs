@@ -21,7 +21,27 @@ fn help_explains_every_command_and_flag() {
     let o = strata().args(["run", "--help"]).output().unwrap();
     let run = String::from_utf8_lossy(&o.stdout);
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--seed", "--json", "--ctx", "--batch", "--adapter", "--ignore-eos", "--peer", "--no-local", "--split", "--wire"] {
+    for flag in [
+        "--model",
+        "--prompt",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repeat-penalty",
+        "--seed",
+        "--json",
+        "--ctx",
+        "--batch",
+        "--adapter",
+        "--ignore-eos",
+        "--peer",
+        "--no-local",
+        "--split",
+        "--wire",
+    ] {
         assert!(run.contains(flag), "`strata run --help` lacks {flag}");
         assert!(readme.contains(flag), "README lacks {flag}");
     }
@@ -59,11 +79,38 @@ fn flags_out_of_range_are_refused() {
     assert!(fails(&["quantize", m, "/tmp/x.gguf", "--type", "q5_k"]).contains("q5_k"));
 }
 
+/// Nothing the user did not cause prints "error": without `XDG_RUNTIME_DIR` (a bare
+/// container, a service, an ssh session) opening the GPU must not make the Vulkan
+/// loader's layers complain on stderr.
+#[test]
+fn a_run_without_a_runtime_dir_prints_no_error() {
+    let m = fixture("tiny-qwen3.gguf");
+    let mut cmd = strata();
+    cmd.args(["run", "--model", path_str(&m), "--prompt", "hi", "--max-tokens", "4"]);
+    for var in
+        ["XDG_RUNTIME_DIR", "WAYLAND_DISPLAY", "WAYLAND_SOCKET", "NODEVICE_SELECT", "MESA_VK_DEVICE_SELECT", "RUST_LOG"]
+    {
+        cmd.env_remove(var);
+    }
+    let o = cmd.output().expect("run strata");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "strata run failed:\n{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.to_lowercase().contains("error")).collect();
+    assert!(errors.is_empty(), "stderr mentions errors nobody caused:\n{}", errors.join("\n"));
+}
+
 #[test]
 fn bench_reports_what_it_measured() {
     let m = fixture("tiny-qwen3.gguf");
-    let out = strata_json(&["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "8", "--json"]);
-    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_weight_gb_per_s", "read_bandwidth_gb_per_s", "bandwidth_fraction"] {
+    let out =
+        strata_json(&["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "8", "--json"]);
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "decode_weight_gb_per_s",
+        "read_bandwidth_gb_per_s",
+        "bandwidth_fraction",
+    ] {
         let v = out[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
@@ -77,7 +124,10 @@ fn plan_splits_the_27b_shape_over_three_nodes() {
     let o = strata().args(["synthesize", "--shape", "qwen36-27b"]).arg(&model).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = path_str(&model);
-    let o = strata().args(["plan", "--model", m, "--ctx", "32768", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]).output().unwrap();
+    let o = strata()
+        .args(["plan", "--model", m, "--ctx", "32768", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eprintln!("{table}");
@@ -85,7 +135,8 @@ fn plan_splits_the_27b_shape_over_three_nodes() {
         assert!(table.contains(row), "plan table lacks `{row}`:\n{table}");
     }
     // 36 GiB cannot hold the 27B at 256k context: the error gives the numbers.
-    let err = fails(&["plan", "--model", m, "--ctx", "262144", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]);
+    let err =
+        fails(&["plan", "--model", m, "--ctx", "262144", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]);
     assert!(err.contains("GiB") && err.contains("36.00"), "{err}");
     std::fs::remove_file(&model).unwrap();
 }

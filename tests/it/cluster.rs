@@ -15,12 +15,28 @@ fn generated(out: &serde_json::Value) -> Vec<u32> {
 
 /// Runs every golden prompt on one node and on the cluster (with `extra` flags on both
 /// sides and `cluster_flags` on the cluster's) and returns (single, cluster) ids.
-fn compare(model: &Path, golden_name: &str, cluster: &Cluster, extra: &[&str], cluster_flags: &[&str]) -> Vec<(Vec<u32>, Vec<u32>)> {
+fn compare(
+    model: &Path,
+    golden_name: &str,
+    cluster: &Cluster,
+    extra: &[&str],
+    cluster_flags: &[&str],
+) -> Vec<(Vec<u32>, Vec<u32>)> {
     let g = load_golden(golden_name);
     golden::sequences(&g)
         .iter()
         .map(|seq| {
-            let mut args = vec!["run", "--json", "--model", path_str(model), "--prompt", &seq.prompt, "--max-tokens", "32", "--ignore-eos"];
+            let mut args = vec![
+                "run",
+                "--json",
+                "--model",
+                path_str(model),
+                "--prompt",
+                &seq.prompt,
+                "--max-tokens",
+                "32",
+                "--ignore-eos",
+            ];
             args.extend_from_slice(extra);
             let single = strata_json(&args);
             let flags = cluster.flags();
@@ -46,7 +62,10 @@ fn three_nodes_match_one_tiny_qwen3() {
     // Equal memory: the planner gives every node layers.
     assert_same("tiny-qwen3, auto split", &compare(&m, "tiny-qwen3.golden.json", &cluster, &[], &[]));
     // Uneven, and prefill in chunks of 8 so that several chunks are in flight at once.
-    assert_same("tiny-qwen3, split 2,1,3", &compare(&m, "tiny-qwen3.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,3"]));
+    assert_same(
+        "tiny-qwen3, split 2,1,3",
+        &compare(&m, "tiny-qwen3.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,3"]),
+    );
 }
 
 #[test]
@@ -55,7 +74,10 @@ fn three_nodes_match_one_tiny_qwen35() {
     let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
     // Layers 3 and 7 are attention, the rest DeltaNet: 2,1,5 puts one boundary between two
     // DeltaNet layers (1|2) and one between a DeltaNet and an attention layer (2|3).
-    assert_same("tiny-qwen35, split 2,1,5", &compare(&m, "tiny-qwen35.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,5"]));
+    assert_same(
+        "tiny-qwen35, split 2,1,5",
+        &compare(&m, "tiny-qwen35.golden.json", &cluster, &["--batch", "8"], &["--split", "2,1,5"]),
+    );
 }
 
 #[test]
@@ -63,7 +85,10 @@ fn three_nodes_match_one_smollm2_q8_0() {
     let m = smol_q8_0();
     let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
     assert_same("SmolLM2 Q8_0, auto split", &compare(&m, "smollm2-135m-q8_0.golden.json", &cluster, &[], &[]));
-    assert_same("SmolLM2 Q8_0, split 4,20,6", &compare(&m, "smollm2-135m-q8_0.golden.json", &cluster, &["--batch", "4"], &["--split", "4,20,6"]));
+    assert_same(
+        "SmolLM2 Q8_0, split 4,20,6",
+        &compare(&m, "smollm2-135m-q8_0.golden.json", &cluster, &["--batch", "4"], &["--split", "4,20,6"]),
+    );
 }
 
 #[test]
@@ -72,7 +97,19 @@ fn f16_wire_keeps_greedy_tokens() {
     let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
     let g = load_golden("tiny-qwen3.golden.json");
     for (i, seq) in golden::sequences(&g).iter().enumerate() {
-        let mut args = vec!["run", "--json", "--model", path_str(&m), "--prompt", &seq.prompt, "--max-tokens", "32", "--ignore-eos", "--wire", "f16"];
+        let mut args = vec![
+            "run",
+            "--json",
+            "--model",
+            path_str(&m),
+            "--prompt",
+            &seq.prompt,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+            "--wire",
+            "f16",
+        ];
         let flags = cluster.flags();
         args.extend(flags.iter().map(String::as_str));
         let out = strata_json(&args);
@@ -91,8 +128,15 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
     rt.block_on(async {
         let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
         // The last half of the layers: a stage that takes hidden states and samples.
-        let load = pb::LoadShardRequest { model_id: gguf.identity().to_vec(), layer_start: n / 2, layer_end: n, ctx: 64, max_batch: 8, next_stage: String::new() };
-        client.load_shard(load).await.unwrap();
+        let load = pb::LoadShardRequest {
+            model_id: gguf.identity().to_vec(),
+            layer_start: n / 2,
+            layer_end: n,
+            ctx: 64,
+            max_batch: 8,
+            next_stage: String::new(),
+        };
+        client.load_shard(strata_proto::versioned(load)).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let act = |step: u64, pos: u32, hidden: Vec<u8>| pb::Activation {
@@ -105,12 +149,16 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
             ..Default::default()
         };
         let good = vec![0u8; cfg.n_embd * 4];
+        use pb::StepErrorCode as C;
         let cases = [
-            (act(0, 0, vec![1, 2, 3]), Some("hidden payload of 3 bytes")),
-            (act(1, 5, good.clone()), Some("unknown sequence 7")),
-            (pb::Activation { format: 9, ..act(2, 0, good.clone()) }, Some("unknown hidden format")),
+            (act(0, 0, vec![1, 2, 3]), Some(("hidden payload of 3 bytes", C::InvalidArgument))),
+            (act(1, 5, good.clone()), Some(("unknown sequence 7", C::OutOfOrder))),
+            (
+                pb::Activation { format: 9, ..act(2, 0, good.clone()) },
+                Some(("unknown hidden format", C::InvalidArgument)),
+            ),
             (act(3, 0, good.clone()), None),
-            (act(4, 1, good[..cfg.n_embd * 2].to_vec()), Some("hidden payload")),
+            (act(4, 1, good[..cfg.n_embd * 2].to_vec()), Some(("hidden payload", C::InvalidArgument))),
             (act(5, 1, good.clone()), None),
         ];
         for (a, want_error) in cases {
@@ -119,7 +167,10 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
             let r = results.message().await.unwrap().expect("a result");
             assert_eq!(r.step, step);
             match want_error {
-                Some(e) => assert!(r.error.contains(e), "step {step}: error `{}` lacks `{e}`", r.error),
+                Some((e, code)) => {
+                    assert!(r.error.contains(e), "step {step}: error `{}` lacks `{e}`", r.error);
+                    assert_eq!(r.error_code(), code, "step {step}: {r:?}");
+                }
                 None => assert!(r.error.is_empty() && (r.token_id as usize) < cfg.n_vocab, "step {step}: {r:?}"),
             }
         }
@@ -129,9 +180,79 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
     });
 }
 
+/// A `LoadShard` the adapter cannot hold (an absurd batch or context) or from another
+/// protocol version is refused with a clear message before the loaded shard is dropped:
+/// the node keeps serving it.
+#[test]
+fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_serving() {
+    let m = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start(1, &model_dir(std::slice::from_ref(&m)));
+    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
+    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let n = cfg.n_layer() as u32;
+    let load = |ctx, max_batch| pb::LoadShardRequest {
+        model_id: gguf.identity().to_vec(),
+        layer_start: 0,
+        layer_end: n,
+        ctx,
+        max_batch,
+        next_stage: String::new(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
+        client.load_shard(strata_proto::versioned(load(64, 8))).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let act = |step: u64, pos: u32| pb::Activation {
+            seq_id: 3,
+            step,
+            positions: vec![pos],
+            token_ids: vec![1],
+            want_token: true,
+            ..Default::default()
+        };
+        tx.send(act(0, 0)).await.unwrap();
+        let r = results.message().await.unwrap().expect("a result");
+        assert!(r.error.is_empty(), "{r:?}");
+
+        for (ctx, max_batch, needle) in [(64, 4_000_000_000, "max_batch 4000000000"), (u32::MAX, 8, "ctx 4294967295")] {
+            let s = client.load_shard(strata_proto::versioned(load(ctx, max_batch))).await.unwrap_err();
+            assert_eq!(s.code(), strata_proto::tonic::Code::InvalidArgument, "{s:?}");
+            assert!(
+                s.message().contains(needle) && s.message().contains("max_storage_buffer_binding_size"),
+                "{}",
+                s.message()
+            );
+        }
+        // No version (a coordinator older than 3), and another one.
+        let mut other = strata_proto::tonic::Request::new(load(64, 8));
+        other.metadata_mut().insert(strata_proto::VERSION_METADATA, "2".parse().unwrap());
+        for (request, theirs) in [(strata_proto::tonic::Request::new(load(64, 8)), "an older one"), (other, "2")] {
+            let s = client.load_shard(request).await.unwrap_err();
+            assert_eq!(s.code(), strata_proto::tonic::Code::FailedPrecondition, "{s:?}");
+            let want = format!("speaks protocol {}, the coordinator {theirs}", strata_proto::PROTOCOL_VERSION);
+            assert!(s.message().contains(&want), "{}", s.message());
+        }
+
+        // The shard loaded first still holds sequence 3 and runs its next step.
+        tx.send(act(1, 1)).await.unwrap();
+        let r = results.message().await.unwrap().expect("a result");
+        assert!(r.error.is_empty() && (r.token_id as usize) < cfg.n_vocab, "{r:?}");
+        let h = client.health(pb::HealthRequest {}).await.unwrap().into_inner();
+        assert!(h.loaded && h.sequences == 1, "{h:?}");
+    });
+}
+
 /// Every forced position's logit row, one token per step, through the nodes at `addrs`
 /// loaded with `split` (layers per node, in order), hidden states handed on in `format`.
-fn wire_logits(addrs: &[String], model: &Path, split: &[u32], format: pb::HiddenFormat, seqs: &[golden::Sequence]) -> Vec<Vec<Vec<f32>>> {
+fn wire_logits(
+    addrs: &[String],
+    model: &Path,
+    split: &[u32],
+    format: pb::HiddenFormat,
+    seqs: &[golden::Sequence],
+) -> Vec<Vec<Vec<f32>>> {
     let gguf = strata_model::gguf::Gguf::open(model).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
@@ -139,8 +260,18 @@ fn wire_logits(addrs: &[String], model: &Path, split: &[u32], format: pb::Hidden
         for (k, &n) in split.iter().enumerate() {
             let mut client = strata_proto::transport::connect(&addrs[k]).await.unwrap();
             let next_stage = if k + 1 < split.len() { addrs[k + 1].clone() } else { String::new() };
-            let load = pb::LoadShardRequest { model_id: gguf.identity().to_vec(), layer_start: start, layer_end: start + n, ctx: 256, max_batch: 8, next_stage };
-            client.load_shard(load).await.unwrap_or_else(|s| panic!("loading {split:?} on {}: {}", addrs[k], s.message()));
+            let load = pb::LoadShardRequest {
+                model_id: gguf.identity().to_vec(),
+                layer_start: start,
+                layer_end: start + n,
+                ctx: 256,
+                max_batch: 8,
+                next_stage,
+            };
+            client
+                .load_shard(strata_proto::versioned(load))
+                .await
+                .unwrap_or_else(|s| panic!("loading {split:?} on {}: {}", addrs[k], s.message()));
             start += n;
         }
         let mut first = strata_proto::transport::connect(&addrs[0]).await.unwrap();
@@ -164,7 +295,12 @@ fn wire_logits(addrs: &[String], model: &Path, split: &[u32], format: pb::Hidden
                 tx.send(act).await.unwrap();
                 let r = results.message().await.unwrap().expect("a result");
                 assert!(r.error.is_empty() && r.step == step, "step {step}: {r:?}");
-                rows.push(r.logits.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>());
+                rows.push(
+                    r.logits
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect::<Vec<f32>>(),
+                );
                 step += 1;
             }
             first.release(pb::ReleaseRequest { seq_id: s as u64 }).await.unwrap();

@@ -33,16 +33,30 @@ fn names(listing: &serde_json::Value) -> Vec<String> {
 fn start_node(lan: &mut Lan, i: usize, name: &str) -> usize {
     let mut cmd = lan.command(i, strata_exe());
     let models = model_dir(&[fixture("tiny-qwen3.gguf")]);
-    cmd.args(["node", "--listen", &format!("{}:7470", lan.addr(i)), "--name", name, "--memory", "1GiB", "--model-dir", path_str(&models)])
-        .env("WGPU_ADAPTER_NAME", "llvmpipe")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "node",
+        "--listen",
+        &format!("{}:7470", lan.addr(i)),
+        "--name",
+        name,
+        "--memory",
+        "1GiB",
+        "--model-dir",
+        path_str(&models),
+    ])
+    .env("WGPU_ADAPTER_NAME", "llvmpipe")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     let idx = lan.spawn(cmd);
     let stdout = lan.child(idx).stdout.take().expect("node stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("read the node's first line");
-    assert_eq!(line.trim(), format!("listening on {}:7470", lan.addr(i)), "strata node {name} did not start (see its stderr above)");
+    assert_eq!(
+        line.trim(),
+        format!("listening on {}:7470", lan.addr(i)),
+        "strata node {name} did not start (see its stderr above)"
+    );
     idx
 }
 
@@ -65,24 +79,46 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
         assert!(node["adapter"].as_str().unwrap().contains("llvmpipe"), "{node:#}");
         assert!(node["latency_ms"].as_f64().is_some(), "the node's port answers: {node:#}");
     }
-    let found: Vec<f64> = first["nodes"].as_array().unwrap().iter().map(|n| n["found_after_ms"].as_f64().unwrap()).collect();
+    let found: Vec<f64> =
+        first["nodes"].as_array().unwrap().iter().map(|n| n["found_after_ms"].as_f64().unwrap()).collect();
     eprintln!("resolution: {found:?} ms after browsing started; whole listing {:.0} ms", took.as_secs_f64() * 1e3);
     assert!(took < Duration::from_secs(9), "--expect 2 returns as soon as both are found, not at the timeout");
 
     // Discover, plan, generate: the coordinator in host 0 finds the two nodes by mDNS
     // alone, plans by their advertised memory and runs the model across the namespaces.
     let model = fixture("tiny-qwen3.gguf");
-    let args = ["run", "--json", "--model", path_str(&model), "--prompt", "The capital of France is", "--max-tokens", "16", "--ignore-eos"];
+    let args = [
+        "run",
+        "--json",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+    ];
     let single = strata_json(&args);
     let mut cmd = lan.command(0, strata_exe());
-    cmd.args(args).args(["--no-local", "--discover", "--expect-nodes", "2", "--discover-timeout", "10"]).env("WGPU_ADAPTER_NAME", "llvmpipe");
+    cmd.args(args)
+        .args(["--no-local", "--discover", "--expect-nodes", "2", "--discover-timeout", "10"])
+        .env("WGPU_ADAPTER_NAME", "llvmpipe");
     let o = lan.output(cmd);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "strata run --discover failed:\n{stderr}");
-    let piped: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)));
-    assert!(stderr.contains(&format!("discovered 2 node(s) over mDNS: {}:7470, {}:7470", lan.addr(1), lan.addr(2))), "{stderr}");
+    let piped: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)));
+    assert!(
+        stderr.contains(&format!("discovered 2 node(s) over mDNS: {}:7470, {}:7470", lan.addr(1), lan.addr(2))),
+        "{stderr}"
+    );
     assert_eq!(piped["generated_ids"], single["generated_ids"], "the discovered pipeline generates what one node does");
-    let stages: Vec<(String, String)> = piped["stages"].as_array().unwrap().iter().map(|s| (s["node"].as_str().unwrap().to_owned(), s["address"].as_str().unwrap().to_owned())).collect();
+    let stages: Vec<(String, String)> = piped["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["node"].as_str().unwrap().to_owned(), s["address"].as_str().unwrap().to_owned()))
+        .collect();
     assert_eq!(stages.len(), 2, "{piped:#}");
     assert_eq!(stages[0], ("node2".to_owned(), format!("{}:7470", lan.addr(1))), "{piped:#}");
     assert_eq!(stages[1], ("node3".to_owned(), format!("{}:7470", lan.addr(2))), "{piped:#}");

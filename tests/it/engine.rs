@@ -9,7 +9,7 @@ use strata_node::gpu::{Gpu, GpuConfig};
 use strata_node::stage::{Input, Stage, StageSpec};
 
 use crate::golden::{self, check_position};
-use crate::support::{fixture, golden as load_golden, model, smol_q8_0, SMOL_Q4_1};
+use crate::support::{SMOL_Q4_1, fixture, golden as load_golden, model, smol_q8_0};
 
 fn stage(path: &std::path::Path, max_batch: u32) -> Stage {
     let gguf = Gguf::open(path).unwrap();

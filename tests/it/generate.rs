@@ -2,14 +2,25 @@
 //! through the WGSL kernels.
 
 use crate::golden;
-use crate::support::{fixture, golden as load_golden, model, path_str, smol_q8_0, strata_json, SMOL_Q4_1};
+use crate::support::{SMOL_Q4_1, fixture, golden as load_golden, model, path_str, smol_q8_0, strata_json};
 
 fn greedy_matches(model: &std::path::Path, golden_name: &str) {
     let g = load_golden(golden_name);
     for (i, seq) in golden::sequences(&g).iter().enumerate() {
         let n = seq.ref_greedy_ids.len().to_string();
-        let out = strata_json(&["run", "--model", path_str(model), "--prompt", &seq.prompt, "--max-tokens", &n, "--ignore-eos", "--json"]);
-        let ids = |k: &str| -> Vec<u32> { out[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+        let out = strata_json(&[
+            "run",
+            "--model",
+            path_str(model),
+            "--prompt",
+            &seq.prompt,
+            "--max-tokens",
+            &n,
+            "--ignore-eos",
+            "--json",
+        ]);
+        let ids =
+            |k: &str| -> Vec<u32> { out[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
         assert_eq!(ids("prompt_ids"), seq.prompt_ids, "{golden_name} sequence {i}: prompt ids");
         golden::check_greedy(&format!("{golden_name} sequence {i}"), seq, &ids("generated_ids"));
         assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -38,7 +49,17 @@ fn smollm2_q8_0_by_strata_quantize_greedy() {
 
 #[test]
 fn chat_flag_applies_the_template() {
-    let out = strata_json(&["run", "--model", path_str(&fixture("tiny-qwen3.gguf")), "--chat", "--prompt", "Write a haiku about GPUs.", "--max-tokens", "4", "--json"]);
+    let out = strata_json(&[
+        "run",
+        "--model",
+        path_str(&fixture("tiny-qwen3.gguf")),
+        "--chat",
+        "--prompt",
+        "Write a haiku about GPUs.",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
     let g = load_golden("tiny-qwen3.golden.json");
     let want = &golden::sequences(&g)[0].prompt_ids;
     let got: Vec<u32> = out["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -49,7 +70,27 @@ fn chat_flag_applies_the_template() {
 fn seeded_sampling_is_reproducible() {
     let m = fixture("tiny-qwen3.gguf");
     let run = |seed: &str| {
-        strata_json(&["run", "--model", path_str(&m), "--prompt", "Hello", "--max-tokens", "24", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", seed, "--ignore-eos", "--json"])["generated_ids"]
+        strata_json(&[
+            "run",
+            "--model",
+            path_str(&m),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
+        ])["generated_ids"]
             .clone()
     };
     let a = run("42");

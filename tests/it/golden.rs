@@ -53,7 +53,12 @@ pub fn sequences(golden: &Value) -> Vec<Sequence> {
                 })
                 .collect(),
             ref_greedy_ids: ids(&s["ref_greedy_ids"]),
-            ref_greedy_gaps: s["ref_greedy_gaps"].as_array().expect("gaps").iter().map(|g| g.as_f64().expect("gap")).collect(),
+            ref_greedy_gaps: s["ref_greedy_gaps"]
+                .as_array()
+                .expect("gaps")
+                .iter()
+                .map(|g| g.as_f64().expect("gap"))
+                .collect(),
         })
         .collect()
 }
@@ -65,7 +70,10 @@ pub fn check_position(what: &str, pos: usize, logits: &[f32], topk: &[(u32, f32)
     for &(id, want) in topk {
         let got = logits[id as usize];
         let err = (got - want).abs();
-        assert!(err <= LOGIT_TOLERANCE, "{what}: position {pos}, token {id}: logit {got}, reference {want} (error {err} > {LOGIT_TOLERANCE})");
+        assert!(
+            err <= LOGIT_TOLERANCE,
+            "{what}: position {pos}, token {id}: logit {got}, reference {want} (error {err} > {LOGIT_TOLERANCE})"
+        );
         worst = worst.max(err);
     }
     worst
@@ -76,5 +84,9 @@ pub fn check_position(what: &str, pos: usize, logits: &[f32], topk: &[(u32, f32)
 pub fn check_greedy(what: &str, seq: &Sequence, generated: &[u32]) {
     let n = seq.greedy_must_match();
     assert!(generated.len() >= n, "{what}: generated {} tokens, need at least {n}", generated.len());
-    assert_eq!(&generated[..n], &seq.ref_greedy_ids[..n], "{what}: greedy ids differ before the first near-tie (step {n})");
+    assert_eq!(
+        &generated[..n],
+        &seq.ref_greedy_ids[..n],
+        "{what}: greedy ids differ before the first near-tie (step {n})"
+    );
 }

@@ -22,21 +22,27 @@ pub struct Lan {
 }
 
 fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("cannot run `ip {}`: {e}", args.join(" ")));
+    let o =
+        Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("cannot run `ip {}`: {e}", args.join(" ")));
     assert!(o.status.success(), "`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
 }
 
 /// Fails with a clear message when the test cannot create namespaces.
 fn require_root_and_ip() {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1).map(str::to_owned)));
+    let uid = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    });
     assert_eq!(
         uid.as_deref(),
         Some("0"),
         "this test creates network namespaces and must run as root (CI does); run `sudo -E cargo test -p strata-coordinator --test it discovery`"
     );
-    let ok = Command::new("ip").args(["netns", "list"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let ok = Command::new("ip")
+        .args(["netns", "list"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     assert!(ok, "`ip netns` is not available: install iproute2 (`apt-get install iproute2`)");
 }
 
@@ -46,7 +52,10 @@ fn remove_stale() {
     let Ok(o) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&o.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
@@ -75,7 +84,16 @@ impl Lan {
             ip(&["-n", &sw, "link", "set", &veth, "master", "br0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             let o = Command::new("ip")
-                .args(["netns", "exec", &ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ])
                 .output()
                 .expect("run sysctl in the namespace");
             assert!(o.status.success(), "disabling IPv6 in {ns}: {}", String::from_utf8_lossy(&o.stderr));

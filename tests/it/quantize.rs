@@ -3,7 +3,7 @@
 use strata_model::gguf::Gguf;
 use strata_model::quant::GgmlType;
 
-use crate::support::{model, smol_q8_0, sha256, SMOL_Q4_1};
+use crate::support::{SMOL_Q4_1, model, sha256, smol_q8_0};
 
 /// sha256 of llama.cpp's own Q8_0 requantisation of the same file (fixtures README).
 const LLAMA_CPP_Q8_0_SHA256: &str = "7b46609d11703c058397e5cfe4cc6e4b2508cb1eb4c80ddc472a5d421fbdb508";

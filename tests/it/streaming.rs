@@ -38,7 +38,11 @@ impl Node {
         let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("read node stdout");
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("node printed `{}`", line.trim())).to_owned();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("node printed `{}`", line.trim()))
+            .to_owned();
         Node { child, _stdout: stdout, addr }
     }
 }
@@ -74,15 +78,21 @@ fn run(model: &Path, nodes: &[&Node], extra: &[&str], env: &[(&str, &str)]) -> (
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "strata run failed:\n{stderr}");
     let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
-    let ids = out["generated_ids"].as_array().expect("generated_ids").iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids =
+        out["generated_ids"].as_array().expect("generated_ids").iter().map(|v| v.as_u64().unwrap() as u32).collect();
     (ids, stderr)
 }
 
 /// Bytes the coordinator says it streamed to `node` (its line `streamed N bytes to NODE in ...`).
 fn streamed(stderr: &str, node: &str) -> u64 {
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("streamed ") && l.contains(&format!(" bytes to {node} in "))).collect();
+    let lines: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("streamed ") && l.contains(&format!(" bytes to {node} in "))).collect();
     assert_eq!(lines.len(), 1, "one `streamed` line for {node} in:\n{stderr}");
-    lines[0].split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("unreadable line `{}`", lines[0]))
+    lines[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable line `{}`", lines[0]))
 }
 
 /// Header plus every tensor of `layers`: what a node without the file must be sent.
@@ -99,15 +109,16 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> pb::LoadShardRequest {
-    pb::LoadShardRequest {
+/// A `LoadShard` as a coordinator of this version sends it.
+fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> strata_proto::tonic::Request<pb::LoadShardRequest> {
+    strata_proto::versioned(pb::LoadShardRequest {
         model_id: g.identity().to_vec(),
         layer_start: layers.start as u32,
         layer_end: layers.end as u32,
         ctx: 64,
         max_batch: 8,
         next_stage: String::new(),
-    }
+    })
 }
 
 fn chunk(g: &Gguf, tensor: &str, offset: u64, data: &[u8]) -> pb::TensorChunk {
@@ -204,11 +215,16 @@ fn a_transfer_cut_halfway_resumes_where_it_stopped() {
             let r = client.load_shard(load_req(&g, 0..n)).await.unwrap().into_inner();
             if missing_total(&r) == remaining {
                 // Resumes exactly after the last verified chunk, mid-tensor.
-                let resumed = r.missing.iter().find(|x| x.tensor == big.tensor).expect("the cut tensor is still missing");
+                let resumed =
+                    r.missing.iter().find(|x| x.tensor == big.tensor).expect("the cut tensor is still missing");
                 assert_eq!((resumed.from, resumed.to), (cut_at, big.to));
                 break;
             }
-            assert!(Instant::now() < deadline, "the node never recorded the cut transfer's bytes: {} missing, want {remaining}", missing_total(&r));
+            assert!(
+                Instant::now() < deadline,
+                "the node never recorded the cut transfer's bytes: {} missing, want {remaining}",
+                missing_total(&r)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(tx);
@@ -240,15 +256,25 @@ fn a_corrupted_chunk_is_refused_and_fetched_again() {
         bad.data[100] ^= 0x40;
         let e = client.push_tensors(strata_proto::tokio_stream::iter(vec![good, bad])).await.unwrap_err();
         assert_eq!(e.code(), Code::DataLoss, "{e:?}");
-        assert!(e.message().contains(&r.tensor) && e.message().contains("offset 4096") && e.message().contains("checksum"), "{}", e.message());
+        assert!(
+            e.message().contains(&r.tensor) && e.message().contains("offset 4096") && e.message().contains("checksum"),
+            "{}",
+            e.message()
+        );
         // The good chunk is kept, the bad one is not.
         let after = client.load_shard(load_req(&g, 0..n)).await.unwrap().into_inner();
         let still = after.missing.iter().find(|x| x.tensor == r.tensor).unwrap();
         assert_eq!((still.from, still.to), (4096, r.to));
         // Chunks that do not fit are refused with a reason, and the node keeps serving.
-        let gap = client.push_tensors(strata_proto::tokio_stream::iter(vec![chunk(&g, &r.tensor, 8192, &data[8192..9000])])).await.unwrap_err();
+        let gap = client
+            .push_tensors(strata_proto::tokio_stream::iter(vec![chunk(&g, &r.tensor, 8192, &data[8192..9000])]))
+            .await
+            .unwrap_err();
         assert!(gap.message().contains("must continue"), "{}", gap.message());
-        let unknown = client.push_tensors(strata_proto::tokio_stream::iter(vec![chunk(&g, "blk.99.nope", 0, &[1, 2])])).await.unwrap_err();
+        let unknown = client
+            .push_tensors(strata_proto::tokio_stream::iter(vec![chunk(&g, "blk.99.nope", 0, &[1, 2])]))
+            .await
+            .unwrap_err();
         assert!(unknown.message().contains("no tensor `blk.99.nope`"), "{}", unknown.message());
     });
     let (single, _) = run(&m, &[], &[], &[]);

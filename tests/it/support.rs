@@ -34,7 +34,13 @@ pub fn smol_q8_0() -> PathBuf {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let out = dir.join("SmolLM2-135M-Instruct.Q8_0.by-strata.gguf");
         let tmp = dir.join(format!("smol-q8_0-{}.tmp", std::process::id()));
-        let o = strata().args(["quantize"]).arg(&src).arg(&tmp).args(["--type", "q8_0"]).output().expect("run strata quantize");
+        let o = strata()
+            .args(["quantize"])
+            .arg(&src)
+            .arg(&tmp)
+            .args(["--type", "q8_0"])
+            .output()
+            .expect("run strata quantize");
         assert!(o.status.success(), "strata quantize failed: {}", String::from_utf8_lossy(&o.stderr));
         std::fs::rename(&tmp, &out).expect("rename quantized model");
         out
@@ -56,7 +62,9 @@ pub fn strata() -> Command {
 pub fn strata_json(args: &[&str]) -> serde_json::Value {
     let o = strata().args(args).output().expect("run strata");
     assert!(o.status.success(), "strata {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("strata {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout)))
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!("strata {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout))
+    })
 }
 
 pub fn path_str(p: &Path) -> &str {
@@ -85,7 +93,20 @@ impl Cluster {
         let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
         for i in 0..n {
             let mut child = strata()
-                .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", &format!("node{i}"), "--model-dir", path_str(model_dir), "--cache-dir", path_str(&cache)])
+                .args([
+                    "node",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--no-mdns",
+                    "--memory",
+                    "4GiB",
+                    "--name",
+                    &format!("node{i}"),
+                    "--model-dir",
+                    path_str(model_dir),
+                    "--cache-dir",
+                    path_str(&cache),
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -94,7 +115,10 @@ impl Cluster {
             cluster.nodes.push(child);
             let mut line = String::new();
             stdout.read_line(&mut line).expect("read node stdout");
-            let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("node {i} printed `{}`", line.trim()));
+            let addr = line
+                .trim()
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("node {i} printed `{}`", line.trim()));
             cluster.addrs.push(addr.to_owned());
             cluster._stdouts.push(stdout);
         }
@@ -122,7 +146,11 @@ impl Drop for Cluster {
 
 /// A directory holding (links to) the models the nodes serve.
 pub fn model_dir(models: &[PathBuf]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-models-{}-{}", std::process::id(), models.len()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "cluster-models-{}-{}",
+        std::process::id(),
+        models.len()
+    ));
     let _ = std::fs::create_dir_all(&dir);
     for m in models {
         let link = dir.join(m.file_name().expect("file name"));

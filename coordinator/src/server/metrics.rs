@@ -8,7 +8,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::scheduler::{LATENCY_BOUNDS, Scheduler};
+use crate::engine::LATENCY_BOUNDS;
+use crate::scheduler::Scheduler;
 
 /// HTTP requests answered, by endpoint and status.
 #[derive(Default)]
@@ -49,15 +50,29 @@ impl Metrics {
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_cache_bytes{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.cache_bytes);
         }
-        head(&mut out, "strata_stage_steps_total", "counter", "Steps (prefill chunks and decode tokens) a stage has run.");
+        head(
+            &mut out,
+            "strata_stage_steps_total",
+            "counter",
+            "Steps (prefill chunks and decode tokens) a stage has run.",
+        );
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_steps_total{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.steps);
         }
         head(&mut out, "strata_stage_busy_seconds_total", "counter", "Time a stage has spent running steps.");
         for (i, s) in snap.engine.stages.iter().enumerate() {
-            let _ = writeln!(out, "strata_stage_busy_seconds_total{{stage=\"{i}\",node=\"{}\"}} {:.6}", s.node, s.busy_seconds);
+            let _ = writeln!(
+                out,
+                "strata_stage_busy_seconds_total{{stage=\"{i}\",node=\"{}\"}} {:.6}",
+                s.node, s.busy_seconds
+            );
         }
-        head(&mut out, "strata_step_seconds", "histogram", "From submitting a step that wants a token to the token coming back.");
+        head(
+            &mut out,
+            "strata_step_seconds",
+            "histogram",
+            "From submitting a step that wants a token to the token coming back.",
+        );
         let h = &snap.engine.step_latency;
         let mut cumulative = 0;
         for (b, c) in LATENCY_BOUNDS.iter().zip(&h.counts) {

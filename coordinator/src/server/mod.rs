@@ -21,8 +21,7 @@ use strata_model::gguf::Gguf;
 use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::ServeArgs;
-use crate::engine::Engine;
-use crate::scheduler::{Scheduler, SchedulerConfig, step_engine};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use errors::ApiError;
 use metrics::Metrics;
 
@@ -53,10 +52,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("loading {} ...", path.display());
     let t0 = Instant::now();
-    let engine = Engine::load(&gguf, &args.engine)?;
-    let engine = step_engine(engine);
+    let engine = crate::engine::load(&gguf, &args.engine)?;
     let stats = engine.stats();
-    let where_ = stats.stages.iter().map(|s| format!("{} ({}: layers {}..{})", s.node, s.device, s.layers.start, s.layers.end)).collect::<Vec<_>>().join(", ");
+    let where_ = stats
+        .stages
+        .iter()
+        .map(|s| format!("{} ({}: layers {}..{})", s.node, s.device, s.layers.start, s.layers.end))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
         "loaded {} layers on {where_} in {:.1} s (context {}, up to {} sequences at once)",
         stats.n_layer,
@@ -77,7 +80,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         // Tests and scripts read this line to learn the port (`--listen 127.0.0.1:0`).
         println!("listening on http://{addr}");

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_model::chat::ChatMessage;
 use strata_model::sampling::SamplingParams;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -100,7 +101,8 @@ enum Prompt {
 /// passes over one value: `#[serde(flatten)]` would lose the field paths in errors).
 /// Malformed JSON and wrongly typed fields are 400s naming the field.
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Params), ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid(None, format!("malformed JSON in the request body: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(None, format!("malformed JSON in the request body: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::invalid(None, "the request body must be a JSON object"));
     }
@@ -117,8 +119,25 @@ fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
 }
 
 const PARAMS: &[&str] = &[
-    "model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-    "repeat_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "logprobs", "top_logprobs",
+    "model",
+    "messages",
+    "prompt",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "n",
+    "logprobs",
+    "top_logprobs",
 ];
 
 fn known_param(name: &str) -> Option<&'static str> {
@@ -149,23 +168,20 @@ impl Params {
         if let Some(n) = self.n
             && n != 1
         {
-            return Err(ApiError::invalid(Some("n"), format!("n = {n}: only one choice per request is supported (n = 1)")));
+            return Err(ApiError::invalid(
+                Some("n"),
+                format!("n = {n}: only one choice per request is supported (n = 1)"),
+            ));
         }
         if let Some(k) = self.top_logprobs
             && k > MAX_TOP_LOGPROBS
         {
-            return Err(ApiError::invalid(Some("top_logprobs"), format!("top_logprobs {k} is outside 0..={MAX_TOP_LOGPROBS}")));
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                format!("top_logprobs {k} is outside 0..={MAX_TOP_LOGPROBS}"),
+            ));
         }
-        // Chat: `logprobs: true` with `top_logprobs: k`; completions (legacy): `logprobs: k`.
-        let logprobs = match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
-            Some(Value::Bool(true)) => Some(self.top_logprobs.unwrap_or(0)),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(k) if k <= u64::from(MAX_TOP_LOGPROBS) => Some(k as u32),
-                _ => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs {n} is outside 0..={MAX_TOP_LOGPROBS}"))),
-            },
-            Some(other) => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs must be a boolean (or, for completions, an integer), not {other}"))),
-        };
+        let logprobs = logprobs_asked(self.logprobs.as_ref(), self.top_logprobs)?;
         if logprobs.is_none() && self.top_logprobs.is_some_and(|k| k > 0) {
             return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs requires logprobs: true"));
         }
@@ -174,14 +190,7 @@ impl Params {
             let param = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
             return Err(ApiError::invalid(Some(param), format!("{param} must be at least 1")));
         }
-        let stop = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        };
-        if stop.len() > MAX_STOPS {
-            return Err(ApiError::invalid(Some("stop"), format!("{} stop strings: at most {MAX_STOPS} are allowed", stop.len())));
-        }
+        let stop = stop_strings(self.stop)?;
         let d = SamplingParams::default();
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(d.temperature),
@@ -195,14 +204,7 @@ impl Params {
             seed: self.seed.map_or_else(random_seed, |s| s as u64),
             ..d
         };
-        if let Err(e) = sampling.validate() {
-            let message = match e {
-                strata_model::Error::Sampling(m) => m,
-                other => other.to_string(),
-            };
-            let param = known_param(message.split(' ').next().unwrap_or(""));
-            return Err(ApiError::invalid(param, message));
-        }
+        check_sampling(&sampling)?;
         Ok(Prepared {
             sampling,
             max_tokens,
@@ -212,6 +214,48 @@ impl Params {
             logprobs,
         })
     }
+}
+
+/// How many top alternatives a request wants with each token's log-probability: chat
+/// says `logprobs: true` with `top_logprobs: k`, legacy completions `logprobs: k`.
+fn logprobs_asked(logprobs: Option<&Value>, top_logprobs: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(top_logprobs.unwrap_or(0))),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(k) if k <= u64::from(MAX_TOP_LOGPROBS) => Ok(Some(k as u32)),
+            _ => Err(ApiError::invalid(Some("logprobs"), format!("logprobs {n} is outside 0..={MAX_TOP_LOGPROBS}"))),
+        },
+        Some(other) => Err(ApiError::invalid(
+            Some("logprobs"),
+            format!("logprobs must be a boolean (or, for completions, an integer), not {other}"),
+        )),
+    }
+}
+
+/// The request's stop strings (one string or a list), at most [`MAX_STOPS`].
+fn stop_strings(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+    let stop = match stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("{} stop strings: at most {MAX_STOPS} are allowed", stop.len()),
+        ));
+    }
+    Ok(stop)
+}
+
+/// The sampling parameters, checked by the model crate; an error names its parameter by
+/// the error's field.
+fn check_sampling(s: &SamplingParams) -> Result<(), ApiError> {
+    s.validate().map_err(|e| match e {
+        strata_model::Error::Sampling { param, message } => ApiError::invalid(Some(param), message),
+        other => ApiError::invalid(None, other.to_string()),
+    })
 }
 
 fn random_seed() -> u64 {
@@ -225,7 +269,12 @@ fn random_seed() -> u64 {
 /// (as `strata run` does). Checks that it leaves room in the context.
 fn tokenize(state: &AppState, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
     let mut ids: Vec<u32> = state.tokenizer.bos_to_add().into_iter().collect();
-    ids.extend(state.tokenizer.encode(text, true).map_err(|e| ApiError::invalid(Some(param), format!("tokenizing the prompt: {e}")))?);
+    ids.extend(
+        state
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::invalid(Some(param), format!("tokenizing the prompt: {e}")))?,
+    );
     if ids.is_empty() {
         return Err(ApiError::invalid(Some(param), "the prompt is empty: it has no tokens"));
     }
@@ -271,7 +320,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(ApiError::invalid(Some("messages"), format!("messages[{i}].role `{other}` is not supported (system, user, assistant)"))),
+            other => {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!("messages[{i}].role `{other}` is not supported (system, user, assistant)"),
+                ));
+            }
         };
         let content = match m.content {
             None => String::new(),
@@ -280,7 +334,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
                 let mut text = String::new();
                 for p in parts {
                     if p.kind != "text" {
-                        return Err(ApiError::invalid(Some("messages"), format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind)));
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind),
+                        ));
                     }
                     text.push_str(p.text.as_deref().unwrap_or(""));
                 }
@@ -293,7 +350,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
-    let text = template.render(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
     let prompt = tokenize(&state, &text, "messages")?;
     generate(state, prompt, prepared, Kind::Chat).await
 }
@@ -304,7 +363,12 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let text = match req.prompt {
         Prompt::One(s) => s,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(v) => return Err(ApiError::invalid(Some("prompt"), format!("{} prompts: only one per request is supported", v.len()))),
+        Prompt::Many(v) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                format!("{} prompts: only one per request is supported", v.len()),
+            ));
+        }
     };
     let prompt = tokenize(&state, &text, "prompt")?;
     generate(state, prompt, prepared, Kind::Completion).await
@@ -312,99 +376,141 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
 
 async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
-    let request = GenRequest { max_tokens: p.max_tokens.map_or(room, |m| m.min(room)), prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs };
-    let (id, mut rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
+    let request = GenRequest { max_tokens, prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs };
+    let (id, rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id}"),
         Kind::Completion => format!("cmpl-{id}"),
     };
-    let created = now_secs();
-    let model = state.model_id.clone();
-    let object = match kind {
-        Kind::Chat => "chat.completion",
-        Kind::Completion => "text_completion",
-    };
-    if !p.stream {
+    let reply = Reply { kind, id, created: now_secs(), model: state.model_id.clone() };
+    if p.stream { Ok(reply.stream(rx, p.include_usage)) } else { reply.whole(rx, p.logprobs.is_some()).await }
+}
+
+/// What every response to one request names: its endpoint's shapes, id, time and model.
+struct Reply {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Reply {
+    /// Waits for the whole answer and returns it as one JSON body.
+    async fn whole(self, mut rx: UnboundedReceiver<Event>, logprobs: bool) -> Result<Response, ApiError> {
         let mut text = String::new();
-        let mut logprobs = Vec::new();
+        let mut entries = Vec::new();
         let done = loop {
             match rx.recv().await {
                 Some(Event::Text(t)) => text.push_str(&t),
-                Some(Event::Logprob(lp)) => logprobs.push(lp),
+                Some(Event::Logprob(lp)) => entries.push(lp),
                 Some(Event::Done(f)) => break f,
-                Some(Event::Failed(e)) => return Err(ApiError::internal(e)),
+                Some(Event::Failed(e)) => return Err(ApiError::generation_failed(e)),
                 None => return Err(ApiError::internal("the scheduler stopped")),
             }
         };
-        let lp = p.logprobs.map_or(Value::Null, |_| logprobs_json(kind, &logprobs, 0));
-        let choice = match kind {
-            Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": lp, "finish_reason": done.reason.as_str() }),
-            Kind::Completion => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": done.reason.as_str() }),
+        let lp = if logprobs { logprobs_json(self.kind, &entries, 0) } else { Value::Null };
+        let finish = done.reason.as_str();
+        let (choice, object) = match self.kind {
+            Kind::Chat => {
+                let message = json!({ "role": "assistant", "content": text });
+                (json!({ "index": 0, "message": message, "logprobs": lp, "finish_reason": finish }), "chat.completion")
+            }
+            Kind::Completion => {
+                (json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }), "text_completion")
+            }
         };
-        let body = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&done),
-            "timings": { "time_to_first_token_ms": done.time_to_first_token.as_millis() as u64, "total_ms": done.elapsed.as_millis() as u64 } });
-        return Ok(axum::Json(body).into_response());
+        let timings = json!({
+            "time_to_first_token_ms": done.time_to_first_token.as_millis() as u64,
+            "total_ms": done.elapsed.as_millis() as u64,
+        });
+        let body = json!({ "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [choice], "usage": usage(&done), "timings": timings });
+        Ok(axum::Json(body).into_response())
     }
 
-    let object = match kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Completion => "text_completion",
-    };
-    let include_usage = p.include_usage;
-    let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {
-        let choice = match kind {
-            Kind::Chat => json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }),
-            Kind::Completion => json!({ "index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish }),
+    /// Streams the answer as server-sent events, one chunk per event.
+    fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
+        let first = match self.kind {
+            Kind::Chat => {
+                sse(&self.chunk(json!({ "role": "assistant", "content": "" }), None, Value::Null, include_usage))
+            }
+            Kind::Completion => String::new(),
         };
-        let mut c = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] });
+        let mut chunks = Chunks { reply: self, include_usage, offset: 0 };
+        let events =
+            UnboundedReceiverStream::new(rx).map(move |event| Ok::<_, Infallible>(Bytes::from(chunks.render(event))));
+        let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
+        let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
+        (headers, Body::from_stream(body)).into_response()
+    }
+
+    /// One streamed chunk holding one choice.
+    fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value, include_usage: bool) -> Value {
+        let (choice, object) = match self.kind {
+            Kind::Chat => (
+                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }),
+                "chat.completion.chunk",
+            ),
+            Kind::Completion => {
+                (json!({ "index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish }), "text_completion")
+            }
+        };
+        let mut c = json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice] });
         if include_usage {
             c["usage"] = Value::Null;
         }
         c
-    };
-    let first = match kind {
-        Kind::Chat => sse(&chunk(json!({ "role": "assistant", "content": "" }), None, Value::Null)),
-        Kind::Completion => String::new(),
-    };
-    // Legacy completions count `text_offset` in characters of the text so far.
-    let mut offset = 0usize;
-    let events = UnboundedReceiverStream::new(rx).map(move |event| {
-        let out = match event {
+    }
+
+    /// A delta that adds no text, in the endpoint's shape (`{}` ends a chat stream).
+    fn empty_delta(&self, closing: bool) -> Value {
+        match (self.kind, closing) {
+            (Kind::Chat, false) => json!({ "content": "" }),
+            (Kind::Chat, true) => json!({}),
+            (Kind::Completion, _) => json!(""),
+        }
+    }
+}
+
+/// The server-sent events of one streamed answer.
+struct Chunks {
+    reply: Reply,
+    include_usage: bool,
+    /// Legacy completions count `text_offset` in characters of the text so far.
+    offset: usize,
+}
+
+impl Chunks {
+    fn render(&mut self, event: Event) -> String {
+        let (r, usage_too) = (&self.reply, self.include_usage);
+        match event {
             Event::Text(t) => {
-                offset += t.chars().count();
-                match kind {
-                    Kind::Chat => sse(&chunk(json!({ "content": t }), None, Value::Null)),
-                    Kind::Completion => sse(&chunk(json!(t), None, Value::Null)),
-                }
+                self.offset += t.chars().count();
+                let delta = match r.kind {
+                    Kind::Chat => json!({ "content": t }),
+                    Kind::Completion => json!(t),
+                };
+                sse(&r.chunk(delta, None, Value::Null, usage_too))
             }
             // Its own chunk: the token's text may be held back (a possible stop string).
             Event::Logprob(lp) => {
-                let empty = match kind {
-                    Kind::Chat => json!({ "content": "" }),
-                    Kind::Completion => json!(""),
-                };
-                sse(&chunk(empty, None, logprobs_json(kind, std::slice::from_ref(&lp), offset)))
+                let logprobs = logprobs_json(r.kind, std::slice::from_ref(&lp), self.offset);
+                sse(&r.chunk(r.empty_delta(false), None, logprobs, usage_too))
             }
             Event::Done(f) => {
-                let empty = match kind {
-                    Kind::Chat => json!({}),
-                    Kind::Completion => json!(""),
-                };
-                let mut out = sse(&chunk(empty, Some(f.reason.as_str()), Value::Null));
-                if include_usage {
-                    let mut u = chunk(Value::Null, None, Value::Null);
+                let mut out = sse(&r.chunk(r.empty_delta(true), Some(f.reason.as_str()), Value::Null, usage_too));
+                if usage_too {
+                    let mut u = r.chunk(Value::Null, None, Value::Null, true);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&f);
                     out.push_str(&sse(&u));
                 }
                 out + "data: [DONE]\n\n"
             }
-            Event::Failed(e) => sse(&ApiError::internal(e).body()) + "data: [DONE]\n\n",
-        };
-        Ok::<_, Infallible>(Bytes::from(out))
-    });
-    let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
-    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body)).into_response())
+            Event::Failed(e) => sse(&ApiError::generation_failed(e).body()) + "data: [DONE]\n\n",
+        }
+    }
 }
 
 /// `logprobs` of a choice: chat's `{content: [...]}`, or the legacy completions shape

@@ -7,7 +7,8 @@ use crate::config::{LayerKind, ModelConfig, RopeStyle};
 
 pub(super) const FFN_NORM: &str = "ffn_norm";
 
-pub(super) const ATTENTION: AttentionStyle = AttentionStyle { rope_style: RopeStyle::Adjacent, qk_norm: false, output_gate: false };
+pub(super) const ATTENTION: AttentionStyle =
+    AttentionStyle { rope_style: RopeStyle::Adjacent, qk_norm: false, output_gate: false };
 
 pub(super) fn params(block_count: usize) -> Result<ArchParams> {
     let n_layer = main_layers(block_count, 0)?;

@@ -15,9 +15,9 @@ pub(crate) mod qwen35;
 #[cfg(test)]
 mod tests;
 
-use crate::{Error, Result};
 use crate::config::{DeltaNetConfig, LayerKind, ModelConfig, RopeStyle};
 use crate::gguf::Gguf;
+use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -239,7 +239,17 @@ pub struct DeltaNetTensors {
 impl DeltaNetTensors {
     /// In the converter's order.
     pub fn tensors(&self) -> Vec<&TensorSpec> {
-        vec![&self.qkv, &self.gate, &self.conv1d, &self.dt_bias, &self.a, &self.beta, &self.alpha, &self.norm, &self.out]
+        vec![
+            &self.qkv,
+            &self.gate,
+            &self.conv1d,
+            &self.dt_bias,
+            &self.a,
+            &self.beta,
+            &self.alpha,
+            &self.norm,
+            &self.out,
+        ]
     }
 }
 
@@ -371,7 +381,11 @@ impl ModelConfig {
 
     pub fn global_tensors(&self) -> GlobalTensors {
         let token_embd = TensorSpec::matrix("token_embd.weight", self.n_embd, self.n_vocab);
-        let output = if self.tied_output { token_embd.clone() } else { TensorSpec::matrix("output.weight", self.n_embd, self.n_vocab) };
+        let output = if self.tied_output {
+            token_embd.clone()
+        } else {
+            TensorSpec::matrix("output.weight", self.n_embd, self.n_vocab)
+        };
         GlobalTensors { token_embd, output_norm: TensorSpec::vector("output_norm.weight", self.n_embd), output }
     }
 
@@ -389,7 +403,11 @@ impl ModelConfig {
         let globals = self.global_tensors();
         let layers: Vec<LayerTensors> = (0..self.n_layer()).map(|i| self.layer_tensors(i)).collect();
         let mtp = self.mtp_tensors();
-        let all = globals.tensors().into_iter().chain(layers.iter().flat_map(LayerTensors::tensors)).chain(mtp.iter().flat_map(MtpTensors::tensors));
+        let all = globals
+            .tensors()
+            .into_iter()
+            .chain(layers.iter().flat_map(LayerTensors::tensors))
+            .chain(mtp.iter().flat_map(MtpTensors::tensors));
         all.cloned().collect()
     }
 }

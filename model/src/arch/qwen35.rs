@@ -3,8 +3,8 @@
 //! the pre-FFN norm, and optional trailing MTP blocks (`nextn_predict_layers`).
 
 use super::{
-    ArchMetadata, ArchParams, AttentionStyle, AttentionTensors, DeltaNetTensors, LayerTensors, MixerTensors, MtpTensors, TensorSpec, blk,
-    main_layers,
+    ArchMetadata, ArchParams, AttentionStyle, AttentionTensors, DeltaNetTensors, LayerTensors, MixerTensors,
+    MtpTensors, TensorSpec, blk, main_layers,
 };
 use crate::config::{DeltaNetConfig, LayerKind, ModelConfig, RopeStyle};
 use crate::{Error, Result};
@@ -13,7 +13,8 @@ pub(super) const FFN_NORM: &str = "post_attention_norm";
 
 /// Q/K norms, NeoX RoPE (the multimodal sections reduce to it for text), and `attn_q`
 /// rows of `[query | gate]` per head.
-pub(crate) const ATTENTION: AttentionStyle = AttentionStyle { rope_style: RopeStyle::Neox, qk_norm: true, output_gate: true };
+pub(crate) const ATTENTION: AttentionStyle =
+    AttentionStyle { rope_style: RopeStyle::Neox, qk_norm: true, output_gate: true };
 
 pub(super) fn params(m: &ArchMetadata, block_count: usize) -> Result<ArchParams> {
     let n_mtp = m.get("nextn_predict_layers")?.unwrap_or(0);
@@ -26,7 +27,10 @@ pub(super) fn params(m: &ArchMetadata, block_count: usize) -> Result<ArchParams>
         head_dim: m.require("ssm.state_size")?,
     };
     if dn.n_key_heads == 0 || !dn.n_value_heads.is_multiple_of(dn.n_key_heads) || dn.conv_kernel == 0 {
-        return Err(Error::Config(format!("DeltaNet heads {}/{} or conv kernel {} invalid", dn.n_key_heads, dn.n_value_heads, dn.conv_kernel)));
+        return Err(Error::Config(format!(
+            "DeltaNet heads {}/{} or conv kernel {} invalid",
+            dn.n_key_heads, dn.n_value_heads, dn.conv_kernel
+        )));
     }
     if let Some(inner) = m.get("ssm.inner_size")?
         && inner != dn.value_dim()
@@ -38,7 +42,9 @@ pub(super) fn params(m: &ArchMetadata, block_count: usize) -> Result<ArchParams>
 
 /// Layer i is full attention iff `(i + 1) % interval == 0`, else DeltaNet.
 pub(crate) fn layer_kinds(n_layer: usize, interval: usize) -> Vec<LayerKind> {
-    (0..n_layer).map(|i| if (i + 1).is_multiple_of(interval) { LayerKind::Attention } else { LayerKind::DeltaNet }).collect()
+    (0..n_layer)
+        .map(|i| if (i + 1).is_multiple_of(interval) { LayerKind::Attention } else { LayerKind::DeltaNet })
+        .collect()
 }
 
 pub(super) fn layer_tensors(cfg: &ModelConfig, layer: usize) -> LayerTensors {

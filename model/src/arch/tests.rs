@@ -14,7 +14,6 @@ fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-
 /// Checks `g` against its config's schema; `converter_order`: the file was written by
 /// llama.cpp's converter (not its quantiser), so its tensors are in the schema's order.
 fn check_schema(file: &str, g: &Gguf, converter_order: bool) -> ModelConfig {
@@ -25,7 +24,9 @@ fn check_schema(file: &str, g: &Gguf, converter_order: bool) -> ModelConfig {
     for spec in &schema {
         match in_file.get(spec.name.as_str()) {
             None => problems.push(format!("{} is missing", spec.name)),
-            Some(t) if t.dims != spec.dims => problems.push(format!("{} has dims {:?}, the schema {:?}", spec.name, t.dims, spec.dims)),
+            Some(t) if t.dims != spec.dims => {
+                problems.push(format!("{} has dims {:?}, the schema {:?}", spec.name, t.dims, spec.dims))
+            }
             // Converted files keep vectors and kernels in F32 and only those.
             Some(t) if (t.ty == GgmlType::F32) != (spec.role != TensorRole::Matrix) => {
                 problems.push(format!("{} is {} but a {:?}", spec.name, t.ty, spec.role))
@@ -71,7 +72,11 @@ fn every_fixture_holds_exactly_the_schemas_tensors() {
 
 #[test]
 fn synthetic_files_hold_exactly_the_schemas_tensors_and_read_back_as_their_config() {
-    for shape in [tiny(false, 1), tiny(true, 0), Qwen35Shape { n_layer: 7, full_attention_interval: 3, n_mtp: 2, ..tiny(false, 0) }] {
+    for shape in [
+        tiny(false, 1),
+        tiny(true, 0),
+        Qwen35Shape { n_layer: 7, full_attention_interval: 3, n_mtp: 2, ..tiny(false, 0) },
+    ] {
         let g = open_in_memory(&shape);
         let cfg = check_schema(shape.name, &g, true);
         assert_eq!(cfg, shape.config());
@@ -87,7 +92,10 @@ fn layer_schemas_follow_the_config() {
     assert_eq!(l0.ffn_norm, TensorSpec::vector("blk.0.post_attention_norm.weight", e));
     let MixerTensors::DeltaNet(d) = &l0.mixer else { panic!("{l0:?}") };
     assert_eq!((d.qkv.k(), d.qkv.n()), (e, dn.conv_channels()));
-    assert_eq!((d.conv1d.dims.as_slice(), d.conv1d.role), ([dn.conv_kernel as u64, dn.conv_channels() as u64].as_slice(), TensorRole::Kernel));
+    assert_eq!(
+        (d.conv1d.dims.as_slice(), d.conv1d.role),
+        ([dn.conv_kernel as u64, dn.conv_channels() as u64].as_slice(), TensorRole::Kernel)
+    );
     assert_eq!((d.a.k(), d.a.n()), (dn.n_value_heads, 1));
 
     let MixerTensors::Attention(at) = cfg.layer_tensors(3).mixer else { panic!("layer 3 is attention") };

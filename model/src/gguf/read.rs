@@ -101,7 +101,8 @@ impl Gguf {
         let file = std::fs::File::open(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
         // SAFETY: the map is read-only; a file truncated underneath us would fault, which
         // is the usual contract of memory-mapped model files (llama.cpp does the same).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        let mmap =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Open { path: path.to_owned(), source })?;
         let gguf = Self::parse(Backing::Mmap(mmap), true)?;
         tracing::debug!(path = %path.display(), version = gguf.version, tensors = gguf.tensors.len(), "opened GGUF");
         Ok(gguf)
@@ -119,11 +120,18 @@ impl Gguf {
         if g.header_len != header.len() as u64 {
             return Err(Error::Malformed {
                 offset: g.header_len,
-                reason: format!("{} bytes given, but the header and tensor index end at {}", header.len(), g.header_len),
+                reason: format!(
+                    "{} bytes given, but the header and tensor index end at {}",
+                    header.len(),
+                    g.header_len
+                ),
             });
         }
         let data_len = g.tensors.iter().map(|t| t.offset.saturating_add(t.size)).max().unwrap_or(0);
-        let file_len = g.data_start.checked_add(data_len).ok_or_else(|| Error::Malformed { offset: 0, reason: "tensor data ends past 2^64".into() })?;
+        let file_len = g
+            .data_start
+            .checked_add(data_len)
+            .ok_or_else(|| Error::Malformed { offset: 0, reason: "tensor data ends past 2^64".into() })?;
         Ok(HeaderIndex { header_len: g.header_len, data_start: g.data_start, file_len, identity: g.identity() })
     }
 
@@ -223,7 +231,10 @@ pub(crate) fn tensor_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64
         .ok_or_else(|| format!("shape {dims:?}: the element count overflows"))?;
     let row = dims.first().copied().unwrap_or(1);
     if !row.is_multiple_of(ty.block_len()) {
-        return Err(format!("shape {dims:?}: rows of {row} are not a whole number of {ty} blocks of {}", ty.block_len()));
+        return Err(format!(
+            "shape {dims:?}: rows of {row} are not a whole number of {ty} blocks of {}",
+            ty.block_len()
+        ));
     }
     ty.bytes_for(n).ok_or_else(|| format!("shape {dims:?}: the byte size of {ty} overflows"))
 }
@@ -288,7 +299,10 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Metadata> {
         Some(v) => {
             let a = expect("general.alignment", "integer", v, Value::as_u64)?;
             if !a.is_power_of_two() || a > MAX_ALIGNMENT {
-                return Err(r.err_at(alignment_at, format!("general.alignment {a} is not a power of two up to {MAX_ALIGNMENT}")));
+                return Err(r.err_at(
+                    alignment_at,
+                    format!("general.alignment {a} is not a power of two up to {MAX_ALIGNMENT}"),
+                ));
             }
             a
         }
@@ -297,7 +311,11 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Metadata> {
 }
 
 /// The tensor index: each entry's shape, type and offset checked, names unique.
-fn read_tensor_index(r: &mut Reader, n_tensors: u64, alignment: u64) -> Result<(Vec<TensorInfo>, HashMap<String, usize>)> {
+fn read_tensor_index(
+    r: &mut Reader,
+    n_tensors: u64,
+    alignment: u64,
+) -> Result<(Vec<TensorInfo>, HashMap<String, usize>)> {
     r.check_count(n_tensors, MIN_TENSOR_BYTES, "tensor count")?;
     let mut tensors = Vec::with_capacity(n_tensors as usize);
     let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
@@ -324,7 +342,8 @@ fn read_tensor_info(r: &mut Reader, alignment: u64) -> Result<TensorInfo> {
         dims.push(r.u64("tensor dimension")?);
     }
     let ty_id = r.u32("tensor type")?;
-    let ty = GgmlType::from_id(ty_id).map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
+    let ty =
+        GgmlType::from_id(ty_id).map_err(|_| r.err_at(at, format!("tensor `{name}` has unknown type id {ty_id}")))?;
     let offset = r.u64("tensor offset")?;
     let size = tensor_size(ty, &dims).map_err(|why| r.err_at(at, format!("tensor `{name}` {why}")))?;
     if !offset.is_multiple_of(alignment) {
@@ -393,7 +412,10 @@ impl Reader<'_> {
         if n.checked_mul(min).is_none_or(|b| b > self.remaining()) {
             return Err(self.err_at(
                 self.pos,
-                format!("{what} {n} is impossible: at least {min} bytes each, only {} bytes left (truncated?)", self.remaining()),
+                format!(
+                    "{what} {n} is impossible: at least {min} bytes each, only {} bytes left (truncated?)",
+                    self.remaining()
+                ),
             ));
         }
         Ok(())

@@ -156,7 +156,10 @@ fn every_value() -> Vec<(String, V)> {
         ("test.scalar.empty_string".into(), V::String(String::new())),
         ("test.array.bools".into(), V::Array(VT::Bool, vec![V::Bool(false), V::Bool(true)])),
         ("test.nested.u32".into(), V::Array(VT::Array, vec![u32s(&[1, 2]), u32s(&[]), u32s(&[3])])),
-        ("test.nested.strings".into(), V::Array(VT::Array, vec![V::Array(VT::String, vec![V::String("a".into()), V::String(String::new())])])),
+        (
+            "test.nested.strings".into(),
+            V::Array(VT::Array, vec![V::Array(VT::String, vec![V::String("a".into()), V::String(String::new())])]),
+        ),
         ("test.nested.empty".into(), V::Array(VT::Array, vec![])),
         ("test.nested.deepest".into(), nested(MAX_NESTING)),
     ]);
@@ -175,10 +178,20 @@ fn sample_tensors() -> Vec<Sample> {
     let ramp = |n: usize, step: f32| (0..n).map(move |i| (i as f32 - n as f32 / 2.0) * step);
     vec![
         Sample { name: "vec.f32", ty: GgmlType::F32, dims: vec![7], data: Some(f32_bytes(ramp(7, 0.5))) },
-        Sample { name: "mat.q8_0", ty: GgmlType::Q8_0, dims: vec![64, 3], data: Some(quantize_q8_0(&ramp(192, 0.1).collect::<Vec<_>>())) },
+        Sample {
+            name: "mat.q8_0",
+            ty: GgmlType::Q8_0,
+            dims: vec![64, 3],
+            data: Some(quantize_q8_0(&ramp(192, 0.1).collect::<Vec<_>>())),
+        },
         Sample { name: "cube.f16", ty: GgmlType::F16, dims: vec![4, 3, 2], data: Some(f16_bytes(ramp(24, 0.25))) },
         Sample { name: "zeros.q4_k", ty: GgmlType::Q4_K, dims: vec![256, 2], data: None },
-        Sample { name: "hyper.bf16", ty: GgmlType::BF16, dims: vec![2, 3, 1, 2], data: Some(bf16_bytes(ramp(12, 1.0))) },
+        Sample {
+            name: "hyper.bf16",
+            ty: GgmlType::BF16,
+            dims: vec![2, 3, 1, 2],
+            data: Some(bf16_bytes(ramp(12, 1.0))),
+        },
         Sample { name: "last.f32", ty: GgmlType::F32, dims: vec![3], data: Some(f32_bytes([1.0, -2.0, 3.0])) },
     ]
 }
@@ -287,18 +300,30 @@ fn writer_refuses_what_readers_would_refuse() {
     assert_config_err("alignment 48", w().set("general.alignment", V::U32(48)), "power of two");
     assert_config_err("alignment 2 MiB", w().set("general.alignment", V::U32(1 << 21)), "power of two");
     assert_config_err("empty key", w().set("", V::U8(0)), "key is empty");
-    assert_config_err("mixed array", w().set("a", V::Array(VT::U8, vec![V::U8(1), V::U16(2)])), "array of U8 holds a u16");
+    assert_config_err(
+        "mixed array",
+        w().set("a", V::Array(VT::U8, vec![V::U8(1), V::U16(2)])),
+        "array of U8 holds a u16",
+    );
     let deep_mixed = V::Array(VT::Array, vec![V::Array(VT::U32, vec![V::I32(1)])]);
     assert_config_err("mixed inner array", w().set("a", deep_mixed), "array of U32 holds a i32");
     assert_config_err("too deep", w().set("a", nested(MAX_NESTING + 1)), "nested deeper than 8");
     assert_config_err("0 dims", w().add_tensor("t", GgmlType::F32, vec![], zeros()), "0 dimensions");
     assert_config_err("5 dims", w().add_tensor("t", GgmlType::F32, vec![1; 5], zeros()), "5 dimensions");
-    assert_config_err("partial block", w().add_tensor("t", GgmlType::Q8_0, vec![33], zeros()), "not a whole number of Q8_0 blocks");
+    assert_config_err(
+        "partial block",
+        w().add_tensor("t", GgmlType::Q8_0, vec![33], zeros()),
+        "not a whole number of Q8_0 blocks",
+    );
     assert_config_err("overflow", w().add_tensor("t", GgmlType::F32, vec![1 << 32, 1 << 32], zeros()), "overflows");
     assert_config_err("huge dim", w().add_tensor("t", GgmlType::F32, vec![u64::MAX], zeros()), "too large");
     let short = TensorData::Bytes(vec![0; 15]);
     assert_config_err("short data", w().add_tensor("t", GgmlType::F32, vec![4], short), "15 bytes given, 16 expected");
-    assert_config_err("long name", w().add_tensor("x".repeat(64), GgmlType::F32, vec![4], zeros()), "llama.cpp allows 63");
+    assert_config_err(
+        "long name",
+        w().add_tensor("x".repeat(64), GgmlType::F32, vec![4], zeros()),
+        "llama.cpp allows 63",
+    );
 
     let mut twice = w();
     twice.add_tensor("t", GgmlType::F32, vec![4], zeros()).unwrap();
@@ -327,7 +352,8 @@ fn zero_tensors_are_holes_in_the_file() {
 
 #[test]
 fn fixtures_read_with_known_facts() {
-    for (file, arch, n_tensors, n_kv) in [("tiny-qwen3.gguf", "qwen3", 69, 24), ("tiny-qwen35.gguf", "qwen35", 109, 31)] {
+    for (file, arch, n_tensors, n_kv) in [("tiny-qwen3.gguf", "qwen3", 69, 24), ("tiny-qwen35.gguf", "qwen35", 109, 31)]
+    {
         let g = Gguf::open(format!("{FIXTURES}{file}")).unwrap();
         assert_eq!(g.architecture().unwrap(), arch, "{file}");
         assert_eq!((g.version, g.alignment), (3, 32), "{file}");
@@ -408,9 +434,17 @@ fn hostile_headers_are_refused() {
         ("big-endian", Bytes::header(3u32.swap_bytes(), 0, 0).done(), "big-endian"),
         ("tensor count u64::MAX", Bytes::header(3, max, 0).done(), "tensor count 18446744073709551615 is impossible"),
         ("tensor count 2^40", Bytes::header(3, 1 << 40, 0).done(), "tensor count 1099511627776 is impossible"),
-        ("metadata count u64::MAX", Bytes::header(3, 0, max).done(), "metadata count 18446744073709551615 is impossible"),
+        (
+            "metadata count u64::MAX",
+            Bytes::header(3, 0, max).done(),
+            "metadata count 18446744073709551615 is impossible",
+        ),
         ("metadata count 2^40", Bytes::header(3, 0, 1 << 40).done(), "metadata count 1099511627776 is impossible"),
-        ("metadata count past the end", Bytes::header(3, 0, 2).kv("a", VT::U8).u8(1).done(), "metadata count 2 is impossible"),
+        (
+            "metadata count past the end",
+            Bytes::header(3, 0, 2).kv("a", VT::U8).u8(1).done(),
+            "metadata count 2 is impossible",
+        ),
         (
             "tensor count past what the metadata leaves",
             Bytes::header(3, 1, 1).kv("a", VT::String).str(&"x".repeat(40)).done(),
@@ -439,7 +473,11 @@ fn hostile_metadata_is_refused() {
     let array_of = |elem: VT, n: u64| kv1().kv("a", VT::Array).u32(elem as u32).u64(n).raw(&[0; 16]).done();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("key length u64::MAX", kv1().u64(u64::MAX).raw(&[0; 16]).done(), "while reading metadata key"),
-        ("string length u64::MAX", kv1().kv("s", VT::String).u64(u64::MAX).raw(&[0; 16]).done(), "while reading string value"),
+        (
+            "string length u64::MAX",
+            kv1().kv("s", VT::String).u64(u64::MAX).raw(&[0; 16]).done(),
+            "while reading string value",
+        ),
         ("array length u64::MAX", array_of(VT::U8, u64::MAX), "array length 18446744073709551615 is impossible"),
         ("array length 2^40", array_of(VT::U64, 1 << 40), "array length 1099511627776 is impossible"),
         ("u8 array one past the end", array_of(VT::U8, 17), "array length 17 is impossible"),
@@ -450,14 +488,34 @@ fn hostile_metadata_is_refused() {
         ("unknown value type", kv1().str("k").u32(13).u8(0).done(), "unknown metadata value type 13"),
         ("unknown array element type", kv1().kv("a", VT::Array).u32(99).u64(0).done(), "unknown array element type 99"),
         ("bool 2", kv1().kv("b", VT::Bool).u8(2).done(), "bool value 2 is neither 0 nor 1"),
-        ("key not UTF-8", kv1().u64(2).raw(&[0xC3, 0x28]).u32(VT::U8 as u32).u8(0).done(), "metadata key is not valid UTF-8"),
+        (
+            "key not UTF-8",
+            kv1().u64(2).raw(&[0xC3, 0x28]).u32(VT::U8 as u32).u8(0).done(),
+            "metadata key is not valid UTF-8",
+        ),
         ("string not UTF-8", kv1().kv("s", VT::String).u64(1).u8(0xFF).done(), "string value is not valid UTF-8"),
         ("empty key", kv1().kv("", VT::U8).u8(0).done(), "empty metadata key"),
-        ("duplicate key", Bytes::header(3, 0, 2).kv("a", VT::U8).u8(1).kv("a", VT::I8).u8(2).done(), "duplicate metadata key `a`"),
-        ("alignment 48", file_with_alignment(VT::U32, &48u32.to_le_bytes()), "general.alignment 48 is not a power of two"),
+        (
+            "duplicate key",
+            Bytes::header(3, 0, 2).kv("a", VT::U8).u8(1).kv("a", VT::I8).u8(2).done(),
+            "duplicate metadata key `a`",
+        ),
+        (
+            "alignment 48",
+            file_with_alignment(VT::U32, &48u32.to_le_bytes()),
+            "general.alignment 48 is not a power of two",
+        ),
         ("alignment 0", file_with_alignment(VT::U32, &0u32.to_le_bytes()), "general.alignment 0 is not a power of two"),
-        ("alignment 2 MiB", file_with_alignment(VT::U64, &(1u64 << 21).to_le_bytes()), "general.alignment 2097152 is not"),
-        ("alignment a string", file_with_alignment(VT::String, &[2, 0, 0, 0, 0, 0, 0, 0, b'6', b'4']), "has type string, expected integer"),
+        (
+            "alignment 2 MiB",
+            file_with_alignment(VT::U64, &(1u64 << 21).to_le_bytes()),
+            "general.alignment 2097152 is not",
+        ),
+        (
+            "alignment a string",
+            file_with_alignment(VT::String, &[2, 0, 0, 0, 0, 0, 0, 0, b'6', b'4']),
+            "has type string, expected integer",
+        ),
     ];
     for (what, bytes, want) in cases {
         assert_refused(what, bytes, want);
@@ -479,22 +537,41 @@ fn hostile_tensor_index_is_refused() {
         ("product overflows i64", file_with_tensor(&[1 << 40, 1 << 23], f32_id, 0), "element count overflows"),
         ("dimension past i64", file_with_tensor(&[u64::MAX], f32_id, 0), "dimension 18446744073709551615 is too large"),
         ("byte size overflows", file_with_tensor(&[1 << 62], f32_id, 0), "byte size of F32 overflows"),
-        ("partial block", file_with_tensor(&[33], GgmlType::Q8_0.id(), 0), "rows of 33 are not a whole number of Q8_0 blocks"),
+        (
+            "partial block",
+            file_with_tensor(&[33], GgmlType::Q8_0.id(), 0),
+            "rows of 33 are not a whole number of Q8_0 blocks",
+        ),
         ("offset past the end", file_with_tensor(&[4], f32_id, 1 << 20), "runs past the end of the file"),
         ("offset near u64::MAX", file_with_tensor(&[4], f32_id, u64::MAX - 31), "runs past the end of the file"),
         ("data four bytes short", file_with_tensor(&[17], f32_id, 0), "truncated"),
         ("misaligned offset", file_with_tensor(&[4], f32_id, 8), "offset 8 is not aligned to 32"),
         (
             "misaligned for general.alignment",
-            Bytes::header(3, 1, 1).kv("general.alignment", VT::U32).u32(64).tensor("t", &[4], f32_id, 32).pad(64).raw(&[0; 96]).done(),
+            Bytes::header(3, 1, 1)
+                .kv("general.alignment", VT::U32)
+                .u32(64)
+                .tensor("t", &[4], f32_id, 32)
+                .pad(64)
+                .raw(&[0; 96])
+                .done(),
             "offset 32 is not aligned to 64",
         ),
         (
             "duplicate tensor",
-            Bytes::header(3, 2, 0).tensor("t", &[4], f32_id, 0).tensor("t", &[4], f32_id, 32).pad(32).raw(&[0; 64]).done(),
+            Bytes::header(3, 2, 0)
+                .tensor("t", &[4], f32_id, 0)
+                .tensor("t", &[4], f32_id, 32)
+                .pad(32)
+                .raw(&[0; 64])
+                .done(),
             "duplicate tensor `t`",
         ),
-        ("tensor name length u64::MAX", Bytes::header(3, 1, 0).u64(u64::MAX).raw(&[0; 40]).done(), "while reading tensor name"),
+        (
+            "tensor name length u64::MAX",
+            Bytes::header(3, 1, 0).u64(u64::MAX).raw(&[0; 40]).done(),
+            "while reading tensor name",
+        ),
     ];
     for (what, bytes, want) in cases {
         assert_refused(what, bytes, want);
@@ -507,12 +584,19 @@ fn hostile_tensor_index_is_refused() {
 /// more items than the file could hold: exactly as many as fit read, one more does not.
 #[test]
 fn counts_are_bounded_by_the_remaining_bytes() {
-    let u8_array = |n: u64, present: usize| Bytes::header(3, 0, 1).kv("a", VT::Array).u32(VT::U8 as u32).u64(n).raw(&vec![1; present]).done();
+    let u8_array = |n: u64, present: usize| {
+        Bytes::header(3, 0, 1).kv("a", VT::Array).u32(VT::U8 as u32).u64(n).raw(&vec![1; present]).done()
+    };
     let g = Gguf::from_bytes(u8_array(16, 16)).unwrap();
     assert_eq!(g.get("a").and_then(V::as_array).map(<[V]>::len), Some(16));
-    assert_refused("17 of 16", u8_array(17, 16), "array length 17 is impossible: at least 1 bytes each, only 16 bytes left");
+    assert_refused(
+        "17 of 16",
+        u8_array(17, 16),
+        "array length 17 is impossible: at least 1 bytes each, only 16 bytes left",
+    );
 
-    let empty_strings = |n: u64| Bytes::header(3, 0, 1).kv("a", VT::Array).u32(VT::String as u32).u64(n).raw(&[0; 16]).done();
+    let empty_strings =
+        |n: u64| Bytes::header(3, 0, 1).kv("a", VT::Array).u32(VT::String as u32).u64(n).raw(&[0; 16]).done();
     assert_eq!(Gguf::from_bytes(empty_strings(2)).unwrap().get("a").and_then(V::as_array).map(<[V]>::len), Some(2));
     assert_refused("3 strings in 16 bytes", empty_strings(3), "array length 3 is impossible");
 }

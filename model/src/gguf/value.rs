@@ -172,6 +172,11 @@ pub(crate) fn key_type(key: &str, expected: &'static str, found: &Value) -> Erro
     Error::KeyType { key: key.to_owned(), expected, found: found.type_name() }
 }
 
-pub(crate) fn expect<'a, T>(key: &str, expected: &'static str, v: &'a Value, f: impl FnOnce(&'a Value) -> Option<T>) -> Result<T> {
+pub(crate) fn expect<'a, T>(
+    key: &str,
+    expected: &'static str,
+    v: &'a Value,
+    f: impl FnOnce(&'a Value) -> Option<T>,
+) -> Result<T> {
     f(v).ok_or_else(|| key_type(key, expected, v))
 }

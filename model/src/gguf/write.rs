@@ -70,7 +70,13 @@ impl GgufWriter {
         Ok(())
     }
 
-    pub fn add_tensor(&mut self, name: impl Into<String>, ty: GgmlType, dims: Vec<u64>, data: TensorData) -> Result<()> {
+    pub fn add_tensor(
+        &mut self,
+        name: impl Into<String>,
+        ty: GgmlType,
+        dims: Vec<u64>,
+        data: TensorData,
+    ) -> Result<()> {
         let name = name.into();
         let bad = |why: String| Error::Config(format!("tensor `{name}`: {why}"));
         if name.len() >= MAX_TENSOR_NAME {

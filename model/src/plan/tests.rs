@@ -13,7 +13,10 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/"
 /// stage and `head` on the last.
 fn cost(layers: &[u64], embedding: u64, head: u64) -> ModelCost {
     ModelCost {
-        layers: layers.iter().map(|&w| LayerCost { kind: LayerKind::Attention, weight_bytes: w, cache_bytes: 0 }).collect(),
+        layers: layers
+            .iter()
+            .map(|&w| LayerCost { kind: LayerKind::Attention, weight_bytes: w, cache_bytes: 0 })
+            .collect(),
         embedding_bytes: embedding,
         head_bytes: head,
         tied_head: false,
@@ -48,7 +51,10 @@ fn assert_valid(plan: &Plan, cost: &ModelCost, nodes: &[NodeBudget]) {
         assert!(!s.layers.is_empty());
         next = s.layers.end;
         let c = cost.stage(s.layers.clone());
-        assert_eq!((s.weight_bytes, s.cache_bytes, s.scratch_bytes, s.total_bytes), (c.weight_bytes, c.cache_bytes, c.scratch_bytes, c.total()));
+        assert_eq!(
+            (s.weight_bytes, s.cache_bytes, s.scratch_bytes, s.total_bytes),
+            (c.weight_bytes, c.cache_bytes, c.scratch_bytes, c.total())
+        );
         assert!(s.total_bytes <= n.usable_bytes);
         assert_eq!(s.free_bytes, n.usable_bytes - s.total_bytes);
     }
@@ -91,7 +97,8 @@ fn the_split_is_the_exact_leximax_optimum() {
         let n_node = 1 + rng.below(n_layer.min(4) as u64) as usize;
         let layers: Vec<u64> = (0..n_layer).map(|_| 1 + rng.below(1000)).collect();
         let c = cost(&layers, rng.below(500), rng.below(500));
-        let budgets: Vec<NodeBudget> = (0..n_node).map(|i| NodeBudget::new(format!("n{i}"), 500 + rng.below(3000))).collect();
+        let budgets: Vec<NodeBudget> =
+            (0..n_node).map(|i| NodeBudget::new(format!("n{i}"), 500 + rng.below(3000))).collect();
         let key = |ranges: &[Range<usize>]| {
             let mut fs: Vec<Fraction> = ranges
                 .iter()
@@ -133,7 +140,8 @@ fn all_splits(n_layer: usize, n_node: usize) -> Vec<Vec<Range<usize>>> {
 #[test]
 fn a_node_too_small_for_any_layer_is_named() {
     let c = cost(&[512 * MIB; 8], 256 * MIB, 256 * MIB);
-    let n = vec![NodeBudget::new("big", 16 * GIB), NodeBudget::new("tiny", 100 * MIB), NodeBudget::new("last", 16 * GIB)];
+    let n =
+        vec![NodeBudget::new("big", 16 * GIB), NodeBudget::new("tiny", 100 * MIB), NodeBudget::new("last", 16 * GIB)];
     let e = plan_err(Plan::auto(&c, &n));
     assert_eq!(e, PlanError::NodeTooSmall { node: "tiny".into(), needed: 512 * MIB, available: 100 * MIB });
     assert_eq!(
@@ -154,7 +162,10 @@ fn a_model_that_cannot_fit_reports_every_node() {
     let e = plan_err(Plan::auto(&c, &n));
     let PlanError::DoesNotFit { stages, needed, available } = &e else { panic!("{e:?}") };
     assert_eq!((*needed, *available), (12 * GIB, 8 * GIB));
-    assert_eq!(stages.iter().map(|s| (s.layers.clone(), s.needed)).collect::<Vec<_>>(), [(0..5, 6 * GIB), (5..10, 6 * GIB)]);
+    assert_eq!(
+        stages.iter().map(|s| (s.layers.clone(), s.needed)).collect::<Vec<_>>(),
+        [(0..5, 6 * GIB), (5..10, 6 * GIB)]
+    );
     assert_eq!(
         e.to_string(),
         "the model does not fit: it needs 12.00 GiB in all, the nodes have 8.00 GiB; the most even split would need:\n  \
@@ -337,7 +348,11 @@ fn mtp_blocks_are_not_planned_but_reported() {
 #[test]
 fn invalid_settings_are_refused() {
     let (g, cfg) = fixture("tiny-qwen3.gguf");
-    for pc in [PlanConfig::new(0), PlanConfig { seqs: 0, ..PlanConfig::new(8) }, PlanConfig { max_batch: 0, ..PlanConfig::new(8) }] {
+    for pc in [
+        PlanConfig::new(0),
+        PlanConfig { seqs: 0, ..PlanConfig::new(8) },
+        PlanConfig { max_batch: 0, ..PlanConfig::new(8) },
+    ] {
         assert!(matches!(ModelCost::new(&g, &cfg, &pc), Err(Error::Plan(PlanError::Invalid(_)))), "{pc:?}");
     }
 }
@@ -354,7 +369,10 @@ fn table_lists_nodes_and_totals() {
     }
     assert!(lines[1].starts_with("gpu-a  0..5 (5)") && lines[1].contains("6.00 GiB"), "{table}");
     assert!(lines[2].starts_with("gpu-b  5..10 (5)"), "{table}");
-    assert!(lines[3].starts_with("total  10 layers") && lines[3].contains("12.00 GiB") && lines[3].contains("16.00 GiB"), "{table}");
+    assert!(
+        lines[3].starts_with("total  10 layers") && lines[3].contains("12.00 GiB") && lines[3].contains("16.00 GiB"),
+        "{table}"
+    );
     assert_eq!(lines[4], "not loaded: 300.00 MiB (MTP blocks, tensors the forward pass does not read)");
     assert_eq!(human(0), "0 B");
     assert_eq!(human(1536), "1.50 KiB");
@@ -365,7 +383,9 @@ fn shard_tensors_are_the_layers_plus_embedding_and_head_at_the_ends() {
     let g = crate::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
     let n = cfg.n_layer();
-    let names = |r: std::ops::Range<usize>| -> Vec<String> { shard_tensors(&g, &cfg, r).unwrap().iter().map(|t| t.name.clone()).collect() };
+    let names = |r: std::ops::Range<usize>| -> Vec<String> {
+        shard_tensors(&g, &cfg, r).unwrap().iter().map(|t| t.name.clone()).collect()
+    };
     let first = names(0..1);
     assert!(first.contains(&"token_embd.weight".to_owned()) && !first.contains(&"output_norm.weight".to_owned()));
     assert!(first.iter().all(|t| t == "token_embd.weight" || t.starts_with("blk.0.")), "{first:?}");

@@ -18,11 +18,7 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()
     let bb = ty.block_bytes() as usize;
     let bl = ty.block_len() as usize;
     if !bytes.len().is_multiple_of(bb) || bytes.len() / bb * bl != out.len() {
-        return Err(Error::Config(format!(
-            "dequantize {ty}: {} bytes do not hold {} values",
-            bytes.len(),
-            out.len()
-        )));
+        return Err(Error::Config(format!("dequantize {ty}: {} bytes do not hold {} values", bytes.len(), out.len())));
     }
     let blocks = bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl));
     match ty {

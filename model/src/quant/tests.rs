@@ -104,7 +104,9 @@ fn q6_k_block(d: f32, sc: &[i8; 16], q: &[i8; 256]) -> Vec<u8> {
     for j in (0..256).step_by(128) {
         ql.extend((0..32).map(|i| (l[j + i] & 0xF) | (l[j + i + 64] & 0xF) << 4));
         ql.extend((0..32).map(|i| (l[j + i + 32] & 0xF) | (l[j + i + 96] & 0xF) << 4));
-        qh.extend((0..32).map(|i| l[j + i] >> 4 | (l[j + i + 32] >> 4) << 2 | (l[j + i + 64] >> 4) << 4 | (l[j + i + 96] >> 4) << 6));
+        qh.extend((0..32).map(|i| {
+            l[j + i] >> 4 | (l[j + i + 32] >> 4) << 2 | (l[j + i + 64] >> 4) << 4 | (l[j + i + 96] >> 4) << 6
+        }));
     }
     let sc: Vec<u8> = sc.iter().map(|&s| s as u8).collect();
     [ql, qh, sc, f16_le(d).to_vec()].concat()
@@ -208,9 +210,8 @@ fn q4_k_dequant_matches_llama_cpp() {
         let m: [u8; 8] = rng.array(|r| r.below(64) as u8);
         let q: [u8; 256] = rng.array(|r| r.below(16) as u8);
         // dequantize_row_q4_K: d1 = d * sc; m1 = min * m; y = d1 * q - m1.
-        let expected: Vec<f32> = (0..256)
-            .map(|i| d * f32::from(sc[i / 32]) * f32::from(q[i]) - dmin * f32::from(m[i / 32]))
-            .collect();
+        let expected: Vec<f32> =
+            (0..256).map(|i| d * f32::from(sc[i / 32]) * f32::from(q[i]) - dmin * f32::from(m[i / 32])).collect();
         assert_dequant(GgmlType::Q4_K, &q4_k_block(d, dmin, &sc, &m, &q), &expected);
     }
 }
@@ -267,13 +268,23 @@ fn dequantize_checks_lengths_and_types() {
 
 #[test]
 fn type_geometry_round_trips_through_ids_and_names() {
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         assert_eq!(GgmlType::from_id(ty.id()).unwrap(), ty);
         assert_eq!(GgmlType::parse(&ty.name().to_lowercase()).unwrap(), ty);
         assert!(ty.is_supported());
     }
     // Bytes per block, from the block structs in ggml-common.h.
-    let sizes = [(0, 1, 4), (1, 1, 2), (30, 1, 2), (8, 32, 34), (2, 32, 18), (3, 32, 20), (12, 256, 144), (14, 256, 210)];
+    let sizes =
+        [(0, 1, 4), (1, 1, 2), (30, 1, 2), (8, 32, 34), (2, 32, 18), (3, 32, 20), (12, 256, 144), (14, 256, 210)];
     for (id, block, bytes) in sizes {
         let ty = GgmlType::from_id(id).unwrap();
         assert_eq!((ty.block_len(), ty.block_bytes()), (block, bytes), "{ty}");
@@ -325,7 +336,12 @@ fn q8_0_expected(d_bits: u16, head: &[i8]) -> Vec<u8> {
 fn q8_0_quantises_hand_computed_vectors() {
     let cases: &[(&str, &[f32], u16, &[i8])] = &[
         // d = 1 exactly: halves round away from zero (63.5 -> 64, 2.5 -> 3, not 2).
-        ("amax 127", &[127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, -2.5, 0.49], 0x3C00, &[127, 64, -64, 1, -1, 2, 3, -3, 0]),
+        (
+            "amax 127",
+            &[127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, -2.5, 0.49],
+            0x3C00,
+            &[127, 64, -64, 1, -1, 2, 3, -3, 0],
+        ),
         // d = 2: x = 0.5 * d ties (1, 3, -5) round away from zero; 0.5 is a quarter.
         ("amax 254", &[254.0, 1.0, 3.0, -5.0, 0.5, -254.0], 0x4000, &[127, 1, 2, -3, 0, -127]),
         // amax taken from a negative value: d = 0.5.

@@ -32,7 +32,8 @@ impl DeltaNet {
     pub fn load(g: &Gguf, cfg: &ModelConfig, i: usize) -> Result<DeltaNet> {
         // The schema of a DeltaNet layer needs `cfg.deltanet`.
         check_config(cfg)?;
-        let not_deltanet = || Error::Config(format!("layer {i} of the {} model is not a DeltaNet layer", cfg.arch.name()));
+        let not_deltanet =
+            || Error::Config(format!("layer {i} of the {} model is not a DeltaNet layer", cfg.arch.name()));
         if i >= cfg.n_layer() {
             return Err(not_deltanet());
         }

@@ -49,7 +49,12 @@ impl Block {
             MixerTensors::Attention(a) => Mixer::Attention(Attention::load(g, a)?),
             MixerTensors::DeltaNet(d) => Mixer::DeltaNet(DeltaNet::from_tensors(g, cfg, d)?),
         };
-        Ok(Block { attn_norm: load_f32(g, &t.attn_norm)?, mixer, ffn_norm: load_f32(g, &t.ffn_norm)?, ffn: Ffn::load(g, &t.ffn)? })
+        Ok(Block {
+            attn_norm: load_f32(g, &t.attn_norm)?,
+            mixer,
+            ffn_norm: load_f32(g, &t.ffn_norm)?,
+            ffn: Ffn::load(g, &t.ffn)?,
+        })
     }
 }
 
@@ -69,7 +74,8 @@ impl Reference {
         let config = ModelConfig::from_gguf(g)?;
         let globals = config.global_tensors();
         let embd = load_matrix(g, &globals.token_embd)?;
-        let blocks = (0..config.n_layer()).map(|i| Block::load(g, &config, &config.layer_tensors(i))).collect::<Result<_>>()?;
+        let blocks =
+            (0..config.n_layer()).map(|i| Block::load(g, &config, &config.layer_tensors(i))).collect::<Result<_>>()?;
         let output_norm = load_f32(g, &globals.output_norm)?;
         let output = if config.tied_output { None } else { Some(load_matrix(g, &globals.output)?) };
         Ok(Reference { config, embd, blocks, output_norm, output, pos: 0 })

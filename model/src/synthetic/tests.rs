@@ -113,7 +113,8 @@ fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
     let f32s = |n: u64| n * 4;
     let common = 2 * f32s(e) + 2 * q8(e, f) + q8(f, e);
     let c = 2 * 128 * 16 + 128 * 48;
-    let deltanet = common + q8(e, c) + q8(e, 128 * 48) + f32s(4 * c) + 2 * f32s(48) + 2 * q8(e, 48) + f32s(128) + q8(128 * 48, e);
+    let deltanet =
+        common + q8(e, c) + q8(e, 128 * 48) + f32s(4 * c) + 2 * f32s(48) + 2 * q8(e, 48) + f32s(128) + q8(128 * 48, e);
     let attention = common + q8(e, 2 * 24 * 256) + 2 * q8(e, 4 * 256) + q8(24 * 256, e) + 2 * f32s(256);
     let mtp = attention + q8(2 * e, e) + 3 * f32s(e);
     let globals = 2 * q8(e, v) + f32s(e);
@@ -154,7 +155,8 @@ fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
         }
     }
 
-    let nodes = [NodeBudget::new("a-16g", 16 * GIB), NodeBudget::new("b-12g", 12 * GIB), NodeBudget::new("c-8g", 8 * GIB)];
+    let nodes =
+        [NodeBudget::new("a-16g", 16 * GIB), NodeBudget::new("b-12g", 12 * GIB), NodeBudget::new("c-8g", 8 * GIB)];
     let plan = Plan::auto(&cost, &nodes).unwrap();
     println!("ctx 32768, nodes 16/12/8 GiB:\n{}", plan.table());
     assert_eq!(plan.stages.iter().map(|s| s.layers.len()).sum::<usize>(), 64);
@@ -165,10 +167,14 @@ fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
         let mean = plan.total_bytes() as f64 / (36 * GIB) as f64;
         assert!((share - mean).abs() < 0.05, "{}: {share:.3} of its memory, {mean:.3} on average", st.name);
     }
-    assert_eq!(plan.stages[0].cache_bytes + plan.stages[1].cache_bytes + plan.stages[2].cache_bytes, 16 * 128 * MIB + 48 * 3_268_608);
+    assert_eq!(
+        plan.stages[0].cache_bytes + plan.stages[1].cache_bytes + plan.stages[2].cache_bytes,
+        16 * 128 * MIB + 48 * 3_268_608
+    );
 
     // 2 GiB less on each node (30 GiB) still holds 28.9 GiB; 3 GiB less (27 GiB) does not.
-    let shrink = |by: u64| nodes.iter().map(|n| NodeBudget::new(n.name.clone(), n.usable_bytes - by)).collect::<Vec<_>>();
+    let shrink =
+        |by: u64| nodes.iter().map(|n| NodeBudget::new(n.name.clone(), n.usable_bytes - by)).collect::<Vec<_>>();
     let tight = Plan::auto(&cost, &shrink(2 * GIB)).unwrap();
     println!("ctx 32768, nodes 14/10/6 GiB:\n{}", tight.table());
     let err = Plan::auto(&cost, &shrink(3 * GIB)).unwrap_err();

@@ -61,7 +61,8 @@ impl Gpu {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
         let instance = wgpu::Instance::new(desc);
-        let wanted = config.adapter.clone().or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()).map(|s| s.to_lowercase());
+        let wanted =
+            config.adapter.clone().or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()).map(|s| s.to_lowercase());
         let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
         adapters.retain(|a| a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS));
         let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
@@ -137,7 +138,11 @@ impl Gpu {
         // Zero-sized buffers cannot be bound; keep at least one word.
         let padded;
         let contents = if data.len() < 4 || !data.len().is_multiple_of(4) {
-            padded = { let mut v = data.to_vec(); v.resize(data.len().max(4).div_ceil(4) * 4, 0); v };
+            padded = {
+                let mut v = data.to_vec();
+                v.resize(data.len().max(4).div_ceil(4) * 4, 0);
+                v
+            };
             &padded[..]
         } else {
             data

@@ -10,7 +10,9 @@ use super::Gpu;
 pub enum Dim {
     Fixed(u32),
     /// `ceil(n_tokens / group)` workgroups.
-    Tokens { group: u32 },
+    Tokens {
+        group: u32,
+    },
 }
 
 impl Dim {
@@ -77,7 +79,8 @@ pub fn encode_dispatches(encoder: &mut wgpu::CommandEncoder, dispatches: &[Dispa
 /// layers at the step's size, then the output head on one row), so that a step is one
 /// pass in one submission.
 pub fn encode_pass(encoder: &mut wgpu::CommandEncoder, lists: &[(&[Dispatch], u32)]) {
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
     for &(dispatches, n_tokens) in lists {
         for d in dispatches {
             let [x, y, z] = d.workgroups.resolve(n_tokens);

@@ -9,4 +9,3 @@ pub struct Step {
     pub n_tokens: u32,
     pub _pad: [u32; 3],
 }
-

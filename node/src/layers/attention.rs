@@ -7,10 +7,10 @@ use strata_model::config::{self, ModelConfig};
 use super::LoadCtx;
 use crate::Result;
 use crate::kv_cache::KvCache;
+use crate::ops::Recorder;
 use crate::ops::attention::{self, OutputGate};
 use crate::ops::norm::RmsNorm;
 use crate::ops::rope::{Rope, RopeStyle};
-use crate::ops::Recorder;
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 
@@ -83,4 +83,3 @@ impl Attention {
         rec.matmul(&self.o, s.att(), s.x(), true)
     }
 }
-

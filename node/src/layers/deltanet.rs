@@ -30,7 +30,9 @@ pub struct DeltaNet {
 
 /// The DeltaNet config of a qwen35 model, or why there is none.
 pub fn config(cfg: &ModelConfig) -> Result<&DeltaNetConfig> {
-    cfg.deltanet.as_ref().ok_or_else(|| Error::Spec(format!("a {} model has no Gated DeltaNet layers", cfg.arch.name())))
+    cfg.deltanet
+        .as_ref()
+        .ok_or_else(|| Error::Spec(format!("a {} model has no Gated DeltaNet layers", cfg.arch.name())))
 }
 
 impl DeltaNet {
@@ -51,7 +53,8 @@ impl DeltaNet {
 
     /// Bytes of weights held on the GPU (all read by every step).
     pub fn bytes(&self) -> u64 {
-        let matrices = [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
+        let matrices =
+            [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
         let vectors = [&self.ssm_conv1d, &self.ssm_dt_bias, &self.ssm_a, &self.ssm_norm].map(|b| b.size());
         matrices.iter().chain(&vectors).sum()
     }
@@ -61,10 +64,15 @@ impl DeltaNet {
     pub fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &DeltaNetState) -> Result<()> {
         let dn = config(cfg)?;
         if state.config() != dn {
-            return Err(Error::Shape { op: "deltanet", message: format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config()) });
+            return Err(Error::Shape {
+                op: "deltanet",
+                message: format!("a DeltaNet state of {:?} for a layer of {dn:?}", state.config()),
+            });
         }
         let d = s.deltanet()?;
-        for (w, y) in [(&self.attn_qkv, d.qkv()), (&self.attn_gate, d.z()), (&self.ssm_beta, d.b()), (&self.ssm_alpha, d.a())] {
+        for (w, y) in
+            [(&self.attn_qkv, d.qkv()), (&self.attn_gate, d.z()), (&self.ssm_beta, d.b()), (&self.ssm_alpha, d.a())]
+        {
             rec.matmul(w, s.n(), y, false)?;
         }
         rec.deltanet_conv(state, d.qkv(), &self.ssm_conv1d, d.y(), cfg.eps)?;
@@ -206,7 +214,8 @@ mod tests {
             let got = gpu.read_f32(&s.x, n * e).unwrap();
             // Compare what the layer added, not the residual it added it to.
             let got_mixed: Vec<f32> = got.iter().zip(&x).map(|(g, x)| g - x).collect();
-            let want: Vec<f32> = x.chunks_exact(e).flat_map(|row| cpu.forward(&rms_norm(row, &attn_norm, cfg.eps), &cfg)).collect();
+            let want: Vec<f32> =
+                x.chunks_exact(e).flat_map(|row| cpu.forward(&rms_norm(row, &attn_norm, cfg.eps), &cfg)).collect();
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert_close(&got_mixed, &want, 1e-4 * scale, 1e-4, &format!("{n} tokens at position {pos}"));
             pos += n as u32;

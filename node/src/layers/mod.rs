@@ -25,7 +25,10 @@ impl LoadCtx<'_> {
     fn tensor(&self, spec: &TensorSpec) -> Result<&strata_model::gguf::TensorInfo> {
         let t = self.gguf.require_tensor(&spec.name)?;
         if t.dims != spec.dims {
-            return Err(Error::Shape { op: "load", message: format!("`{}` has shape {:?}, expected {:?}", spec.name, t.dims, spec.dims) });
+            return Err(Error::Shape {
+                op: "load",
+                message: format!("`{}` has shape {:?}, expected {:?}", spec.name, t.dims, spec.dims),
+            });
         }
         Ok(t)
     }

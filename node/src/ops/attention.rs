@@ -88,7 +88,14 @@ impl Recorder<'_> {
     /// asked. `q` and `out`: rows of `n_heads * head_dim`. The step's keys and values must
     /// be stored first ([`Recorder::kv_store`], earlier in the same pass), and every
     /// position up to `positions[t]` must hold this sequence's keys.
-    pub fn attention(&mut self, cache: &KvCache, q: Act<'_>, positions: Act<'_>, out: Act<'_>, attn: Attention<'_>) -> Result<()> {
+    pub fn attention(
+        &mut self,
+        cache: &KvCache,
+        q: Act<'_>,
+        positions: Act<'_>,
+        out: Act<'_>,
+        attn: Attention<'_>,
+    ) -> Result<()> {
         let shape = |message: String| Error::Shape { op: "attention", message };
         let (n_heads, n_kv_heads, head_dim) = (attn.n_heads, cache.n_kv_heads(), cache.head_dim());
         if n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
@@ -103,7 +110,10 @@ impl Recorder<'_> {
         let (gate, gate_stride, gate_offset) = match attn.gate {
             Some(g) => {
                 if g.stride < head_dim || g.offset > g.stride - head_dim {
-                    return Err(shape(format!("gate stride {} and offset {} for heads of {head_dim}", g.stride, g.offset)));
+                    return Err(shape(format!(
+                        "gate stride {} and offset {} for heads of {head_dim}",
+                        g.stride, g.offset
+                    )));
                 }
                 if g.gate.same_buffer(&out) {
                     return Err(shape("out must not be the gate".into()));
@@ -246,8 +256,11 @@ mod tests {
             let pos = gpu.storage("positions", u64::from(max_tokens) * 4);
             let step = step_buffer(gpu);
             let mut attn = Attention::new(n_heads, hd);
-            attn.gate =
-                gate.map(|(gate, stride, offset)| OutputGate { gate: Act::new(gate, max_tokens, n_heads * stride), stride, offset });
+            attn.gate = gate.map(|(gate, stride, offset)| OutputGate {
+                gate: Act::new(gate, max_tokens, n_heads * stride),
+                stride,
+                offset,
+            });
             let act = |b, heads| Act::new(b, max_tokens, heads * hd);
             let dispatches = record(&step, max_tokens, |rec| {
                 let positions = Act::new(&pos, max_tokens, 1);

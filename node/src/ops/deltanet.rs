@@ -41,7 +41,14 @@ impl Recorder<'_> {
     /// history and the step's inputs, then SiLU; then each q and k head divided by
     /// `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A second dispatch then
     /// advances the state's conv history past the step.
-    pub fn deltanet_conv(&mut self, state: &DeltaNetState, qkv: Act<'_>, weight: &wgpu::Buffer, out: Act<'_>, eps: f32) -> Result<()> {
+    pub fn deltanet_conv(
+        &mut self,
+        state: &DeltaNetState,
+        qkv: Act<'_>,
+        weight: &wgpu::Buffer,
+        out: Act<'_>,
+        eps: f32,
+    ) -> Result<()> {
         let op = "deltanet conv";
         let cfg = state.config();
         let (channels, head_dim, kernel) = (cfg.conv_channels() as u32, cfg.head_dim as u32, cfg.conv_kernel as u32);
@@ -72,7 +79,13 @@ impl Recorder<'_> {
         let params = self.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
         let pipeline = self.pipeline(Kernel::DELTANET_CONV_STATE, None, &[])?;
         let workgroups = Workgroups::fixed(channels.div_ceil(WG), 1, 1);
-        self.dispatch("deltanet_conv_state", pipeline, &params, &[qkv_binding, state.conv().as_entire_binding()], workgroups);
+        self.dispatch(
+            "deltanet_conv_state",
+            pipeline,
+            &params,
+            &[qkv_binding, state.conv().as_entire_binding()],
+            workgroups,
+        );
         Ok(())
     }
 }
@@ -150,7 +163,10 @@ impl Recorder<'_> {
     pub fn gated_norm(&mut self, o: Act<'_>, z: Act<'_>, weight: &wgpu::Buffer, head_dim: u32, eps: f32) -> Result<()> {
         let op = "deltanet gated_norm";
         if head_dim == 0 || o.width == 0 || !o.width.is_multiple_of(head_dim) || o.same_buffer(&z) {
-            return Err(Error::Shape { op, message: format!("rows of {} in heads of {head_dim}, o and z distinct", o.width) });
+            return Err(Error::Shape {
+                op,
+                message: format!("rows of {} in heads of {head_dim}, o and z distinct", o.width),
+            });
         }
         let n_heads = o.width / head_dim;
         let resources = [
@@ -189,7 +205,14 @@ mod tests {
 
     /// The conv's CPU twin: `t` tokens of `qkv` after the history `hist` ([K-1, C], oldest
     /// first). Returns the normed output and the new history.
-    fn cpu_conv(cfg: &DeltaNetConfig, eps: f32, qkv: &[f32], t: usize, w: &[f32], hist: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    fn cpu_conv(
+        cfg: &DeltaNetConfig,
+        eps: f32,
+        qkv: &[f32],
+        t: usize,
+        w: &[f32],
+        hist: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
         let (c, kk, dk, nk) = (cfg.conv_channels(), cfg.conv_kernel, cfg.head_dim, cfg.n_key_heads);
         // Rows of inputs: the history, then the step's tokens.
         let all: Vec<f32> = hist.iter().chain(&qkv[..t * c]).copied().collect();
@@ -361,7 +384,13 @@ mod tests {
 
         fn run(&self, x: &Inputs, t: usize) -> Vec<f32> {
             let (gpu, _) = gpu();
-            for (buf, v) in [(&self.y, &x.y), (&self.b, &x.b), (&self.a, &x.a), (&self.ssm_a, &x.ssm_a), (&self.dt_bias, &x.dt_bias)] {
+            for (buf, v) in [
+                (&self.y, &x.y),
+                (&self.b, &x.b),
+                (&self.a, &x.a),
+                (&self.ssm_a, &x.ssm_a),
+                (&self.dt_bias, &x.dt_bias),
+            ] {
                 write(buf, v);
             }
             run(gpu, &self.step, std::slice::from_ref(&self.dispatch), t as u32);
@@ -443,7 +472,8 @@ mod tests {
             let eps = 1e-6;
             let step = step_buffer(gpu);
             let (ob, zb, wb) = (f32_buffer(gpu, &o), f32_buffer(gpu, &z), f32_buffer(gpu, &w));
-            let (oa, za) = (Act::new(&ob, max_tokens, n_heads * head_dim), Act::new(&zb, max_tokens, n_heads * head_dim));
+            let (oa, za) =
+                (Act::new(&ob, max_tokens, n_heads * head_dim), Act::new(&zb, max_tokens, n_heads * head_dim));
             let d = record(&step, max_tokens, |rec| rec.gated_norm(oa, za, &wb, head_dim, eps)).unwrap();
             run(gpu, &step, &d, t as u32);
             let n = head_dim as usize;
@@ -451,7 +481,9 @@ mod tests {
             for (row, zrow) in o.chunks_exact(n).zip(z.chunks_exact(n)).take(t * n_heads as usize) {
                 let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n as f64;
                 let scale = 1.0 / (ms + f64::from(eps)).sqrt();
-                want.extend((0..n).map(|i| (f64::from(row[i]) * scale * f64::from(w[i]) * silu(f64::from(zrow[i]))) as f32));
+                want.extend(
+                    (0..n).map(|i| (f64::from(row[i]) * scale * f64::from(w[i]) * silu(f64::from(zrow[i]))) as f32),
+                );
             }
             let got = gpu.read_f32(&ob, len).unwrap();
             let m = want.len();

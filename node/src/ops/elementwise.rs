@@ -70,7 +70,10 @@ impl Recorder<'_> {
         let op = "copy_row";
         let n = src.width;
         if src.same_buffer(&dst) || dst.width != n || n == 0 {
-            return Err(Error::Shape { op, message: format!("rows of {n} into rows of {}, distinct buffers", dst.width) });
+            return Err(Error::Shape {
+                op,
+                message: format!("rows of {n} into rows of {}, distinct buffers", dst.width),
+            });
         }
         let rows = row.rows_needed(self.max_tokens());
         if u64::from(src.rows) < rows {
@@ -131,7 +134,8 @@ mod tests {
         let row = |r: usize| src[r * n as usize..(r + 1) * n as usize].to_vec();
         for (which, t, want) in [(Row::Last, 3, row(2)), (Row::Last, 5, row(4)), (Row::Index(1), 4, row(1))] {
             let db = f32_buffer(gpu, &vec![0.0; n as usize]);
-            let d = record(&step, max_tokens, |rec| rec.copy_row(Act::new(&sb, max_tokens, n), Act::new(&db, 1, n), which));
+            let d =
+                record(&step, max_tokens, |rec| rec.copy_row(Act::new(&sb, max_tokens, n), Act::new(&db, 1, n), which));
             run(gpu, &step, &d.unwrap(), t);
             assert_eq!(gpu.read_f32(&db, n as usize).unwrap(), want, "{which:?} of {t}");
         }

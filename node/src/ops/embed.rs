@@ -65,7 +65,8 @@ mod tests {
     fn gpu_embed(table: &QuantMatrix, ids: &[u32], t: u32, init: &[f32]) -> Vec<f32> {
         let (gpu, kernels) = gpu();
         let step = gpu.uniform("step", &Step { n_tokens: t, _pad: [0; 3] });
-        let (idb, out) = (gpu.storage_init("ids", bytemuck::cast_slice(ids)), gpu.storage_init("out", bytemuck::cast_slice(init)));
+        let (idb, out) =
+            (gpu.storage_init("ids", bytemuck::cast_slice(ids)), gpu.storage_init("out", bytemuck::cast_slice(init)));
         let rows = ids.len() as u32;
         let mut rec = Recorder::new(gpu, kernels, &step, rows).unwrap();
         rec.embed(table, Act::new(&idb, rows, 1), Act::new(&out, rows, table.k() as u32)).unwrap();
@@ -85,7 +86,16 @@ mod tests {
             let bytes = random_weights(&mut rng, ty, k, n);
             let wf = dequantize(ty, &bytes).unwrap();
             let whole = QuantMatrix::upload(&gpu().0, "token_embd.weight", ty, k, n, &bytes).unwrap();
-            let split = QuantMatrix::upload_with_max_part(&gpu().0, "token_embd.weight", ty, k, n, &bytes, bytes.len() as u64 / 3).unwrap();
+            let split = QuantMatrix::upload_with_max_part(
+                &gpu().0,
+                "token_embd.weight",
+                ty,
+                k,
+                n,
+                &bytes,
+                bytes.len() as u64 / 3,
+            )
+            .unwrap();
             assert!(split.parts().len() >= 3);
             // Repeats, both ends of the table, an id past it; 2 ids past the step.
             let ids = [3u32, 0, 49, 3, 17, 1000, 25, 8, 9];

@@ -27,7 +27,11 @@ pub(crate) fn run(gpu: &Gpu, step: &wgpu::Buffer, dispatches: &[Dispatch], n_tok
 }
 
 /// The dispatches `f` records on the test device for steps of up to `max_tokens` tokens.
-pub(crate) fn record(step: &wgpu::Buffer, max_tokens: u32, f: impl FnOnce(&mut Recorder) -> Result<()>) -> Result<Vec<Dispatch>> {
+pub(crate) fn record(
+    step: &wgpu::Buffer,
+    max_tokens: u32,
+    f: impl FnOnce(&mut Recorder) -> Result<()>,
+) -> Result<Vec<Dispatch>> {
     let (gpu, kernels) = crate::testing::gpu();
     let mut rec = Recorder::new(gpu, kernels, step, max_tokens)?;
     f(&mut rec)?;

@@ -119,7 +119,13 @@ impl Recorder<'_> {
             let mut resources = vec![x_binding.clone(), out_binding.clone()];
             resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
             let tokens = if decode { Dim::Fixed(1) } else { Dim::Tokens { group: MAT_TOKENS } };
-            self.dispatch(label, pipeline.clone(), &params, &resources, Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens));
+            self.dispatch(
+                label,
+                pipeline.clone(),
+                &params,
+                &resources,
+                Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens),
+            );
         }
         Ok(())
     }
@@ -155,7 +161,15 @@ mod tests {
         gpu_matmul_with(w, x, init, t, max_tokens, accumulate, Plan::for_adapter(&gpu().0))
     }
 
-    fn gpu_matmul_with(w: &QuantMatrix, x: &[f32], init: &[f32], t: u32, max_tokens: u32, accumulate: bool, plan: Plan) -> Vec<f32> {
+    fn gpu_matmul_with(
+        w: &QuantMatrix,
+        x: &[f32],
+        init: &[f32],
+        t: u32,
+        max_tokens: u32,
+        accumulate: bool,
+        plan: Plan,
+    ) -> Vec<f32> {
         let (gpu, kernels) = gpu();
         let (xb, out, step) = (f32_buffer(gpu, x), f32_buffer(gpu, init), step(gpu, t));
         let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap();
@@ -169,7 +183,15 @@ mod tests {
 
     /// The CPU twin for `rows` of the dequantised `[k, n]` matrix `wf`: out for the first
     /// `t` tokens, and each output's magnitude (sum of |terms|) to scale the tolerance.
-    fn cpu_matmul(wf: &[f32], k: usize, rows: &[usize], x: &[f32], init: &[f32], t: usize, accumulate: bool) -> (Vec<f32>, Vec<f32>) {
+    fn cpu_matmul(
+        wf: &[f32],
+        k: usize,
+        rows: &[usize],
+        x: &[f32],
+        init: &[f32],
+        t: usize,
+        accumulate: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
         let n = init.len() / (x.len() / k);
         let (mut want, mut mag) = (Vec::new(), Vec::new());
         for tok in 0..t {
@@ -266,7 +288,8 @@ mod tests {
 
     /// Random Q8_0 bytes, made fast: whole words of random quants, then sane scales.
     fn fast_q8_0(rng: &mut Rng, k: usize, n: usize) -> Vec<u8> {
-        let mut bytes: Vec<u8> = (0..(k * n / 32 * 34).div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+        let mut bytes: Vec<u8> =
+            (0..(k * n / 32 * 34).div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
         bytes.truncate(k * n / 32 * 34);
         for block in bytes.chunks_exact_mut(34) {
             let d = 1e-3 + (block[2] as f32 / 255.0) * 19e-3;
@@ -298,7 +321,10 @@ mod tests {
         }
         rows.extend((0..16).map(|_| rng.below(n as u64) as usize));
         let row_bytes = k / 32 * 34;
-        let wf: Vec<f32> = rows.iter().flat_map(|&r| dequantize(GgmlType::Q8_0, &bytes[r * row_bytes..(r + 1) * row_bytes]).unwrap()).collect();
+        let wf: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| dequantize(GgmlType::Q8_0, &bytes[r * row_bytes..(r + 1) * row_bytes]).unwrap())
+            .collect();
         let init_rows: Vec<f32> = rows.iter().map(|&r| init[r]).collect();
         let (want, mag) = cpu_matmul(&wf, k, &(0..rows.len()).collect::<Vec<_>>(), &x, &init_rows, 1, true);
         let got: Vec<f32> = rows.iter().map(|&r| got[r]).collect();

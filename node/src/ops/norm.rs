@@ -66,7 +66,8 @@ impl Recorder<'_> {
         let x = self.bind_act("rms_norm", "x", x, norm.width(x_stride))?;
         let out = self.bind_act("rms_norm", "out", out, norm.width(out_stride))?;
         let weight = self.bind("rms_norm", "weight", weight, u64::from(row_len) * 4)?;
-        let params = self.uniform("rms_norm", &Params { row_len, rows_per_token, x_stride, out_stride, eps, _pad: [0; 3] });
+        let params =
+            self.uniform("rms_norm", &Params { row_len, rows_per_token, x_stride, out_stride, eps, _pad: [0; 3] });
         let pipeline = self.pipeline(Kernel::RMS_NORM, None, &[])?;
         let workgroups = Workgroups(Dim::Fixed(rows_per_token), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("rms_norm", pipeline, &params, &[x, weight, out], workgroups);
@@ -103,7 +104,10 @@ pub(crate) mod tests {
         let (xb, wb) = (f32_buffer(gpu, &x), f32_buffer(gpu, &w));
         let out_len = rows * norm.out_stride as usize;
         let ob = if in_place { xb.clone() } else { f32_buffer(gpu, &vec![0.0; out_len]) };
-        let (xa, oa) = (Act::new(&xb, max_tokens, norm.width(norm.x_stride)), Act::new(&ob, max_tokens, norm.width(norm.out_stride)));
+        let (xa, oa) = (
+            Act::new(&xb, max_tokens, norm.width(norm.x_stride)),
+            Act::new(&ob, max_tokens, norm.width(norm.out_stride)),
+        );
         let d = record(&step, max_tokens, |rec| rec.rms_norm(xa, &wb, oa, norm)).unwrap();
         run(gpu, &step, &d, t);
         let got = gpu.read_f32(&ob, out_len).unwrap();

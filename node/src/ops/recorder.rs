@@ -53,7 +53,12 @@ pub struct Recorder<'a> {
 
 impl<'a> Recorder<'a> {
     /// `step` is the [`crate::gpu::Step`] uniform written before each submission.
-    pub fn new(gpu: &'a Gpu, kernels: &'a KernelCache, step: &'a wgpu::Buffer, max_tokens: u32) -> Result<Recorder<'a>> {
+    pub fn new(
+        gpu: &'a Gpu,
+        kernels: &'a KernelCache,
+        step: &'a wgpu::Buffer,
+        max_tokens: u32,
+    ) -> Result<Recorder<'a>> {
         if max_tokens == 0 {
             return Err(Error::Shape { op: "record", message: "max_tokens must be at least 1".into() });
         }
@@ -78,7 +83,12 @@ impl<'a> Recorder<'a> {
         self.dispatches
     }
 
-    pub(crate) fn pipeline(&self, kernel: Kernel, prelude: Option<Kernel>, consts: &[(&'static str, String)]) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub(crate) fn pipeline(
+        &self,
+        kernel: Kernel,
+        prelude: Option<Kernel>,
+        consts: &[(&'static str, String)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         self.kernels.pipeline(self.gpu, kernel, prelude, consts)
     }
 
@@ -117,14 +127,23 @@ impl<'a> Recorder<'a> {
 
     /// The binding of the rows of `act` a step can reach, after checking that `act` has
     /// `width` values per row and room for `max_tokens` rows.
-    pub(crate) fn bind_act<'b>(&self, op: &'static str, what: &str, act: Act<'b>, width: u32) -> Result<wgpu::BindingResource<'b>> {
+    pub(crate) fn bind_act<'b>(
+        &self,
+        op: &'static str,
+        what: &str,
+        act: Act<'b>,
+        width: u32,
+    ) -> Result<wgpu::BindingResource<'b>> {
         if act.width != width {
             return Err(Error::Shape { op, message: format!("`{what}` has rows of {}, needs {width}", act.width) });
         }
         if act.rows < self.max_tokens {
             return Err(Error::Shape {
                 op,
-                message: format!("`{what}` has {} rows, steps of up to {} tokens need as many", act.rows, self.max_tokens),
+                message: format!(
+                    "`{what}` has {} rows, steps of up to {} tokens need as many",
+                    act.rows, self.max_tokens
+                ),
             });
         }
         self.bind(op, what, act.buffer, act.bytes(self.max_tokens))
@@ -132,7 +151,13 @@ impl<'a> Recorder<'a> {
 
     /// The binding of the first `bytes` of `buffer`, which must hold them, within the
     /// adapter's largest binding.
-    pub(crate) fn bind<'b>(&self, op: &'static str, what: &str, buffer: &'b wgpu::Buffer, bytes: u64) -> Result<wgpu::BindingResource<'b>> {
+    pub(crate) fn bind<'b>(
+        &self,
+        op: &'static str,
+        what: &str,
+        buffer: &'b wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<wgpu::BindingResource<'b>> {
         require_bytes(op, what, buffer, bytes)?;
         if bytes > self.gpu.max_binding() {
             let message = format!("`{what}`: {bytes} bytes exceed the largest binding, {}", self.gpu.max_binding());

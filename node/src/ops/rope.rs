@@ -72,14 +72,29 @@ impl Recorder<'_> {
     /// result, and may be `x` when the strides agree. With strides, e.g. the query halves
     /// of a fused `[query | gate]` projection (`x_stride = 2 * head_dim`) go to a
     /// contiguous `out`.
-    pub fn rms_norm_rope(&mut self, x: Act<'_>, weight: &wgpu::Buffer, out: Act<'_>, positions: Act<'_>, norm: RmsNorm, rope: Rope) -> Result<()> {
+    pub fn rms_norm_rope(
+        &mut self,
+        x: Act<'_>,
+        weight: &wgpu::Buffer,
+        out: Act<'_>,
+        positions: Act<'_>,
+        norm: RmsNorm,
+        rope: Rope,
+    ) -> Result<()> {
         if norm.row_len != rope.head_dim || norm.rows_per_token != rope.n_heads {
             return Err(Error::Shape { op: "rms_norm_rope", message: format!("{norm:?} does not match {rope:?}") });
         }
         self.rope_op(x, Some((weight, norm)), out, positions, rope)
     }
 
-    fn rope_op(&mut self, x: Act<'_>, norm: Option<(&wgpu::Buffer, RmsNorm)>, out: Act<'_>, positions: Act<'_>, rope: Rope) -> Result<()> {
+    fn rope_op(
+        &mut self,
+        x: Act<'_>,
+        norm: Option<(&wgpu::Buffer, RmsNorm)>,
+        out: Act<'_>,
+        positions: Act<'_>,
+        rope: Rope,
+    ) -> Result<()> {
         let op = if norm.is_some() { "rms_norm_rope" } else { "rope" };
         let shape = |message: String| Error::Shape { op, message };
         let Rope { n_heads, head_dim, n_rot, theta, style } = rope;

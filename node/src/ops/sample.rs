@@ -85,7 +85,8 @@ impl Recorder<'_> {
         let partial = self.gpu().storage("top_k partial", u64::from(n_chunks * (k + 1)) * 8);
         let pipeline = self.pipeline(Kernel::TOP_K, None, &[])?;
         for (merge, groups) in [(0, n_chunks), (1, 1)] {
-            let params = self.uniform("top_k", &TopKParams { n_vocab, row: row.encode(), k, n_chunks, merge, _pad: [0; 3] });
+            let params =
+                self.uniform("top_k", &TopKParams { n_vocab, row: row.encode(), k, n_chunks, merge, _pad: [0; 3] });
             let resources = [logits.clone(), partial.as_entire_binding(), out.clone()];
             self.dispatch("top_k", pipeline.clone(), &params, &resources, Workgroups::fixed(groups, 1, 1));
         }

@@ -76,7 +76,8 @@ impl QuantMatrix {
         // Kernels index a part's pieces of 8 values with u32: 2 GiB parts keep them in range.
         let max_part_bytes = max_part_bytes.min(gpu.max_binding()).min(1 << 31);
         let blocks_per_row = (k / block) as u64;
-        let fits = |rows: usize| repack::array_sizes(ty, rows as u64 * blocks_per_row).iter().all(|&s| s <= max_part_bytes);
+        let fits =
+            |rows: usize| repack::array_sizes(ty, rows as u64 * blocks_per_row).iter().all(|&s| s <= max_part_bytes);
         // The largest array decides; the f16 arrays' rounding to a word may cost a row.
         let widest = repack::array_sizes(ty, blocks_per_row).into_iter().max().unwrap_or(1);
         let mut rows_per_part = usize::try_from(max_part_bytes / widest).unwrap_or(usize::MAX).min(n);

@@ -7,7 +7,8 @@
 //! broken stream or a chunk that failed its checksum is followed by a fresh `LoadShard`,
 //! which tells where to resume, up to [`MAX_FAILED_TRANSFERS`] times.
 //!
-//! Like `pipeline`, this is a boundary with the wire: it builds and reads proto messages.
+//! With `pipeline`, this is the coordinator's boundary with the wire: it builds and reads
+//! the proto messages of shard loading and tensor chunks.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,19 +45,39 @@ fn wants(r: &pb::LoadShardResponse) -> bool {
 }
 
 /// Loads `req` on the node behind `client`, streaming from `source` whatever it lacks.
-pub async fn load_shard(client: &mut StageClient<Channel>, req: pb::LoadShardRequest, source: Arc<Gguf>, node: &str) -> anyhow::Result<Shipped> {
+pub async fn load_shard(
+    client: &mut StageClient<Channel>,
+    req: pb::LoadShardRequest,
+    source: Arc<Gguf>,
+    node: &str,
+) -> anyhow::Result<Shipped> {
     let t0 = Instant::now();
     let (mut streamed, mut stream_secs, mut failures) = (0u64, 0.0f64, 0usize);
     // Each pass either loads, or streams something; a node that keeps asking for what it
     // was sent (a bug) is stopped by this bound.
     for _ in 0..(MAX_FAILED_TRANSFERS + 4) {
-        let resp = client.load_shard(req.clone()).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+        let resp = client
+            .load_shard(strata_proto::versioned(req.clone()))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
         if !wants(&resp) {
-            return Ok(Shipped { weight_bytes: resp.weight_bytes, streamed_bytes: streamed, stream_secs, total_secs: t0.elapsed().as_secs_f64() });
+            return Ok(Shipped {
+                weight_bytes: resp.weight_bytes,
+                streamed_bytes: streamed,
+                stream_secs,
+                total_secs: t0.elapsed().as_secs_f64(),
+            });
         }
         let plan = transfer_plan(&resp, &source)?;
         let total: u64 = plan.iter().map(|(_, from, to)| to - from).sum();
-        tracing::info!(node, bytes = total, header = resp.need_header, tensors = resp.missing.len(), "streaming weights");
+        tracing::info!(
+            node,
+            bytes = total,
+            header = resp.need_header,
+            tensors = resp.missing.len(),
+            "streaming weights"
+        );
         let bar = crate::progress::bytes_bar(total, node);
         let t = Instant::now();
         let sent = push(client, &req.model_id, &plan, &source, &bar).await;
@@ -91,7 +112,9 @@ fn transfer_plan(resp: &pb::LoadShardResponse, source: &Gguf) -> anyhow::Result<
     resp.missing
         .iter()
         .map(|r| {
-            let t = source.tensor(&r.tensor).with_context(|| format!("the node asks for tensor `{}`, which the model lacks", r.tensor))?;
+            let t = source
+                .tensor(&r.tensor)
+                .with_context(|| format!("the node asks for tensor `{}`, which the model lacks", r.tensor))?;
             if r.from >= r.to || r.to > t.size {
                 bail!("the node asks for bytes {}..{} of tensor `{}` of {} bytes", r.from, r.to, r.tensor, t.size);
             }
@@ -112,7 +135,8 @@ async fn push(
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::TensorChunk>(4);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let producer = {
-        let (plan, source, model_id, sent, bar) = (plan.to_vec(), source.clone(), model_id.to_vec(), sent.clone(), bar.clone());
+        let (plan, source, model_id, sent, bar) =
+            (plan.to_vec(), source.clone(), model_id.to_vec(), sent.clone(), bar.clone());
         tokio::spawn(async move {
             for (tensor, from, to) in plan {
                 let bytes = if tensor == HEADER {
@@ -128,7 +152,8 @@ async fn push(
                     let mut data = bytes[offset as usize..end as usize].to_vec();
                     let checksum = strata_proto::checksum::checksum(&data);
                     corrupt_for_tests(&mut data);
-                    let chunk = pb::TensorChunk { model_id: model_id.clone(), tensor: tensor.clone(), offset, data, checksum };
+                    let chunk =
+                        pb::TensorChunk { model_id: model_id.clone(), tensor: tensor.clone(), offset, data, checksum };
                     if tx.send(chunk).await.is_err() {
                         return; // the call ended (failed); its status says why
                     }

@@ -1,0 +1,543 @@
+//! The pipeline engine: plans a model over nodes, loads a shard on each, and drives
+//! steps through them.
+//!
+//! Every stage is reached the same way, over the transport: this machine's own share
+//! (unless `--no-local`) runs as an in-process stage service on an ephemeral loopback
+//! port. Activations go to stage 0 on one long-lived `Forward` stream; each stage hands
+//! its hidden state straight to the next; the last stage's token comes back up the
+//! chain. Prefill sends every chunk without waiting (a token is asked for on the last
+//! only), so consecutive stages work on consecutive chunks at once.
+//!
+//! With `shipping`, this is the coordinator's boundary with the wire: the proto
+//! messages of steps, node info, counters and shard loading are built and read here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use strata_model::config::ModelConfig;
+use strata_model::gguf::Gguf;
+use strata_model::plan::{ModelCost, NodeBudget, Plan, PlanConfig, parse_split};
+use strata_node::memory::MemoryLimit;
+use strata_node::service::{self, NodeOptions, StageService};
+use strata_node::stage::{Logprobs, SeqId};
+use strata_proto::tokio_stream::wrappers::ReceiverStream;
+use strata_proto::tonic::Streaming;
+use strata_proto::tonic::transport::Channel;
+use strata_proto::v1::{self as pb, stage_client::StageClient};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Engine, EngineStats, ErrorCode, LatencyHistogram, NodeCounters, Placement, Sampled, StageStats, Step, StepError,
+    StepOutcome, context_length,
+};
+use crate::cli::{EngineArgs, Wire};
+
+/// One stage as the coordinator sees it.
+struct StageHandle {
+    name: String,
+    addr: String,
+    adapter: String,
+    backend: String,
+    /// The node's usable memory, as it reported it.
+    memory: u64,
+    layers: std::ops::Range<usize>,
+    client: StageClient<Channel>,
+}
+
+/// This machine's in-process stage service; stops when dropped.
+struct LocalNode {
+    _shutdown: oneshot::Sender<()>,
+}
+
+pub struct Pipeline {
+    rt: tokio::runtime::Runtime,
+    stages: Vec<StageHandle>,
+    ctx: u32,
+    batch: u32,
+    /// Weight bytes one decode step reads over all stages (from the model's tensor index).
+    weight_bytes_per_token: u64,
+    wire: pb::HiddenFormat,
+    tx: mpsc::Sender<pb::Activation>,
+    results: Streaming<pb::StepResult>,
+    next_step: u64,
+    /// Prompt ids to hand the last stage with a sequence's next activation (penalties).
+    history: Vec<(SeqId, Vec<u32>)>,
+    /// Submitted steps that want a token: step number -> (sequence, when sent, logprobs asked).
+    in_flight: HashMap<u64, (SeqId, Instant, bool)>,
+    /// Results owed at once: steps that asked for no token have nothing to wait for.
+    ready: VecDeque<(SeqId, StepOutcome)>,
+    /// Errors of steps that asked for no token, reported with the sequence's next result.
+    failed: HashMap<SeqId, StepError>,
+    latency: LatencyHistogram,
+    /// The nodes' counters, refreshed at most every [`STATS_EVERY`].
+    node_stats: Mutex<(Option<Instant>, Vec<StageStats>)>,
+    _local: Option<LocalNode>,
+}
+
+/// How often `stats` asks the nodes for their counters (the scheduler asks every step).
+const STATS_EVERY: Duration = Duration::from_millis(250);
+
+fn wire_format(w: Wire) -> pb::HiddenFormat {
+    match w {
+        Wire::F32 => pb::HiddenFormat::F32,
+        Wire::F16 => pb::HiddenFormat::F16,
+    }
+}
+
+/// A step error's code as the node sent it.
+fn error_code(code: i32) -> ErrorCode {
+    use pb::StepErrorCode as C;
+    match C::try_from(code) {
+        Ok(C::InvalidArgument) => ErrorCode::InvalidArgument,
+        Ok(C::OutOfOrder) => ErrorCode::OutOfOrder,
+        Ok(C::NotOnStage) => ErrorCode::NotOnStage,
+        Ok(C::DataLoss) => ErrorCode::DataLoss,
+        Ok(C::Unavailable) => ErrorCode::Unavailable,
+        Ok(C::Internal | C::Unspecified) | Err(_) => ErrorCode::Internal,
+    }
+}
+
+fn counters(h: pb::HealthResponse) -> NodeCounters {
+    NodeCounters {
+        steps: h.steps,
+        compute_seconds: h.compute_seconds,
+        waited_steps: h.waited_steps,
+        downstream_wait_seconds: h.downstream_wait_seconds,
+        weight_bytes: h.weight_bytes,
+        cache_bytes: h.cache_bytes,
+        sequences: h.sequences as usize,
+    }
+}
+
+/// Starts this machine's stage service on a free loopback port; returns its address.
+async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> anyhow::Result<(String, LocalNode)> {
+    // The coordinator's own node has the file: it never needs a shard cache.
+    let svc = StageService::open(NodeOptions {
+        node_id: format!("local-{}", std::process::id()),
+        name: "local".into(),
+        adapter,
+        memory: MemoryLimit::Auto,
+        model_dir: None,
+        model_files: vec![gguf_path.to_owned()],
+        cache_dir: None,
+        idle_timeout: Duration::from_secs(600),
+    })?;
+    let listener =
+        strata_proto::transport::bind(([127, 0, 0, 1], 0).into()).await.context("binding the local stage's port")?;
+    let addr = listener.local_addr()?.to_string();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.await;
+        };
+        if let Err(e) = service::serve(listener, svc, stop).await {
+            tracing::error!(error = %e, "local stage service failed");
+        }
+    });
+    Ok((addr, LocalNode { _shutdown: tx }))
+}
+
+/// The stage addresses in pipeline order: this machine's own (started here, unless
+/// `--no-local`), then `--peer`s, then those `--discover` found.
+async fn stage_addresses(args: &EngineArgs, discovered: &[String]) -> anyhow::Result<(Vec<String>, Option<LocalNode>)> {
+    let mut addrs = Vec::new();
+    let local = if args.no_local {
+        None
+    } else {
+        let (addr, node) = start_local(&args.model, args.adapter.clone()).await?;
+        addrs.push(addr);
+        Some(node)
+    };
+    addrs.extend(args.peers.iter().cloned());
+    addrs.extend(discovered.iter().cloned());
+    if addrs.is_empty() {
+        bail!("no node to run the model on: --no-local without any --peer, and --discover found none");
+    }
+    Ok((addrs, local))
+}
+
+/// Connects to every node and asks who it is; refuses one of another protocol version.
+async fn connect(addrs: &[String]) -> anyhow::Result<Vec<StageHandle>> {
+    let mut stages: Vec<StageHandle> = Vec::new();
+    for addr in addrs {
+        let mut client = strata_proto::transport::connect(addr).await?;
+        let info =
+            client.info(pb::InfoRequest {}).await.with_context(|| format!("asking {addr} for its info"))?.into_inner();
+        if info.protocol_version != strata_proto::PROTOCOL_VERSION {
+            let ours = strata_proto::PROTOCOL_VERSION;
+            bail!("node {addr} speaks protocol {}, this coordinator {ours}", info.protocol_version);
+        }
+        // Two nodes of one name (two ports of one host) are told apart by address.
+        let taken = stages.iter().any(|s| s.name == info.name);
+        let name = if taken { format!("{}@{addr}", info.name) } else { info.name.clone() };
+        stages.push(StageHandle {
+            name,
+            addr: addr.clone(),
+            adapter: info.adapter,
+            backend: info.backend,
+            memory: info.usable_memory,
+            layers: 0..0,
+            client,
+        });
+    }
+    Ok(stages)
+}
+
+/// What one node was asked to load.
+struct ShardLoad {
+    node: String,
+    what: String,
+    shipped: super::shipping::Shipped,
+}
+
+/// Loads every stage's shard of `plan` at once (each told its successor's address),
+/// streaming the bytes a node lacks from the model file at `path`.
+async fn load_shards(
+    gguf: &Gguf,
+    path: &std::path::Path,
+    plan: &Plan,
+    stages: &mut [StageHandle],
+    spec: (u32, u32),
+) -> anyhow::Result<()> {
+    let (ctx, max_batch) = spec;
+    // The bytes nodes without the file are streamed: the same file, mapped again so
+    // that each node's load task can own a handle.
+    let source = Arc::new(Gguf::open(path).with_context(|| format!("opening {}", path.display()))?);
+    if source.identity() != gguf.identity() {
+        bail!("{} changed while loading", path.display());
+    }
+    let addrs: Vec<String> = plan.stages.iter().map(|sp| stages[sp.node].addr.clone()).collect();
+    let mut loads = Vec::new();
+    for (k, sp) in plan.stages.iter().enumerate() {
+        let stage = &mut stages[sp.node];
+        stage.layers = sp.layers.clone();
+        let req = pb::LoadShardRequest {
+            model_id: gguf.identity().to_vec(),
+            layer_start: sp.layers.start as u32,
+            layer_end: sp.layers.end as u32,
+            ctx,
+            max_batch,
+            next_stage: addrs.get(k + 1).cloned().unwrap_or_default(),
+        };
+        let mut client = stage.client.clone();
+        let (l, name) = (&sp.layers, &stage.name);
+        let what = format!("loading layers {}..{} on {name} ({})", l.start, l.end, stage.addr);
+        let (node, source) = (stage.name.clone(), source.clone());
+        loads.push(tokio::spawn(async move {
+            let shipped =
+                super::shipping::load_shard(&mut client, req, source, &node).await.with_context(|| what.clone())?;
+            anyhow::Ok(ShardLoad { node, what, shipped })
+        }));
+    }
+    for l in loads {
+        let ShardLoad { node, what, shipped: s } = l.await??;
+        tracing::info!(node = %node, weight_bytes = s.weight_bytes, secs = s.total_secs, "{what}: done");
+        // A stable line (tests and benchmarks read it): bytes streamed and the load time.
+        let rate = if s.stream_secs > 0.0 { s.streamed_bytes as f64 / 1e6 / s.stream_secs } else { 0.0 };
+        eprintln!(
+            "streamed {} bytes to {node} in {:.2} s ({rate:.1} MB/s); shard loaded in {:.2} s",
+            s.streamed_bytes, s.stream_secs, s.total_secs
+        );
+    }
+    Ok(())
+}
+
+/// A loaded pipeline's parts, before its engine state is set up.
+struct Connected {
+    stages: Vec<StageHandle>,
+    weight_bytes_per_token: u64,
+    tx: mpsc::Sender<pb::Activation>,
+    results: Streaming<pb::StepResult>,
+    local: Option<LocalNode>,
+}
+
+impl Pipeline {
+    pub fn load(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<Pipeline> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let config = ModelConfig::from_gguf(gguf)?;
+        let ctx = context_length(gguf, args)?;
+        let batch = args.batch.min(ctx);
+        let discovered = if args.discover {
+            let timeout = Duration::from_secs_f64(args.discover_timeout);
+            let found = crate::discovery::discover_nodes(args.expect_nodes.map(|n| n as usize), timeout)?;
+            eprintln!("discovered {} node(s) over mDNS: {}", found.len(), found.join(", "));
+            found
+        } else {
+            Vec::new()
+        };
+        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, &discovered, ctx, batch))?;
+        Ok(Pipeline {
+            rt,
+            stages: c.stages,
+            ctx,
+            batch,
+            weight_bytes_per_token: c.weight_bytes_per_token,
+            wire: wire_format(args.wire),
+            tx: c.tx,
+            results: c.results,
+            next_step: 0,
+            history: Vec::new(),
+            in_flight: HashMap::new(),
+            ready: VecDeque::new(),
+            failed: HashMap::new(),
+            latency: LatencyHistogram::default(),
+            node_stats: Mutex::new((None, Vec::new())),
+            _local: c.local,
+        })
+    }
+
+    async fn connect_and_load(
+        gguf: &Gguf,
+        config: &ModelConfig,
+        args: &EngineArgs,
+        discovered: &[String],
+        ctx: u32,
+        batch: u32,
+    ) -> anyhow::Result<Connected> {
+        let (addrs, local) = stage_addresses(args, discovered).await?;
+        let mut stages = connect(&addrs).await?;
+        let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+        let pc = PlanConfig { max_batch: batch as usize, ..PlanConfig::new(ctx as usize) };
+        let cost = ModelCost::new(gguf, config, &pc)?;
+        let plan = match &args.split {
+            Some(s) => Plan::manual(&cost, &budgets, &parse_split(s)?)?,
+            None => Plan::auto(&cost, &budgets)?,
+        };
+        eprintln!("plan:\n{}", plan.table());
+        load_shards(gguf, &args.model, &plan, &mut stages, (ctx, batch)).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let results = stages[0]
+            .client
+            .forward(ReceiverStream::new(rx))
+            .await
+            .context("opening the forward stream to stage 0")?
+            .into_inner();
+        let weight_bytes_per_token = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
+        Ok(Connected { stages, weight_bytes_per_token, tx, results, local })
+    }
+
+    fn activation(&mut self, step: &Step<'_>) -> pb::Activation {
+        let number = self.next_step;
+        self.next_step += 1;
+        let history = match self.history.iter().position(|(s, _)| *s == step.seq) {
+            Some(i) => self.history.swap_remove(i).1,
+            None => Vec::new(),
+        };
+        pb::Activation {
+            seq_id: step.seq,
+            step: number,
+            positions: step.positions.to_vec(),
+            token_ids: step.ids.to_vec(),
+            hidden: Vec::new(),
+            format: self.wire as i32,
+            sampling: Some(service::sampling_to_wire(step.sampling)),
+            want_token: step.want_token,
+            history,
+            want_logits: false,
+            want_logprobs: step.logprobs.is_some(),
+            top_logprobs: step.logprobs.unwrap_or(0),
+        }
+    }
+
+    async fn send(tx: &mpsc::Sender<pb::Activation>, act: pb::Activation) -> anyhow::Result<()> {
+        tx.send(act).await.map_err(|_| anyhow::anyhow!("the pipeline's forward stream closed"))
+    }
+
+    /// Every node's `Health`, in pipeline order: the one reader of the nodes' counters.
+    fn read_counters(&self) -> Vec<anyhow::Result<NodeCounters>> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            for s in &self.stages {
+                let h = s.client.clone().health(pb::HealthRequest {}).await;
+                out.push(h.map(|r| counters(r.into_inner())).with_context(|| format!("health of {}", s.addr)));
+            }
+            out
+        })
+    }
+
+    /// A stage's figures before its node has answered `Health`.
+    fn initial_stats(s: &StageHandle) -> StageStats {
+        StageStats {
+            node: s.name.clone(),
+            device: s.adapter.clone(),
+            layers: s.layers.clone(),
+            weight_bytes: 0,
+            cache_bytes: 0,
+            memory_bytes: Some(s.memory),
+            sequences: 0,
+            steps: 0,
+            busy_seconds: 0.0,
+        }
+    }
+}
+
+impl Engine for Pipeline {
+    /// Sends a step without waiting for it; its outcome comes from `next_result`.
+    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
+        if step.prompt && step.sampling.has_penalties() {
+            self.history.push((step.seq, step.ids.to_vec()));
+        }
+        let act = self.activation(&step);
+        let n = act.step;
+        self.rt.block_on(Self::send(&self.tx, act))?;
+        if step.want_token {
+            self.in_flight.insert(n, (step.seq, Instant::now(), step.logprobs.is_some()));
+        } else {
+            self.ready.push_back((step.seq, Ok(None)));
+        }
+        Ok(())
+    }
+
+    fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
+        if let Some(r) = self.ready.pop_front() {
+            return Ok(r);
+        }
+        if self.in_flight.is_empty() {
+            bail!("next_result without a submitted step");
+        }
+        loop {
+            let r = self
+                .rt
+                .block_on(self.results.message())
+                .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
+                .context("the pipeline closed its result stream")?;
+            match self.in_flight.remove(&r.step) {
+                Some((seq, sent, logprobs)) => {
+                    self.latency.observe(sent.elapsed());
+                    let result = match self.failed.remove(&seq) {
+                        Some(e) => Err(e),
+                        None if !r.error.is_empty() => Err(StepError::new(error_code(r.error_code), r.error)),
+                        None => {
+                            let top = r.top_ids.iter().copied().zip(r.top_logprobs.iter().copied()).collect();
+                            let logprobs = logprobs.then_some(Logprobs { token: r.logprob, top });
+                            Ok(Some(Sampled { token: r.token_id, logprobs }))
+                        }
+                    };
+                    return Ok((seq, result));
+                }
+                // A step nobody waits for failed (a prefill chunk): its sequence's next
+                // result carries the error.
+                None if !r.error.is_empty() => {
+                    tracing::warn!(seq = r.seq_id, step = r.step, error = %r.error, "step failed");
+                    let e = StepError::new(error_code(r.error_code), r.error);
+                    self.failed.entry(r.seq_id).or_insert(e);
+                }
+                None => tracing::debug!(seq = r.seq_id, step = r.step, "result of a step nobody waits for"),
+            }
+        }
+    }
+
+    /// Frees a sequence on every stage (each stage passes it on to the next).
+    fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
+        self.failed.remove(&seq);
+        let mut client = self.stages[0].client.clone();
+        self.rt.block_on(client.release(pb::ReleaseRequest { seq_id: seq })).context("releasing a sequence")?;
+        Ok(())
+    }
+
+    fn ctx(&self) -> u32 {
+        self.ctx
+    }
+
+    fn max_batch(&self) -> u32 {
+        self.batch
+    }
+
+    /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a
+    /// node that does not answer keeps its last figures).
+    fn stats(&self) -> EngineStats {
+        let mut cache = self.node_stats.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
+            let mut fresh = Vec::new();
+            for (i, (s, read)) in self.stages.iter().zip(self.read_counters()).enumerate() {
+                let mut st = cache.1.get(i).cloned().unwrap_or_else(|| Self::initial_stats(s));
+                match read {
+                    Ok(c) => {
+                        st.weight_bytes = c.weight_bytes;
+                        st.cache_bytes = c.cache_bytes;
+                        st.sequences = c.sequences;
+                        st.steps = c.steps;
+                        st.busy_seconds = c.compute_seconds;
+                    }
+                    Err(e) => tracing::debug!(node = %s.name, error = %format!("{e:#}"), "no health answer"),
+                }
+                fresh.push(st);
+            }
+            *cache = (Some(Instant::now()), fresh);
+        }
+        let n_layer = self.stages.last().map_or(0, |s| s.layers.end);
+        EngineStats { n_layer, stages: cache.1.clone(), step_latency: self.latency.clone() }
+    }
+
+    fn placement(&self) -> Vec<Placement> {
+        let place = |s: &StageHandle| Placement {
+            node: s.name.clone(),
+            address: s.addr.clone(),
+            adapter: s.adapter.clone(),
+            backend: s.backend.clone(),
+            layers: s.layers.clone(),
+        };
+        self.stages.iter().map(place).collect()
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes_per_token
+    }
+
+    fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {
+        self.read_counters().into_iter().collect()
+    }
+}
+
+/// Round trips of one hidden state to a node, for `strata bench-hop`.
+pub struct HopTimes {
+    pub format: &'static str,
+    pub payload_bytes: usize,
+    /// Milliseconds per timed round trip, in the order run.
+    pub round_trips_ms: Vec<f64>,
+}
+
+/// Sends `warmup + iterations` activations of `values` hidden values, one at a time, to
+/// the node at `addr` and times each answer. A node holding no shard decodes the
+/// activation and answers at once (with a "no shard" error), so this times the
+/// transport (serialisation, HTTP/2, TCP), not any compute.
+pub fn time_hops(addr: &str, wire: Wire, values: usize, warmup: usize, iterations: usize) -> anyhow::Result<HopTimes> {
+    let format = wire_format(wire);
+    let width = match format {
+        pb::HiddenFormat::F32 => 4,
+        pb::HiddenFormat::F16 => 2,
+    };
+    let payload = vec![0u8; values * width];
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let round_trips_ms = rt.block_on(async {
+        let mut client = strata_proto::transport::connect(addr).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let mut results = client.forward(ReceiverStream::new(rx)).await?.into_inner();
+        let mut times = Vec::with_capacity(iterations);
+        for i in 0..warmup + iterations {
+            let act = pb::Activation {
+                seq_id: 1,
+                step: i as u64,
+                positions: vec![0],
+                hidden: payload.clone(),
+                format: format as i32,
+                want_token: true,
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            tx.send(act).await?;
+            results.message().await?.context("the node closed the stream")?;
+            if i >= warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        anyhow::Ok(times)
+    })?;
+    let format = match format {
+        pb::HiddenFormat::F32 => "f32",
+        pb::HiddenFormat::F16 => "f16",
+    };
+    Ok(HopTimes { format, payload_bytes: payload.len(), round_trips_ms })
+}
