@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build --release --bin strata
+# Quiet: cargo's "Compiling thiserror ..." lines read like errors to a new user; real
+# warnings and errors still print.
+printf '\033[1m==> %s\033[0m\n' "building strata (release; the first build takes a few minutes)" >&2
+cargo build --release --bin strata --quiet
 Q8=models/SmolLM2-135M-Instruct.Q8_0.gguf
 [ -f "$Q8" ] || ./target/release/strata quantize models/SmolLM2-135M-Instruct.Q4_1.gguf "$Q8" --type q8_0
 exec ./target/release/strata run --model "$Q8" --chat --max-tokens 64 \
