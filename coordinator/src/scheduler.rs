@@ -509,7 +509,7 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Placement, StepOutcome};
+    use crate::engine::testing::{Logged, Scripted};
 
     fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool, String) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
@@ -546,45 +546,21 @@ mod tests {
         }
     }
 
-    /// Records every step and answers with a fixed ordinary token per sequence.
-    struct FakeEngine {
-        log: Arc<Mutex<Vec<String>>>,
-        results: VecDeque<(SeqId, StepOutcome)>,
+    /// An engine answering a fixed ordinary token per sequence, slowly enough that a
+    /// request submitted right after another joins it mid-way.
+    fn slow_engine() -> Scripted {
+        Scripted::new(|step| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None }))
+        })
     }
 
-    impl Engine for FakeEngine {
-        fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
-            self.log.lock().unwrap().push(format!("{}:{}@{}", step.seq, step.ids.len(), step.positions[0]));
-            // Slow enough that a request submitted right after another joins it mid-way.
-            std::thread::sleep(Duration::from_millis(20));
-            self.results.push_back((
-                step.seq,
-                Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None })),
-            ));
-            Ok(())
-        }
-        fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
-            Ok(self.results.pop_front().expect("a submitted step"))
-        }
-        fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-            self.log.lock().unwrap().push(format!("release {seq}"));
-            Ok(())
-        }
-        fn ctx(&self) -> u32 {
-            64
-        }
-        fn max_batch(&self) -> u32 {
-            4
-        }
-        fn stats(&self) -> EngineStats {
-            EngineStats::default()
-        }
-        fn placement(&self) -> Vec<Placement> {
-            Vec::new()
-        }
-        fn weight_bytes_per_token(&self) -> u64 {
-            0
-        }
+    /// The log as lines: `seq:len@pos` per step, `release seq`.
+    fn lines(log: &Mutex<Vec<Logged>>) -> Vec<String> {
+        let log = log.lock().unwrap();
+        log.iter()
+            .map(|l| if l.release { format!("release {}", l.seq) } else { format!("{}:{}@{}", l.seq, l.len, l.pos) })
+            .collect()
     }
 
     fn collect(rx: &mut UnboundedReceiver<Event>) -> (String, Option<Finished>) {
@@ -606,8 +582,8 @@ mod tests {
             strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
                 .unwrap();
         let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
+        let engine = slow_engine();
+        let log = engine.log.clone();
         let sched = Scheduler::spawn(Box::new(engine), tok.clone(), SchedulerConfig { max_seqs: 2 }).unwrap();
         let req = |n: usize, max_tokens| GenRequest {
             prompt: vec![1; n],
@@ -620,7 +596,7 @@ mod tests {
         let (_, mut b) = sched.submit(req(2, 3)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
         assert_eq!((fa.completion_tokens, fa.reason, fb.completion_tokens), (3, FinishReason::Length, 3));
-        let log = log.lock().unwrap().clone();
+        let log = lines(&log);
         let of = |seq: &str| log.iter().filter(|l| l.starts_with(seq)).cloned().collect::<Vec<_>>();
         // Prefill in chunks of at most 4, then one decode step per token; released at the end.
         assert_eq!(of("1:"), ["1:4@0", "1:2@4", "1:1@6", "1:1@7"]);
@@ -636,8 +612,8 @@ mod tests {
             strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
                 .unwrap();
         let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let engine = FakeEngine { log: log.clone(), results: VecDeque::new() };
+        let engine = slow_engine();
+        let log = engine.log.clone();
         let sched = Scheduler::spawn(Box::new(engine), tok, SchedulerConfig { max_seqs: 8 }).unwrap();
         let (_, mut rx) = sched
             .submit(GenRequest {
@@ -651,7 +627,7 @@ mod tests {
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
         let t0 = Instant::now();
-        while !log.lock().unwrap().iter().any(|l| l == "release 1") {
+        while !lines(&log).iter().any(|l| l == "release 1") {
             assert!(t0.elapsed() < Duration::from_secs(10), "not released");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -296,46 +296,62 @@ impl LatencyHistogram {
     }
 }
 
+/// An engine for tests of what drives one: it answers each step at once.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use anyhow::Context;
 
     use super::*;
 
-    #[test]
-    fn latency_buckets() {
-        let mut h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(500));
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(60));
-        assert_eq!(h.counts[0], 1);
-        assert_eq!(h.counts[5], 1);
-        assert_eq!(h.counts[LATENCY_BOUNDS.len()], 1);
-        assert_eq!(h.count, 3);
+    /// One submitted step, or a release (`len` 0), as the engine saw it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct Logged {
+        pub seq: SeqId,
+        pub len: usize,
+        pub pos: u32,
+        pub prompt: bool,
+        pub want_token: bool,
+        pub release: bool,
     }
 
-    /// Answers each step at once; a step at a position in `fail_at` fails.
-    struct Scripted {
-        fail_at: Vec<u32>,
-        results: VecDeque<(SeqId, StepOutcome)>,
-        log: Vec<(usize, u32, bool, bool)>,
+    type Answer = Box<dyn FnMut(&Step<'_>) -> StepOutcome + Send>;
+
+    /// Answers each step with `answer` (context 64, steps of at most 4 tokens) and logs
+    /// every step and release, in order, where a test can read them from another thread.
+    pub(crate) struct Scripted {
+        answer: Answer,
+        pub results: VecDeque<(SeqId, StepOutcome)>,
+        pub log: Arc<Mutex<Vec<Logged>>>,
+    }
+
+    impl Scripted {
+        pub fn new(answer: impl FnMut(&Step<'_>) -> StepOutcome + Send + 'static) -> Scripted {
+            Scripted { answer: Box::new(answer), results: VecDeque::new(), log: Arc::default() }
+        }
+
+        pub fn log(&self) -> Vec<Logged> {
+            self.log.lock().unwrap().clone()
+        }
     }
 
     impl Engine for Scripted {
         fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
-            self.log.push((step.ids.len(), step.positions[0], step.prompt, step.want_token));
-            let outcome = if self.fail_at.contains(&step.positions[0]) {
-                Err(StepError::new(ErrorCode::OutOfOrder, format!("at {}", step.positions[0])))
-            } else {
-                Ok(step.want_token.then_some(Sampled { token: 1000 + step.positions[0], logprobs: None }))
-            };
-            self.results.push_back((step.seq, outcome));
+            let (seq, len, pos) = (step.seq, step.ids.len(), step.positions[0]);
+            let logged = Logged { seq, len, pos, prompt: step.prompt, want_token: step.want_token, release: false };
+            self.log.lock().unwrap().push(logged);
+            let outcome = (self.answer)(&step);
+            self.results.push_back((seq, outcome));
             Ok(())
         }
         fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
             self.results.pop_front().context("nothing submitted")
         }
-        fn release(&mut self, _: SeqId) -> anyhow::Result<()> {
+        fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
+            let logged = Logged { seq, len: 0, pos: 0, prompt: false, want_token: false, release: true };
+            self.log.lock().unwrap().push(logged);
             Ok(())
         }
         fn ctx(&self) -> u32 {
@@ -354,17 +370,46 @@ mod tests {
             0
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::testing::Scripted;
+    use super::*;
+
+    #[test]
+    fn latency_buckets() {
+        let mut h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(60));
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[5], 1);
+        assert_eq!(h.counts[LATENCY_BOUNDS.len()], 1);
+        assert_eq!(h.count, 3);
+    }
 
     #[test]
     fn prefill_sends_prompt_chunks_and_asks_only_the_last_for_a_token() {
-        let mut e = Scripted { fail_at: Vec::new(), results: VecDeque::new(), log: Vec::new() };
+        let fail_at = Arc::new(Mutex::new(Vec::new()));
+        let failing = fail_at.clone();
+        let mut e = Scripted::new(move |step| {
+            if failing.lock().unwrap().contains(&step.positions[0]) {
+                Err(StepError::new(ErrorCode::OutOfOrder, format!("at {}", step.positions[0])))
+            } else {
+                Ok(step.want_token.then_some(Sampled { token: 1000 + step.positions[0], logprobs: None }))
+            }
+        });
         let greedy = SamplingParams::greedy();
         assert_eq!(e.prefill(3, &[1; 10], 2, &greedy).unwrap(), 1010);
-        assert_eq!(e.log, [(4, 2, true, false), (4, 6, true, false), (2, 10, true, true)]);
+        let steps: Vec<_> = e.log().iter().map(|s| (s.len, s.pos, s.prompt, s.want_token)).collect();
+        assert_eq!(steps, [(4, 2, true, false), (4, 6, true, false), (2, 10, true, true)]);
         assert_eq!(e.step(3, &[5], &[12], &greedy).unwrap(), 1012);
         assert!(e.results.is_empty());
         // A failed chunk fails the prefill with its own error, and leaves no result behind.
-        e.fail_at = vec![6];
+        *fail_at.lock().unwrap() = vec![6];
         let err = e.prefill(4, &[1; 10], 2, &greedy).unwrap_err();
         assert_eq!(err.downcast_ref::<StepError>().map(|e| e.code), Some(ErrorCode::OutOfOrder), "{err:#}");
         assert!(e.results.is_empty());
