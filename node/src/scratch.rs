@@ -133,10 +133,4 @@ impl Scratch {
             .as_ref()
             .ok_or_else(|| Error::Spec("DeltaNet activations asked of a stage without DeltaNet layers".into()))
     }
-
-    /// Bytes held on the GPU.
-    pub fn bytes(&self) -> u64 {
-        let own = [&self.x, &self.n, &self.q, &self.q_full, &self.k, &self.v, &self.att, &self.ffn_gate, &self.ffn_up];
-        own.iter().map(|b| b.size()).sum::<u64>() + self.deltanet.as_ref().map_or(0, DeltaNetScratch::bytes)
-    }
 }

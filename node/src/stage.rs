@@ -298,10 +298,6 @@ impl Stage {
         &self.spec
     }
 
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
-    }
-
     pub fn is_first(&self) -> bool {
         self.embed.is_some()
     }

@@ -268,16 +268,7 @@ fn dequantize_checks_lengths_and_types() {
 
 #[test]
 fn type_geometry_round_trips_through_ids_and_names() {
-    for ty in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-    ] {
+    for ty in GgmlType::SUPPORTED {
         assert_eq!(GgmlType::from_id(ty.id()).unwrap(), ty);
         assert_eq!(GgmlType::parse(&ty.name().to_lowercase()).unwrap(), ty);
         assert!(ty.is_supported());

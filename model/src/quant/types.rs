@@ -48,6 +48,18 @@ const OTHER_TYPES: &[(u32, &str, u32, u32)] = &[
 ];
 
 impl GgmlType {
+    /// Every type Strata reads, dequantises and runs on the GPU.
+    pub const SUPPORTED: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+
     pub fn from_id(id: u32) -> Result<Self> {
         Ok(match id {
             0 => GgmlType::F32,
@@ -131,17 +143,8 @@ impl GgmlType {
     }
 
     pub fn parse(name: &str) -> Result<Self> {
-        let all = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-        ];
-        all.into_iter()
+        Self::SUPPORTED
+            .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(name))
             .ok_or_else(|| Error::UnsupportedType(name.to_owned()))
     }

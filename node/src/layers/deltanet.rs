@@ -117,11 +117,6 @@ impl DeltaNetScratch {
         })
     }
 
-    /// Bytes held on the GPU.
-    pub fn bytes(&self) -> u64 {
-        [&self.qkv, &self.y, &self.z, &self.b, &self.a, &self.o].iter().map(|b| b.size()).sum()
-    }
-
     fn act<'a>(&self, buffer: &'a wgpu::Buffer, width: usize) -> Act<'a> {
         Act::new(buffer, self.max_tokens, width as u32)
     }

@@ -143,16 +143,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::testing::{Rng, gpu};
 
-    pub(crate) const TYPES: [GgmlType; 8] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-    ];
+    pub(crate) const TYPES: [GgmlType; 8] = GgmlType::SUPPORTED;
 
     /// A random f16 scale with |d| in [1e-3, 2e-2].
     fn scale(rng: &mut Rng) -> [u8; 2] {
