@@ -32,7 +32,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     eprintln!("loading {} ...", path.display());
-    let engine = crate::engine::load(&gguf, &args.engine)?;
+    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1 })?;
     drop(gguf);
     let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1 })?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");
@@ -95,6 +95,7 @@ impl Chat {
             sampling: SamplingParams { seed: self.sampling.seed.wrapping_add(self.turn), ..self.sampling.clone() },
             stop: Vec::new(),
             logprobs: None,
+            ignore_eos: false,
         };
         let answer = stream_answer(&self.scheduler, request).await?;
         self.history.push(ChatMessage::new("assistant", answer));

@@ -17,7 +17,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Generate text from a prompt, streaming it to stdout.
+    /// Generate text from a prompt (or several at once, batched), streaming it to stdout.
     Run(RunArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with a web chat page at `/`.
     Serve(ServeArgs),
@@ -40,6 +40,9 @@ pub enum Command {
     BenchHop(BenchHopArgs),
 }
 
+/// `--batch-tokens` unless given: see the README for the measurement behind it.
+pub const DEFAULT_BATCH_TOKENS: u32 = 128;
+
 /// How hidden states cross the wire between stages.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Wire {
@@ -61,9 +64,16 @@ pub struct EngineArgs {
     /// also `WGPU_ADAPTER_NAME`).
     #[arg(long)]
     pub adapter: Option<String>,
-    /// Tokens per prefill chunk.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Rows one step carries, all sequences together: every decode row of the step's
+    /// sequences, then prefill chunks up to this budget (so a long prompt never stalls the
+    /// others' streams). Larger speeds up prefill, smaller keeps decode steps short.
+    #[arg(long = "batch-tokens", alias = "batch", value_name = "N", default_value_t = DEFAULT_BATCH_TOKENS,
+        value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch: u32,
+    /// Positions of KV cache all sequences share, on every stage (blocks of 16; default:
+    /// enough for every sequence's whole context, or what the nodes' memory leaves).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..))]
+    pub kv_pool: Option<u32>,
     /// A `strata node` to run layers on, as HOST:PORT (repeatable; in pipeline order,
     /// after this machine's own in-process stage).
     #[arg(long = "peer", value_name = "HOST:PORT")]
@@ -161,8 +171,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// The prompt. Special tokens written in it (e.g. `<|im_start|>`) are recognised.
-    #[arg(long, short)]
-    pub prompt: String,
+    /// Repeat it to generate for several prompts at once, batched into shared steps: each
+    /// answer is the one its prompt gets alone.
+    #[arg(long, short, required = true)]
+    pub prompt: Vec<String>,
     /// Wrap the prompt as a user message in the model's chat template first.
     #[arg(long)]
     pub chat: bool,
@@ -190,7 +202,8 @@ pub struct RunArgs {
     /// Keep generating past end-of-generation tokens (for benchmarks and tests).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Print one JSON object (prompt_ids, generated_ids, text, timings) instead of streaming text.
+    /// Print one JSON object (prompt_ids, generated_ids, text, timings) instead of streaming
+    /// text; with several prompts, a JSON array of them.
     #[arg(long)]
     pub json: bool,
 }
@@ -205,6 +218,12 @@ pub struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub decode_tokens: u32,
+    /// Run N sequences at once (each with its own prompt of --prompt-tokens, decoding
+    /// --decode-tokens) through serve's continuous batching, and report aggregate and
+    /// per-sequence decode tok/s, time to first token p50/p99, prefill tok/s, and each
+    /// stage's busy fraction and the pipeline's bubble.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: Option<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -11,7 +11,7 @@ use strata_model::sampling::SamplingParams;
 use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::{BenchArgs, RunArgs};
-use crate::engine::{self, Engine, NodeCounters, Placement};
+use crate::engine::{self, Engine, EngineUse, NodeCounters, Placement};
 
 #[derive(Serialize)]
 struct RunReport {
@@ -52,9 +52,7 @@ fn prompt_ids(gguf: &Gguf, tok: &Tokenizer, prompt: &str, chat: bool) -> anyhow:
     Ok(ids)
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let tok = Tokenizer::from_gguf(&gguf)?;
+fn run_sampling(args: &RunArgs) -> anyhow::Result<SamplingParams> {
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -65,20 +63,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     sampling.validate()?;
-    let ids = prompt_ids(&gguf, &tok, &args.prompt, args.chat)?;
+    Ok(sampling)
+}
+
+/// Refuses a prompt that is empty or leaves no room for `--max-tokens` in `ctx`.
+fn check_room(ids: &[u32], max_tokens: u32, ctx: u32) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
-    let mut engine = engine::load(&gguf, &args.engine)?;
-    let need = ids.len() + args.max_tokens as usize;
-    if need > engine.ctx() as usize {
+    let need = ids.len() + max_tokens as usize;
+    if need > ctx as usize {
         bail!(
-            "the prompt ({} tokens) plus --max-tokens ({}) needs {need} positions, more than the context length {} (raise --ctx)",
+            "the prompt ({} tokens) plus --max-tokens ({max_tokens}) needs {need} positions, more than the context length {ctx} (raise --ctx)",
             ids.len(),
-            args.max_tokens,
-            engine.ctx()
         );
     }
+    Ok(())
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let sampling = run_sampling(&args)?;
+    if args.prompt.len() > 1 {
+        return run_batch(&gguf, tok, &args, &sampling);
+    }
+    let ids = prompt_ids(&gguf, &tok, &args.prompt[0], args.chat)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty: it has no tokens");
+    }
+    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1 })?;
+    check_room(&ids, args.max_tokens, engine.ctx())?;
     let mut out = std::io::stdout().lock();
     let g = generate(&mut *engine, &tok, &ids, &args, &sampling, &mut out)?;
     let decoded = g.ids.len().saturating_sub(1);
@@ -107,6 +122,97 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!(
             "\n[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s]",
             report.prompt_tokens, report.prefill_tokens_per_s, report.generated_tokens, report.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+/// One answer of a batched `run`.
+#[derive(Serialize)]
+struct BatchAnswer {
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    text: String,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    stop_reason: &'static str,
+    /// From the start of the batch to this answer's first token, and to its end.
+    first_token_seconds: f64,
+    seconds: f64,
+}
+
+/// `run` with several prompts: every prompt at once through the scheduler (continuous
+/// batching, as `serve` does), each answer printed when all are done.
+fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingParams) -> anyhow::Result<()> {
+    use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig};
+    let prompts: Vec<Vec<u32>> =
+        args.prompt.iter().map(|p| prompt_ids(gguf, &tok, p, args.chat)).collect::<anyhow::Result<_>>()?;
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1 with several prompts");
+    }
+    let n = prompts.len().min(256) as u32;
+    let engine = engine::load(gguf, &args.engine, EngineUse { max_seqs: n })?;
+    for ids in &prompts {
+        check_room(ids, args.max_tokens, engine.ctx())?;
+    }
+    let tok = std::sync::Arc::new(tok);
+    let scheduler = Scheduler::spawn(engine, tok, SchedulerConfig { max_seqs: n as usize })?;
+    let t0 = Instant::now();
+    let receivers = prompts
+        .iter()
+        .map(|ids| {
+            let request = GenRequest {
+                prompt: ids.clone(),
+                sampling: sampling.clone(),
+                max_tokens: args.max_tokens,
+                stop: Vec::new(),
+                logprobs: None,
+                ignore_eos: args.ignore_eos,
+            };
+            scheduler.submit(request).map(|(_, rx)| rx)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut answers = Vec::new();
+    for (ids, mut rx) in prompts.into_iter().zip(receivers) {
+        let (mut text, mut first) = (String::new(), None);
+        let finished = loop {
+            match rx.blocking_recv() {
+                Some(Event::Text(t)) => {
+                    first.get_or_insert_with(|| t0.elapsed());
+                    text.push_str(&t);
+                }
+                Some(Event::Logprob(_)) => {}
+                Some(Event::Done(f)) => break f,
+                Some(Event::Failed(e)) => bail!("{e}"),
+                None => bail!("the scheduler stopped"),
+            }
+        };
+        let seconds = t0.elapsed().as_secs_f64();
+        answers.push(BatchAnswer {
+            prompt_tokens: ids.len(),
+            prompt_ids: ids,
+            generated_tokens: finished.generated_ids.len(),
+            generated_ids: finished.generated_ids,
+            text,
+            stop_reason: finished.reason.as_str(),
+            first_token_seconds: first.map_or(seconds, |d| d.as_secs_f64()),
+            seconds,
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &answers)?;
+        writeln!(out)?;
+    } else {
+        for (i, a) in answers.iter().enumerate() {
+            writeln!(out, "--- {} ---\n{}", i + 1, a.text)?;
+        }
+        let tokens: usize = answers.iter().map(|a| a.generated_tokens).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "\n[{} prompts, {tokens} tokens generated in {secs:.1} s: {:.1} tok/s]",
+            answers.len(),
+            rate(tokens, secs)
         );
     }
     Ok(())
@@ -160,7 +266,7 @@ fn generate(
                 break;
             }
             let pos = (prompt.len() + ids.len() - 1) as u32;
-            token = engine.step(seq, &[token], &[pos], sampling)?;
+            token = engine.step(seq, token, pos, sampling)?;
         }
     }
     let rest = stream.finish();
@@ -215,7 +321,7 @@ struct HopReport {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let mut engine = engine::load(&gguf, &args.engine)?;
+    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1 })?;
     let need = args.prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
         bail!(
@@ -238,9 +344,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 /// A deterministic prompt of `n` ordinary tokens: ids past the control tokens at the
 /// start of the vocabulary (the first 300), or any ids in a vocabulary smaller than that.
 fn bench_prompt(n: u32, vocab: u32) -> Vec<u32> {
+    bench_prompt_from(n, vocab, 0)
+}
+
+/// Like [`bench_prompt`], a different one for each `seed`.
+pub fn bench_prompt_from(n: u32, vocab: u32, seed: u32) -> Vec<u32> {
     let first = if vocab > 300 { 300 } else { 0 };
     let span = (vocab - first).max(1);
-    (0..n).map(|i| first + (i * 7919) % span).collect()
+    (0..n).map(|i| first + (i.wrapping_add(seed.wrapping_mul(104729)).wrapping_mul(7919)) % span).collect()
 }
 
 /// What `bench` timed.
@@ -263,7 +374,7 @@ fn measure(engine: &mut dyn Engine, ids: &[u32], decode_tokens: u32) -> anyhow::
     let before = engine.node_counters()?;
     let t1 = Instant::now();
     for i in 0..decode_tokens {
-        token = engine.step(0, &[token], &[ids.len() as u32 + i], &greedy)?;
+        token = engine.step(0, token, ids.len() as u32 + i, &greedy)?;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
     let after = engine.node_counters()?;
@@ -278,7 +389,7 @@ fn bench_report(args: &BenchArgs, engine: &dyn Engine, m: &Measured) -> anyhow::
     let bytes = engine.weight_bytes_per_token();
     let achieved = bytes as f64 * decode_tps / 1e9;
     let bandwidth = engine.read_bandwidth()?;
-    let pipelined = !m.decode_counters.is_empty();
+    let pipelined = bandwidth.is_none();
     Ok(BenchReport {
         model: args.engine.model.display().to_string(),
         adapter: joined(|p| &p.adapter),

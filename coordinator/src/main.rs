@@ -2,6 +2,7 @@
 
 mod chat_cmd;
 mod cli;
+mod concurrent;
 mod discovery;
 mod engine;
 mod generate;
@@ -44,7 +45,10 @@ fn main() -> std::process::ExitCode {
         cli::Command::Run(args) => generate::run(args),
         cli::Command::Serve(args) => server::run(args),
         cli::Command::Chat(args) => chat_cmd::run(args),
-        cli::Command::Bench(args) => generate::bench(args),
+        cli::Command::Bench(args) => match args.concurrency {
+            Some(n) => concurrent::run(args, n),
+            None => generate::bench(args),
+        },
         cli::Command::Quantize(args) => quantize::run(args),
         cli::Command::Node(args) => node_cmd::run(args),
         cli::Command::BenchHop(args) => node_cmd::bench_hop(args),

@@ -1,11 +1,18 @@
-//! One thread owns the engine and serves many sequences at once.
+//! One thread owns the engine and serves many sequences at once, by continuous batching.
 //!
-//! Every loop iteration admits waiting requests (up to `max_seqs` active), releases the
-//! sequences of requests whose receiver has gone (a client that disconnected, a Ctrl-C),
-//! then advances every active sequence by one step (one prefill chunk or one decode
-//! token) and collects the results. No request holds the engine while others wait, and
-//! a pipelined engine can keep all of an iteration's steps in flight at once: that is why
-//! [`Engine`] splits a step into `submit` and `next_result`.
+//! Every step is built from the active sequences that can move: all decode rows first
+//! (each sequence's newest token), then prefill chunks up to the engine's row budget
+//! (`--batch-tokens`), so that a long prompt never stalls the others' streams. Requests
+//! join and leave between steps. Over a pipeline of N stages up to N steps (micro-batches,
+//! each with its own sequences) are in flight, so that while stage k runs one, stage k+1
+//! runs another: that is why [`Engine`] splits a step into `submit` and `next_result`.
+//!
+//! The KV pool the stages share is counted here as they fill it (a sequence holds the
+//! blocks of the positions it has sent): a request waits in the queue until its prompt
+//! fits; one that never could fails at once, naming the numbers. A running sequence that
+//! needs a block when none is free takes it from the youngest idle sequence, which is
+//! released and later recomputed from its tokens (exactly: sampling draws by position), so
+//! its client sees only a pause.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +24,7 @@ use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::engine::{Engine, EngineStats, ErrorCode, Sampled, Step, StepError};
+use crate::engine::{Engine, EngineStats, ErrorCode, KvCapacity, Sampled, SeqStep, StepError};
 
 /// What a request asks to generate. The prompt is already tokenised and fits the context.
 #[derive(Debug, Clone)]
@@ -30,6 +37,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Report each generated token's log-probability and this many top alternatives'.
     pub logprobs: Option<u32>,
+    /// Keep going past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// One generated token's log-probability (natural log), for the API's `logprobs`.
@@ -64,6 +73,8 @@ pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// The generated token ids (end-of-generation tokens excluded).
+    pub generated_ids: Vec<u32>,
     /// From submission to the first generated token.
     pub time_to_first_token: Duration,
     pub elapsed: Duration,
@@ -87,6 +98,15 @@ pub struct Snapshot {
     pub engine: EngineStats,
     pub prompt_tokens_total: u64,
     pub generated_tokens_total: u64,
+    /// The KV pool, as the scheduler counts it: blocks held by sequences, and all of them.
+    pub kv: Option<(KvCapacity, u32)>,
+    /// Each stage's busy fraction (time computing / wall time) over the last few seconds.
+    pub busy: Vec<f64>,
+    /// Sequences preempted (their KV blocks taken for others, recomputed later) so far.
+    pub preemptions: u64,
+    /// Steps submitted so far, and their rows.
+    pub steps_total: u64,
+    pub rows_total: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -131,19 +151,32 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> anyhow::Result<Scheduler> {
         let (jobs, rx) = std::sync::mpsc::channel();
-        let snapshot = Snapshot { engine: engine.stats(), ..Snapshot::default() };
+        let snapshot =
+            Snapshot { engine: engine.stats(), kv: engine.kv_capacity().map(|kv| (kv, 0)), ..Snapshot::default() };
         let shared = Arc::new(Shared { snapshot: Mutex::new(snapshot), recent: Mutex::new(VecDeque::new()) });
         let ctx = engine.ctx();
         let s = shared.clone();
         std::thread::Builder::new().name("scheduler".into()).spawn(move || {
             let mut engine = engine;
+            let kv = engine.kv_capacity();
+            let max_seqs = config.max_seqs.clamp(1, engine.max_seqs().max(1) as usize);
             Loop {
                 engine: &mut *engine,
                 tok: &tokenizer,
                 jobs: rx,
                 shared: s,
-                max_seqs: config.max_seqs.max(1),
+                max_seqs,
+                kv,
                 totals: (0, 0),
+                waiting: VecDeque::new(),
+                resumed: VecDeque::new(),
+                active: Vec::new(),
+                in_flight: VecDeque::new(),
+                next_seq: 1,
+                admissions: 0,
+                preemptions: 0,
+                steps: (0, 0),
+                busy_samples: VecDeque::new(),
             }
             .run()
         })?;
@@ -181,21 +214,47 @@ impl Scheduler {
     }
 }
 
-/// One admitted request.
+/// One admitted request: its sequence and where it stands.
 struct Active<'t> {
     job: Job,
     seq: SeqId,
     span: tracing::Span,
-    /// Prompt tokens already sent.
-    prefilled: usize,
+    /// When it was admitted (first or again): the youngest is preempted first.
+    admitted: u64,
+    /// The prompt, then each generated token (end-of-generation tokens excluded).
+    tokens: Vec<u32>,
+    /// Positions sent to the engine: the stages hold (or will hold) `0..sent`.
+    sent: usize,
+    /// Tokens the last stage counts for penalties, in the sequence's current life there.
+    noted: usize,
+    /// Its steps in flight, and whether one of them is to sample its next token.
+    in_flight: u32,
+    awaiting: bool,
     stream: TextStream<'t>,
     stop: StopMatcher,
     generated: usize,
-    /// The token to feed next (decode phase).
-    last: Option<u32>,
     first_token: Option<Instant>,
+    /// When it last had a step submitted (decode rows go oldest first).
+    last_sent: Instant,
     finish: Option<FinishReason>,
     failed: Option<StepError>,
+}
+
+impl Active<'_> {
+    fn done(&self) -> bool {
+        self.finish.is_some() || self.failed.is_some() || self.job.events.is_closed()
+    }
+
+    /// Its newest token waits to be fed, and nothing of it is in flight: a decode row.
+    fn decode_ready(&self) -> bool {
+        !self.done() && self.in_flight == 0 && self.sent + 1 == self.tokens.len()
+    }
+
+    /// More than one token waits to be fed: prefill chunks (the prompt, or all its tokens
+    /// again after a preemption); earlier chunks may still be in flight.
+    fn prefill_ready(&self) -> bool {
+        !self.done() && !self.awaiting && self.sent + 1 < self.tokens.len()
+    }
 }
 
 struct Loop<'a> {
@@ -204,153 +263,348 @@ struct Loop<'a> {
     jobs: std::sync::mpsc::Receiver<Job>,
     shared: Arc<Shared>,
     max_seqs: usize,
+    /// The KV pool the stages share, if any.
+    kv: Option<KvCapacity>,
     /// Prompt and generated tokens, all requests.
     totals: (u64, u64),
+    waiting: VecDeque<Job>,
+    /// Preempted sequences, to be admitted again before new requests.
+    resumed: VecDeque<Active<'a>>,
+    active: Vec<Active<'a>>,
+    /// Steps in flight, oldest first, with their sequences.
+    in_flight: VecDeque<(u64, Vec<SeqId>)>,
+    next_seq: SeqId,
+    admissions: u64,
+    preemptions: u64,
+    steps: (u64, u64),
+    /// (when, each stage's busy seconds): for busy fractions over the last few seconds.
+    busy_samples: VecDeque<(Instant, Vec<f64>)>,
 }
+
+/// How far back busy fractions look.
+const BUSY_WINDOW: Duration = Duration::from_secs(5);
 
 impl<'a> Loop<'a> {
     fn run(mut self) {
-        let mut waiting: VecDeque<Job> = VecDeque::new();
-        let mut active: Vec<Active<'a>> = Vec::new();
-        let mut next_seq: SeqId = 1;
         loop {
-            if active.is_empty() && waiting.is_empty() {
-                // Idle: wake now and then to refresh the snapshot (a pipeline's nodes free
-                // sequences on their own, and their counters move).
-                match self.jobs.recv_timeout(IDLE_REFRESH) {
-                    Ok(job) => waiting.push_back(job),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            if !self.intake() {
+                return;
+            }
+            self.admit_waiting();
+            self.release_cancelled();
+            let target = self.engine.stages().max(1);
+            while self.in_flight.len() < target {
+                if !self.submit_step(target - self.in_flight.len()) {
+                    break;
                 }
             }
-            while let Ok(job) = self.jobs.try_recv() {
-                waiting.push_back(job);
+            if !self.in_flight.is_empty() {
+                self.collect();
             }
-            waiting.retain(|j| !j.events.is_closed());
-            while active.len() < self.max_seqs
-                && let Some(job) = waiting.pop_front()
-            {
-                let seq = next_seq;
-                next_seq += 1;
-                active.extend(self.admit(job, seq));
-            }
-            // Receivers dropped: the client went away. Free the caches now.
-            active.retain(|a| {
-                if !a.job.events.is_closed() {
-                    return true;
-                }
-                a.span.in_scope(|| tracing::info!(completion_tokens = a.generated, "request cancelled"));
-                if let Err(e) = self.engine.release(a.seq) {
-                    tracing::warn!("releasing sequence {}: {e:#}", a.seq);
-                }
-                false
-            });
-            if !active.is_empty() {
-                self.step_all(&mut active);
-            }
-            let (done, keep): (Vec<_>, Vec<_>) =
-                active.into_iter().partition(|a| a.finish.is_some() || a.failed.is_some());
-            active = keep;
-            for a in done {
-                if let Err(e) = self.engine.release(a.seq) {
-                    tracing::warn!("releasing sequence {}: {e:#}", a.seq);
-                }
-                finish(a);
-            }
-            let mut s = self.shared.snapshot.lock().expect("snapshot lock");
-            *s = Snapshot {
-                active: active.len(),
-                queued: waiting.len(),
-                engine: self.engine.stats(),
-                prompt_tokens_total: self.totals.0,
-                generated_tokens_total: self.totals.1,
-            };
+            self.finish_done();
+            self.publish();
         }
     }
 
-    /// Starts a request as sequence `seq`, or fails it at once when it does not fit.
-    fn admit(&mut self, job: Job, seq: SeqId) -> Option<Active<'a>> {
+    /// Takes new jobs, waiting for one when there is nothing to do; false once every
+    /// handle is gone and nothing is left.
+    fn intake(&mut self) -> bool {
+        if self.active.is_empty() && self.waiting.is_empty() && self.resumed.is_empty() {
+            // Idle: wake now and then to refresh the snapshot (a pipeline's nodes free
+            // sequences on their own, and their counters move).
+            match self.jobs.recv_timeout(IDLE_REFRESH) {
+                Ok(job) => self.waiting.push_back(job),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        while let Ok(job) = self.jobs.try_recv() {
+            self.waiting.push_back(job);
+        }
+        // A request that can never run fails now, not after waiting its turn.
+        let (ctx, kv) = (self.engine.ctx(), self.kv);
+        self.waiting.retain(|j| match check(&j.request, ctx, kv) {
+            Ok(()) => !j.events.is_closed(),
+            Err(e) => {
+                let _ = j.events.send(Event::Failed(e));
+                false
+            }
+        });
+        self.resumed.retain(|a| !a.job.events.is_closed());
+        true
+    }
+
+    /// Blocks the sequences hold now.
+    fn held_blocks(&self) -> u32 {
+        let Some(kv) = self.kv else { return 0 };
+        self.active.iter().map(|a| kv.blocks_for(a.sent as u32)).sum()
+    }
+
+    fn free_blocks(&self) -> u32 {
+        self.kv.map_or(u32::MAX, |kv| kv.blocks.saturating_sub(self.held_blocks()))
+    }
+
+    /// The most positions a sequence may reach: the context, or the pool if smaller.
+    fn limit(&self) -> usize {
+        let ctx = self.engine.ctx() as usize;
+        self.kv.map_or(ctx, |kv| ctx.min(kv.positions() as usize))
+    }
+
+    /// Admits preempted sequences, then queued requests, while there are slots and their
+    /// tokens fit the pool (keeping a block free per running sequence, for its growth).
+    fn admit_waiting(&mut self) {
+        while self.active.len() < self.max_seqs {
+            let need = match (self.resumed.front(), self.waiting.front()) {
+                (Some(a), _) => a.tokens.len() + 1,
+                (None, Some(j)) => j.request.prompt.len() + 1,
+                (None, None) => return,
+            };
+            if let Some(kv) = self.kv {
+                let reserve = self.active.len() as u32;
+                if kv.blocks_for(need as u32) + reserve > self.free_blocks() && !self.active.is_empty() {
+                    return;
+                }
+            }
+            if let Some(mut a) = self.resumed.pop_front() {
+                a.admitted = self.admissions;
+                self.admissions += 1;
+                a.span.in_scope(|| tracing::info!(tokens = a.tokens.len(), "resumed after a preemption"));
+                self.active.push(a);
+                continue;
+            }
+            let job = self.waiting.pop_front().expect("checked above");
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let a = self.admit(job, seq);
+            self.active.push(a);
+        }
+    }
+
+    /// Starts a request (checked on arrival) as sequence `seq`.
+    fn admit(&mut self, job: Job, seq: SeqId) -> Active<'a> {
         let span = tracing::info_span!("request", id = job.id, seq);
         span.in_scope(|| {
             tracing::debug!(prompt_tokens = job.request.prompt.len(), max_tokens = job.request.max_tokens, "admitted")
         });
-        if let Err(e) = check(&job.request, self.engine.ctx()) {
-            let _ = job.events.send(Event::Failed(e));
-            return None;
-        }
         self.totals.0 += job.request.prompt.len() as u64;
         let stop = StopMatcher::new(job.request.stop.clone());
-        Some(Active {
+        let admitted = self.admissions;
+        self.admissions += 1;
+        Active {
+            tokens: job.request.prompt.clone(),
             job,
             seq,
             span,
-            prefilled: 0,
+            admitted,
+            sent: 0,
+            noted: 0,
+            in_flight: 0,
+            awaiting: false,
             stream: self.tok.stream(),
             stop,
             generated: 0,
-            last: None,
             first_token: None,
+            last_sent: Instant::now(),
             finish: None,
             failed: None,
-        })
+        }
     }
 
-    /// Submits one step of every active sequence, then collects every result.
-    fn step_all(&mut self, active: &mut [Active<'a>]) {
-        let chunk = self.engine.max_batch().max(1) as usize;
-        let mut in_flight = 0;
-        for a in active.iter_mut() {
-            let prompt = &a.job.request.prompt;
-            let (ids, start, is_prompt, want_token): (Vec<u32>, u32, bool, bool) = if a.prefilled < prompt.len() {
-                let end = (a.prefilled + chunk).min(prompt.len());
-                let step = (prompt[a.prefilled..end].to_vec(), a.prefilled as u32, true, end == prompt.len());
-                a.prefilled = end;
-                step
-            } else {
-                let t = a.last.expect("a decoding sequence has a last token");
-                (vec![t], (prompt.len() + a.generated - 1) as u32, false, true)
-            };
-            let positions: Vec<u32> = (start..start + ids.len() as u32).collect();
-            let step = Step {
-                seq: a.seq,
-                ids: &ids,
-                positions: &positions,
-                sampling: &a.job.request.sampling,
-                prompt: is_prompt,
-                want_token,
-                logprobs: a.job.request.logprobs,
-            };
-            let _enter = a.span.enter();
-            match self.engine.submit(step) {
-                Ok(()) => in_flight += 1,
-                Err(e) => a.failed = Some(StepError::new(ErrorCode::Internal, format!("{e:#}"))),
+    /// Frees the sequences of requests whose receiver is gone (a client that disconnected,
+    /// a Ctrl-C), once none of their steps is in flight.
+    fn release_cancelled(&mut self) {
+        let engine = &mut *self.engine;
+        self.active.retain(|a| {
+            if !a.job.events.is_closed() || a.in_flight > 0 {
+                return true;
             }
-        }
-        let mut generated = 0u32;
-        for _ in 0..in_flight {
-            match self.engine.next_result() {
-                Ok((seq, result)) => {
-                    let Some(a) = active.iter_mut().find(|a| a.seq == seq) else {
-                        tracing::warn!("a result for sequence {seq}, which is not active");
-                        continue;
-                    };
-                    match result {
-                        Ok(Some(sampled)) => {
-                            generated += 1;
-                            self.accept(a, sampled);
-                        }
-                        Ok(None) => {}
-                        Err(e) => a.failed = Some(e),
+            a.span.in_scope(|| tracing::info!(completion_tokens = a.generated, "request cancelled"));
+            if let Err(e) = engine.release(a.seq) {
+                tracing::warn!("releasing sequence {}: {e:#}", a.seq);
+            }
+            false
+        });
+    }
+
+    /// Makes room for sequence `i` to reach `end` positions: true if the pool has (or now
+    /// has, after preempting younger idle sequences) the blocks. Preempts `i` itself when
+    /// it is the youngest idle one (it resumes once others finish).
+    fn make_room(&mut self, i: usize, end: usize) -> bool {
+        let Some(kv) = self.kv else { return true };
+        loop {
+            let need = kv.blocks_for(end as u32).saturating_sub(kv.blocks_for(self.active[i].sent as u32));
+            if need <= self.free_blocks() {
+                return true;
+            }
+            let victim = self
+                .active
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.in_flight == 0 && a.sent > 0 && !a.done())
+                .max_by_key(|(_, a)| a.admitted)
+                .map(|(j, _)| j);
+            match victim {
+                Some(j) if j != i || self.active.len() > 1 => {
+                    self.preempt(j);
+                    if j == i {
+                        return false;
                     }
                 }
-                Err(e) => {
-                    tracing::error!("engine failed: {e:#}");
-                    for a in active.iter_mut() {
-                        a.failed.get_or_insert_with(|| {
-                            StepError::new(ErrorCode::Internal, format!("engine failed: {e:#}"))
-                        });
+                _ => return false,
+            }
+        }
+    }
+
+    /// Frees sequence `j`'s caches on every stage and queues it to be computed again from
+    /// its tokens.
+    fn preempt(&mut self, j: usize) {
+        let mut a = self.active.remove(j);
+        a.span.in_scope(|| tracing::info!(tokens = a.tokens.len(), "preempted: its KV blocks are needed"));
+        if let Err(e) = self.engine.release(a.seq) {
+            tracing::warn!("releasing sequence {}: {e:#}", a.seq);
+        }
+        a.sent = 0;
+        a.noted = 0;
+        self.preemptions += 1;
+        self.resumed.push_back(a);
+    }
+
+    /// Builds one step from the sequences that can move (decode rows first, a fair share
+    /// of them when `slots` steps are yet to be filled, then prefill chunks up to the row
+    /// budget) and submits it; false when nothing can move.
+    fn submit_step(&mut self, slots: usize) -> bool {
+        let budget = self.engine.max_batch().max(1) as usize;
+        let max_seqs = self.engine.max_seqs().max(1) as usize;
+        // (index into active, rows) of the step.
+        let mut picks: Vec<(usize, usize)> = Vec::new();
+        let mut rows = 0;
+        let mut decode: Vec<usize> = (0..self.active.len()).filter(|&i| self.active[i].decode_ready()).collect();
+        decode.sort_by_key(|&i| self.active[i].last_sent);
+        let share = decode.len().div_ceil(slots.max(1));
+        for i in decode.into_iter().take(share) {
+            if rows >= budget || picks.len() >= max_seqs {
+                break;
+            }
+            let Some(i) = self.room_for(i, 1) else { continue };
+            picks.push((i, 1));
+            rows += 1;
+        }
+        let mut prefill: Vec<usize> = (0..self.active.len()).filter(|&i| self.active[i].prefill_ready()).collect();
+        prefill.sort_by_key(|&i| self.active[i].admitted);
+        for i in prefill {
+            if rows >= budget || picks.len() >= max_seqs {
+                break;
+            }
+            if picks.iter().any(|p| p.0 == i) {
+                continue;
+            }
+            let a = &self.active[i];
+            let n = (a.tokens.len() - a.sent).min(budget - rows);
+            let Some(i) = self.room_for(i, n) else { continue };
+            picks.push((i, n));
+            rows += n;
+        }
+        // Preemptions may have moved sequences: pick by sequence id from here on.
+        let picks: Vec<(SeqId, usize)> = picks.into_iter().map(|(i, n)| (self.active[i].seq, n)).collect();
+        if picks.is_empty() {
+            return false;
+        }
+        self.submit(&picks);
+        true
+    }
+
+    /// Room for `n` more rows of active sequence `i`: its index after any preemption, or
+    /// `None` when it must wait (or was preempted itself).
+    fn room_for(&mut self, i: usize, n: usize) -> Option<usize> {
+        let seq = self.active[i].seq;
+        let end = self.active[i].sent + n;
+        if !self.make_room(i, end) {
+            return None;
+        }
+        self.active.iter().position(|a| a.seq == seq)
+    }
+
+    /// Submits a step of `picks` (sequence, rows) and moves each sequence past its rows.
+    fn submit(&mut self, picks: &[(SeqId, usize)]) {
+        let mut parts = Vec::new();
+        for &(seq, n) in picks {
+            let a = self.active.iter().find(|a| a.seq == seq).expect("picked from active");
+            let end = a.sent + n;
+            let sampling = &a.job.request.sampling;
+            let history = if sampling.has_penalties() { &a.tokens[a.sent.max(a.noted).min(end)..end] } else { &[] };
+            parts.push(SeqStep {
+                seq,
+                ids: &a.tokens[a.sent..end],
+                pos: a.sent as u32,
+                sampling,
+                history,
+                want_token: end == a.tokens.len(),
+                logprobs: a.job.request.logprobs,
+            });
+        }
+        let result = self.engine.submit(&parts);
+        let n_rows: usize = picks.iter().map(|p| p.1).sum();
+        drop(parts);
+        match result {
+            Ok(step) => {
+                self.steps.0 += 1;
+                self.steps.1 += n_rows as u64;
+                let now = Instant::now();
+                for &(seq, n) in picks {
+                    let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
+                    a.sent += n;
+                    a.noted = a.noted.max(a.sent);
+                    a.in_flight += 1;
+                    a.awaiting |= a.sent == a.tokens.len();
+                    a.last_sent = now;
+                }
+                self.in_flight.push_back((step, picks.iter().map(|p| p.0).collect()));
+            }
+            Err(e) => {
+                let e = StepError::new(ErrorCode::Internal, format!("{e:#}"));
+                for &(seq, _) in picks {
+                    if let Some(a) = self.active.iter_mut().find(|a| a.seq == seq) {
+                        a.failed.get_or_insert_with(|| e.clone());
                     }
-                    break;
+                }
+            }
+        }
+    }
+
+    /// Waits for the oldest step in flight and takes each sequence's outcome.
+    fn collect(&mut self) {
+        let done = match self.engine.next_result() {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!("engine failed: {e:#}");
+                let e = StepError::new(ErrorCode::Internal, format!("engine failed: {e:#}"));
+                for a in &mut self.active {
+                    a.failed.get_or_insert_with(|| e.clone());
+                    a.in_flight = 0;
+                }
+                self.in_flight.clear();
+                return;
+            }
+        };
+        self.in_flight.retain(|(step, _)| *step != done.step);
+        let mut generated = 0u32;
+        for (seq, outcome) in done.outcomes {
+            let Some(i) = self.active.iter().position(|a| a.seq == seq) else {
+                tracing::warn!("a result for sequence {seq}, which is not active");
+                continue;
+            };
+            let a = &mut self.active[i];
+            a.in_flight = a.in_flight.saturating_sub(1);
+            match outcome {
+                Ok(Some(sampled)) => {
+                    a.awaiting = false;
+                    generated += 1;
+                    self.accept(i, sampled);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    a.awaiting = false;
+                    a.failed.get_or_insert(e);
                 }
             }
         }
@@ -360,16 +614,21 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Takes one sampled token: stream its text (holding back what may start a stop
-    /// string) and decide whether the request is done.
-    fn accept(&self, a: &mut Active<'_>, sampled: Sampled) {
+    /// Takes one sampled token of active sequence `i`: stream its text (holding back what
+    /// may start a stop string) and decide whether the request is done.
+    fn accept(&mut self, i: usize, sampled: Sampled) {
+        let limit = self.limit();
+        let a = &mut self.active[i];
         let token = sampled.token;
         a.first_token.get_or_insert_with(Instant::now);
-        if self.tok.is_end_of_generation(token) {
+        if self.tok.is_end_of_generation(token) && !a.job.request.ignore_eos {
             a.finish = Some(FinishReason::Stop);
             return;
         }
         a.generated += 1;
+        a.tokens.push(token);
+        // The last stage counted the token it sampled.
+        a.noted = a.tokens.len();
         if let Some(lp) = sampled.logprobs {
             let entry = |id: u32| {
                 let bytes = self.tok.token_bytes(id).to_vec();
@@ -393,18 +652,60 @@ impl<'a> Loop<'a> {
         }
         if stopped {
             a.finish = Some(FinishReason::Stop);
-        } else if a.generated >= a.job.request.max_tokens as usize
-            || a.job.request.prompt.len() + a.generated >= self.engine.ctx() as usize
-        {
+        } else if a.generated >= a.job.request.max_tokens as usize || a.tokens.len() >= limit {
             a.finish = Some(FinishReason::Length);
-        } else {
-            a.last = Some(token);
         }
+    }
+
+    /// Releases and finishes the requests that are done and have nothing in flight.
+    fn finish_done(&mut self) {
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| (a.finish.is_some() || a.failed.is_some()) && a.in_flight == 0);
+        self.active = keep;
+        for a in done {
+            if let Err(e) = self.engine.release(a.seq) {
+                tracing::warn!("releasing sequence {}: {e:#}", a.seq);
+            }
+            finish(a);
+        }
+    }
+
+    fn publish(&mut self) {
+        let engine = self.engine.stats();
+        let now = Instant::now();
+        let busy_now: Vec<f64> = engine.stages.iter().map(|s| s.busy_seconds).collect();
+        self.busy_samples.push_back((now, busy_now.clone()));
+        while self.busy_samples.len() > 2 && now.duration_since(self.busy_samples[0].0) > BUSY_WINDOW {
+            self.busy_samples.pop_front();
+        }
+        let (t0, b0) = &self.busy_samples[0];
+        let wall = now.duration_since(*t0).as_secs_f64();
+        let busy = busy_now
+            .iter()
+            .zip(b0.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(b, a)| if wall > 0.0 { ((b - a) / wall).clamp(0.0, 1.0) } else { 0.0 })
+            .collect();
+        let kv = self.kv.map(|kv| (kv, self.held_blocks()));
+        let mut s = self.shared.snapshot.lock().expect("snapshot lock");
+        *s = Snapshot {
+            active: self.active.len(),
+            queued: self.waiting.len() + self.resumed.len(),
+            engine,
+            prompt_tokens_total: self.totals.0,
+            generated_tokens_total: self.totals.1,
+            kv,
+            busy,
+            preemptions: self.preemptions,
+            steps_total: self.steps.0,
+            rows_total: self.steps.1,
+        };
     }
 }
 
-/// The request fits: a non-empty prompt with room for at least one generated token.
-fn check(r: &GenRequest, ctx: u32) -> Result<(), StepError> {
+/// The request fits: a non-empty prompt with room for at least one generated token, in
+/// the context and in the KV pool.
+fn check(r: &GenRequest, ctx: u32, kv: Option<KvCapacity>) -> Result<(), StepError> {
     let invalid = |m: String| Err(StepError::new(ErrorCode::InvalidArgument, m));
     if r.prompt.is_empty() {
         return invalid("the prompt is empty: it has no tokens".into());
@@ -414,6 +715,18 @@ fn check(r: &GenRequest, ctx: u32) -> Result<(), StepError> {
     }
     if r.max_tokens == 0 {
         return invalid("max_tokens must be at least 1".into());
+    }
+    if let Some(kv) = kv
+        && r.prompt.len() as u64 + 1 > kv.positions()
+    {
+        return invalid(format!(
+            "the prompt has {} tokens, but the KV pool holds only {} positions ({} blocks of {}), all sequences together; \
+             raise --kv-pool or give the nodes more memory",
+            r.prompt.len(),
+            kv.positions(),
+            kv.blocks,
+            kv.block_size
+        ));
     }
     Ok(())
 }
@@ -452,6 +765,7 @@ fn finish(a: Active<'_>) {
         reason,
         prompt_tokens: a.job.request.prompt.len(),
         completion_tokens: a.generated,
+        generated_ids: a.tokens[a.job.request.prompt.len()..].to_vec(),
         time_to_first_token: ttft,
         elapsed,
     }));
@@ -546,21 +860,34 @@ mod tests {
         }
     }
 
-    /// An engine answering a fixed ordinary token per sequence, slowly enough that a
-    /// request submitted right after another joins it mid-way.
+    /// An engine answering an ordinary token that depends on the position it is sampled
+    /// at (so a recomputed sequence answers as before), slowly enough that a request
+    /// submitted right after another joins it mid-way.
     fn slow_engine() -> Scripted {
         Scripted::new(|step| {
-            std::thread::sleep(Duration::from_millis(20));
-            Ok(step.want_token.then_some(Sampled { token: 300 + step.seq as u32, logprobs: None }))
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(step.want_token.then_some(Sampled { token: 300 + step.pos + step.ids.len() as u32, logprobs: None }))
         })
     }
 
-    /// The log as lines: `seq:len@pos` per step, `release seq`.
+    /// The log as lines: `step:seq:len@pos` per part of a step, `release seq`.
     fn lines(log: &Mutex<Vec<Logged>>) -> Vec<String> {
         let log = log.lock().unwrap();
         log.iter()
-            .map(|l| if l.release { format!("release {}", l.seq) } else { format!("{}:{}@{}", l.seq, l.len, l.pos) })
+            .map(|l| {
+                if l.release {
+                    format!("release {}", l.seq)
+                } else {
+                    format!("{}:{}:{}@{}", l.step, l.seq, l.len, l.pos)
+                }
+            })
             .collect()
+    }
+
+    /// The parts of `seq`'s steps as `len@pos`.
+    fn parts_of(log: &Mutex<Vec<Logged>>, seq: SeqId) -> Vec<String> {
+        let log = log.lock().unwrap();
+        log.iter().filter(|l| l.seq == seq && !l.release).map(|l| format!("{}@{}", l.len, l.pos)).collect()
     }
 
     fn collect(rx: &mut UnboundedReceiver<Event>) -> (String, Option<Finished>) {
@@ -576,54 +903,68 @@ mod tests {
         (text, None)
     }
 
-    #[test]
-    fn sequences_are_interleaved_step_by_step_and_released() {
+    fn tokenizer() -> Arc<Tokenizer> {
         let gguf =
             strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
                 .unwrap();
-        let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
-        let engine = slow_engine();
-        let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tok.clone(), SchedulerConfig { max_seqs: 2 }).unwrap();
-        let req = |n: usize, max_tokens| GenRequest {
-            prompt: vec![1; n],
+        Arc::new(Tokenizer::from_gguf(&gguf).unwrap())
+    }
+
+    fn req(n: usize, max_tokens: u32) -> GenRequest {
+        GenRequest {
+            prompt: (0..n as u32).map(|i| 100 + i).collect(),
             sampling: SamplingParams::greedy(),
             max_tokens,
             stop: Vec::new(),
             logprobs: None,
-        };
-        let (_, mut a) = sched.submit(req(6, 3)).unwrap();
-        let (_, mut b) = sched.submit(req(2, 3)).unwrap();
+            ignore_eos: false,
+        }
+    }
+
+    #[test]
+    fn sequences_share_steps_decode_rows_first_then_prefill_chunks() {
+        let engine = slow_engine();
+        let log = engine.log.clone();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let (_, mut a) = sched.submit(req(6, 4)).unwrap();
+        let (_, mut b) = sched.submit(req(3, 4)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
-        assert_eq!((fa.completion_tokens, fa.reason, fb.completion_tokens), (3, FinishReason::Length, 3));
-        let log = lines(&log);
-        let of = |seq: &str| log.iter().filter(|l| l.starts_with(seq)).cloned().collect::<Vec<_>>();
-        // Prefill in chunks of at most 4, then one decode step per token; released at the end.
-        assert_eq!(of("1:"), ["1:4@0", "1:2@4", "1:1@6", "1:1@7"]);
-        assert_eq!(of("2:"), ["2:2@0", "2:1@2", "2:1@3"]);
-        let at = |l: &str| log.iter().position(|x| x == l).unwrap();
-        assert!(at("2:2@0") < at("1:1@6"), "the second request waited for the first: {log:?}");
-        assert!(at("release 1") > at("1:1@7") && at("release 2") > at("2:1@3"), "{log:?}");
+        assert_eq!((fa.completion_tokens, fa.reason, fb.completion_tokens), (4, FinishReason::Length, 4));
+        let all = lines(&log);
+        // Every sequence's rows are consecutive positions from 0, a prompt in chunks within
+        // the budget of 4 rows, then one decode row per token.
+        for (seq, prompt) in [(1, 6), (2, 3)] {
+            let parts = parts_of(&log, seq);
+            let mut pos = 0;
+            for p in &parts {
+                let (len, at) = p.split_once('@').unwrap();
+                assert_eq!(at.parse::<usize>().unwrap(), pos, "seq {seq}: {parts:?}");
+                pos += len.parse::<usize>().unwrap();
+            }
+            assert_eq!(pos, prompt + 3, "seq {seq}: {parts:?}");
+        }
+        // Steps carry both sequences, never more than 4 rows, and decode rows come first.
+        let log = log.lock().unwrap();
+        let steps: std::collections::BTreeSet<u64> = log.iter().filter(|l| !l.release).map(|l| l.step).collect();
+        let mut shared = 0;
+        for step in steps {
+            let parts: Vec<&Logged> = log.iter().filter(|l| l.step == step && !l.release).collect();
+            assert!(parts.iter().map(|l| l.len).sum::<usize>() <= 4, "{all:?}");
+            shared += usize::from(parts.len() > 1);
+            let first_prefill = parts.iter().position(|l| l.len > 1).unwrap_or(parts.len());
+            assert!(parts[first_prefill..].iter().all(|l| l.len > 1 || l.want_token), "{all:?}");
+        }
+        assert!(shared >= 3, "the two sequences should share steps: {all:?}");
+        let at = |l: &str| all.iter().position(|x| x == l).unwrap();
+        assert!(at("release 1") > 0 && at("release 2") > 0, "{all:?}");
     }
 
     #[test]
     fn a_dropped_receiver_releases_the_sequence() {
-        let gguf =
-            strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
-                .unwrap();
-        let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
         let engine = slow_engine();
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tok, SchedulerConfig { max_seqs: 8 }).unwrap();
-        let (_, mut rx) = sched
-            .submit(GenRequest {
-                prompt: vec![1; 3],
-                sampling: SamplingParams::greedy(),
-                max_tokens: 1000,
-                stop: Vec::new(),
-                logprobs: None,
-            })
-            .unwrap();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 8 }).unwrap();
+        let (_, mut rx) = sched.submit(req(3, 1000)).unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
         let t0 = Instant::now();
@@ -633,5 +974,68 @@ mod tests {
         }
         // Context 64: the prompt of 3 leaves room for far fewer than 1000 tokens anyway.
         assert!(log.lock().unwrap().len() < 64);
+    }
+
+    /// A pool of 6 blocks of 4 positions: a request whose prompt does not fit next to a
+    /// running one waits, then runs once that one is released; the running one is not
+    /// touched; one that could never fit fails at once, naming the numbers.
+    #[test]
+    fn a_request_waits_for_the_kv_pool_and_one_too_large_fails() {
+        let mut engine = slow_engine();
+        engine.kv = Some(KvCapacity { block_size: 4, blocks: 6 });
+        let log = engine.log.clone();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let (_, mut a) = sched.submit(req(10, 8)).unwrap();
+        // Let the first one start.
+        let first = a.blocking_recv();
+        assert!(matches!(first, Some(Event::Text(_))), "{first:?}");
+        let (_, mut b) = sched.submit(req(9, 2)).unwrap();
+        let (_, mut huge) = sched.submit(req(30, 2)).unwrap();
+        match huge.blocking_recv() {
+            Some(Event::Failed(e)) => {
+                assert_eq!(e.code, ErrorCode::InvalidArgument);
+                assert!(e.message.contains("30 tokens") && e.message.contains("24 positions (6 blocks of 4)"), "{e}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
+        assert_eq!((fa.completion_tokens, fb.completion_tokens), (8, 2));
+        let all = lines(&log);
+        let at = |l: &str| all.iter().position(|x| x == l).unwrap_or_else(|| panic!("{l} not in {all:?}"));
+        // Sequence 3 (b) starts only after sequence 1 (a) is released.
+        let b_first = all.iter().position(|l| l.contains(":2:")).unwrap();
+        assert!(at("release 1") < b_first, "{all:?}");
+        // a ran straight through: positions 0..17 in order, never again from 0.
+        assert_eq!(parts_of(&log, 1).iter().filter(|p| p.ends_with("@0")).count(), 1, "{all:?}");
+    }
+
+    /// Two sequences grow past the pool: the younger is preempted (released), then
+    /// recomputed from all its tokens once the older is done, and answers what it would
+    /// have answered alone.
+    #[test]
+    fn a_preempted_sequence_is_recomputed_and_answers_the_same() {
+        let solo = {
+            let sched =
+                Scheduler::spawn(Box::new(slow_engine()), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+            let (_, mut rx) = sched.submit(req(5, 12)).unwrap();
+            collect(&mut rx).0
+        };
+        let mut engine = slow_engine();
+        engine.kv = Some(KvCapacity { block_size: 4, blocks: 7 });
+        let log = engine.log.clone();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let (_, mut a) = sched.submit(req(5, 12)).unwrap();
+        let (_, mut b) = sched.submit(req(5, 12)).unwrap();
+        let (ta, tb) = (collect(&mut a), collect(&mut b));
+        assert_eq!((ta.0.as_str(), tb.0.as_str()), (solo.as_str(), solo.as_str()));
+        let all = lines(&log);
+        // 16 positions each, 28 in the pool: one of them was released and started again
+        // from position 0 with every token it had.
+        let restarts: Vec<SeqId> = [1, 2]
+            .into_iter()
+            .filter(|&s| parts_of(&log, s).iter().filter(|p| p.ends_with("@0")).count() > 1)
+            .collect();
+        assert_eq!(restarts, [2], "{all:?}");
+        assert!(all.iter().filter(|l| *l == "release 2").count() >= 2, "{all:?}");
     }
 }

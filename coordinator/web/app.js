@@ -123,7 +123,8 @@ function bar(parts) {
 function renderCluster(c) {
   $("model").textContent = `${c.model} · context ${c.ctx}`;
   $("rate").textContent = `${c.tokens_per_s.toFixed(1)} tok/s`;
-  $("summary").textContent = `${c.nodes.length} node(s) · ${c.n_layer} layers · ${c.active_sequences} active, ${c.queued} queued (max ${c.max_seqs}) · ${c.generated_tokens_total} tokens generated`;
+  const pool = c.kv_pool ? ` · KV pool ${c.kv_pool.used_blocks}/${c.kv_pool.blocks} blocks used (${c.kv_pool.positions} positions)` : "";
+  $("summary").textContent = `${c.nodes.length} node(s) · ${c.n_layer} layers · ${c.active_sequences} active, ${c.queued} queued (max ${c.max_seqs})${pool} · ${c.rows_per_step.toFixed(1)} rows/step · ${c.generated_tokens_total} tokens generated`;
   const nodes = $("nodes");
   nodes.replaceChildren();
   for (const n of c.nodes) {
@@ -151,6 +152,19 @@ function renderCluster(c) {
       ["weights", 0, n.weight_bytes / total, "weights " + fmtBytes(n.weight_bytes)],
       ["cache", n.weight_bytes / total, n.cache_bytes / total, "cache " + fmtBytes(n.cache_bytes)],
     ]));
+    if (n.kv_pool) {
+      const p = n.kv_pool;
+      const k = document.createElement("div");
+      k.className = "legend";
+      k.textContent = `KV pool ${p.used_blocks} of ${p.blocks} blocks used (${p.free_blocks} free, ${p.block_size} positions each)`;
+      div.appendChild(k);
+      div.appendChild(bar([["pool", 0, p.used_blocks / Math.max(1, p.blocks), `${p.used_blocks} blocks held`]]));
+    }
+    const busy = document.createElement("div");
+    busy.className = "legend";
+    busy.textContent = `busy ${(100 * n.busy_fraction).toFixed(0)}% of the time`;
+    div.appendChild(busy);
+    div.appendChild(bar([["busy", 0, n.busy_fraction, `computing ${(100 * n.busy_fraction).toFixed(0)}% of the last 5 s`]]));
     nodes.appendChild(div);
   }
 }

@@ -18,9 +18,12 @@
 //!   first stage also holds `token_embd.weight`; the last holds `output_norm.weight` and
 //!   `output.weight`, or, when the head is tied, the embedding table again (one copy when
 //!   one stage is both).
-//! - **Cache**, per sequence: an attention layer keeps K and V for every position,
-//!   `2 · ctx · n_head_kv · head_dim · kv_elem_bytes`; a DeltaNet layer keeps a fixed f32
-//!   state, `DeltaNetConfig::state_values() · 4`, whatever the context. Times `seqs`.
+//! - **Cache**: the attention layers share a paged KV pool of `kv_positions` positions (all
+//!   sequences' together, in blocks of `kv_block_size`), `2 · n_head_kv · head_dim ·
+//!   kv_elem_bytes` per position and layer; a DeltaNet layer keeps a fixed f32 state per
+//!   sequence slot, `DeltaNetConfig::state_values() · 4`, whatever the context, times `seqs`.
+//!   By default the pool holds every sequence's whole context; when that does not fit,
+//!   [`Plan::fitted`] plans for one sequence's context and gives the pool what memory is left.
 //! - **Scratch:** activation buffers sized for a prefill chunk of `T = max_batch` tokens,
 //!   all f32 and shared by the stage's layers (see [`ScratchCost`]).
 //!
@@ -37,24 +40,36 @@ use crate::{Error, Result};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// What is planned for: context, cache precision, sequences and prefill chunk.
+/// What is planned for: context, cache precision, sequences, step size and KV pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanConfig {
-    /// Positions of KV cache per sequence.
+    /// Positions per sequence, at most.
     pub ctx: usize,
     /// Bytes of one cached K or V value (f16: 2).
     pub kv_elem_bytes: u64,
-    /// Sequences whose caches are resident at once.
+    /// Sequences held at once: DeltaNet state slots, and (by default) the pool's size.
     pub seqs: usize,
-    /// The most tokens one step carries (a prefill chunk); sizes the scratch.
+    /// The most rows one step carries; sizes the scratch.
     pub max_batch: usize,
+    /// Positions per KV block.
+    pub kv_block_size: usize,
+    /// Positions of the KV pool, all sequences together; `None`: every sequence's whole
+    /// context.
+    pub kv_positions: Option<u64>,
 }
 
 impl PlanConfig {
-    /// `ctx` positions of f16 KV cache, one sequence, prefill chunks of 128 tokens (the
-    /// CLI's default `--batch`).
+    /// `ctx` positions of f16 KV cache, one sequence, steps of 128 rows (the CLI's default
+    /// `--batch-tokens`), blocks of 16 positions.
     pub fn new(ctx: usize) -> Self {
-        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 128 }
+        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 128, kv_block_size: 16, kv_positions: None }
+    }
+
+    /// The pool's positions as asked, in whole blocks.
+    fn pool_positions(&self) -> u64 {
+        let bs = self.kv_block_size.max(1) as u64;
+        let asked = self.kv_positions.unwrap_or((self.seqs as u64) * (self.ctx as u64).div_ceil(bs) * bs);
+        asked.div_ceil(bs) * bs
     }
 }
 
@@ -78,8 +93,11 @@ pub struct LayerCost {
     pub kind: LayerKind,
     /// Bytes of its tensors `blk.{i}.*`.
     pub weight_bytes: u64,
-    /// KV cache (attention) or recurrent state (DeltaNet), for all sequences.
+    /// Its part of the KV pool (attention) or its recurrent state (DeltaNet), for all
+    /// sequences.
     pub cache_bytes: u64,
+    /// K and V bytes per pool position (attention layers; 0 for DeltaNet).
+    pub kv_bytes_per_position: u64,
 }
 
 /// Activation scratch of a stage, in bytes, for a chunk of `T = max_batch` tokens. f32
@@ -94,7 +112,8 @@ pub struct LayerCost {
 ///   matrix exists.
 /// - `deltanet` (a stage with a DeltaNet layer): `T · (2C + 2Vd + 2nv) · 4`: qkv before and
 ///   after the conv, z, the output, beta and alpha.
-/// - `head` (the last stage): `(2E + n_vocab) · 4`: the last row, normed, and its logits.
+/// - `head` (the last stage): `(2E + n_vocab) · 4` per sampled row (one per sequence of a
+///   step, `min(seqs, T)`): the row, normed, and its logits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScratchCost {
     pub common: u64,
@@ -117,6 +136,13 @@ pub struct ModelCost {
     pub scratch: ScratchCost,
     /// Tensors no stage loads: MTP blocks and any tensor the forward pass does not read.
     pub unplanned_bytes: u64,
+    /// The KV pool the attention layers' `cache_bytes` are priced for, and its blocks.
+    pub kv_positions: u64,
+    pub kv_block_size: u64,
+    /// One sequence's whole context in the pool's blocks: the smallest pool worth planning.
+    pub kv_least_positions: u64,
+    /// The pool was asked for (`--kv-pool`): the planner keeps it as it is.
+    pub kv_fixed: bool,
 }
 
 /// The three parts of a stage's memory.
@@ -136,11 +162,14 @@ impl StageCost {
 impl ModelCost {
     /// Prices `cfg`'s layers from `gguf`'s tensor index.
     pub fn new(gguf: &Gguf, cfg: &ModelConfig, pc: &PlanConfig) -> Result<ModelCost> {
-        if pc.ctx == 0 || pc.seqs == 0 || pc.max_batch == 0 || pc.kv_elem_bytes == 0 {
+        if pc.ctx == 0 || pc.seqs == 0 || pc.max_batch == 0 || pc.kv_elem_bytes == 0 || pc.kv_block_size == 0 {
             return Err(PlanError::Invalid(format!(
-                "ctx, seqs, max_batch and kv_elem_bytes must be at least 1: {pc:?}"
+                "ctx, seqs, max_batch, kv_block_size and kv_elem_bytes must be at least 1: {pc:?}"
             ))
             .into());
+        }
+        if pc.kv_positions == Some(0) {
+            return Err(PlanError::Invalid("a KV pool of 0 positions".into()).into());
         }
         let n_layer = cfg.n_layer();
         let mut weights = vec![0u64; n_layer];
@@ -163,25 +192,31 @@ impl ModelCost {
             return Err(Error::Config(format!("layer {i} has no tensors `blk.{i}.*` in the file")));
         }
 
-        let (ctx, seqs, t) = (pc.ctx as u64, pc.seqs as u64, pc.max_batch as u64);
+        let (seqs, t) = (pc.seqs as u64, pc.max_batch as u64);
         let a = &cfg.attention;
-        let kv = 2 * ctx * (a.n_head_kv * a.head_dim) as u64 * pc.kv_elem_bytes * seqs;
+        let positions = pc.pool_positions();
+        let per_position = 2 * (a.n_head_kv * a.head_dim) as u64 * pc.kv_elem_bytes;
         let layers = cfg
             .layers
             .iter()
             .zip(weights)
             .map(|(&kind, weight_bytes)| {
-                let cache_bytes = match kind {
-                    LayerKind::Attention => kv,
+                Ok(match kind {
+                    LayerKind::Attention => LayerCost {
+                        kind,
+                        weight_bytes,
+                        cache_bytes: per_position * positions,
+                        kv_bytes_per_position: per_position,
+                    },
                     LayerKind::DeltaNet => {
                         let dn = cfg
                             .deltanet
                             .as_ref()
                             .ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
-                        dn.state_values() as u64 * 4 * seqs
+                        let cache_bytes = dn.state_values() as u64 * 4 * seqs;
+                        LayerCost { kind, weight_bytes, cache_bytes, kv_bytes_per_position: 0 }
                     }
-                };
-                Ok(LayerCost { kind, weight_bytes, cache_bytes })
+                })
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -196,7 +231,7 @@ impl ModelCost {
             common: t * (3 * e + 2 * f) * 4 + t * 8,
             attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
             deltanet,
-            head: (2 * e + cfg.n_vocab as u64) * 4,
+            head: (2 * e + cfg.n_vocab as u64) * 4 * seqs.min(t),
         };
         Ok(ModelCost {
             layers,
@@ -205,11 +240,27 @@ impl ModelCost {
             tied_head: cfg.tied_output,
             scratch,
             unplanned_bytes: unplanned,
+            kv_positions: positions,
+            kv_block_size: pc.kv_block_size as u64,
+            kv_least_positions: (pc.ctx as u64).div_ceil(pc.kv_block_size as u64) * pc.kv_block_size as u64,
+            kv_fixed: pc.kv_positions.is_some(),
         })
     }
 
     pub fn n_layer(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The same model priced for a pool of `positions` (whole blocks).
+    pub fn with_pool(&self, positions: u64) -> ModelCost {
+        let mut c = self.clone();
+        c.kv_positions = positions / self.kv_block_size.max(1) * self.kv_block_size.max(1);
+        for l in &mut c.layers {
+            if l.kind == LayerKind::Attention {
+                l.cache_bytes = l.kv_bytes_per_position * c.kv_positions;
+            }
+        }
+        c
     }
 
     /// What a stage holding `layers` costs; a range from 0 is the first stage, one to
@@ -366,18 +417,62 @@ pub struct StagePlan {
     pub total_bytes: u64,
     pub usable_bytes: u64,
     pub free_bytes: u64,
+    /// K and V bytes per pool position over the stage's attention layers (0: none, and
+    /// no pool on this stage).
+    pub kv_bytes_per_position: u64,
 }
 
 /// Contiguous layer ranges covering the main pass in order, one per node, each within
-/// its node's memory.
+/// its node's memory, and the KV pool every stage with attention layers holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// Bytes in the file that no stage loads (MTP blocks).
     pub unplanned_bytes: u64,
+    /// The pool: positions (all sequences together) and positions per block.
+    pub kv_positions: u64,
+    pub kv_block_size: u64,
+}
+
+impl StagePlan {
+    /// Whether the stage holds a KV pool (it has attention layers).
+    pub fn has_pool(&self) -> bool {
+        self.kv_bytes_per_position > 0
+    }
 }
 
 impl Plan {
+    /// The plan of `cost` over `nodes` (`split` as `--split` gives it, else the most even
+    /// one), with the largest KV pool worth having: every sequence's whole context as
+    /// priced, or, when that does not fit and the pool was not fixed, one sequence's
+    /// context plus whatever the smallest remainder of the stages with attention layers
+    /// holds (in whole blocks).
+    pub fn fitted(cost: &ModelCost, nodes: &[NodeBudget], split: Option<&[usize]>) -> Result<Plan> {
+        let plan_at = |c: &ModelCost| match split {
+            Some(s) => Plan::manual(c, nodes, s),
+            None => Plan::auto(c, nodes),
+        };
+        let full = plan_at(cost);
+        if cost.kv_fixed || full.is_ok() || cost.kv_least_positions >= cost.kv_positions {
+            return full;
+        }
+        let least = plan_at(&cost.with_pool(cost.kv_least_positions))?;
+        let room = least
+            .stages
+            .iter()
+            .filter(|s| s.has_pool())
+            .map(|s| s.free_bytes / s.kv_bytes_per_position)
+            .min()
+            .unwrap_or(0);
+        let positions = (cost.kv_least_positions + room).min(cost.kv_positions);
+        plan_at(&cost.with_pool(positions))
+    }
+
+    /// Blocks of the KV pool.
+    pub fn kv_blocks(&self) -> u64 {
+        self.kv_positions / self.kv_block_size.max(1)
+    }
+
     /// The split that uses memory most evenly: among all contiguous splits giving every
     /// node at least one layer, the one whose largest fraction of a node's memory used is
     /// smallest, then the second largest, and so on (leximax). With equal layers and no
@@ -449,7 +544,16 @@ impl Plan {
             }
             .into());
         }
-        Ok(Plan { stages, unplanned_bytes: cost.unplanned_bytes })
+        Ok(Plan::of(cost, stages))
+    }
+
+    fn of(cost: &ModelCost, stages: Vec<StagePlan>) -> Plan {
+        Plan {
+            stages,
+            unplanned_bytes: cost.unplanned_bytes,
+            kv_positions: cost.kv_positions,
+            kv_block_size: cost.kv_block_size,
+        }
     }
 
     /// The split given by `--split`: `split[k]` layers for node k, in order.
@@ -482,7 +586,7 @@ impl Plan {
             }
             .into());
         }
-        Ok(Plan { stages, unplanned_bytes: cost.unplanned_bytes })
+        Ok(Plan::of(cost, stages))
     }
 
     /// Prices each range on its node; `free_bytes` is 0 where a stage is over.
@@ -504,6 +608,7 @@ impl Plan {
                     total_bytes,
                     usable_bytes: node.usable_bytes,
                     free_bytes: node.usable_bytes.saturating_sub(total_bytes),
+                    kv_bytes_per_position: cost.layers[layers.clone()].iter().map(|l| l.kv_bytes_per_position).sum(),
                 }
             })
             .collect()
@@ -514,18 +619,20 @@ impl Plan {
         self.stages.iter().map(|s| s.total_bytes).sum()
     }
 
-    /// The plan as a table: one row per node, then the totals.
+    /// The plan as a table: one row per node, then the totals, then the KV pool.
     pub fn table(&self) -> String {
-        let header = ["node", "layers", "weights", "cache", "scratch", "total", "usable", "free"];
-        let row = |name: String, layers: String, w: u64, c: u64, s: u64, t: u64, u: u64, f: u64| {
-            [name, layers, human(w), human(c), human(s), human(t), human(u), human(f)]
+        let header = ["node", "layers", "weights", "kv pool", "cache", "scratch", "total", "usable", "free"];
+        let pool = format!("{} x {}", self.kv_blocks(), self.kv_block_size);
+        let row = |name: String, layers: String, pool: String, w: u64, c: u64, s: u64, t: u64, u: u64, f: u64| {
+            [name, layers, human(w), pool, human(c), human(s), human(t), human(u), human(f)]
         };
-        let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
+        let mut rows: Vec<[String; 9]> = vec![header.map(String::from)];
         for s in &self.stages {
             let layers = format!("{}..{} ({})", s.layers.start, s.layers.end, s.layers.len());
             rows.push(row(
                 s.name.clone(),
                 layers,
+                if s.has_pool() { pool.clone() } else { "-".into() },
                 s.weight_bytes,
                 s.cache_bytes,
                 s.scratch_bytes,
@@ -539,6 +646,7 @@ impl Plan {
         rows.push(row(
             "total".into(),
             format!("{n_layer} layers"),
+            String::new(),
             sum(|s| s.weight_bytes),
             sum(|s| s.cache_bytes),
             sum(|s| s.scratch_bytes),
@@ -546,7 +654,7 @@ impl Plan {
             sum(|s| s.usable_bytes),
             sum(|s| s.free_bytes),
         ));
-        let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> = (0..9).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
         let mut out = String::new();
         for r in &rows {
             let line: Vec<String> = r
@@ -558,6 +666,15 @@ impl Plan {
                 .collect();
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
+        }
+        if self.stages.iter().any(StagePlan::has_pool) {
+            let _ = writeln!(
+                out,
+                "kv pool: {} blocks of {} positions = {} positions, shared by all sequences, on every stage with attention layers",
+                self.kv_blocks(),
+                self.kv_block_size,
+                self.kv_positions
+            );
         }
         if self.unplanned_bytes > 0 {
             let _ = writeln!(

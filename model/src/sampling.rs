@@ -125,24 +125,28 @@ pub fn top_candidates(logits: &[f32], k: usize) -> Vec<Candidate> {
 }
 
 /// A seeded sampler for one sequence.
+///
+/// Its randomness is counter-based: the draw for a token is a hash of the seed and the
+/// draw's index (callers use the token's position), not the next number of a stream. So a
+/// sequence that is run again from its tokens (recomputed after its caches were freed,
+/// replayed onto another node) or run in any batch draws exactly what it drew before.
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
-        let rng = Rng::new(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler { params })
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks a token from `candidates` (sorted best first, penalties already applied).
-    pub fn sample(&mut self, candidates: &[Candidate]) -> Result<u32> {
+    /// Picks a token from `candidates` (sorted best first, penalties already applied) with
+    /// draw number `draw` (the position the token will take).
+    pub fn sample(&self, candidates: &[Candidate], draw: u64) -> Result<u32> {
         let first = candidates.first().ok_or(Error::NoCandidates)?;
         if self.params.is_greedy() {
             return Ok(first.id);
@@ -174,7 +178,7 @@ impl Sampler {
         let t = f64::from(p.temperature);
         let scaled: Vec<f64> = cands[..keep].iter().map(|c| (f64::from(c.logit - max) / t).exp()).collect();
         let sum: f64 = scaled.iter().sum();
-        let mut u = self.rng.next_f64() * sum;
+        let mut u = uniform(self.params.seed, draw) * sum;
         for (c, w) in cands.iter().zip(&scaled) {
             if u < *w {
                 return Ok(c.id);
@@ -185,47 +189,26 @@ impl Sampler {
     }
 
     /// Samples from a whole logit row (CPU paths and tests): penalties, candidates, sample.
-    pub fn sample_logits(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+    pub fn sample_logits(&self, logits: &[f32], history: &[u32], draw: u64) -> Result<u32> {
         let mut l = logits.to_vec();
         apply_penalties(&mut l, history, &self.params);
         let cands = top_candidates(&l, MAX_CANDIDATES);
-        self.sample(&cands)
+        self.sample(&cands, draw)
     }
 }
 
-/// xoshiro256** seeded through splitmix64: reproducible across platforms.
-struct Rng([u64; 4]);
+/// splitmix64's finaliser: a well-mixed 64-bit hash of `z`.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
-        Rng([next(), next(), next(), next()])
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// Uniform in [0, 1): draw number `draw` of the stream `seed`, reproducible across
+/// platforms and independent of every other draw.
+fn uniform(seed: u64, draw: u64) -> f64 {
+    let z = mix(mix(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)) ^ draw.wrapping_mul(0xd1b5_4a32_d192_ed03));
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -238,15 +221,15 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_best_and_ties_go_to_the_lower_id() {
-        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
-        assert_eq!(s.sample(&cands(&[0.1, 2.0, 2.0, -1.0])).unwrap(), 1);
+        let s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample(&cands(&[0.1, 2.0, 2.0, -1.0]), 0).unwrap(), 1);
     }
 
     #[test]
     fn same_seed_same_tokens_and_different_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams {
+            let s = Sampler::new(SamplingParams {
                 temperature: 1.5,
                 top_k: 0,
                 top_p: 1.0,
@@ -255,17 +238,31 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-            (0..64).map(|_| s.sample(&cands(&logits)).unwrap()).collect::<Vec<_>>()
+            (0..64).map(|i| s.sample(&cands(&logits), i).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+        // A draw depends on its number only: any subset, in any order, draws the same.
+        let s = Sampler::new(SamplingParams {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 7,
+            ..Default::default()
+        })
+        .unwrap();
+        let all = run(7);
+        for i in [40u64, 3, 63, 0] {
+            assert_eq!(s.sample(&cands(&logits), i).unwrap(), all[i as usize]);
+        }
     }
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..Default::default() }).unwrap();
-        for _ in 0..20 {
-            assert_eq!(s.sample(&cands(&[0.0, 0.5, 0.4])).unwrap(), 1);
+        let s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..Default::default() }).unwrap();
+        for i in 0..20 {
+            assert_eq!(s.sample(&cands(&[0.0, 0.5, 0.4]), i).unwrap(), 1);
         }
     }
 
@@ -273,12 +270,12 @@ mod tests {
     fn top_p_and_min_p_cut_the_tail() {
         // p ~ [0.66, 0.24, 0.09, 0.01]: top_p 0.5 keeps only the first.
         let logits = [3.0, 2.0, 1.0, -1.0];
-        let mut s =
+        let s =
             Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() })
                 .unwrap();
-        assert!((0..50).all(|_| s.sample(&cands(&logits)).unwrap() == 0));
+        assert!((0..50).all(|i| s.sample(&cands(&logits), i).unwrap() == 0));
         // min_p 0.3 keeps tokens with p >= 0.3 * p_max: ids 0 and 1 (e^-1 = 0.37).
-        let mut s = Sampler::new(SamplingParams {
+        let s = Sampler::new(SamplingParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
@@ -287,14 +284,14 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let seen: std::collections::BTreeSet<u32> = (0..300).map(|_| s.sample(&cands(&logits)).unwrap()).collect();
+        let seen: std::collections::BTreeSet<u32> = (0..300).map(|i| s.sample(&cands(&logits), i).unwrap()).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
     fn sampling_frequencies_follow_the_temperature() {
         let logits = [1.0f32, 0.0];
-        let mut s = Sampler::new(SamplingParams {
+        let s = Sampler::new(SamplingParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
@@ -304,7 +301,7 @@ mod tests {
         })
         .unwrap();
         let n = 20_000;
-        let zeros = (0..n).filter(|_| s.sample(&cands(&logits)).unwrap() == 0).count();
+        let zeros = (0..n).filter(|&i| s.sample(&cands(&logits), i).unwrap() == 0).count();
         let p = zeros as f64 / n as f64;
         let want = 1.0 / (1.0 + (-1.0f64).exp());
         assert!((p - want).abs() < 0.015, "p(0) = {p}, want {want}");

@@ -1,25 +1,28 @@
-//! The recurrent state of one Gated DeltaNet layer for one sequence, on the GPU.
+//! The recurrent state of one Gated DeltaNet layer, for every sequence slot of a stage.
 
 use strata_model::config::DeltaNetConfig;
 
 use crate::gpu::Gpu;
 use crate::{Error, Result};
 
-/// The conv history and the delta-rule matrices of one layer, zero at creation. Unlike a
-/// KV cache its size does not depend on the context length. Read and advanced by the ops
-/// of [`crate::ops::deltanet`].
+/// The conv history and the delta-rule matrices of one layer, one fixed-size part per
+/// sequence slot, zero at creation. Unlike the KV pool its size does not depend on the
+/// context length, only on the slots. Read and advanced by the ops of
+/// [`crate::ops::deltanet`], each sequence in its own slot.
 pub struct DeltaNetState {
-    /// f32 `[conv_kernel - 1, channels]`: the previous inputs of each conv channel, oldest first.
+    /// f32 `[slots, conv_kernel - 1, channels]`: each slot's previous inputs of each conv
+    /// channel, oldest first.
     conv: wgpu::Buffer,
-    /// f32 `[n_value_heads, head_dim, head_dim]`: per value head, rows by key dim and
-    /// columns by value dim.
+    /// f32 `[slots, n_value_heads, head_dim, head_dim]`: per value head, rows by key dim
+    /// and columns by value dim.
     matrices: wgpu::Buffer,
     config: DeltaNetConfig,
+    slots: u32,
 }
 
 impl std::fmt::Debug for DeltaNetState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeltaNetState").field("config", &self.config).finish()
+        f.debug_struct("DeltaNetState").field("config", &self.config).field("slots", &self.slots).finish()
     }
 }
 
@@ -33,7 +36,15 @@ impl DeltaNetState {
         cfg.state_values() as u64 * 4
     }
 
-    pub fn new(gpu: &Gpu, cfg: &DeltaNetConfig) -> Result<DeltaNetState> {
+    fn conv_bytes(cfg: &DeltaNetConfig) -> u64 {
+        ((cfg.conv_kernel - 1) * cfg.conv_channels()) as u64 * 4
+    }
+
+    fn matrix_bytes(cfg: &DeltaNetConfig) -> u64 {
+        (cfg.n_value_heads * cfg.head_dim * cfg.head_dim) as u64 * 4
+    }
+
+    pub fn new(gpu: &Gpu, cfg: &DeltaNetConfig, slots: u32) -> Result<DeltaNetState> {
         let shape = |message: String| Error::Shape { op: "deltanet state", message };
         let DeltaNetConfig { conv_kernel, n_key_heads, n_value_heads, head_dim } = *cfg;
         if conv_kernel == 0
@@ -42,28 +53,37 @@ impl DeltaNetState {
             || head_dim > Self::MAX_HEAD_DIM
             || !head_dim.is_multiple_of(4)
             || !n_value_heads.is_multiple_of(n_key_heads)
+            || slots == 0
         {
             return Err(shape(format!(
-                "{cfg:?}: needs conv_kernel >= 1, key heads dividing value heads, head_dim a multiple of 4 up to {}",
+                "{cfg:?} for {slots} slots: needs conv_kernel >= 1, key heads dividing value heads, head_dim a \
+                 multiple of 4 up to {}, a slot",
                 Self::MAX_HEAD_DIM
             )));
         }
-        let matrix_bytes = (n_value_heads * head_dim * head_dim) as u64 * 4;
-        if matrix_bytes > gpu.max_binding() {
+        let matrices = Self::matrix_bytes(cfg) * u64::from(slots);
+        if matrices > gpu.max_binding() {
             return Err(shape(format!(
-                "{matrix_bytes} bytes of state matrices exceed the adapter's largest binding of {}",
+                "{slots} sequences' state matrices of {} bytes each ({matrices} bytes) exceed the adapter's largest \
+                 binding of {}: fewer sequences at once (--max-seqs)",
+                Self::matrix_bytes(cfg),
                 gpu.max_binding()
             )));
         }
         Ok(DeltaNetState {
-            conv: gpu.storage("deltanet conv state", ((conv_kernel - 1) * cfg.conv_channels()) as u64 * 4),
-            matrices: gpu.storage("deltanet state", matrix_bytes),
+            conv: gpu.storage("deltanet conv state", Self::conv_bytes(cfg) * u64::from(slots)),
+            matrices: gpu.storage("deltanet state", matrices),
             config: cfg.clone(),
+            slots,
         })
     }
 
     pub fn config(&self) -> &DeltaNetConfig {
         &self.config
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
     }
 
     pub fn conv(&self) -> &wgpu::Buffer {
@@ -74,18 +94,18 @@ impl DeltaNetState {
         &self.matrices
     }
 
-    /// Bytes held on the GPU.
+    /// Bytes held on the GPU, all slots.
     pub fn bytes(&self) -> u64 {
         self.conv.size() + self.matrices.size()
     }
 
-    /// Zeroes the state, for a new sequence in old buffers. Ordered before any later
-    /// submission on the same queue.
-    pub fn reset(&self, gpu: &Gpu) {
-        let mut enc =
-            gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deltanet reset") });
-        enc.clear_buffer(&self.conv, 0, None);
-        enc.clear_buffer(&self.matrices, 0, None);
-        gpu.queue.submit([enc.finish()]);
+    /// Zeroes `slot`'s state, for a sequence starting there, in `encoder` (before the
+    /// step's pass, in the step's one submission).
+    pub fn reset(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
+        let (c, m) = (Self::conv_bytes(&self.config), Self::matrix_bytes(&self.config));
+        if c > 0 {
+            encoder.clear_buffer(&self.conv, u64::from(slot) * c, Some(c));
+        }
+        encoder.clear_buffer(&self.matrices, u64::from(slot) * m, Some(m));
     }
 }

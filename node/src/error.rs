@@ -31,6 +31,10 @@ pub enum Error {
     /// A step out of order for a sequence whose recurrent state only moves forward.
     #[error("sequence {seq}: {message}")]
     Sequence { seq: u64, message: String },
+    /// The stage has no room for it now: its KV pool or its sequence slots are all taken.
+    /// Sending it again may work once other sequences are released.
+    #[error("{0}")]
+    Exhausted(String),
     /// Asked of a stage that does not hold the part needed (the output head, say).
     #[error("{0}")]
     NotOnStage(String),
@@ -61,6 +65,8 @@ pub enum ErrorKind {
     NotOnStage,
     /// Transferred bytes failed their checksum.
     DataLoss,
+    /// No room now (KV blocks, sequence slots): may succeed later.
+    Exhausted,
     /// The device or the host failed.
     Internal,
 }
@@ -78,6 +84,7 @@ impl Error {
             Error::Sequence { .. } => ErrorKind::OutOfOrder,
             Error::NotOnStage(_) => ErrorKind::NotOnStage,
             Error::Corrupt(_) => ErrorKind::DataLoss,
+            Error::Exhausted(_) => ErrorKind::Exhausted,
             Error::NoAdapter(_)
             | Error::Device(_)
             | Error::Gpu { .. }

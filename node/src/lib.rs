@@ -5,11 +5,12 @@
 
 pub mod advertise;
 pub mod arch;
+pub mod batch;
 pub mod bench;
 pub mod deltanet_state;
 pub mod error;
 pub mod gpu;
-pub mod kv_cache;
+pub mod kv_pool;
 pub mod layers;
 pub mod memory;
 pub mod ops;

@@ -1,21 +1,30 @@
-//! Activation buffers of a stage, sized once for its largest batch and shared by every
-//! layer and sequence (a stage runs one step at a time).
+//! Activation buffers of a stage, sized once for its largest step and shared by every
+//! layer and sequence (a stage runs one step at a time), with the step's tables: which
+//! rows belong to which sequence, and where each sequence's KV blocks are.
 
 use strata_model::config::ModelConfig;
 
 use crate::gpu::{Gpu, Step};
+use crate::kv_pool::{BlockTable, KvLayout};
 use crate::layers::deltanet::DeltaNetScratch;
 use crate::ops::Act;
+use crate::ops::deltanet::StepBatch;
 use crate::{Error, Result};
 
 pub struct Scratch {
     pub max_tokens: u32,
+    /// Sequences one step may carry (the stage's sequence slots).
+    pub max_seqs: u32,
     /// The [`Step`] uniform, written once per step.
     pub step: wgpu::Buffer,
-    /// A [`Step`] uniform fixed at one token, for the output head (last row only).
-    pub step_one: wgpu::Buffer,
-    /// u32 `[max_tokens]`: each token's position in its sequence.
+    /// u32 `[max_tokens]`: each row's position in its sequence.
     pub positions: wgpu::Buffer,
+    /// `[max_tokens]` [`crate::batch::RowInfo`]: each row's position, slot and run.
+    pub rows: wgpu::Buffer,
+    /// `[max_seqs]` [`crate::batch::SeqInfo`]: each run's slot, rows and position.
+    pub seqs: wgpu::Buffer,
+    /// Where each sequence's KV blocks are, when the stage has attention layers.
+    pub table: Option<BlockTable>,
     /// u32 `[max_tokens]`: token ids (first stage).
     pub ids: wgpu::Buffer,
     /// The residual stream, f32 `[max_tokens, n_embd]`.
@@ -46,8 +55,16 @@ struct Widths {
 }
 
 impl Scratch {
-    /// Buffers for steps of up to `max_tokens`; DeltaNet's too with `deltanet`.
-    pub fn new(gpu: &Gpu, cfg: &ModelConfig, max_tokens: u32, deltanet: bool) -> Result<Scratch> {
+    /// Buffers for steps of up to `max_tokens` rows of up to `max_seqs` sequences;
+    /// DeltaNet's too with `deltanet`; a block table for `kv`'s pool.
+    pub fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        max_tokens: u32,
+        max_seqs: u32,
+        deltanet: bool,
+        kv: Option<KvLayout>,
+    ) -> Result<Scratch> {
         let a = &cfg.attention;
         let t = u64::from(max_tokens);
         let f32s = |label: &str, width: usize| gpu.storage(label, t * width as u64 * 4);
@@ -55,9 +72,12 @@ impl Scratch {
         let deltanet = if deltanet { Some(DeltaNetScratch::new(gpu, cfg, max_tokens)?) } else { None };
         Ok(Scratch {
             max_tokens,
+            max_seqs,
             step: gpu.uniform("step", &Step::default()),
-            step_one: gpu.uniform("step_one", &Step { n_tokens: 1, _pad: [0; 3] }),
             positions: gpu.storage("positions", t * 4),
+            rows: gpu.storage("rows", t * 16),
+            seqs: gpu.storage("seqs", u64::from(max_seqs) * 16),
+            table: kv.map(|layout| BlockTable::new(gpu, layout)).transpose()?,
             ids: gpu.storage("ids", t * 4),
             x: f32s("x", cfg.n_embd),
             n: f32s("n", cfg.n_embd),
@@ -89,6 +109,16 @@ impl Scratch {
 
     pub fn ids(&self) -> Act<'_> {
         self.act(&self.ids, 1)
+    }
+
+    /// The step's rows and sequences, as the kernels that need them bind them.
+    pub fn batch(&self) -> StepBatch<'_> {
+        StepBatch { rows: self.act(&self.rows, 4), seqs: &self.seqs }
+    }
+
+    /// The block table of the stage's KV pool.
+    pub fn table(&self) -> Result<&BlockTable> {
+        self.table.as_ref().ok_or_else(|| Error::Spec("a KV pool asked of a stage without attention layers".into()))
     }
 
     pub fn x(&self) -> Act<'_> {

@@ -2,17 +2,20 @@
 //!
 //! A stage's GPU work is blocking, so it runs under a `std::sync::Mutex` from
 //! `spawn_blocking`; each `Forward` stream is read in order, one activation at a time, so
-//! a sequence's steps run in the order they were sent. A stage that is not last opens its
-//! own `Forward` stream to the next stage for every upstream stream it serves, hands its
-//! hidden states on there (node to node, never via the coordinator) and relays the
-//! results that come back up. Because handing on does not wait for the result, stage k+1
-//! works on prefill chunk i while stage k runs chunk i+1.
+//! a sequence's steps run in the order they were sent. An activation is one step: the
+//! rows of several sequences, run together. A stage that is not last opens its own
+//! `Forward` stream to the next stage for every upstream stream it serves, hands the
+//! hidden rows of the sequences that ran on there (node to node, never via the
+//! coordinator), with the failures of those that could not, and relays the results that
+//! come back up: one `StepResult` per step, with an answer per sequence. Because handing
+//! on does not wait for the result, stage k+1 works on step i while stage k runs step i+1.
 //!
 //! Wire format: `Activation.format` names the encoding of `hidden`; into the first stage
-//! it names the encoding the whole pipeline hands hidden states on in. Every error of a
-//! step (malformed payload, unknown sequence, no shard) becomes a `StepResult.error` for
-//! that step, with a `StepErrorCode` (from [`crate::Error::kind`]) a caller can match;
-//! the node keeps serving.
+//! it names the encoding the whole pipeline hands hidden states on in. An error of one
+//! sequence (out of order, no room in the KV pool, a bad id) becomes its `SeqResult.error`
+//! and the step's other sequences run; an error of the whole step (malformed payload, no
+//! shard) its `StepResult.error`. Both carry a `StepErrorCode` (from
+//! [`crate::Error::kind`]) a caller can match; the node keeps serving.
 //!
 //! `LoadShard` checks the coordinator's protocol version and that the asked context and
 //! batch fit the adapter's buffers before it drops the shard it holds, so a refused
@@ -44,9 +47,10 @@ use tokio::sync::mpsc;
 use crate::advertise::NodeAdvert;
 use crate::error::ErrorKind;
 use crate::gpu::{Gpu, GpuConfig};
+use crate::kv_pool::KvLayout;
 use crate::memory::MemoryLimit;
 use crate::shard_cache::{MissingRange, ShardCache, hex};
-use crate::stage::{Input, Logprobs, Output, SeqId, Stage, StageSpec};
+use crate::stage::{Logprobs, Produced, SeqStep, Stage, StageSpec, Want};
 
 /// Who a node is and what it offers (the domain side of `NodeInfo`).
 #[derive(Debug, Clone)]
@@ -149,11 +153,12 @@ struct Loaded {
 #[derive(Default)]
 struct Stats {
     steps: u64,
+    rows: u64,
     compute_seconds: f64,
     waited_steps: u64,
     downstream_wait_seconds: f64,
-    /// (seq, step) of want_token steps handed downstream, and when.
-    pending: HashMap<(SeqId, u64), Instant>,
+    /// Steps handed downstream, and when.
+    pending: HashMap<u64, Instant>,
 }
 
 struct Inner {
@@ -225,16 +230,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What one activation produced.
+/// What one activation came to.
 enum Ran {
-    Token(u32, Option<Logprobs>),
-    /// Hidden states for the next stage (inside `run`, before they become `HandOn`).
-    Hidden(Vec<f32>),
+    /// The step's answer, to send back up now: from the last stage, or from a stage where
+    /// the whole step failed or none of its sequences could run.
+    Answer(pb::StepResult),
+    /// The step for the next stage: the sequences that ran here and their hidden rows.
     HandOn(pb::Activation),
-    /// The last token's logit row (`want_logits`).
-    Logits(Vec<f32>),
-    /// A last-stage step nobody wants a token of (a prefill chunk before the last).
-    Nothing,
 }
 
 /// Why a step failed, as `StepResult` carries it: a code to match and text for people.
@@ -261,7 +263,33 @@ fn wire_code(kind: ErrorKind) -> pb::StepErrorCode {
         ErrorKind::OutOfOrder => pb::StepErrorCode::OutOfOrder,
         ErrorKind::NotOnStage => pb::StepErrorCode::NotOnStage,
         ErrorKind::DataLoss => pb::StepErrorCode::DataLoss,
+        ErrorKind::Exhausted => pb::StepErrorCode::ResourceExhausted,
         ErrorKind::Internal => pb::StepErrorCode::Internal,
+    }
+}
+
+/// The answer of a step that failed as a whole.
+fn failed_step(step: u64, node: &str, f: StepFailure) -> pb::StepResult {
+    let error = format!("node `{node}`: {}", f.message);
+    pb::StepResult { step, seqs: Vec::new(), error, error_code: f.code as i32 }
+}
+
+/// One sequence's failure in a step.
+fn failed_seq(seq_id: u64, node: &str, e: crate::Error) -> pb::SeqResult {
+    let f = StepFailure::from(e);
+    let error = format!("node `{node}`: {}", f.message);
+    pb::SeqResult { seq_id, error, error_code: f.code as i32, ..Default::default() }
+}
+
+/// What a sequence's rows ask of the last stage.
+fn want_of(s: &pb::SeqRows) -> Want {
+    if s.want_logits {
+        Want::Logits
+    } else if s.want_token {
+        let sampling = s.sampling.as_ref().map(sampling_from_wire).unwrap_or_else(SamplingParams::greedy);
+        Want::Token { sampling, logprobs: s.want_logprobs.then_some(s.top_logprobs as usize) }
+    } else {
+        Want::Nothing
     }
 }
 
@@ -357,6 +385,9 @@ impl Inner {
             layers: req.layer_start as usize..req.layer_end as usize,
             ctx: req.ctx,
             max_batch: req.max_batch.max(1),
+            max_seqs: req.max_seqs.max(1),
+            kv_blocks: req.kv_blocks,
+            kv_block_size: if req.kv_block_size == 0 { KvLayout::DEFAULT_BLOCK_SIZE } else { req.kv_block_size },
         };
         let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
             Ok(found) => found,
@@ -377,115 +408,120 @@ impl Inner {
         Ok(LoadOutcome::Loaded(weight_bytes))
     }
 
-    /// Runs one activation through the stage.
-    fn run(&self, act: pb::Activation) -> Result<Ran, StepFailure> {
+    /// Runs one activation through the stage: what goes back up now, or on downstream.
+    fn run(&self, act: pb::Activation) -> Ran {
+        let step = act.step;
+        self.run_step(act).unwrap_or_else(|f| {
+            tracing::warn!(step, error = %f.message, "step failed");
+            Ran::Answer(failed_step(step, self.name(), f))
+        })
+    }
+
+    fn run_step(&self, act: pb::Activation) -> Result<Ran, StepFailure> {
         use pb::StepErrorCode as Code;
         let mut guard = self.lock();
         let loaded = guard
             .as_mut()
             .ok_or_else(|| StepFailure::new(Code::NotOnStage, format!("node `{}` has no shard loaded", self.name())))?;
         let stage = &mut loaded.stage;
-        let n = act.positions.len();
-        if n == 0 {
-            return Err(StepFailure::new(Code::InvalidArgument, "an activation without positions"));
+        if act.seqs.is_empty() {
+            return Err(StepFailure::new(Code::InvalidArgument, "an activation without sequences"));
         }
-        if act.positions[0] > 0 && !stage.has_sequence(act.seq_id) {
-            let message =
-                format!("unknown sequence {} (released, timed out, or never started at position 0)", act.seq_id);
-            return Err(StepFailure::new(Code::OutOfOrder, message));
-        }
+        let rows: u64 = act.seqs.iter().map(|s| u64::from(s.rows)).sum();
         let format = pb::HiddenFormat::try_from(act.format)
             .map_err(|_| StepFailure::new(Code::InvalidArgument, format!("unknown hidden format {}", act.format)))?;
-        let hidden;
-        let input = if !act.token_ids.is_empty() {
-            Input::Tokens(&act.token_ids)
+        let hidden = if stage.is_first() {
+            None
         } else {
-            hidden = decode_hidden(&act.hidden, format, n, loaded.n_embd)
+            let h = decode_hidden(&act.hidden, format, rows, loaded.n_embd)
                 .map_err(|m| StepFailure::new(Code::InvalidArgument, m))?;
-            Input::Hidden(&hidden)
+            Some(h)
         };
-        let sampling = act.sampling.as_ref().map(sampling_from_wire).unwrap_or_else(SamplingParams::greedy);
-        if stage.is_last() && !act.history.is_empty() {
-            stage.note_prompt(act.seq_id, &act.history)?;
-        }
-        let t0 = Instant::now();
-        let _span = tracing::debug_span!("step", seq = act.seq_id, pos = act.positions[0], n).entered();
-        let (seq, positions) = (act.seq_id, &act.positions);
-        let out = if act.want_logits && stage.is_last() {
-            stage.logits(seq, input, positions).map(Ran::Logits)
-        } else if !act.want_token {
-            stage.advance(seq, input, positions).map(|h| h.map_or(Ran::Nothing, Ran::Hidden))
-        } else if act.want_logprobs && stage.is_last() {
-            let top = act.top_logprobs as usize;
-            stage.forward_logprobs(seq, input, positions, &sampling, top).map(|(t, lp)| Ran::Token(t, Some(lp)))
-        } else {
-            stage.forward(seq, input, positions, &sampling).map(|o| match o {
-                Output::Token(t) => Ran::Token(t, None),
-                Output::Hidden(h) => Ran::Hidden(h),
+        let steps: Vec<SeqStep<'_>> = act
+            .seqs
+            .iter()
+            .map(|s| SeqStep {
+                seq: s.seq_id,
+                pos: s.pos,
+                rows: s.rows,
+                tokens: &s.token_ids,
+                want: want_of(s),
+                history: &s.history,
             })
-        }?;
-        let secs = t0.elapsed().as_secs_f64();
+            .collect();
+        let t0 = Instant::now();
+        let span = tracing::debug_span!("step", step = act.step, seqs = steps.len(), rows);
+        let out = span.in_scope(|| stage.step(&steps, hidden.as_deref()))?;
+        let last = stage.is_last();
         drop(guard);
         {
             let mut s = lock(&self.stats);
             s.steps += 1;
-            s.compute_seconds += secs;
+            s.rows += rows;
+            s.compute_seconds += t0.elapsed().as_secs_f64();
         }
-        Ok(match out {
-            Ran::Hidden(h) => {
-                let hidden = encode_hidden(&h, format);
-                Ran::HandOn(pb::Activation { hidden, token_ids: Vec::new(), format: format as i32, ..act })
+        let node = self.name();
+        let mut failed = act.failed;
+        if last {
+            let answers = act.seqs.iter().zip(out.seqs).map(|(s, (_, r))| match r {
+                Ok(Produced::Token(t, lp)) => token_result(s.seq_id, t, lp),
+                Ok(Produced::Logits(l)) => pb::SeqResult {
+                    seq_id: s.seq_id,
+                    logits: encode_hidden(&l, pb::HiddenFormat::F32),
+                    ..Default::default()
+                },
+                Ok(Produced::Ran) => pb::SeqResult { seq_id: s.seq_id, ..Default::default() },
+                Err(e) => failed_seq(s.seq_id, node, e),
+            });
+            failed.extend(answers);
+            return Ok(Ran::Answer(pb::StepResult { step: act.step, seqs: failed, ..Default::default() }));
+        }
+        let mut next = Vec::new();
+        for (s, (_, r)) in act.seqs.into_iter().zip(out.seqs) {
+            match r {
+                Ok(_) => next.push(pb::SeqRows { token_ids: Vec::new(), ..s }),
+                Err(e) => failed.push(failed_seq(s.seq_id, node, e)),
             }
-            other => other,
-        })
+        }
+        if next.is_empty() {
+            return Ok(Ran::Answer(pb::StepResult { step: act.step, seqs: failed, ..Default::default() }));
+        }
+        let hidden = encode_hidden(&out.hidden, format);
+        Ok(Ran::HandOn(pb::Activation { step: act.step, seqs: next, hidden, format: format as i32, failed }))
     }
 
-    /// Runs one activation and says what goes back up for it: a token, logits, an error,
-    /// or nothing (a step nobody waits for, or one handed on whose answer comes from
-    /// downstream).
+    /// Runs one activation and says what goes back up for it now: its answer, or nothing
+    /// when it was handed on (its answer comes from downstream).
     async fn answer(
         self: &Arc<Self>,
         act: pb::Activation,
         down: Option<&mpsc::Sender<pb::Activation>>,
     ) -> Option<pb::StepResult> {
-        let (seq_id, step, want) = (act.seq_id, act.step, act.want_token || act.want_logits);
+        let step = act.step;
         let run = self.clone();
         let ran = match tokio::task::spawn_blocking(move || run.run(act)).await {
             Ok(ran) => ran,
-            Err(e) => Err(StepFailure::new(pb::StepErrorCode::Internal, format!("stage task failed: {e}"))),
-        };
-        let failed = |f: StepFailure| {
-            let error = format!("node `{}`: {}", self.name(), f.message);
-            pb::StepResult { seq_id, step, error, error_code: f.code as i32, ..Default::default() }
+            Err(e) => {
+                let f = StepFailure::new(pb::StepErrorCode::Internal, format!("stage task failed: {e}"));
+                Ran::Answer(failed_step(step, self.name(), f))
+            }
         };
         match ran {
-            Ok(Ran::Token(token_id, lp)) => want.then(|| token_result(seq_id, step, token_id, lp)),
-            Ok(Ran::Logits(l)) => {
-                let logits = encode_hidden(&l, pb::HiddenFormat::F32);
-                Some(pb::StepResult { seq_id, step, logits, ..Default::default() })
-            }
-            Ok(Ran::Nothing | Ran::Hidden(_)) => None,
-            Ok(Ran::HandOn(next)) => self.hand_on(next, want, down).await.err().map(failed),
-            Err(f) => {
-                tracing::warn!(seq = seq_id, step, error = %f.message, "step failed");
-                Some(failed(f))
-            }
+            Ran::Answer(r) => Some(r),
+            Ran::HandOn(next) => self.hand_on(next, down).await.err().map(|f| failed_step(step, self.name(), f)),
         }
     }
 
-    /// Sends a hidden state to the next stage; its result comes back on the relay.
+    /// Sends a step's hidden rows to the next stage; its result comes back on the relay.
     async fn hand_on(
         &self,
         act: pb::Activation,
-        want: bool,
         down: Option<&mpsc::Sender<pb::Activation>>,
     ) -> Result<(), StepFailure> {
         let Some(tx) = down else {
             return Err(StepFailure::new(pb::StepErrorCode::Internal, "not the last stage, but it has no next stage"));
         };
-        if want {
-            lock(&self.stats).pending.insert((act.seq_id, act.step), Instant::now());
-        }
+        lock(&self.stats).pending.insert(act.step, Instant::now());
         tx.send(act)
             .await
             .map_err(|_| StepFailure::new(pb::StepErrorCode::Unavailable, "the next stage closed its stream"))
@@ -528,19 +564,19 @@ impl Inner {
 
     fn note_result(&self, r: &pb::StepResult) {
         let mut s = lock(&self.stats);
-        if let Some(t0) = s.pending.remove(&(r.seq_id, r.step)) {
+        if let Some(t0) = s.pending.remove(&r.step) {
             s.waited_steps += 1;
             s.downstream_wait_seconds += t0.elapsed().as_secs_f64();
         }
     }
 }
 
-/// The answer of a step that sampled a token.
-fn token_result(seq_id: SeqId, step: u64, token_id: u32, lp: Option<Logprobs>) -> pb::StepResult {
+/// The answer of a sequence that sampled a token.
+fn token_result(seq_id: u64, token_id: u32, lp: Option<Logprobs>) -> pb::SeqResult {
     let lp = lp.unwrap_or(Logprobs { token: 0.0, top: Vec::new() });
-    pb::StepResult {
+    pb::SeqResult {
         seq_id,
-        step,
+        has_token: true,
         token_id,
         logprob: lp.token,
         top_ids: lp.top.iter().map(|e| e.0).collect(),
@@ -574,18 +610,13 @@ async fn serve_stream(
 }
 
 /// f32 or f16 little-endian bytes -> f32 values, checking the length.
-pub fn decode_hidden(
-    bytes: &[u8],
-    format: pb::HiddenFormat,
-    n_tokens: usize,
-    n_embd: usize,
-) -> Result<Vec<f32>, String> {
+pub fn decode_hidden(bytes: &[u8], format: pb::HiddenFormat, n_tokens: u64, n_embd: usize) -> Result<Vec<f32>, String> {
     let width = match format {
         pb::HiddenFormat::F32 => 4,
         pb::HiddenFormat::F16 => 2,
     };
-    let want = n_tokens * n_embd * width;
-    if bytes.len() != want {
+    let want = u128::from(n_tokens) * n_embd as u128 * width;
+    if bytes.len() as u128 != want {
         return Err(format!(
             "hidden payload of {} bytes, expected {want} ({n_tokens} tokens x {n_embd} values x {width} bytes, {format:?})",
             bytes.len()
@@ -772,10 +803,13 @@ impl pb::stage_server::Stage for StageService {
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         let inner = self.inner.clone();
-        let (loaded, sequences, weight_bytes, cache_bytes) =
+        let (loaded, sequences, weight_bytes, cache_bytes, pool) =
             tokio::task::spawn_blocking(move || match inner.lock().as_ref() {
-                Some(l) => (true, l.stage.sequences() as u32, l.stage.weight_bytes(), l.stage.cache_bytes()),
-                None => (false, 0, 0, 0),
+                Some(l) => {
+                    let s = &l.stage;
+                    (true, s.sequences() as u32, s.weight_bytes(), s.cache_bytes(), s.pool())
+                }
+                None => (false, 0, 0, 0, Default::default()),
             })
             .await
             .map_err(internal)?;
@@ -789,6 +823,12 @@ impl pb::stage_server::Stage for StageService {
             downstream_wait_seconds: s.downstream_wait_seconds,
             weight_bytes,
             cache_bytes,
+            rows: s.rows,
+            kv_block_size: pool.block_size,
+            kv_blocks: pool.blocks,
+            kv_blocks_used: pool.used_blocks,
+            slots: pool.slots,
+            slots_used: pool.used_slots,
         }))
     }
 }

@@ -16,7 +16,8 @@ pub(crate) const PIECES: &[(&str, &str)] = &[
     ("common/step.wgsl", include_str!("../wgsl/common/step.wgsl")),
     ("common/elementwise.wgsl", include_str!("../wgsl/common/elementwise.wgsl")),
     ("common/matmul.wgsl", include_str!("../wgsl/common/matmul.wgsl")),
-    ("common/mm_vec.wgsl", include_str!("../wgsl/common/mm_vec.wgsl")),
+    ("common/batch.wgsl", include_str!("../wgsl/common/batch.wgsl")),
+    ("common/sample.wgsl", include_str!("../wgsl/common/sample.wgsl")),
     ("common/workgroup_sum.wgsl", include_str!("../wgsl/common/workgroup_sum.wgsl")),
     ("common/nibbles.wgsl", include_str!("../wgsl/common/nibbles.wgsl")),
 ];

@@ -12,8 +12,8 @@
 //!
 //! at column 0: a WGSL comment, so tools leave it alone ([`include`] has the rules). A
 //! kernel source is assembled by [`Kernel::assemble`]: an optional prelude (a weight
-//! format, `q_*.wgsl`, which defines `load8` for `mm_vec`, `mm_vec_sg`, `mm_mat` and
-//! `embed`), then the kernel, includes resolved (each piece once), then [`specialise`]
+//! format, `q_*.wgsl`, which defines `load8` for `mm_rows`, `mm_tile` and `embed`), then
+//! the kernel, includes resolved (each piece once), then [`specialise`]
 //! replaces the values of chosen top-level `const`s, wherever they were declared.
 //!
 //! So a file is not always valid WGSL as it stands: one with includes is valid once

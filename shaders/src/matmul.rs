@@ -1,4 +1,5 @@
-//! Kernels that read quantised weights: matrix-vector, matrix-matrix, embedding rows.
+//! Kernels that read quantised weights: matrix products for a few rows (`mm_rows`) and for
+//! many (`mm_tile`, workgroup-shared tiles), embedding rows.
 //!
 //! The `q_*` kernels are weight-format preludes: each binds one format's arrays at
 //! bindings 4.. and defines `fn load8(p: u32) -> mat2x4<f32>`, the 8 consecutive values
@@ -16,9 +17,8 @@ crate::registry::kernels! { MATMUL:
     Q_Q4_1 => "q_q4_1",
     Q_Q4_K => "q_q4_k",
     Q_Q6_K => "q_q6_k",
-    MM_VEC => "mm_vec",
-    MM_VEC_SG => "mm_vec_sg",
-    MM_MAT => "mm_mat",
+    MM_ROWS => "mm_rows",
+    MM_TILE => "mm_tile",
     EMBED => "embed",
 }
 
@@ -35,4 +35,4 @@ pub const FORMATS: &[Kernel] = &[
 ];
 
 /// The kernels that call `load8`, each compiled with one of [`FORMATS`] in front.
-pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_VEC, Kernel::MM_VEC_SG, Kernel::MM_MAT, Kernel::EMBED];
+pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::EMBED];

@@ -6,7 +6,7 @@ crate::registry::kernels! { OPS:
     KV_STORE => "kv_store",
     ATTENTION => "attention",
     SWIGLU => "swiglu",
-    COPY_ROW => "copy_row",
+    GATHER_ROWS => "gather_rows",
     TOP_K => "top_k",
     PENALIZE => "penalize",
 }

@@ -9,7 +9,7 @@ use crate::{Kernel, all, include};
 /// Parses and validates `src` as wgpu would before handing it to a driver.
 fn validate(label: &str, src: &str) {
     let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(src)));
-    // Subgroups: only mm_vec_sg uses them, on adapters that have them. f16 packing
+    // Subgroups: only mm_rows's broadcasts use them, on adapters that have them. f16 packing
     // (unpack2x16float) wgpu allows on every adapter it runs on.
     use naga::valid::Capabilities as C;
     let caps = C::SUBGROUP | C::SHADER_FLOAT16_IN_FLOAT32;
@@ -46,11 +46,11 @@ fn load8_callers_are_weight_readers() {
 
 #[test]
 fn constants_of_pieces_specialise() {
-    // mm_vec's WG and ROWS come from common/mm_vec.wgsl.
-    let consts = [("WG", "8u".to_owned()), ("ROWS", "8u".to_owned())];
-    let src = Kernel::MM_VEC.assemble(Some(Kernel::Q_Q8_0), &consts).unwrap();
-    assert!(src.contains("const WG: u32 = 8u;\n") && src.contains("const ROWS: u32 = 8u;\n"));
-    validate("mm_vec specialised", &src);
+    // mm_rows's S is also what common/matmul.wgsl's `tree` sums over.
+    let consts = [("WG", "64u".to_owned()), ("S", "4u".to_owned())];
+    let src = Kernel::MM_ROWS.assemble(Some(Kernel::Q_Q8_0), &consts).unwrap();
+    assert!(src.contains("const WG: u32 = 64u;\n") && src.contains("const S: u32 = 4u;\n"));
+    validate("mm_rows specialised", &src);
     let err = Kernel::SWIGLU.assemble(None, &[("NOPE", "1u".into())]).unwrap_err();
     assert!(matches!(err, crate::AssembleError::Specialise(_)), "{err}");
 }
@@ -58,7 +58,7 @@ fn constants_of_pieces_specialise() {
 #[test]
 fn a_piece_is_pasted_once_per_source() {
     // Both the kernel and common/matmul.wgsl include common/step.wgsl.
-    let src = Kernel::MM_MAT.assemble(Some(Kernel::Q_Q4_K), &[]).unwrap();
+    let src = Kernel::MM_TILE.assemble(Some(Kernel::Q_Q4_K), &[]).unwrap();
     assert_eq!(src.matches("struct Step {").count(), 1);
     assert!(!src.lines().any(|l| l.starts_with(include::DIRECTIVE)));
 }

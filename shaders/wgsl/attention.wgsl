@@ -1,6 +1,8 @@
-// Causal softmax attention over the f16 KV cache: one workgroup per (token t, query head h),
-// attending to cache positions 0..=positions[t] of KV head h / (n_heads / n_kv_heads).
-// One kernel serves decode and prefill: the step's own keys are stored before it runs.
+// Causal softmax attention over the paged f16 KV pool: one workgroup per (row t, query
+// head h), attending to positions 0..=pos of row t's own sequence, KV head
+// h / (n_heads / n_kv_heads), each position found through the sequence's block table. One
+// kernel serves decode and prefill rows of any sequences: the step's own keys are stored
+// (kv_store) before it runs.
 //
 // Keys are taken in tiles of WG with an online softmax (running max m and sum l; earlier
 // partial sums are rescaled by exp(m_old - m_new)), so any context length runs in fixed
@@ -22,33 +24,52 @@ const QUADS: u32 = HEAD_DIM / 4u;
 const NEG: f32 = -3.0e38;
 
 //#include "common/step.wgsl"
+//#include "common/batch.wgsl"
 
 struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     // n_heads / n_kv_heads
     group: u32,
-    capacity: u32,
+    // log2 of the positions per block.
+    block_shift: u32,
     scale: f32,
     // 1: multiply by sigmoid(gate[row * gate_stride + gate_offset + d]), row = t * n_heads + h.
     gated: u32,
     gate_stride: u32,
     gate_offset: u32,
+    // Entries per sequence slot of the block table.
+    max_blocks: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> params: Params;
-@group(0) @binding(2) var<storage, read> positions: array<u32>;
-@group(0) @binding(3) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> k_cache: array<vec2<u32>>;
-@group(0) @binding(5) var<storage, read> v_cache: array<u32>;
-@group(0) @binding(6) var<storage, read> gate: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> rows: array<RowInfo>;
+// [slots, max_blocks]: each sequence's blocks in order.
+@group(0) @binding(3) var<storage, read> table: array<u32>;
+@group(0) @binding(4) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> k_pool: array<vec2<u32>>;
+@group(0) @binding(6) var<storage, read> v_pool: array<u32>;
+@group(0) @binding(7) var<storage, read> gate: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<vec2<f32>>;
+
+// Where position j of the sequence in `slot` is in the pool.
+fn pool_position(slot: u32, j: u32) -> u32 {
+    let block = table[slot * params.max_blocks + (j >> params.block_shift)];
+    return (block << params.block_shift) | (j & ((1u << params.block_shift) - 1u));
+}
 
 var<workgroup> q_s: array<vec4<f32>, QUADS>;
 var<workgroup> score: array<f32, WG>;
 var<workgroup> prob: array<f32, WG>;
+// Each key of the tile's place in the pool, in two halves by tile parity: a thread may
+// write the next tile's while another still reads this one's.
+var<workgroup> at_s: array<u32, 2u * WG>;
 var<workgroup> partial: array<vec2<f32>, WG>;
 var<workgroup> n_keys_s: u32;
+var<workgroup> slot_s: u32;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -63,9 +84,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         q_s[i] = q[row * QUADS + i] * params.scale;
     }
     if lid == 0u {
-        n_keys_s = min(positions[t] + 1u, params.capacity);
+        let info = rows[t];
+        n_keys_s = min(info.pos + 1u, params.max_blocks << params.block_shift);
+        slot_s = info.slot;
     }
     let n_keys = workgroupUniformLoad(&n_keys_s);
+    let slot = workgroupUniformLoad(&slot_s);
 
     let pair0 = lid % PAIRS;
     let slice = lid / PAIRS;
@@ -74,12 +98,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc: array<vec2<f32>, PAIRS_PER_THREAD>;
     for (var start = 0u; start < n_keys; start += WG) {
         let n_tile = min(WG, n_keys - start);
+        let half = ((start / WG) & 1u) * WG;
         var s = NEG;
         if lid < n_tile {
-            let kb = ((start + lid) * params.n_kv_heads + kvh) * QUADS;
+            let at = pool_position(slot, start + lid);
+            at_s[half + lid] = at;
+            let kb = (at * params.n_kv_heads + kvh) * QUADS;
             var d = 0.0;
             for (var i = 0u; i < QUADS; i++) {
-                let w = k_cache[kb + i];
+                let w = k_pool[kb + i];
                 d += dot(q_s[i], vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
             }
             s = d;
@@ -106,11 +133,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if slice < SLICES {
             for (var i = slice; i < n_tile; i += SLICES) {
                 let p = prob[i];
-                let vb = ((start + i) * params.n_kv_heads + kvh) * PAIRS;
+                let vb = (at_s[half + i] * params.n_kv_heads + kvh) * PAIRS;
                 for (var k = 0u; k < PAIRS_PER_THREAD; k++) {
                     let pr = pair0 + k * WG;
                     if pr < PAIRS {
-                        acc[k] += p * unpack2x16float(v_cache[vb + pr]);
+                        acc[k] += p * unpack2x16float(v_pool[vb + pr]);
                     }
                 }
             }

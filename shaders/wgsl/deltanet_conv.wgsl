@@ -1,15 +1,17 @@
 // Gated DeltaNet, part 1: the causal depthwise conv of the q, k, v channels, SiLU, then
 // the per-head L2 norm of q and k (q also scaled by 1/sqrt(head_dim)).
 //
-// One workgroup per (head of head_dim channels, token t). Tokens are independent given
-// the inputs, since the conv looks only K-1 inputs back: inputs before the step come
-// from the conv state (the previous K-1 inputs, oldest first), which
-// deltanet_conv_state advances in a later dispatch. So prefill runs every token at once.
+// One workgroup per (head of head_dim channels, row t). Rows are independent given the
+// inputs, since the conv looks only K-1 inputs back: inputs before the row's sequence's
+// first row in the step come from that sequence's conv state (its previous K-1 inputs,
+// oldest first, in its slot), which deltanet_conv_state advances in a later dispatch. So
+// prefill rows and the rows of several sequences run at once.
 
 const WG: u32 = 64u;
 
 //#include "common/step.wgsl"
 //#include "common/workgroup_sum.wgsl"
+//#include "common/batch.wgsl"
 
 struct Params {
     // C: q, k and v channels of one token.
@@ -28,20 +30,23 @@ struct Params {
 
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels]: the step's inputs u.
-@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> rows: array<RowInfo>;
+@group(0) @binding(3) var<storage, read> qkv: array<f32>;
 // [channels, kernel]: the last tap multiplies the current input.
-@group(0) @binding(3) var<storage, read> weight: array<f32>;
-// [kernel - 1, channels], oldest first.
-@group(0) @binding(4) var<storage, read> conv_state: array<f32>;
+@group(0) @binding(4) var<storage, read> weight: array<f32>;
+// [slots, kernel - 1, channels], oldest first.
+@group(0) @binding(5) var<storage, read> conv_state: array<f32>;
 // [n_tokens, channels].
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
-// Input s of channel c, counted from the step's first token; negative s is history.
-fn input(s: i32, c: u32) -> f32 {
-    if s < 0 {
-        return conv_state[u32(i32(params.kernel) - 1 + s) * params.channels + c];
+// Input of channel c at row u of the step, for a sequence whose first row here is
+// `first`: rows before it come from the sequence's conv state.
+fn input(u: i32, first: i32, slot: u32, c: u32) -> f32 {
+    if u < first {
+        let h = u32(i32(params.kernel) - 1 + u - first);
+        return conv_state[(slot * (params.kernel - 1u) + h) * params.channels + c];
     }
-    return qkv[u32(s) * params.channels + c];
+    return qkv[u32(u) * params.channels + c];
 }
 
 @compute @workgroup_size(WG)
@@ -51,15 +56,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if t >= step.n_tokens {
         return;
     }
+    let info = rows[t];
     let n_taps = params.kernel;
-    let first = i32(t) - i32(n_taps) + 1;
+    let oldest = i32(t) - i32(n_taps) + 1;
     let base = t * params.channels + head * params.head_dim;
     var ss = 0.0;
     for (var i = lid; i < params.head_dim; i += WG) {
         let c = head * params.head_dim + i;
         var acc = 0.0;
         for (var j = 0u; j < n_taps; j++) {
-            acc += weight[c * n_taps + j] * input(first + i32(j), c);
+            acc += weight[c * n_taps + j] * input(oldest + i32(j), i32(info.first), info.slot, c);
         }
         let y = acc / (1.0 + exp(-acc));
         out[base + i] = y;

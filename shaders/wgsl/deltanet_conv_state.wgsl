@@ -1,11 +1,12 @@
-// Gated DeltaNet: advances the conv state past the step, after deltanet_conv has read it.
-// The new state is the last K-1 inputs of [old state | the step's inputs], oldest first.
-// One thread per channel, in place: slot j reads slot T + j > j, which no earlier
-// iteration (slots below j) has overwritten.
+// Gated DeltaNet: advances each sequence's conv state past its rows of the step, after
+// deltanet_conv has read it. The new state is the last K-1 inputs of [old state | the
+// sequence's rows], oldest first. One thread per (channel, sequence), in place: entry j
+// reads entry n + j > j, which no earlier iteration (entries below j) has overwritten.
 
 const WG: u32 = 64u;
 
 //#include "common/step.wgsl"
+//#include "common/batch.wgsl"
 
 struct Params {
     channels: u32,
@@ -16,26 +17,29 @@ struct Params {
 
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels].
-@group(0) @binding(2) var<storage, read> qkv: array<f32>;
-// [kernel - 1, channels].
-@group(0) @binding(3) var<storage, read_write> conv_state: array<f32>;
+@group(0) @binding(2) var<storage, read> seqs: array<SeqInfo>;
+@group(0) @binding(3) var<storage, read> qkv: array<f32>;
+// [slots, kernel - 1, channels].
+@group(0) @binding(4) var<storage, read_write> conv_state: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
     let n = params.channels;
-    if c >= n {
+    if c >= n || gid.y >= step.n_seqs {
         return;
     }
+    let seq = seqs[gid.y];
     let hist = params.kernel - 1u;
+    let base = seq.slot * hist * n;
     for (var j = 0u; j < hist; j++) {
-        let src = step.n_tokens + j;
+        let src = seq.n + j;
         var v: f32;
         if src < hist {
-            v = conv_state[src * n + c];
+            v = conv_state[base + src * n + c];
         } else {
-            v = qkv[(src - hist) * n + c];
+            v = qkv[(seq.first + src - hist) * n + c];
         }
-        conv_state[j * n + c] = v;
+        conv_state[base + j * n + c] = v;
     }
 }

@@ -1,4 +1,5 @@
-// Gated DeltaNet, part 2: the gates and the delta rule, for the step's tokens in order.
+// Gated DeltaNet, part 2: the gates and the delta rule, for each sequence's rows of the
+// step in order, over that sequence's state (in its slot).
 // Per value head h (key head kh = h mod n_key_heads: heads are tiled) and token:
 //   beta = sigmoid(b), g = ssm_a * softplus(a + dt_bias)
 //   S = exp(g) S;  kv = S^T k;  d = beta (v - kv);  S += k d^T;  o = S^T q
@@ -6,7 +7,8 @@
 //
 // Column j of S only ever meets column j of d, so columns are independent: one thread
 // per column, holding it in private memory (as vec4s of 4 rows) for the whole step,
-// COLS columns per workgroup (workgroups: value heads x DK / COLS). q and k (already
+// COLS columns per workgroup (workgroups: value heads x DK / COLS x the step's sequences,
+// `Dim::Seqs`). q and k (already
 // L2-normed by deltanet_conv) go through workgroup memory once per token. Decode and
 // prefill run the same kernel. DK must be a multiple of 4.
 
@@ -14,6 +16,7 @@ const DK: u32 = 128u;
 const COLS: u32 = 64u;
 
 //#include "common/step.wgsl"
+//#include "common/batch.wgsl"
 
 struct Params {
     n_key_heads: u32,
@@ -25,14 +28,14 @@ struct Params {
 
 @group(0) @binding(1) var<uniform> params: Params;
 // [n_tokens, channels]: q (key heads), k (key heads), v (value heads), heads of DK.
-@group(0) @binding(2) var<storage, read> y: array<f32>;
+@group(0) @binding(2) var<storage, read> seqs: array<SeqInfo>;
+@group(0) @binding(3) var<storage, read> y: array<f32>;
 // [n_tokens, n_value_heads] each.
-@group(0) @binding(3) var<storage, read> b: array<f32>;
-@group(0) @binding(4) var<storage, read> a: array<f32>;
-// [n_value_heads] each: ssm_a (already -exp(A_log)) and ssm_dt.bias.
-@group(0) @binding(5) var<storage, read> ssm_a: array<f32>;
-@group(0) @binding(6) var<storage, read> dt_bias: array<f32>;
-// [n_value_heads, DK, DK].
+@group(0) @binding(4) var<storage, read> b: array<f32>;
+@group(0) @binding(5) var<storage, read> a: array<f32>;
+// [2, n_value_heads]: ssm_a (already -exp(A_log)), then ssm_dt.bias.
+@group(0) @binding(6) var<storage, read> gate_consts: array<f32>;
+// [slots, n_value_heads, DK, DK].
 @group(0) @binding(7) var<storage, read_write> state: array<f32>;
 // [n_tokens, n_value_heads, DK].
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
@@ -53,6 +56,10 @@ fn softplus(x: f32) -> f32 {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let j = wid.y * COLS + lid;
+    if wid.z >= step.n_seqs {
+        return;
+    }
+    let seq = seqs[wid.z];
     // Threads past the last column still help load q and k and meet every barrier.
     let owns_column = j < DK;
     let nk = params.n_key_heads;
@@ -61,7 +68,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q_base = kh * DK;
     let k_base = (nk + kh) * DK;
     let v_base = (2u * nk + h) * DK;
-    let s_base = h * DK * DK + j;
+    let s_base = (seq.slot * nv + h) * DK * DK + j;
 
     // Rows 4i..4i+3 of the column.
     var col: array<vec4<f32>, DK4>;
@@ -71,10 +78,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             col[i] = vec4<f32>(state[r], state[r + DK], state[r + 2u * DK], state[r + 3u * DK]);
         }
     }
-    let a_h = ssm_a[h];
-    let bias = dt_bias[h];
-    let n_tokens = step.n_tokens;
-    for (var t = 0u; t < n_tokens; t++) {
+    let a_h = gate_consts[h];
+    let bias = gate_consts[nv + h];
+    for (var t = seq.first; t < seq.first + seq.n; t++) {
         let row = t * params.channels;
         // The previous token's reads of q_s and k_s are done.
         workgroupBarrier();

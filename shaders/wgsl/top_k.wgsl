@@ -1,9 +1,10 @@
-// The k largest logits of one row, sorted (ties: lower id first), with the row's max and
-// log-sum-exp; k = 1 is the argmax. Two dispatches of this kernel:
-//   merge = 0: workgroup c takes chunk c (WG * PER logits) and writes to `partial` its
-//              (max, sum exp(x - max)) and its own top k as (logit bits, id);
-//   merge = 1: one workgroup merges the chunks' candidates and sums, and writes
-//              out = [ids[k], logit bits[k], max bits, log-sum-exp bits].
+// The k largest logits of each sampled row, sorted (ties: lower id first), with the row's
+// max and log-sum-exp; k = 1 is the argmax. Each row has its own k (at most K) in
+// `sampling`. Two dispatches of this kernel, workgroups along y over rows:
+//   merge = 0: workgroup (c, r) takes chunk c (WG * PER logits) of row r and writes to
+//              `partial` its (max, sum exp(x - max)) and its own top k as (logit bits, id);
+//   merge = 1: one workgroup per row merges the chunks' candidates and sums, and writes
+//              the row's out = [ids[K], logit bits[K], max bits, log-sum-exp bits].
 // Each of k rounds takes every thread's best untaken value and reduces them in workgroup
 // memory; no subgroup operations, so any subgroup size works.
 
@@ -13,24 +14,23 @@ const PER: u32 = 32u;
 const NONE: u32 = 0xffffffffu;
 
 //#include "common/step.wgsl"
+//#include "common/sample.wgsl"
 
 struct Params {
     n_vocab: u32,
-    // 0xffffffff: the step's last token.
-    row: u32,
-    k: u32,
+    // The largest k of any row: the stride of `partial` and `out`.
+    k_max: u32,
     n_chunks: u32,
     merge: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> params: Params;
-@group(0) @binding(2) var<storage, read> logits: array<f32>;
-// Per chunk k + 1 entries: (max bits, sum bits), then (logit bits, id) k times.
-@group(0) @binding(3) var<storage, read_write> partial: array<vec2<u32>>;
-@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+@group(0) @binding(2) var<storage, read> sampling: array<RowSampling>;
+@group(0) @binding(3) var<storage, read> logits: array<f32>;
+// Per row and chunk k_max + 1 entries: (max bits, sum bits), then (logit bits, id) k times.
+@group(0) @binding(4) var<storage, read_write> partial: array<vec2<u32>>;
+// Per row 2 k_max + 2 words.
+@group(0) @binding(5) var<storage, read_write> out: array<u32>;
 
 var<workgroup> red_v: array<f32, WG>;
 var<workgroup> red_i: array<u32, WG>;
@@ -55,15 +55,14 @@ fn rescale(m: f32, s: f32, to: f32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if step.n_tokens == 0u {
+    let row = wid.y;
+    if row >= step.n_tokens {
         return;
     }
-    var row = params.row;
-    if row == NONE {
-        row = step.n_tokens - 1u;
-    }
-    let k = params.k;
-    let stride = k + 1u;
+    let k = min(sampling[row].k, params.k_max);
+    let stride = params.k_max + 1u;
+    let part = row * params.n_chunks * stride;
+    let o = row * (2u * params.k_max + 2u);
     var vals: array<f32, PER>;
     var ids: array<u32, PER>;
     var m = neg_inf();
@@ -91,13 +90,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             vals[j] = neg_inf();
             ids[j] = NONE;
             if c < params.n_chunks * k {
-                let e = partial[(c / k) * stride + 1u + c % k];
+                let e = partial[part + (c / k) * stride + 1u + c % k];
                 vals[j] = bitcast<f32>(e.x);
                 ids[j] = e.y;
             }
         }
         for (var c = lid; c < params.n_chunks; c += WG) {
-            let e = partial[c * stride];
+            let e = partial[part + c * stride];
             let cm = bitcast<f32>(e.x);
             let mm = max(m, cm);
             s = rescale(m, s, mm) + rescale(cm, bitcast<f32>(e.y), mm);
@@ -153,10 +152,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         if lid == 0u {
             if params.merge == 0u {
-                partial[wid.x * stride + 1u + r] = vec2<u32>(bitcast<u32>(win_v), win_i);
+                partial[part + wid.x * stride + 1u + r] = vec2<u32>(bitcast<u32>(win_v), win_i);
             } else {
-                out[r] = win_i;
-                out[k + r] = bitcast<u32>(win_v);
+                out[o + r] = win_i;
+                out[o + params.k_max + r] = bitcast<u32>(win_v);
             }
         }
         // Before the next round overwrites red_v and red_i.
@@ -164,10 +163,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if lid == 0u {
         if params.merge == 0u {
-            partial[wid.x * stride] = vec2<u32>(bitcast<u32>(row_max), bitcast<u32>(row_sum));
+            partial[part + wid.x * stride] = vec2<u32>(bitcast<u32>(row_max), bitcast<u32>(row_sum));
         } else {
-            out[2u * k] = bitcast<u32>(row_max);
-            out[2u * k + 1u] = bitcast<u32>(row_max + log(row_sum));
+            out[o + 2u * params.k_max] = bitcast<u32>(row_max);
+            out[o + 2u * params.k_max + 1u] = bitcast<u32>(row_max + log(row_sum));
         }
     }
 }

@@ -117,6 +117,55 @@ fn bench_reports_what_it_measured() {
     assert!(out["weight_bytes_per_token"].as_u64().unwrap() > 1_000_000, "tiny-qwen3 reads over 1 MB per token");
 }
 
+/// `bench --concurrency`: several sequences through the scheduler, one stage and a
+/// pipeline of two nodes; every figure it reports is there and sane.
+#[test]
+fn bench_with_concurrency_reports_batched_figures() {
+    let m = fixture("tiny-qwen3.gguf");
+    let cluster = crate::support::Cluster::start(2, &crate::support::model_dir(std::slice::from_ref(&m)));
+    let flags = cluster.flags();
+    for extra in [vec![], flags.iter().map(String::as_str).collect::<Vec<_>>()] {
+        let mut args = vec![
+            "bench",
+            "--model",
+            path_str(&m),
+            "--prompt-tokens",
+            "24",
+            "--decode-tokens",
+            "12",
+            "--concurrency",
+            "4",
+            "--json",
+        ];
+        args.extend(extra.iter());
+        let out = strata_json(&args);
+        for key in [
+            "aggregate_decode_tokens_per_s",
+            "per_sequence_decode_tokens_per_s",
+            "ttft_p50_ms",
+            "ttft_p99_ms",
+            "prefill_tokens_per_s",
+            "output_tokens_per_s",
+            "rows_per_step",
+        ] {
+            let v = out[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {out:#}"));
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}: {out:#}");
+        }
+        assert_eq!(out["concurrency"].as_u64(), Some(4));
+        assert!(out["ttft_p99_ms"].as_f64() >= out["ttft_p50_ms"].as_f64(), "{out:#}");
+        // Four sequences share steps: more than one row per step on average.
+        assert!(out["rows_per_step"].as_f64().unwrap() > 1.5, "{out:#}");
+        let stages = out["stages"].as_array().unwrap();
+        assert_eq!(stages.len(), if extra.is_empty() { 1 } else { 2 }, "{out:#}");
+        for s in stages {
+            let b = s["busy_fraction"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&b), "{s}");
+        }
+        let bubble = out["bubble"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&bubble), "{out:#}");
+    }
+}
+
 #[test]
 fn plan_splits_the_27b_shape_over_three_nodes() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));

@@ -9,6 +9,31 @@ use strata_proto::v1 as pb;
 use crate::golden;
 use crate::support::{Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_json};
 
+/// One sequence's rows of a step, asking for a token.
+fn rows(seq_id: u64, pos: u32, rows: u32, token_ids: Vec<u32>) -> pb::SeqRows {
+    pb::SeqRows { seq_id, pos, rows, token_ids, want_token: true, ..Default::default() }
+}
+
+/// A shard of `layers` for steps of `max_batch` rows, `ctx` positions and one sequence.
+fn shard(
+    gguf: &strata_model::gguf::Gguf,
+    layers: std::ops::Range<u32>,
+    ctx: u32,
+    max_batch: u32,
+) -> pb::LoadShardRequest {
+    pb::LoadShardRequest {
+        model_id: gguf.identity().to_vec(),
+        layer_start: layers.start,
+        layer_end: layers.end,
+        ctx,
+        max_batch,
+        next_stage: String::new(),
+        max_seqs: 4,
+        kv_blocks: 0,
+        kv_block_size: 16,
+    }
+}
+
 fn generated(out: &serde_json::Value) -> Vec<u32> {
     out["generated_ids"].as_array().expect("generated_ids").iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
@@ -128,54 +153,91 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
     rt.block_on(async {
         let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
         // The last half of the layers: a stage that takes hidden states and samples.
-        let load = pb::LoadShardRequest {
-            model_id: gguf.identity().to_vec(),
-            layer_start: n / 2,
-            layer_end: n,
-            ctx: 64,
-            max_batch: 8,
-            next_stage: String::new(),
-        };
-        client.load_shard(strata_proto::versioned(load)).await.unwrap();
+        client.load_shard(strata_proto::versioned(shard(&gguf, n / 2..n, 64, 8))).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
-        let act = |step: u64, pos: u32, hidden: Vec<u8>| pb::Activation {
-            seq_id: 7,
+        let act = |step: u64, seqs: Vec<pb::SeqRows>, hidden: Vec<u8>| pb::Activation {
             step,
-            positions: vec![pos],
+            seqs,
             hidden,
             format: pb::HiddenFormat::F32 as i32,
-            want_token: true,
-            ..Default::default()
+            failed: Vec::new(),
         };
-        let good = vec![0u8; cfg.n_embd * 4];
+        let row = vec![0u8; cfg.n_embd * 4];
+        let good = |n: usize| row.repeat(n);
+        let r = |seq, pos| rows(seq, pos, 1, Vec::new());
         use pb::StepErrorCode as C;
-        let cases = [
-            (act(0, 0, vec![1, 2, 3]), Some(("hidden payload of 3 bytes", C::InvalidArgument))),
-            (act(1, 5, good.clone()), Some(("unknown sequence 7", C::OutOfOrder))),
+        // (activation, the step's error, each sequence's error or token).
+        type Want = Option<(&'static str, C)>;
+        type Case = (pb::Activation, Want, Vec<(u64, Want)>);
+        let cases: Vec<Case> = vec![
+            (act(0, vec![r(7, 0)], vec![1, 2, 3]), Some(("hidden payload of 3 bytes", C::InvalidArgument)), vec![]),
+            (act(1, vec![r(7, 5)], good(1)), None, vec![(7, Some(("sequence 7", C::OutOfOrder)))]),
             (
-                pb::Activation { format: 9, ..act(2, 0, good.clone()) },
+                pb::Activation { format: 9, ..act(2, vec![r(7, 0)], good(1)) },
                 Some(("unknown hidden format", C::InvalidArgument)),
+                vec![],
             ),
-            (act(3, 0, good.clone()), None),
-            (act(4, 1, good[..cfg.n_embd * 2].to_vec()), Some(("hidden payload", C::InvalidArgument))),
-            (act(5, 1, good.clone()), None),
+            (act(3, vec![r(7, 0)], good(1)), None, vec![(7, None)]),
+            (
+                act(4, vec![r(7, 1)], good(1)[..cfg.n_embd * 2].to_vec()),
+                Some(("hidden payload", C::InvalidArgument)),
+                vec![],
+            ),
+            (act(5, vec![], Vec::new()), Some(("without sequences", C::InvalidArgument)), vec![]),
+            // Two sequences: one out of order, the other runs.
+            (act(6, vec![r(7, 1), r(8, 3)], good(2)), None, vec![(7, None), (8, Some(("sequence 8", C::OutOfOrder)))]),
+            // Twice in one step: the first part runs, the second is refused.
+            (
+                act(7, vec![rows(9, 0, 2, Vec::new()), r(9, 2)], good(3)),
+                None,
+                vec![(9, Some(("appears twice", C::InvalidArgument)))],
+            ),
+            // Past the context.
+            (act(8, vec![rows(10, 0, 8, Vec::new())], good(8)), None, vec![(10, None)]),
+            (
+                act(9, vec![rows(11, 60, 5, Vec::new())], good(5)),
+                None,
+                vec![(11, Some(("past the context", C::InvalidArgument)))],
+            ),
         ];
-        for (a, want_error) in cases {
+        for (a, step_error, seqs) in cases {
             let step = a.step;
             tx.send(a).await.unwrap();
-            let r = results.message().await.unwrap().expect("a result");
-            assert_eq!(r.step, step);
-            match want_error {
+            let res = results.message().await.unwrap().expect("a result");
+            assert_eq!(res.step, step);
+            match step_error {
                 Some((e, code)) => {
-                    assert!(r.error.contains(e), "step {step}: error `{}` lacks `{e}`", r.error);
-                    assert_eq!(r.error_code(), code, "step {step}: {r:?}");
+                    assert!(res.error.contains(e), "step {step}: error `{}` lacks `{e}`", res.error);
+                    assert_eq!(res.error_code(), code, "step {step}: {res:?}");
+                    continue;
                 }
-                None => assert!(r.error.is_empty() && (r.token_id as usize) < cfg.n_vocab, "step {step}: {r:?}"),
+                None => assert!(res.error.is_empty(), "step {step}: {res:?}"),
+            }
+            for (seq, want) in seqs {
+                // The last answer for the sequence (a refused second part comes after the first).
+                let a = res
+                    .seqs
+                    .iter()
+                    .rev()
+                    .find(|a| a.seq_id == seq)
+                    .unwrap_or_else(|| panic!("step {step}: no answer for {seq}: {res:?}"));
+                match want {
+                    Some((e, code)) => {
+                        assert!(a.error.contains(e), "step {step}, seq {seq}: error `{}` lacks `{e}`", a.error);
+                        assert_eq!(a.error_code(), code, "step {step}, seq {seq}: {a:?}");
+                    }
+                    None => assert!(
+                        a.error.is_empty() && a.has_token && (a.token_id as usize) < cfg.n_vocab,
+                        "step {step}: {a:?}"
+                    ),
+                }
             }
         }
         let h = client.health(pb::HealthRequest {}).await.unwrap().into_inner();
-        assert!(h.loaded && h.sequences == 1, "{h:?}");
+        // 7, 9 (its first part) and 10 hold slots and blocks.
+        assert!(h.loaded && h.sequences == 3 && h.slots == 4 && h.slots_used == 3, "{h:?}");
+        assert!(h.kv_blocks_used >= 3 && h.kv_blocks == 16 && h.kv_block_size == 16, "{h:?}");
         assert!(client.release(pb::ReleaseRequest { seq_id: 7 }).await.unwrap().into_inner().released);
     });
 }
@@ -190,14 +252,7 @@ fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_servi
     let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
     let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
     let n = cfg.n_layer() as u32;
-    let load = |ctx, max_batch| pb::LoadShardRequest {
-        model_id: gguf.identity().to_vec(),
-        layer_start: 0,
-        layer_end: n,
-        ctx,
-        max_batch,
-        next_stage: String::new(),
-    };
+    let load = |ctx, max_batch| shard(&gguf, 0..n, ctx, max_batch);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
@@ -205,18 +260,19 @@ fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_servi
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let act = |step: u64, pos: u32| pb::Activation {
-            seq_id: 3,
             step,
-            positions: vec![pos],
-            token_ids: vec![1],
-            want_token: true,
-            ..Default::default()
+            seqs: vec![rows(3, pos, 1, vec![1])],
+            hidden: Vec::new(),
+            format: 0,
+            failed: Vec::new(),
         };
         tx.send(act(0, 0)).await.unwrap();
         let r = results.message().await.unwrap().expect("a result");
-        assert!(r.error.is_empty(), "{r:?}");
+        assert!(r.error.is_empty() && r.seqs[0].error.is_empty(), "{r:?}");
 
-        for (ctx, max_batch, needle) in [(64, 4_000_000_000, "max_batch 4000000000"), (u32::MAX, 8, "ctx 4294967295")] {
+        for (ctx, max_batch, needle) in
+            [(64, 4_000_000_000, "max_batch 4000000000"), (u32::MAX, 8, "context 4294967295")]
+        {
             let s = client.load_shard(strata_proto::versioned(load(ctx, max_batch))).await.unwrap_err();
             assert_eq!(s.code(), strata_proto::tonic::Code::InvalidArgument, "{s:?}");
             assert!(
@@ -238,7 +294,8 @@ fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_servi
         // The shard loaded first still holds sequence 3 and runs its next step.
         tx.send(act(1, 1)).await.unwrap();
         let r = results.message().await.unwrap().expect("a result");
-        assert!(r.error.is_empty() && (r.token_id as usize) < cfg.n_vocab, "{r:?}");
+        let a = &r.seqs[0];
+        assert!(r.error.is_empty() && a.error.is_empty() && (a.token_id as usize) < cfg.n_vocab, "{r:?}");
         let h = client.health(pb::HealthRequest {}).await.unwrap().into_inner();
         assert!(h.loaded && h.sequences == 1, "{h:?}");
     });
@@ -260,14 +317,7 @@ fn wire_logits(
         for (k, &n) in split.iter().enumerate() {
             let mut client = strata_proto::transport::connect(&addrs[k]).await.unwrap();
             let next_stage = if k + 1 < split.len() { addrs[k + 1].clone() } else { String::new() };
-            let load = pb::LoadShardRequest {
-                model_id: gguf.identity().to_vec(),
-                layer_start: start,
-                layer_end: start + n,
-                ctx: 256,
-                max_batch: 8,
-                next_stage,
-            };
+            let load = pb::LoadShardRequest { next_stage, ..shard(&gguf, start..start + n, 256, 8) };
             client
                 .load_shard(strata_proto::versioned(load))
                 .await
@@ -280,23 +330,22 @@ fn wire_logits(
         let mut step = 0;
         let mut out = Vec::new();
         for (s, seq) in seqs.iter().enumerate() {
-            let mut rows = Vec::new();
+            let mut logits = Vec::new();
             for (pos, &tok) in seq.forced_ids.iter().enumerate() {
+                let seq_rows = pb::SeqRows { want_logits: true, ..rows(s as u64, pos as u32, 1, vec![tok]) };
                 let act = pb::Activation {
-                    seq_id: s as u64,
                     step,
-                    positions: vec![pos as u32],
-                    token_ids: vec![tok],
+                    seqs: vec![seq_rows],
+                    hidden: Vec::new(),
                     format: format as i32,
-                    want_token: true,
-                    want_logits: true,
-                    ..Default::default()
+                    failed: Vec::new(),
                 };
                 tx.send(act).await.unwrap();
                 let r = results.message().await.unwrap().expect("a result");
-                assert!(r.error.is_empty() && r.step == step, "step {step}: {r:?}");
-                rows.push(
-                    r.logits
+                assert!(r.error.is_empty() && r.step == step && r.seqs[0].error.is_empty(), "step {step}: {r:?}");
+                logits.push(
+                    r.seqs[0]
+                        .logits
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect::<Vec<f32>>(),
@@ -304,7 +353,7 @@ fn wire_logits(
                 step += 1;
             }
             first.release(pb::ReleaseRequest { seq_id: s as u64 }).await.unwrap();
-            out.push(rows);
+            out.push(logits);
         }
         out
     })

@@ -15,7 +15,7 @@ fn stage(path: &std::path::Path, max_batch: u32) -> Stage {
     let gguf = Gguf::open(path).unwrap();
     let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
     let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
-    Stage::load(gpu, &gguf, StageSpec { layers: 0..n_layer, ctx: 512, max_batch }).unwrap()
+    Stage::load(gpu, &gguf, StageSpec::new(0..n_layer, 512, max_batch)).unwrap()
 }
 
 fn teacher_forced(path: &std::path::Path, golden_name: &str) {
@@ -65,8 +65,8 @@ fn bad_steps_are_errors_not_panics() {
     let mut st = stage(&fixture("tiny-qwen3.gguf"), 4);
     let greedy = strata_model::sampling::SamplingParams::greedy();
     let cases: Vec<(Vec<u32>, Vec<u32>, &str)> = vec![
-        (vec![], vec![], "1..=4 tokens"),
-        (vec![1; 5], (0..5).collect(), "1..=4 tokens"),
+        (vec![], vec![], "1..=4 rows"),
+        (vec![1; 5], (0..5).collect(), "1..=4 rows"),
         (vec![1, 2], vec![0], "2 token ids for 1 positions"),
         (vec![5000], vec![0], "outside the vocabulary"),
         (vec![1], vec![512], "past the context length"),
@@ -123,4 +123,56 @@ fn tiny_qwen35_teacher_forced_on_gpu() {
 #[test]
 fn tiny_qwen35_long_prefill_matches_reference() {
     long_prefill_matches_reference(&fixture("tiny-qwen35.gguf"));
+}
+
+/// The goldens' sequences teacher-forced together in shared steps: the first in prefill
+/// chunks of 5 rows, the others one row per step beside it, every step's last row of each
+/// sequence within the bar of the reference's logits.
+fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
+    use strata_node::stage::{Produced, SeqStep, Want};
+    let gguf = Gguf::open(path).unwrap();
+    let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
+    let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
+    let mut st = Stage::load(gpu, &gguf, StageSpec::new(0..n_layer, 512, 16).with_seqs(4)).unwrap();
+    let g = load_golden(golden_name);
+    let seqs = golden::sequences(&g);
+    let mut pos = vec![0usize; seqs.len()];
+    let mut worst = 0f32;
+    while pos.iter().zip(&seqs).any(|(p, s)| *p < s.forced_ids.len()) {
+        let steps: Vec<SeqStep> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| pos[*i] < s.forced_ids.len())
+            .map(|(i, s)| {
+                let n = if i == 0 { 5 } else { 1 }.min(s.forced_ids.len() - pos[i]);
+                let tokens = &s.forced_ids[pos[i]..pos[i] + n];
+                SeqStep { seq: i as u64, pos: pos[i] as u32, rows: n as u32, tokens, want: Want::Logits, history: &[] }
+            })
+            .collect();
+        let out = st.step(&steps, None).unwrap();
+        for (step, (seq, produced)) in steps.iter().zip(out.seqs) {
+            let Ok(Produced::Logits(logits)) = produced else { panic!("sequence {seq}: {produced:?}") };
+            let i = seq as usize;
+            let last = pos[i] + step.rows as usize - 1;
+            let what = format!("{golden_name} sequence {i} (batched)");
+            worst = worst.max(check_position(&what, last, &logits, &seqs[i].ref_topk[last]));
+            pos[i] += step.rows as usize;
+        }
+    }
+    eprintln!("{golden_name}: worst top-16 logit error batched {worst:.2e}");
+}
+
+#[test]
+fn tiny_qwen3_teacher_forced_batched() {
+    teacher_forced_batched(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json");
+}
+
+#[test]
+fn tiny_qwen35_teacher_forced_batched() {
+    teacher_forced_batched(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json");
+}
+
+#[test]
+fn smollm2_q8_0_teacher_forced_batched() {
+    teacher_forced_batched(&smol_q8_0(), "smollm2-135m-q8_0.golden.json");
 }

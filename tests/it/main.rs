@@ -4,6 +4,7 @@ mod golden;
 mod netns;
 mod support;
 
+mod batch;
 mod chat;
 mod cli;
 mod cluster;

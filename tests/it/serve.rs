@@ -224,6 +224,15 @@ fn openai_client_against_smollm2_on_three_nodes() {
     );
     let report: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     eprintln!("openai client report: {report}");
+    let t = &report["throughput"];
+    let (one, eight) = (t["1"]["tokens_per_s"].as_f64().unwrap(), t["8"]["tokens_per_s"].as_f64().unwrap());
+    eprintln!(
+        "8 concurrent streams on 3 nodes: {eight:.2} tok/s all together, {one:.2} tok/s for one stream alone: {:.2}x",
+        eight / one
+    );
+    // The eight streams shared steps (the figure above is a measurement, not a bar).
+    let c = server.get("/v1/cluster").json();
+    assert!(c["rows_per_step"].as_f64().unwrap() > 1.5, "{c:#}");
     server.wait_idle();
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("strata_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}"), "{metrics}");
@@ -446,4 +455,70 @@ fn web_page_streams_a_chat_and_shows_the_cluster() {
     eprintln!("web page: {r}\nscreenshot: {}", shot.display());
     assert!(r["final"].as_str().unwrap().trim().len() > 5, "{r}");
     assert!(r["cluster"].as_str().unwrap().contains("layers 0–29"), "{r}");
+}
+
+/// A KV pool of 4 blocks of 16 positions: a request that does not fit beside a running one
+/// waits in the queue, then runs; the running stream is not touched (both answers are
+/// their answers alone); a prompt larger than the whole pool is refused, naming the
+/// numbers. `/v1/cluster` and `/metrics` show the pool.
+#[test]
+fn a_full_kv_pool_makes_a_request_wait_and_one_too_large_is_refused() {
+    let model = fixture("tiny-qwen3.gguf");
+    let server = Server::start(&model, &["--ctx", "256", "--kv-pool", "64", "--max-seqs", "4"]);
+    let c = server.get("/v1/cluster").json();
+    assert_eq!((c["kv_pool"]["blocks"].as_u64(), c["kv_pool"]["positions"].as_u64()), (Some(4), Some(64)), "{c:#}");
+    let long = "one two three four five six seven eight nine ten ".repeat(2);
+    let completion = |prompt: &str, max_tokens: u32| {
+        json!({ "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 }).to_string()
+    };
+    let (a_body, b_body) = (completion(&long, 20), completion("one two", 8));
+    let alone = |body: &str| {
+        let r = server.post("/v1/completions", body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let (a_alone, b_alone) = (alone(&a_body), alone(&b_body));
+    let a_prompt = a_alone["usage"]["prompt_tokens"].as_u64().unwrap();
+    // A holds at least 3 of the 4 blocks from its first token on: B (1 block, plus one kept
+    // free for A's growth) cannot start beside it.
+    assert!((33..=44).contains(&a_prompt), "A's prompt is {a_prompt} tokens: {a_alone}");
+    let addr = server.addr;
+    let a = std::thread::spawn(move || {
+        let streamed = json!({ "prompt": long, "max_tokens": 20, "temperature": 0, "stream": true }).to_string();
+        http(addr, "POST", "/v1/completions", &streamed)
+    });
+    assert!(wait_for(|| server.active().0 == 1), "A did not start");
+    let b = std::thread::spawn(move || http(addr, "POST", "/v1/completions", &b_body));
+    let t0 = Instant::now();
+    let mut waited = false;
+    while !a.is_finished() && t0.elapsed() < Duration::from_secs(120) {
+        let c = server.get("/v1/cluster").json();
+        waited |= c["queued"].as_u64() == Some(1) && c["active_sequences"].as_u64() == Some(1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert!(waited, "B never waited in the queue beside A");
+    let text_of = |streamed: &str| -> String {
+        streamed
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(text_of(&a.body), a_alone["choices"][0]["text"].as_str().unwrap(), "A's stream changed");
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(b.json()["choices"][0]["text"], b_alone["choices"][0]["text"], "B's answer changed");
+    // Larger than the whole pool: refused at once, naming the numbers.
+    let huge = completion(&"one two three four five six seven eight nine ten ".repeat(6), 4);
+    let r = server.post("/v1/completions", &huge);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("KV pool holds only 64 positions (4 blocks of 16)"), "{message}");
+    let metrics = server.get("/metrics").body;
+    for want in
+        ["strata_kv_blocks{state=\"free\"} 4", "strata_kv_block_size 16", "strata_stage_busy_fraction{stage=\"0\""]
+    {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
 }

@@ -118,6 +118,9 @@ fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> strata_proto::tonic::Re
         ctx: 64,
         max_batch: 8,
         next_stage: String::new(),
+        max_seqs: 1,
+        kv_blocks: 0,
+        kv_block_size: 16,
     })
 }
 

@@ -75,7 +75,7 @@ def main():
         call("Page.enable")
         call("Page.navigate", url=url)
         wait("document.readyState === 'complete' && !!document.getElementById('composer')", "the page")
-        wait("document.querySelectorAll('#nodes .node .bar span').length >= 2", "the cluster view")
+        wait("document.querySelectorAll('#nodes .node .bar span').length >= 4", "the cluster view")
         js("document.getElementById('max-tokens').value = '24'; document.getElementById('temperature').value = '0';"
            "document.getElementById('input').value = 'Say hello in one sentence.';"
            "document.getElementById('composer').requestSubmit(); true")
@@ -92,7 +92,7 @@ def main():
             f.write(base64.b64decode(shot_data))
         result = {"partial": partial, "final": final, "error": error, "cluster": cluster, "rate": rate}
         print(json.dumps(result))
-        if error or not final.strip() or "layers" not in cluster:
+        if error or not final.strip() or "layers" not in cluster or "KV pool" not in cluster or "busy" not in cluster:
             raise SystemExit(f"page checks failed: {result}")
         ws.close()
     finally:

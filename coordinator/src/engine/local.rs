@@ -7,11 +7,11 @@ use anyhow::Context;
 use strata_model::config::ModelConfig;
 use strata_model::gguf::Gguf;
 use strata_node::error::ErrorKind;
-use strata_node::stage::{Input, Output, SeqId, Stage, StageSpec};
+use strata_node::stage::{Produced, SeqId, SeqStep as StageStep, Stage, Want};
 
 use super::{
-    Engine, EngineStats, ErrorCode, LatencyHistogram, Placement, Sampled, StageStats, Step, StepError, StepOutcome,
-    context_length,
+    Engine, EngineStats, EngineUse, ErrorCode, KvCapacity, LatencyHistogram, NodeCounters, Placement, PoolCounters,
+    Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length,
 };
 use crate::cli::EngineArgs;
 
@@ -20,55 +20,70 @@ use crate::cli::EngineArgs;
 pub struct LocalEngine {
     stage: Stage,
     ctx: u32,
-    batch: u32,
     adapter: String,
     backend: String,
-    results: VecDeque<(SeqId, StepOutcome)>,
+    results: VecDeque<StepDone>,
+    next_step: u64,
     latency: LatencyHistogram,
     steps: u64,
+    rows: u64,
     busy_seconds: f64,
 }
 
 impl LocalEngine {
-    pub fn load(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
+    pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<LocalEngine> {
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
-        let batch = args.batch.min(ctx);
-        let spec = StageSpec { layers: 0..config.n_layer(), ctx, max_batch: batch };
+        let spec = super::stage_spec(args, usage, ctx, 0..config.n_layer(), None)?;
         let stage = Stage::open(gguf, spec, args.adapter.clone())
             .with_context(|| format!("loading {}", args.model.display()))?;
         let device = stage.device();
         Ok(LocalEngine {
             stage,
             ctx,
-            batch,
             adapter: device.name,
             backend: device.backend,
             results: VecDeque::new(),
+            next_step: 0,
             latency: LatencyHistogram::default(),
             steps: 0,
+            rows: 0,
             busy_seconds: 0.0,
         })
     }
 
-    fn run(&mut self, step: &Step<'_>) -> strata_node::Result<Option<Sampled>> {
-        let stage = &mut self.stage;
-        let input = Input::Tokens(step.ids);
-        if step.prompt && step.sampling.has_penalties() {
-            stage.note_prompt(step.seq, step.ids)?;
-        }
-        if !step.want_token {
-            stage.advance(step.seq, input, step.positions)?;
-            return Ok(None);
-        }
-        if let Some(top) = step.logprobs {
-            let (token, lp) = stage.forward_logprobs(step.seq, input, step.positions, step.sampling, top as usize)?;
-            return Ok(Some(Sampled { token, logprobs: Some(lp) }));
-        }
-        match stage.forward(step.seq, input, step.positions, step.sampling)? {
-            Output::Token(token) => Ok(Some(Sampled { token, logprobs: None })),
-            Output::Hidden(_) => {
-                Err(strata_node::Error::NotOnStage("the local stage does not hold the output head".into()))
+    fn run(&mut self, seqs: &[SeqStep<'_>]) -> Vec<(SeqId, StepOutcome)> {
+        let steps: Vec<StageStep<'_>> = seqs
+            .iter()
+            .map(|s| StageStep {
+                seq: s.seq,
+                pos: s.pos,
+                rows: s.ids.len() as u32,
+                tokens: s.ids,
+                want: if s.want_token {
+                    Want::Token { sampling: s.sampling.clone(), logprobs: s.logprobs.map(|n| n as usize) }
+                } else {
+                    Want::Nothing
+                },
+                history: s.history,
+            })
+            .collect();
+        match self.stage.step(&steps, None) {
+            Ok(out) => out
+                .seqs
+                .into_iter()
+                .map(|(seq, r)| {
+                    let outcome = match r {
+                        Ok(Produced::Token(token, logprobs)) => Ok(Some(Sampled { token, logprobs })),
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(step_error(e)),
+                    };
+                    (seq, outcome)
+                })
+                .collect(),
+            Err(e) => {
+                let e = step_error(e);
+                seqs.iter().map(|s| (s.seq, Err(e.clone()))).collect()
             }
         }
     }
@@ -81,26 +96,28 @@ fn step_error(e: strata_node::Error) -> StepError {
         ErrorKind::OutOfOrder => ErrorCode::OutOfOrder,
         ErrorKind::NotOnStage => ErrorCode::NotOnStage,
         ErrorKind::DataLoss => ErrorCode::DataLoss,
+        ErrorKind::Exhausted => ErrorCode::Exhausted,
         ErrorKind::Internal => ErrorCode::Internal,
     };
     StepError::new(code, e.to_string())
 }
 
 impl Engine for LocalEngine {
-    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
+    fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64> {
         let t0 = Instant::now();
-        let result = self.run(&step).map_err(step_error);
+        let outcomes = self.run(seqs);
         let took = t0.elapsed();
-        if step.want_token {
-            self.latency.observe(took);
-        }
+        self.latency.observe(took);
         self.steps += 1;
+        self.rows += seqs.iter().map(|s| s.ids.len() as u64).sum::<u64>();
         self.busy_seconds += took.as_secs_f64();
-        self.results.push_back((step.seq, result));
-        Ok(())
+        let step = self.next_step;
+        self.next_step += 1;
+        self.results.push_back(StepDone { step, outcomes });
+        Ok(step)
     }
 
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
+    fn next_result(&mut self) -> anyhow::Result<StepDone> {
         self.results.pop_front().context("next_result without a submitted step")
     }
 
@@ -114,7 +131,16 @@ impl Engine for LocalEngine {
     }
 
     fn max_batch(&self) -> u32 {
-        self.batch
+        self.stage.spec().max_batch
+    }
+
+    fn max_seqs(&self) -> u32 {
+        self.stage.spec().max_seqs
+    }
+
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        let p = self.stage.pool();
+        (p.blocks > 0).then_some(KvCapacity { block_size: p.block_size, blocks: p.blocks })
     }
 
     fn stats(&self) -> EngineStats {
@@ -130,7 +156,9 @@ impl Engine for LocalEngine {
                 memory_bytes: None,
                 sequences: stage.sequences(),
                 steps: self.steps,
+                rows: self.rows,
                 busy_seconds: self.busy_seconds,
+                pool: self.pool(),
             }],
             step_latency: self.latency.clone(),
         }
@@ -152,5 +180,33 @@ impl Engine for LocalEngine {
 
     fn read_bandwidth(&self) -> anyhow::Result<Option<f64>> {
         Ok(Some(self.stage.read_bandwidth()?))
+    }
+
+    fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {
+        let stage = &self.stage;
+        Ok(vec![NodeCounters {
+            steps: self.steps,
+            rows: self.rows,
+            compute_seconds: self.busy_seconds,
+            waited_steps: 0,
+            downstream_wait_seconds: 0.0,
+            weight_bytes: stage.weight_bytes(),
+            cache_bytes: stage.cache_bytes(),
+            sequences: stage.sequences(),
+            pool: self.pool(),
+        }])
+    }
+}
+
+impl LocalEngine {
+    fn pool(&self) -> PoolCounters {
+        let p = self.stage.pool();
+        PoolCounters {
+            block_size: p.block_size,
+            blocks: p.blocks,
+            used_blocks: p.used_blocks,
+            slots: p.slots,
+            used_slots: p.used_slots,
+        }
     }
 }

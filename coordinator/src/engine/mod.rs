@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use strata_model::gguf::Gguf;
 use strata_model::sampling::SamplingParams;
-use strata_node::stage::{Logprobs, SeqId};
+use strata_node::kv_pool::KvLayout;
+use strata_node::stage::{Logprobs, SeqId, StageSpec};
 
 use crate::cli::EngineArgs;
 pub use local::LocalEngine;
@@ -32,25 +33,61 @@ pub fn context_length(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<u32> {
     Ok(args.ctx.unwrap_or_else(|| (config.context_length as u32).min(DEFAULT_CTX)))
 }
 
-/// A pipeline when `args` names peers, `--no-local`, `--split` or `--discover`; else one
-/// in-process stage.
-pub fn load(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<Box<dyn Engine>> {
-    Ok(if args.is_pipeline() {
-        Box::new(Pipeline::load(gguf, args)?)
-    } else {
-        Box::new(LocalEngine::load(gguf, args)?)
+/// What a command asks of an engine beyond where it runs: how many sequences it keeps at
+/// once (`run` and `chat` 1, `serve` its `--max-seqs`, `bench` its `--concurrency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineUse {
+    pub max_seqs: u32,
+}
+
+/// The spec of a stage holding `layers`: `ctx` positions, `--batch-tokens` rows per step,
+/// the command's sequences, and a KV pool of `kv_positions` (a plan's), else `--kv-pool`,
+/// else every sequence's whole context.
+pub(crate) fn stage_spec(
+    args: &EngineArgs,
+    usage: EngineUse,
+    ctx: u32,
+    layers: std::ops::Range<usize>,
+    kv_positions: Option<u64>,
+) -> anyhow::Result<StageSpec> {
+    let block = KvLayout::DEFAULT_BLOCK_SIZE;
+    let positions = kv_positions.or(args.kv_pool.map(u64::from));
+    let kv_blocks = match positions {
+        Some(p) => u32::try_from(p.div_ceil(u64::from(block)))
+            .map_err(|_| anyhow::anyhow!("a KV pool of {p} positions is too large"))?,
+        None => 0,
+    };
+    Ok(StageSpec {
+        layers,
+        ctx,
+        max_batch: args.batch.min(ctx.max(1)),
+        max_seqs: usage.max_seqs.max(1),
+        kv_blocks,
+        kv_block_size: block,
     })
 }
 
-/// One step of one sequence, as a caller hands it to an engine.
-pub struct Step<'a> {
+/// A pipeline when `args` names peers, `--no-local`, `--split` or `--discover`; else one
+/// in-process stage.
+pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<Box<dyn Engine>> {
+    Ok(if args.is_pipeline() {
+        Box::new(Pipeline::load(gguf, args, usage)?)
+    } else {
+        Box::new(LocalEngine::load(gguf, args, usage)?)
+    })
+}
+
+/// One sequence's part of a step, as a caller hands it to an engine: its `ids` at
+/// positions `pos..pos + ids.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
     pub seq: SeqId,
     pub ids: &'a [u32],
-    pub positions: &'a [u32],
+    pub pos: u32,
     pub sampling: &'a SamplingParams,
-    /// The ids are prompt tokens (a prefill chunk), not yet in the sequence's history;
-    /// an engine that applies repetition penalties must note them.
-    pub prompt: bool,
+    /// Ids the last stage's repetition penalties must count from now on (prompt tokens,
+    /// or tokens fed again); empty when the request has no penalties.
+    pub history: &'a [u32],
     /// Whether the caller needs the sampled token (false for all but the last prefill chunk).
     pub want_token: bool,
     /// With the token, its log-probability and this many top alternatives'.
@@ -75,6 +112,8 @@ pub enum ErrorCode {
     NotOnStage,
     /// Bytes failed their checksum.
     DataLoss,
+    /// No room now (KV pool, sequence slots); may succeed later.
+    Exhausted,
     /// A stage could not be reached.
     Unavailable,
     /// The device, a host or the engine failed.
@@ -88,6 +127,7 @@ impl ErrorCode {
             ErrorCode::OutOfOrder => "out_of_order",
             ErrorCode::NotOnStage => "not_on_stage",
             ErrorCode::DataLoss => "data_loss",
+            ErrorCode::Exhausted => "resource_exhausted",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -115,8 +155,36 @@ impl std::fmt::Display for StepError {
 
 impl std::error::Error for StepError {}
 
-/// What a finished step yields: its token (`None` when it asked for none) or its error.
+/// What one sequence's part of a finished step yields: its token (`None` when it asked
+/// for none) or its error.
 pub type StepOutcome = Result<Option<Sampled>, StepError>;
+
+/// A finished step: its number (as [`Engine::submit`] returned it) and each sequence's
+/// outcome, in the order they were submitted.
+#[derive(Debug)]
+pub struct StepDone {
+    pub step: u64,
+    pub outcomes: Vec<(SeqId, StepOutcome)>,
+}
+
+/// The KV pool every sequence's positions share: the smallest stage's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCapacity {
+    /// Positions per block.
+    pub block_size: u32,
+    pub blocks: u32,
+}
+
+impl KvCapacity {
+    pub fn positions(&self) -> u64 {
+        u64::from(self.blocks) * u64::from(self.block_size)
+    }
+
+    /// Blocks that `positions` positions take.
+    pub fn blocks_for(&self, positions: u32) -> u32 {
+        positions.div_ceil(self.block_size)
+    }
+}
 
 /// Where one stage runs and what it holds, in pipeline order.
 #[derive(Debug, Clone)]
@@ -132,67 +200,84 @@ pub struct Placement {
 
 /// The model, on this machine or across a pipeline of nodes.
 ///
-/// `submit` starts a step and may return before it finishes; `next_result` returns the
-/// outcome of a submitted step (in any order; each submitted step yields exactly one
-/// result). A pipelined engine keeps several sequences in flight: stage k works on one
-/// while stage k+1 works on another.
+/// A step carries the rows of several sequences. `submit` starts one and may return
+/// before it finishes; `next_result` returns the next finished step (each submitted step
+/// yields exactly one, in submission order), with an outcome per sequence. A pipelined
+/// engine keeps several steps in flight: stage k works on one while stage k+1 works on
+/// another.
 pub trait Engine: Send {
-    /// Starts a step. An error here concerns this step only (it yields no result).
-    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()>;
-    /// The next finished step: its sequence and outcome. The outer error means the
-    /// engine itself failed: every step in flight is lost.
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)>;
+    /// Starts a step of `seqs` (each sequence at most once); returns its number. An
+    /// error here concerns this step only (it yields no result).
+    fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64>;
+    /// The next finished step. The outer error means the engine itself failed: every
+    /// step in flight is lost.
+    fn next_result(&mut self) -> anyhow::Result<StepDone>;
     /// Frees a sequence's caches on every stage. Releasing an unknown sequence is not an error.
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()>;
-    /// Positions of KV cache per sequence.
+    /// Positions per sequence, at most.
     fn ctx(&self) -> u32;
-    /// The most tokens one step may carry (a prefill chunk).
+    /// The most rows one step may carry, all its sequences together.
     fn max_batch(&self) -> u32;
+    /// Sequences the stages hold at once (and the most one step may carry).
+    fn max_seqs(&self) -> u32;
+    /// Stages in the pipeline: how many steps are worth keeping in flight.
+    fn stages(&self) -> usize {
+        1
+    }
+    /// The KV pool sequences share, if any stage has one.
+    fn kv_capacity(&self) -> Option<KvCapacity>;
     /// Where the model runs and what each stage holds, for `/v1/cluster` and `/metrics`.
     fn stats(&self) -> EngineStats;
     /// Every stage, in pipeline order.
     fn placement(&self) -> Vec<Placement>;
-    /// Weight bytes one decode step reads, all stages together.
+    /// Weight bytes one step reads, all stages together.
     fn weight_bytes_per_token(&self) -> u64;
     /// The device's streaming-read bandwidth in GB/s, measured now; `None` (the default)
     /// for a pipeline, whose stages run on different devices.
     fn read_bandwidth(&self) -> anyhow::Result<Option<f64>> {
         Ok(None)
     }
-    /// Each node's own counters, read now, in pipeline order; empty (the default) for the
-    /// in-process engine, which has no node.
-    fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {
-        Ok(Vec::new())
+    /// Each stage's own counters, read now, in pipeline order.
+    fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>>;
+
+    /// Runs a step of one sequence and waits for it: its outcome.
+    fn run_one(&mut self, step: SeqStep<'_>) -> anyhow::Result<StepOutcome> {
+        let seq = step.seq;
+        self.submit(&[step])?;
+        let mut done = self.next_result()?;
+        anyhow::ensure!(
+            done.outcomes.len() == 1 && done.outcomes[0].0 == seq,
+            "a step of one sequence answered {:?}",
+            done.outcomes
+        );
+        Ok(done.outcomes.pop().expect("one outcome").1)
     }
 
     /// Feeds `ids` from `pos` in chunks of [`Engine::max_batch`] and returns the token
     /// sampled after the last; only the last chunk asks for one. For a caller driving
-    /// one sequence (`run`, `bench`): it collects every result it submitted.
+    /// one sequence (`run`, `bench`): chunks go out back to back, so that a pipeline's
+    /// stages work on consecutive chunks at once.
     fn prefill(&mut self, seq: SeqId, ids: &[u32], pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
         let chunks: Vec<&[u32]> = ids.chunks(self.max_batch().max(1) as usize).collect();
         anyhow::ensure!(!chunks.is_empty(), "nothing to prefill");
-        let mut p = pos;
+        let history = if sampling.has_penalties() { ids } else { &[] };
+        let (mut p, mut at) = (pos, 0);
         for (i, chunk) in chunks.iter().enumerate() {
-            let positions: Vec<u32> = (p..p + chunk.len() as u32).collect();
             let want_token = i + 1 == chunks.len();
-            self.submit(Step {
-                seq,
-                ids: chunk,
-                positions: &positions,
-                sampling,
-                prompt: true,
-                want_token,
-                logprobs: None,
-            })?;
+            let history = if history.is_empty() { history } else { &history[at..at + chunk.len()] };
+            self.submit(&[SeqStep { seq, ids: chunk, pos: p, sampling, history, want_token, logprobs: None }])?;
             p += chunk.len() as u32;
+            at += chunk.len();
         }
         let (mut token, mut failed) = (None, None);
         for _ in 0..chunks.len() {
-            match self.next_result()?.1 {
-                Ok(Some(sampled)) => token = Some(sampled.token),
-                Ok(None) => {}
-                Err(e) => {
-                    failed.get_or_insert(e);
+            for (_, outcome) in self.next_result()?.outcomes {
+                match outcome {
+                    Ok(Some(sampled)) => token = Some(sampled.token),
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -202,10 +287,10 @@ pub trait Engine: Send {
         token.context("the last prefill chunk yielded no token")
     }
 
-    /// Runs one decode step (for a caller driving one sequence) and returns its token.
-    fn step(&mut self, seq: SeqId, ids: &[u32], positions: &[u32], sampling: &SamplingParams) -> anyhow::Result<u32> {
-        self.submit(Step { seq, ids, positions, sampling, prompt: false, want_token: true, logprobs: None })?;
-        let sampled = self.next_result()?.1?;
+    /// Runs one decode step of one sequence (feeding `id` at `pos`) and returns its token.
+    fn step(&mut self, seq: SeqId, id: u32, pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
+        let step = SeqStep { seq, ids: &[id], pos, sampling, history: &[], want_token: true, logprobs: None };
+        let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
     }
 }
@@ -215,7 +300,7 @@ pub trait Engine: Send {
 pub struct EngineStats {
     pub n_layer: usize,
     pub stages: Vec<StageStats>,
-    /// From submitting a step that wants a token to its token coming back.
+    /// From submitting a step to its result coming back.
     pub step_latency: LatencyHistogram,
 }
 
@@ -234,9 +319,12 @@ pub struct StageStats {
     pub memory_bytes: Option<u64>,
     /// Sequences holding caches on this stage.
     pub sequences: usize,
-    /// Steps (prefill chunks and decode tokens) the stage has run, and its time in them.
+    /// Steps the stage has run, their rows, and its time in them.
     pub steps: u64,
+    pub rows: u64,
     pub busy_seconds: f64,
+    /// Its KV pool and sequence slots now.
+    pub pool: PoolCounters,
 }
 
 impl StageStats {
@@ -245,20 +333,31 @@ impl StageStats {
     }
 }
 
-/// What a node reports about itself (its `Health`): counters since it started, which
-/// benchmarks take differences of, and what it holds now.
+/// A stage's KV pool (no blocks: no attention layer there) and sequence slots, now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolCounters {
+    pub block_size: u32,
+    pub blocks: u32,
+    pub used_blocks: u32,
+    pub slots: u32,
+    pub used_slots: u32,
+}
+
+/// What a stage reports about itself (a node's `Health`): counters since it started,
+/// which benchmarks take differences of, and what it holds now.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NodeCounters {
-    /// Activations run through the stage, and the seconds spent in them.
+    /// Steps run through the stage, their rows, and the seconds spent in them.
     pub steps: u64,
+    pub rows: u64,
     pub compute_seconds: f64,
-    /// Steps that wanted a token handed downstream, and the seconds until their results
-    /// came back.
+    /// Steps handed downstream, and the seconds until their results came back.
     pub waited_steps: u64,
     pub downstream_wait_seconds: f64,
     pub weight_bytes: u64,
     pub cache_bytes: u64,
     pub sequences: usize,
+    pub pool: PoolCounters,
 }
 
 impl NodeCounters {
@@ -266,6 +365,7 @@ impl NodeCounters {
     pub fn since(&self, before: &NodeCounters) -> NodeCounters {
         NodeCounters {
             steps: self.steps - before.steps,
+            rows: self.rows - before.rows,
             compute_seconds: self.compute_seconds - before.compute_seconds,
             waited_steps: self.waited_steps - before.waited_steps,
             downstream_wait_seconds: self.downstream_wait_seconds - before.downstream_wait_seconds,
@@ -306,30 +406,43 @@ pub(crate) mod testing {
 
     use super::*;
 
-    /// One submitted step, or a release (`len` 0), as the engine saw it.
+    /// One sequence's part of a submitted step, or a release (`len` 0), as the engine saw it.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub(crate) struct Logged {
+        /// The step's number (releases: the number the next step would get).
+        pub step: u64,
         pub seq: SeqId,
         pub len: usize,
         pub pos: u32,
-        pub prompt: bool,
+        pub history: usize,
         pub want_token: bool,
         pub release: bool,
     }
 
-    type Answer = Box<dyn FnMut(&Step<'_>) -> StepOutcome + Send>;
+    type Answer = Box<dyn FnMut(&SeqStep<'_>) -> StepOutcome + Send>;
 
-    /// Answers each step with `answer` (context 64, steps of at most 4 tokens) and logs
-    /// every step and release, in order, where a test can read them from another thread.
+    /// Answers each sequence of each step with `answer` (context 64, steps of at most 4
+    /// rows, 8 sequences, no KV pool unless set) and logs every step and release, in order,
+    /// where a test can read them from another thread.
     pub(crate) struct Scripted {
         answer: Answer,
-        pub results: VecDeque<(SeqId, StepOutcome)>,
+        pub results: VecDeque<StepDone>,
         pub log: Arc<Mutex<Vec<Logged>>>,
+        pub kv: Option<KvCapacity>,
+        pub max_batch: u32,
+        next: u64,
     }
 
     impl Scripted {
-        pub fn new(answer: impl FnMut(&Step<'_>) -> StepOutcome + Send + 'static) -> Scripted {
-            Scripted { answer: Box::new(answer), results: VecDeque::new(), log: Arc::default() }
+        pub fn new(answer: impl FnMut(&SeqStep<'_>) -> StepOutcome + Send + 'static) -> Scripted {
+            Scripted {
+                answer: Box::new(answer),
+                results: VecDeque::new(),
+                log: Arc::default(),
+                kv: None,
+                max_batch: 4,
+                next: 0,
+            }
         }
 
         pub fn log(&self) -> Vec<Logged> {
@@ -338,19 +451,31 @@ pub(crate) mod testing {
     }
 
     impl Engine for Scripted {
-        fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
-            let (seq, len, pos) = (step.seq, step.ids.len(), step.positions[0]);
-            let logged = Logged { seq, len, pos, prompt: step.prompt, want_token: step.want_token, release: false };
-            self.log.lock().unwrap().push(logged);
-            let outcome = (self.answer)(&step);
-            self.results.push_back((seq, outcome));
-            Ok(())
+        fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64> {
+            let step = self.next;
+            self.next += 1;
+            let mut outcomes = Vec::new();
+            for s in seqs {
+                let logged = Logged {
+                    step,
+                    seq: s.seq,
+                    len: s.ids.len(),
+                    pos: s.pos,
+                    history: s.history.len(),
+                    want_token: s.want_token,
+                    release: false,
+                };
+                self.log.lock().unwrap().push(logged);
+                outcomes.push((s.seq, (self.answer)(s)));
+            }
+            self.results.push_back(StepDone { step, outcomes });
+            Ok(step)
         }
-        fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
+        fn next_result(&mut self) -> anyhow::Result<StepDone> {
             self.results.pop_front().context("nothing submitted")
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-            let logged = Logged { seq, len: 0, pos: 0, prompt: false, want_token: false, release: true };
+            let logged = Logged { step: self.next, seq, len: 0, pos: 0, history: 0, want_token: false, release: true };
             self.log.lock().unwrap().push(logged);
             Ok(())
         }
@@ -358,7 +483,13 @@ pub(crate) mod testing {
             64
         }
         fn max_batch(&self) -> u32 {
-            4
+            self.max_batch
+        }
+        fn max_seqs(&self) -> u32 {
+            8
+        }
+        fn kv_capacity(&self) -> Option<KvCapacity> {
+            self.kv
         }
         fn stats(&self) -> EngineStats {
             EngineStats::default()
@@ -368,6 +499,9 @@ pub(crate) mod testing {
         }
         fn weight_bytes_per_token(&self) -> u64 {
             0
+        }
+        fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {
+            Ok(Vec::new())
         }
     }
 }
@@ -396,18 +530,23 @@ mod tests {
         let fail_at = Arc::new(Mutex::new(Vec::new()));
         let failing = fail_at.clone();
         let mut e = Scripted::new(move |step| {
-            if failing.lock().unwrap().contains(&step.positions[0]) {
-                Err(StepError::new(ErrorCode::OutOfOrder, format!("at {}", step.positions[0])))
+            if failing.lock().unwrap().contains(&step.pos) {
+                Err(StepError::new(ErrorCode::OutOfOrder, format!("at {}", step.pos)))
             } else {
-                Ok(step.want_token.then_some(Sampled { token: 1000 + step.positions[0], logprobs: None }))
+                Ok(step.want_token.then_some(Sampled { token: 1000 + step.pos, logprobs: None }))
             }
         });
         let greedy = SamplingParams::greedy();
         assert_eq!(e.prefill(3, &[1; 10], 2, &greedy).unwrap(), 1010);
-        let steps: Vec<_> = e.log().iter().map(|s| (s.len, s.pos, s.prompt, s.want_token)).collect();
-        assert_eq!(steps, [(4, 2, true, false), (4, 6, true, false), (2, 10, true, true)]);
-        assert_eq!(e.step(3, &[5], &[12], &greedy).unwrap(), 1012);
+        let steps: Vec<_> = e.log().iter().map(|s| (s.len, s.pos, s.history, s.want_token)).collect();
+        assert_eq!(steps, [(4, 2, 0, false), (4, 6, 0, false), (2, 10, 0, true)]);
+        assert_eq!(e.step(3, 5, 12, &greedy).unwrap(), 1012);
         assert!(e.results.is_empty());
+        // With penalties, each chunk carries its ids as history.
+        let penalised = SamplingParams { repeat_penalty: 1.1, ..SamplingParams::greedy() };
+        e.prefill(5, &[1; 6], 0, &penalised).unwrap();
+        let tail: Vec<_> = e.log().iter().rev().take(2).map(|s| (s.len, s.history)).collect();
+        assert_eq!(tail, [(2, 2), (4, 4)]);
         // A failed chunk fails the prefill with its own error, and leaves no result behind.
         *fail_at.lock().unwrap() = vec![6];
         let err = e.prefill(4, &[1; 10], 2, &greedy).unwrap_err();

@@ -5,13 +5,13 @@
 //! (unless `--no-local`) runs as an in-process stage service on an ephemeral loopback
 //! port. Activations go to stage 0 on one long-lived `Forward` stream; each stage hands
 //! its hidden state straight to the next; the last stage's token comes back up the
-//! chain. Prefill sends every chunk without waiting (a token is asked for on the last
-//! only), so consecutive stages work on consecutive chunks at once.
+//! chain. A step carries the rows of several sequences; steps go out without waiting for
+//! the ones before, so consecutive stages work on consecutive steps at once.
 //!
 //! With `shipping`, this is the coordinator's boundary with the wire: the proto
 //! messages of steps, node info, counters and shard loading are built and read here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,8 @@ use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Engine, EngineStats, ErrorCode, LatencyHistogram, NodeCounters, Placement, Sampled, StageStats, Step, StepError,
-    StepOutcome, context_length,
+    Engine, EngineStats, EngineUse, ErrorCode, KvCapacity, LatencyHistogram, NodeCounters, Placement, PoolCounters,
+    Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length,
 };
 use crate::cli::{EngineArgs, Wire};
 
@@ -43,6 +43,8 @@ struct StageHandle {
     /// The node's usable memory, as it reported it.
     memory: u64,
     layers: std::ops::Range<usize>,
+    /// Whether the plan gave it a KV pool (it holds attention layers).
+    pool: bool,
     client: StageClient<Channel>,
 }
 
@@ -51,25 +53,27 @@ struct LocalNode {
     _shutdown: oneshot::Sender<()>,
 }
 
+/// A step sent down the pipeline, until its result comes back.
+struct InFlight {
+    /// Its sequences in order, and whether each asked for logprobs.
+    seqs: Vec<(SeqId, bool)>,
+    sent: Instant,
+}
+
 pub struct Pipeline {
     rt: tokio::runtime::Runtime,
     stages: Vec<StageHandle>,
     ctx: u32,
     batch: u32,
-    /// Weight bytes one decode step reads over all stages (from the model's tensor index).
+    max_seqs: u32,
+    kv: Option<KvCapacity>,
+    /// Weight bytes one step reads over all stages (from the model's tensor index).
     weight_bytes_per_token: u64,
     wire: pb::HiddenFormat,
     tx: mpsc::Sender<pb::Activation>,
     results: Streaming<pb::StepResult>,
     next_step: u64,
-    /// Prompt ids to hand the last stage with a sequence's next activation (penalties).
-    history: Vec<(SeqId, Vec<u32>)>,
-    /// Submitted steps that want a token: step number -> (sequence, when sent, logprobs asked).
-    in_flight: HashMap<u64, (SeqId, Instant, bool)>,
-    /// Results owed at once: steps that asked for no token have nothing to wait for.
-    ready: VecDeque<(SeqId, StepOutcome)>,
-    /// Errors of steps that asked for no token, reported with the sequence's next result.
-    failed: HashMap<SeqId, StepError>,
+    in_flight: HashMap<u64, InFlight>,
     latency: LatencyHistogram,
     /// The nodes' counters, refreshed at most every [`STATS_EVERY`].
     node_stats: Mutex<(Option<Instant>, Vec<StageStats>)>,
@@ -95,6 +99,7 @@ fn error_code(code: i32) -> ErrorCode {
         Ok(C::NotOnStage) => ErrorCode::NotOnStage,
         Ok(C::DataLoss) => ErrorCode::DataLoss,
         Ok(C::Unavailable) => ErrorCode::Unavailable,
+        Ok(C::ResourceExhausted) => ErrorCode::Exhausted,
         Ok(C::Internal | C::Unspecified) | Err(_) => ErrorCode::Internal,
     }
 }
@@ -102,12 +107,20 @@ fn error_code(code: i32) -> ErrorCode {
 fn counters(h: pb::HealthResponse) -> NodeCounters {
     NodeCounters {
         steps: h.steps,
+        rows: h.rows,
         compute_seconds: h.compute_seconds,
         waited_steps: h.waited_steps,
         downstream_wait_seconds: h.downstream_wait_seconds,
         weight_bytes: h.weight_bytes,
         cache_bytes: h.cache_bytes,
         sequences: h.sequences as usize,
+        pool: PoolCounters {
+            block_size: h.kv_block_size,
+            blocks: h.kv_blocks,
+            used_blocks: h.kv_blocks_used,
+            slots: h.slots,
+            used_slots: h.slots_used,
+        },
     }
 }
 
@@ -179,6 +192,7 @@ async fn connect(addrs: &[String]) -> anyhow::Result<Vec<StageHandle>> {
             backend: info.backend,
             memory: info.usable_memory,
             layers: 0..0,
+            pool: false,
             client,
         });
     }
@@ -193,15 +207,15 @@ struct ShardLoad {
 }
 
 /// Loads every stage's shard of `plan` at once (each told its successor's address),
-/// streaming the bytes a node lacks from the model file at `path`.
+/// streaming the bytes a node lacks from the model file at `path`. `spec`: what every
+/// stage is asked to hold besides its layers.
 async fn load_shards(
     gguf: &Gguf,
     path: &std::path::Path,
     plan: &Plan,
     stages: &mut [StageHandle],
-    spec: (u32, u32),
+    spec: &strata_node::stage::StageSpec,
 ) -> anyhow::Result<()> {
-    let (ctx, max_batch) = spec;
     // The bytes nodes without the file are streamed: the same file, mapped again so
     // that each node's load task can own a handle.
     let source = Arc::new(Gguf::open(path).with_context(|| format!("opening {}", path.display()))?);
@@ -213,13 +227,17 @@ async fn load_shards(
     for (k, sp) in plan.stages.iter().enumerate() {
         let stage = &mut stages[sp.node];
         stage.layers = sp.layers.clone();
+        stage.pool = sp.has_pool();
         let req = pb::LoadShardRequest {
             model_id: gguf.identity().to_vec(),
             layer_start: sp.layers.start as u32,
             layer_end: sp.layers.end as u32,
-            ctx,
-            max_batch,
+            ctx: spec.ctx,
+            max_batch: spec.max_batch,
             next_stage: addrs.get(k + 1).cloned().unwrap_or_default(),
+            max_seqs: spec.max_seqs,
+            kv_blocks: spec.kv_blocks,
+            kv_block_size: spec.kv_block_size,
         };
         let mut client = stage.client.clone();
         let (l, name) = (&sp.layers, &stage.name);
@@ -248,17 +266,17 @@ async fn load_shards(
 struct Connected {
     stages: Vec<StageHandle>,
     weight_bytes_per_token: u64,
+    spec: strata_node::stage::StageSpec,
     tx: mpsc::Sender<pb::Activation>,
     results: Streaming<pb::StepResult>,
     local: Option<LocalNode>,
 }
 
 impl Pipeline {
-    pub fn load(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<Pipeline> {
+    pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<Pipeline> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
-        let batch = args.batch.min(ctx);
         let discovered = if args.discover {
             let timeout = Duration::from_secs_f64(args.discover_timeout);
             let found = crate::discovery::discover_nodes(args.expect_nodes.map(|n| n as usize), timeout)?;
@@ -267,21 +285,25 @@ impl Pipeline {
         } else {
             Vec::new()
         };
-        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, &discovered, ctx, batch))?;
+        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, usage, &discovered, ctx))?;
+        let kv = c
+            .stages
+            .iter()
+            .any(|s| s.pool)
+            .then_some(KvCapacity { block_size: c.spec.kv_block_size, blocks: c.spec.kv_layout()?.blocks });
         Ok(Pipeline {
             rt,
             stages: c.stages,
             ctx,
-            batch,
+            batch: c.spec.max_batch,
+            max_seqs: c.spec.max_seqs,
+            kv,
             weight_bytes_per_token: c.weight_bytes_per_token,
             wire: wire_format(args.wire),
             tx: c.tx,
             results: c.results,
             next_step: 0,
-            history: Vec::new(),
             in_flight: HashMap::new(),
-            ready: VecDeque::new(),
-            failed: HashMap::new(),
             latency: LatencyHistogram::default(),
             node_stats: Mutex::new((None, Vec::new())),
             _local: c.local,
@@ -292,21 +314,27 @@ impl Pipeline {
         gguf: &Gguf,
         config: &ModelConfig,
         args: &EngineArgs,
+        usage: EngineUse,
         discovered: &[String],
         ctx: u32,
-        batch: u32,
     ) -> anyhow::Result<Connected> {
         let (addrs, local) = stage_addresses(args, discovered).await?;
         let mut stages = connect(&addrs).await?;
         let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
-        let pc = PlanConfig { max_batch: batch as usize, ..PlanConfig::new(ctx as usize) };
-        let cost = ModelCost::new(gguf, config, &pc)?;
-        let plan = match &args.split {
-            Some(s) => Plan::manual(&cost, &budgets, &parse_split(s)?)?,
-            None => Plan::auto(&cost, &budgets)?,
+        let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
+        let pc = PlanConfig {
+            max_batch: spec.max_batch as usize,
+            seqs: spec.max_seqs as usize,
+            kv_block_size: spec.kv_block_size as usize,
+            kv_positions: args.kv_pool.map(u64::from),
+            ..PlanConfig::new(ctx as usize)
         };
+        let cost = ModelCost::new(gguf, config, &pc)?;
+        let split = args.split.as_deref().map(parse_split).transpose()?;
+        let plan = Plan::fitted(&cost, &budgets, split.as_deref())?;
         eprintln!("plan:\n{}", plan.table());
-        load_shards(gguf, &args.model, &plan, &mut stages, (ctx, batch)).await?;
+        let spec = super::stage_spec(args, usage, ctx, 0..0, Some(plan.kv_positions))?;
+        load_shards(gguf, &args.model, &plan, &mut stages, &spec).await?;
         let (tx, rx) = mpsc::channel(1024);
         let results = stages[0]
             .client
@@ -315,30 +343,57 @@ impl Pipeline {
             .context("opening the forward stream to stage 0")?
             .into_inner();
         let weight_bytes_per_token = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
-        Ok(Connected { stages, weight_bytes_per_token, tx, results, local })
+        Ok(Connected { stages, weight_bytes_per_token, spec, tx, results, local })
     }
 
-    fn activation(&mut self, step: &Step<'_>) -> pb::Activation {
+    fn activation(&mut self, seqs: &[SeqStep<'_>]) -> pb::Activation {
         let number = self.next_step;
         self.next_step += 1;
-        let history = match self.history.iter().position(|(s, _)| *s == step.seq) {
-            Some(i) => self.history.swap_remove(i).1,
-            None => Vec::new(),
-        };
-        pb::Activation {
-            seq_id: step.seq,
-            step: number,
-            positions: step.positions.to_vec(),
-            token_ids: step.ids.to_vec(),
-            hidden: Vec::new(),
-            format: self.wire as i32,
-            sampling: Some(service::sampling_to_wire(step.sampling)),
-            want_token: step.want_token,
-            history,
-            want_logits: false,
-            want_logprobs: step.logprobs.is_some(),
-            top_logprobs: step.logprobs.unwrap_or(0),
+        let rows = seqs
+            .iter()
+            .map(|s| pb::SeqRows {
+                seq_id: s.seq,
+                pos: s.pos,
+                rows: s.ids.len() as u32,
+                token_ids: s.ids.to_vec(),
+                sampling: s.want_token.then(|| service::sampling_to_wire(s.sampling)),
+                want_token: s.want_token,
+                history: s.history.to_vec(),
+                want_logits: false,
+                want_logprobs: s.logprobs.is_some(),
+                top_logprobs: s.logprobs.unwrap_or(0),
+            })
+            .collect();
+        pb::Activation { step: number, seqs: rows, hidden: Vec::new(), format: self.wire as i32, failed: Vec::new() }
+    }
+
+    /// A step's outcomes from its result: each submitted sequence's answer, in order.
+    fn outcomes(flight: &InFlight, r: pb::StepResult) -> Vec<(SeqId, StepOutcome)> {
+        if !r.error.is_empty() {
+            let e = StepError::new(error_code(r.error_code), r.error);
+            return flight.seqs.iter().map(|&(seq, _)| (seq, Err(e.clone()))).collect();
         }
+        let mut answers: HashMap<u64, pb::SeqResult> = r.seqs.into_iter().map(|a| (a.seq_id, a)).collect();
+        flight
+            .seqs
+            .iter()
+            .map(|&(seq, logprobs)| {
+                let outcome = match answers.remove(&seq) {
+                    None => Err(StepError::new(
+                        ErrorCode::Internal,
+                        format!("the pipeline gave no answer for sequence {seq}"),
+                    )),
+                    Some(a) if !a.error.is_empty() => Err(StepError::new(error_code(a.error_code), a.error)),
+                    Some(a) if a.has_token => {
+                        let top = a.top_ids.iter().copied().zip(a.top_logprobs.iter().copied()).collect();
+                        let logprobs = logprobs.then_some(Logprobs { token: a.logprob, top });
+                        Ok(Some(Sampled { token: a.token_id, logprobs }))
+                    }
+                    Some(_) => Ok(None),
+                };
+                (seq, outcome)
+            })
+            .collect()
     }
 
     async fn send(tx: &mpsc::Sender<pb::Activation>, act: pb::Activation) -> anyhow::Result<()> {
@@ -368,32 +423,25 @@ impl Pipeline {
             memory_bytes: Some(s.memory),
             sequences: 0,
             steps: 0,
+            rows: 0,
             busy_seconds: 0.0,
+            pool: PoolCounters::default(),
         }
     }
 }
 
 impl Engine for Pipeline {
     /// Sends a step without waiting for it; its outcome comes from `next_result`.
-    fn submit(&mut self, step: Step<'_>) -> anyhow::Result<()> {
-        if step.prompt && step.sampling.has_penalties() {
-            self.history.push((step.seq, step.ids.to_vec()));
-        }
-        let act = self.activation(&step);
+    fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64> {
+        let act = self.activation(seqs);
         let n = act.step;
         self.rt.block_on(Self::send(&self.tx, act))?;
-        if step.want_token {
-            self.in_flight.insert(n, (step.seq, Instant::now(), step.logprobs.is_some()));
-        } else {
-            self.ready.push_back((step.seq, Ok(None)));
-        }
-        Ok(())
+        let seqs = seqs.iter().map(|s| (s.seq, s.logprobs.is_some())).collect();
+        self.in_flight.insert(n, InFlight { seqs, sent: Instant::now() });
+        Ok(n)
     }
 
-    fn next_result(&mut self) -> anyhow::Result<(SeqId, StepOutcome)> {
-        if let Some(r) = self.ready.pop_front() {
-            return Ok(r);
-        }
+    fn next_result(&mut self) -> anyhow::Result<StepDone> {
         if self.in_flight.is_empty() {
             bail!("next_result without a submitted step");
         }
@@ -403,35 +451,18 @@ impl Engine for Pipeline {
                 .block_on(self.results.message())
                 .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
                 .context("the pipeline closed its result stream")?;
-            match self.in_flight.remove(&r.step) {
-                Some((seq, sent, logprobs)) => {
-                    self.latency.observe(sent.elapsed());
-                    let result = match self.failed.remove(&seq) {
-                        Some(e) => Err(e),
-                        None if !r.error.is_empty() => Err(StepError::new(error_code(r.error_code), r.error)),
-                        None => {
-                            let top = r.top_ids.iter().copied().zip(r.top_logprobs.iter().copied()).collect();
-                            let logprobs = logprobs.then_some(Logprobs { token: r.logprob, top });
-                            Ok(Some(Sampled { token: r.token_id, logprobs }))
-                        }
-                    };
-                    return Ok((seq, result));
-                }
-                // A step nobody waits for failed (a prefill chunk): its sequence's next
-                // result carries the error.
-                None if !r.error.is_empty() => {
-                    tracing::warn!(seq = r.seq_id, step = r.step, error = %r.error, "step failed");
-                    let e = StepError::new(error_code(r.error_code), r.error);
-                    self.failed.entry(r.seq_id).or_insert(e);
-                }
-                None => tracing::debug!(seq = r.seq_id, step = r.step, "result of a step nobody waits for"),
-            }
+            let Some(flight) = self.in_flight.remove(&r.step) else {
+                tracing::warn!(step = r.step, "a result for a step not in flight");
+                continue;
+            };
+            self.latency.observe(flight.sent.elapsed());
+            let step = r.step;
+            return Ok(StepDone { step, outcomes: Self::outcomes(&flight, r) });
         }
     }
 
     /// Frees a sequence on every stage (each stage passes it on to the next).
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-        self.failed.remove(&seq);
         let mut client = self.stages[0].client.clone();
         self.rt.block_on(client.release(pb::ReleaseRequest { seq_id: seq })).context("releasing a sequence")?;
         Ok(())
@@ -443,6 +474,18 @@ impl Engine for Pipeline {
 
     fn max_batch(&self) -> u32 {
         self.batch
+    }
+
+    fn max_seqs(&self) -> u32 {
+        self.max_seqs
+    }
+
+    fn stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        self.kv
     }
 
     /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a
@@ -459,7 +502,9 @@ impl Engine for Pipeline {
                         st.cache_bytes = c.cache_bytes;
                         st.sequences = c.sequences;
                         st.steps = c.steps;
+                        st.rows = c.rows;
                         st.busy_seconds = c.compute_seconds;
+                        st.pool = c.pool;
                     }
                     Err(e) => tracing::debug!(node = %s.name, error = %format!("{e:#}"), "no health answer"),
                 }
@@ -517,14 +562,13 @@ pub fn time_hops(addr: &str, wire: Wire, values: usize, warmup: usize, iteration
         let mut results = client.forward(ReceiverStream::new(rx)).await?.into_inner();
         let mut times = Vec::with_capacity(iterations);
         for i in 0..warmup + iterations {
+            let rows = pb::SeqRows { seq_id: 1, pos: 0, rows: 1, want_token: true, ..Default::default() };
             let act = pb::Activation {
-                seq_id: 1,
                 step: i as u64,
-                positions: vec![0],
+                seqs: vec![rows],
                 hidden: payload.clone(),
                 format: format as i32,
-                want_token: true,
-                ..Default::default()
+                failed: Vec::new(),
             };
             let t0 = Instant::now();
             tx.send(act).await?;

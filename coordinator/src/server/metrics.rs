@@ -38,15 +38,48 @@ impl Metrics {
         let _ = writeln!(out, "strata_generated_tokens_total {}", snap.generated_tokens_total);
         head(&mut out, "strata_active_sequences", "gauge", "Sequences generating now.");
         let _ = writeln!(out, "strata_active_sequences {}", snap.active);
-        head(&mut out, "strata_queue_depth", "gauge", "Requests waiting for a free sequence slot.");
+        head(&mut out, "strata_queue_depth", "gauge", "Requests waiting for a sequence slot or KV pool room.");
         let _ = writeln!(out, "strata_queue_depth {}", snap.queued);
+        if let Some((kv, used)) = snap.kv {
+            head(
+                &mut out,
+                "strata_kv_blocks",
+                "gauge",
+                "KV pool blocks, held by sequences or free (every stage's pool).",
+            );
+            let _ = writeln!(out, "strata_kv_blocks{{state=\"used\"}} {used}");
+            let _ = writeln!(out, "strata_kv_blocks{{state=\"free\"}} {}", kv.blocks.saturating_sub(used));
+            head(&mut out, "strata_kv_block_size", "gauge", "Positions per KV pool block.");
+            let _ = writeln!(out, "strata_kv_block_size {}", kv.block_size);
+        }
+        head(
+            &mut out,
+            "strata_preemptions_total",
+            "counter",
+            "Sequences preempted for KV pool room (recomputed later).",
+        );
+        let _ = writeln!(out, "strata_preemptions_total {}", snap.preemptions);
+        head(
+            &mut out,
+            "strata_steps_total",
+            "counter",
+            "Steps submitted, each carrying the rows of several sequences.",
+        );
+        let _ = writeln!(out, "strata_steps_total {}", snap.steps_total);
+        head(&mut out, "strata_step_rows_total", "counter", "Rows (tokens) of all steps submitted.");
+        let _ = writeln!(out, "strata_step_rows_total {}", snap.rows_total);
         head(&mut out, "strata_tokens_per_second", "gauge", "Generated tokens per second over the last 5 s.");
         let _ = writeln!(out, "strata_tokens_per_second {:.3}", scheduler.tokens_per_second());
         head(&mut out, "strata_stage_sequences", "gauge", "Sequences holding caches on a stage.");
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_sequences{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.sequences);
         }
-        head(&mut out, "strata_stage_cache_bytes", "gauge", "KV cache and recurrent state bytes held on a stage.");
+        head(
+            &mut out,
+            "strata_stage_cache_bytes",
+            "gauge",
+            "KV blocks and recurrent state bytes held for sequences on a stage.",
+        );
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_cache_bytes{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.cache_bytes);
         }
@@ -54,10 +87,30 @@ impl Metrics {
             &mut out,
             "strata_stage_steps_total",
             "counter",
-            "Steps (prefill chunks and decode tokens) a stage has run.",
+            "Steps a stage has run (each the rows of several sequences).",
         );
         for (i, s) in snap.engine.stages.iter().enumerate() {
             let _ = writeln!(out, "strata_stage_steps_total{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.steps);
+        }
+        head(
+            &mut out,
+            "strata_stage_busy_fraction",
+            "gauge",
+            "Time computing over wall time, last 5 s: the bottleneck is near 1.",
+        );
+        for (i, s) in snap.engine.stages.iter().enumerate() {
+            let b = snap.busy.get(i).copied().unwrap_or(0.0);
+            let _ = writeln!(out, "strata_stage_busy_fraction{{stage=\"{i}\",node=\"{}\"}} {b:.4}", s.node);
+        }
+        head(&mut out, "strata_stage_kv_blocks", "gauge", "A stage's KV pool blocks, held or free.");
+        for (i, s) in snap.engine.stages.iter().enumerate().filter(|(_, s)| s.pool.blocks > 0) {
+            let (used, free) = (s.pool.used_blocks, s.pool.blocks.saturating_sub(s.pool.used_blocks));
+            let _ = writeln!(out, "strata_stage_kv_blocks{{stage=\"{i}\",node=\"{}\",state=\"used\"}} {used}", s.node);
+            let _ = writeln!(out, "strata_stage_kv_blocks{{stage=\"{i}\",node=\"{}\",state=\"free\"}} {free}", s.node);
+        }
+        head(&mut out, "strata_stage_rows_total", "counter", "Rows (tokens) a stage has run, all steps.");
+        for (i, s) in snap.engine.stages.iter().enumerate() {
+            let _ = writeln!(out, "strata_stage_rows_total{{stage=\"{i}\",node=\"{}\"}} {}", s.node, s.rows);
         }
         head(&mut out, "strata_stage_busy_seconds_total", "counter", "Time a stage has spent running steps.");
         for (i, s) in snap.engine.stages.iter().enumerate() {
@@ -67,12 +120,7 @@ impl Metrics {
                 s.node, s.busy_seconds
             );
         }
-        head(
-            &mut out,
-            "strata_step_seconds",
-            "histogram",
-            "From submitting a step that wants a token to the token coming back.",
-        );
+        head(&mut out, "strata_step_seconds", "histogram", "From submitting a step to its result coming back.");
         let h = &snap.engine.step_latency;
         let mut cumulative = 0;
         for (b, c) in LATENCY_BOUNDS.iter().zip(&h.counts) {

@@ -52,7 +52,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("loading {} ...", path.display());
     let t0 = Instant::now();
-    let engine = crate::engine::load(&gguf, &args.engine)?;
+    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: args.max_seqs })?;
     let stats = engine.stats();
     let where_ = stats
         .stages
@@ -126,7 +126,8 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.scheduler))
 }
 
-/// `/v1/cluster`: the nodes, their layer ranges and memory, sequences held, tokens/s.
+/// `/v1/cluster`: the nodes, their layer ranges and memory, their KV pools and how busy
+/// each is; sequences held and queued, tokens/s.
 async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let snap = state.scheduler.snapshot();
     let nodes: Vec<_> = snap
@@ -135,6 +136,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            let p = &s.pool;
             json!({
                 "stage": i,
                 "name": s.node,
@@ -145,19 +147,41 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "memory_bytes": s.memory_bytes,
                 "sequences": s.sequences,
                 "steps": s.steps,
+                "rows": s.rows,
                 "busy_seconds": s.busy_seconds,
+                "busy_fraction": snap.busy.get(i).copied().unwrap_or(0.0),
                 "mean_step_ms": s.mean_step_seconds() * 1e3,
+                "kv_pool": (p.blocks > 0).then(|| json!({
+                    "block_size": p.block_size,
+                    "blocks": p.blocks,
+                    "used_blocks": p.used_blocks,
+                    "free_blocks": p.blocks.saturating_sub(p.used_blocks),
+                })),
+                "slots": { "total": p.slots, "used": p.used_slots },
             })
         })
         .collect();
+    let kv = snap.kv.map(|(kv, used)| {
+        json!({
+            "block_size": kv.block_size,
+            "blocks": kv.blocks,
+            "used_blocks": used,
+            "free_blocks": kv.blocks.saturating_sub(used),
+            "positions": kv.positions(),
+        })
+    });
     axum::Json(json!({
         "model": state.model_id,
         "n_layer": snap.engine.n_layer,
         "ctx": state.scheduler.ctx(),
         "max_seqs": state.max_seqs,
         "nodes": nodes,
+        "kv_pool": kv,
         "active_sequences": snap.active,
         "queued": snap.queued,
+        "preemptions": snap.preemptions,
+        "steps_total": snap.steps_total,
+        "rows_per_step": if snap.steps_total > 0 { snap.rows_total as f64 / snap.steps_total as f64 } else { 0.0 },
         "tokens_per_s": state.scheduler.tokens_per_second(),
         "prompt_tokens_total": snap.prompt_tokens_total,
         "generated_tokens_total": snap.generated_tokens_total,

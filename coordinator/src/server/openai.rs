@@ -377,7 +377,8 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
 async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
     let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
-    let request = GenRequest { max_tokens, prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs };
+    let request =
+        GenRequest { max_tokens, prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs, ignore_eos: false };
     let (id, rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id}"),

@@ -15,13 +15,22 @@ fn cost(layers: &[u64], embedding: u64, head: u64) -> ModelCost {
     ModelCost {
         layers: layers
             .iter()
-            .map(|&w| LayerCost { kind: LayerKind::Attention, weight_bytes: w, cache_bytes: 0 })
+            .map(|&w| LayerCost {
+                kind: LayerKind::Attention,
+                weight_bytes: w,
+                cache_bytes: 0,
+                kv_bytes_per_position: 0,
+            })
             .collect(),
         embedding_bytes: embedding,
         head_bytes: head,
         tied_head: false,
         scratch: ScratchCost { common: 0, attention: 0, deltanet: 0, head: 0 },
         unplanned_bytes: 0,
+        kv_positions: 0,
+        kv_block_size: 16,
+        kv_least_positions: 0,
+        kv_fixed: false,
     }
 }
 
@@ -251,8 +260,52 @@ fn kv_cache_grows_with_context_and_deltanet_state_does_not() {
             };
             assert_eq!(l.cache_bytes, cache * seqs as u64, "layer {i} at ctx {ctx}, {seqs} sequences");
         }
+        assert_eq!(c.kv_positions, (seqs * ctx) as u64);
     }
     assert_eq!(cfg.layers.iter().filter(|&&k| k == LayerKind::Attention).count(), 2);
+    // A pool asked for is priced as asked, in whole blocks.
+    let c =
+        ModelCost::new(&g, &cfg, &PlanConfig { seqs: 4, kv_positions: Some(1000), ..PlanConfig::new(4096) }).unwrap();
+    assert_eq!((c.kv_positions, c.kv_fixed), (1008, true));
+    assert_eq!(c.layers[3].cache_bytes, 1008 * 2 * 2 * 64 * 2);
+}
+
+/// Memory for every sequence's whole context is not there: the pool gets one context plus
+/// what the tightest stage with attention layers has left, in whole blocks; a pool asked
+/// for is kept (and does not fit).
+#[test]
+fn a_pool_that_cannot_hold_every_context_gets_what_memory_leaves() {
+    let (g, cfg) = fixture("tiny-qwen3.gguf");
+    let pc = PlanConfig { seqs: 16, ..PlanConfig::new(4096) };
+    let c = ModelCost::new(&g, &cfg, &pc).unwrap();
+    let per_position: u64 = c.layers.iter().map(|l| l.kv_bytes_per_position).sum();
+    assert!(per_position > 0);
+    let n = vec![NodeBudget::new("a", 12 * MIB), NodeBudget::new("b", 10 * MIB)];
+    assert!(Plan::auto(&c, &n).is_err(), "16 x 4096 positions should not fit");
+    let plan = Plan::fitted(&c, &n, None).unwrap();
+    assert!(plan.kv_positions >= 4096 && plan.kv_positions < 16 * 4096, "{}", plan.kv_positions);
+    assert_eq!(plan.kv_positions % 16, 0);
+    assert_valid(&plan, &c.with_pool(plan.kv_positions), &n);
+    // The tightest stage has less than a block's room left.
+    let tight = plan.stages.iter().map(|s| s.free_bytes / s.kv_bytes_per_position).min().unwrap();
+    assert!(tight < 16, "{tight} positions left on the tightest stage:\n{}", plan.table());
+    assert!(
+        plan.table().contains(&format!("kv pool: {} blocks of 16 positions", plan.kv_blocks())),
+        "{}",
+        plan.table()
+    );
+    // Enough memory: every context, as priced.
+    let big = vec![NodeBudget::new("a", GIB), NodeBudget::new("b", GIB)];
+    assert_eq!(Plan::fitted(&c, &big, None).unwrap().kv_positions, 16 * 4096);
+    // The same with a manual split.
+    let manual = Plan::fitted(&c, &n, Some(&[3, 3])).unwrap();
+    assert!(manual.kv_positions >= 4096 && manual.kv_positions < 16 * 4096);
+    // A pool fixed by the user is not shrunk: it does not fit, and says so.
+    let fixed = ModelCost::new(&g, &cfg, &PlanConfig { kv_positions: Some(16 * 4096), ..pc.clone() }).unwrap();
+    assert!(Plan::fitted(&fixed, &n, None).is_err());
+    // Not even one context fits: the error of that plan.
+    let tiny = vec![NodeBudget::new("a", MIB), NodeBudget::new("b", MIB)];
+    assert!(Plan::fitted(&c, &tiny, None).is_err());
 }
 
 #[test]
@@ -352,6 +405,8 @@ fn invalid_settings_are_refused() {
         PlanConfig::new(0),
         PlanConfig { seqs: 0, ..PlanConfig::new(8) },
         PlanConfig { max_batch: 0, ..PlanConfig::new(8) },
+        PlanConfig { kv_block_size: 0, ..PlanConfig::new(8) },
+        PlanConfig { kv_positions: Some(0), ..PlanConfig::new(8) },
     ] {
         assert!(matches!(ModelCost::new(&g, &cfg, &pc), Err(Error::Plan(PlanError::Invalid(_)))), "{pc:?}");
     }
@@ -364,7 +419,7 @@ fn table_lists_nodes_and_totals() {
     let table = Plan::auto(&c, &n).unwrap().table();
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 5, "{table}");
-    for col in ["node", "layers", "weights", "cache", "scratch", "total", "usable", "free"] {
+    for col in ["node", "layers", "weights", "kv pool", "cache", "scratch", "total", "usable", "free"] {
         assert!(lines[0].contains(col), "{table}");
     }
     assert!(lines[1].starts_with("gpu-a  0..5 (5)") && lines[1].contains("6.00 GiB"), "{table}");

@@ -7,9 +7,9 @@
 use strata_model::arch::{LayerTensors, MixerTensors};
 use strata_model::config::ModelConfig;
 
-use super::{Layer, LayerState, pre_norm};
+use super::{Layer, LayerState, StateSize, pre_norm};
 use crate::gpu::Gpu;
-use crate::kv_cache::KvCache;
+use crate::kv_pool::LayerKv;
 use crate::layers::LoadCtx;
 use crate::layers::attention::Attention;
 use crate::layers::ffn::Ffn;
@@ -39,14 +39,14 @@ impl DenseLayer {
 }
 
 impl Layer for DenseLayer {
-    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, ctx: u32) -> Result<LayerState> {
+    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState> {
         let a = &cfg.attention;
-        Ok(LayerState::Kv(KvCache::new(gpu, ctx, a.n_head_kv as u32, a.head_dim as u32)?))
+        Ok(LayerState::Kv(LayerKv::new(gpu, size.kv()?, a.n_head_kv as u32, a.head_dim as u32)?))
     }
 
     fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &LayerState) -> Result<()> {
         let LayerState::Kv(cache) = state else {
-            return Err(Error::Spec("an attention layer needs a KV cache".into()));
+            return Err(Error::Spec("an attention layer needs its part of the KV pool".into()));
         };
         pre_norm(rec, cfg, s, &self.attn_norm)?;
         self.attention.record(rec, cfg, s, cache)?;

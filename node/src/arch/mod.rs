@@ -12,16 +12,32 @@ use strata_model::config::{Arch, ModelConfig};
 use crate::Result;
 use crate::deltanet_state::DeltaNetState;
 use crate::gpu::Gpu;
-use crate::kv_cache::KvCache;
+use crate::kv_pool::{KvLayout, LayerKv};
 use crate::layers::LoadCtx;
 use crate::ops::Recorder;
 use crate::ops::norm::RmsNorm;
 use crate::scratch::Scratch;
 
-/// A sequence's state in one layer: a KV cache, or DeltaNet's fixed recurrent state.
+/// The state of every sequence in one layer: its part of the stage's KV pool, or
+/// DeltaNet's fixed recurrent state per sequence slot.
 pub enum LayerState {
-    Kv(KvCache),
+    Kv(LayerKv),
     DeltaNet(DeltaNetState),
+}
+
+/// What a stage's sequence state is sized by: its sequence slots and, with attention
+/// layers, its KV pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateSize {
+    pub slots: u32,
+    pub kv: Option<KvLayout>,
+}
+
+impl StateSize {
+    /// The KV pool, for an attention layer.
+    pub fn kv(&self) -> Result<KvLayout> {
+        self.kv.ok_or_else(|| crate::Error::Spec("an attention layer on a stage without a KV pool".into()))
+    }
 }
 
 impl LayerState {
@@ -35,9 +51,9 @@ impl LayerState {
 
 /// One layer of the main forward pass on the GPU, with its weights.
 pub trait Layer: Send + Sync {
-    /// Allocates one sequence's state for this layer, for positions `0..ctx`.
-    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, ctx: u32) -> Result<LayerState>;
-    /// Records `x = layer(x)` on the residual stream for a step of one sequence.
+    /// Allocates this layer's state for every sequence the stage holds.
+    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState>;
+    /// Records `x = layer(x)` on the residual stream for a step's rows, of any sequences.
     fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &LayerState) -> Result<()>;
     /// Bytes of weights, all read by every step.
     fn weight_bytes(&self) -> u64;

@@ -3,17 +3,17 @@
 //! `x += mixer(rmsnorm(x) * attn_norm); x += ffn(rmsnorm(x) * post_attention_norm)`.
 //! See `docs/qwen35.md` for the maths.
 //!
-//! DeltaNet layers hold a fixed-size recurrent state per sequence instead of a KV cache;
+//! DeltaNet layers hold a fixed-size recurrent state per sequence slot instead of KV blocks;
 //! the attention layers gate each head's output with a sigmoid of a second half of
 //! `attn_q` (the attention part reads that from `cfg.attention.output_gate`).
 
 use strata_model::arch::{LayerTensors, MixerTensors};
 use strata_model::config::ModelConfig;
 
-use super::{Layer, LayerState, pre_norm};
+use super::{Layer, LayerState, StateSize, pre_norm};
 use crate::deltanet_state::DeltaNetState;
 use crate::gpu::Gpu;
-use crate::kv_cache::KvCache;
+use crate::kv_pool::LayerKv;
 use crate::layers::LoadCtx;
 use crate::layers::attention::Attention;
 use crate::layers::deltanet::{self, DeltaNet};
@@ -50,12 +50,12 @@ impl Qwen35Layer {
 }
 
 impl Layer for Qwen35Layer {
-    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, ctx: u32) -> Result<LayerState> {
+    fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState> {
         Ok(match self.mixer {
-            Mixer::DeltaNet(_) => LayerState::DeltaNet(DeltaNetState::new(gpu, deltanet::config(cfg)?)?),
+            Mixer::DeltaNet(_) => LayerState::DeltaNet(DeltaNetState::new(gpu, deltanet::config(cfg)?, size.slots)?),
             Mixer::Attention(_) => {
                 let a = &cfg.attention;
-                LayerState::Kv(KvCache::new(gpu, ctx, a.n_head_kv as u32, a.head_dim as u32)?)
+                LayerState::Kv(LayerKv::new(gpu, size.kv()?, a.n_head_kv as u32, a.head_dim as u32)?)
             }
         })
     }

@@ -1,11 +1,11 @@
-//! A recorded dispatch, and encoding a list of them into one compute pass.
+//! A recorded dispatch, and encoding lists of them into one compute pass.
 
 use std::sync::Arc;
 
-use super::Gpu;
+use super::{Gpu, Step};
 
-/// One workgroup-count dimension: fixed at build time, or derived from the number of
-/// tokens in the step (prefill batches vary in size; their bind groups do not).
+/// One workgroup-count dimension: fixed at build time, or derived from the step (steps
+/// vary in rows and sequences; their bind groups do not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dim {
     Fixed(u32),
@@ -13,13 +13,18 @@ pub enum Dim {
     Tokens {
         group: u32,
     },
+    /// `ceil(n_seqs / group)` workgroups.
+    Seqs {
+        group: u32,
+    },
 }
 
 impl Dim {
-    fn resolve(self, n_tokens: u32) -> u32 {
+    fn resolve(self, step: Step) -> u32 {
         match self {
             Dim::Fixed(n) => n,
-            Dim::Tokens { group } => n_tokens.div_ceil(group),
+            Dim::Tokens { group } => step.n_tokens.div_ceil(group),
+            Dim::Seqs { group } => step.n_seqs.div_ceil(group),
         }
     }
 }
@@ -32,8 +37,8 @@ impl Workgroups {
         Workgroups(Dim::Fixed(x), Dim::Fixed(y), Dim::Fixed(z))
     }
 
-    pub fn resolve(self, n_tokens: u32) -> [u32; 3] {
-        [self.0.resolve(n_tokens), self.1.resolve(n_tokens), self.2.resolve(n_tokens)]
+    pub fn resolve(self, step: Step) -> [u32; 3] {
+        [self.0.resolve(step), self.1.resolve(step), self.2.resolve(step)]
     }
 }
 
@@ -69,21 +74,22 @@ impl Dispatch {
     }
 }
 
-/// Encodes `dispatches` in order into one compute pass of `encoder`. Dispatches
-/// whose workgroup count resolves to zero (e.g. no tokens) are skipped.
+/// Encodes `dispatches` in order into one compute pass of `encoder`, for a step of
+/// `n_tokens` rows of one sequence. Dispatches whose workgroup count resolves to zero
+/// (e.g. no tokens) are skipped.
 pub fn encode_dispatches(encoder: &mut wgpu::CommandEncoder, dispatches: &[Dispatch], n_tokens: u32) {
-    encode_pass(encoder, &[(dispatches, n_tokens)]);
+    encode_pass(encoder, &[(dispatches, Step::rows(n_tokens))]);
 }
 
-/// Encodes several lists into one compute pass, each with its own token count (a step's
-/// layers at the step's size, then the output head on one row), so that a step is one
-/// pass in one submission.
-pub fn encode_pass(encoder: &mut wgpu::CommandEncoder, lists: &[(&[Dispatch], u32)]) {
+/// Encodes several lists into one compute pass, each sized by its own step (a step's
+/// layers at the step's rows and sequences, then the output head at its sampled rows), so
+/// that a step is one pass in one submission.
+pub fn encode_pass(encoder: &mut wgpu::CommandEncoder, lists: &[(&[Dispatch], Step)]) {
     let mut pass =
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-    for &(dispatches, n_tokens) in lists {
+    for &(dispatches, step) in lists {
         for d in dispatches {
-            let [x, y, z] = d.workgroups.resolve(n_tokens);
+            let [x, y, z] = d.workgroups.resolve(step);
             if x == 0 || y == 0 || z == 0 {
                 continue;
             }

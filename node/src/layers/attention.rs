@@ -6,9 +6,9 @@ use strata_model::config::{self, ModelConfig};
 
 use super::LoadCtx;
 use crate::Result;
-use crate::kv_cache::KvCache;
+use crate::kv_pool::LayerKv;
 use crate::ops::Recorder;
-use crate::ops::attention::{self, OutputGate};
+use crate::ops::attention::{self, OutputGate, PagedKv};
 use crate::ops::norm::RmsNorm;
 use crate::ops::rope::{Rope, RopeStyle};
 use crate::scratch::Scratch;
@@ -41,8 +41,11 @@ impl Attention {
         self.q.bytes() + self.k.bytes() + self.v.bytes() + self.o.bytes()
     }
 
-    /// Records `x += attention(n)` over `cache`, `n` the sub-block's normed input.
-    pub fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, cache: &KvCache) -> Result<()> {
+    /// Records `x += attention(n)` over the layer's part `kv` of the pool, `n` the
+    /// sub-block's normed input; each row attends to its own sequence.
+    pub fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, kv: &LayerKv) -> Result<()> {
+        let cache = PagedKv { layer: kv, table: s.table()? };
+        let rows = s.batch().rows;
         let a = &cfg.attention;
         let (d, h, hkv) = (a.head_dim as u32, a.n_head as u32, a.n_head_kv as u32);
         let rope = |n_heads| Rope {
@@ -74,12 +77,12 @@ impl Attention {
                 rec.rope(s.k(), s.positions(), rope(hkv))?;
             }
         }
-        rec.kv_store(cache, s.k(), s.v(), s.positions())?;
+        rec.kv_store(cache, s.k(), s.v(), rows)?;
         let mut attn = attention::Attention::new(h, d);
         if a.output_gate {
             attn.gate = Some(OutputGate { gate: s.q_full(), stride: 2 * d, offset: d });
         }
-        rec.attention(cache, s.q(), s.positions(), s.att(), attn)?;
+        rec.attention(cache, s.q(), rows, s.att(), attn)?;
         rec.matmul(&self.o, s.att(), s.x(), true)
     }
 }

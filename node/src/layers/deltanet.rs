@@ -22,8 +22,8 @@ pub struct DeltaNet {
     ssm_alpha: QuantMatrix,
     /// f32 `[channels, conv_kernel]`.
     ssm_conv1d: wgpu::Buffer,
-    ssm_dt_bias: wgpu::Buffer,
-    ssm_a: wgpu::Buffer,
+    /// f32 `[2, n_value_heads]`: `ssm_a`, then `ssm_dt.bias` (one binding for the kernel).
+    gate_consts: wgpu::Buffer,
     ssm_norm: wgpu::Buffer,
     ssm_out: QuantMatrix,
 }
@@ -44,8 +44,7 @@ impl DeltaNet {
             ssm_alpha: ctx.matrix(&t.alpha)?,
             // ggml `[kernel, channels]`: a row of taps per channel, as the kernel reads it.
             ssm_conv1d: ctx.vector(&t.conv1d)?,
-            ssm_dt_bias: ctx.vector(&t.dt_bias)?,
-            ssm_a: ctx.vector(&t.a)?,
+            gate_consts: ctx.vectors("gate consts", &[&t.a, &t.dt_bias])?,
             ssm_norm: ctx.vector(&t.norm)?,
             ssm_out: ctx.matrix(&t.out)?,
         })
@@ -55,12 +54,12 @@ impl DeltaNet {
     pub fn bytes(&self) -> u64 {
         let matrices =
             [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
-        let vectors = [&self.ssm_conv1d, &self.ssm_dt_bias, &self.ssm_a, &self.ssm_norm].map(|b| b.size());
+        let vectors = [&self.ssm_conv1d, &self.gate_consts, &self.ssm_norm].map(|b| b.size());
         matrices.iter().chain(&vectors).sum()
     }
 
-    /// Records `x += mixer(n)` for the step's tokens of one sequence, whose `state` the
-    /// dispatches advance; `n` is the sub-block's normed input.
+    /// Records `x += mixer(n)` for the step's rows, each sequence advancing its own slot of
+    /// `state`; `n` is the sub-block's normed input.
     pub fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &DeltaNetState) -> Result<()> {
         let dn = config(cfg)?;
         if state.config() != dn {
@@ -75,9 +74,9 @@ impl DeltaNet {
         {
             rec.matmul(w, s.n(), y, false)?;
         }
-        rec.deltanet_conv(state, d.qkv(), &self.ssm_conv1d, d.y(), cfg.eps)?;
-        let gates = Gates { b: d.b(), a: d.a(), ssm_a: &self.ssm_a, dt_bias: &self.ssm_dt_bias };
-        rec.delta_rule(state, d.y(), gates, d.o())?;
+        rec.deltanet_conv(state, d.qkv(), &self.ssm_conv1d, d.y(), s.batch(), cfg.eps)?;
+        let gates = Gates { b: d.b(), a: d.a(), consts: &self.gate_consts };
+        rec.delta_rule(state, d.y(), gates, d.o(), &s.seqs)?;
         rec.gated_norm(d.o(), d.z(), &self.ssm_norm, dn.head_dim as u32, cfg.eps)?;
         rec.matmul(&self.ssm_out, d.o(), s.x(), true)
     }
@@ -156,7 +155,8 @@ mod tests {
     use strata_model::arch::MixerTensors;
 
     use super::*;
-    use crate::gpu::{Step, encode_dispatches};
+    use crate::batch::{BatchLayout, Run};
+    use crate::gpu::{Step, encode_pass};
     use crate::ops::norm::RmsNorm;
     use crate::testing::{Rng, assert_close, gpu};
 
@@ -180,8 +180,8 @@ mod tests {
 
         // Bound for more tokens than the prefill has.
         let max_tokens = 10u32;
-        let s = Scratch::new(gpu, &cfg, max_tokens, true).unwrap();
-        let state = DeltaNetState::new(gpu, config(&cfg).unwrap()).unwrap();
+        let s = Scratch::new(gpu, &cfg, max_tokens, 2, true, None).unwrap();
+        let state = DeltaNetState::new(gpu, config(&cfg).unwrap(), 2).unwrap();
         let record = |max_tokens| {
             let mut rec = Recorder::new(gpu, kernels, &s.step, max_tokens).unwrap();
             rec.rms_norm(s.x(), &attn_norm_buf, s.n(), RmsNorm::new(cfg.n_embd as u32, 1, cfg.eps)).unwrap();
@@ -200,11 +200,15 @@ mod tests {
         for n in [8usize, 1, 1, 1, 1] {
             let x = rng.vec(n * e, 1.0);
             gpu.queue.write_buffer(&s.x, 0, bytemuck::cast_slice(&x));
-            let positions: Vec<u32> = (pos..pos + n as u32).collect();
-            gpu.queue.write_buffer(&s.positions, 0, bytemuck::cast_slice(&positions));
-            gpu.queue.write_buffer(&s.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, _pad: [0; 3] }));
+            // The sequence in slot 1.
+            let layout = BatchLayout::new(&[Run { slot: 1, pos, n: n as u32 }]);
+            gpu.queue.write_buffer(&s.positions, 0, bytemuck::cast_slice(&layout.positions));
+            gpu.queue.write_buffer(&s.rows, 0, bytemuck::cast_slice(&layout.rows));
+            gpu.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&layout.seqs));
+            let step = Step::new(n as u32, 1);
+            gpu.queue.write_buffer(&s.step, 0, bytemuck::bytes_of(&step));
             let mut enc = gpu.device.create_command_encoder(&Default::default());
-            encode_dispatches(&mut enc, if n == 1 { &decode } else { &prefill }, n as u32);
+            encode_pass(&mut enc, &[(if n == 1 { &decode } else { &prefill }, step)]);
             gpu.queue.submit([enc.finish()]);
             let got = gpu.read_f32(&s.x, n * e).unwrap();
             // Compare what the layer added, not the residual it added it to.

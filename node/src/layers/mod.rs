@@ -42,8 +42,16 @@ impl LoadCtx<'_> {
     /// A tensor read whole as f32 (norm weights, biases, conv taps), dequantised if stored
     /// otherwise.
     pub fn vector(&self, spec: &TensorSpec) -> Result<wgpu::Buffer> {
-        let t = self.tensor(spec)?;
-        let v = strata_model::quant::dequantize(t.ty, self.gguf.tensor_data(t))?;
-        Ok(self.gpu.storage_init(&spec.name, bytemuck::cast_slice(&v)))
+        self.vectors(&spec.name, &[spec])
+    }
+
+    /// Several such tensors end to end in one buffer, for a kernel that binds them as one.
+    pub fn vectors(&self, label: &str, specs: &[&TensorSpec]) -> Result<wgpu::Buffer> {
+        let mut all = Vec::new();
+        for spec in specs {
+            let t = self.tensor(spec)?;
+            all.extend(strata_model::quant::dequantize(t.ty, self.gguf.tensor_data(t))?);
+        }
+        Ok(self.gpu.storage_init(label, bytemuck::cast_slice(&all)))
     }
 }

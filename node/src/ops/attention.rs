@@ -1,13 +1,14 @@
-//! Attention over a [`KvCache`]: storing the step's keys and values, then causal softmax
-//! attention of each token's query heads over the cache (grouped-query: several query
-//! heads share one KV head). Decode and prefill use the same two dispatches; positions
-//! come per token from a u32 buffer written by the caller each step.
+//! Attention over the paged KV pool ([`LayerKv`] through a [`BlockTable`]): storing the
+//! step's keys and values, then causal softmax attention of each row's query heads over
+//! its own sequence's positions (grouped-query: several query heads share one KV head).
+//! Decode and prefill rows of any sequences use the same two dispatches; each row's
+//! position and slot come from the step's [`crate::batch::RowInfo`]s.
 
 use strata_shaders::Kernel;
 
 use super::recorder::{Act, Recorder};
 use crate::gpu::{Dim, Workgroups};
-use crate::kv_cache::KvCache;
+use crate::kv_pool::{BlockTable, LayerKv};
 use crate::{Error, Result};
 
 /// Threads per workgroup of `kv_store.wgsl`.
@@ -15,26 +16,56 @@ const STORE_WG: u32 = 64;
 /// Threads per workgroup of `attention.wgsl`, and keys per tile.
 const ATTN_WG: u32 = 64;
 
+/// One attention layer's part of the pool and the stage's block table: where a layer's
+/// keys and values are.
+#[derive(Clone, Copy)]
+pub struct PagedKv<'a> {
+    pub layer: &'a LayerKv,
+    pub table: &'a BlockTable,
+}
+
+impl PagedKv<'_> {
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.layer.layout() != self.table.layout() {
+            let message =
+                format!("a layer's pool of {:?} with a table of {:?}", self.layer.layout(), self.table.layout());
+            return Err(Error::Shape { op, message });
+        }
+        Ok(())
+    }
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct StoreParams {
     row_pairs: u32,
-    capacity: u32,
-    _pad: [u32; 2],
+    block_shift: u32,
+    max_blocks: u32,
+    n_blocks: u32,
 }
 
 impl Recorder<'_> {
-    /// Writes the step's keys `k` and values `v` (rows of `n_kv_heads * head_dim`) into
-    /// `cache` at the step's `positions` (one u32 per row). Positions at or past the
-    /// capacity are skipped; the caller keeps them in range.
-    pub fn kv_store(&mut self, cache: &KvCache, k: Act<'_>, v: Act<'_>, positions: Act<'_>) -> Result<()> {
-        let row_pairs = cache.n_kv_heads() * cache.head_dim() / 2;
+    /// Writes the step's keys `k` and values `v` (rows of `n_kv_heads * head_dim`) into the
+    /// pool, each row at its position in its sequence's blocks (`rows`: the step's
+    /// [`crate::batch::RowInfo`]s, 4 words each). The stage gives every sequence its blocks
+    /// before the step; a row whose block is missing is skipped.
+    pub fn kv_store(&mut self, kv: PagedKv<'_>, k: Act<'_>, v: Act<'_>, rows: Act<'_>) -> Result<()> {
+        kv.check("kv_store")?;
+        let (layer, layout) = (kv.layer, kv.table.layout());
+        let row_pairs = layer.n_kv_heads() * layer.head_dim() / 2;
         let k = self.bind_act("kv_store", "k", k, 2 * row_pairs)?;
         let v = self.bind_act("kv_store", "v", v, 2 * row_pairs)?;
-        let positions = self.bind_act("kv_store", "positions", positions, 1)?;
-        let params = self.uniform("kv_store", &StoreParams { row_pairs, capacity: cache.capacity(), _pad: [0; 2] });
+        let rows = self.bind_act("kv_store", "rows", rows, 4)?;
+        let params = StoreParams {
+            row_pairs,
+            block_shift: layout.block_shift(),
+            max_blocks: layout.max_blocks,
+            n_blocks: layout.blocks,
+        };
+        let params = self.uniform("kv_store", &params);
         let pipeline = self.pipeline(Kernel::KV_STORE, None, &[])?;
-        let resources = [positions, k, v, cache.k().as_entire_binding(), cache.v().as_entire_binding()];
+        let table = kv.table.buffer().as_entire_binding();
+        let resources = [rows, table, k, v, layer.k().as_entire_binding(), layer.v().as_entire_binding()];
         let workgroups = Workgroups(Dim::Fixed(row_pairs.div_ceil(STORE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("kv_store", pipeline, &params, &resources, workgroups);
         Ok(())
@@ -42,7 +73,7 @@ impl Recorder<'_> {
 }
 
 /// Where the output gate of gated attention (qwen35) is: the gate of value `d` of head `h`
-/// of token `t` is `gate[(t * n_heads + h) * stride + offset + d]`.
+/// of row `t` is `gate[(t * n_heads + h) * stride + offset + d]`.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputGate<'a> {
     /// Rows of `n_heads * stride`.
@@ -53,7 +84,7 @@ pub struct OutputGate<'a> {
     pub offset: u32,
 }
 
-/// The attention of one layer: `n_heads` query heads over the cache's KV heads.
+/// The attention of one layer: `n_heads` query heads over the pool's KV heads.
 #[derive(Debug, Clone, Copy)]
 pub struct Attention<'a> {
     pub n_heads: u32,
@@ -75,29 +106,34 @@ pub(crate) struct AttnParams {
     n_heads: u32,
     n_kv_heads: u32,
     group: u32,
-    capacity: u32,
+    block_shift: u32,
     scale: f32,
     gated: u32,
     gate_stride: u32,
     gate_offset: u32,
+    max_blocks: u32,
+    _pad: [u32; 3],
 }
 
 impl Recorder<'_> {
-    /// `out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, g]) V[j, g]` over cache positions
-    /// `j = 0..=positions[t]`, for KV head `g = h / (n_heads / n_kv_heads)`; then gated if
-    /// asked. `q` and `out`: rows of `n_heads * head_dim`. The step's keys and values must
-    /// be stored first ([`Recorder::kv_store`], earlier in the same pass), and every
-    /// position up to `positions[t]` must hold this sequence's keys.
+    /// `out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, g]) V[j, g]` over positions
+    /// `j = 0..=pos` of row `t`'s own sequence, for KV head `g = h / (n_heads /
+    /// n_kv_heads)`; then gated if asked. `q` and `out`: rows of `n_heads * head_dim`;
+    /// `rows`: the step's [`crate::batch::RowInfo`]s. The step's keys and values must be
+    /// stored first ([`Recorder::kv_store`], earlier in the same pass), and every position
+    /// up to a row's must hold its sequence's keys.
     pub fn attention(
         &mut self,
-        cache: &KvCache,
+        kv: PagedKv<'_>,
         q: Act<'_>,
-        positions: Act<'_>,
+        rows: Act<'_>,
         out: Act<'_>,
         attn: Attention<'_>,
     ) -> Result<()> {
         let shape = |message: String| Error::Shape { op: "attention", message };
-        let (n_heads, n_kv_heads, head_dim) = (attn.n_heads, cache.n_kv_heads(), cache.head_dim());
+        kv.check("attention")?;
+        let (layer, layout) = (kv.layer, kv.table.layout());
+        let (n_heads, n_kv_heads, head_dim) = (attn.n_heads, layer.n_kv_heads(), layer.head_dim());
         if n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(shape(format!("{n_heads} query heads over {n_kv_heads} KV heads")));
         }
@@ -106,7 +142,7 @@ impl Recorder<'_> {
         }
         let q_binding = self.bind_act("attention", "q", q, n_heads * head_dim)?;
         let out_binding = self.bind_act("attention", "out", out, n_heads * head_dim)?;
-        let positions = self.bind_act("attention", "positions", positions, 1)?;
+        let rows = self.bind_act("attention", "rows", rows, 4)?;
         let (gate, gate_stride, gate_offset) = match attn.gate {
             Some(g) => {
                 if g.stride < head_dim || g.offset > g.stride - head_dim {
@@ -127,11 +163,13 @@ impl Recorder<'_> {
             n_heads,
             n_kv_heads,
             group: n_heads / n_kv_heads,
-            capacity: cache.capacity(),
+            block_shift: layout.block_shift(),
             scale: attn.scale,
             gated: u32::from(attn.gate.is_some()),
             gate_stride,
             gate_offset,
+            max_blocks: layout.max_blocks,
+            _pad: [0; 3],
         };
         let params = self.uniform("attention", &params);
         let pairs = head_dim / 2;
@@ -142,8 +180,15 @@ impl Recorder<'_> {
             ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
         ];
         let pipeline = self.pipeline(Kernel::ATTENTION, None, &consts)?;
-        let resources =
-            [positions, q_binding, cache.k().as_entire_binding(), cache.v().as_entire_binding(), gate, out_binding];
+        let resources = [
+            rows,
+            kv.table.buffer().as_entire_binding(),
+            q_binding,
+            layer.k().as_entire_binding(),
+            layer.v().as_entire_binding(),
+            gate,
+            out_binding,
+        ];
         let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(n_heads), Dim::Fixed(1));
         self.dispatch("attention", pipeline, &params, &resources, workgroups);
         Ok(())
@@ -155,51 +200,169 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::gpu::Dispatch;
-    use crate::ops::harness::{f32_buffer, record, run, step_buffer, u32_buffer};
+    use crate::batch::{BatchLayout, Run};
+    use crate::gpu::{Dispatch, Step};
+    use crate::kv_pool::KvLayout;
+    use crate::ops::harness::{f32_buffer, record, run_step, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
-
-    /// A layer's shapes, and the CPU twin of its cache: K and V rounded to f16 as stored.
-    struct Twin {
-        n_heads: usize,
-        n_kv: usize,
-        hd: usize,
-        k: Vec<f32>,
-        v: Vec<f32>,
-    }
 
     fn round_f16(x: &[f32]) -> Vec<f32> {
         x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
     }
 
-    impl Twin {
-        fn new(n_heads: usize, n_kv: usize, hd: usize, capacity: usize) -> Twin {
-            Twin { n_heads, n_kv, hd, k: vec![0.0; capacity * n_kv * hd], v: vec![0.0; capacity * n_kv * hd] }
-        }
+    /// The CPU twin of one sequence's cache: K and V by position, rounded to f16 as stored.
+    #[derive(Default, Clone)]
+    struct Twin {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    }
 
-        fn store(&mut self, k: &[f32], v: &[f32], positions: &[u32]) {
-            let row = self.n_kv * self.hd;
-            for (t, &p) in positions.iter().enumerate() {
-                let p = p as usize;
-                self.k[p * row..(p + 1) * row].copy_from_slice(&round_f16(&k[t * row..(t + 1) * row]));
-                self.v[p * row..(p + 1) * row].copy_from_slice(&round_f16(&v[t * row..(t + 1) * row]));
+    /// A GPU attention layer over a pool, with sequences in slots, buffers for steps of
+    /// up to `max_tokens` rows and its two dispatches, and the CPU twin of each slot.
+    struct Layer {
+        kv: LayerKv,
+        table: BlockTable,
+        step: wgpu::Buffer,
+        q: wgpu::Buffer,
+        k: wgpu::Buffer,
+        v: wgpu::Buffer,
+        rows: wgpu::Buffer,
+        out: wgpu::Buffer,
+        dispatches: Vec<Dispatch>,
+        held: Vec<Vec<u32>>,
+        twins: Vec<Twin>,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+    }
+
+    impl Layer {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            n_heads: u32,
+            n_kv: u32,
+            hd: u32,
+            ctx: u32,
+            blocks: u32,
+            slots: u32,
+            max_tokens: u32,
+            gate: Option<(&wgpu::Buffer, u32, u32)>,
+        ) -> Layer {
+            let (gpu, _) = gpu();
+            let layout = KvLayout::new(16, blocks, slots, ctx).unwrap();
+            let kv = LayerKv::new(gpu, layout, n_kv, hd).unwrap();
+            let table = BlockTable::new(gpu, layout).unwrap();
+            let act = |heads: u32| gpu.storage("act", u64::from(max_tokens * heads * hd) * 4);
+            let (q, k, v, out) = (act(n_heads), act(n_kv), act(n_kv), act(n_heads));
+            let rows = gpu.storage("rows", u64::from(max_tokens) * 16);
+            let step = step_buffer(gpu);
+            let mut attn = Attention::new(n_heads, hd);
+            attn.gate = gate.map(|(gate, stride, offset)| OutputGate {
+                gate: Act::new(gate, max_tokens, n_heads * stride),
+                stride,
+                offset,
+            });
+            let act = |b, heads| Act::new(b, max_tokens, heads * hd);
+            let dispatches = record(&step, max_tokens, |rec| {
+                let (paged, rows) = (PagedKv { layer: &kv, table: &table }, Act::new(&rows, max_tokens, 4));
+                rec.kv_store(paged, act(&k, n_kv), act(&v, n_kv), rows)?;
+                rec.attention(paged, act(&q, n_heads), rows, act(&out, n_heads), attn)
+            })
+            .unwrap();
+            let (n_heads, n_kv, hd) = (n_heads as usize, n_kv as usize, hd as usize);
+            let slots = slots as usize;
+            Layer {
+                kv,
+                table,
+                step,
+                q,
+                k,
+                v,
+                rows,
+                out,
+                dispatches,
+                held: vec![Vec::new(); slots],
+                twins: vec![Twin::default(); slots],
+                n_heads,
+                n_kv,
+                hd,
             }
         }
 
-        /// Attention in f64; `gate` as (buffer, stride, offset).
-        fn attend(&self, q: &[f32], positions: &[u32], scale: f32, gate: Option<(&[f32], usize, usize)>) -> Vec<f32> {
+        /// Writes a step of `runs` with its k and v rows, giving each sequence its blocks;
+        /// `attend`: run attention too (else only store, a cache filled by earlier steps).
+        fn submit(&mut self, runs: &[Run], q: &[f32], k: &[f32], v: &[f32], attend: bool) {
+            let (gpu, _) = gpu();
+            let layout = BatchLayout::new(runs);
+            for r in runs {
+                self.table.grow(&gpu.queue, r.slot, &mut self.held[r.slot as usize], r.pos + r.n).unwrap();
+            }
+            for (b, data) in [(&self.q, q), (&self.k, k), (&self.v, v)] {
+                gpu.queue.write_buffer(b, 0, bytemuck::cast_slice(data));
+            }
+            gpu.queue.write_buffer(&self.rows, 0, bytemuck::cast_slice(&layout.rows));
+            let step = Step::new(layout.n_rows(), layout.n_seqs());
+            let list = if attend { &self.dispatches[..] } else { &self.dispatches[..1] };
+            run_step(gpu, &self.step, list, step);
+            let row = self.n_kv * self.hd;
+            for (info, (kr, vr)) in layout.rows.iter().zip(k.chunks_exact(row).zip(v.chunks_exact(row))) {
+                let twin = &mut self.twins[info.slot as usize];
+                let at = info.pos as usize * row;
+                if twin.k.len() < at + row {
+                    twin.k.resize(at + row, 0.0);
+                    twin.v.resize(at + row, 0.0);
+                }
+                twin.k[at..at + row].copy_from_slice(&round_f16(kr));
+                twin.v[at..at + row].copy_from_slice(&round_f16(vr));
+            }
+        }
+
+        fn step(&mut self, runs: &[Run], q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+            self.submit(runs, q, k, v, true);
+            gpu().0.read_f32(&self.out, q.len()).unwrap()
+        }
+
+        fn rows_of(runs: &[Run]) -> usize {
+            runs.iter().map(|r| r.n as usize).sum()
+        }
+
+        /// Stores random keys and values for `runs` without attending.
+        fn random_fill(&mut self, rng: &mut Rng, runs: &[Run]) {
+            let n = Self::rows_of(runs) * self.n_kv * self.hd;
+            let (k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+            let q = vec![0.0; Self::rows_of(runs) * self.n_heads * self.hd];
+            self.submit(runs, &q, &k, &v, false);
+        }
+
+        /// Random q, k, v for a step of `runs`.
+        fn random_inputs(&self, rng: &mut Rng, runs: &[Run]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+            let t = Self::rows_of(runs);
+            let q = rng.vec(t * self.n_heads * self.hd, 3.0);
+            (q, rng.vec(t * self.n_kv * self.hd, 1.0), rng.vec(t * self.n_kv * self.hd, 1.0))
+        }
+
+        fn random_step(&mut self, rng: &mut Rng, runs: &[Run]) -> (Vec<f32>, Vec<f32>) {
+            let (q, k, v) = self.random_inputs(rng, runs);
+            let out = self.step(runs, &q, &k, &v);
+            (q, out)
+        }
+
+        /// Attention in f64 of each row over its own sequence's twin; `gate` as (buffer,
+        /// stride, offset).
+        fn want(&self, runs: &[Run], q: &[f32], gate: Option<(&[f32], usize, usize)>) -> Vec<f32> {
             let (hd, row) = (self.hd, self.n_kv * self.hd);
+            let scale = 1.0 / (hd as f64).sqrt();
             let group = self.n_heads / self.n_kv;
             let mut out = Vec::new();
-            for (t, &pos) in positions.iter().enumerate() {
+            for (t, info) in BatchLayout::new(runs).rows.iter().enumerate() {
+                let twin = &self.twins[info.slot as usize];
                 for h in 0..self.n_heads {
                     let qh = &q[(t * self.n_heads + h) * hd..][..hd];
                     let g = h / group;
-                    let scores: Vec<f64> = (0..=pos as usize)
+                    let scores: Vec<f64> = (0..=info.pos as usize)
                         .map(|j| {
-                            let kj = &self.k[j * row + g * hd..][..hd];
-                            qh.iter().zip(kj).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>()
-                                * f64::from(scale)
+                            let kj = &twin.k[j * row + g * hd..][..hd];
+                            qh.iter().zip(kj).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * scale
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -209,7 +372,7 @@ mod tests {
                         let o: f64 = p
                             .iter()
                             .enumerate()
-                            .map(|(j, pj)| pj * f64::from(self.v[j * row + g * hd + d]))
+                            .map(|(j, pj)| pj * f64::from(twin.v[j * row + g * hd + d]))
                             .sum::<f64>()
                             / l;
                         let o = match gate {
@@ -227,104 +390,30 @@ mod tests {
         }
     }
 
-    /// A GPU layer: cache, buffers for up to `max_tokens`, and its two dispatches.
-    struct Layer {
-        cache: KvCache,
-        step: wgpu::Buffer,
-        q: wgpu::Buffer,
-        k: wgpu::Buffer,
-        v: wgpu::Buffer,
-        pos: wgpu::Buffer,
-        out: wgpu::Buffer,
-        dispatches: Vec<Dispatch>,
-        twin: Twin,
-    }
-
-    impl Layer {
-        fn new(
-            n_heads: u32,
-            n_kv: u32,
-            hd: u32,
-            capacity: u32,
-            max_tokens: u32,
-            gate: Option<(&wgpu::Buffer, u32, u32)>,
-        ) -> Layer {
-            let (gpu, _) = gpu();
-            let cache = KvCache::new(gpu, capacity, n_kv, hd).unwrap();
-            let act = |heads: u32| gpu.storage("act", u64::from(max_tokens * heads * hd) * 4);
-            let (q, k, v, out) = (act(n_heads), act(n_kv), act(n_kv), act(n_heads));
-            let pos = gpu.storage("positions", u64::from(max_tokens) * 4);
-            let step = step_buffer(gpu);
-            let mut attn = Attention::new(n_heads, hd);
-            attn.gate = gate.map(|(gate, stride, offset)| OutputGate {
-                gate: Act::new(gate, max_tokens, n_heads * stride),
-                stride,
-                offset,
-            });
-            let act = |b, heads| Act::new(b, max_tokens, heads * hd);
-            let dispatches = record(&step, max_tokens, |rec| {
-                let positions = Act::new(&pos, max_tokens, 1);
-                rec.kv_store(&cache, act(&k, n_kv), act(&v, n_kv), positions)?;
-                rec.attention(&cache, act(&q, n_heads), positions, act(&out, n_heads), attn)
-            })
-            .unwrap();
-            let twin = Twin::new(n_heads as usize, n_kv as usize, hd as usize, capacity as usize);
-            Layer { cache, step, q, k, v, pos, out, dispatches, twin }
-        }
-
-        /// One step: stores k and v at `positions`, attends with q; returns the GPU output.
-        fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], positions: &[u32]) -> Vec<f32> {
-            let (gpu, _) = gpu();
-            for (b, data) in [(&self.q, q), (&self.k, k), (&self.v, v)] {
-                gpu.queue.write_buffer(b, 0, bytemuck::cast_slice(data));
-            }
-            gpu.queue.write_buffer(&self.pos, 0, bytemuck::cast_slice(positions));
-            run(gpu, &self.step, &self.dispatches, positions.len() as u32);
-            self.twin.store(k, v, positions);
-            gpu.read_f32(&self.out, q.len()).unwrap()
-        }
-
-        /// Stores random keys and values at `positions`, without attending (a cache filled
-        /// by earlier steps).
-        fn random_fill(&mut self, rng: &mut Rng, positions: &[u32]) {
-            let (gpu, _) = gpu();
-            let n = positions.len() * self.twin.n_kv * self.twin.hd;
-            let (k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
-            gpu.queue.write_buffer(&self.k, 0, bytemuck::cast_slice(&k));
-            gpu.queue.write_buffer(&self.v, 0, bytemuck::cast_slice(&v));
-            gpu.queue.write_buffer(&self.pos, 0, bytemuck::cast_slice(positions));
-            run(gpu, &self.step, &self.dispatches[..1], positions.len() as u32);
-            self.twin.store(&k, &v, positions);
-        }
-
-        /// A step with random q, k, v; returns (q, GPU output).
-        fn random_step(&mut self, rng: &mut Rng, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
-            let t = positions.len();
-            let (hd, nq, nkv) = (self.twin.hd, self.twin.n_heads, self.twin.n_kv);
-            let q = rng.vec(t * nq * hd, 3.0);
-            let (k, v) = (rng.vec(t * nkv * hd, 1.0), rng.vec(t * nkv * hd, 1.0));
-            let out = self.step(&q, &k, &v, positions);
-            (q, out)
-        }
-
-        fn scale(&self) -> f32 {
-            1.0 / (self.twin.hd as f32).sqrt()
-        }
+    fn run(slot: u32, pos: u32, n: u32) -> Run {
+        Run { slot, pos, n }
     }
 
     #[test]
-    fn kv_store_rounds_to_f16_at_positions() {
+    fn kv_store_rounds_to_f16_in_each_sequences_blocks() {
         let (gpu, _) = gpu();
         let mut rng = Rng::new(11);
-        let mut layer = Layer::new(4, 2, 64, 16, 4, None);
-        let positions = [5, 0, 9];
-        layer.random_step(&mut rng, &positions);
+        let mut layer = Layer::new(4, 2, 64, 64, 8, 2, 24, None);
+        // Two sequences, one across a block boundary, stored in one step.
+        layer.random_step(&mut rng, &[run(1, 10, 9), run(0, 0, 3)]);
         let row = 2 * 64;
-        for (buf, want) in [(layer.cache.k(), &layer.twin.k), (layer.cache.v(), &layer.twin.v)] {
+        for (buf, which) in [(layer.kv.k(), 0), (layer.kv.v(), 1)] {
             let bytes = gpu.read_bytes(buf, 0, buf.size()).unwrap();
-            let got: Vec<f32> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-            // Bit for bit: the kernel rounds to nearest even, like `half`.
-            assert_eq!(&got[..16 * row], &want[..], "stored halves");
+            let pool: Vec<f32> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            for (slot, positions) in [(1usize, 10..19usize), (0, 0..3)] {
+                let twin = &layer.twins[slot];
+                let want = if which == 0 { &twin.k } else { &twin.v };
+                for p in positions {
+                    let at = layer.held[slot][p / 16] as usize * 16 + p % 16;
+                    // Bit for bit: the kernel rounds to nearest even, like `half`.
+                    assert_eq!(&pool[at * row..(at + 1) * row], &want[p * row..(p + 1) * row], "slot {slot} at {p}");
+                }
+            }
         }
     }
 
@@ -335,13 +424,13 @@ mod tests {
         // threads per output pair, and idle threads.
         for (n_heads, n_kv, hd) in [(4, 2, 64), (8, 8, 64), (24, 4, 256), (4, 2, 32), (2, 1, 80)] {
             for len in [1u32, 37, 300] {
-                let mut layer = Layer::new(n_heads, n_kv, hd, 320, 320, None);
+                let mut layer = Layer::new(n_heads, n_kv, hd, 320, 20, 1, 320, None);
                 if len > 1 {
-                    let cached: Vec<u32> = (0..len - 1).collect();
-                    layer.random_fill(&mut rng, &cached);
+                    layer.random_fill(&mut rng, &[run(0, 0, len - 1)]);
                 }
-                let (q, got) = layer.random_step(&mut rng, &[len - 1]);
-                let want = layer.twin.attend(&q, &[len - 1], layer.scale(), None);
+                let runs = [run(0, len - 1, 1)];
+                let (q, got) = layer.random_step(&mut rng, &runs);
+                let want = layer.want(&runs, &q, None);
                 assert_close(&got, &want, 1e-5, 1e-4, &format!("{n_heads}/{n_kv} heads of {hd}, {len} positions"));
             }
         }
@@ -351,13 +440,13 @@ mod tests {
     fn decode_over_a_long_context() {
         let mut rng = Rng::new(13);
         let len = 3000u32;
-        let mut layer = Layer::new(4, 2, 64, 4096, 1024, None);
-        for chunk in (0..len - 1).collect::<Vec<u32>>().chunks(1024) {
-            layer.random_fill(&mut rng, chunk);
+        let mut layer = Layer::new(4, 2, 64, 4096, 256, 1, 1024, None);
+        for start in (0..len - 1).step_by(1024) {
+            layer.random_fill(&mut rng, &[run(0, start, (len - 1 - start).min(1024))]);
         }
-        let (q, got) = layer.random_step(&mut rng, &[len - 1]);
-        let want = layer.twin.attend(&q, &[len - 1], layer.scale(), None);
-        assert_close(&got, &want, 1e-5, 1e-4, "3000 positions");
+        let runs = [run(0, len - 1, 1)];
+        let (q, got) = layer.random_step(&mut rng, &runs);
+        assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, "3000 positions");
     }
 
     #[test]
@@ -365,33 +454,54 @@ mod tests {
         let mut rng = Rng::new(14);
         for (n_heads, n_kv, hd) in [(4, 2, 64), (24, 4, 256)] {
             for t in [5u32, 40] {
-                let cached: Vec<u32> = (0..10).collect();
-                let new: Vec<u32> = (10..10 + t).collect();
-                let row = (n_kv * hd) as usize;
-                let qrow = (n_heads * hd) as usize;
-                let (k0, v0) = (rng.vec(10 * row, 1.0), rng.vec(10 * row, 1.0));
-                let q0 = rng.vec(10 * qrow, 1.0);
-                let (q, k, v) =
-                    (rng.vec(t as usize * qrow, 3.0), rng.vec(t as usize * row, 1.0), rng.vec(t as usize * row, 1.0));
+                let cached = [run(0, 0, 10)];
+                let new = [run(0, 10, t)];
+                let (q0, k0, v0) = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None).random_inputs(&mut rng, &cached);
+                let mut batch = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None);
+                let (q, k, v) = batch.random_inputs(&mut rng, &new);
 
                 // The whole prompt in one step, bound for a larger batch than it is.
-                let mut batch = Layer::new(n_heads, n_kv, hd, 64, 48, None);
-                batch.step(&q0, &k0, &v0, &cached);
-                let got = batch.step(&q, &k, &v, &new);
-                let want = batch.twin.attend(&q, &new, batch.scale(), None);
+                batch.step(&cached, &q0, &k0, &v0);
+                let got = batch.step(&new, &q, &k, &v);
                 let what = format!("{n_heads}/{n_kv} heads of {hd}, {t} tokens after 10");
-                assert_close(&got, &want, 1e-5, 1e-4, &what);
+                assert_close(&got, &batch.want(&new, &q, None), 1e-5, 1e-4, &what);
 
-                // The same tokens one at a time.
-                let mut single = Layer::new(n_heads, n_kv, hd, 64, 48, None);
-                single.step(&q0, &k0, &v0, &cached);
+                // The same rows one at a time give the same bits.
+                let mut single = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None);
+                single.step(&cached, &q0, &k0, &v0);
+                let (qr, kr) = (n_heads * hd, n_kv * hd);
                 let mut one_by_one = Vec::new();
-                for i in 0..t as usize {
-                    let s = |x: &[f32], w: usize| x[i * w..(i + 1) * w].to_vec();
-                    one_by_one.extend(single.step(&s(&q, qrow), &s(&k, row), &s(&v, row), &new[i..i + 1]));
+                for i in 0..t {
+                    let s = |x: &[f32], w: u32| x[(i * w) as usize..((i + 1) * w) as usize].to_vec();
+                    one_by_one.extend(single.step(&[run(0, 10 + i, 1)], &s(&q, qr), &s(&k, kr), &s(&v, kr)));
                 }
-                assert_close(&got, &one_by_one, 1e-6, 1e-6, &format!("{what}: one by one"));
+                assert_eq!(got, one_by_one, "{what}: one by one");
             }
+        }
+    }
+
+    /// Rows of different sequences, decode rows and a prefill run of different lengths
+    /// mixed in one step, each attend to their own cache only, with the same bits as
+    /// their sequence's step alone.
+    #[test]
+    fn each_row_attends_to_its_own_sequence_whatever_shares_its_step() {
+        let mut rng = Rng::new(16);
+        let (n_heads, n_kv, hd) = (4, 2, 64);
+        let mut layer = Layer::new(n_heads, n_kv, hd, 256, 40, 4, 64, None);
+        for runs in [&[run(2, 0, 60), run(0, 0, 3)][..], &[run(2, 60, 60)], &[run(2, 120, 30), run(3, 0, 34)]] {
+            layer.random_fill(&mut rng, runs);
+        }
+        let runs = [run(2, 150, 1), run(1, 0, 7), run(0, 3, 1), run(3, 34, 5)];
+        let (q, k, v) = layer.random_inputs(&mut rng, &runs);
+        let got = layer.step(&runs, &q, &k, &v);
+        assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, "a mixed step");
+        let (qr, kr) = ((n_heads * hd) as usize, (n_kv * hd) as usize);
+        let mut row = 0;
+        for r in runs {
+            let n = r.n as usize;
+            let alone = layer.step(&[r], &q[row * qr..][..n * qr], &k[row * kr..][..n * kr], &v[row * kr..][..n * kr]);
+            assert_eq!(alone, got[row * qr..][..n * qr], "{r:?} alone");
+            row += n;
         }
     }
 
@@ -403,35 +513,37 @@ mod tests {
         // [query | gate] per head: the gates at offset hd of rows of 2 hd.
         let qg = rng.vec((t * n_heads * 2 * hd) as usize, 4.0);
         let qg_buffer = f32_buffer(gpu, &qg);
-        let mut layer = Layer::new(n_heads, n_kv, hd, 16, t, Some((&qg_buffer, 2 * hd, hd)));
-        let positions: Vec<u32> = (0..t).collect();
-        let (q, got) = layer.random_step(&mut rng, &positions);
-        let want = layer.twin.attend(&q, &positions, layer.scale(), Some((&qg, 2 * hd as usize, hd as usize)));
+        let mut layer = Layer::new(n_heads, n_kv, hd, 16, 1, 1, t, Some((&qg_buffer, 2 * hd, hd)));
+        let runs = [run(0, 0, t)];
+        let (q, got) = layer.random_step(&mut rng, &runs);
+        let want = layer.want(&runs, &q, Some((&qg, 2 * hd as usize, hd as usize)));
         assert_close(&got, &want, 1e-5, 1e-4, "gated");
     }
 
     #[test]
     fn shapes_are_checked() {
         let (gpu, _) = gpu();
-        assert!(KvCache::new(gpu, 16, 2, 62).is_err());
-        assert!(KvCache::new(gpu, 16, 2, 1024).is_err());
-        assert!(KvCache::new(gpu, u32::MAX, 8, 256).is_err());
-        let cache = KvCache::new(gpu, 16, 2, 64).unwrap();
-        assert_eq!(cache.bytes(), 16 * KvCache::bytes_per_position(2, 64));
+        let layout = KvLayout::new(16, 1, 1, 16).unwrap();
+        let (kv, table) = (LayerKv::new(gpu, layout, 2, 64).unwrap(), BlockTable::new(gpu, layout).unwrap());
+        let paged = PagedKv { layer: &kv, table: &table };
         let step = step_buffer(gpu);
-        let pos = u32_buffer(gpu, &[0; 4]);
+        let rows = gpu.storage("rows", 4 * 16);
         let small = f32_buffer(gpu, &vec![0.0; 128]);
         let q = f32_buffer(gpu, &vec![0.0; 3 * 64]);
         let out = f32_buffer(gpu, &vec![0.0; 3 * 64]);
-        let (small, pos) = (Act::new(&small, 1, 128), Act::new(&pos, 4, 1));
-        assert!(record(&step, 1, |rec| rec.kv_store(&cache, small, small, pos)).is_ok());
-        assert!(record(&step, 2, |rec| rec.kv_store(&cache, small, small, pos)).is_err());
+        let (small, rows) = (Act::new(&small, 1, 128), Act::new(&rows, 4, 4));
+        assert!(record(&step, 1, |rec| rec.kv_store(paged, small, small, rows)).is_ok());
+        assert!(record(&step, 2, |rec| rec.kv_store(paged, small, small, rows)).is_err());
         let attend = |heads, q: &wgpu::Buffer, out: &wgpu::Buffer| {
             let (q, out) = (Act::new(q, 1, heads * 64), Act::new(out, 1, heads * 64));
-            record(&step, 1, |rec| rec.attention(&cache, q, pos, out, Attention::new(heads, 64)))
+            record(&step, 1, |rec| rec.attention(paged, q, rows, out, Attention::new(heads, 64)))
         };
         assert!(attend(3, &q, &out).is_err());
         assert!(attend(2, &q, &out).is_ok());
         assert!(attend(2, &q, &q).is_err());
+        // A layer's pool with another layout's table.
+        let other = BlockTable::new(gpu, KvLayout::new(16, 2, 1, 16).unwrap()).unwrap();
+        let e = record(&step, 1, |rec| rec.kv_store(PagedKv { layer: &kv, table: &other }, small, small, rows));
+        assert!(e.is_err());
     }
 }

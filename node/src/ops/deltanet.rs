@@ -1,7 +1,8 @@
 //! The Gated DeltaNet mixer of qwen35 (see `qwen35.md`), after its input projections:
 //! [`conv`] (causal depthwise conv, SiLU, L2 norm of q and k), [`delta_rule`] (gates and
-//! the recurrence over a [`DeltaNetState`]) and [`gated_norm`]. Decode and prefill use the
-//! same dispatches; a prefill batch runs its tokens in order inside the kernels.
+//! the recurrence over a [`DeltaNetState`]) and [`gated_norm`]. Decode and prefill rows of
+//! any sequences use the same dispatches: each sequence's rows advance its own state (its
+//! slot), the recurrence running a sequence's rows in order inside the kernel.
 
 use strata_shaders::Kernel;
 
@@ -37,16 +38,18 @@ pub(crate) struct ConvStateParams {
 impl Recorder<'_> {
     /// The conv of the step's projected `qkv` (rows of `channels`: q then k then v heads)
     /// into `out` (same shape): per channel the causal depthwise conv with `weight` (f32
-    /// `[channels, conv_kernel]`, the last tap on the current input) over the state's
-    /// history and the step's inputs, then SiLU; then each q and k head divided by
-    /// `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A second dispatch then
-    /// advances the state's conv history past the step.
+    /// `[channels, conv_kernel]`, the last tap on the current input) over each row's
+    /// sequence's history (its slot of the state) and earlier rows, then SiLU; then each q
+    /// and k head divided by `sqrt(sum(x^2) + eps)`, q heads also by `sqrt(head_dim)`. A
+    /// second dispatch then advances each sequence's conv history past its rows. `batch`:
+    /// the step's rows and sequences ([`crate::batch`]).
     pub fn deltanet_conv(
         &mut self,
         state: &DeltaNetState,
         qkv: Act<'_>,
         weight: &wgpu::Buffer,
         out: Act<'_>,
+        batch: StepBatch<'_>,
         eps: f32,
     ) -> Result<()> {
         let op = "deltanet conv";
@@ -72,35 +75,44 @@ impl Recorder<'_> {
         let params = self.uniform("deltanet_conv", &params);
         let pipeline = self.pipeline(Kernel::DELTANET_CONV, None, &[])?;
         let heads = channels / head_dim;
+        let rows = self.bind_act(op, "rows", batch.rows, 4)?;
+        let seqs = self.bind(op, "seqs", batch.seqs, batch.seqs.size())?;
         let workgroups = Workgroups(Dim::Fixed(heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
-        let resources = [qkv_binding.clone(), weight, state.conv().as_entire_binding(), out];
+        let resources = [rows, qkv_binding.clone(), weight, state.conv().as_entire_binding(), out];
         self.dispatch("deltanet_conv", pipeline, &params, &resources, workgroups);
 
         let params = self.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
         let pipeline = self.pipeline(Kernel::DELTANET_CONV_STATE, None, &[])?;
-        let workgroups = Workgroups::fixed(channels.div_ceil(WG), 1, 1);
+        let workgroups = Workgroups(Dim::Fixed(channels.div_ceil(WG)), Dim::Seqs { group: 1 }, Dim::Fixed(1));
         self.dispatch(
             "deltanet_conv_state",
             pipeline,
             &params,
-            &[qkv_binding, state.conv().as_entire_binding()],
+            &[seqs, qkv_binding, state.conv().as_entire_binding()],
             workgroups,
         );
         Ok(())
     }
 }
 
-/// The per-token gate inputs of [`delta_rule`].
+/// Where a step's rows and sequences are described ([`crate::batch`]): per row a
+/// `RowInfo` (4 words), per sequence a `SeqInfo`, as many as the stage's steps may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct StepBatch<'a> {
+    pub rows: Act<'a>,
+    pub seqs: &'a wgpu::Buffer,
+}
+
+/// The per-row gate inputs of [`delta_rule`].
 #[derive(Debug, Clone, Copy)]
 pub struct Gates<'a> {
     /// Rows of `n_value_heads`: `beta = sigmoid(b)`.
     pub b: Act<'a>,
     /// Rows of `n_value_heads`: `g = ssm_a * softplus(a + dt_bias)`.
     pub a: Act<'a>,
-    /// f32 `[n_value_heads]`: the layer's `ssm_a` (already `-exp(A_log)`).
-    pub ssm_a: &'a wgpu::Buffer,
-    /// f32 `[n_value_heads]`: the layer's `ssm_dt.bias`.
-    pub dt_bias: &'a wgpu::Buffer,
+    /// f32 `[2, n_value_heads]`: the layer's `ssm_a` (already `-exp(A_log)`), then its
+    /// `ssm_dt.bias`.
+    pub consts: &'a wgpu::Buffer,
 }
 
 #[repr(C)]
@@ -116,12 +128,19 @@ pub(crate) struct StateParams {
 const STATE_COLS: u32 = 64;
 
 impl Recorder<'_> {
-    /// The delta rule over the step's tokens in order, from the conv's output `y` (rows of
-    /// `channels`: L2-normed q and k per key head, v per value head): for each value head
-    /// `h` with key head `h mod n_key_heads`, `S = exp(g) S; d = beta (v - S^T k);
-    /// S += k d^T; out = S^T q`, updating the state's matrices. `out`: rows of
-    /// `n_value_heads * head_dim`.
-    pub fn delta_rule(&mut self, state: &DeltaNetState, y: Act<'_>, gates: Gates<'_>, out: Act<'_>) -> Result<()> {
+    /// The delta rule over each sequence's rows of the step in order, from the conv's
+    /// output `y` (rows of `channels`: L2-normed q and k per key head, v per value head):
+    /// for each value head `h` with key head `h mod n_key_heads`, `S = exp(g) S; d = beta
+    /// (v - S^T k); S += k d^T; out = S^T q`, updating the sequence's matrices (its slot).
+    /// `out`: rows of `n_value_heads * head_dim`; `seqs`: the step's `SeqInfo`s.
+    pub fn delta_rule(
+        &mut self,
+        state: &DeltaNetState,
+        y: Act<'_>,
+        gates: Gates<'_>,
+        out: Act<'_>,
+        seqs: &wgpu::Buffer,
+    ) -> Result<()> {
         let op = "deltanet delta_rule";
         let cfg = state.config();
         let (channels, nv, dk) = (cfg.conv_channels() as u32, cfg.n_value_heads as u32, cfg.head_dim as u32);
@@ -129,11 +148,11 @@ impl Recorder<'_> {
             return Err(Error::Shape { op, message: "out must not be y".into() });
         }
         let resources = [
+            self.bind(op, "seqs", seqs, seqs.size())?,
             self.bind_act(op, "y", y, channels)?,
             self.bind_act(op, "b", gates.b, nv)?,
             self.bind_act(op, "a", gates.a, nv)?,
-            self.bind(op, "ssm_a", gates.ssm_a, u64::from(nv) * 4)?,
-            self.bind(op, "dt_bias", gates.dt_bias, u64::from(nv) * 4)?,
+            self.bind(op, "gate consts", gates.consts, u64::from(2 * nv) * 4)?,
             state.matrices().as_entire_binding(),
             self.bind_act(op, "out", out, nv * dk)?,
         ];
@@ -142,8 +161,8 @@ impl Recorder<'_> {
         let cols = STATE_COLS.min(dk);
         let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
         let pipeline = self.pipeline(Kernel::DELTANET_STATE, None, &consts)?;
-        // Fixed workgroups: every head runs (and keeps its state) whatever the token count.
-        self.dispatch("deltanet_state", pipeline, &params, &resources, Workgroups::fixed(nv, dk.div_ceil(cols), 1));
+        let workgroups = Workgroups(Dim::Fixed(nv), Dim::Fixed(dk.div_ceil(cols)), Dim::Seqs { group: 1 });
+        self.dispatch("deltanet_state", pipeline, &params, &resources, workgroups);
         Ok(())
     }
 }
@@ -187,8 +206,9 @@ mod tests {
     use strata_model::config::DeltaNetConfig;
 
     use super::*;
-    use crate::gpu::Dispatch;
-    use crate::ops::harness::{f32_buffer, record, run, step_buffer};
+    use crate::batch::{BatchLayout, Run};
+    use crate::gpu::{Dispatch, Step};
+    use crate::ops::harness::{f32_buffer, record, run, run_step, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     fn config(n_key_heads: usize, n_value_heads: usize, head_dim: usize) -> DeltaNetConfig {
@@ -266,45 +286,99 @@ mod tests {
         gpu().0.queue.write_buffer(buffer, 0, bytemuck::cast_slice(values));
     }
 
-    /// Runs the conv for `t` of `max_tokens` tokens from a random history; checks the output
-    /// and the new history against the twin.
-    fn check_conv(cfg: &DeltaNetConfig, t: usize, max_tokens: u32, seed: u64) {
+    /// The step's row and sequence tables, for steps of up to `max_tokens` rows and
+    /// `max_seqs` sequences.
+    struct Tables {
+        rows: wgpu::Buffer,
+        seqs: wgpu::Buffer,
+        max_tokens: u32,
+    }
+
+    impl Tables {
+        fn new(max_tokens: u32, max_seqs: u32) -> Tables {
+            let (gpu, _) = gpu();
+            Tables {
+                rows: gpu.storage("rows", u64::from(max_tokens) * 16),
+                seqs: gpu.storage("seqs", u64::from(max_seqs) * 16),
+                max_tokens,
+            }
+        }
+
+        fn batch(&self) -> StepBatch<'_> {
+            StepBatch { rows: Act::new(&self.rows, self.max_tokens, 4), seqs: &self.seqs }
+        }
+
+        /// Writes the tables of `runs`; returns the step.
+        fn write(&self, runs: &[Run]) -> Step {
+            let (gpu, _) = gpu();
+            let layout = BatchLayout::new(runs);
+            gpu.queue.write_buffer(&self.rows, 0, bytemuck::cast_slice(&layout.rows));
+            gpu.queue.write_buffer(&self.seqs, 0, bytemuck::cast_slice(&layout.seqs));
+            Step::new(layout.n_rows(), layout.n_seqs())
+        }
+    }
+
+    fn run_of(slot: u32, n: u32) -> Run {
+        Run { slot, pos: 0, n }
+    }
+
+    const SLOTS: u32 = 4;
+
+    /// Runs the conv for a step of `runs` (each sequence in its slot, from its own random
+    /// history), bound for `max_tokens` rows; checks each sequence's output and new history
+    /// against the twin, and that slots outside the step keep theirs.
+    fn check_conv(cfg: &DeltaNetConfig, runs: &[Run], max_tokens: u32, seed: u64) {
         let (gpu, _) = gpu();
         let mut rng = Rng::new(seed);
         let (c, kk) = (cfg.conv_channels(), cfg.conv_kernel);
         let eps = 1e-6;
-        let state = DeltaNetState::new(gpu, cfg).unwrap();
-        let hist = rng.vec((kk - 1) * c, 2.0);
+        let state = DeltaNetState::new(gpu, cfg, SLOTS).unwrap();
+        let hist = rng.vec(SLOTS as usize * (kk - 1) * c, 2.0);
         write(state.conv(), &hist);
         let qkv = rng.vec(max_tokens as usize * c, 2.0);
         let w = rng.vec(c * kk, 1.0);
         let step = step_buffer(gpu);
+        let tables = Tables::new(max_tokens, SLOTS);
         let (qkv_b, w_b) = (f32_buffer(gpu, &qkv), f32_buffer(gpu, &w));
         let out = f32_buffer(gpu, &vec![0.0; max_tokens as usize * c]);
         let act = |b| Act::new(b, max_tokens, c as u32);
-        let d = record(&step, max_tokens, |rec| rec.deltanet_conv(&state, act(&qkv_b), &w_b, act(&out), eps)).unwrap();
-        run(gpu, &step, &d, t as u32);
-        let (want, want_hist) = cpu_conv(cfg, eps, &qkv, t, &w, &hist);
+        let d = record(&step, max_tokens, |rec| {
+            rec.deltanet_conv(&state, act(&qkv_b), &w_b, act(&out), tables.batch(), eps)
+        })
+        .unwrap();
+        let shape = tables.write(runs);
+        run_step(gpu, &step, &d, shape);
         let got = gpu.read_f32(&out, max_tokens as usize * c).unwrap();
-        let what = format!("{cfg:?}, {t} tokens");
-        assert_close(&got[..t * c], &want, 1e-5, 1e-4, &what);
-        assert!(got[t * c..].iter().all(|&v| v == 0.0), "{what}: wrote past the step's tokens");
-        if kk > 1 {
-            assert_eq!(gpu.read_f32(state.conv(), (kk - 1) * c).unwrap(), want_hist, "{what}: conv state");
+        let new_hist = gpu.read_f32(state.conv(), hist.len()).unwrap();
+        let h = (kk - 1) * c;
+        let mut row = 0;
+        for r in runs {
+            let (slot, n) = (r.slot as usize, r.n as usize);
+            let (want, want_hist) = cpu_conv(cfg, eps, &qkv[row * c..], n, &w, &hist[slot * h..][..h]);
+            let what = format!("{cfg:?}, {runs:?}: slot {slot}");
+            assert_close(&got[row * c..(row + n) * c], &want, 1e-5, 1e-4, &what);
+            assert_eq!(new_hist[slot * h..][..h], want_hist, "{what}: conv state");
+            row += n;
+        }
+        assert!(got[row * c..].iter().all(|&v| v == 0.0), "wrote past the step's rows");
+        for slot in (0..SLOTS as usize).filter(|s| !runs.iter().any(|r| r.slot as usize == *s)) {
+            assert_eq!(new_hist[slot * h..][..h], hist[slot * h..][..h], "slot {slot} is not in the step");
         }
     }
 
     #[test]
-    fn conv_matches_cpu_from_a_history() {
-        // Decode; prefill of fewer tokens than the history (part old, part new); longer ones.
+    fn conv_matches_cpu_from_each_sequences_history() {
+        // Decode; prefill of fewer rows than the history (part old, part new); longer ones.
         for (t, max_tokens) in [(1, 1), (2, 4), (7, 9), (9, 9)] {
-            check_conv(&config(2, 6, 32), t, max_tokens, 1 + t as u64);
+            check_conv(&config(2, 6, 32), &[run_of(1, t)], max_tokens, 1 + u64::from(t));
         }
-        check_conv(&config(2, 4, 128), 1, 1, 11);
-        check_conv(&config(2, 4, 128), 7, 8, 12);
+        // Several sequences in one step: decode rows and prefill runs mixed.
+        check_conv(&config(2, 6, 32), &[run_of(2, 1), run_of(0, 5), run_of(3, 2)], 9, 5);
+        check_conv(&config(2, 4, 128), &[run_of(0, 1)], 1, 11);
+        check_conv(&config(2, 4, 128), &[run_of(3, 7), run_of(1, 1)], 8, 12);
         // Other kernel sizes, heads wider than the workgroup but not a multiple of it.
-        check_conv(&DeltaNetConfig { conv_kernel: 2, ..config(1, 2, 80) }, 3, 3, 13);
-        check_conv(&DeltaNetConfig { conv_kernel: 1, ..config(1, 1, 16) }, 2, 2, 14);
+        check_conv(&DeltaNetConfig { conv_kernel: 2, ..config(1, 2, 80) }, &[run_of(0, 3)], 3, 13);
+        check_conv(&DeltaNetConfig { conv_kernel: 1, ..config(1, 1, 16) }, &[run_of(0, 2), run_of(1, 1)], 3, 14);
     }
 
     /// Random gate inputs and conv output (q and k unit-normed like the conv's) for `t` tokens.
@@ -338,8 +412,8 @@ mod tests {
             }
         }
 
-        /// Tokens `r` only.
-        fn tokens(&self, cfg: &DeltaNetConfig, r: std::ops::Range<usize>) -> Inputs {
+        /// Rows `r` only.
+        fn rows(&self, cfg: &DeltaNetConfig, r: std::ops::Range<usize>) -> Inputs {
             let (c, nv) = (cfg.conv_channels(), cfg.n_value_heads);
             Inputs {
                 y: self.y[r.start * c..r.end * c].to_vec(),
@@ -351,115 +425,136 @@ mod tests {
         }
     }
 
-    /// A state and the buffers of one delta-rule dispatch for up to `max_tokens`.
+    /// A state of [`SLOTS`] slots and the buffers of one delta-rule dispatch for up to
+    /// `max_tokens` rows.
     struct Rule {
         state: DeltaNetState,
         step: wgpu::Buffer,
+        tables: Tables,
         y: wgpu::Buffer,
         b: wgpu::Buffer,
         a: wgpu::Buffer,
-        ssm_a: wgpu::Buffer,
-        dt_bias: wgpu::Buffer,
+        consts: wgpu::Buffer,
         out: wgpu::Buffer,
         dispatch: Dispatch,
     }
 
     impl Rule {
+        /// `s0`: every slot's matrices.
         fn new(cfg: &DeltaNetConfig, max_tokens: u32, s0: &[f32]) -> Rule {
             let (gpu, _) = gpu();
-            let state = DeltaNetState::new(gpu, cfg).unwrap();
+            let state = DeltaNetState::new(gpu, cfg, SLOTS).unwrap();
             write(state.matrices(), s0);
             let act = |w: usize| gpu.storage("act", max_tokens as u64 * w as u64 * 4);
             let nv = cfg.n_value_heads;
             let (y, b, a, out) = (act(cfg.conv_channels()), act(nv), act(nv), act(cfg.value_dim()));
-            let (ssm_a, dt_bias) = (gpu.storage("ssm_a", nv as u64 * 4), gpu.storage("dt_bias", nv as u64 * 4));
+            let consts = gpu.storage("gate consts", 2 * nv as u64 * 4);
             let step = step_buffer(gpu);
+            let tables = Tables::new(max_tokens, SLOTS);
             let rows = |b, w: usize| Act::new(b, max_tokens, w as u32);
-            let gates = Gates { b: rows(&b, nv), a: rows(&a, nv), ssm_a: &ssm_a, dt_bias: &dt_bias };
+            let gates = Gates { b: rows(&b, nv), a: rows(&a, nv), consts: &consts };
             let (ya, oa) = (rows(&y, cfg.conv_channels()), rows(&out, cfg.value_dim()));
-            let mut d = record(&step, max_tokens, |rec| rec.delta_rule(&state, ya, gates, oa)).unwrap();
+            let mut d = record(&step, max_tokens, |rec| rec.delta_rule(&state, ya, gates, oa, &tables.seqs)).unwrap();
             let dispatch = d.pop().unwrap();
-            Rule { state, step, y, b, a, ssm_a, dt_bias, out, dispatch }
+            Rule { state, step, tables, y, b, a, consts, out, dispatch }
         }
 
-        fn run(&self, x: &Inputs, t: usize) -> Vec<f32> {
+        /// A step of `runs` with inputs `x` (their rows in order).
+        fn run(&self, x: &Inputs, runs: &[Run]) -> Vec<f32> {
             let (gpu, _) = gpu();
-            for (buf, v) in [
-                (&self.y, &x.y),
-                (&self.b, &x.b),
-                (&self.a, &x.a),
-                (&self.ssm_a, &x.ssm_a),
-                (&self.dt_bias, &x.dt_bias),
-            ] {
+            let consts: Vec<f32> = x.ssm_a.iter().chain(&x.dt_bias).copied().collect();
+            for (buf, v) in [(&self.y, &x.y), (&self.b, &x.b), (&self.a, &x.a), (&self.consts, &consts)] {
                 write(buf, v);
             }
-            run(gpu, &self.step, std::slice::from_ref(&self.dispatch), t as u32);
-            let cfg = self.state.config();
-            gpu.read_f32(&self.out, t * cfg.value_dim()).unwrap()
+            let shape = self.tables.write(runs);
+            run_step(gpu, &self.step, std::slice::from_ref(&self.dispatch), shape);
+            gpu.read_f32(&self.out, shape.n_tokens as usize * self.state.config().value_dim()).unwrap()
         }
 
-        fn matrices(&self) -> Vec<f32> {
+        /// Slot `slot`'s matrices.
+        fn matrices(&self, slot: usize) -> Vec<f32> {
             let cfg = self.state.config();
-            gpu().0.read_f32(self.state.matrices(), cfg.n_value_heads * cfg.head_dim * cfg.head_dim).unwrap()
+            let m = cfg.n_value_heads * cfg.head_dim * cfg.head_dim;
+            gpu().0.read_f32(self.state.matrices(), SLOTS as usize * m).unwrap()[slot * m..][..m].to_vec()
         }
     }
 
-    fn check_delta_rule(cfg: &DeltaNetConfig, t: usize, seed: u64) {
+    /// A step of `runs` at once against the twin, each sequence from its slot's own state;
+    /// each run alone gives the same bits; one sequence row by row the same up to rounding.
+    fn check_delta_rule(cfg: &DeltaNetConfig, runs: &[Run], seed: u64) {
         let mut rng = Rng::new(seed);
         let dk = cfg.head_dim;
-        let s0 = rng.vec(cfg.n_value_heads * dk * dk, 0.5);
+        let m = cfg.n_value_heads * dk * dk;
+        let s0 = rng.vec(SLOTS as usize * m, 0.5);
+        let t: usize = runs.iter().map(|r| r.n as usize).sum();
         let x = Inputs::random(cfg, t, &mut rng);
-        let what = format!("{cfg:?}, {t} tokens");
+        let what = format!("{cfg:?}, {runs:?}");
+        let vd = cfg.value_dim();
 
-        // The whole step at once, bound for more tokens than it has.
+        // The whole step at once, bound for more rows than it has.
         let batch = Rule::new(cfg, t as u32 + 2, &s0);
-        let got = batch.run(&x, t);
-        let mut s = s0.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
-        let want = cpu_delta_rule(cfg, &x, &mut s, t);
-        assert_close(&got, &want, 1e-5, 1e-4, &what);
-        let s_want: Vec<f32> = s.iter().map(|&v| v as f32).collect();
-        assert_close(&batch.matrices(), &s_want, 1e-5, 1e-4, &format!("{what}: state"));
+        let got = batch.run(&x, runs);
+        let mut row = 0;
+        for r in runs {
+            let (slot, n) = (r.slot as usize, r.n as usize);
+            let mut s = s0[slot * m..][..m].iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let want = cpu_delta_rule(cfg, &x.rows(cfg, row..row + n), &mut s, n);
+            assert_close(&got[row * vd..(row + n) * vd], &want, 1e-5, 1e-4, &format!("{what}: slot {slot}"));
+            let s_want: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+            assert_close(&batch.matrices(slot), &s_want, 1e-5, 1e-4, &format!("{what}: slot {slot}'s state"));
 
-        // Token by token, through a decode dispatch: the same, up to rounding.
-        let single = Rule::new(cfg, 1, &s0);
-        let mut one_by_one = Vec::new();
-        for i in 0..t {
-            one_by_one.extend(single.run(&x.tokens(cfg, i..i + 1), 1));
+            let alone = Rule::new(cfg, t as u32 + 2, &s0);
+            let single = alone.run(&x.rows(cfg, row..row + n), &[*r]);
+            assert_eq!(single, got[row * vd..(row + n) * vd], "{what}: slot {slot} alone");
+            assert_eq!(alone.matrices(slot), batch.matrices(slot), "{what}: slot {slot}'s state alone");
+            row += n;
         }
-        assert_close(&one_by_one, &got, 1e-6, 1e-5, &format!("{what}: one by one"));
-        assert_close(&single.matrices(), &batch.matrices(), 1e-6, 1e-5, &format!("{what}: one by one, state"));
+
+        // The first sequence row by row: the same, up to rounding.
+        let (r, one) = (runs[0], Rule::new(cfg, 1, &s0));
+        let mut one_by_one = Vec::new();
+        for i in 0..r.n as usize {
+            one_by_one.extend(one.run(&x.rows(cfg, i..i + 1), &[Run { n: 1, ..r }]));
+        }
+        assert_close(&one_by_one, &got[..r.n as usize * vd], 1e-6, 1e-5, &format!("{what}: one by one"));
     }
 
     #[test]
-    fn delta_rule_matches_cpu_and_token_by_token() {
+    fn delta_rule_matches_cpu_per_sequence_and_row_by_row() {
         // Fewer key heads than value heads (tiled: value head h reads key head h mod nk).
-        check_delta_rule(&config(2, 6, 32), 1, 21);
-        check_delta_rule(&config(2, 6, 32), 9, 22);
+        check_delta_rule(&config(2, 6, 32), &[run_of(0, 1)], 21);
+        check_delta_rule(&config(2, 6, 32), &[run_of(2, 9), run_of(0, 1), run_of(3, 4)], 22);
         // Qwen3.6's head size.
-        check_delta_rule(&config(2, 4, 128), 1, 23);
-        check_delta_rule(&config(2, 4, 128), 9, 24);
+        check_delta_rule(&config(2, 4, 128), &[run_of(1, 1)], 23);
+        check_delta_rule(&config(2, 4, 128), &[run_of(3, 9), run_of(1, 2)], 24);
         // A head that is not a multiple of the workgroup's columns.
-        check_delta_rule(&config(1, 2, 80), 3, 25);
+        check_delta_rule(&config(1, 2, 80), &[run_of(0, 3)], 25);
     }
 
     #[test]
-    fn delta_rule_starts_from_zero_and_resets() {
+    fn delta_rule_starts_from_zero_and_resets_one_slot() {
         let (gpu, _) = gpu();
         let cfg = config(1, 2, 32);
         let mut rng = Rng::new(31);
         let x = Inputs::random(&cfg, 3, &mut rng);
         let fresh = Rule::new(&cfg, 3, &[]);
-        let first = fresh.run(&x, 3);
+        let first = fresh.run(&x, &[run_of(1, 3)]);
         let mut s = vec![0f64; 2 * 32 * 32];
         let want = cpu_delta_rule(&cfg, &x, &mut s, 3);
         assert_close(&first, &want, 1e-5, 1e-4, "from zero");
+        fresh.run(&x, &[run_of(2, 3)]);
         let hist = 3 * cfg.conv_channels();
-        write(fresh.state.conv(), &vec![1.0; hist]);
-        fresh.state.reset(gpu);
-        assert!(fresh.matrices().iter().all(|&v| v == 0.0), "reset matrices");
-        assert!(gpu.read_f32(fresh.state.conv(), hist).unwrap().iter().all(|&v| v == 0.0), "reset conv");
-        assert_eq!(fresh.run(&x, 3), first, "after reset");
-        assert_eq!(fresh.state.bytes(), DeltaNetState::bytes_for(&cfg));
+        write(fresh.state.conv(), &vec![1.0; SLOTS as usize * hist]);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        fresh.state.reset(&mut enc, 1);
+        gpu.queue.submit([enc.finish()]);
+        assert!(fresh.matrices(1).iter().all(|&v| v == 0.0), "reset matrices");
+        assert!(fresh.matrices(2).iter().any(|&v| v != 0.0), "another slot's matrices");
+        let conv = gpu.read_f32(fresh.state.conv(), SLOTS as usize * hist).unwrap();
+        assert!(conv[hist..2 * hist].iter().all(|&v| v == 0.0), "reset conv");
+        assert!(conv[..hist].iter().chain(&conv[2 * hist..]).all(|&v| v == 1.0), "other slots' conv");
+        assert_eq!(fresh.run(&x, &[run_of(1, 3)]), first, "after reset");
+        assert_eq!(fresh.state.bytes(), u64::from(SLOTS) * DeltaNetState::bytes_for(&cfg));
     }
 
     #[test]
@@ -496,26 +591,33 @@ mod tests {
     fn shapes_are_checked() {
         let (gpu, _) = gpu();
         let cfg = config(2, 4, 32);
-        assert!(DeltaNetState::new(gpu, &config(2, 5, 32)).is_err());
-        assert!(DeltaNetState::new(gpu, &config(1, 1, 512)).is_err());
-        assert!(DeltaNetState::new(gpu, &config(1, 1, 30)).is_err());
-        assert!(DeltaNetState::new(gpu, &DeltaNetConfig { conv_kernel: 0, ..cfg.clone() }).is_err());
-        let state = DeltaNetState::new(gpu, &cfg).unwrap();
+        assert!(DeltaNetState::new(gpu, &config(2, 5, 32), 1).is_err());
+        assert!(DeltaNetState::new(gpu, &config(1, 1, 512), 1).is_err());
+        assert!(DeltaNetState::new(gpu, &config(1, 1, 30), 1).is_err());
+        assert!(DeltaNetState::new(gpu, &DeltaNetConfig { conv_kernel: 0, ..cfg.clone() }, 1).is_err());
+        assert!(DeltaNetState::new(gpu, &cfg, 0).is_err());
+        let e = DeltaNetState::new(gpu, &config(16, 16, 256), 1 << 14).unwrap_err().to_string();
+        assert!(e.contains("--max-seqs"), "{e}");
+        let state = DeltaNetState::new(gpu, &cfg, 2).unwrap();
         let step = step_buffer(gpu);
         let c = cfg.conv_channels();
         let act = f32_buffer(gpu, &vec![0.0; 2 * c]);
         let out = f32_buffer(gpu, &vec![0.0; 2 * c]);
         let w = f32_buffer(gpu, &vec![0.0; 4 * c]);
+        let tables = Tables::new(2, 2);
         let (c32, v32) = (c as u32, cfg.value_dim() as u32);
         let (qkv, qkv_out) = (Act::new(&act, 2, c32), Act::new(&out, 2, c32));
-        let conv = |max_tokens, out, w| record(&step, max_tokens, |rec| rec.deltanet_conv(&state, qkv, w, out, 1e-6));
+        let conv = |max_tokens, out, w| {
+            record(&step, max_tokens, |rec| rec.deltanet_conv(&state, qkv, w, out, tables.batch(), 1e-6))
+        };
         assert!(conv(2, qkv_out, &w).is_ok());
         assert!(conv(3, qkv_out, &w).is_err());
         assert!(conv(1, qkv, &w).is_err());
         assert!(conv(1, qkv_out, &act).is_err());
         let small = f32_buffer(gpu, &[0.0; 8]);
-        let gates = Gates { b: Act::new(&small, 2, 4), a: Act::new(&small, 2, 4), ssm_a: &small, dt_bias: &small };
-        let rule = |max_tokens, out| record(&step, max_tokens, |rec| rec.delta_rule(&state, qkv, gates, out));
+        let gates = Gates { b: Act::new(&small, 2, 4), a: Act::new(&small, 2, 4), consts: &small };
+        let rule =
+            |max_tokens, out| record(&step, max_tokens, |rec| rec.delta_rule(&state, qkv, gates, out, &tables.seqs));
         assert!(rule(2, Act::new(&out, 2, v32)).is_ok());
         assert!(rule(3, Act::new(&out, 2, v32)).is_err());
         assert!(rule(1, Act::new(&act, 2, v32)).is_err());

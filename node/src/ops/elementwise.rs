@@ -1,5 +1,5 @@
-//! Element-wise ops on `[n_tokens, n]` activations: the SwiGLU activation and copying one
-//! token's row out of a batch; and [`Row`], how ops that read one row of a batch name it.
+//! Element-wise ops on `[n_tokens, n]` activations: the SwiGLU activation, and gathering
+//! chosen rows of a step (each sequence's row to sample) for the output head.
 
 use strata_shaders::Kernel;
 
@@ -10,39 +10,11 @@ use crate::{Error, Result};
 /// Threads per workgroup of the element-wise kernels (their WGSL `WG`).
 const WG: u32 = 256;
 
-/// One row of a `[n_tokens, n]` buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Row {
-    /// A fixed row.
-    Index(u32),
-    /// The step's last token, `n_tokens - 1`: after a prefill chunk of any size.
-    Last,
-}
-
-impl Row {
-    /// The kernels' encoding: the index, or `u32::MAX` for the last token.
-    pub(crate) fn encode(self) -> u32 {
-        match self {
-            Row::Index(i) => i,
-            Row::Last => u32::MAX,
-        }
-    }
-
-    /// Rows a buffer must hold for this row to exist in every step of up to `max_tokens`.
-    pub(crate) fn rows_needed(self, max_tokens: u32) -> u64 {
-        match self {
-            Row::Index(i) => u64::from(i) + 1,
-            Row::Last => u64::from(max_tokens),
-        }
-    }
-}
-
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Params {
     n: u32,
-    row: u32,
-    _pad: [u32; 2],
+    _pad: [u32; 3],
 }
 
 impl Recorder<'_> {
@@ -57,17 +29,18 @@ impl Recorder<'_> {
             self.bind_act("swiglu", "up", up, n)?,
             self.bind_act("swiglu", "out", out, n)?,
         );
-        let params = self.uniform("swiglu", &Params { n, row: 0, _pad: [0; 2] });
+        let params = self.uniform("swiglu", &Params { n, _pad: [0; 3] });
         let pipeline = self.pipeline(Kernel::SWIGLU, None, &[])?;
         let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("swiglu", pipeline, &params, &[gate, up, out], workgroups);
         Ok(())
     }
 
-    /// Copies `row` of `src` to the single row of `dst`, e.g. the last token's hidden state
-    /// before the output head, so that the head runs on one row inside the step's pass.
-    pub fn copy_row(&mut self, src: Act<'_>, dst: Act<'_>, row: Row) -> Result<()> {
-        let op = "copy_row";
+    /// `dst[i] = src[rows[i]]` for the step's rows `i` (this recorder's step: e.g. the
+    /// output head's, whose rows are the rows to sample). `src` is bound whole (a stage's
+    /// activations, of more rows than the head's step); `rows`: u32 row indices.
+    pub fn gather_rows(&mut self, src: Act<'_>, rows: Act<'_>, dst: Act<'_>) -> Result<()> {
+        let op = "gather_rows";
         let n = src.width;
         if src.same_buffer(&dst) || dst.width != n || n == 0 {
             return Err(Error::Shape {
@@ -75,15 +48,13 @@ impl Recorder<'_> {
                 message: format!("rows of {n} into rows of {}, distinct buffers", dst.width),
             });
         }
-        let rows = row.rows_needed(self.max_tokens());
-        if u64::from(src.rows) < rows {
-            return Err(Error::Shape { op, message: format!("row {row:?} of {} rows", src.rows) });
-        }
-        let src = self.bind(op, "src", src.buffer, rows * u64::from(n) * 4)?;
-        let dst = self.bind(op, "dst", dst.buffer, u64::from(n) * 4)?;
-        let params = self.uniform(op, &Params { n, row: row.encode(), _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::COPY_ROW, None, &[])?;
-        self.dispatch(op, pipeline, &params, &[src, dst], Workgroups::fixed(n.div_ceil(WG), 1, 1));
+        let src = self.bind(op, "src", src.buffer, u64::from(src.rows) * u64::from(n) * 4)?;
+        let rows = self.bind_act(op, "rows", rows, 1)?;
+        let dst = self.bind_act(op, "dst", dst, n)?;
+        let params = self.uniform(op, &Params { n, _pad: [0; 3] });
+        let pipeline = self.pipeline(Kernel::GATHER_ROWS, None, &[])?;
+        let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
+        self.dispatch(op, pipeline, &params, &[rows, src, dst], workgroups);
         Ok(())
     }
 }
@@ -124,21 +95,26 @@ mod tests {
     }
 
     #[test]
-    fn copy_row_takes_a_fixed_or_the_last_row() {
+    fn gather_rows_takes_the_chosen_rows() {
         let (gpu, _) = gpu();
         let mut rng = Rng::new(3);
-        let (n, max_tokens) = (300u32, 5u32);
-        let src = rng.vec((n * max_tokens) as usize, 1.0);
+        let (n, src_rows) = (300u32, 9u32);
+        let src = rng.vec((n * src_rows) as usize, 1.0);
         let step = step_buffer(gpu);
         let sb = f32_buffer(gpu, &src);
-        let row = |r: usize| src[r * n as usize..(r + 1) * n as usize].to_vec();
-        for (which, t, want) in [(Row::Last, 3, row(2)), (Row::Last, 5, row(4)), (Row::Index(1), 4, row(1))] {
-            let db = f32_buffer(gpu, &vec![0.0; n as usize]);
-            let d =
-                record(&step, max_tokens, |rec| rec.copy_row(Act::new(&sb, max_tokens, n), Act::new(&db, 1, n), which));
-            run(gpu, &step, &d.unwrap(), t);
-            assert_eq!(gpu.read_f32(&db, n as usize).unwrap(), want, "{which:?} of {t}");
-        }
+        let row = |r: u32| src[(r * n) as usize..((r + 1) * n) as usize].to_vec();
+        let picks = [8u32, 0, 3];
+        let ib = crate::ops::harness::u32_buffer(gpu, &[8, 0, 3, 5]);
+        let db = f32_buffer(gpu, &vec![0.0; 4 * n as usize]);
+        let d = record(&step, 4, |rec| {
+            rec.gather_rows(Act::new(&sb, src_rows, n), Act::new(&ib, 4, 1), Act::new(&db, 4, n))
+        })
+        .unwrap();
+        run(gpu, &step, &d, 3);
+        let got = gpu.read_f32(&db, 4 * n as usize).unwrap();
+        let want: Vec<f32> = picks.iter().flat_map(|&r| row(r)).collect();
+        assert_eq!(got[..3 * n as usize], want[..]);
+        assert!(got[3 * n as usize..].iter().all(|&v| v == 0.0), "a row past the step was written");
     }
 
     #[test]
@@ -153,9 +129,9 @@ mod tests {
         let err = record(&step, 2, |rec| rec.swiglu(big_rows, Act::new(&big, 2, 49), big_rows)).unwrap_err();
         assert!(err.to_string().contains("`up` has rows of 49"), "{err}");
         assert!(record(&step, 3, |rec| rec.swiglu(big_rows, big_rows, big_rows)).is_err());
-        let (ten, small_row) = (Act::new(&big, 10, 10), Act::new(&small, 1, 10));
-        assert!(record(&step, 1, |rec| rec.copy_row(ten, small_row, Row::Index(9))).is_ok());
-        assert!(record(&step, 1, |rec| rec.copy_row(ten, small_row, Row::Index(10))).is_err());
-        assert!(record(&step, 11, |rec| rec.copy_row(ten, small_row, Row::Last)).is_err());
+        let (ten, small_row, idx) = (Act::new(&big, 10, 10), Act::new(&small, 1, 10), Act::new(&small, 1, 1));
+        assert!(record(&step, 1, |rec| rec.gather_rows(ten, idx, small_row)).is_ok());
+        assert!(record(&step, 2, |rec| rec.gather_rows(ten, idx, small_row)).is_err());
+        assert!(record(&step, 1, |rec| rec.gather_rows(ten, idx, Act::new(&small, 1, 9))).is_err());
     }
 }

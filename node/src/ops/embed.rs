@@ -64,7 +64,7 @@ mod tests {
     /// `out` after gathering `ids` (of which the step covers `t`) from `table`.
     fn gpu_embed(table: &QuantMatrix, ids: &[u32], t: u32, init: &[f32]) -> Vec<f32> {
         let (gpu, kernels) = gpu();
-        let step = gpu.uniform("step", &Step { n_tokens: t, _pad: [0; 3] });
+        let step = gpu.uniform("step", &Step::rows(t));
         let (idb, out) =
             (gpu.storage_init("ids", bytemuck::cast_slice(ids)), gpu.storage_init("out", bytemuck::cast_slice(init)));
         let rows = ids.len() as u32;

@@ -2,7 +2,7 @@
 
 use super::recorder::Recorder;
 use crate::Result;
-use crate::gpu::{Dispatch, Gpu, Step, encode_dispatches};
+use crate::gpu::{Dispatch, Gpu, Step, encode_pass};
 
 pub(crate) fn f32_buffer(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
     gpu.storage_init("f32", bytemuck::cast_slice(values))
@@ -17,12 +17,17 @@ pub(crate) fn step_buffer(gpu: &Gpu) -> wgpu::Buffer {
     gpu.uniform("step", &Step::default())
 }
 
-/// One step of `n_tokens`: writes the step uniform, encodes `dispatches` in one pass and
-/// submits it.
+/// One step of `n_tokens` rows of one sequence: writes the step uniform, encodes
+/// `dispatches` in one pass and submits it.
 pub(crate) fn run(gpu: &Gpu, step: &wgpu::Buffer, dispatches: &[Dispatch], n_tokens: u32) {
-    gpu.queue.write_buffer(step, 0, bytemuck::bytes_of(&Step { n_tokens, _pad: [0; 3] }));
+    run_step(gpu, step, dispatches, Step::rows(n_tokens));
+}
+
+/// One step as `step` says (rows and sequences).
+pub(crate) fn run_step(gpu: &Gpu, buffer: &wgpu::Buffer, dispatches: &[Dispatch], step: Step) {
+    gpu.queue.write_buffer(buffer, 0, bytemuck::bytes_of(&step));
     let mut enc = gpu.device.create_command_encoder(&Default::default());
-    encode_dispatches(&mut enc, dispatches, n_tokens);
+    encode_pass(&mut enc, &[(dispatches, step)]);
     gpu.queue.submit([enc.finish()]);
 }
 

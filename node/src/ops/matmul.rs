@@ -1,26 +1,27 @@
 //! `out = x W^T` (or `out += x W^T`) for a quantised weight matrix `W`.
 //!
-//! One token (decode) uses the matrix-vector kernel `mm_vec`; a batch (prefill) the tiled
-//! matrix-matrix kernel `mm_mat`. Both read `W` in its repacked quantised form through
-//! its weight-format prelude, and run once per part of a split matrix.
+//! Three shapes of step, three kernels, picked when a dispatch list is recorded
+//! ([`StepRows`]): one row (decode of one sequence), a few (decode of a batch), many
+//! (prefill, large batches). All read `W` in its repacked quantised form through its
+//! weight-format prelude, and run once per part of a split matrix.
+//!
+//! Every kernel sums an output in the same order (`common/matmul.wgsl`: piece p adds to
+//! partial p mod S, the S partials meet in a fixed tree), with S fixed per adapter by its
+//! [`MatmulPlan`]. So a row's result is bit for bit the same whichever kernel ran it and
+//! whatever else shared its step: batching never changes a token.
 
 use strata_shaders::Kernel;
 
 use super::recorder::{Act, Recorder};
-use crate::Result;
 use crate::gpu::{Dim, Gpu, Workgroups};
 use crate::weights::QuantMatrix;
-
-/// `mm_mat`: rows and tokens per workgroup tile, rows per thread in vec4s, and k values
-/// per step (its WGSL constants TN, TT, RV, KC). Each thread holds 8 rows x 4 tokens;
-/// shared memory is 4 * KC * (TN + TT) = 10 KiB, within WebGPU's 16 KiB default.
-const MAT_ROWS: u32 = 128;
-const MAT_TOKENS: u32 = 32;
-const MAT_ROW_VEC4S: u32 = 2;
-const MAT_K_STEP: u32 = 16;
+use crate::{Error, Result};
 
 /// The most workgroups a dispatch may have along one dimension.
 const MAX_GROUPS: u32 = 65535;
+
+/// Steps of at most this many rows use the few-rows kernel.
+pub const FEW_ROWS: u32 = 8;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -34,34 +35,137 @@ pub(crate) struct Params {
     _pad: [u32; 2],
 }
 
-/// The decode kernel's variant and shape, and the grid limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Plan {
-    /// `mm_vec_sg` (subgroup adds) rather than `mm_vec` (shared memory only).
-    subgroups: bool,
-    /// Threads per workgroup.
-    threads: u32,
-    /// Rows per workgroup.
-    rows: u32,
-    /// Workgroups along x before the grid grows along y (tests lower it).
-    max_groups: u32,
+/// How many rows the steps of a recording carry, which picks the matrix kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepRows {
+    /// One row: a decode step of one sequence.
+    One,
+    /// 2 to [`FEW_ROWS`] rows: decode steps of a few sequences.
+    Few,
+    /// More: prefill chunks and large batches.
+    Many,
 }
 
-impl Plan {
-    fn for_adapter(gpu: &Gpu) -> Plan {
-        let subgroups = gpu.features.contains(wgpu::Features::SUBGROUP);
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            // CPU adapters (lavapipe) run a workgroup as SIMD lanes of one thread, where
-            // barriers and gathers cost most: one small workgroup per 8 rows measured
-            // about twice as fast there as 64 threads per 4 rows.
-            Plan { subgroups, threads: 8, rows: 8, max_groups: MAX_GROUPS }
-        } else {
-            Plan { subgroups, threads: 64, rows: 4, max_groups: MAX_GROUPS }
+impl StepRows {
+    /// The class of a step of `n` rows.
+    pub fn of(n: u32) -> StepRows {
+        match n {
+            0 | 1 => StepRows::One,
+            n if n <= FEW_ROWS => StepRows::Few,
+            _ => StepRows::Many,
         }
     }
 
-    fn kernel(self) -> Kernel {
-        if self.subgroups { Kernel::MM_VEC_SG } else { Kernel::MM_VEC }
+    /// The classes a stage whose steps carry up to `max` rows records lists for.
+    pub fn up_to(max: u32) -> Vec<StepRows> {
+        [StepRows::One, StepRows::Few, StepRows::Many].into_iter().filter(|c| *c <= StepRows::of(max)).collect()
+    }
+}
+
+/// `mm_rows`: lanes in groups of `splits` (the plan's S), each group owning `rows`
+/// consecutive rows for `tokens` tokens at once; `broadcast`: the subgroup size through
+/// which lanes share x (S = 1 and one subgroup per workgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsShape {
+    pub lanes: u32,
+    pub rows: u32,
+    pub tokens: u32,
+    pub broadcast: Option<u32>,
+}
+
+/// `mm_tile`: a workgroup's tile of `rows` x `tokens`, each thread's block of
+/// `thread_rows` x `thread_tokens`, and `pieces` (of 8 values of k) per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileShape {
+    pub rows: u32,
+    pub tokens: u32,
+    pub thread_rows: u32,
+    pub thread_tokens: u32,
+    pub pieces: u32,
+}
+
+/// The kernel of the many-rows class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManyShape {
+    Rows(RowsShape),
+    Tile(TileShape),
+}
+
+/// How one adapter computes matrix products: the summation order every kernel shares
+/// (`splits`, the S of `common/matmul.wgsl`) and the kernel of each [`StepRows`] class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulPlan {
+    pub splits: u32,
+    pub one: RowsShape,
+    pub few: RowsShape,
+    pub many: ManyShape,
+    /// Workgroups along x before the grid grows along y (tests lower it).
+    pub max_groups: u32,
+}
+
+impl MatmulPlan {
+    /// The plan for `gpu`'s adapter.
+    pub fn for_gpu(gpu: &Gpu) -> MatmulPlan {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+            let fixed = gpu.features.contains(wgpu::Features::SUBGROUP) && min == max && matches!(min, 4 | 8);
+            MatmulPlan::cpu(fixed.then_some(min))
+        } else {
+            MatmulPlan::gpu()
+        }
+    }
+
+    /// CPU adapters (lavapipe) run a workgroup as the SIMD lanes of one thread and load
+    /// memory lane by lane, so loads cost most: no cross-lane sums (S = 1), many rows and
+    /// tokens per lane, and x shared through subgroup broadcasts where the subgroup size
+    /// is fixed. Measured on lavapipe: about twice mm_vec's decode speed, and 4-6x its
+    /// throughput per token at 8 rows.
+    pub fn cpu(subgroup: Option<u32>) -> MatmulPlan {
+        let lanes = subgroup.unwrap_or(8);
+        let one = RowsShape { lanes, rows: 8, tokens: 1, broadcast: subgroup };
+        let few = RowsShape { lanes, rows: 16, tokens: FEW_ROWS, broadcast: subgroup };
+        MatmulPlan { splits: 1, one, few, many: ManyShape::Rows(few), max_groups: MAX_GROUPS }
+    }
+
+    /// GPUs: four lanes per row read consecutive pieces (S = 4), and batches of many rows
+    /// go through workgroup-shared tiles.
+    pub fn gpu() -> MatmulPlan {
+        let one = RowsShape { lanes: 64, rows: 1, tokens: 1, broadcast: None };
+        let few = RowsShape { lanes: 64, rows: 1, tokens: FEW_ROWS, broadcast: None };
+        let tile = TileShape { rows: 64, tokens: 32, thread_rows: 4, thread_tokens: 4, pieces: 4 };
+        MatmulPlan { splits: 4, one, few, many: ManyShape::Tile(tile), max_groups: MAX_GROUPS }
+    }
+
+    /// Refuses shapes the kernels cannot run.
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Shape { op: "matmul plan", message: m });
+        let s = self.splits;
+        if s == 0 || !s.is_power_of_two() {
+            return bad(format!("splits {s} is not a power of two"));
+        }
+        for r in [self.one, self.few].into_iter().chain(match self.many {
+            ManyShape::Rows(r) => Some(r),
+            ManyShape::Tile(_) => None,
+        }) {
+            if r.lanes == 0 || !r.lanes.is_multiple_of(s) || r.rows == 0 || r.tokens == 0 {
+                return bad(format!("{r:?} with splits {s}"));
+            }
+            if let Some(sg) = r.broadcast
+                && (s != 1 || r.lanes != sg || !matches!(sg, 4 | 8))
+            {
+                return bad(format!("{r:?}: broadcasts need one subgroup of 4 or 8 lanes and splits 1"));
+            }
+        }
+        if let ManyShape::Tile(t) = self.many
+            && (!t.pieces.is_multiple_of(s)
+                || t.thread_rows == 0
+                || t.thread_tokens == 0
+                || !t.rows.is_multiple_of(t.thread_rows)
+                || !t.tokens.is_multiple_of(t.thread_tokens))
+        {
+            return bad(format!("{t:?} with splits {s}"));
+        }
+        Ok(())
     }
 }
 
@@ -72,36 +176,47 @@ fn grid(groups: u32, max: u32) -> (u32, u32) {
 }
 
 impl Recorder<'_> {
-    /// Records `out[t] (+)= W x[t]` for the first `step.n_tokens` tokens.
+    /// Records `out[t] (+)= W x[t]` for the step's rows `t`.
     ///
     /// `x`: rows of `w.k()`; `out`: rows of `w.n()`. With `accumulate`, adds to `out`
-    /// (fusing a residual add). A recorder for one token builds the decode kernel, with a
-    /// fixed number of workgroups; otherwise the prefill kernel, whose workgroups follow
-    /// the step's token count.
+    /// (fusing a residual add). The kernel is the recorder's [`StepRows`] class's in its
+    /// [`MatmulPlan`]; its workgroups follow the step's rows.
     pub fn matmul(&mut self, w: &QuantMatrix, x: Act<'_>, out: Act<'_>, accumulate: bool) -> Result<()> {
-        let plan = Plan::for_adapter(self.gpu());
-        self.matmul_with(w, x, out, accumulate, plan)
-    }
-
-    fn matmul_with(&mut self, w: &QuantMatrix, x: Act<'_>, out: Act<'_>, accumulate: bool, plan: Plan) -> Result<()> {
+        let plan = self.matmul_plan();
+        plan.check()?;
         let what = |part: &str| format!("{}: {part}", w.name());
         let (k, n) = (w.k() as u32, w.n() as u32);
         let x_binding = self.bind_act("matmul", &what("x"), x, k)?;
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
-        let decode = self.max_tokens() == 1;
-        let (kernel, label, consts, tile_rows) = if decode {
-            let consts = vec![("WG", format!("{}u", plan.threads)), ("ROWS", format!("{}u", plan.rows))];
-            (plan.kernel(), "matmul_vec", consts, plan.rows)
-        } else {
-            let threads = MAT_ROWS / (4 * MAT_ROW_VEC4S) * MAT_TOKENS / 4;
+        let s = format!("{}u", plan.splits);
+        let rows_kernel = |r: RowsShape| {
             let consts = vec![
-                ("TN", format!("{MAT_ROWS}u")),
-                ("TT", format!("{MAT_TOKENS}u")),
-                ("RV", format!("{MAT_ROW_VEC4S}u")),
-                ("WG", format!("{threads}u")),
-                ("KC", format!("{MAT_K_STEP}u")),
+                ("WG", format!("{}u", r.lanes)),
+                ("R", format!("{}u", r.rows)),
+                ("S", s.clone()),
+                ("TB", format!("{}u", r.tokens)),
+                ("XB", format!("{}u", u32::from(r.broadcast.is_some()))),
+                ("SG", format!("{}u", r.broadcast.unwrap_or(8))),
             ];
-            (Kernel::MM_MAT, "matmul_mat", consts, MAT_ROWS)
+            (Kernel::MM_ROWS, "mm_rows", consts, r.lanes / plan.splits * r.rows, r.tokens)
+        };
+        let (kernel, label, consts, tile_rows, tile_tokens) = match (self.step_rows(), plan.many) {
+            (StepRows::One, _) => rows_kernel(plan.one),
+            (StepRows::Few, _) => rows_kernel(plan.few),
+            (StepRows::Many, ManyShape::Rows(r)) => rows_kernel(r),
+            (StepRows::Many, ManyShape::Tile(t)) => {
+                let threads = (t.rows / t.thread_rows) * (t.tokens / t.thread_tokens);
+                let consts = vec![
+                    ("TN", format!("{}u", t.rows)),
+                    ("TT", format!("{}u", t.tokens)),
+                    ("RB", format!("{}u", t.thread_rows)),
+                    ("TK", format!("{}u", t.thread_tokens)),
+                    ("KC", format!("{}u", t.pieces)),
+                    ("S", s.clone()),
+                    ("WG", format!("{threads}u")),
+                ];
+                (Kernel::MM_TILE, "mm_tile", consts, t.rows, t.tokens)
+            }
         };
         let pipeline = self.pipeline(kernel, Some(w.format()), &consts)?;
         for part in w.parts() {
@@ -118,7 +233,7 @@ impl Recorder<'_> {
             let params = self.uniform(label, &params);
             let mut resources = vec![x_binding.clone(), out_binding.clone()];
             resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
-            let tokens = if decode { Dim::Fixed(1) } else { Dim::Tokens { group: MAT_TOKENS } };
+            let tokens = Dim::Tokens { group: tile_tokens };
             self.dispatch(
                 label,
                 pipeline.clone(),
@@ -143,7 +258,7 @@ mod tests {
     use crate::weights::tests::{TYPES, random_weights};
 
     fn step(gpu: &Gpu, n_tokens: u32) -> wgpu::Buffer {
-        gpu.uniform("step", &Step { n_tokens, _pad: [0; 3] })
+        gpu.uniform("step", &Step::rows(n_tokens))
     }
 
     fn f32_buffer(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
@@ -156,25 +271,23 @@ mod tests {
         gpu.queue.submit([enc.finish()]);
     }
 
-    /// `out` after running `matmul` on `t` of `max_tokens` tokens, `out` first set to `init`.
-    fn gpu_matmul(w: &QuantMatrix, x: &[f32], init: &[f32], t: u32, max_tokens: u32, accumulate: bool) -> Vec<f32> {
-        gpu_matmul_with(w, x, init, t, max_tokens, accumulate, Plan::for_adapter(&gpu().0))
-    }
-
-    fn gpu_matmul_with(
+    /// `out` after `matmul` on `t` rows with `plan`'s kernel for that many (buffers of
+    /// `max_tokens` rows), `out` first set to `init`.
+    fn gpu_matmul(
         w: &QuantMatrix,
         x: &[f32],
         init: &[f32],
         t: u32,
         max_tokens: u32,
         accumulate: bool,
-        plan: Plan,
+        plan: MatmulPlan,
     ) -> Vec<f32> {
         let (gpu, kernels) = gpu();
         let (xb, out, step) = (f32_buffer(gpu, x), f32_buffer(gpu, init), step(gpu, t));
-        let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap();
+        let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap().for_rows(StepRows::of(t));
+        rec.set_matmul_plan(plan);
         let (xa, oa) = (Act::new(&xb, max_tokens, w.k() as u32), Act::new(&out, max_tokens, w.n() as u32));
-        rec.matmul_with(w, xa, oa, accumulate, plan).unwrap();
+        rec.matmul(w, xa, oa, accumulate).unwrap();
         let d = rec.finish();
         assert_eq!(d.len(), w.parts().len());
         submit(gpu, &d, t);
@@ -222,44 +335,72 @@ mod tests {
         if ty.block_len() == 256 { [256, 768] } else { [256, 576] }
     }
 
-    /// Every decode variant this adapter can run, in both shapes, some with a tiny grid
-    /// limit so that the group index wraps into y with groups left over.
-    fn plans() -> Vec<Plan> {
-        let subgroups = gpu().0.features.contains(wgpu::Features::SUBGROUP);
-        let mut plans = Vec::new();
-        for sg in [false, true].into_iter().filter(|&sg| !sg || subgroups) {
-            plans.push(Plan { subgroups: sg, threads: 8, rows: 8, max_groups: MAX_GROUPS });
-            plans.push(Plan { subgroups: sg, threads: 64, rows: 4, max_groups: 5 });
+    /// Every plan this adapter can run: the CPU plan with and without subgroup broadcasts
+    /// (with the adapter's own subgroup size, and 4 where that is what it has), the GPU
+    /// plan, and one with a tiny grid limit so that the group index wraps into y.
+    fn plans() -> Vec<MatmulPlan> {
+        let g = &gpu().0;
+        let mut plans = vec![MatmulPlan::cpu(None), MatmulPlan::gpu()];
+        if g.features.contains(wgpu::Features::SUBGROUP)
+            && g.info.subgroup_min_size == g.info.subgroup_max_size
+            && matches!(g.info.subgroup_min_size, 4 | 8)
+        {
+            plans.push(MatmulPlan::cpu(Some(g.info.subgroup_min_size)));
+        } else {
+            eprintln!("subgroup size not fixed at 4 or 8 on this adapter: no broadcast plan");
         }
+        plans.push(MatmulPlan { max_groups: 3, ..MatmulPlan::gpu() });
+        plans.push(MatmulPlan { max_groups: 2, ..MatmulPlan::cpu(None) });
         plans
     }
 
     #[test]
-    fn matmul_matches_cpu_for_every_type() {
+    fn matmul_matches_cpu_for_every_type_plan_and_step_size() {
         let mut rng = Rng::new(42);
-        let n = 131; // not a multiple of the rows per workgroup of any plan, nor of mm_mat's 128
+        let n = 131; // not a multiple of the rows per workgroup of any plan, nor of a tile
         for ty in TYPES {
             for k in widths(ty) {
                 let bytes = random_weights(&mut rng, ty, k, n);
                 let wf = dequantize(ty, &bytes).unwrap();
                 let w = QuantMatrix::upload(&gpu().0, "w", ty, k, n, &bytes).unwrap();
                 let rows: Vec<usize> = (0..n).collect();
-                // max_tokens 1: every mm_vec plan; else mm_mat, with a partial token tile,
-                // a step shorter than the bound batch, and a grid wrapped into y.
-                let runs = plans().into_iter().map(|p| (1, 1, p)).chain([
-                    (3, 3, Plan::for_adapter(&gpu().0)),
-                    (33, 35, Plan { max_groups: 1, ..Plan::for_adapter(&gpu().0) }),
-                ]);
-                for (t, max_tokens, plan) in runs {
-                    for accumulate in [false, true] {
+                for plan in plans() {
+                    // One row, a few (fewer than the bound batch), many with a partial
+                    // token tile and a step shorter than the bound batch.
+                    for (t, max_tokens) in [(1, 1), (5, 7), (33, 35)] {
+                        let accumulate = t != 5;
                         let x = rng.vec(max_tokens * k, 1.0);
                         let init = rng.vec(max_tokens * n, 1.0);
-                        let got = gpu_matmul_with(&w, &x, &init, t as u32, max_tokens as u32, accumulate, plan);
+                        let got = gpu_matmul(&w, &x, &init, t as u32, max_tokens as u32, accumulate, plan);
                         let (want, mag) = cpu_matmul(&wf, k, &rows, &x, &init, t, accumulate);
                         let what = format!("{ty} k={k} n={n} t={t} accumulate={accumulate} {plan:?}");
                         assert_rows_close(&got[..t * n], &want, &mag, &what);
                         assert_eq!(&got[t * n..], &init[t * n..], "{what}: tokens past the step were written");
                     }
+                }
+            }
+        }
+    }
+
+    /// The property batching rests on: within a plan, a row's output is bit for bit the
+    /// same from the one-row, few-rows and many-rows kernels, whatever rows share its step.
+    #[test]
+    fn every_kernel_of_a_plan_sums_a_row_alike() {
+        let mut rng = Rng::new(7);
+        let (k, n, t) = (576, 70, 21usize);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16, GgmlType::Q6_K] {
+            let k = if ty.block_len() == 256 { 768 } else { k };
+            let bytes = random_weights(&mut rng, ty, k, n);
+            let w = QuantMatrix::upload(&gpu().0, "w", ty, k, n, &bytes).unwrap();
+            let x = rng.vec(t * k, 1.0);
+            let zeros = vec![0.0; t * n];
+            for plan in plans() {
+                let many = gpu_matmul(&w, &x, &zeros, t as u32, t as u32, false, plan);
+                let few = gpu_matmul(&w, &x[..6 * k], &zeros[..6 * n], 6, 6, false, plan);
+                assert_eq!(few[..], many[..6 * n], "{ty} {plan:?}: few rows vs many");
+                for row in [0, 3, 20] {
+                    let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
+                    assert_eq!(one[..], many[row * n..(row + 1) * n], "{ty} {plan:?}: row {row} alone vs many");
                 }
             }
         }
@@ -276,12 +417,14 @@ mod tests {
             let w = QuantMatrix::upload_with_max_part(&gpu().0, "w", ty, k, n, &bytes, bytes.len() as u64 / 4).unwrap();
             assert!(w.parts().len() >= 4, "{ty}: {} parts", w.parts().len());
             let rows: Vec<usize> = (0..n).collect();
-            for t in [1, 5] {
-                let x = rng.vec(t * k, 1.0);
-                let init = rng.vec(t * n, 1.0);
-                let got = gpu_matmul(&w, &x, &init, t as u32, t as u32, true);
-                let (want, mag) = cpu_matmul(&wf, k, &rows, &x, &init, t, true);
-                assert_rows_close(&got, &want, &mag, &format!("split {ty} t={t}"));
+            for plan in [MatmulPlan::for_gpu(&gpu().0), MatmulPlan::gpu()] {
+                for t in [1, 5, 12] {
+                    let x = rng.vec(t * k, 1.0);
+                    let init = rng.vec(t * n, 1.0);
+                    let got = gpu_matmul(&w, &x, &init, t as u32, t as u32, true, plan);
+                    let (want, mag) = cpu_matmul(&wf, k, &rows, &x, &init, t, true);
+                    assert_rows_close(&got, &want, &mag, &format!("split {ty} t={t} {plan:?}"));
+                }
             }
         }
     }
@@ -311,9 +454,9 @@ mod tests {
         let w = QuantMatrix::upload_with_max_part(gpu, "output.weight", GgmlType::Q8_0, k, n, &bytes, binding).unwrap();
         assert!(w.parts().len() > 1, "{} parts", w.parts().len());
         assert!(w.bytes() > binding);
-        let x = rng.vec(k, 1.0);
-        let init = rng.vec(n, 1.0);
-        let got = gpu_matmul(&w, &x, &init, 1, 1, true);
+        let x = rng.vec(2 * k, 1.0);
+        let init = rng.vec(2 * n, 1.0);
+        let got = gpu_matmul(&w, &x, &init, 2, 2, true, MatmulPlan::for_gpu(gpu));
         // Rows on either side of each part boundary, and some others.
         let mut rows = vec![0, n - 1];
         for p in &w.parts()[1..] {
@@ -325,14 +468,16 @@ mod tests {
             .iter()
             .flat_map(|&r| dequantize(GgmlType::Q8_0, &bytes[r * row_bytes..(r + 1) * row_bytes]).unwrap())
             .collect();
-        let init_rows: Vec<f32> = rows.iter().map(|&r| init[r]).collect();
-        let (want, mag) = cpu_matmul(&wf, k, &(0..rows.len()).collect::<Vec<_>>(), &x, &init_rows, 1, true);
-        let got: Vec<f32> = rows.iter().map(|&r| got[r]).collect();
+        let init_rows: Vec<f32> =
+            (0..2).flat_map(|t| rows.iter().map(move |&r| (t, r))).map(|(t, r)| init[t * n + r]).collect();
+        let (want, mag) = cpu_matmul(&wf, k, &(0..rows.len()).collect::<Vec<_>>(), &x, &init_rows, 2, true);
+        let got: Vec<f32> =
+            (0..2).flat_map(|t| rows.iter().map(move |&r| (t, r))).map(|(t, r)| got[t * n + r]).collect();
         assert_rows_close(&got, &want, &mag, "split output head");
     }
 
     #[test]
-    fn matmul_rejects_small_buffers() {
+    fn matmul_rejects_small_buffers_and_bad_plans() {
         let (gpu, kernels) = gpu();
         let bytes = random_weights(&mut Rng::new(1), GgmlType::Q8_0, 64, 4);
         let w = QuantMatrix::upload(gpu, "w", GgmlType::Q8_0, 64, 4, &bytes).unwrap();
@@ -344,5 +489,25 @@ mod tests {
         assert!(err.to_string().contains("rows of 32, needs 64"), "{err}");
         let mut rec = Recorder::new(gpu, kernels, &step, 1).unwrap();
         assert!(rec.matmul(&w, Act::new(&x, 2, 64), Act::new(&out, 2, 4), false).is_ok());
+        for plan in [
+            MatmulPlan { splits: 3, ..MatmulPlan::gpu() },
+            MatmulPlan { splits: 2, ..MatmulPlan::cpu(Some(8)) },
+            MatmulPlan { splits: 8, ..MatmulPlan::gpu() },
+        ] {
+            rec.set_matmul_plan(plan);
+            let err = rec.matmul(&w, Act::new(&x, 2, 64), Act::new(&out, 2, 4), false).unwrap_err();
+            assert!(err.to_string().contains("matmul plan"), "{plan:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn step_rows_classes() {
+        assert_eq!([0, 1, 2, 8, 9, 512].map(StepRows::of), {
+            use StepRows::*;
+            [One, One, Few, Few, Many, Many]
+        });
+        assert_eq!(StepRows::up_to(1), [StepRows::One]);
+        assert_eq!(StepRows::up_to(8), [StepRows::One, StepRows::Few]);
+        assert_eq!(StepRows::up_to(128), [StepRows::One, StepRows::Few, StepRows::Many]);
     }
 }

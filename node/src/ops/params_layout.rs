@@ -155,11 +155,11 @@ macro_rules! layout {
 fn params_structs_match_their_wgsl_twins() {
     use crate::ops::*;
     let mut covered = BTreeSet::new();
-    layout!(covered, matmul::Params => binding 1 of MM_VEC, MM_VEC_SG, MM_MAT);
+    layout!(covered, matmul::Params => binding 1 of MM_ROWS, MM_TILE);
     layout!(covered, embed::Params => binding 1 of EMBED);
     layout!(covered, norm::Params => binding 1 of RMS_NORM);
     layout!(covered, rope::Params => binding 1 of ROPE);
-    layout!(covered, elementwise::Params => binding 1 of SWIGLU, COPY_ROW);
+    layout!(covered, elementwise::Params => binding 1 of SWIGLU, GATHER_ROWS);
     layout!(covered, attention::StoreParams => binding 1 of KV_STORE);
     layout!(covered, attention::AttnParams => binding 1 of ATTENTION);
     layout!(covered, deltanet::ConvParams => binding 1 of DELTANET_CONV);
@@ -173,7 +173,7 @@ fn params_structs_match_their_wgsl_twins() {
     let with_step: Vec<Kernel> = strata_shaders::all()
         .filter(|k| !FORMATS.contains(k) && uniforms(*k).iter().any(|(b, _, name)| *b == 0 && name == "Step"))
         .collect();
-    assert!(with_step.len() >= 16, "{} kernels bind Step", with_step.len());
+    assert!(with_step.len() >= 15, "{} kernels bind Step", with_step.len());
     check::<crate::gpu::Step>(0, &with_step, &mut covered);
 
     layout!(covered, crate::bench::Params => binding 0 of READ_BANDWIDTH);

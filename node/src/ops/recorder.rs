@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use strata_shaders::Kernel;
 
+use super::matmul::{MatmulPlan, StepRows};
 use crate::gpu::{Dispatch, Gpu, KernelCache, Workgroups};
 use crate::{Error, Result};
 
@@ -42,17 +43,22 @@ impl<'a> Act<'a> {
     }
 }
 
-/// Records ops into a dispatch list for steps of up to `max_tokens` tokens.
+/// Records ops into a dispatch list for steps of up to `max_tokens` rows, of the
+/// [`StepRows`] class that picks the matrix kernels.
 pub struct Recorder<'a> {
     gpu: &'a Gpu,
     kernels: &'a KernelCache,
     step: &'a wgpu::Buffer,
     max_tokens: u32,
+    rows: StepRows,
+    plan: MatmulPlan,
     dispatches: Vec<Dispatch>,
 }
 
 impl<'a> Recorder<'a> {
-    /// `step` is the [`crate::gpu::Step`] uniform written before each submission.
+    /// `step` is the [`crate::gpu::Step`] uniform written before each submission. The
+    /// recording is for steps of `max_tokens` rows' class ([`StepRows::of`]) unless
+    /// [`Recorder::for_rows`] says otherwise.
     pub fn new(
         gpu: &'a Gpu,
         kernels: &'a KernelCache,
@@ -62,7 +68,28 @@ impl<'a> Recorder<'a> {
         if max_tokens == 0 {
             return Err(Error::Shape { op: "record", message: "max_tokens must be at least 1".into() });
         }
-        Ok(Recorder { gpu, kernels, step, max_tokens, dispatches: Vec::new() })
+        let (rows, plan) = (StepRows::of(max_tokens), MatmulPlan::for_gpu(gpu));
+        Ok(Recorder { gpu, kernels, step, max_tokens, rows, plan, dispatches: Vec::new() })
+    }
+
+    /// The recording is for steps of `rows`' class (of at most `max_tokens` rows).
+    pub fn for_rows(self, rows: StepRows) -> Self {
+        Recorder { rows, ..self }
+    }
+
+    /// The class of steps this recording serves.
+    pub fn step_rows(&self) -> StepRows {
+        self.rows
+    }
+
+    /// How matrix products are computed (by default the adapter's own plan).
+    pub fn matmul_plan(&self) -> MatmulPlan {
+        self.plan
+    }
+
+    /// Uses `plan` for matrix products from now on (tests run every plan on one adapter).
+    pub fn set_matmul_plan(&mut self, plan: MatmulPlan) {
+        self.plan = plan;
     }
 
     pub fn gpu(&self) -> &'a Gpu {

@@ -1,4 +1,4 @@
-// Bindings 0 and 1 of the element-wise kernels (swiglu, copy_row), whose params are
+// Bindings 0 and 1 of the element-wise kernels (swiglu, gather_rows), whose params are
 // one Rust struct (`ops::elementwise::Params`).
 
 //#include "common/step.wgsl"
@@ -6,10 +6,9 @@
 struct Params {
     // Values per token.
     n: u32,
-    // copy_row: the row to copy, 0xffffffff for the step's last token. Unused elsewhere.
-    row: u32,
     pad0: u32,
     pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> params: Params;

@@ -1,5 +1,10 @@
-// Bindings 0..3 of the matrix kernels (mm_vec, mm_vec_sg, mm_mat), whose params are one
-// Rust struct (`ops::matmul::Params`); the weight-format prelude binds 4.. .
+// Bindings 0..3 of the matrix kernels (mm_rows, mm_tile), whose params are one Rust struct
+// (`ops::matmul::Params`); the weight-format prelude binds 4.. .
+//
+// Every matrix kernel sums an output the same way, so that a row's result does not depend
+// on how many rows share its step or which kernel ran it: piece p (8 values of k) adds
+// `piece_dot` to partial sum p mod S, pieces in increasing order, and the S partials meet
+// in `tree` (pairs of neighbours, then pairs of pairs). S is one constant per adapter.
 
 //#include "common/step.wgsl"
 
@@ -14,8 +19,7 @@ struct Params {
     row0: u32,
     // 1: add to `out` instead of overwriting it.
     accumulate: u32,
-    // Workgroups along x; the group's index (of its block of rows) is y * groups_x + x,
-    // for grids past 65535 groups.
+    // Workgroups along x; the group's index is y * groups_x + x, for grids past 65535.
     groups_x: u32,
     pad0: u32,
     pad1: u32,
@@ -32,4 +36,20 @@ fn store_out(i: u32, v: f32) {
         o += out[i];
     }
     out[i] = o;
+}
+
+// What piece `w` of a weight row adds to its output for the matching piece of x.
+fn piece_dot(w: mat2x4<f32>, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
+    return dot(w[0], xa) + dot(w[1], xb);
+}
+
+// The S partial sums of one output, combined in a fixed order (S a power of two).
+fn tree(v: array<f32, S>) -> f32 {
+    var a = v;
+    for (var w = 1u; w < S; w *= 2u) {
+        for (var j = 0u; j + w < S; j += 2u * w) {
+            a[j] = a[j] + a[j + w];
+        }
+    }
+    return a[0];
 }

@@ -1,0 +1,101 @@
+//! Many sequences per step: a row's tokens do not depend on what else shares its step,
+//! through one stage and through three nodes; the KV pool makes requests wait, not fail,
+//! and refuses one that could never fit.
+
+use std::path::Path;
+
+use crate::golden;
+use crate::support::{Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_json};
+
+/// Prompts of very different lengths beside the golden ones: one token, a long one (past
+/// several prefill chunks), and a few in between.
+const OTHERS: [&str; 5] = [
+    "Hi",
+    "The history of computing is long and winding. Early machines filled whole rooms, drew \
+     kilowatts of power and were programmed by rewiring panels of switches by hand. Then came \
+     stored programs, transistors, integrated circuits and finally microprocessors, each step \
+     making machines smaller, cheaper and faster than the last, until computers fit in a pocket \
+     and talked to each other across the whole planet. Today",
+    "1 2 3 4 5 6 7 8",
+    "The quick brown fox",
+    "Once upon a time, in a land far away, there lived",
+];
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v["generated_ids"].as_array().expect("generated_ids").iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// `strata run` of one prompt alone: its generated ids.
+fn alone(model: &Path, prompt: &str, flags: &[&str]) -> Vec<u32> {
+    let mut args = vec!["run", "--json", "--model", path_str(model), "--prompt", prompt];
+    args.extend_from_slice(flags);
+    ids(&strata_json(&args))
+}
+
+/// `strata run` of every prompt at once (batched into shared steps): each one's ids.
+fn batched(model: &Path, prompts: &[&str], flags: &[&str]) -> Vec<Vec<u32>> {
+    let mut args = vec!["run", "--json", "--model", path_str(model)];
+    for p in prompts {
+        args.extend(["--prompt", p]);
+    }
+    args.extend_from_slice(flags);
+    let out = strata_json(&args);
+    out.as_array().unwrap_or_else(|| panic!("a JSON array: {out}")).iter().map(ids).collect()
+}
+
+/// Each golden prompt and the others, alone and then all eight at once, on one stage and
+/// on three nodes: the same tokens. Steps of 8 rows, so decode rows of some sequences
+/// share steps with prefill chunks of others.
+fn batched_equals_alone(model: &Path, golden_name: &str, flags: &[&str]) {
+    let g = load_golden(golden_name);
+    let seqs = golden::sequences(&g);
+    let mut prompts: Vec<&str> = seqs.iter().map(|s| s.prompt.as_str()).collect();
+    prompts.extend(OTHERS);
+    let mut common = vec!["--max-tokens", "24", "--ignore-eos", "--batch-tokens", "8"];
+    common.extend_from_slice(flags);
+    let solo: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, &common)).collect();
+    let one = batched(model, &prompts, &common);
+    let cluster = Cluster::start(3, &model_dir(&[model.to_owned()]));
+    let mut piped_flags = common.clone();
+    let cluster_flags = cluster.flags();
+    piped_flags.extend(cluster_flags.iter().map(String::as_str));
+    let three = batched(model, &prompts, &piped_flags);
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(solo[i].len(), 24, "prompt {i} {p:?} alone");
+        assert_eq!(one[i], solo[i], "{golden_name} {flags:?}: prompt {i} {p:?} batched with 7 others on one stage");
+        assert_eq!(three[i], solo[i], "{golden_name} {flags:?}: prompt {i} {p:?} batched with 7 others on three nodes");
+    }
+    // The greedy answers are the reference's, up to its first near-tie.
+    if flags.is_empty() {
+        for (i, s) in seqs.iter().enumerate() {
+            let n = s.greedy_must_match().min(24);
+            assert_eq!(
+                one[i][..n],
+                s.ref_greedy_ids[..n],
+                "{golden_name} sequence {i} batched: the reference's greedy ids"
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_equals_alone_tiny_qwen3() {
+    batched_equals_alone(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json", &[]);
+}
+
+#[test]
+fn batched_equals_alone_tiny_qwen35() {
+    batched_equals_alone(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json", &[]);
+}
+
+#[test]
+fn batched_equals_alone_smollm2_q8_0() {
+    batched_equals_alone(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &[]);
+}
+
+/// Seeded sampling draws by position, whatever the batch: the same text alone and batched.
+#[test]
+fn seeded_sampling_is_the_same_alone_and_batched() {
+    let flags = ["--temperature", "0.9", "--top-k", "40", "--seed", "4242", "--repeat-penalty", "1.1"];
+    batched_equals_alone(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json", &flags);
+}
