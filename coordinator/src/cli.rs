@@ -41,7 +41,7 @@ pub enum Command {
 }
 
 /// `--batch-tokens` unless given: see the README for the measurement behind it.
-pub const DEFAULT_BATCH_TOKENS: u32 = 128;
+pub const DEFAULT_BATCH_TOKENS: u32 = 64;
 
 /// How hidden states cross the wire between stages.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +70,11 @@ pub struct EngineArgs {
     #[arg(long = "batch-tokens", alias = "batch", value_name = "N", default_value_t = DEFAULT_BATCH_TOKENS,
         value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch: u32,
+    /// Steps kept in flight over a pipeline, each with its own sequences, so that while one
+    /// stage runs one step the next runs another (default: one per distinct device among the
+    /// stages; nodes sharing one machine's CPU or GPU cannot overlap, so they count once).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub micro_batches: Option<u32>,
     /// Positions of KV cache all sequences share, on every stage (blocks of 16; default:
     /// enough for every sequence's whole context, or what the nodes' memory leaves).
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..))]
@@ -254,9 +259,17 @@ pub struct PlanArgs {
     /// Layers per node, e.g. `10,12,8`, instead of the memory-proportional split.
     #[arg(long)]
     pub split: Option<String>,
-    /// Sequences whose caches every node holds at once.
+    /// Sequences held at once (serve's --max-seqs): their DeltaNet state, and by default a
+    /// KV pool holding every one's whole context (less if memory is short).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub seqs: u32,
+    /// Positions of KV cache all sequences share (default: every sequence's whole context,
+    /// or what the nodes' memory leaves).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..))]
+    pub kv_pool: Option<u32>,
+    /// Rows one step carries: sizes each stage's activation scratch.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH_TOKENS, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_tokens: u32,
 }
 
 #[derive(Args, Debug)]

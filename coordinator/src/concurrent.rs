@@ -25,8 +25,8 @@ pub struct ConcurrentReport {
     decode_tokens: u32,
     /// Rows a step may carry (`--batch-tokens`).
     batch_tokens: u32,
-    /// The sum over sequences of each one's decode tokens/s: what the batch produces per
-    /// second while every sequence decodes.
+    /// Tokens generated per second while every sequence decodes (from the last first
+    /// token to the first finish): what the batch produces once it is full.
     aggregate_decode_tokens_per_s: f64,
     /// Each sequence's decode tokens/s (after its first token), mean, slowest and fastest.
     per_sequence_decode_tokens_per_s: f64,
@@ -43,6 +43,8 @@ pub struct ConcurrentReport {
     /// Rows per step, steps taken.
     rows_per_step: f64,
     steps: u64,
+    /// Steps kept in flight (`--micro-batches`, by default one per distinct device).
+    micro_batches: usize,
     /// Per stage, time computing over wall time while every sequence decoded.
     stages: Vec<StageBusy>,
     /// 1 - the stages' mean busy fraction: how much of the pipeline idles.
@@ -88,6 +90,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     }
     let adapter = engine.placement().iter().map(|p| p.adapter.clone()).collect::<Vec<_>>().join(" | ");
     let batch_tokens = engine.max_batch();
+    let micro_batches = engine.micro_batches().max(1);
     let placement = engine.placement();
     let scheduler = Scheduler::spawn(engine, tokenizer, SchedulerConfig { max_seqs: concurrency as usize })?;
     // One short request first, so that first-use costs stay out of the figures.
@@ -140,7 +143,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
         prompt_tokens: args.prompt_tokens,
         decode_tokens: args.decode_tokens,
         batch_tokens,
-        aggregate_decode_tokens_per_s: rates.iter().sum(),
+        aggregate_decode_tokens_per_s: window_rate(&busy_from, &busy_to).unwrap_or_else(|| rates.iter().sum()),
         per_sequence_decode_tokens_per_s: rates.iter().sum::<f64>() / rates.len() as f64,
         per_sequence_min: rates.iter().copied().fold(f64::INFINITY, f64::min),
         per_sequence_max: rates.iter().copied().fold(0.0, f64::max),
@@ -151,6 +154,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
         wall_seconds: wall,
         rows_per_step: if steps > 0 { rows as f64 / steps as f64 } else { 0.0 },
         steps,
+        micro_batches,
         stages,
         bubble: 1.0 - mean_busy,
     })
@@ -197,22 +201,25 @@ struct BusySampler {
     handle: std::thread::JoinHandle<(Sample, Sample)>,
 }
 
-/// When, and each stage's busy seconds then.
-type Sample = (Instant, Vec<f64>);
+/// When, each stage's busy seconds then, and the tokens generated so far.
+type Sample = (Instant, Vec<f64>, u64);
 
 impl BusySampler {
     fn start(scheduler: &Scheduler, concurrency: usize) -> BusySampler {
         let scheduler = scheduler.clone();
-        let read =
-            |s: &Snapshot| (Instant::now(), s.engine.stages.iter().map(|st| st.busy_seconds).collect::<Vec<_>>());
+        let read = |s: &Snapshot| {
+            let busy = s.engine.stages.iter().map(|st| st.busy_seconds).collect::<Vec<_>>();
+            (Instant::now(), busy, s.generated_tokens_total)
+        };
         let handle = std::thread::spawn(move || {
-            let start_total = scheduler.snapshot().generated_tokens_total;
-            let mut from = None;
+            let (mut from, mut started) = (None, false);
             loop {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(5));
                 let s = scheduler.snapshot();
-                // Every sequence has produced tokens and none has finished: the decode window.
-                if from.is_none() && s.queued == 0 && s.generated_tokens_total >= start_total + concurrency as u64 {
+                // The benchmark's requests are in (the snapshot is published after each step).
+                started |= s.active + s.queued > 0;
+                // Every sequence has its first token and none has finished: the decode window.
+                if from.is_none() && s.decoding == concurrency {
                     from = Some(read(&s));
                 }
                 if let Some(from) = &from
@@ -220,7 +227,7 @@ impl BusySampler {
                 {
                     return (from.clone(), read(&s));
                 }
-                if s.active == 0 && s.queued == 0 && from.is_none() && s.generated_tokens_total > start_total {
+                if started && s.active == 0 && s.queued == 0 {
                     let r = read(&s);
                     return (r.clone(), r);
                 }
@@ -232,6 +239,12 @@ impl BusySampler {
     fn finish(self) -> (Sample, Sample) {
         self.handle.join().expect("the busy sampler")
     }
+}
+
+/// Tokens per second between two samples; `None` for an empty window.
+fn window_rate(from: &Sample, to: &Sample) -> Option<f64> {
+    let secs = to.0.duration_since(from.0).as_secs_f64();
+    (secs > 0.0 && to.2 > from.2).then(|| (to.2 - from.2) as f64 / secs)
 }
 
 fn busy_fraction(from: &Sample, to: &Sample, stage: usize) -> f64 {
@@ -266,6 +279,7 @@ fn print(r: &ConcurrentReport) {
         "output           {:.2} tok/s over {:.1} s, {} steps of {:.1} rows on average",
         r.output_tokens_per_s, r.wall_seconds, r.steps, r.rows_per_step
     );
+    println!("in flight        up to {} step(s) at once (micro-batches)", r.micro_batches);
     for s in &r.stages {
         println!(
             "stage {:<10} layers {:<8} busy {:.0}% while every sequence decodes",

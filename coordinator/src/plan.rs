@@ -22,22 +22,31 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let cfg = ModelConfig::from_gguf(&gguf)?;
     let nodes = args.nodes.iter().map(|s| node_budget(s)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut pc = PlanConfig::new(args.ctx as usize);
-    pc.seqs = args.seqs as usize;
-    let cost = ModelCost::new(&gguf, &cfg, &pc)?;
-    let plan = match &args.split {
-        Some(split) => Plan::manual(&cost, &nodes, &parse_split(split)?)?,
-        None => Plan::auto(&cost, &nodes)?,
+    let pc = PlanConfig {
+        seqs: args.seqs as usize,
+        max_batch: args.batch_tokens as usize,
+        kv_positions: args.kv_pool.map(u64::from),
+        ..PlanConfig::new(args.ctx as usize)
     };
+    let cost = ModelCost::new(&gguf, &cfg, &pc)?;
+    let split = args.split.as_deref().map(parse_split).transpose()?;
+    let plan = Plan::fitted(&cost, &nodes, split.as_deref())?;
     println!(
-        "{} ({}, {} layers), context {} x {} sequence(s)\n",
+        "{} ({}, {} layers), context {}, {} sequence(s) at once, steps of {} rows\n",
         args.model.display(),
         cfg.arch.name(),
         cfg.n_layer(),
         args.ctx,
-        args.seqs
+        args.seqs,
+        args.batch_tokens
     );
     print!("{}", plan.table());
+    if plan.kv_positions < cost.kv_positions {
+        println!(
+            "the pool holds {} of the {} positions {} sequences of context {} could take: more sequences wait in the queue",
+            plan.kv_positions, cost.kv_positions, args.seqs, args.ctx
+        );
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Every step is built from the active sequences that can move: all decode rows first
 //! (each sequence's newest token), then prefill chunks up to the engine's row budget
 //! (`--batch-tokens`), so that a long prompt never stalls the others' streams. Requests
-//! join and leave between steps. Over a pipeline of N stages up to N steps (micro-batches,
+//! join and leave between steps. Over a pipeline of N devices up to N steps (micro-batches,
 //! each with its own sequences) are in flight, so that while stage k runs one, stage k+1
 //! runs another: that is why [`Engine`] splits a step into `submit` and `next_result`.
 //!
@@ -94,6 +94,8 @@ pub enum Event {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub active: usize,
+    /// Active sequences past their first token.
+    pub decoding: usize,
     pub queued: usize,
     pub engine: EngineStats,
     pub prompt_tokens_total: u64,
@@ -107,6 +109,8 @@ pub struct Snapshot {
     /// Steps submitted so far, and their rows.
     pub steps_total: u64,
     pub rows_total: u64,
+    /// Steps the scheduler keeps in flight (the engine's micro-batches).
+    pub micro_batches: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,8 +155,12 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> anyhow::Result<Scheduler> {
         let (jobs, rx) = std::sync::mpsc::channel();
-        let snapshot =
-            Snapshot { engine: engine.stats(), kv: engine.kv_capacity().map(|kv| (kv, 0)), ..Snapshot::default() };
+        let snapshot = Snapshot {
+            engine: engine.stats(),
+            kv: engine.kv_capacity().map(|kv| (kv, 0)),
+            micro_batches: engine.micro_batches().max(1),
+            ..Snapshot::default()
+        };
         let shared = Arc::new(Shared { snapshot: Mutex::new(snapshot), recent: Mutex::new(VecDeque::new()) });
         let ctx = engine.ctx();
         let s = shared.clone();
@@ -292,7 +300,7 @@ impl<'a> Loop<'a> {
             }
             self.admit_waiting();
             self.release_cancelled();
-            let target = self.engine.stages().max(1);
+            let target = self.engine.micro_batches().max(1);
             while self.in_flight.len() < target {
                 if !self.submit_step(target - self.in_flight.len()) {
                     break;
@@ -690,6 +698,7 @@ impl<'a> Loop<'a> {
         let mut s = self.shared.snapshot.lock().expect("snapshot lock");
         *s = Snapshot {
             active: self.active.len(),
+            decoding: self.active.iter().filter(|a| a.first_token.is_some()).count(),
             queued: self.waiting.len() + self.resumed.len(),
             engine,
             prompt_tokens_total: self.totals.0,
@@ -699,6 +708,7 @@ impl<'a> Loop<'a> {
             preemptions: self.preemptions,
             steps_total: self.steps.0,
             rows_total: self.steps.1,
+            micro_batches: self.engine.micro_batches().max(1),
         };
     }
 }

@@ -59,10 +59,10 @@ pub struct PlanConfig {
 }
 
 impl PlanConfig {
-    /// `ctx` positions of f16 KV cache, one sequence, steps of 128 rows (the CLI's default
+    /// `ctx` positions of f16 KV cache, one sequence, steps of 64 rows (the CLI's default
     /// `--batch-tokens`), blocks of 16 positions.
     pub fn new(ctx: usize) -> Self {
-        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 128, kv_block_size: 16, kv_positions: None }
+        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 64, kv_block_size: 16, kv_positions: None }
     }
 
     /// The pool's positions as asked, in whole blocks.

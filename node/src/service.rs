@@ -61,6 +61,8 @@ pub struct NodeIdentity {
     pub usable_memory: u64,
     pub adapter: String,
     pub backend: String,
+    /// Which physical device computes ([`crate::gpu::DeviceInfo::key`]).
+    pub device_key: String,
 }
 
 impl NodeIdentity {
@@ -192,6 +194,7 @@ impl StageService {
             usable_memory: memory.bytes,
             adapter: device.name,
             backend: device.backend,
+            device_key: device.key,
         };
         let config = NodeConfig {
             identity,
@@ -693,6 +696,8 @@ impl pb::stage_server::Stage for StageService {
             usable_memory: id.usable_memory,
             adapter: id.adapter.clone(),
             backend: id.backend.clone(),
+            max_binding: self.inner.gpu.max_binding(),
+            device_key: id.device_key.clone(),
         }))
     }
 

@@ -17,6 +17,7 @@ pub(crate) const PIECES: &[(&str, &str)] = &[
     ("common/elementwise.wgsl", include_str!("../wgsl/common/elementwise.wgsl")),
     ("common/matmul.wgsl", include_str!("../wgsl/common/matmul.wgsl")),
     ("common/batch.wgsl", include_str!("../wgsl/common/batch.wgsl")),
+    ("common/attention.wgsl", include_str!("../wgsl/common/attention.wgsl")),
     ("common/sample.wgsl", include_str!("../wgsl/common/sample.wgsl")),
     ("common/workgroup_sum.wgsl", include_str!("../wgsl/common/workgroup_sum.wgsl")),
     ("common/nibbles.wgsl", include_str!("../wgsl/common/nibbles.wgsl")),

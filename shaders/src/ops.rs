@@ -5,6 +5,7 @@ crate::registry::kernels! { OPS:
     ROPE => "rope",
     KV_STORE => "kv_store",
     ATTENTION => "attention",
+    ATTENTION_SG => "attention_sg",
     SWIGLU => "swiglu",
     GATHER_ROWS => "gather_rows",
     TOP_K => "top_k",

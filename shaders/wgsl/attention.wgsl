@@ -26,26 +26,7 @@ const NEG: f32 = -3.0e38;
 //#include "common/step.wgsl"
 //#include "common/batch.wgsl"
 
-struct Params {
-    n_heads: u32,
-    n_kv_heads: u32,
-    // n_heads / n_kv_heads
-    group: u32,
-    // log2 of the positions per block.
-    block_shift: u32,
-    scale: f32,
-    // 1: multiply by sigmoid(gate[row * gate_stride + gate_offset + d]), row = t * n_heads + h.
-    gated: u32,
-    gate_stride: u32,
-    gate_offset: u32,
-    // Entries per sequence slot of the block table.
-    max_blocks: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-@group(0) @binding(1) var<uniform> params: Params;
+//#include "common/attention.wgsl"
 @group(0) @binding(2) var<storage, read> rows: array<RowInfo>;
 // [slots, max_blocks]: each sequence's blocks in order.
 @group(0) @binding(3) var<storage, read> table: array<u32>;

@@ -56,7 +56,9 @@ fn batched_equals_alone(model: &Path, golden_name: &str, flags: &[&str]) {
     let solo: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, &common)).collect();
     let one = batched(model, &prompts, &common);
     let cluster = Cluster::start(3, &model_dir(&[model.to_owned()]));
+    // Three steps in flight, as on three machines (one machine's nodes default to one).
     let mut piped_flags = common.clone();
+    piped_flags.extend(["--micro-batches", "3"]);
     let cluster_flags = cluster.flags();
     piped_flags.extend(cluster_flags.iter().map(String::as_str));
     let three = batched(model, &prompts, &piped_flags);

@@ -220,8 +220,9 @@ pub trait Engine: Send {
     fn max_batch(&self) -> u32;
     /// Sequences the stages hold at once (and the most one step may carry).
     fn max_seqs(&self) -> u32;
-    /// Stages in the pipeline: how many steps are worth keeping in flight.
-    fn stages(&self) -> usize {
+    /// Steps worth keeping in flight: one per distinct device of a pipeline unless
+    /// `--micro-batches` says otherwise; 1 for the in-process engine (there is no second stage to overlap with).
+    fn micro_batches(&self) -> usize {
         1
     }
     /// The KV pool sequences share, if any stage has one.

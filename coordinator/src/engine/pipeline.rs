@@ -42,6 +42,10 @@ struct StageHandle {
     backend: String,
     /// The node's usable memory, as it reported it.
     memory: u64,
+    /// Its adapter's largest storage buffer.
+    max_binding: u64,
+    /// Which physical device computes; stages with equal keys share it.
+    device_key: String,
     layers: std::ops::Range<usize>,
     /// Whether the plan gave it a KV pool (it holds attention layers).
     pool: bool,
@@ -67,6 +71,7 @@ pub struct Pipeline {
     batch: u32,
     max_seqs: u32,
     kv: Option<KvCapacity>,
+    micro_batches: usize,
     /// Weight bytes one step reads over all stages (from the model's tensor index).
     weight_bytes_per_token: u64,
     wire: pb::HiddenFormat,
@@ -122,6 +127,18 @@ fn counters(h: pb::HealthResponse) -> NodeCounters {
             used_slots: h.slots_used,
         },
     }
+}
+
+/// Steps worth keeping in flight by default: one per physical device. Stages that share a
+/// device (several nodes on one machine's CPU or GPU) cannot compute at the same time, so
+/// overlapping their steps only splits a batch into smaller ones that read every weight
+/// more often; measured on three local nodes on one 2-core CPU, 8 streams ran at 2.1x one
+/// stream's rate with three micro-batches and 3.8x with one.
+fn distinct_devices(stages: &[StageHandle]) -> usize {
+    let mut keys: Vec<&str> = stages.iter().map(|s| s.device_key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len().max(1)
 }
 
 /// Starts this machine's stage service on a free loopback port; returns its address.
@@ -191,6 +208,8 @@ async fn connect(addrs: &[String]) -> anyhow::Result<Vec<StageHandle>> {
             adapter: info.adapter,
             backend: info.backend,
             memory: info.usable_memory,
+            max_binding: info.max_binding,
+            device_key: info.device_key,
             layers: 0..0,
             pool: false,
             client,
@@ -291,6 +310,8 @@ impl Pipeline {
             .iter()
             .any(|s| s.pool)
             .then_some(KvCapacity { block_size: c.spec.kv_block_size, blocks: c.spec.kv_layout()?.blocks });
+        let micro_batches = args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
+        tracing::info!(micro_batches, stages = c.stages.len(), "steps kept in flight");
         Ok(Pipeline {
             rt,
             stages: c.stages,
@@ -298,6 +319,7 @@ impl Pipeline {
             batch: c.spec.max_batch,
             max_seqs: c.spec.max_seqs,
             kv,
+            micro_batches,
             weight_bytes_per_token: c.weight_bytes_per_token,
             wire: wire_format(args.wire),
             tx: c.tx,
@@ -331,7 +353,19 @@ impl Pipeline {
         };
         let cost = ModelCost::new(gguf, config, &pc)?;
         let split = args.split.as_deref().map(parse_split).transpose()?;
-        let plan = Plan::fitted(&cost, &budgets, split.as_deref())?;
+        let mut plan = Plan::fitted(&cost, &budgets, split.as_deref())?;
+        // Each attention layer keeps its part of the pool in one buffer: no larger than the
+        // smallest adapter's largest binding allows.
+        let a = &config.attention;
+        let per_position = (a.n_head_kv * a.head_dim * 2) as u64;
+        let binding = plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
+        if let Some(cap) = binding.map(|b| b / per_position.max(1) / pc.kv_block_size as u64 * pc.kv_block_size as u64)
+            && plan.kv_positions > cap
+        {
+            tracing::info!(positions = plan.kv_positions, cap, "KV pool capped by the adapters' largest binding");
+            let capped = PlanConfig { kv_positions: Some(cap), ..pc.clone() };
+            plan = Plan::fitted(&ModelCost::new(gguf, config, &capped)?, &budgets, split.as_deref())?;
+        }
         eprintln!("plan:\n{}", plan.table());
         let spec = super::stage_spec(args, usage, ctx, 0..0, Some(plan.kv_positions))?;
         load_shards(gguf, &args.model, &plan, &mut stages, &spec).await?;
@@ -480,8 +514,8 @@ impl Engine for Pipeline {
         self.max_seqs
     }
 
-    fn stages(&self) -> usize {
-        self.stages.len()
+    fn micro_batches(&self) -> usize {
+        self.micro_batches
     }
 
     fn kv_capacity(&self) -> Option<KvCapacity> {

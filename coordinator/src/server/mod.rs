@@ -181,6 +181,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "queued": snap.queued,
         "preemptions": snap.preemptions,
         "steps_total": snap.steps_total,
+        "micro_batches": snap.micro_batches,
         "rows_per_step": if snap.steps_total > 0 { snap.rows_total as f64 / snap.steps_total as f64 } else { 0.0 },
         "tokens_per_s": state.scheduler.tokens_per_second(),
         "prompt_tokens_total": snap.prompt_tokens_total,

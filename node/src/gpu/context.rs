@@ -22,6 +22,11 @@ pub struct DeviceInfo {
     pub name: String,
     /// The graphics API, e.g. `Vulkan`.
     pub backend: String,
+    /// Which physical device computes, across processes: this machine's identity plus
+    /// the GPU's PCI bus id (or vendor, device and name where the bus is unknown); every
+    /// CPU adapter of one machine is one device. Stages with equal keys share the same
+    /// silicon, so a pipeline gains nothing by overlapping their steps.
+    pub key: String,
 }
 
 /// An open device with the adapter's full limits.
@@ -40,6 +45,20 @@ impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu").field("adapter", &self.info.name).field("backend", &self.info.backend).finish()
     }
+}
+
+/// This machine, as stable across processes as the system allows: systemd's machine id,
+/// else the host name. Where neither is known, this process alone: two such nodes then
+/// count as two devices, which at worst keeps the old one-step-per-stage pipelining.
+fn machine_identity() -> String {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            format!("process-{}-{}", std::process::id(), now.as_nanos())
+        })
 }
 
 fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
@@ -122,8 +141,29 @@ impl Gpu {
         out
     }
 
+    /// The subgroup size of a CPU adapter (lavapipe) whose subgroups are a fixed 4 or 8
+    /// SIMD lanes of one thread: kernels written for that shape (lanes sharing values by
+    /// subgroup operations, no workgroup memory) run much faster there. `None` elsewhere.
+    pub fn cpu_subgroup(&self) -> Option<u32> {
+        let (min, max) = (self.info.subgroup_min_size, self.info.subgroup_max_size);
+        let fixed = self.features.contains(wgpu::Features::SUBGROUP) && min == max && matches!(min, 4 | 8);
+        (self.info.device_type == wgpu::DeviceType::Cpu && fixed).then_some(min)
+    }
+
     pub fn describe(&self) -> DeviceInfo {
-        DeviceInfo { name: self.info.name.clone(), backend: format!("{:?}", self.info.backend) }
+        DeviceInfo { name: self.info.name.clone(), backend: format!("{:?}", self.info.backend), key: self.device_key() }
+    }
+
+    fn device_key(&self) -> String {
+        let host = machine_identity();
+        let info = &self.info;
+        if info.device_type == wgpu::DeviceType::Cpu {
+            format!("{host}/cpu")
+        } else if !info.device_pci_bus_id.is_empty() {
+            format!("{host}/pci:{}", info.device_pci_bus_id)
+        } else {
+            format!("{host}/{:04x}:{:04x}/{}", info.vendor, info.device, info.name)
+        }
     }
 
     /// The largest storage binding, rounded down to a 256-byte multiple so that

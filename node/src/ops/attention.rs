@@ -16,6 +16,25 @@ const STORE_WG: u32 = 64;
 /// Threads per workgroup of `attention.wgsl`, and keys per tile.
 const ATTN_WG: u32 = 64;
 
+/// Which attention kernel an adapter runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `attention.wgsl`: a workgroup of 64 threads per (row, head), keys in tiles through
+    /// workgroup memory. GPUs.
+    Tiled,
+    /// `attention_sg.wgsl`: one subgroup of this many lanes per (row, head), the lanes
+    /// splitting the head's dims, keys one at a time: no workgroup memory, no barriers.
+    /// CPU adapters whose subgroups are SIMD lanes of one thread, where workgroup memory is
+    /// a loop over the lanes.
+    Lanes(u32),
+}
+
+impl AttentionKernel {
+    pub fn for_gpu(gpu: &crate::gpu::Gpu) -> AttentionKernel {
+        gpu.cpu_subgroup().map_or(AttentionKernel::Tiled, AttentionKernel::Lanes)
+    }
+}
+
 /// One attention layer's part of the pool and the stage's block table: where a layer's
 /// keys and values are.
 #[derive(Clone, Copy)]
@@ -172,14 +191,27 @@ impl Recorder<'_> {
             _pad: [0; 3],
         };
         let params = self.uniform("attention", &params);
-        let pairs = head_dim / 2;
-        let consts = [
-            ("HEAD_DIM", format!("{head_dim}u")),
-            ("WG", format!("{ATTN_WG}u")),
-            ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
-            ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
-        ];
-        let pipeline = self.pipeline(Kernel::ATTENTION, None, &consts)?;
+        let pipeline = match self.attention_kernel() {
+            // Heads the lanes split evenly, four dims at a time.
+            AttentionKernel::Lanes(sg) if head_dim.is_multiple_of(4 * sg) => {
+                let consts = [
+                    ("HEAD_DIM", format!("{head_dim}u")),
+                    ("SG", format!("{sg}u")),
+                    ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
+                ];
+                self.pipeline(Kernel::ATTENTION_SG, None, &consts)?
+            }
+            _ => {
+                let pairs = head_dim / 2;
+                let consts = [
+                    ("HEAD_DIM", format!("{head_dim}u")),
+                    ("WG", format!("{ATTN_WG}u")),
+                    ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
+                    ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
+                ];
+                self.pipeline(Kernel::ATTENTION, None, &consts)?
+            }
+        };
         let resources = [
             rows,
             kv.table.buffer().as_entire_binding(),
@@ -239,6 +271,7 @@ mod tests {
     impl Layer {
         #[allow(clippy::too_many_arguments)]
         fn new(
+            kernel: AttentionKernel,
             n_heads: u32,
             n_kv: u32,
             hd: u32,
@@ -264,6 +297,7 @@ mod tests {
             });
             let act = |b, heads| Act::new(b, max_tokens, heads * hd);
             let dispatches = record(&step, max_tokens, |rec| {
+                rec.set_attention_kernel(kernel);
                 let (paged, rows) = (PagedKv { layer: &kv, table: &table }, Act::new(&rows, max_tokens, 4));
                 rec.kv_store(paged, act(&k, n_kv), act(&v, n_kv), rows)?;
                 rec.attention(paged, act(&q, n_heads), rows, act(&out, n_heads), attn)
@@ -394,11 +428,21 @@ mod tests {
         Run { slot, pos, n }
     }
 
+    /// Every attention kernel this adapter can run.
+    fn kernels() -> Vec<AttentionKernel> {
+        let mut k = vec![AttentionKernel::Tiled];
+        match gpu().0.cpu_subgroup() {
+            Some(sg) => k.push(AttentionKernel::Lanes(sg)),
+            None => eprintln!("no fixed CPU subgroup on this adapter: the lanes kernel is not run"),
+        }
+        k
+    }
+
     #[test]
     fn kv_store_rounds_to_f16_in_each_sequences_blocks() {
         let (gpu, _) = gpu();
         let mut rng = Rng::new(11);
-        let mut layer = Layer::new(4, 2, 64, 64, 8, 2, 24, None);
+        let mut layer = Layer::new(AttentionKernel::Tiled, 4, 2, 64, 64, 8, 2, 24, None);
         // Two sequences, one across a block boundary, stored in one step.
         layer.random_step(&mut rng, &[run(1, 10, 9), run(0, 0, 3)]);
         let row = 2 * 64;
@@ -422,16 +466,20 @@ mod tests {
         let mut rng = Rng::new(12);
         // Heads of 32 (tiny-qwen3) and 80 use the kernel's other thread layouts: several
         // threads per output pair, and idle threads.
-        for (n_heads, n_kv, hd) in [(4, 2, 64), (8, 8, 64), (24, 4, 256), (4, 2, 32), (2, 1, 80)] {
+        for (kernel, (n_heads, n_kv, hd)) in kernels()
+            .into_iter()
+            .flat_map(|k| [(4, 2, 64), (8, 8, 64), (24, 4, 256), (4, 2, 32), (2, 1, 80)].map(|s| (k, s)))
+        {
             for len in [1u32, 37, 300] {
-                let mut layer = Layer::new(n_heads, n_kv, hd, 320, 20, 1, 320, None);
+                let mut layer = Layer::new(kernel, n_heads, n_kv, hd, 320, 20, 1, 320, None);
                 if len > 1 {
                     layer.random_fill(&mut rng, &[run(0, 0, len - 1)]);
                 }
                 let runs = [run(0, len - 1, 1)];
                 let (q, got) = layer.random_step(&mut rng, &runs);
                 let want = layer.want(&runs, &q, None);
-                assert_close(&got, &want, 1e-5, 1e-4, &format!("{n_heads}/{n_kv} heads of {hd}, {len} positions"));
+                let what = format!("{kernel:?}: {n_heads}/{n_kv} heads of {hd}, {len} positions");
+                assert_close(&got, &want, 1e-5, 1e-4, &what);
             }
         }
     }
@@ -440,34 +488,39 @@ mod tests {
     fn decode_over_a_long_context() {
         let mut rng = Rng::new(13);
         let len = 3000u32;
-        let mut layer = Layer::new(4, 2, 64, 4096, 256, 1, 1024, None);
-        for start in (0..len - 1).step_by(1024) {
-            layer.random_fill(&mut rng, &[run(0, start, (len - 1 - start).min(1024))]);
+        for kernel in kernels() {
+            let mut layer = Layer::new(kernel, 4, 2, 64, 4096, 256, 1, 1024, None);
+            for start in (0..len - 1).step_by(1024) {
+                layer.random_fill(&mut rng, &[run(0, start, (len - 1 - start).min(1024))]);
+            }
+            let runs = [run(0, len - 1, 1)];
+            let (q, got) = layer.random_step(&mut rng, &runs);
+            assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, &format!("{kernel:?}: 3000 positions"));
         }
-        let runs = [run(0, len - 1, 1)];
-        let (q, got) = layer.random_step(&mut rng, &runs);
-        assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, "3000 positions");
     }
 
     #[test]
     fn prefill_matches_cpu_and_token_by_token() {
         let mut rng = Rng::new(14);
-        for (n_heads, n_kv, hd) in [(4, 2, 64), (24, 4, 256)] {
+        for (kernel, (n_heads, n_kv, hd)) in
+            kernels().into_iter().flat_map(|k| [(4, 2, 64), (24, 4, 256)].map(|s| (k, s)))
+        {
             for t in [5u32, 40] {
                 let cached = [run(0, 0, 10)];
                 let new = [run(0, 10, t)];
-                let (q0, k0, v0) = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None).random_inputs(&mut rng, &cached);
-                let mut batch = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None);
+                let layer = |k| Layer::new(k, n_heads, n_kv, hd, 64, 4, 1, 48, None);
+                let (q0, k0, v0) = layer(kernel).random_inputs(&mut rng, &cached);
+                let mut batch = layer(kernel);
                 let (q, k, v) = batch.random_inputs(&mut rng, &new);
 
                 // The whole prompt in one step, bound for a larger batch than it is.
                 batch.step(&cached, &q0, &k0, &v0);
                 let got = batch.step(&new, &q, &k, &v);
-                let what = format!("{n_heads}/{n_kv} heads of {hd}, {t} tokens after 10");
+                let what = format!("{kernel:?}: {n_heads}/{n_kv} heads of {hd}, {t} tokens after 10");
                 assert_close(&got, &batch.want(&new, &q, None), 1e-5, 1e-4, &what);
 
                 // The same rows one at a time give the same bits.
-                let mut single = Layer::new(n_heads, n_kv, hd, 64, 4, 1, 48, None);
+                let mut single = layer(kernel);
                 single.step(&cached, &q0, &k0, &v0);
                 let (qr, kr) = (n_heads * hd, n_kv * hd);
                 let mut one_by_one = Vec::new();
@@ -487,21 +540,24 @@ mod tests {
     fn each_row_attends_to_its_own_sequence_whatever_shares_its_step() {
         let mut rng = Rng::new(16);
         let (n_heads, n_kv, hd) = (4, 2, 64);
-        let mut layer = Layer::new(n_heads, n_kv, hd, 256, 40, 4, 64, None);
-        for runs in [&[run(2, 0, 60), run(0, 0, 3)][..], &[run(2, 60, 60)], &[run(2, 120, 30), run(3, 0, 34)]] {
-            layer.random_fill(&mut rng, runs);
-        }
-        let runs = [run(2, 150, 1), run(1, 0, 7), run(0, 3, 1), run(3, 34, 5)];
-        let (q, k, v) = layer.random_inputs(&mut rng, &runs);
-        let got = layer.step(&runs, &q, &k, &v);
-        assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, "a mixed step");
-        let (qr, kr) = ((n_heads * hd) as usize, (n_kv * hd) as usize);
-        let mut row = 0;
-        for r in runs {
-            let n = r.n as usize;
-            let alone = layer.step(&[r], &q[row * qr..][..n * qr], &k[row * kr..][..n * kr], &v[row * kr..][..n * kr]);
-            assert_eq!(alone, got[row * qr..][..n * qr], "{r:?} alone");
-            row += n;
+        for kernel in kernels() {
+            let mut layer = Layer::new(kernel, n_heads, n_kv, hd, 256, 40, 4, 64, None);
+            for runs in [&[run(2, 0, 60), run(0, 0, 3)][..], &[run(2, 60, 60)], &[run(2, 120, 30), run(3, 0, 34)]] {
+                layer.random_fill(&mut rng, runs);
+            }
+            let runs = [run(2, 150, 1), run(1, 0, 7), run(0, 3, 1), run(3, 34, 5)];
+            let (q, k, v) = layer.random_inputs(&mut rng, &runs);
+            let got = layer.step(&runs, &q, &k, &v);
+            assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, "a mixed step");
+            let (qr, kr) = ((n_heads * hd) as usize, (n_kv * hd) as usize);
+            let mut row = 0;
+            for r in runs {
+                let n = r.n as usize;
+                let alone =
+                    layer.step(&[r], &q[row * qr..][..n * qr], &k[row * kr..][..n * kr], &v[row * kr..][..n * kr]);
+                assert_eq!(alone, got[row * qr..][..n * qr], "{kernel:?}: {r:?} alone");
+                row += n;
+            }
         }
     }
 
@@ -513,11 +569,13 @@ mod tests {
         // [query | gate] per head: the gates at offset hd of rows of 2 hd.
         let qg = rng.vec((t * n_heads * 2 * hd) as usize, 4.0);
         let qg_buffer = f32_buffer(gpu, &qg);
-        let mut layer = Layer::new(n_heads, n_kv, hd, 16, 1, 1, t, Some((&qg_buffer, 2 * hd, hd)));
-        let runs = [run(0, 0, t)];
-        let (q, got) = layer.random_step(&mut rng, &runs);
-        let want = layer.want(&runs, &q, Some((&qg, 2 * hd as usize, hd as usize)));
-        assert_close(&got, &want, 1e-5, 1e-4, "gated");
+        for kernel in kernels() {
+            let mut layer = Layer::new(kernel, n_heads, n_kv, hd, 16, 1, 1, t, Some((&qg_buffer, 2 * hd, hd)));
+            let runs = [run(0, 0, t)];
+            let (q, got) = layer.random_step(&mut rng, &runs);
+            let want = layer.want(&runs, &q, Some((&qg, 2 * hd as usize, hd as usize)));
+            assert_close(&got, &want, 1e-5, 1e-4, &format!("{kernel:?}: gated"));
+        }
     }
 
     #[test]

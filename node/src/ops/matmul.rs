@@ -40,8 +40,12 @@ pub(crate) struct Params {
 pub enum StepRows {
     /// One row: a decode step of one sequence.
     One,
-    /// 2 to [`FEW_ROWS`] rows: decode steps of a few sequences.
-    Few,
+    /// Two rows.
+    Two,
+    /// Three or four.
+    Four,
+    /// Five to [`FEW_ROWS`]: decode steps of a few sequences.
+    Eight,
     /// More: prefill chunks and large batches.
     Many,
 }
@@ -51,20 +55,35 @@ impl StepRows {
     pub fn of(n: u32) -> StepRows {
         match n {
             0 | 1 => StepRows::One,
-            n if n <= FEW_ROWS => StepRows::Few,
+            2 => StepRows::Two,
+            3 | 4 => StepRows::Four,
+            n if n <= FEW_ROWS => StepRows::Eight,
             _ => StepRows::Many,
         }
     }
 
     /// The classes a stage whose steps carry up to `max` rows records lists for.
     pub fn up_to(max: u32) -> Vec<StepRows> {
-        [StepRows::One, StepRows::Few, StepRows::Many].into_iter().filter(|c| *c <= StepRows::of(max)).collect()
+        let all = [StepRows::One, StepRows::Two, StepRows::Four, StepRows::Eight, StepRows::Many];
+        all.into_iter().filter(|c| *c <= StepRows::of(max)).collect()
+    }
+
+    /// The most rows of the class's steps, for the few-rows classes.
+    fn few_tokens(self) -> Option<u32> {
+        match self {
+            StepRows::Two => Some(2),
+            StepRows::Four => Some(4),
+            StepRows::Eight => Some(FEW_ROWS),
+            StepRows::One | StepRows::Many => None,
+        }
     }
 }
 
 /// `mm_rows`: lanes in groups of `splits` (the plan's S), each group owning `rows`
-/// consecutive rows for `tokens` tokens at once; `broadcast`: the subgroup size through
-/// which lanes share x (S = 1 and one subgroup per workgroup).
+/// consecutive rows (at most: fewer for a matrix too small to give every thread of the
+/// adapter work, see [`MatmulPlan::min_groups`]) for `tokens` tokens at once;
+/// `broadcast`: the subgroup size through which lanes share x (S = 1 and one subgroup per
+/// workgroup).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowsShape {
     pub lanes: u32,
@@ -101,15 +120,16 @@ pub struct MatmulPlan {
     pub many: ManyShape,
     /// Workgroups along x before the grid grows along y (tests lower it).
     pub max_groups: u32,
+    /// Workgroups a matrix should give at least, so that every thread of the adapter has
+    /// work: `mm_rows` takes fewer rows per lane for small matrices.
+    pub min_groups: u32,
 }
 
 impl MatmulPlan {
     /// The plan for `gpu`'s adapter.
     pub fn for_gpu(gpu: &Gpu) -> MatmulPlan {
         if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
-            let fixed = gpu.features.contains(wgpu::Features::SUBGROUP) && min == max && matches!(min, 4 | 8);
-            MatmulPlan::cpu(fixed.then_some(min))
+            MatmulPlan::cpu(gpu.cpu_subgroup())
         } else {
             MatmulPlan::gpu()
         }
@@ -118,13 +138,16 @@ impl MatmulPlan {
     /// CPU adapters (lavapipe) run a workgroup as the SIMD lanes of one thread and load
     /// memory lane by lane, so loads cost most: no cross-lane sums (S = 1), many rows and
     /// tokens per lane, and x shared through subgroup broadcasts where the subgroup size
-    /// is fixed. Measured on lavapipe: about twice mm_vec's decode speed, and 4-6x its
-    /// throughput per token at 8 rows.
+    /// is fixed. Measured on lavapipe (576 x 1536 Q8_0): 1 row 1.4 ms (mm_vec took 2.5-4),
+    /// 2 rows 1.6 ms, 4 rows 2.3 ms, 8 rows 2.8 ms.
     pub fn cpu(subgroup: Option<u32>) -> MatmulPlan {
         let lanes = subgroup.unwrap_or(8);
         let one = RowsShape { lanes, rows: 8, tokens: 1, broadcast: subgroup };
-        let few = RowsShape { lanes, rows: 16, tokens: FEW_ROWS, broadcast: subgroup };
-        MatmulPlan { splits: 1, one, few, many: ManyShape::Rows(few), max_groups: MAX_GROUPS }
+        let few = RowsShape { lanes, rows: 32, tokens: FEW_ROWS, broadcast: subgroup };
+        // lavapipe runs a workgroup on one of its threads, one per core.
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
+        let min_groups = (2 * threads).clamp(2, 64);
+        MatmulPlan { splits: 1, one, few, many: ManyShape::Rows(few), max_groups: MAX_GROUPS, min_groups }
     }
 
     /// GPUs: four lanes per row read consecutive pieces (S = 4), and batches of many rows
@@ -133,7 +156,7 @@ impl MatmulPlan {
         let one = RowsShape { lanes: 64, rows: 1, tokens: 1, broadcast: None };
         let few = RowsShape { lanes: 64, rows: 1, tokens: FEW_ROWS, broadcast: None };
         let tile = TileShape { rows: 64, tokens: 32, thread_rows: 4, thread_tokens: 4, pieces: 4 };
-        MatmulPlan { splits: 4, one, few, many: ManyShape::Tile(tile), max_groups: MAX_GROUPS }
+        MatmulPlan { splits: 4, one, few, many: ManyShape::Tile(tile), max_groups: MAX_GROUPS, min_groups: 1 }
     }
 
     /// Refuses shapes the kernels cannot run.
@@ -189,7 +212,17 @@ impl Recorder<'_> {
         let x_binding = self.bind_act("matmul", &what("x"), x, k)?;
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
         let s = format!("{}u", plan.splits);
+        // Rows per lane: the shape's, halved (down to 4) while the matrix would give fewer
+        // workgroups than the adapter has threads to keep busy. The sums are the same.
+        let rows_per_lane = |r: RowsShape| {
+            let mut rows = r.rows;
+            while rows > 4 && n.div_ceil(r.lanes / plan.splits * rows) < plan.min_groups {
+                rows /= 2;
+            }
+            rows
+        };
         let rows_kernel = |r: RowsShape| {
+            let r = RowsShape { rows: rows_per_lane(r), ..r };
             let consts = vec![
                 ("WG", format!("{}u", r.lanes)),
                 ("R", format!("{}u", r.rows)),
@@ -200,9 +233,13 @@ impl Recorder<'_> {
             ];
             (Kernel::MM_ROWS, "mm_rows", consts, r.lanes / plan.splits * r.rows, r.tokens)
         };
-        let (kernel, label, consts, tile_rows, tile_tokens) = match (self.step_rows(), plan.many) {
+        let class = self.step_rows();
+        let (kernel, label, consts, tile_rows, tile_tokens) = match (class, plan.many) {
             (StepRows::One, _) => rows_kernel(plan.one),
-            (StepRows::Few, _) => rows_kernel(plan.few),
+            // Exactly as many tokens per lane as the class's steps have at most.
+            (StepRows::Two | StepRows::Four | StepRows::Eight, _) => {
+                rows_kernel(RowsShape { tokens: class.few_tokens().unwrap_or(FEW_ROWS), ..plan.few })
+            }
             (StepRows::Many, ManyShape::Rows(r)) => rows_kernel(r),
             (StepRows::Many, ManyShape::Tile(t)) => {
                 let threads = (t.rows / t.thread_rows) * (t.tokens / t.thread_tokens);
@@ -337,7 +374,8 @@ mod tests {
 
     /// Every plan this adapter can run: the CPU plan with and without subgroup broadcasts
     /// (with the adapter's own subgroup size, and 4 where that is what it has), the GPU
-    /// plan, and one with a tiny grid limit so that the group index wraps into y.
+    /// plan, ones with a tiny grid limit so that the group index wraps into y, and one with
+    /// the most rows per lane.
     fn plans() -> Vec<MatmulPlan> {
         let g = &gpu().0;
         let mut plans = vec![MatmulPlan::cpu(None), MatmulPlan::gpu()];
@@ -351,6 +389,8 @@ mod tests {
         }
         plans.push(MatmulPlan { max_groups: 3, ..MatmulPlan::gpu() });
         plans.push(MatmulPlan { max_groups: 2, ..MatmulPlan::cpu(None) });
+        // The largest rows per lane, whatever the matrix.
+        plans.push(MatmulPlan { min_groups: 1, ..MatmulPlan::cpu(None) });
         plans
     }
 
@@ -365,9 +405,9 @@ mod tests {
                 let w = QuantMatrix::upload(&gpu().0, "w", ty, k, n, &bytes).unwrap();
                 let rows: Vec<usize> = (0..n).collect();
                 for plan in plans() {
-                    // One row, a few (fewer than the bound batch), many with a partial
-                    // token tile and a step shorter than the bound batch.
-                    for (t, max_tokens) in [(1, 1), (5, 7), (33, 35)] {
+                    // One row, a few of each class (one of them fewer than the bound batch),
+                    // many with a partial token tile and a step shorter than the bound batch.
+                    for (t, max_tokens) in [(1, 1), (2, 2), (3, 4), (5, 7), (33, 35)] {
                         let accumulate = t != 5;
                         let x = rng.vec(max_tokens * k, 1.0);
                         let init = rng.vec(max_tokens * n, 1.0);
@@ -396,8 +436,10 @@ mod tests {
             let zeros = vec![0.0; t * n];
             for plan in plans() {
                 let many = gpu_matmul(&w, &x, &zeros, t as u32, t as u32, false, plan);
-                let few = gpu_matmul(&w, &x[..6 * k], &zeros[..6 * n], 6, 6, false, plan);
-                assert_eq!(few[..], many[..6 * n], "{ty} {plan:?}: few rows vs many");
+                for few in [2, 3, 6] {
+                    let got = gpu_matmul(&w, &x[..few * k], &zeros[..few * n], few as u32, few as u32, false, plan);
+                    assert_eq!(got[..], many[..few * n], "{ty} {plan:?}: {few} rows vs many");
+                }
                 for row in [0, 3, 20] {
                     let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
                     assert_eq!(one[..], many[row * n..(row + 1) * n], "{ty} {plan:?}: row {row} alone vs many");
@@ -502,12 +544,14 @@ mod tests {
 
     #[test]
     fn step_rows_classes() {
-        assert_eq!([0, 1, 2, 8, 9, 512].map(StepRows::of), {
-            use StepRows::*;
-            [One, One, Few, Few, Many, Many]
-        });
-        assert_eq!(StepRows::up_to(1), [StepRows::One]);
-        assert_eq!(StepRows::up_to(8), [StepRows::One, StepRows::Few]);
-        assert_eq!(StepRows::up_to(128), [StepRows::One, StepRows::Few, StepRows::Many]);
+        use StepRows::*;
+        assert_eq!(
+            [0, 1, 2, 3, 4, 5, 8, 9, 512].map(StepRows::of),
+            [One, One, Two, Four, Four, Eight, Eight, Many, Many]
+        );
+        assert_eq!(StepRows::up_to(1), [One]);
+        assert_eq!(StepRows::up_to(3), [One, Two, Four]);
+        assert_eq!(StepRows::up_to(8), [One, Two, Four, Eight]);
+        assert_eq!(StepRows::up_to(128), [One, Two, Four, Eight, Many]);
     }
 }

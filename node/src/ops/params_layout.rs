@@ -161,7 +161,7 @@ fn params_structs_match_their_wgsl_twins() {
     layout!(covered, rope::Params => binding 1 of ROPE);
     layout!(covered, elementwise::Params => binding 1 of SWIGLU, GATHER_ROWS);
     layout!(covered, attention::StoreParams => binding 1 of KV_STORE);
-    layout!(covered, attention::AttnParams => binding 1 of ATTENTION);
+    layout!(covered, attention::AttnParams => binding 1 of ATTENTION, ATTENTION_SG);
     layout!(covered, deltanet::ConvParams => binding 1 of DELTANET_CONV);
     layout!(covered, deltanet::ConvStateParams => binding 1 of DELTANET_CONV_STATE);
     layout!(covered, deltanet::StateParams => binding 1 of DELTANET_STATE);

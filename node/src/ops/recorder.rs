@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use strata_shaders::Kernel;
 
+use super::attention::AttentionKernel;
 use super::matmul::{MatmulPlan, StepRows};
 use crate::gpu::{Dispatch, Gpu, KernelCache, Workgroups};
 use crate::{Error, Result};
@@ -52,6 +53,7 @@ pub struct Recorder<'a> {
     max_tokens: u32,
     rows: StepRows,
     plan: MatmulPlan,
+    attention: AttentionKernel,
     dispatches: Vec<Dispatch>,
 }
 
@@ -68,8 +70,9 @@ impl<'a> Recorder<'a> {
         if max_tokens == 0 {
             return Err(Error::Shape { op: "record", message: "max_tokens must be at least 1".into() });
         }
-        let (rows, plan) = (StepRows::of(max_tokens), MatmulPlan::for_gpu(gpu));
-        Ok(Recorder { gpu, kernels, step, max_tokens, rows, plan, dispatches: Vec::new() })
+        let (rows, plan, attention) =
+            (StepRows::of(max_tokens), MatmulPlan::for_gpu(gpu), AttentionKernel::for_gpu(gpu));
+        Ok(Recorder { gpu, kernels, step, max_tokens, rows, plan, attention, dispatches: Vec::new() })
     }
 
     /// The recording is for steps of `rows`' class (of at most `max_tokens` rows).
@@ -90,6 +93,16 @@ impl<'a> Recorder<'a> {
     /// Uses `plan` for matrix products from now on (tests run every plan on one adapter).
     pub fn set_matmul_plan(&mut self, plan: MatmulPlan) {
         self.plan = plan;
+    }
+
+    /// The attention kernel of this adapter (or as set).
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
+    }
+
+    /// Uses `kernel` for attention from now on (tests run every kernel on one adapter).
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
     }
 
     pub fn gpu(&self) -> &'a Gpu {

@@ -179,6 +179,7 @@ pub struct Stage {
 impl Stage {
     pub fn load(gpu: std::sync::Arc<Gpu>, gguf: &Gguf, spec: StageSpec) -> Result<Stage> {
         let config = ModelConfig::from_gguf(gguf)?;
+        let spec = Stage::fit_default_pool(&config, spec, gpu.max_binding());
         Stage::check_spec(&config, &spec, gpu.max_binding())?;
         // Whatever the device refuses while loading (a buffer it cannot allocate) is this
         // load's error, not a panic of wgpu's default handler.
@@ -234,6 +235,25 @@ impl Stage {
         tracing::info!(layers = ?stage.spec.layers, weights_mb = stage.weight_bytes() as f64 / 1e6,
             pool = ?kv, slots = stage.spec.max_seqs, secs = t0.elapsed().as_secs_f64(), "stage loaded");
         Ok(stage)
+    }
+
+    /// A spec that leaves the pool to the stage (`kv_blocks` 0: every slot's whole
+    /// context) gets what one binding of each attention layer can hold, if that is less.
+    fn fit_default_pool(config: &ModelConfig, spec: StageSpec, max_binding: u64) -> StageSpec {
+        let a = &config.attention;
+        let per_position = LayerKv::bytes_per_position(a.n_head_kv as u32, a.head_dim as u32) / 2;
+        let fits = max_binding / per_position.max(1) / u64::from(spec.kv_block_size.max(1));
+        match spec.kv_layout() {
+            Ok(layout) if spec.kv_blocks == 0 && u64::from(layout.blocks) > fits && fits > 0 => {
+                tracing::info!(
+                    blocks = fits,
+                    wanted = layout.blocks,
+                    "KV pool capped by the adapter's largest binding"
+                );
+                StageSpec { kv_blocks: fits as u32, ..spec }
+            }
+            _ => spec,
+        }
     }
 
     /// Refuses a spec whose buffers the adapter cannot hold, before anything is dropped or
