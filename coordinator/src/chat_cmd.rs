@@ -34,7 +34,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     eprintln!("loading {} ...", path.display());
     let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1 })?;
     drop(gguf);
-    let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1 })?;
+    let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1, max_waiting: None })?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");
     let history = args.system.iter().map(|s| ChatMessage::new("system", s.clone())).collect();
     let chat = Chat { scheduler, tokenizer, template, sampling, max_tokens: args.max_tokens, history, turn: 0 };

@@ -313,6 +313,44 @@ pub struct ServeArgs {
     /// Sequences generating at once; further requests wait in a queue.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_seqs: u32,
+    /// Requests that may wait for a sequence slot; past that the server answers 503 with
+    /// `Retry-After` instead of queueing without bound.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_queue: u32,
+    /// Require this key from every client, as `Authorization: Bearer KEY` (or `x-api-key:
+    /// KEY`), compared in constant time. `/health` and the web page's files stay open; the
+    /// page asks for the key. Without it anyone who reaches --listen can use the server.
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
+    pub api_key: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body accepted, e.g. `16MiB`; a larger one gets 413.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_body_limit)]
+    pub max_body: usize,
+}
+
+fn parse_api_key(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("the API key is empty".into());
+    }
+    if s.chars().any(|c| c.is_control() || c == ' ') {
+        return Err("the API key must not hold spaces or control characters (it travels in an HTTP header)".into());
+    }
+    Ok(s.to_owned())
+}
+
+/// Body limits from 1 KiB to 1 GiB, in the units `--memory` takes.
+fn parse_body_limit(s: &str) -> Result<usize, String> {
+    const RANGE: std::ops::RangeInclusive<u64> = 1 << 10..=1 << 30;
+    match strata_node::memory::parse_size(s).map_err(|e| e.to_string())? {
+        strata_node::memory::MemoryLimit::Bytes(b) if RANGE.contains(&b) => Ok(b as usize),
+        strata_node::memory::MemoryLimit::Bytes(b) => Err(format!("{b} bytes is outside 1KiB..=1GiB")),
+        strata_node::memory::MemoryLimit::Auto => Err("give a size, e.g. 16MiB".into()),
+    }
 }
 
 #[derive(Args, Debug)]

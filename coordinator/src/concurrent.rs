@@ -92,7 +92,8 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     let batch_tokens = engine.max_batch();
     let micro_batches = engine.micro_batches().max(1);
     let placement = engine.placement();
-    let scheduler = Scheduler::spawn(engine, tokenizer, SchedulerConfig { max_seqs: concurrency as usize })?;
+    let scheduler =
+        Scheduler::spawn(engine, tokenizer, SchedulerConfig { max_seqs: concurrency as usize, max_waiting: None })?;
     // One short request first, so that first-use costs stay out of the figures.
     drain(scheduler.submit(request(vec![300 % vocab], 2))?.1)?;
 
@@ -102,7 +103,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
             let prompt = crate::generate::bench_prompt_from(args.prompt_tokens, vocab, 1 + i * 7);
             scheduler.submit(request(prompt, args.decode_tokens)).map(|(_, rx)| rx)
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let steps_before = scheduler.snapshot();
     // Collect on threads, so that each first token and finish is timed when it happens.
     let handles: Vec<_> = receivers.into_iter().map(|rx| std::thread::spawn(move || timing(rx, t0))).collect();

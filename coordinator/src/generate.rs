@@ -156,7 +156,7 @@ fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingPar
         check_room(ids, args.max_tokens, engine.ctx())?;
     }
     let tok = std::sync::Arc::new(tok);
-    let scheduler = Scheduler::spawn(engine, tok, SchedulerConfig { max_seqs: n as usize })?;
+    let scheduler = Scheduler::spawn(engine, tok, SchedulerConfig { max_seqs: n as usize, max_waiting: None })?;
     let t0 = Instant::now();
     let receivers = prompts
         .iter()
@@ -171,7 +171,7 @@ fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingPar
             };
             scheduler.submit(request).map(|(_, rx)| rx)
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mut answers = Vec::new();
     for (ids, mut rx) in prompts.into_iter().zip(receivers) {
         let (mut text, mut first) = (String::new(), None);

@@ -15,7 +15,7 @@
 //! its client sees only a pause.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -117,13 +117,50 @@ pub struct Snapshot {
 pub struct SchedulerConfig {
     /// Sequences generating at once; more requests wait in a queue.
     pub max_seqs: usize,
+    /// Requests that may wait beyond the `max_seqs` running ones; `None`: no bound (the
+    /// CLI's own runs, which submit a known number).
+    pub max_waiting: Option<usize>,
 }
+
+/// Why [`Scheduler::submit`] would not take a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// As many requests as it runs and queues are already held.
+    QueueFull { held: usize, limit: usize },
+    /// The scheduler thread has ended.
+    Stopped,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::QueueFull { held, limit } => write!(
+                f,
+                "the server is at capacity: {held} requests are running or queued (limit {limit}: --max-seqs plus --max-queue); retry shortly"
+            ),
+            Refused::Stopped => f.write_str("the scheduler has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
 
 struct Job {
     id: u64,
     request: GenRequest,
     events: UnboundedSender<Event>,
     submitted: Instant,
+    _held: Held,
+}
+
+/// One request counted against the bound on requests held; dropping its job (finished,
+/// failed or cancelled, wherever it was) uncounts it.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Shared {
@@ -146,6 +183,9 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     next_id: Arc<AtomicU64>,
     ctx: u32,
+    /// Requests submitted and not yet dropped, and how many may be.
+    held: Arc<AtomicUsize>,
+    max_held: Option<usize>,
 }
 
 impl Scheduler {
@@ -188,7 +228,14 @@ impl Scheduler {
             }
             .run()
         })?;
-        Ok(Scheduler { jobs, shared, next_id: Arc::new(AtomicU64::new(1)), ctx })
+        Ok(Scheduler {
+            jobs,
+            shared,
+            next_id: Arc::new(AtomicU64::new(1)),
+            ctx,
+            held: Arc::new(AtomicUsize::new(0)),
+            max_held: config.max_waiting.map(|w| w + config.max_seqs),
+        })
     }
 
     pub fn ctx(&self) -> u32 {
@@ -197,13 +244,26 @@ impl Scheduler {
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the
     /// receiver cancels the request and frees its sequence.
-    pub fn submit(&self, request: GenRequest) -> anyhow::Result<(u64, UnboundedReceiver<Event>)> {
+    /// Refused when as many requests as `max_seqs + max_waiting` are held already.
+    pub fn submit(&self, request: GenRequest) -> Result<(u64, UnboundedReceiver<Event>), Refused> {
+        let before = self.held.fetch_add(1, Ordering::AcqRel);
+        let held = Held(self.held.clone());
+        if let Some(limit) = self.max_held
+            && before >= limit
+        {
+            return Err(Refused::QueueFull { held: before, limit });
+        }
         let (events, rx) = unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.jobs
-            .send(Job { id, request, events, submitted: Instant::now() })
-            .map_err(|_| anyhow::anyhow!("the scheduler has stopped"))?;
+            .send(Job { id, request, events, submitted: Instant::now(), _held: held })
+            .map_err(|_| Refused::Stopped)?;
         Ok((id, rx))
+    }
+
+    /// Requests submitted and not yet finished or dropped: running and queued.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -935,7 +995,8 @@ mod tests {
     fn sequences_share_steps_decode_rows_first_then_prefill_chunks() {
         let engine = slow_engine();
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+            .unwrap();
         let (_, mut a) = sched.submit(req(6, 4)).unwrap();
         let (_, mut b) = sched.submit(req(3, 4)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
@@ -973,7 +1034,8 @@ mod tests {
     fn a_dropped_receiver_releases_the_sequence() {
         let engine = slow_engine();
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 8 }).unwrap();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 8, max_waiting: None })
+            .unwrap();
         let (_, mut rx) = sched.submit(req(3, 1000)).unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
@@ -994,7 +1056,8 @@ mod tests {
         let mut engine = slow_engine();
         engine.kv = Some(KvCapacity { block_size: 4, blocks: 6 });
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+            .unwrap();
         let (_, mut a) = sched.submit(req(10, 8)).unwrap();
         // Let the first one start.
         let first = a.blocking_recv();
@@ -1019,21 +1082,54 @@ mod tests {
         assert_eq!(parts_of(&log, 1).iter().filter(|p| p.ends_with("@0")).count(), 1, "{all:?}");
     }
 
+    /// With one running and one waiting allowed, a third request is refused at once; a
+    /// finished or cancelled request frees its place.
+    #[test]
+    fn a_full_queue_refuses_and_finished_requests_free_their_place() {
+        let sched = Scheduler::spawn(
+            Box::new(slow_engine()),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 1, max_waiting: Some(1) },
+        )
+        .unwrap();
+        let (_, mut a) = sched.submit(req(5, 6)).unwrap();
+        let (_, b) = sched.submit(req(5, 6)).unwrap();
+        assert_eq!(sched.submit(req(5, 6)).unwrap_err(), Refused::QueueFull { held: 2, limit: 2 });
+        assert_eq!(sched.held(), 2);
+        // b gives up while waiting; a finishes.
+        drop(b);
+        assert_eq!(collect(&mut a).1.unwrap().completion_tokens, 6);
+        let t0 = Instant::now();
+        while sched.held() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{} requests still held", sched.held());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (_, mut c) = sched.submit(req(5, 2)).unwrap();
+        let (_, mut d) = sched.submit(req(5, 2)).unwrap();
+        assert_eq!(collect(&mut c).1.unwrap().completion_tokens, 2);
+        assert_eq!(collect(&mut d).1.unwrap().completion_tokens, 2);
+    }
+
     /// Two sequences grow past the pool: the younger is preempted (released), then
     /// recomputed from all its tokens once the older is done, and answers what it would
     /// have answered alone.
     #[test]
     fn a_preempted_sequence_is_recomputed_and_answers_the_same() {
         let solo = {
-            let sched =
-                Scheduler::spawn(Box::new(slow_engine()), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+            let sched = Scheduler::spawn(
+                Box::new(slow_engine()),
+                tokenizer(),
+                SchedulerConfig { max_seqs: 4, max_waiting: None },
+            )
+            .unwrap();
             let (_, mut rx) = sched.submit(req(5, 12)).unwrap();
             collect(&mut rx).0
         };
         let mut engine = slow_engine();
         engine.kv = Some(KvCapacity { block_size: 4, blocks: 7 });
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4 }).unwrap();
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+            .unwrap();
         let (_, mut a) = sched.submit(req(5, 12)).unwrap();
         let (_, mut b) = sched.submit(req(5, 12)).unwrap();
         let (ta, tb) = (collect(&mut a), collect(&mut b));

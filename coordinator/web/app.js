@@ -14,6 +14,23 @@ function fmtBytes(n) {
   return n.toFixed(i ? 1 : 0) + " " + units[i];
 }
 
+// With `serve --api-key`, every API call needs the key: the page asks for it once (on the
+// first 401) and keeps it in this browser's local storage.
+const KEY_STORE = "strata-api-key";
+
+function apiHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  const key = localStorage.getItem(KEY_STORE);
+  if (key) headers["Authorization"] = "Bearer " + key;
+  return headers;
+}
+
+function askForKey(why) {
+  $("key-form").hidden = false;
+  $("summary").textContent = why;
+  $("api-key").focus();
+}
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;
@@ -57,7 +74,7 @@ async function send(text) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify({
         messages: history,
         stream: true,
@@ -69,6 +86,7 @@ async function send(text) {
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
+      if (response.status === 401) askForKey("this server needs an API key");
       throw new Error((body.error && body.error.message) || response.statusText);
     }
     await readSse(response, (data) => {
@@ -171,8 +189,13 @@ function renderCluster(c) {
 
 async function poll() {
   try {
-    const r = await fetch("/v1/cluster");
-    if (r.ok) renderCluster(await r.json());
+    const r = await fetch("/v1/cluster", { headers: apiHeaders() });
+    if (r.status === 401) {
+      askForKey(localStorage.getItem(KEY_STORE) ? "the API key was refused: enter it again" : "this server needs an API key");
+    } else if (r.ok) {
+      $("key-form").hidden = true;
+      renderCluster(await r.json());
+    }
   } catch (e) {
     $("summary").textContent = "server unreachable";
   }
@@ -193,6 +216,13 @@ $("input").addEventListener("keydown", (e) => {
   }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  localStorage.setItem(KEY_STORE, $("api-key").value.trim());
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  $("summary").textContent = "loading…";
+});
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
   history.length = 0;

@@ -35,7 +35,9 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("listening on http://") {
+                let addr =
+                    line.strip_prefix("listening on http://").or_else(|| line.strip_prefix("listening on https://"));
+                if let Some(addr) = addr {
                     let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
                 }
             }
@@ -438,11 +440,14 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// The web page in headless Chromium: a chat answer streams in, and the cluster view
-/// draws the node with its layers and memory.
+/// The web page in headless Chromium, on a server with an API key: the page asks for the
+/// key (a wrong one is refused), then a chat answer streams in, and the cluster view draws
+/// the node with its layers and memory.
 #[test]
 fn web_page_streams_a_chat_and_shows_the_cluster() {
-    let server = Server::start(&smol_q8_0(), &["--ctx", "1024"]);
+    let key = "page-key-42";
+    let server = Server::start(&smol_q8_0(), &["--ctx", "1024", "--api-key", key]);
+    assert_eq!(server.get("/v1/cluster").status, 401);
     let page = server.get("/");
     assert_eq!(page.status, 200);
     assert!(
@@ -450,7 +455,7 @@ fn web_page_streams_a_chat_and_shows_the_cluster() {
         "the page must be self-contained"
     );
     let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("strata-web.png");
-    let out = python("../web/drive.py", &[&format!("{}/", server.url()), path_str(&shot)]);
+    let out = python("../web/drive.py", &[&format!("{}/", server.url()), path_str(&shot), key]);
     let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     eprintln!("web page: {r}\nscreenshot: {}", shot.display());
     assert!(r["final"].as_str().unwrap().trim().len() > 5, "{r}");
@@ -521,4 +526,88 @@ fn a_full_kv_pool_makes_a_request_wait_and_one_too_large_is_refused() {
     {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }
+}
+
+/// HTTPS with a certificate and key from PEM files, an API key, a body limit and a bounded
+/// queue, driven by the official OpenAI client: the right key is answered, a wrong or
+/// missing one gets 401 (the page and `/health` stay open), absurd parameters get 400s
+/// naming them, a large body 413, and a request past the queue 503 with `Retry-After`.
+#[test]
+fn https_api_key_limits_and_a_full_queue() {
+    let dir = tempdir("https");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let key = "sk-strata-test-key";
+    let server = Server::start(
+        &fixture("tiny-qwen3.gguf"),
+        &[
+            "--ctx",
+            "2048",
+            "--api-key",
+            key,
+            "--tls-cert",
+            path_str(&cert_pem),
+            "--tls-key",
+            path_str(&key_pem),
+            "--max-seqs",
+            "1",
+            "--max-queue",
+            "0",
+            "--max-body",
+            "4KiB",
+        ],
+    );
+    // Plain HTTP to the HTTPS port gets no answer in HTTP.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    assert!(!String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"), "plain HTTP was served");
+    let base = format!("https://{}/v1", server.addr);
+    let out = python("secure_client.py", &[&base, "tiny-qwen3", path_str(&cert_pem), key]);
+    eprintln!("secure client report: {}", out.lines().last().unwrap_or(""));
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("refused a request: the API key is wrong"), "{log}");
+}
+
+/// Settings that could never work are refused before the model loads, naming the flag
+/// or the file.
+#[test]
+fn bad_serve_security_settings_are_named() {
+    let dir = tempdir("bad-tls");
+    let m = fixture("tiny-qwen3.gguf");
+    let fails = |extra: &[&str]| {
+        let o =
+            strata().args(["serve", "--model", path_str(&m), "--listen", "127.0.0.1:0"]).args(extra).output().unwrap();
+        assert!(!o.status.success(), "{extra:?} started");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(fails(&["--api-key", ""]).contains("the API key is empty"));
+    assert!(fails(&["--max-body", "10"]).contains("outside 1KiB..=1GiB"));
+    assert!(fails(&["--tls-cert", "/nonexistent.pem"]).contains("--tls-key"));
+    let missing = fails(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]);
+    assert!(missing.contains("/nonexistent.pem"), "{missing}");
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let err = fails(&["--tls-cert", path_str(&junk), "--tls-key", path_str(&junk)]);
+    assert!(err.contains("no CERTIFICATE block"), "{err}");
+    // A certificate with someone else's key.
+    let (a, b) = (
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap(),
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap(),
+    );
+    let (cert, key) = (dir.join("a.pem"), dir.join("b.key"));
+    std::fs::write(&cert, a.cert.pem()).unwrap();
+    std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+    let err = fails(&["--tls-cert", path_str(&cert), "--tls-key", path_str(&key)]);
+    assert!(err.contains("does not fit its key"), "{err}");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -1,7 +1,8 @@
 """Drives the web page of `strata serve` in headless Chromium over the DevTools protocol.
 
-usage: drive.py URL SCREENSHOT.png
-Loads the page, sends a chat message, waits for streamed text and for the cluster view,
+usage: drive.py URL SCREENSHOT.png [API_KEY]
+Loads the page (given a key: answers its key form, first with a wrong key, which must be
+refused, then with the right one), sends a chat message, waits for streamed text and for the cluster view,
 and saves a screenshot. Prints one JSON object; exits non-zero when a check fails.
 Needs `chromium` (Debian) and `websocket-client` (PyPI).
 """
@@ -22,6 +23,7 @@ import websocket
 
 def main():
     url, shot = sys.argv[1], sys.argv[2]
+    key = sys.argv[3] if len(sys.argv) > 3 else None
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
         raise SystemExit("chromium is missing: run `bash scripts/setup.sh --test`")
@@ -75,6 +77,14 @@ def main():
         call("Page.enable")
         call("Page.navigate", url=url)
         wait("document.readyState === 'complete' && !!document.getElementById('composer')", "the page")
+        if key:
+            def answer(k):
+                wait("!document.getElementById('key-form').hidden", "the API key form")
+                js(f"document.getElementById('api-key').value = {json.dumps(k)};"
+                   "document.getElementById('key-form').requestSubmit(); true")
+            answer("not-the-key")
+            wait("document.getElementById('summary').textContent.includes('refused')", "the wrong key refused")
+            answer(key)
         wait("document.querySelectorAll('#nodes .node .bar span').length >= 4", "the cluster view")
         js("document.getElementById('max-tokens').value = '24'; document.getElementById('temperature').value = '0';"
            "document.getElementById('input').value = 'Say hello in one sentence.';"

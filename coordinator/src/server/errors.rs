@@ -1,10 +1,11 @@
 //! Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::engine::{ErrorCode, StepError};
+use crate::scheduler::Refused;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -13,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -24,6 +27,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -39,6 +43,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model"),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -49,6 +54,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("not_found"),
+            retry_after: None,
         }
     }
 
@@ -59,16 +65,24 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    /// A request the scheduler would not take: 503 with `Retry-After` when its queue is
+    /// full (clients such as OpenAI's retry after the pause), 503 when it has stopped.
+    pub fn refused(e: Refused) -> Self {
+        let code = match e {
+            Refused::QueueFull { .. } => "queue_full",
+            Refused::Stopped => "scheduler_stopped",
+        };
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: message.into(),
+            message: e.to_string(),
             kind: "server_error",
             param: None,
-            code: None,
+            code: Some(code),
+            retry_after: matches!(e, Refused::QueueFull { .. }).then_some(1),
         }
     }
 
@@ -80,7 +94,7 @@ impl ApiError {
             ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
-        ApiError { status, message: e.message, kind, param: None, code: Some(e.code.as_str()) }
+        ApiError { status, message: e.message, kind, param: None, code: Some(e.code.as_str()), retry_after: None }
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -90,6 +104,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }

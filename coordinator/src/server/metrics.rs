@@ -40,6 +40,13 @@ impl Metrics {
         let _ = writeln!(out, "strata_active_sequences {}", snap.active);
         head(&mut out, "strata_queue_depth", "gauge", "Requests waiting for a sequence slot or KV pool room.");
         let _ = writeln!(out, "strata_queue_depth {}", snap.queued);
+        head(
+            &mut out,
+            "strata_requests_held",
+            "gauge",
+            "Requests running or queued; at --max-seqs plus --max-queue new ones get 503.",
+        );
+        let _ = writeln!(out, "strata_requests_held {}", scheduler.held());
         if let Some((kv, used)) = snap.kv {
             head(
                 &mut out,

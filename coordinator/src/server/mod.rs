@@ -1,9 +1,11 @@
 //! `strata serve`: the OpenAI-compatible HTTP API, `/metrics`, `/v1/cluster` and the web
 //! page, in front of the [`Scheduler`].
 
+mod auth;
 mod errors;
 mod metrics;
 mod openai;
+mod tls;
 mod web;
 
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -22,6 +24,7 @@ use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::ServeArgs;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use auth::ApiKey;
 use errors::ApiError;
 use metrics::Metrics;
 
@@ -35,6 +38,8 @@ pub struct AppState {
     pub created: u64,
     pub max_seqs: usize,
     pub metrics: Arc<Metrics>,
+    /// The largest request body (`--max-body`), for the 413's message.
+    pub max_body: usize,
 }
 
 /// The model id for a GGUF path: its file name without the extension.
@@ -43,6 +48,15 @@ pub fn model_id(path: &std::path::Path) -> String {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Settings are checked before minutes go into loading the model.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let key = args.api_key.as_deref().map(|k| Arc::new(ApiKey::new(k)));
+    if key.is_none() && !args.listen.ip().is_loopback() {
+        eprintln!("warning: serving on {} without --api-key: anyone who can reach it can use the model", args.listen);
+    }
     let path = &args.engine.model;
     let gguf = Gguf::open(path).with_context(|| format!("reading {}", path.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
@@ -68,7 +82,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.max_seqs
     );
     drop(gguf);
-    let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: args.max_seqs as usize })?;
+    let scheduler = Scheduler::spawn(
+        engine,
+        tokenizer.clone(),
+        SchedulerConfig { max_seqs: args.max_seqs as usize, max_waiting: Some(args.max_queue as usize) },
+    )?;
     let state = Arc::new(AppState {
         scheduler,
         tokenizer,
@@ -77,6 +95,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         max_seqs: args.max_seqs as usize,
         metrics: Arc::new(Metrics::default()),
+        max_body: args.max_body,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
@@ -85,31 +104,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         // Tests and scripts read this line to learn the port (`--listen 127.0.0.1:0`).
-        println!("listening on http://{addr}");
+        println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let app = router(state, key);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match tls {
+            Some(acceptor) => tls::serve(listener, acceptor, app, shutdown).await?,
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
+        }
         anyhow::Ok(())
     })
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The routes. With a key, everything but `/health` and the web page's own files needs
+/// it (the page must load to ask for the key).
+pub fn router(state: Arc<AppState>, key: Option<Arc<ApiKey>>) -> Router {
     let metrics = state.metrics.clone();
-    Router::new()
+    let max_body = state.max_body;
+    let mut protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/cluster", get(cluster))
+        .route("/metrics", get(render_metrics));
+    if let Some(key) = key {
+        protected = protected.route_layer(axum::middleware::from_fn_with_state(key, auth::require_key));
+    }
+    Router::new()
+        .merge(protected)
         .route("/health", get(health))
-        .route("/metrics", get(render_metrics))
         .route("/", get(web::index))
         .route("/app.js", get(web::app))
         .route("/style.css", get(web::style))
         .route_layer(axum::middleware::from_fn_with_state(metrics, metrics::count_requests))
+        .layer(DefaultBodyLimit::max(max_body))
         .fallback(not_found)
         .with_state(state)
 }

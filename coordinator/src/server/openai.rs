@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,6 +22,9 @@ use crate::scheduler::{Event, Finished, GenRequest, TokenLogprob};
 
 /// The most stop strings a request may give.
 const MAX_STOPS: usize = 16;
+
+/// The longest stop string, in bytes: each is matched against the text at every token.
+const MAX_STOP_BYTES: usize = 1024;
 
 /// Parameters both completion endpoints take.
 #[derive(Deserialize, Default)]
@@ -186,9 +190,20 @@ impl Params {
             return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs requires logprobs: true"));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        let param = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         if max_tokens == Some(0) {
-            let param = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
             return Err(ApiError::invalid(Some(param), format!("{param} must be at least 1")));
+        }
+        // More than the whole context can never be honoured; up to it, an answer stops at
+        // the context's end (finish_reason `length`).
+        let ctx = state.scheduler.ctx();
+        if let Some(m) = max_tokens
+            && m > ctx
+        {
+            return Err(ApiError::invalid(
+                Some(param),
+                format!("{param} = {m} is more than the context length {ctx} (prompt and answer together)"),
+            ));
         }
         let stop = stop_strings(self.stop)?;
         let d = SamplingParams::default();
@@ -246,7 +261,14 @@ fn stop_strings(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
             format!("{} stop strings: at most {MAX_STOPS} are allowed", stop.len()),
         ));
     }
-    Ok(stop)
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("a stop string of {} bytes: at most {MAX_STOP_BYTES} are allowed", long.len()),
+        ));
+    }
+    // An empty stop string would end every answer before it starts: it stops nothing.
+    Ok(stop.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
 /// The sampling parameters, checked by the model crate; an error names its parameter by
@@ -308,7 +330,32 @@ enum Kind {
     Completion,
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+/// The body, or a 413 naming the limit (`--max-body`) when it is larger.
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!(
+                    "the request body is larger than the server's limit of {} bytes (--max-body)",
+                    state.max_body
+                ),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("request_too_large"),
+                retry_after: None,
+            }
+        } else {
+            ApiError::invalid(None, format!("reading the request body: {}", e.body_text()))
+        }
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, body)?;
     let (req, params): (ChatRequest, _) = parse(&body)?;
     let prepared = params.prepare(&state)?;
     if req.messages.is_empty() {
@@ -357,7 +404,11 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     generate(state, prompt, prepared, Kind::Chat).await
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, body)?;
     let (req, params): (CompletionRequest, _) = parse(&body)?;
     let prepared = params.prepare(&state)?;
     let text = match req.prompt {
@@ -379,7 +430,7 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
     let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
     let request =
         GenRequest { max_tokens, prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs, ignore_eos: false };
-    let (id, rx) = state.scheduler.submit(request).map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    let (id, rx) = state.scheduler.submit(request).map_err(ApiError::refused)?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id}"),
         Kind::Completion => format!("cmpl-{id}"),
