@@ -35,6 +35,8 @@ pub enum Command {
     Nodes(NodesArgs),
     /// Serve this machine's GPU as a pipeline stage (a worker for `run`/`bench --peer`).
     Node(NodeArgs),
+    /// Create this cluster's secret key (or store a given one) in the user's config directory.
+    Init(InitArgs),
     /// Measure the latency of handing one hidden state to another process (hidden).
     #[command(hide = true)]
     BenchHop(BenchHopArgs),
@@ -103,6 +105,41 @@ pub struct EngineArgs {
     /// With `--discover`: seconds to look for nodes (mDNS has no "that is everyone" signal).
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_seconds)]
     pub discover_timeout: f64,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// The cluster secret: nodes and coordinators holding the same one talk over mutual TLS
+/// and take no one else; `--discover` takes only nodes of this cluster.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClusterArgs {
+    /// The cluster's secret key (default: the file `strata init` wrote, if there is one).
+    #[arg(
+        long,
+        env = "STRATA_CLUSTER_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        conflicts_with = "cluster_key_file"
+    )]
+    pub cluster_key: Option<String>,
+    /// Read the cluster's secret key from this file.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Store this key (made by `strata init` on another machine) instead of making one.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Replace an existing key file (nodes and coordinators holding the old key can no
+    /// longer talk to this machine).
+    #[arg(long)]
+    pub force: bool,
+    /// Where to write the key (default: `$XDG_CONFIG_HOME/strata/cluster.key`, else
+    /// `~/.config/strata/cluster.key`).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -150,6 +187,12 @@ pub struct NodeArgs {
     /// Do not advertise this node on mDNS (coordinators then need `--peer`).
     #[arg(long)]
     pub no_mdns: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Listen beyond loopback without a cluster key: anyone on the network can load models
+    /// into this node, stream files into its cache and use its GPU. Warns on every start.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args, Debug)]

@@ -26,6 +26,8 @@ pub struct NodeDetails {
     pub usable_memory: u64,
     pub adapter: String,
     pub backend: String,
+    /// The fingerprint of the node's cluster key; `None`: a node without a key.
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -55,6 +57,12 @@ impl NodeEntry {
     /// Speaks this coordinator's protocol version (unknown details: not yet).
     pub fn compatible(&self) -> bool {
         self.details.as_ref().is_some_and(|d| d.protocol_version == strata_proto::PROTOCOL_VERSION)
+    }
+
+    /// Advertises the cluster fingerprint `cluster` (`None`: a coordinator without a key,
+    /// which can talk only to nodes without one).
+    pub fn in_cluster(&self, cluster: Option<&str>) -> bool {
+        self.details.as_ref().is_some_and(|d| d.cluster.as_deref() == cluster)
     }
 }
 
@@ -320,7 +328,8 @@ fn handle(table: &mut NodeTable, ev: ServiceEvent) {
             let Some(ip) = pick_address(s.addresses.iter().map(|a| a.to_ip_addr())) else { return };
             let val = |k: &str| s.get_property_val_str(k).map(str::to_owned);
             let details =
-                parse_details(val(txt::ID), val(txt::PROTO), val(txt::MEM), val(txt::ADAPTER), val(txt::BACKEND));
+                parse_details(val(txt::ID), val(txt::PROTO), val(txt::MEM), val(txt::ADAPTER), val(txt::BACKEND))
+                    .map(|d| NodeDetails { cluster: val(txt::CLUSTER).filter(|c| !c.is_empty()), ..d });
             if details.is_none() {
                 tracing::warn!(service = %s.fullname, "mDNS: node with unreadable TXT records (another Strata version?)");
             }
@@ -358,6 +367,7 @@ fn parse_details(
         usable_memory: mem?.parse().ok()?,
         adapter: adapter.unwrap_or_default(),
         backend: backend.unwrap_or_default(),
+        cluster: None,
     })
 }
 
@@ -420,10 +430,11 @@ const LATENCY_METHOD: &str = "tcp-connect";
 /// The nodes a pipeline may use, found over mDNS: browses until `expect` nodes are
 /// known (or for the whole `timeout` when `None`) and returns the addresses of those
 /// that speak this protocol, in name order. Fewer than `expect` is an error.
-pub fn discover_nodes(expect: Option<usize>, timeout: Duration) -> anyhow::Result<Vec<String>> {
+pub fn discover_nodes(expect: Option<usize>, timeout: Duration, cluster: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut browser = Browser::start(BrowseConfig::default())?;
+    let usable = |e: &NodeEntry| e.compatible() && e.in_cluster(cluster);
     let found = match expect {
-        Some(n) => browser.wait_until(timeout, |t| t.nodes().iter().filter(|e| e.compatible()).count() >= n),
+        Some(n) => browser.wait_until(timeout, |t| t.nodes().iter().filter(|e| usable(e)).count() >= n),
         None => browser.wait_until(timeout, |_| false),
     };
     let mut nodes: Vec<&NodeEntry> = browser.table().nodes();
@@ -439,7 +450,12 @@ pub fn discover_nodes(expect: Option<usize>, timeout: Duration) -> anyhow::Resul
             strata_proto::PROTOCOL_VERSION
         );
     }
-    nodes.retain(|e| e.compatible());
+    for e in nodes.iter().filter(|e| e.compatible() && !e.in_cluster(cluster)) {
+        let theirs = e.details.as_ref().and_then(|d| d.cluster.as_deref()).unwrap_or("none: no cluster key");
+        let ours = cluster.unwrap_or("none: no cluster key");
+        eprintln!("ignoring node {} at {}: it is of cluster {theirs}, this coordinator of {ours}", e.name, e.addr);
+    }
+    nodes.retain(|e| usable(e));
     if let Some(n) = expect
         && !found
     {
@@ -507,7 +523,10 @@ pub fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("{:<20} {:<22} {:<32} {:>12} {:>12}", "NAME", "ADDRESS", "ADAPTER", "MEMORY", "RTT (TCP connect)");
+    println!(
+        "{:<20} {:<22} {:<32} {:>12} {:>18} {:>17}",
+        "NAME", "ADDRESS", "ADAPTER", "MEMORY", "RTT (TCP connect)", "CLUSTER"
+    );
     for r in &rows {
         let (adapter, memory) = match r.details {
             Some(d) => {
@@ -521,7 +540,9 @@ pub fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
             None => ("?".to_string(), "?".to_string()),
         };
         let latency = r.latency_ms.map_or("no answer".to_string(), |ms| format!("{ms:.2} ms"));
-        println!("{:<20} {:<22} {:<32} {:>12} {:>12}", r.name, r.address, adapter, memory, latency);
+        // The fingerprint of the node's cluster key (`strata init` prints this machine's).
+        let cluster = r.details.and_then(|d| d.cluster.as_deref()).unwrap_or("none");
+        println!("{:<20} {:<22} {:<32} {:>12} {:>18} {:>17}", r.name, r.address, adapter, memory, latency, cluster);
     }
     Ok(())
 }
@@ -537,7 +558,26 @@ mod tests {
             usable_memory: mem,
             adapter: "llvmpipe".into(),
             backend: "Vulkan".into(),
+            cluster: None,
         }
+    }
+
+    #[test]
+    fn only_nodes_of_the_same_cluster_are_members() {
+        let entry = |cluster: Option<&str>| NodeEntry {
+            key: "k".into(),
+            name: "n".into(),
+            addr: "10.0.0.1:7470".parse().unwrap(),
+            details: Some(NodeDetails { cluster: cluster.map(str::to_owned), ..details(1) }),
+            source: Source::Mdns,
+            found_at: Instant::now(),
+            last_seen: Instant::now(),
+        };
+        assert!(entry(Some("aa")).in_cluster(Some("aa")));
+        assert!(!entry(Some("bb")).in_cluster(Some("aa")));
+        assert!(!entry(None).in_cluster(Some("aa")));
+        assert!(!entry(Some("aa")).in_cluster(None));
+        assert!(entry(None).in_cluster(None));
     }
 
     fn resolved(name: &str, addr: &str, mem: u64) -> TableEvent {

@@ -2,6 +2,7 @@
 
 mod chat_cmd;
 mod cli;
+mod cluster_key;
 mod concurrent;
 mod discovery;
 mod engine;
@@ -51,6 +52,7 @@ fn main() -> std::process::ExitCode {
         },
         cli::Command::Quantize(args) => quantize::run(args),
         cli::Command::Node(args) => node_cmd::run(args),
+        cli::Command::Init(args) => cluster_key::run_init(args),
         cli::Command::BenchHop(args) => node_cmd::bench_hop(args),
         cli::Command::Plan(args) => plan::run(args),
         cli::Command::Synthesize(args) => plan::synthesize(args),

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use strata_node::memory::parse_size;
 use strata_node::service::{self, NodeOptions, StageService};
+use strata_proto::transport::Security;
 
 use crate::cli::{BenchHopArgs, NodeArgs};
 
@@ -42,6 +43,22 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         None => default_cache_dir().context("no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set")?,
     };
     tracing::info!(dir = %cache_dir.display(), "shard cache");
+    let security = crate::cluster_key::resolve(&args.cluster)?;
+    match (&security, args.insecure) {
+        (Security::Cluster(_), true) => bail!("--insecure with a cluster key: drop one of them"),
+        (Security::Plain, false) if !args.listen.ip().is_loopback() => bail!(
+            "refusing to listen on {} without a cluster key: anyone on the network could use this node. \
+             Run `strata init` (or pass --cluster-key, STRATA_CLUSTER_KEY or --cluster-key-file), \
+             listen on 127.0.0.1, or accept the risk with --insecure",
+            args.listen
+        ),
+        (Security::Plain, true) => eprintln!(
+            "warning: --insecure: {} accepts anyone on the network (no cluster key, no TLS): \
+             they can load models, fill the shard cache and use the GPU",
+            args.listen
+        ),
+        _ => {}
+    }
     let name = args.name.clone().unwrap_or_else(host_name);
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     let service = StageService::open(NodeOptions {
@@ -53,8 +70,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         model_files: Vec::new(),
         cache_dir: Some(cache_dir),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        security: security.clone(),
     })?;
-    let advert = service.identity().advert();
+    let mut advert = service.identity().advert();
+    advert.cluster = security.fingerprint().map(str::to_owned);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = strata_proto::transport::bind(args.listen)
@@ -129,7 +148,9 @@ pub fn bench_hop(args: BenchHopArgs) -> anyhow::Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let hops = crate::engine::time_hops(&addr, args.wire, args.values, args.warmup, args.iterations)?;
+    // The child node finds the same default key file, if there is one.
+    let security = crate::cluster_key::resolve(&crate::cli::ClusterArgs::default())?;
+    let hops = crate::engine::time_hops(&addr, &security, args.wire, args.values, args.warmup, args.iterations)?;
     let mut times = hops.round_trips_ms;
     times.sort_by(f64::total_cmp);
     let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];

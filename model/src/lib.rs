@@ -26,3 +26,6 @@ pub mod reference;
 pub mod sampling;
 pub mod synthetic;
 pub mod tokenizer;
+
+#[cfg(test)]
+mod fuzz;

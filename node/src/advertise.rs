@@ -3,7 +3,8 @@
 //!
 //! One service instance per node: type `_strata._tcp.local.`, instance name = node name,
 //! port = the node's gRPC port, and TXT records `id`, `proto`, `mem`, `adapter`,
-//! `backend` (the coordinator's discovery reads exactly these keys). The advertisement
+//! `backend` and, for a node of a cluster, `cluster` (the public fingerprint of its
+//! cluster key, never the key) (the coordinator's discovery reads exactly these keys). The advertisement
 //! lasts as long as the returned `Advertisement`; dropping it sends mDNS goodbye packets.
 
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,7 @@ pub mod txt {
     pub const MEM: &str = "mem";
     pub const ADAPTER: &str = "adapter";
     pub const BACKEND: &str = "backend";
+    pub const CLUSTER: &str = "cluster";
 }
 
 /// What a node tells the LAN about itself (the mDNS subset of the gRPC `NodeInfo`).
@@ -38,6 +40,8 @@ pub struct NodeAdvert {
     pub usable_memory: u64,
     pub adapter: String,
     pub backend: String,
+    /// The fingerprint of the node's cluster key; `None`: a node without one.
+    pub cluster: Option<String>,
 }
 
 /// Which network interfaces to announce on.
@@ -129,13 +133,17 @@ pub fn advertise_with(info: &NodeAdvert, addr: SocketAddr, config: &AdvertiseCon
 
 /// The TXT records of `info`, in a fixed order.
 pub fn txt_properties(info: &NodeAdvert) -> Vec<(&'static str, String)> {
-    vec![
+    let mut props = vec![
         (txt::ID, info.node_id.clone()),
         (txt::PROTO, info.protocol_version.to_string()),
         (txt::MEM, info.usable_memory.to_string()),
         (txt::ADAPTER, truncate(&info.adapter, 200).to_string()),
         (txt::BACKEND, info.backend.clone()),
-    ]
+    ];
+    if let Some(fp) = &info.cluster {
+        props.push((txt::CLUSTER, fp.clone()));
+    }
+    props
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -178,6 +186,7 @@ mod tests {
             usable_memory: 16 << 30,
             adapter: "NVIDIA GeForce RTX 4080".into(),
             backend: "vulkan".into(),
+            cluster: Some("0123456789abcdef".into()),
         }
     }
 
@@ -190,6 +199,9 @@ mod tests {
         assert_eq!(get(txt::MEM), Some("17179869184"));
         assert_eq!(get(txt::ADAPTER), Some("NVIDIA GeForce RTX 4080"));
         assert_eq!(get(txt::BACKEND), Some("vulkan"));
+        assert_eq!(get(txt::CLUSTER), Some("0123456789abcdef"));
+        let plain = txt_properties(&NodeAdvert { cluster: None, ..advert() });
+        assert!(plain.iter().all(|(k, _)| *k != txt::CLUSTER));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use strata_model::sampling::SamplingParams;
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::tonic::transport::Channel;
 use strata_proto::tonic::{self, Request, Response, Status, Streaming};
+use strata_proto::transport::Security;
 use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::mpsc;
 
@@ -75,6 +76,7 @@ impl NodeIdentity {
             usable_memory: self.usable_memory,
             adapter: self.adapter.clone(),
             backend: self.backend.clone(),
+            cluster: None,
         }
     }
 }
@@ -92,6 +94,8 @@ pub struct NodeOptions {
     pub model_files: Vec<PathBuf>,
     pub cache_dir: Option<PathBuf>,
     pub idle_timeout: Duration,
+    /// How connections to this node, and its own to the next stage, are protected.
+    pub security: Security,
 }
 
 /// How a node serves.
@@ -106,6 +110,8 @@ pub struct NodeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Sequences unused this long are freed.
     pub idle_timeout: Duration,
+    /// Plain or the cluster's TLS, both for serving and for connecting to the next stage.
+    pub security: Security,
 }
 
 /// What `LoadShard` came to.
@@ -142,7 +148,8 @@ pub async fn serve(
             .await;
         }
     });
-    let result = strata_proto::transport::serve(listener, service, shutdown).await;
+    let security = service.inner.config.security.clone();
+    let result = strata_proto::transport::serve(listener, service, &security, shutdown).await;
     reaper.abort();
     result
 }
@@ -202,6 +209,7 @@ impl StageService {
             model_files: options.model_files,
             cache_dir: options.cache_dir,
             idle_timeout: options.idle_timeout,
+            security: options.security,
         };
         StageService::new(config, gpu)
     }
@@ -707,7 +715,7 @@ impl pb::stage_server::Stage for StageService {
         let next = if req.next_stage.is_empty() {
             None
         } else {
-            let client = strata_proto::transport::connect(&req.next_stage)
+            let client = strata_proto::transport::connect(&req.next_stage, &self.inner.config.security)
                 .await
                 .map_err(|e| Status::unavailable(format!("node `{}`: next stage: {e}", self.inner.name())))?;
             Some(client)

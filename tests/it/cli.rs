@@ -15,7 +15,7 @@ fn fails(args: &[&str]) -> String {
 fn help_explains_every_command_and_flag() {
     let o = strata().arg("--help").output().unwrap();
     let top = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["run", "bench", "quantize", "node"] {
+    for cmd in ["run", "bench", "quantize", "node", "init"] {
         assert!(top.contains(cmd), "--help lacks `{cmd}`");
     }
     let o = strata().args(["run", "--help"]).output().unwrap();
@@ -41,6 +41,8 @@ fn help_explains_every_command_and_flag() {
         "--no-local",
         "--split",
         "--wire",
+        "--cluster-key",
+        "--cluster-key-file",
     ] {
         assert!(run.contains(flag), "`strata run --help` lacks {flag}");
         assert!(readme.contains(flag), "README lacks {flag}");

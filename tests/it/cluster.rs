@@ -151,7 +151,9 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
     let n = cfg.n_layer() as u32;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
+        let mut client = strata_proto::transport::connect(&cluster.addrs[0], &strata_proto::transport::Security::Plain)
+            .await
+            .unwrap();
         // The last half of the layers: a stage that takes hidden states and samples.
         client.load_shard(strata_proto::versioned(shard(&gguf, n / 2..n, 64, 8))).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -255,7 +257,9 @@ fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_servi
     let load = |ctx, max_batch| shard(&gguf, 0..n, ctx, max_batch);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&cluster.addrs[0]).await.unwrap();
+        let mut client = strata_proto::transport::connect(&cluster.addrs[0], &strata_proto::transport::Security::Plain)
+            .await
+            .unwrap();
         client.load_shard(strata_proto::versioned(load(64, 8))).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
@@ -301,6 +305,117 @@ fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_servi
     });
 }
 
+/// A small deterministic generator for the fuzz test below (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Mostly small values, sometimes an extreme one.
+    fn num(&mut self, small: u64) -> u64 {
+        match self.below(10) {
+            0 => u64::from(u32::MAX),
+            1 => self.next() >> self.below(64),
+            _ => self.below(small),
+        }
+    }
+}
+
+/// Fuzzing the node with well-formed but hostile steps: 300 random activations (random
+/// sequences, positions, row counts, token ids, flags, penalty history, hidden payloads
+/// of right and wrong sizes, unknown formats) to a first stage and to a last stage.
+/// Every step is answered (a result or an error naming the problem), the stream survives,
+/// and afterwards a valid step runs and the node reports its health.
+#[test]
+fn random_activations_are_answered_and_the_node_keeps_serving() {
+    let m = fixture("tiny-qwen3.gguf");
+    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
+    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let n = cfg.n_layer() as u32;
+    let cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&m)));
+    let cases = std::env::var("STRATA_FUZZ_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(150u64);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut rng = Rng(0x5eed_cafe);
+        let mut errors = 0;
+        // Node 0 holds every layer (takes token ids and samples), node 1 the second half
+        // (takes hidden rows and samples): each answers on its own.
+        for (addr, layers) in [(&cluster.addrs[0], 0..n), (&cluster.addrs[1], n / 2..n)] {
+            let first = layers.start == 0;
+            let mut client =
+                strata_proto::transport::connect(addr, &strata_proto::transport::Security::Plain).await.unwrap();
+            client.load_shard(strata_proto::versioned(shard(&gguf, layers, 64, 8))).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let mut sent = std::collections::BTreeSet::new();
+            for step in 0..cases {
+                let seqs: Vec<pb::SeqRows> = (0..rng.below(4))
+                    .map(|_| {
+                        let rows = rng.num(6) as u32;
+                        let ids = (0..if rng.below(4) == 0 { rng.below(9) } else { u64::from(rows.min(8)) })
+                            .map(|_| rng.num(cfg.n_vocab as u64 + 8) as u32)
+                            .collect();
+                        pb::SeqRows {
+                            seq_id: rng.num(6),
+                            pos: rng.num(70) as u32,
+                            rows,
+                            token_ids: if first { ids } else { Vec::new() },
+                            want_token: rng.below(2) == 0,
+                            want_logits: rng.below(8) == 0,
+                            history: (0..rng.below(5)).map(|_| rng.num(cfg.n_vocab as u64 + 8) as u32).collect(),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                sent.extend(seqs.iter().map(|s| s.seq_id));
+                let rows: u64 = seqs.iter().map(|s| u64::from(s.rows)).sum();
+                let hidden_len = match rng.below(4) {
+                    0 => rng.below(64) as usize,
+                    _ => (rows.min(64) as usize) * cfg.n_embd * 4,
+                };
+                let act = pb::Activation {
+                    step,
+                    seqs,
+                    hidden: if first { Vec::new() } else { vec![0u8; hidden_len] },
+                    format: if rng.below(10) == 0 { rng.below(5) as i32 } else { 0 },
+                    failed: Vec::new(),
+                };
+                tx.send(act).await.expect("the node closed the stream");
+                let r = results.message().await.expect("the stream broke").expect("a result");
+                assert_eq!(r.step, step);
+                errors += usize::from(!r.error.is_empty()) + r.seqs.iter().filter(|a| !a.error.is_empty()).count();
+            }
+            // Still serving: once the sequences the fuzzing left are released (as a
+            // coordinator would), a fresh sequence's valid step runs.
+            for seq_id in sent {
+                client.release(pb::ReleaseRequest { seq_id }).await.unwrap();
+            }
+            let good = pb::Activation {
+                step: cases,
+                seqs: vec![rows(1000, 0, 1, if first { vec![1] } else { Vec::new() })],
+                hidden: if first { Vec::new() } else { vec![0u8; cfg.n_embd * 4] },
+                format: 0,
+                failed: Vec::new(),
+            };
+            tx.send(good).await.unwrap();
+            let r = results.message().await.unwrap().expect("a result");
+            assert!(r.error.is_empty() && r.seqs.iter().all(|a| a.error.is_empty()), "{r:?}");
+            let h = client.health(pb::HealthRequest {}).await.unwrap().into_inner();
+            assert!(h.loaded, "{h:?}");
+        }
+        eprintln!("fuzzed {} random steps per stage: {errors} errors answered, none fatal", cases);
+    });
+}
+
 /// Every forced position's logit row, one token per step, through the nodes at `addrs`
 /// loaded with `split` (layers per node, in order), hidden states handed on in `format`.
 fn wire_logits(
@@ -315,7 +430,8 @@ fn wire_logits(
     rt.block_on(async {
         let mut start = 0;
         for (k, &n) in split.iter().enumerate() {
-            let mut client = strata_proto::transport::connect(&addrs[k]).await.unwrap();
+            let mut client =
+                strata_proto::transport::connect(&addrs[k], &strata_proto::transport::Security::Plain).await.unwrap();
             let next_stage = if k + 1 < split.len() { addrs[k + 1].clone() } else { String::new() };
             let load = pb::LoadShardRequest { next_stage, ..shard(&gguf, start..start + n, 256, 8) };
             client
@@ -324,7 +440,8 @@ fn wire_logits(
                 .unwrap_or_else(|s| panic!("loading {split:?} on {}: {}", addrs[k], s.message()));
             start += n;
         }
-        let mut first = strata_proto::transport::connect(&addrs[0]).await.unwrap();
+        let mut first =
+            strata_proto::transport::connect(&addrs[0], &strata_proto::transport::Security::Plain).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = first.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let mut step = 0;

@@ -29,8 +29,13 @@ fn names(listing: &serde_json::Value) -> Vec<String> {
     listing["nodes"].as_array().expect("nodes array").iter().map(|n| n["name"].as_str().unwrap().to_owned()).collect()
 }
 
-/// Starts `strata node` in host `i` and waits for its `listening on` line.
-fn start_node(lan: &mut Lan, i: usize, name: &str) -> usize {
+/// The cluster the test's coordinator belongs to, and another one on the same LAN.
+const KEY: &str = "discovery-test-cluster-key-a";
+const OTHER_KEY: &str = "discovery-test-cluster-key-b";
+
+/// Starts `strata node` of the cluster of `key` in host `i` and waits for its
+/// `listening on` line.
+fn start_node(lan: &mut Lan, i: usize, name: &str, key: &str) -> usize {
     let mut cmd = lan.command(i, strata_exe());
     let models = model_dir(&[fixture("tiny-qwen3.gguf")]);
     cmd.args([
@@ -43,6 +48,8 @@ fn start_node(lan: &mut Lan, i: usize, name: &str) -> usize {
         "1GiB",
         "--model-dir",
         path_str(&models),
+        "--cluster-key",
+        key,
     ])
     .env("WGPU_ADAPTER_NAME", "llvmpipe")
     .stdin(Stdio::null())
@@ -60,16 +67,24 @@ fn start_node(lan: &mut Lan, i: usize, name: &str) -> usize {
     idx
 }
 
+/// Nodes in other namespaces are found over real mDNS; a coordinator with `--discover`
+/// takes only those of its own cluster (a node of another cluster advertises on the same
+/// LAN), runs the model across them, and a killed node vanishes from the listing.
 #[test]
 fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
-    let mut lan = Lan::new(3);
-    let n2 = start_node(&mut lan, 1, "node2");
-    let n3 = start_node(&mut lan, 2, "node3");
+    let mut lan = Lan::new(4);
+    let n2 = start_node(&mut lan, 1, "node2", KEY);
+    let n3 = start_node(&mut lan, 2, "node3", KEY);
+    let n4 = start_node(&mut lan, 3, "node4", OTHER_KEY);
 
-    let (first, took) = list_nodes(&lan, 0, &["--expect", "2", "--timeout", "10"]);
-    assert_eq!(names(&first), ["node2", "node3"], "both nodes found by mDNS alone:\n{first:#}");
+    let (first, took) = list_nodes(&lan, 0, &["--expect", "3", "--timeout", "10"]);
+    assert_eq!(names(&first), ["node2", "node3", "node4"], "every node found by mDNS alone:\n{first:#}");
     assert_eq!(first["latency"], "tcp-connect");
-    for (node, i) in first["nodes"].as_array().unwrap().iter().zip([1, 2]) {
+    let cluster = |i: usize| first["nodes"][i]["cluster"].as_str().unwrap_or("").to_owned();
+    assert_eq!(cluster(0).len(), 16, "nodes advertise their cluster's fingerprint:\n{first:#}");
+    assert_eq!(cluster(0), cluster(1));
+    assert_ne!(cluster(0), cluster(2));
+    for (node, i) in first["nodes"].as_array().unwrap().iter().zip([1, 2, 3]) {
         assert_eq!(node["address"], format!("{}:7470", lan.addr(i)), "{node:#}");
         assert_eq!(node["source"], "mdns");
         assert_eq!(node["usable_memory"], 1u64 << 30, "the TXT record carries --memory");
@@ -82,7 +97,7 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
     let found: Vec<f64> =
         first["nodes"].as_array().unwrap().iter().map(|n| n["found_after_ms"].as_f64().unwrap()).collect();
     eprintln!("resolution: {found:?} ms after browsing started; whole listing {:.0} ms", took.as_secs_f64() * 1e3);
-    assert!(took < Duration::from_secs(9), "--expect 2 returns as soon as both are found, not at the timeout");
+    assert!(took < Duration::from_secs(9), "--expect 3 returns as soon as all are found, not at the timeout");
 
     // Discover, plan, generate: the coordinator in host 0 finds the two nodes by mDNS
     // alone, plans by their advertised memory and runs the model across the namespaces.
@@ -100,8 +115,9 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
     ];
     let single = strata_json(&args);
     let mut cmd = lan.command(0, strata_exe());
+    // No --expect-nodes: the whole window, so that the other cluster's node is seen too.
     cmd.args(args)
-        .args(["--no-local", "--discover", "--expect-nodes", "2", "--discover-timeout", "10"])
+        .args(["--no-local", "--discover", "--discover-timeout", "4", "--cluster-key", KEY])
         .env("WGPU_ADAPTER_NAME", "llvmpipe");
     let o = lan.output(cmd);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -110,6 +126,10 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)));
     assert!(
         stderr.contains(&format!("discovered 2 node(s) over mDNS: {}:7470, {}:7470", lan.addr(1), lan.addr(2))),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("ignoring node node4 at {}:7470: it is of cluster {}", lan.addr(3), cluster(2))),
         "{stderr}"
     );
     assert_eq!(piped["generated_ids"], single["generated_ids"], "the discovered pipeline generates what one node does");
@@ -129,9 +149,10 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
     // Killed without a goodbye: a fresh browser must not list it (no ghosts).
     lan.kill(n3);
     let (second, took) = list_nodes(&lan, 0, &["--timeout", "3"]);
-    assert_eq!(names(&second), ["node2"], "node3 was killed:\n{second:#}");
+    assert_eq!(names(&second), ["node2", "node4"], "node3 was killed:\n{second:#}");
     assert!(took >= Duration::from_secs(3), "without --expect, the whole window is used");
     lan.kill(n2);
+    lan.kill(n4);
 }
 
 #[test]

@@ -13,5 +13,6 @@ mod engine;
 mod generate;
 mod quantize;
 mod reference;
+mod security;
 mod serve;
 mod streaming;

@@ -114,6 +114,7 @@ impl Lan {
     pub fn command(&self, i: usize, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.hosts[i]]).arg(program);
+        crate::support::isolate(&mut c);
         c
     }
 

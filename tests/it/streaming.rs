@@ -176,7 +176,8 @@ fn a_transfer_cut_halfway_resumes_where_it_stopped() {
     let node = Node::start("node0", &temp_dir("cut-cache"));
     let rt = rt();
     let (cut_tensor, cut_at, remaining) = rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&node.addr).await.unwrap();
+        let mut client =
+            strata_proto::transport::connect(&node.addr, &strata_proto::transport::Security::Plain).await.unwrap();
         let first = client.load_shard(load_req(&g, 0..n)).await.unwrap().into_inner();
         assert!(first.need_header && first.missing.is_empty(), "{first:?}");
         client.push_tensors(strata_proto::tokio_stream::iter(vec![header_chunk(&g)])).await.unwrap();
@@ -249,7 +250,8 @@ fn a_corrupted_chunk_is_refused_and_fetched_again() {
     let node = Node::start("node0", &temp_dir("corrupt-cache"));
     let rt = rt();
     rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&node.addr).await.unwrap();
+        let mut client =
+            strata_proto::transport::connect(&node.addr, &strata_proto::transport::Security::Plain).await.unwrap();
         client.push_tensors(strata_proto::tokio_stream::iter(vec![header_chunk(&g)])).await.unwrap();
         let missing = client.load_shard(load_req(&g, 0..n)).await.unwrap().into_inner();
         let r = missing.missing.iter().max_by_key(|r| r.to).unwrap().clone();

@@ -53,9 +53,20 @@ pub fn golden(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("golden JSON")
 }
 
-/// The `strata` binary built for this test run.
+/// The `strata` binary built for this test run, kept from the user's own settings: no
+/// cluster key from the environment or from a key file `strata init` wrote.
 pub fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    isolate(&mut cmd);
+    cmd
+}
+
+/// Points `cmd` at an empty config directory and removes the keys the environment may
+/// hold (tests pass keys explicitly).
+pub fn isolate(cmd: &mut Command) {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("empty-config");
+    let _ = std::fs::create_dir_all(&config);
+    cmd.env("XDG_CONFIG_HOME", config).env_remove("STRATA_CLUSTER_KEY").env_remove("STRATA_API_KEY");
 }
 
 /// Runs `strata` with `args`, asserting success, and parses its stdout as JSON.
@@ -154,8 +165,10 @@ pub fn model_dir(models: &[PathBuf]) -> PathBuf {
     let _ = std::fs::create_dir_all(&dir);
     for m in models {
         let link = dir.join(m.file_name().expect("file name"));
-        if !link.exists() {
-            std::os::unix::fs::symlink(m, &link).expect("link model");
+        // Tests running at once may make the same link: one of them wins, all use it.
+        match std::os::unix::fs::symlink(m, &link) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("link model {}: {e}", link.display()),
+            _ => {}
         }
     }
     dir

@@ -25,6 +25,7 @@ use strata_node::stage::{Logprobs, SeqId};
 use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::tonic::Streaming;
 use strata_proto::tonic::transport::Channel;
+use strata_proto::transport::Security;
 use strata_proto::v1::{self as pb, stage_client::StageClient};
 use tokio::sync::{mpsc, oneshot};
 
@@ -142,7 +143,11 @@ fn distinct_devices(stages: &[StageHandle]) -> usize {
 }
 
 /// Starts this machine's stage service on a free loopback port; returns its address.
-async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> anyhow::Result<(String, LocalNode)> {
+async fn start_local(
+    gguf_path: &std::path::Path,
+    adapter: Option<String>,
+    security: &Security,
+) -> anyhow::Result<(String, LocalNode)> {
     // The coordinator's own node has the file: it never needs a shard cache.
     let svc = StageService::open(NodeOptions {
         node_id: format!("local-{}", std::process::id()),
@@ -153,6 +158,8 @@ async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> an
         model_files: vec![gguf_path.to_owned()],
         cache_dir: None,
         idle_timeout: Duration::from_secs(600),
+        // Its own connection to the next stage (a node of the cluster) needs the key.
+        security: security.clone(),
     })?;
     let listener =
         strata_proto::transport::bind(([127, 0, 0, 1], 0).into()).await.context("binding the local stage's port")?;
@@ -171,12 +178,16 @@ async fn start_local(gguf_path: &std::path::Path, adapter: Option<String>) -> an
 
 /// The stage addresses in pipeline order: this machine's own (started here, unless
 /// `--no-local`), then `--peer`s, then those `--discover` found.
-async fn stage_addresses(args: &EngineArgs, discovered: &[String]) -> anyhow::Result<(Vec<String>, Option<LocalNode>)> {
+async fn stage_addresses(
+    args: &EngineArgs,
+    discovered: &[String],
+    security: &Security,
+) -> anyhow::Result<(Vec<String>, Option<LocalNode>)> {
     let mut addrs = Vec::new();
     let local = if args.no_local {
         None
     } else {
-        let (addr, node) = start_local(&args.model, args.adapter.clone()).await?;
+        let (addr, node) = start_local(&args.model, args.adapter.clone(), security).await?;
         addrs.push(addr);
         Some(node)
     };
@@ -189,12 +200,12 @@ async fn stage_addresses(args: &EngineArgs, discovered: &[String]) -> anyhow::Re
 }
 
 /// Connects to every node and asks who it is; refuses one of another protocol version.
-async fn connect(addrs: &[String]) -> anyhow::Result<Vec<StageHandle>> {
+async fn connect(addrs: &[String], security: &Security) -> anyhow::Result<Vec<StageHandle>> {
     let mut stages: Vec<StageHandle> = Vec::new();
     for addr in addrs {
-        let mut client = strata_proto::transport::connect(addr).await?;
+        let mut client = strata_proto::transport::connect(addr, security).await?;
         let info =
-            client.info(pb::InfoRequest {}).await.with_context(|| format!("asking {addr} for its info"))?.into_inner();
+            client.info(pb::InfoRequest {}).await.map_err(|status| refused(addr, security, &status))?.into_inner();
         if info.protocol_version != strata_proto::PROTOCOL_VERSION {
             let ours = strata_proto::PROTOCOL_VERSION;
             bail!("node {addr} speaks protocol {}, this coordinator {ours}", info.protocol_version);
@@ -216,6 +227,28 @@ async fn connect(addrs: &[String]) -> anyhow::Result<Vec<StageHandle>> {
         });
     }
     Ok(stages)
+}
+
+/// Why a node did not answer `Info`, with what to do about it: with TLS 1.3 a node that
+/// refuses this coordinator's certificate says so only after the handshake, on the first
+/// call.
+fn refused(addr: &str, security: &Security, status: &strata_proto::tonic::Status) -> anyhow::Error {
+    let cause = match std::error::Error::source(status) {
+        Some(source) => strata_proto::transport::error_chain(source),
+        None => status.message().to_owned(),
+    };
+    let hint = match security {
+        Security::Cluster(key) => format!(
+            "the node refused this coordinator's cluster certificate (fingerprint {}): it has another cluster key",
+            key.fingerprint()
+        ),
+        Security::Plain => {
+            "this coordinator has no cluster key: if the node runs with one, pass the same key (--cluster-key, \
+             STRATA_CLUSTER_KEY or `strata init --key`)"
+                .to_owned()
+        }
+    };
+    anyhow::anyhow!("node {addr} did not answer ({cause}); {hint}")
 }
 
 /// What one node was asked to load.
@@ -296,15 +329,20 @@ impl Pipeline {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
+        let security = crate::cluster_key::resolve(&args.cluster)?;
         let discovered = if args.discover {
             let timeout = Duration::from_secs_f64(args.discover_timeout);
-            let found = crate::discovery::discover_nodes(args.expect_nodes.map(|n| n as usize), timeout)?;
+            let found = crate::discovery::discover_nodes(
+                args.expect_nodes.map(|n| n as usize),
+                timeout,
+                security.fingerprint(),
+            )?;
             eprintln!("discovered {} node(s) over mDNS: {}", found.len(), found.join(", "));
             found
         } else {
             Vec::new()
         };
-        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, usage, &discovered, ctx))?;
+        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, usage, &discovered, ctx, &security))?;
         let kv = c
             .stages
             .iter()
@@ -339,9 +377,10 @@ impl Pipeline {
         usage: EngineUse,
         discovered: &[String],
         ctx: u32,
+        security: &Security,
     ) -> anyhow::Result<Connected> {
-        let (addrs, local) = stage_addresses(args, discovered).await?;
-        let mut stages = connect(&addrs).await?;
+        let (addrs, local) = stage_addresses(args, discovered, security).await?;
+        let mut stages = connect(&addrs, security).await?;
         let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
         let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
         let pc = PlanConfig {
@@ -582,7 +621,14 @@ pub struct HopTimes {
 /// the node at `addr` and times each answer. A node holding no shard decodes the
 /// activation and answers at once (with a "no shard" error), so this times the
 /// transport (serialisation, HTTP/2, TCP), not any compute.
-pub fn time_hops(addr: &str, wire: Wire, values: usize, warmup: usize, iterations: usize) -> anyhow::Result<HopTimes> {
+pub fn time_hops(
+    addr: &str,
+    security: &Security,
+    wire: Wire,
+    values: usize,
+    warmup: usize,
+    iterations: usize,
+) -> anyhow::Result<HopTimes> {
     let format = wire_format(wire);
     let width = match format {
         pb::HiddenFormat::F32 => 4,
@@ -591,7 +637,7 @@ pub fn time_hops(addr: &str, wire: Wire, values: usize, warmup: usize, iteration
     let payload = vec![0u8; values * width];
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let round_trips_ms = rt.block_on(async {
-        let mut client = strata_proto::transport::connect(addr).await?;
+        let mut client = strata_proto::transport::connect(addr, security).await?;
         let (tx, rx) = mpsc::channel(4);
         let mut results = client.forward(ReceiverStream::new(rx)).await?.into_inner();
         let mut times = Vec::with_capacity(iterations);

@@ -163,9 +163,10 @@ struct Prepared {
 const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Params {
-    fn prepare(self, state: &AppState) -> Result<Prepared, ApiError> {
+    /// Checks every parameter against the served model's id and context length.
+    fn prepare(self, model_id: &str, ctx: u32) -> Result<Prepared, ApiError> {
         if let Some(model) = &self.model
-            && model != &state.model_id
+            && model != model_id
         {
             return Err(ApiError::model_not_found(model));
         }
@@ -196,7 +197,6 @@ impl Params {
         }
         // More than the whole context can never be honoured; up to it, an answer stops at
         // the context's end (finish_reason `length`).
-        let ctx = state.scheduler.ctx();
         if let Some(m) = max_tokens
             && m > ctx
         {
@@ -357,7 +357,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(&state, body)?;
     let (req, params): (ChatRequest, _) = parse(&body)?;
-    let prepared = params.prepare(&state)?;
+    let prepared = params.prepare(&state.model_id, state.scheduler.ctx())?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages must hold at least one message"));
     }
@@ -410,7 +410,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(&state, body)?;
     let (req, params): (CompletionRequest, _) = parse(&body)?;
-    let prepared = params.prepare(&state)?;
+    let prepared = params.prepare(&state.model_id, state.scheduler.ctx())?;
     let text = match req.prompt {
         Prompt::One(s) => s,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -596,4 +596,70 @@ pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
         "object": "list",
         "data": [{ "id": state.model_id, "object": "model", "created": state.created, "owned_by": "strata", "context_length": state.scheduler.ctx() }],
     }))
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Property-based fuzzing of request parsing: arbitrary bytes, and arbitrary JSON
+    //! objects with the endpoints' own keys holding values of every type. Parsing and
+    //! checking return a 400 or a request; nothing panics.
+
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::String),
+            prop::sample::select(vec!["system", "user", "assistant", "text", "tool"]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        let mut known: Vec<&'static str> = PARAMS.to_vec();
+        known.extend(["role", "content", "type", "text", "include_usage"]);
+        prop_oneof![prop::sample::select(known).prop_map(str::to_owned), "[a-z_]{1,8}"]
+    }
+
+    fn request() -> impl Strategy<Value = Value> {
+        prop::collection::vec((key(), json()), 0..10)
+            .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>()))
+    }
+
+    fn check(body: &[u8]) {
+        let body = Bytes::copy_from_slice(body);
+        if let Ok((_, params)) = parse::<ChatRequest>(&body)
+            && let Ok(p) = params.prepare("model", 4096)
+        {
+            assert!(p.sampling.validate().is_ok());
+            assert!(p.stop.len() <= MAX_STOPS && p.max_tokens.is_none_or(|m| (1..=4096).contains(&m)));
+        }
+        if let Ok((_, params)) = parse::<CompletionRequest>(&body) {
+            let _ = params.prepare("model", 4096);
+        }
+    }
+
+    proptest! {
+            #[test]
+        fn any_bytes_are_parsed_or_refused(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&body);
+        }
+
+        #[test]
+        fn any_json_request_is_parsed_or_refused(req in request()) {
+            check(serde_json::to_string(&req).unwrap().as_bytes());
+        }
+    }
 }
