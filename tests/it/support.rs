@@ -136,6 +136,11 @@ impl Cluster {
         cluster
     }
 
+    /// The nodes' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(Child::id).collect()
+    }
+
     /// `--no-local --peer A --peer B ...`.
     pub fn flags(&self) -> Vec<String> {
         let mut f = vec!["--no-local".to_owned()];
