@@ -111,6 +111,9 @@ pub struct Snapshot {
     pub rows_total: u64,
     /// Steps the scheduler keeps in flight (the engine's micro-batches).
     pub micro_batches: usize,
+    /// Why the engine can no longer run steps (a pipeline that lost a node): every
+    /// request fails at once with it until the server is restarted.
+    pub broken: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -225,6 +228,7 @@ impl Scheduler {
                 preemptions: 0,
                 steps: (0, 0),
                 busy_samples: VecDeque::new(),
+                broken: None,
             }
             .run()
         })?;
@@ -347,6 +351,8 @@ struct Loop<'a> {
     steps: (u64, u64),
     /// (when, each stage's busy seconds): for busy fractions over the last few seconds.
     busy_samples: VecDeque<(Instant, Vec<f64>)>,
+    /// Set when the engine failed as a whole (see `Snapshot::broken`).
+    broken: Option<StepError>,
 }
 
 /// How far back busy fractions look.
@@ -389,9 +395,10 @@ impl<'a> Loop<'a> {
         while let Ok(job) = self.jobs.try_recv() {
             self.waiting.push_back(job);
         }
-        // A request that can never run fails now, not after waiting its turn.
-        let (ctx, kv) = (self.engine.ctx(), self.kv);
-        self.waiting.retain(|j| match check(&j.request, ctx, kv) {
+        // A request that can never run fails now, not after waiting its turn; so does
+        // every request once the engine is broken.
+        let (ctx, kv, broken) = (self.engine.ctx(), self.kv, self.broken.clone());
+        self.waiting.retain(|j| match broken.clone().map_or_else(|| check(&j.request, ctx, kv), Err) {
             Ok(()) => !j.events.is_closed(),
             Err(e) => {
                 let _ = j.events.send(Event::Failed(e));
@@ -644,13 +651,22 @@ impl<'a> Loop<'a> {
         let done = match self.engine.next_result() {
             Ok(done) => done,
             Err(e) => {
+                // The result stream is gone: no later step can run on this engine.
                 tracing::error!("engine failed: {e:#}");
-                let e = StepError::new(ErrorCode::Internal, format!("engine failed: {e:#}"));
+                let e = StepError::new(
+                    ErrorCode::Unavailable,
+                    format!("the engine failed ({e:#}); restart `strata serve` to run on the nodes that are left"),
+                );
                 for a in &mut self.active {
                     a.failed.get_or_insert_with(|| e.clone());
                     a.in_flight = 0;
                 }
+                // Preempted sequences would only wait for an engine that runs no more.
+                for a in self.resumed.drain(..) {
+                    let _ = a.job.events.send(Event::Failed(e.clone()));
+                }
                 self.in_flight.clear();
+                self.broken = Some(e);
                 return;
             }
         };
@@ -769,6 +785,7 @@ impl<'a> Loop<'a> {
             steps_total: self.steps.0,
             rows_total: self.steps.1,
             micro_batches: self.engine.micro_batches().max(1),
+            broken: self.broken.as_ref().map(|e| e.message.clone()),
         };
     }
 }
@@ -973,6 +990,18 @@ mod tests {
         (text, None)
     }
 
+    /// The error a request ends with (panics if it succeeds).
+    fn failure(rx: &mut UnboundedReceiver<Event>) -> StepError {
+        while let Some(e) = rx.blocking_recv() {
+            match e {
+                Event::Failed(e) => return e,
+                Event::Done(f) => panic!("expected a failure, got {f:?}"),
+                _ => {}
+            }
+        }
+        panic!("the request ended without an event")
+    }
+
     fn tokenizer() -> Arc<Tokenizer> {
         let gguf =
             strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
@@ -1080,6 +1109,27 @@ mod tests {
         assert!(at("release 1") < b_first, "{all:?}");
         // a ran straight through: positions 0..17 in order, never again from 0.
         assert_eq!(parts_of(&log, 1).iter().filter(|p| p.ends_with("@0")).count(), 1, "{all:?}");
+    }
+
+    /// An engine whose results stop (a pipeline that lost a node): the running request
+    /// fails with 503's code, the snapshot says why, and later requests fail at once.
+    #[test]
+    fn a_broken_engine_fails_requests_at_once_and_says_why() {
+        let mut engine = slow_engine();
+        engine.fail_after = Some(3);
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+            .unwrap();
+        let (_, mut a) = sched.submit(req(5, 50)).unwrap();
+        let err = failure(&mut a);
+        assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
+        assert!(err.message.contains("restart `strata serve`"), "{err}");
+        let t0 = Instant::now();
+        while sched.snapshot().broken.is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no broken state published");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (_, mut b) = sched.submit(req(5, 2)).unwrap();
+        assert_eq!(failure(&mut b).code, ErrorCode::Unavailable);
     }
 
     /// With one running and one waiting allowed, a third request is refused at once; a

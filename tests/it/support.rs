@@ -136,6 +136,12 @@ impl Cluster {
         cluster
     }
 
+    /// Kills node `i` at once (SIGKILL: no goodbye to anyone).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].kill();
+        let _ = self.nodes[i].wait();
+    }
+
     /// The nodes' process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.iter().map(Child::id).collect()

@@ -210,7 +210,7 @@ pub trait Engine: Send {
     /// error here concerns this step only (it yields no result).
     fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64>;
     /// The next finished step. The outer error means the engine itself failed: every
-    /// step in flight is lost.
+    /// step in flight is lost, and the scheduler runs no further step on it.
     fn next_result(&mut self) -> anyhow::Result<StepDone>;
     /// Frees a sequence's caches on every stage. Releasing an unknown sequence is not an error.
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()>;
@@ -431,6 +431,8 @@ pub(crate) mod testing {
         pub log: Arc<Mutex<Vec<Logged>>>,
         pub kv: Option<KvCapacity>,
         pub max_batch: u32,
+        /// From this step on, `next_result` fails as a whole (a pipeline losing a node).
+        pub fail_after: Option<u64>,
         next: u64,
     }
 
@@ -442,6 +444,7 @@ pub(crate) mod testing {
                 log: Arc::default(),
                 kv: None,
                 max_batch: 4,
+                fail_after: None,
                 next: 0,
             }
         }
@@ -473,7 +476,11 @@ pub(crate) mod testing {
             Ok(step)
         }
         fn next_result(&mut self) -> anyhow::Result<StepDone> {
-            self.results.pop_front().context("nothing submitted")
+            let done = self.results.pop_front().context("nothing submitted")?;
+            if self.fail_after.is_some_and(|n| done.step >= n) {
+                anyhow::bail!("the result stream broke");
+            }
+            Ok(done)
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
             let logged = Logged { step: self.next, seq, len: 0, pos: 0, history: 0, want_token: false, release: true };

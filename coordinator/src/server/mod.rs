@@ -149,8 +149,13 @@ async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(uri.path())
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
+/// `ok`, or 503 `degraded` with the reason once the engine can run no more steps (a
+/// pipeline that lost a node): the server keeps answering, requests fail at once.
+async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    match state.scheduler.snapshot().broken {
+        None => (StatusCode::OK, axum::Json(json!({ "status": "ok" }))),
+        Some(error) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "degraded", "error": error }))),
+    }
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -203,6 +208,8 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     });
     axum::Json(json!({
         "model": state.model_id,
+        "state": if snap.broken.is_some() { "degraded" } else { "ok" },
+        "error": snap.broken,
         "n_layer": snap.engine.n_layer,
         "ctx": state.scheduler.ctx(),
         "max_seqs": state.max_seqs,
