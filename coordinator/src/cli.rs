@@ -193,6 +193,11 @@ pub struct NodeArgs {
     /// into this node, stream files into its cache and use its GPU. Warns on every start.
     #[arg(long)]
     pub insecure: bool,
+    /// On SIGTERM or Ctrl-C while a pipeline runs through this node: seconds to wait for
+    /// its coordinator to move the layers to the other nodes before exiting anyway (a
+    /// second signal exits at once).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub leave_timeout: u64,
 }
 
 #[derive(Args, Debug)]

@@ -72,6 +72,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         security: security.clone(),
     })?;
+    let leave_timeout = Duration::from_secs(args.leave_timeout);
     let mut advert = service.identity().advert();
     advert.cluster = security.fingerprint().map(str::to_owned);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -87,9 +88,60 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         // Kept alive while serving; dropping it sends mDNS goodbyes.
         let _advertisement = crate::discovery::advertise_node(&advert, addr, args.no_mdns)?;
-        service::serve(listener, service, std::future::pending()).await?;
+        let leaving = leave_on_signal(service.clone(), leave_timeout);
+        service::serve(listener, service, leaving).await?;
         Ok(())
     })
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C leaves gracefully");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Resolves when the node should stop serving: at a stop signal when no pipeline runs
+/// through it; otherwise it first says it is leaving (its coordinator's heartbeat reads
+/// that, re-plans without it and closes its streams, so clients see no error) and waits
+/// for that, for `timeout`, or for a second signal.
+async fn leave_on_signal(service: StageService, timeout: Duration) {
+    stop_signal().await;
+    if !service.in_use() {
+        eprintln!("stopping: no pipeline runs through this node");
+        return;
+    }
+    service.leave();
+    eprintln!(
+        "leaving: waiting up to {} s for the coordinator to move this node's layers elsewhere \
+         (send the signal again to stop at once)",
+        timeout.as_secs()
+    );
+    let t0 = std::time::Instant::now();
+    tokio::select! {
+        _ = service.released() => {
+            eprintln!("left the pipeline after {:.2} s; stopping", t0.elapsed().as_secs_f64());
+        }
+        _ = tokio::time::sleep(timeout) => {
+            eprintln!("the coordinator did not move off within {} s; stopping anyway", timeout.as_secs());
+        }
+        _ = stop_signal() => eprintln!("second signal: stopping now"),
+    }
 }
 
 /// A child process killed (by its id) when dropped.

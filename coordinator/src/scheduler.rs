@@ -111,9 +111,31 @@ pub struct Snapshot {
     pub rows_total: u64,
     /// Steps the scheduler keeps in flight (the engine's micro-batches).
     pub micro_batches: usize,
-    /// Why the engine can no longer run steps (a pipeline that lost a node): every
-    /// request fails at once with it until the server is restarted.
+    /// Why the engine can no longer run steps (a pipeline that lost a node and whose
+    /// survivors cannot hold the model): every request fails at once with it until the
+    /// server is restarted.
     pub broken: Option<String>,
+    /// Why the engine is being re-planned now (requests wait meanwhile).
+    pub recovering: Option<String>,
+    /// Re-plans done so far, and the last one.
+    pub recoveries: u64,
+    pub last_recovery: Option<RecoveryReport>,
+}
+
+/// One re-plan after a node was lost or left.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    /// What set it off.
+    pub cause: String,
+    /// Nodes left out, and the new plan's nodes.
+    pub left_out: Vec<String>,
+    pub nodes: Vec<String>,
+    /// The re-plan itself (probing, planning, loading the shards).
+    pub replan_seconds: f64,
+    /// Sequences recomputed from their tokens on the new plan.
+    pub sequences: usize,
+    /// Seconds since the Unix epoch, when it finished.
+    pub at_unix: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -229,6 +251,8 @@ impl Scheduler {
                 steps: (0, 0),
                 busy_samples: VecDeque::new(),
                 broken: None,
+                recoveries: 0,
+                last_recovery: None,
             }
             .run()
         })?;
@@ -353,6 +377,8 @@ struct Loop<'a> {
     busy_samples: VecDeque<(Instant, Vec<f64>)>,
     /// Set when the engine failed as a whole (see `Snapshot::broken`).
     broken: Option<StepError>,
+    recoveries: u64,
+    last_recovery: Option<RecoveryReport>,
 }
 
 /// How far back busy fractions look.
@@ -363,6 +389,24 @@ impl<'a> Loop<'a> {
         loop {
             if !self.intake() {
                 return;
+            }
+            if let Some(replan) = self.engine.replan_wanted() {
+                let idle = self.active.is_empty() && self.resumed.is_empty() && self.in_flight.is_empty();
+                match (replan.when_idle, self.broken.is_some(), self.in_flight.is_empty()) {
+                    // A node back: worth moving everything only when nothing runs (a
+                    // broken engine runs nothing, and may run again with it).
+                    (true, _, _) if idle => self.recover(replan.why),
+                    (true, _, _) | (false, true, _) => {}
+                    (false, false, true) => self.recover(replan.why),
+                    (false, false, false) => {
+                        // A node is leaving (or lost): no new steps; what is in flight
+                        // comes back (or fails) first.
+                        self.collect();
+                        self.finish_done();
+                        self.publish();
+                        continue;
+                    }
+                }
             }
             self.admit_waiting();
             self.release_cancelled();
@@ -651,22 +695,10 @@ impl<'a> Loop<'a> {
         let done = match self.engine.next_result() {
             Ok(done) => done,
             Err(e) => {
-                // The result stream is gone: no later step can run on this engine.
+                // The result stream is gone: every step in flight is lost. Re-plan on
+                // what is left and recompute every sequence from its tokens.
                 tracing::error!("engine failed: {e:#}");
-                let e = StepError::new(
-                    ErrorCode::Unavailable,
-                    format!("the engine failed ({e:#}); restart `strata serve` to run on the nodes that are left"),
-                );
-                for a in &mut self.active {
-                    a.failed.get_or_insert_with(|| e.clone());
-                    a.in_flight = 0;
-                }
-                // Preempted sequences would only wait for an engine that runs no more.
-                for a in self.resumed.drain(..) {
-                    let _ = a.job.events.send(Event::Failed(e.clone()));
-                }
-                self.in_flight.clear();
-                self.broken = Some(e);
+                self.recover(format!("{e:#}"));
                 return;
             }
         };
@@ -696,6 +728,71 @@ impl<'a> Loop<'a> {
             self.totals.1 += u64::from(generated);
             self.shared.recent.lock().expect("rate lock").push_back((Instant::now(), generated));
         }
+    }
+
+    /// Re-plans the engine after `cause` (a lost or leaving node). On success every live
+    /// sequence is computed again from its tokens (as after a preemption: the sampler
+    /// draws by position, so the tokens it yields are the ones it would have), and no
+    /// client sees more than a pause. When the engine cannot go on, every request fails
+    /// with a clear error and the engine is marked broken.
+    fn recover(&mut self, cause: String) {
+        tracing::warn!("re-planning: {cause}");
+        self.shared.snapshot.lock().expect("snapshot lock").recovering = Some(cause.clone());
+        let recovered = self.engine.recover();
+        self.in_flight.clear();
+        for a in self.active.iter_mut() {
+            a.in_flight = 0;
+            a.awaiting = false;
+            a.sent = 0;
+            a.noted = 0;
+        }
+        match recovered {
+            Ok(r) => {
+                if self.broken.take().is_some() {
+                    tracing::warn!("the engine runs again: requests are served");
+                }
+                self.kv = self.engine.kv_capacity();
+                self.busy_samples.clear();
+                self.recoveries += 1;
+                let sequences = self.active.iter().filter(|a| !a.done()).count() + self.resumed.len();
+                tracing::warn!(
+                    secs = r.seconds,
+                    sequences,
+                    "re-planned on {} (left out: {}); recomputing the live sequences",
+                    r.nodes.join(", "),
+                    if r.why.is_empty() { "none".to_owned() } else { r.why.join("; ") }
+                );
+                let at_unix =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                self.last_recovery = Some(RecoveryReport {
+                    cause,
+                    left_out: r.left_out,
+                    nodes: r.nodes,
+                    replan_seconds: r.seconds,
+                    sequences,
+                    at_unix,
+                });
+            }
+            Err(e) => {
+                tracing::error!("cannot go on after `{cause}`: {e:#}");
+                let e = StepError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the pipeline lost a node ({cause}) and cannot go on: {e:#}; \
+                         restart `strata serve` once there is room for the model"
+                    ),
+                );
+                for a in &mut self.active {
+                    a.failed.get_or_insert_with(|| e.clone());
+                }
+                // Preempted sequences would only wait for an engine that runs no more.
+                for a in self.resumed.drain(..) {
+                    let _ = a.job.events.send(Event::Failed(e.clone()));
+                }
+                self.broken = Some(e);
+            }
+        }
+        self.shared.snapshot.lock().expect("snapshot lock").recovering = None;
     }
 
     /// Takes one sampled token of active sequence `i`: stream its text (holding back what
@@ -786,6 +883,9 @@ impl<'a> Loop<'a> {
             rows_total: self.steps.1,
             micro_batches: self.engine.micro_batches().max(1),
             broken: self.broken.as_ref().map(|e| e.message.clone()),
+            recovering: None,
+            recoveries: self.recoveries,
+            last_recovery: self.last_recovery.clone(),
         };
     }
 }
@@ -1002,6 +1102,28 @@ mod tests {
         panic!("the request ended without an event")
     }
 
+    /// The text of `request` run alone on [`slow_engine`].
+    fn alone(request: GenRequest) -> String {
+        let sched =
+            Scheduler::spawn(Box::new(slow_engine()), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+                .unwrap();
+        let (_, mut rx) = sched.submit(request).unwrap();
+        collect(&mut rx).0
+    }
+
+    /// Runs two equal requests at once on `engine`, checks each answers as alone, and
+    /// returns the scheduler.
+    fn two_like_alone(engine: Scripted) -> Scheduler {
+        let solo = alone(req(5, 12));
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
+            .unwrap();
+        let (_, mut a) = sched.submit(req(5, 12)).unwrap();
+        let (_, mut b) = sched.submit(req(5, 12)).unwrap();
+        let (ta, tb) = (collect(&mut a), collect(&mut b));
+        assert_eq!((ta.0.as_str(), tb.0.as_str()), (solo.as_str(), solo.as_str()));
+        sched
+    }
+
     fn tokenizer() -> Arc<Tokenizer> {
         let gguf =
             strata_model::gguf::Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf"))
@@ -1132,6 +1254,30 @@ mod tests {
         assert_eq!(failure(&mut b).code, ErrorCode::Unavailable);
     }
 
+    /// An engine that fails as a whole and is re-planned: every live sequence is computed
+    /// again from position 0 with all its tokens, and each request's text is exactly
+    /// what it is without the failure, with no error.
+    #[test]
+    fn a_lost_node_is_recovered_and_every_request_answers_the_same() {
+        let mut engine = slow_engine();
+        engine.fail_after = Some(6);
+        engine.recoverable = true;
+        let log = engine.log.clone();
+        let sched = two_like_alone(engine);
+        // Both sequences started again from position 0 after the re-plan (the log's
+        // `release 0`), carrying every token they had.
+        let all = lines(&log);
+        let at = all.iter().position(|l| l == "release 0").expect("a re-plan");
+        for seq in [1, 2] {
+            let again = all[at..].iter().find(|l| l.split(':').nth(1) == Some(&seq.to_string())).expect("recomputed");
+            assert!(again.ends_with("@0"), "{seq}: {again} in {all:?}");
+        }
+        let snap = sched.snapshot();
+        assert_eq!(snap.recoveries, 1);
+        assert!(snap.broken.is_none());
+        assert_eq!(snap.last_recovery.unwrap().left_out, ["b"]);
+    }
+
     /// With one running and one waiting allowed, a third request is refused at once; a
     /// finished or cancelled request frees its place.
     #[test]
@@ -1165,25 +1311,10 @@ mod tests {
     /// have answered alone.
     #[test]
     fn a_preempted_sequence_is_recomputed_and_answers_the_same() {
-        let solo = {
-            let sched = Scheduler::spawn(
-                Box::new(slow_engine()),
-                tokenizer(),
-                SchedulerConfig { max_seqs: 4, max_waiting: None },
-            )
-            .unwrap();
-            let (_, mut rx) = sched.submit(req(5, 12)).unwrap();
-            collect(&mut rx).0
-        };
         let mut engine = slow_engine();
         engine.kv = Some(KvCapacity { block_size: 4, blocks: 7 });
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-            .unwrap();
-        let (_, mut a) = sched.submit(req(5, 12)).unwrap();
-        let (_, mut b) = sched.submit(req(5, 12)).unwrap();
-        let (ta, tb) = (collect(&mut a), collect(&mut b));
-        assert_eq!((ta.0.as_str(), tb.0.as_str()), (solo.as_str(), solo.as_str()));
+        two_like_alone(engine);
         let all = lines(&log);
         // 16 positions each, 28 in the pool: one of them was released and started again
         // from position 0 with every token it had.

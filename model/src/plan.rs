@@ -382,9 +382,10 @@ fn does_not_fit(stages: &[StageNeed], needed: u64, available: u64) -> String {
     s
 }
 
-/// `bytes` in GiB with two decimals, as every planner error reports sizes.
+/// `bytes` in GiB with two decimals, as every planner error reports sizes; below 50 MiB
+/// (small models, where GiB would read 0.00) in the largest unit that keeps it at least 1.
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / GIB)
+    if bytes < 50 << 20 { human(bytes) } else { format!("{:.2} GiB", bytes as f64 / GIB) }
 }
 
 /// `bytes` in the largest binary unit that keeps it at least 1, two decimals.

@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -179,6 +180,26 @@ struct Inner {
     loaded: Mutex<Option<Loaded>>,
     next: Mutex<Option<StageClient<Channel>>>,
     stats: Mutex<Stats>,
+    /// Set by [`StageService::leave`]: `Info` says so, and the coordinator moves off.
+    leaving: AtomicBool,
+    /// `Forward` streams open now: while one is, some pipeline runs through this node.
+    streams: AtomicUsize,
+}
+
+/// Counts an open `Forward` stream until dropped.
+struct StreamGuard(Arc<Inner>);
+
+impl StreamGuard {
+    fn new(inner: Arc<Inner>) -> StreamGuard {
+        inner.streams.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(inner)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Implements the `Stage` gRPC service.
@@ -226,8 +247,29 @@ impl StageService {
                 loaded: Mutex::new(None),
                 next: Mutex::new(None),
                 stats: Mutex::new(Stats::default()),
+                leaving: AtomicBool::new(false),
+                streams: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Marks the node as leaving: `Info` answers `leaving`, which a coordinator's
+    /// heartbeat reads and answers by re-planning without this node. Steps keep being
+    /// served meanwhile, so nothing in flight is lost.
+    pub fn leave(&self) {
+        self.inner.leaving.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a pipeline runs through this node now (a `Forward` stream is open).
+    pub fn in_use(&self) -> bool {
+        self.inner.streams.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves once no `Forward` stream is open: every coordinator has moved off.
+    pub async fn released(&self) {
+        while self.in_use() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Who this node is, as it answers `Info`.
@@ -603,6 +645,7 @@ async fn serve_stream(
     down: Option<mpsc::Sender<pb::Activation>>,
     out: mpsc::Sender<Result<pb::StepResult, Status>>,
 ) {
+    let _open = StreamGuard::new(inner.clone());
     loop {
         let act = match incoming.message().await {
             Ok(Some(a)) => a,
@@ -706,6 +749,7 @@ impl pb::stage_server::Stage for StageService {
             backend: id.backend.clone(),
             max_binding: self.inner.gpu.max_binding(),
             device_key: id.device_key.clone(),
+            leaving: self.inner.leaving.load(Ordering::SeqCst),
         }))
     }
 

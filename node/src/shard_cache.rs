@@ -307,6 +307,9 @@ impl Receiver {
             return Ok(());
         }
         let (path, mpath) = (self.cache.data_path(id), self.cache.manifest_path(id));
+        // A peer may send every tensor of the model it declared, up to its whole length:
+        // that must fit on this disk, or nothing is started.
+        check_room(index.file_len, free_bytes(&self.cache.dir), &self.cache.dir)?;
         // A fresh start: whatever an older manifest says is void.
         let _ = std::fs::remove_file(&mpath);
         let mut file = File::create(&path).map_err(io(format!("creating {}", path.display())))?;
@@ -330,6 +333,42 @@ impl Receiver {
     }
 }
 
+/// Refuses a model file of `len` bytes when the cache's file system has less `free`
+/// (unknown free space is not a refusal).
+fn check_room(len: u64, free: Option<u64>, dir: &Path) -> Result<()> {
+    match free {
+        Some(free) if free < len => Err(Error::Transfer(format!(
+            "the model is {len} bytes, but the shard cache's disk ({}) has {free} bytes free: \
+             free some space or point --cache-dir elsewhere",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the right type, which
+    // statvfs fills completely when it returns 0.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &Path) -> Option<u64> {
+    None
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
@@ -341,6 +380,19 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A declared model larger than the disk's free space is refused with both numbers;
+    /// the real free space of a temporary directory is read.
+    #[test]
+    fn a_model_larger_than_the_free_disk_is_refused() {
+        let dir = std::env::temp_dir();
+        let err = check_room(1 << 40, Some(1 << 30), &dir).unwrap_err().to_string();
+        assert!(err.contains("1099511627776 bytes") && err.contains("1073741824 bytes free"), "{err}");
+        assert!(check_room(100, Some(100), &dir).is_ok());
+        assert!(check_room(100, None, &dir).is_ok());
+        let free = free_bytes(&dir);
+        assert!(cfg!(not(unix)) || free.is_some_and(|f| f > 0), "{free:?}");
+    }
 
     fn tiny() -> Gguf {
         Gguf::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-qwen3.gguf")).unwrap()

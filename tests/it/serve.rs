@@ -12,14 +12,14 @@ use serde_json::{Value, json};
 use crate::support::{Cluster, fixture, model_dir, path_str, smol_q8_0, strata, strata_json};
 
 /// A running `strata serve`; killed on drop, on every exit path of a test.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     log: std::path::PathBuf,
 }
 
 impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(model: &Path, extra: &[&str]) -> Server {
         let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let log =
             dir.join(format!("serve-{}-{}.log", std::process::id(), model.file_stem().unwrap().to_string_lossy()));
@@ -57,11 +57,11 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    fn get(&self, path: &str) -> Reply {
+    pub(crate) fn get(&self, path: &str) -> Reply {
         http(self.addr, "GET", path, "")
     }
 
-    fn post(&self, path: &str, body: &str) -> Reply {
+    pub(crate) fn post(&self, path: &str, body: &str) -> Reply {
         http(self.addr, "POST", path, body)
     }
 
@@ -109,13 +109,13 @@ impl Drop for Server {
     }
 }
 
-struct Reply {
-    status: u16,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
@@ -135,7 +135,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
     Reply { status, body }
 }
 
-fn dechunk(mut s: &str) -> String {
+pub(crate) fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
@@ -717,51 +717,4 @@ fn sixty_four_clients_with_random_disconnects_leak_nothing() {
         assert!(*l < e + (64 << 20), "memory grew from {} to {} MiB", mib(*e), mib(*l));
     }
     assert_eq!(server.get("/health").status, 200);
-}
-
-/// A node killed mid-stream (SIGKILL): the stream ends with an error event naming the
-/// failure (code `unavailable`), the server stays up, `/health` answers 503 `degraded`
-/// and `/v1/cluster` shows why, and a new request fails at once with 503 instead of
-/// hanging. (Recovering onto the surviving nodes is not built yet.)
-#[test]
-fn a_killed_node_leaves_the_server_up_and_degraded() {
-    let model = fixture("tiny-qwen3.gguf");
-    let mut cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&model)));
-    let mut args = vec!["--ctx", "2048"];
-    let flags = cluster.flags();
-    args.extend(flags.iter().map(String::as_str));
-    let server = Server::start(&model, &args);
-    assert_eq!(server.get("/health").status, 200);
-    let mut s = TcpStream::connect(server.addr).unwrap();
-    let body = r#"{"prompt":"Once upon a time","max_tokens":1900,"temperature":1.0,"seed":5,"stream":true}"#;
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches("data: ").count() < 3 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    let t0 = Instant::now();
-    cluster.kill(1);
-    s.read_to_end(&mut seen).unwrap();
-    let detected = t0.elapsed();
-    let text = String::from_utf8_lossy(&seen);
-    assert!(text.contains("\"code\":\"unavailable\"") && text.contains("restart `strata serve`"), "{text}");
-    assert!(text.contains("data: [DONE]"), "{text}");
-    let health = server.get("/health");
-    assert_eq!(health.status, 503, "{}", health.body);
-    assert_eq!(health.json()["status"], "degraded");
-    let c = server.get("/v1/cluster").json();
-    assert_eq!(c["state"], "degraded", "{c:#}");
-    assert!(c["error"].as_str().unwrap().contains("engine failed"), "{c:#}");
-    let t1 = Instant::now();
-    let r = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":4}"#);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(r.json()["error"]["code"], "unavailable");
-    eprintln!(
-        "node loss: the stream's error came {detected:?} after the kill; a new request was refused in {:?}",
-        t1.elapsed()
-    );
 }

@@ -2,9 +2,9 @@
 //! keep them across restarts, resume cut transfers, and refuse corrupted chunks; the
 //! cluster then generates what one node does.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Stdio};
+use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use strata_model::config::ModelConfig;
@@ -14,7 +14,7 @@ use strata_proto::tokio_stream::wrappers::ReceiverStream;
 use strata_proto::tonic::Code;
 use strata_proto::v1 as pb;
 
-use crate::support::{fixture, path_str, strata};
+use crate::support::{fixture, path_str, spawn_node, strata};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -28,21 +28,7 @@ struct Node {
 impl Node {
     fn start(name: &str, cache: &Path) -> Node {
         let empty = temp_dir(&format!("{name}-models"));
-        let mut child = strata()
-            .args(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--memory", "4GiB", "--name", name])
-            .args(["--model-dir", path_str(&empty), "--cache-dir", path_str(cache)])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start strata node");
-        let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read node stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("node printed `{}`", line.trim()))
-            .to_owned();
+        let (child, stdout, addr) = spawn_node(name, "127.0.0.1:0", "4GiB", &empty, cache);
         Node { child, _stdout: stdout, addr }
     }
 }

@@ -87,59 +87,111 @@ pub fn sha256(path: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned()
 }
 
+/// Starts a `strata node` (no mDNS) and reads the address it prints: the process, its
+/// stdout (kept open while it runs) and the address.
+pub fn spawn_node(
+    name: &str,
+    listen: &str,
+    memory: &str,
+    model_dir: &Path,
+    cache: &Path,
+) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = strata()
+        .args(["node", "--listen", listen, "--no-mdns", "--memory", memory, "--name", name])
+        .args(["--model-dir", path_str(model_dir), "--cache-dir", path_str(cache)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start strata node");
+    let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read node stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("node {name} printed `{}`", line.trim()))
+        .to_owned();
+    (child, stdout, addr)
+}
+
 /// `strata node` processes, killed (by process id) however the test ends.
 pub struct Cluster {
     nodes: Vec<Child>,
     /// Kept open while the nodes run.
     _stdouts: Vec<BufReader<ChildStdout>>,
     pub addrs: Vec<String>,
+    model_dir: PathBuf,
+    memory: String,
 }
 
 impl Cluster {
-    /// Starts `n` nodes serving the models in `model_dir`, each offering the same memory.
+    /// Starts `n` nodes serving the models in `model_dir`, each offering 4 GiB.
     pub fn start(n: usize, model_dir: &Path) -> Cluster {
+        Cluster::start_with(n, model_dir, "4GiB")
+    }
+
+    /// Starts `n` nodes serving the models in `model_dir`, each offering `memory`.
+    pub fn start_with(n: usize, model_dir: &Path, memory: &str) -> Cluster {
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            _stdouts: Vec::new(),
+            addrs: Vec::new(),
+            model_dir: model_dir.to_owned(),
+            memory: memory.to_owned(),
+        };
+        for i in 0..n {
+            let (child, stdout, addr) = cluster.spawn(i, "127.0.0.1:0");
+            cluster.nodes.push(child);
+            cluster._stdouts.push(stdout);
+            cluster.addrs.push(addr);
+        }
+        cluster
+    }
+
+    /// Starts node `i` listening on `listen`: the process, its stdout and its address.
+    fn spawn(&self, i: usize, listen: &str) -> (Child, BufReader<ChildStdout>, String) {
         // Every model the tests load is in `model_dir`; a cache of their own keeps the
         // nodes out of the user's.
         let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-cache-{}", std::process::id()));
-        let mut cluster = Cluster { nodes: Vec::new(), _stdouts: Vec::new(), addrs: Vec::new() };
-        for i in 0..n {
-            let mut child = strata()
-                .args([
-                    "node",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--no-mdns",
-                    "--memory",
-                    "4GiB",
-                    "--name",
-                    &format!("node{i}"),
-                    "--model-dir",
-                    path_str(model_dir),
-                    "--cache-dir",
-                    path_str(&cache),
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start strata node");
-            let mut stdout = BufReader::new(child.stdout.take().expect("node stdout"));
-            cluster.nodes.push(child);
-            let mut line = String::new();
-            stdout.read_line(&mut line).expect("read node stdout");
-            let addr = line
-                .trim()
-                .strip_prefix("listening on ")
-                .unwrap_or_else(|| panic!("node {i} printed `{}`", line.trim()));
-            cluster.addrs.push(addr.to_owned());
-            cluster._stdouts.push(stdout);
-        }
-        cluster
+        spawn_node(&format!("node{i}"), listen, &self.memory, &self.model_dir, &cache)
+    }
+
+    /// Starts node `i` again (after a kill), on its old address.
+    pub fn restart(&mut self, i: usize) {
+        let _ = self.nodes[i].kill();
+        let _ = self.nodes[i].wait();
+        let (child, stdout, addr) = self.spawn(i, &self.addrs[i].clone());
+        assert_eq!(addr, self.addrs[i]);
+        self.nodes[i] = child;
+        self._stdouts[i] = stdout;
     }
 
     /// Kills node `i` at once (SIGKILL: no goodbye to anyone).
     pub fn kill(&mut self, i: usize) {
         let _ = self.nodes[i].kill();
         let _ = self.nodes[i].wait();
+    }
+
+    /// Sends node `i` a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, i: usize, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.nodes[i].id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{signal} node {i} failed");
+    }
+
+    /// Waits up to `timeout` for node `i` to exit by itself: its status, if it did.
+    pub fn wait_exit(&mut self, i: usize, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(status)) = self.nodes[i].try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
     }
 
     /// The nodes' process ids.
@@ -160,6 +212,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for child in &mut self.nodes {
+            // A stopped node (SIGSTOP) dies of SIGKILL all the same.
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -186,6 +186,28 @@ impl KvCapacity {
     }
 }
 
+/// What a re-plan came to.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// Nodes of the old plan that the new one leaves out.
+    pub left_out: Vec<String>,
+    /// Why each node that did not answer was left out.
+    pub why: Vec<String>,
+    /// The new plan's nodes, in pipeline order.
+    pub nodes: Vec<String>,
+    /// From the start of the re-plan to the new stream being open.
+    pub seconds: f64,
+}
+
+/// Why an engine wants a re-plan, and how soon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replan {
+    pub why: String,
+    /// Only when nothing runs (a node that came back: the plan works without it);
+    /// otherwise before the next step (a node lost or leaving).
+    pub when_idle: bool,
+}
+
 /// Where one stage runs and what it holds, in pipeline order.
 #[derive(Debug, Clone)]
 pub struct Placement {
@@ -216,6 +238,20 @@ pub trait Engine: Send {
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()>;
     /// Positions per sequence, at most.
     fn ctx(&self) -> u32;
+    /// Why the engine should be re-planned, if it should: before its next step for a
+    /// node that is leaving (the steps in flight still come back: collect them first) or
+    /// one that was lost; when idle for a node that answers again. `None` (the default)
+    /// for an engine that cannot re-plan.
+    fn replan_wanted(&self) -> Option<Replan> {
+        None
+    }
+    /// Rebuilds the engine on what is left of it (a pipeline: the nodes that answer).
+    /// Every step in flight is lost and no stage holds any sequence afterwards: the
+    /// caller recomputes each live sequence from its tokens. An error means the engine
+    /// cannot run at all (the nodes left cannot hold the model).
+    fn recover(&mut self) -> anyhow::Result<Recovered> {
+        anyhow::bail!("this engine cannot re-plan")
+    }
     /// The most rows one step may carry, all its sequences together.
     fn max_batch(&self) -> u32;
     /// Sequences the stages hold at once (and the most one step may carry).
@@ -433,6 +469,9 @@ pub(crate) mod testing {
         pub max_batch: u32,
         /// From this step on, `next_result` fails as a whole (a pipeline losing a node).
         pub fail_after: Option<u64>,
+        /// Whether `recover` works (clearing `fail_after` and every step in flight).
+        pub recoverable: bool,
+        pub recoveries: u32,
         next: u64,
     }
 
@@ -445,6 +484,8 @@ pub(crate) mod testing {
                 kv: None,
                 max_batch: 4,
                 fail_after: None,
+                recoverable: false,
+                recoveries: 0,
                 next: 0,
             }
         }
@@ -489,6 +530,16 @@ pub(crate) mod testing {
         }
         fn ctx(&self) -> u32 {
             64
+        }
+        fn recover(&mut self) -> anyhow::Result<Recovered> {
+            anyhow::ensure!(self.recoverable, "no node is left");
+            self.fail_after = None;
+            self.results.clear();
+            self.recoveries += 1;
+            let logged =
+                Logged { step: self.next, seq: 0, len: 0, pos: 0, history: 0, want_token: false, release: true };
+            self.log.lock().unwrap().push(logged);
+            Ok(Recovered { left_out: vec!["b".into()], why: Vec::new(), nodes: vec!["a".into()], seconds: 0.0 })
         }
         fn max_batch(&self) -> u32 {
             self.max_batch

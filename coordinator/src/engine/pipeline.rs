@@ -27,11 +27,11 @@ use strata_proto::tonic::Streaming;
 use strata_proto::tonic::transport::Channel;
 use strata_proto::transport::Security;
 use strata_proto::v1::{self as pb, stage_client::StageClient};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Engine, EngineStats, EngineUse, ErrorCode, KvCapacity, LatencyHistogram, NodeCounters, Placement, PoolCounters,
-    Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length,
+    Recovered, Replan, Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length,
 };
 use crate::cli::{EngineArgs, Wire};
 
@@ -68,6 +68,16 @@ struct InFlight {
 pub struct Pipeline {
     rt: tokio::runtime::Runtime,
     stages: Vec<StageHandle>,
+    /// What a re-plan needs: the command's settings, the model's identity, the key, and
+    /// every node address this pipeline was built from (tried again at each re-plan).
+    args: EngineArgs,
+    usage: EngineUse,
+    model_id: Vec<u8>,
+    security: Security,
+    candidates: Vec<String>,
+    /// The plan's KV pool, in positions: kept across a re-plan where the survivors hold it.
+    kv_positions: u64,
+    heartbeat: Option<Heartbeat>,
     ctx: u32,
     batch: u32,
     max_seqs: u32,
@@ -88,6 +98,120 @@ pub struct Pipeline {
 
 /// How often `stats` asks the nodes for their counters (the scheduler asks every step).
 const STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// How often every node is asked `Info` (answered without touching the stage, so a long
+/// step does not delay it), and how long an answer may take: a node that is killed, hangs
+/// or is cut off is noticed within the sum, 3 s.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a node may take to answer when a re-plan asks who is still there.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a node's `Health` may take for statistics (it waits for the step running).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the heartbeat saw.
+#[derive(Debug, Clone)]
+enum Alarm {
+    /// A node (at `addr`) did not answer: the pipeline is broken until a re-plan, which
+    /// does not wait for it again.
+    Lost { addr: String, why: String },
+    /// A node asked to leave: re-plan once the steps in flight are back.
+    Leaving(String),
+    /// A node of the cluster that the plan lacks answers (one lost earlier, back): worth
+    /// a re-plan when nothing runs.
+    Rejoin(String),
+}
+
+/// Every how many heartbeats the nodes a plan lacks are asked whether they are back.
+const REJOIN_EVERY: u32 = 5;
+
+/// The task that asks every stage `Info` each [`HEARTBEAT_EVERY`]; stops when dropped.
+struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    alarm: watch::Receiver<Option<Alarm>>,
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Heartbeat {
+    /// Watches `stages` (a silent one is lost) and, now and then, the `absent` addresses
+    /// (one that answers may rejoin).
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        stages: &[StageHandle],
+        absent: Vec<String>,
+        security: &Security,
+    ) -> Heartbeat {
+        let targets: Vec<(String, String, StageClient<Channel>)> =
+            stages.iter().map(|s| (s.name.clone(), s.addr.clone(), s.client.clone())).collect();
+        let (tx, alarm) = watch::channel(None);
+        let security = security.clone();
+        let task = rt.spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for beat in 1u32.. {
+                tick.tick().await;
+                if beat % REJOIN_EVERY == 0 && tx.borrow().is_none() {
+                    for addr in &absent {
+                        let probe = tokio::time::timeout(PROBE_TIMEOUT, probe_node(addr, &security, &[])).await;
+                        if let Ok(Ok((h, false))) = probe {
+                            tracing::info!(node = %h.name, %addr, "a node the plan lacks answers again");
+                            tx.send_replace(Some(Alarm::Rejoin(format!("node {} ({addr}) answers again", h.name))));
+                            break;
+                        }
+                    }
+                }
+                let mut checks = tokio::task::JoinSet::new();
+                for (name, addr, client) in &targets {
+                    let (name, addr, mut client) = (name.clone(), addr.clone(), client.clone());
+                    checks.spawn(async move {
+                        let answer = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.info(pb::InfoRequest {})).await;
+                        (name, addr, answer)
+                    });
+                }
+                while let Some(Ok((name, addr, answer))) = checks.join_next().await {
+                    let lost = match answer {
+                        Ok(Ok(info)) if info.get_ref().leaving => {
+                            if tx.borrow().is_none() {
+                                tracing::warn!(node = %name, %addr, "the node is leaving: re-planning without it");
+                                tx.send_replace(Some(Alarm::Leaving(format!("node {name} ({addr}) is leaving"))));
+                            }
+                            continue;
+                        }
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(status)) => format!("node {name} ({addr}) failed its heartbeat: {}", status.message()),
+                        Err(_) => format!(
+                            "node {name} ({addr}) missed its heartbeat: no answer within {:.1} s",
+                            HEARTBEAT_TIMEOUT.as_secs_f64()
+                        ),
+                    };
+                    tracing::error!("{lost}");
+                    tx.send_replace(Some(Alarm::Lost { addr, why: lost }));
+                    return;
+                }
+            }
+        });
+        Heartbeat { task, alarm }
+    }
+
+    /// Resolves with the cause once a node is lost.
+    async fn lost(mut alarm: watch::Receiver<Option<Alarm>>) -> String {
+        loop {
+            if let Some(Alarm::Lost { why, .. }) = alarm.borrow_and_update().clone() {
+                return why;
+            }
+            if alarm.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
 
 fn wire_format(w: Wire) -> pb::HiddenFormat {
     match w {
@@ -199,34 +323,88 @@ async fn stage_addresses(
     Ok((addrs, local))
 }
 
-/// Connects to every node and asks who it is; refuses one of another protocol version.
+/// Connects to the node at `addr` and asks who it is; refuses one of another protocol
+/// version. `taken`: names already in the pipeline (two nodes of one name, two ports of
+/// one host, are told apart by address).
+async fn probe_node(addr: &str, security: &Security, taken: &[StageHandle]) -> anyhow::Result<(StageHandle, bool)> {
+    let mut client = strata_proto::transport::connect(addr, security).await?;
+    let info = client.info(pb::InfoRequest {}).await.map_err(|status| refused(addr, security, &status))?.into_inner();
+    if info.protocol_version != strata_proto::PROTOCOL_VERSION {
+        let ours = strata_proto::PROTOCOL_VERSION;
+        bail!("node {addr} speaks protocol {}, this coordinator {ours}", info.protocol_version);
+    }
+    let name = if taken.iter().any(|s| s.name == info.name) { format!("{}@{addr}", info.name) } else { info.name };
+    let handle = StageHandle {
+        name,
+        addr: addr.to_owned(),
+        adapter: info.adapter,
+        backend: info.backend,
+        memory: info.usable_memory,
+        max_binding: info.max_binding,
+        device_key: info.device_key,
+        layers: 0..0,
+        pool: false,
+        client,
+    };
+    Ok((handle, info.leaving))
+}
+
+/// Connects to every node and asks who it is; a node that is leaving is passed over.
 async fn connect(addrs: &[String], security: &Security) -> anyhow::Result<Vec<StageHandle>> {
     let mut stages: Vec<StageHandle> = Vec::new();
     for addr in addrs {
-        let mut client = strata_proto::transport::connect(addr, security).await?;
-        let info =
-            client.info(pb::InfoRequest {}).await.map_err(|status| refused(addr, security, &status))?.into_inner();
-        if info.protocol_version != strata_proto::PROTOCOL_VERSION {
-            let ours = strata_proto::PROTOCOL_VERSION;
-            bail!("node {addr} speaks protocol {}, this coordinator {ours}", info.protocol_version);
+        let (handle, leaving) = probe_node(addr, security, &stages).await?;
+        if leaving {
+            eprintln!("passing over node {} at {addr}: it is leaving", handle.name);
+            continue;
         }
-        // Two nodes of one name (two ports of one host) are told apart by address.
-        let taken = stages.iter().any(|s| s.name == info.name);
-        let name = if taken { format!("{}@{addr}", info.name) } else { info.name.clone() };
-        stages.push(StageHandle {
-            name,
-            addr: addr.clone(),
-            adapter: info.adapter,
-            backend: info.backend,
-            memory: info.usable_memory,
-            max_binding: info.max_binding,
-            device_key: info.device_key,
-            layers: 0..0,
-            pool: false,
-            client,
-        });
+        stages.push(handle);
+    }
+    if stages.is_empty() {
+        bail!("every node given is leaving: there is nothing to run the model on");
     }
     Ok(stages)
+}
+
+/// The nodes of `addrs` that answer now (within [`PROBE_TIMEOUT`], all asked at once)
+/// and are not leaving, in order; with what happened to each of the others. `lost`: an
+/// address the heartbeat already found silent, not waited for again.
+async fn survivors(
+    addrs: &[String],
+    security: &Security,
+    lost: Option<&str>,
+) -> (Vec<StageHandle>, Vec<(String, String)>) {
+    let probes = addrs.iter().map(|addr| {
+        let (addr, security) = (addr.clone(), security.clone());
+        let skip = lost == Some(addr.as_str());
+        tokio::spawn(async move {
+            if skip {
+                return (addr, None);
+            }
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, probe_node(&addr, &security, &[])).await;
+            (addr, Some(answer))
+        })
+    });
+    let probes: Vec<_> = probes.collect();
+    let (mut alive, mut gone): (Vec<StageHandle>, Vec<(String, String)>) = (Vec::new(), Vec::new());
+    for p in probes {
+        let Ok((addr, answer)) = p.await else { continue };
+        match answer {
+            None => gone.push((addr.clone(), format!("{addr}: missed its heartbeat"))),
+            Some(Ok(Ok((mut h, false)))) => {
+                if alive.iter().any(|s| s.name == h.name) {
+                    h.name = format!("{}@{addr}", h.name);
+                }
+                alive.push(h);
+            }
+            Some(Ok(Ok((h, true)))) => gone.push((addr.clone(), format!("{} ({addr}) is leaving", h.name))),
+            Some(Ok(Err(e))) => gone.push((addr.clone(), format!("{addr}: {e:#}"))),
+            Some(Err(_)) => {
+                gone.push((addr.clone(), format!("{addr}: no answer within {} s", PROBE_TIMEOUT.as_secs())))
+            }
+        }
+    }
+    (alive, gone)
 }
 
 /// Why a node did not answer `Info`, with what to do about it: with TLS 1.3 a node that
@@ -319,15 +497,77 @@ struct Connected {
     stages: Vec<StageHandle>,
     weight_bytes_per_token: u64,
     spec: strata_node::stage::StageSpec,
+    kv_positions: u64,
     tx: mpsc::Sender<pb::Activation>,
     results: Streaming<pb::StepResult>,
-    local: Option<LocalNode>,
+}
+
+/// What a plan asks of the nodes, given the pool: `kv_positions` fixes it (a re-plan
+/// keeps the pool it had), else `--kv-pool` or the planner's choice.
+fn plan_config(spec: &strata_node::stage::StageSpec, args: &EngineArgs, kv_positions: Option<u64>) -> PlanConfig {
+    PlanConfig {
+        max_batch: spec.max_batch as usize,
+        seqs: spec.max_seqs as usize,
+        kv_block_size: spec.kv_block_size as usize,
+        kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
+        ..PlanConfig::new(spec.ctx as usize)
+    }
+}
+
+/// Plans the model over `stages` (every one gets layers, in order), loads each shard
+/// and opens the forward stream to the first.
+async fn plan_and_load(
+    gguf: &Gguf,
+    args: &EngineArgs,
+    usage: EngineUse,
+    ctx: u32,
+    mut stages: Vec<StageHandle>,
+    kv_positions: Option<u64>,
+    split: Option<&[usize]>,
+) -> anyhow::Result<Connected> {
+    let config = ModelConfig::from_gguf(gguf)?;
+    let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+    let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
+    let pc = plan_config(&spec, args, kv_positions);
+    let cost = ModelCost::new(gguf, &config, &pc)?;
+    let mut plan = Plan::fitted(&cost, &budgets, split)?;
+    // Each attention layer keeps its part of the pool in one buffer: no larger than the
+    // smallest adapter's largest binding allows.
+    let a = &config.attention;
+    let per_position = (a.n_head_kv * a.head_dim * 2) as u64;
+    let binding = plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
+    if let Some(cap) = binding.map(|b| b / per_position.max(1) / pc.kv_block_size as u64 * pc.kv_block_size as u64)
+        && plan.kv_positions > cap
+    {
+        tracing::info!(positions = plan.kv_positions, cap, "KV pool capped by the adapters' largest binding");
+        let capped = PlanConfig { kv_positions: Some(cap), ..pc.clone() };
+        plan = Plan::fitted(&ModelCost::new(gguf, &config, &capped)?, &budgets, split)?;
+    }
+    eprintln!("plan:\n{}", plan.table());
+    let spec = super::stage_spec(args, usage, ctx, 0..0, Some(plan.kv_positions))?;
+    load_shards(gguf, &args.model, &plan, &mut stages, &spec).await?;
+    let (tx, rx) = mpsc::channel(1024);
+    let results = stages[0]
+        .client
+        .forward(ReceiverStream::new(rx))
+        .await
+        .context("opening the forward stream to stage 0")?
+        .into_inner();
+    let weight_bytes_per_token = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
+    Ok(Connected { stages, weight_bytes_per_token, spec, kv_positions: plan.kv_positions, tx, results })
+}
+
+/// The KV pool sequences share, when a stage of `c` has one.
+fn kv_of(c: &Connected) -> anyhow::Result<Option<KvCapacity>> {
+    Ok(c.stages
+        .iter()
+        .any(|s| s.pool)
+        .then_some(KvCapacity { block_size: c.spec.kv_block_size, blocks: c.spec.kv_layout()?.blocks }))
 }
 
 impl Pipeline {
     pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<Pipeline> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
         let security = crate::cluster_key::resolve(&args.cluster)?;
         let discovered = if args.discover {
@@ -342,17 +582,28 @@ impl Pipeline {
         } else {
             Vec::new()
         };
-        let c = rt.block_on(Self::connect_and_load(gguf, &config, args, usage, &discovered, ctx, &security))?;
-        let kv = c
-            .stages
-            .iter()
-            .any(|s| s.pool)
-            .then_some(KvCapacity { block_size: c.spec.kv_block_size, blocks: c.spec.kv_layout()?.blocks });
+        let (c, candidates, local) = rt.block_on(async {
+            let (addrs, local) = stage_addresses(args, &discovered, &security).await?;
+            let stages = connect(&addrs, &security).await?;
+            let split = args.split.as_deref().map(parse_split).transpose()?;
+            let c = plan_and_load(gguf, args, usage, ctx, stages, None, split.as_deref()).await?;
+            anyhow::Ok((c, addrs, local))
+        })?;
+        let kv = kv_of(&c)?;
         let micro_batches = args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
         tracing::info!(micro_batches, stages = c.stages.len(), "steps kept in flight");
+        let absent = candidates.iter().filter(|a| !c.stages.iter().any(|s| &s.addr == *a)).cloned().collect();
+        let heartbeat = Heartbeat::start(&rt, &c.stages, absent, &security);
         Ok(Pipeline {
+            heartbeat: Some(heartbeat),
             rt,
             stages: c.stages,
+            args: args.clone(),
+            usage,
+            model_id: gguf.identity().to_vec(),
+            security,
+            candidates,
+            kv_positions: c.kv_positions,
             ctx,
             batch: c.spec.max_batch,
             max_seqs: c.spec.max_seqs,
@@ -366,57 +617,45 @@ impl Pipeline {
             in_flight: HashMap::new(),
             latency: LatencyHistogram::default(),
             node_stats: Mutex::new((None, Vec::new())),
-            _local: c.local,
+            _local: local,
         })
     }
 
-    async fn connect_and_load(
-        gguf: &Gguf,
-        config: &ModelConfig,
-        args: &EngineArgs,
-        usage: EngineUse,
-        discovered: &[String],
-        ctx: u32,
-        security: &Security,
-    ) -> anyhow::Result<Connected> {
-        let (addrs, local) = stage_addresses(args, discovered, security).await?;
-        let mut stages = connect(&addrs, security).await?;
-        let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
-        let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
-        let pc = PlanConfig {
-            max_batch: spec.max_batch as usize,
-            seqs: spec.max_seqs as usize,
-            kv_block_size: spec.kv_block_size as usize,
-            kv_positions: args.kv_pool.map(u64::from),
-            ..PlanConfig::new(ctx as usize)
-        };
-        let cost = ModelCost::new(gguf, config, &pc)?;
-        let split = args.split.as_deref().map(parse_split).transpose()?;
-        let mut plan = Plan::fitted(&cost, &budgets, split.as_deref())?;
-        // Each attention layer keeps its part of the pool in one buffer: no larger than the
-        // smallest adapter's largest binding allows.
-        let a = &config.attention;
-        let per_position = (a.n_head_kv * a.head_dim * 2) as u64;
-        let binding = plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
-        if let Some(cap) = binding.map(|b| b / per_position.max(1) / pc.kv_block_size as u64 * pc.kv_block_size as u64)
-            && plan.kv_positions > cap
-        {
-            tracing::info!(positions = plan.kv_positions, cap, "KV pool capped by the adapters' largest binding");
-            let capped = PlanConfig { kv_positions: Some(cap), ..pc.clone() };
-            plan = Plan::fitted(&ModelCost::new(gguf, config, &capped)?, &budgets, split.as_deref())?;
+    /// Plans again over the nodes that answer now: the survivors first tried with the
+    /// pool the pipeline had (so that what the scheduler admitted still fits), then
+    /// with the largest pool they hold. Nodes lost earlier that answer again are taken
+    /// back.
+    /// Plans again over `alive` (the nodes that answered; `gone`: why the others are
+    /// left out).
+    async fn replan(&self, gguf: &Gguf, alive: Vec<StageHandle>, gone: &[String]) -> anyhow::Result<Connected> {
+        for g in gone {
+            tracing::warn!("re-plan: leaving out {g}");
         }
-        eprintln!("plan:\n{}", plan.table());
-        let spec = super::stage_spec(args, usage, ctx, 0..0, Some(plan.kv_positions))?;
-        load_shards(gguf, &args.model, &plan, &mut stages, &spec).await?;
-        let (tx, rx) = mpsc::channel(1024);
-        let results = stages[0]
-            .client
-            .forward(ReceiverStream::new(rx))
+        if alive.is_empty() {
+            bail!("no node is left to run the model on ({})", gone.join("; "));
+        }
+        let left: Vec<String> =
+            alive.iter().map(|s| format!("{} ({})", s.name, indicatif::HumanBytes(s.memory))).collect();
+        let too_small = |e: anyhow::Error| {
+            anyhow::anyhow!("the {} node(s) left, {}, cannot hold the model: {e:#}", left.len(), left.join(", "))
+        };
+        // A node that answered the probe may still fail to load; the error says which.
+        let budgets: Vec<NodeBudget> = alive.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+        let config = ModelConfig::from_gguf(gguf)?;
+        let spec = super::stage_spec(&self.args, self.usage, self.ctx, 0..0, None)?;
+        let keep = plan_config(&spec, &self.args, Some(self.kv_positions));
+        let keep_pool = Plan::fitted(&ModelCost::new(gguf, &config, &keep)?, &budgets, None).is_ok();
+        let kv_positions = keep_pool.then_some(self.kv_positions);
+        if !keep_pool {
+            tracing::warn!(
+                positions = self.kv_positions,
+                "the survivors cannot keep the KV pool's size: planning a smaller one"
+            );
+        }
+        let c = plan_and_load(gguf, &self.args, self.usage, self.ctx, alive, kv_positions, None)
             .await
-            .context("opening the forward stream to stage 0")?
-            .into_inner();
-        let weight_bytes_per_token = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
-        Ok(Connected { stages, weight_bytes_per_token, spec, tx, results, local })
+            .map_err(too_small)?;
+        Ok(c)
     }
 
     fn activation(&mut self, seqs: &[SeqStep<'_>]) -> pb::Activation {
@@ -478,8 +717,12 @@ impl Pipeline {
         self.rt.block_on(async {
             let mut out = Vec::new();
             for s in &self.stages {
-                let h = s.client.clone().health(pb::HealthRequest {}).await;
-                out.push(h.map(|r| counters(r.into_inner())).with_context(|| format!("health of {}", s.addr)));
+                let h = tokio::time::timeout(HEALTH_TIMEOUT, s.client.clone().health(pb::HealthRequest {})).await;
+                let h = match h {
+                    Ok(h) => h.map(|r| counters(r.into_inner())).map_err(anyhow::Error::from),
+                    Err(_) => Err(anyhow::anyhow!("no answer within {} s", HEALTH_TIMEOUT.as_secs())),
+                };
+                out.push(h.with_context(|| format!("health of {}", s.addr)));
             }
             out
         })
@@ -519,10 +762,22 @@ impl Engine for Pipeline {
             bail!("next_result without a submitted step");
         }
         loop {
+            let alarm = self.heartbeat.as_ref().map(|h| h.alarm.clone());
+            let results = &mut self.results;
             let r = self
                 .rt
-                .block_on(self.results.message())
-                .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
+                .block_on(async move {
+                    let lost = async {
+                        match alarm {
+                            Some(a) => Heartbeat::lost(a).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        m = results.message() => m.map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message())),
+                        why = lost => Err(anyhow::anyhow!("{why}")),
+                    }
+                })?
                 .context("the pipeline closed its result stream")?;
             let Some(flight) = self.in_flight.remove(&r.step) else {
                 tracing::warn!(step = r.step, "a result for a step not in flight");
@@ -543,6 +798,54 @@ impl Engine for Pipeline {
 
     fn ctx(&self) -> u32 {
         self.ctx
+    }
+
+    fn replan_wanted(&self) -> Option<Replan> {
+        match &*self.heartbeat.as_ref()?.alarm.borrow() {
+            Some(Alarm::Lost { why, .. } | Alarm::Leaving(why)) => Some(Replan { why: why.clone(), when_idle: false }),
+            Some(Alarm::Rejoin(why)) => Some(Replan { why: why.clone(), when_idle: true }),
+            None => None,
+        }
+    }
+
+    /// Re-plans over the nodes that answer, loads the new shards and opens a new stream.
+    /// Every step in flight is lost and every stage starts empty.
+    fn recover(&mut self) -> anyhow::Result<Recovered> {
+        let t0 = Instant::now();
+        let before: Vec<String> = self.stages.iter().map(|s| s.name.clone()).collect();
+        let lost = match self.heartbeat.as_ref().map(|h| h.alarm.borrow().clone()) {
+            Some(Some(Alarm::Lost { addr, .. })) => Some(addr),
+            _ => None,
+        };
+        // Stop watching, and close the old stream so that every stage drops its own.
+        self.heartbeat = None;
+        self.tx = mpsc::channel(1).0;
+        self.in_flight.clear();
+        let gguf = Gguf::open(&self.args.model).with_context(|| format!("opening {}", self.args.model.display()))?;
+        if gguf.identity() != self.model_id.as_slice() {
+            bail!("{} changed since the model was loaded", self.args.model.display());
+        }
+        let (alive, gone) = self.rt.block_on(survivors(&self.candidates, &self.security, lost.as_deref()));
+        let (absent, gone): (Vec<String>, Vec<String>) = gone.into_iter().unzip();
+        let c = match self.rt.block_on(self.replan(&gguf, alive, &gone)) {
+            Ok(c) => c,
+            Err(e) => {
+                // Watch for the missing nodes: one that comes back is worth another try.
+                self.heartbeat = Some(Heartbeat::start(&self.rt, &[], absent, &self.security));
+                return Err(e);
+            }
+        };
+        self.kv = kv_of(&c)?;
+        self.kv_positions = c.kv_positions;
+        self.micro_batches = self.args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
+        self.heartbeat = Some(Heartbeat::start(&self.rt, &c.stages, absent, &self.security));
+        self.stages = c.stages;
+        self.tx = c.tx;
+        self.results = c.results;
+        *self.node_stats.lock().unwrap_or_else(|e| e.into_inner()) = (None, Vec::new());
+        let nodes: Vec<String> = self.stages.iter().map(|s| s.name.clone()).collect();
+        let left_out = before.into_iter().filter(|n| !nodes.contains(n)).collect();
+        Ok(Recovered { left_out, why: gone, nodes, seconds: t0.elapsed().as_secs_f64() })
     }
 
     fn max_batch(&self) -> u32 {

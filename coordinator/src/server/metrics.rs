@@ -68,6 +68,24 @@ impl Metrics {
         let _ = writeln!(out, "strata_preemptions_total {}", snap.preemptions);
         head(
             &mut out,
+            "strata_recoveries_total",
+            "counter",
+            "Re-plans after a node was lost or left (live sequences recomputed on the nodes left).",
+        );
+        let _ = writeln!(out, "strata_recoveries_total {}", snap.recoveries);
+        if let Some(r) = &snap.last_recovery {
+            head(
+                &mut out,
+                "strata_last_recovery_seconds",
+                "gauge",
+                "How long the last re-plan took (probing the nodes, planning, loading the shards).",
+            );
+            let _ = writeln!(out, "strata_last_recovery_seconds {}", r.replan_seconds);
+        }
+        head(&mut out, "strata_recovering", "gauge", "1 while the pipeline is being re-planned.");
+        let _ = writeln!(out, "strata_recovering {}", u8::from(snap.recovering.is_some()));
+        head(
+            &mut out,
             "strata_steps_total",
             "counter",
             "Steps submitted, each carrying the rows of several sequences.",

@@ -149,12 +149,18 @@ async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(uri.path())
 }
 
-/// `ok`, or 503 `degraded` with the reason once the engine can run no more steps (a
-/// pipeline that lost a node): the server keeps answering, requests fail at once.
+/// `ok`; `recovering` (still 200: requests are taken and wait) while a lost or leaving
+/// node's layers move to the others; 503 `degraded` with the reason once the engine can
+/// run no more steps (the nodes left cannot hold the model): the server keeps
+/// answering, requests fail at once.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match state.scheduler.snapshot().broken {
-        None => (StatusCode::OK, axum::Json(json!({ "status": "ok" }))),
-        Some(error) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "degraded", "error": error }))),
+    let snap = state.scheduler.snapshot();
+    match (snap.broken, snap.recovering) {
+        (Some(error), _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "degraded", "error": error })))
+        }
+        (None, Some(cause)) => (StatusCode::OK, axum::Json(json!({ "status": "recovering", "cause": cause }))),
+        (None, None) => (StatusCode::OK, axum::Json(json!({ "status": "ok" }))),
     }
 }
 
@@ -208,8 +214,22 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     });
     axum::Json(json!({
         "model": state.model_id,
-        "state": if snap.broken.is_some() { "degraded" } else { "ok" },
+        "state": match (&snap.broken, &snap.recovering) {
+            (Some(_), _) => "degraded",
+            (None, Some(_)) => "recovering",
+            (None, None) => "ok",
+        },
         "error": snap.broken,
+        "recovering": snap.recovering,
+        "recoveries": snap.recoveries,
+        "last_recovery": snap.last_recovery.as_ref().map(|r| json!({
+            "cause": r.cause,
+            "left_out": r.left_out,
+            "nodes": r.nodes,
+            "replan_seconds": r.replan_seconds,
+            "sequences": r.sequences,
+            "at_unix": r.at_unix,
+        })),
         "n_layer": snap.engine.n_layer,
         "ctx": state.scheduler.ctx(),
         "max_seqs": state.max_seqs,
