@@ -159,7 +159,7 @@ impl Heartbeat {
                 tick.tick().await;
                 if beat % REJOIN_EVERY == 0 && tx.borrow().is_none() {
                     for addr in &absent {
-                        let probe = tokio::time::timeout(PROBE_TIMEOUT, probe_node(addr, &security, &[])).await;
+                        let probe = tokio::time::timeout(PROBE_TIMEOUT, probe_node(addr, &security)).await;
                         if let Ok(Ok((h, false))) = probe {
                             tracing::info!(node = %h.name, %addr, "a node the plan lacks answers again");
                             tx.send_replace(Some(Alarm::Rejoin(format!("node {} ({addr}) answers again", h.name))));
@@ -323,19 +323,17 @@ async fn stage_addresses(
     Ok((addrs, local))
 }
 
-/// Connects to the node at `addr` and asks who it is; refuses one of another protocol
-/// version. `taken`: names already in the pipeline (two nodes of one name, two ports of
-/// one host, are told apart by address).
-async fn probe_node(addr: &str, security: &Security, taken: &[StageHandle]) -> anyhow::Result<(StageHandle, bool)> {
+/// Connects to the node at `addr` and asks who it is (and whether it is leaving);
+/// refuses one of another protocol version.
+async fn probe_node(addr: &str, security: &Security) -> anyhow::Result<(StageHandle, bool)> {
     let mut client = strata_proto::transport::connect(addr, security).await?;
     let info = client.info(pb::InfoRequest {}).await.map_err(|status| refused(addr, security, &status))?.into_inner();
     if info.protocol_version != strata_proto::PROTOCOL_VERSION {
         let ours = strata_proto::PROTOCOL_VERSION;
         bail!("node {addr} speaks protocol {}, this coordinator {ours}", info.protocol_version);
     }
-    let name = if taken.iter().any(|s| s.name == info.name) { format!("{}@{addr}", info.name) } else { info.name };
     let handle = StageHandle {
-        name,
+        name: info.name,
         addr: addr.to_owned(),
         adapter: info.adapter,
         backend: info.backend,
@@ -349,16 +347,25 @@ async fn probe_node(addr: &str, security: &Security, taken: &[StageHandle]) -> a
     Ok((handle, info.leaving))
 }
 
+/// Appends `h` to `stages`; two nodes of one name (two ports of one host) are told apart
+/// by address.
+fn push_named(stages: &mut Vec<StageHandle>, mut h: StageHandle) {
+    if stages.iter().any(|s| s.name == h.name) {
+        h.name = format!("{}@{}", h.name, h.addr);
+    }
+    stages.push(h);
+}
+
 /// Connects to every node and asks who it is; a node that is leaving is passed over.
 async fn connect(addrs: &[String], security: &Security) -> anyhow::Result<Vec<StageHandle>> {
     let mut stages: Vec<StageHandle> = Vec::new();
     for addr in addrs {
-        let (handle, leaving) = probe_node(addr, security, &stages).await?;
+        let (handle, leaving) = probe_node(addr, security).await?;
         if leaving {
             eprintln!("passing over node {} at {addr}: it is leaving", handle.name);
             continue;
         }
-        stages.push(handle);
+        push_named(&mut stages, handle);
     }
     if stages.is_empty() {
         bail!("every node given is leaving: there is nothing to run the model on");
@@ -381,7 +388,7 @@ async fn survivors(
             if skip {
                 return (addr, None);
             }
-            let answer = tokio::time::timeout(PROBE_TIMEOUT, probe_node(&addr, &security, &[])).await;
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, probe_node(&addr, &security)).await;
             (addr, Some(answer))
         })
     });
@@ -391,12 +398,7 @@ async fn survivors(
         let Ok((addr, answer)) = p.await else { continue };
         match answer {
             None => gone.push((addr.clone(), format!("{addr}: missed its heartbeat"))),
-            Some(Ok(Ok((mut h, false)))) => {
-                if alive.iter().any(|s| s.name == h.name) {
-                    h.name = format!("{}@{addr}", h.name);
-                }
-                alive.push(h);
-            }
+            Some(Ok(Ok((h, false)))) => push_named(&mut alive, h),
             Some(Ok(Ok((h, true)))) => gone.push((addr.clone(), format!("{} ({addr}) is leaving", h.name))),
             Some(Ok(Err(e))) => gone.push((addr.clone(), format!("{addr}: {e:#}"))),
             Some(Err(_)) => {
@@ -502,8 +504,8 @@ struct Connected {
     results: Streaming<pb::StepResult>,
 }
 
-/// What a plan asks of the nodes, given the pool: `kv_positions` fixes it (a re-plan
-/// keeps the pool it had), else `--kv-pool` or the planner's choice.
+/// What a plan asks of the nodes, given the pool: `kv_positions` fixes it, else
+/// `--kv-pool` or the planner's choice.
 fn plan_config(spec: &strata_node::stage::StageSpec, args: &EngineArgs, kv_positions: Option<u64>) -> PlanConfig {
     PlanConfig {
         max_batch: spec.max_batch as usize,
@@ -515,22 +517,44 @@ fn plan_config(spec: &strata_node::stage::StageSpec, args: &EngineArgs, kv_posit
 }
 
 /// Plans the model over `stages` (every one gets layers, in order), loads each shard
-/// and opens the forward stream to the first.
+/// and opens the forward stream to the first. `keep_pool`: a pool size (in positions)
+/// to keep if the nodes hold it (a re-plan: what the scheduler admitted still fits),
+/// else the pool `--kv-pool` or the planner chooses.
 async fn plan_and_load(
     gguf: &Gguf,
     args: &EngineArgs,
     usage: EngineUse,
     ctx: u32,
     mut stages: Vec<StageHandle>,
-    kv_positions: Option<u64>,
+    keep_pool: Option<u64>,
     split: Option<&[usize]>,
 ) -> anyhow::Result<Connected> {
     let config = ModelConfig::from_gguf(gguf)?;
     let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
     let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
-    let pc = plan_config(&spec, args, kv_positions);
-    let cost = ModelCost::new(gguf, &config, &pc)?;
-    let mut plan = Plan::fitted(&cost, &budgets, split)?;
+    let kept = match keep_pool {
+        Some(positions) => {
+            let pc = plan_config(&spec, args, Some(positions));
+            let cost = ModelCost::new(gguf, &config, &pc)?;
+            match Plan::fitted(&cost, &budgets, split) {
+                Ok(plan) => Some((pc, cost, plan)),
+                Err(e) => {
+                    tracing::warn!(positions, "the nodes cannot keep the KV pool's size ({e}): planning a smaller one");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let (pc, cost, mut plan) = match kept {
+        Some(kept) => kept,
+        None => {
+            let pc = plan_config(&spec, args, None);
+            let cost = ModelCost::new(gguf, &config, &pc)?;
+            let plan = Plan::fitted(&cost, &budgets, split)?;
+            (pc, cost, plan)
+        }
+    };
     // Each attention layer keeps its part of the pool in one buffer: no larger than the
     // smallest adapter's largest binding allows.
     let a = &config.attention;
@@ -621,12 +645,8 @@ impl Pipeline {
         })
     }
 
-    /// Plans again over the nodes that answer now: the survivors first tried with the
-    /// pool the pipeline had (so that what the scheduler admitted still fits), then
-    /// with the largest pool they hold. Nodes lost earlier that answer again are taken
-    /// back.
     /// Plans again over `alive` (the nodes that answered; `gone`: why the others are
-    /// left out).
+    /// left out), keeping the pool's size where they hold it.
     async fn replan(&self, gguf: &Gguf, alive: Vec<StageHandle>, gone: &[String]) -> anyhow::Result<Connected> {
         for g in gone {
             tracing::warn!("re-plan: leaving out {g}");
@@ -636,26 +656,10 @@ impl Pipeline {
         }
         let left: Vec<String> =
             alive.iter().map(|s| format!("{} ({})", s.name, indicatif::HumanBytes(s.memory))).collect();
-        let too_small = |e: anyhow::Error| {
-            anyhow::anyhow!("the {} node(s) left, {}, cannot hold the model: {e:#}", left.len(), left.join(", "))
-        };
         // A node that answered the probe may still fail to load; the error says which.
-        let budgets: Vec<NodeBudget> = alive.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
-        let config = ModelConfig::from_gguf(gguf)?;
-        let spec = super::stage_spec(&self.args, self.usage, self.ctx, 0..0, None)?;
-        let keep = plan_config(&spec, &self.args, Some(self.kv_positions));
-        let keep_pool = Plan::fitted(&ModelCost::new(gguf, &config, &keep)?, &budgets, None).is_ok();
-        let kv_positions = keep_pool.then_some(self.kv_positions);
-        if !keep_pool {
-            tracing::warn!(
-                positions = self.kv_positions,
-                "the survivors cannot keep the KV pool's size: planning a smaller one"
-            );
-        }
-        let c = plan_and_load(gguf, &self.args, self.usage, self.ctx, alive, kv_positions, None)
-            .await
-            .map_err(too_small)?;
-        Ok(c)
+        plan_and_load(gguf, &self.args, self.usage, self.ctx, alive, Some(self.kv_positions), None).await.map_err(|e| {
+            anyhow::anyhow!("the {} node(s) left, {}, cannot hold the model: {e:#}", left.len(), left.join(", "))
+        })
     }
 
     fn activation(&mut self, seqs: &[SeqStep<'_>]) -> pb::Activation {
