@@ -32,7 +32,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     eprintln!("loading {} ...", path.display());
-    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1 })?;
+    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1, serving: true })?;
     drop(gguf);
     let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1, max_waiting: None })?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");

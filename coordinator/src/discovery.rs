@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -474,6 +476,58 @@ pub fn discover_nodes(expect: Option<usize>, timeout: Duration, cluster: Option<
         tracing::info!(name = %e.name, addr = %e.addr, "discovered node");
     }
     Ok(nodes.iter().map(|e| e.addr.to_string()).collect())
+}
+
+/// A browser kept running in a thread, for a server whose pipeline takes in nodes of its
+/// cluster that appear later. Stops when dropped.
+pub struct NodeWatch {
+    found: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the watching thread refreshes what it found (it also wakes on each event).
+const WATCH_REFRESH: Duration = Duration::from_secs(1);
+
+impl NodeWatch {
+    /// Starts browsing for nodes of `cluster` (by fingerprint) that speak this protocol.
+    pub fn start(cluster: Option<String>) -> anyhow::Result<NodeWatch> {
+        let mut browser = Browser::start(BrowseConfig::default())?;
+        let (found, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (f, halt) = (found.clone(), stop.clone());
+        let thread = std::thread::Builder::new().name("mdns-watch".into()).spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                browser.wait_until(WATCH_REFRESH, |_| false);
+                let nodes = browser.table().nodes();
+                let addrs = nodes
+                    .iter()
+                    .filter(|e| e.compatible() && e.in_cluster(cluster.as_deref()))
+                    .map(|e| e.addr.to_string())
+                    .collect();
+                *f.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
+            }
+        })?;
+        Ok(NodeWatch { found, stop, thread: Some(thread) })
+    }
+
+    /// The addresses of the usable nodes known now.
+    pub fn found(&self) -> Vec<String> {
+        self.found.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A handle on [`NodeWatch::found`] for another thread.
+    pub fn shared(&self) -> Arc<Mutex<Vec<String>>> {
+        self.found.clone()
+    }
+}
+
+impl Drop for NodeWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `strata nodes`.

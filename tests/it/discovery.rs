@@ -155,6 +155,67 @@ fn nodes_in_other_namespaces_are_found_by_mdns_and_vanish_when_killed() {
     lan.kill(n4);
 }
 
+/// `GET path` of a server listening on 127.0.0.1:`port` inside host `i`: (status, body).
+fn get_in(lan: &Lan, i: usize, port: u16, path: &str, body: Option<&str>) -> (u16, String) {
+    let script = "import sys, urllib.request, urllib.error\n\
+        data = sys.argv[2].encode() if len(sys.argv) > 2 else None\n\
+        req = urllib.request.Request(sys.argv[1], data=data, headers={'Content-Type': 'application/json'})\n\
+        try:\n    r = urllib.request.urlopen(req, timeout=120); print(r.status); print(r.read().decode())\n\
+        except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n";
+    let mut cmd = lan.command(i, std::path::Path::new("python3"));
+    cmd.args(["-c", script, &format!("http://127.0.0.1:{port}{path}")]);
+    if let Some(b) = body {
+        cmd.arg(b);
+    }
+    let o = lan.output(cmd);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (status, body) = out.split_once('\n').unwrap_or_else(|| panic!("no answer from {path}: {o:?}"));
+    (status.trim().parse().expect("status"), body.to_owned())
+}
+
+/// A server started with `--discover` keeps browsing mDNS: a node of its cluster that
+/// appears later joins the pipeline at the next re-plan, taken when nothing runs.
+#[test]
+fn a_node_that_appears_later_joins_a_discovering_server() {
+    let mut lan = Lan::new(3);
+    start_node(&mut lan, 1, "node2", KEY);
+    let model = fixture("tiny-qwen3.gguf");
+    let mut cmd = lan.command(0, strata_exe());
+    cmd.args(["serve", "--model", path_str(&model), "--listen", "127.0.0.1:8080", "--ctx", "256"])
+        .args(["--no-local", "--discover", "--expect-nodes", "1", "--discover-timeout", "10", "--cluster-key", KEY])
+        .env("WGPU_ADAPTER_NAME", "llvmpipe")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let server = lan.spawn(cmd);
+    let stdout = lan.child(server).stdout.take().expect("serve stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read serve's first line");
+    assert_eq!(line.trim(), "listening on http://127.0.0.1:8080", "strata serve did not start");
+    let nodes = |c: &serde_json::Value| c["nodes"].as_array().map_or(0, Vec::len);
+    let (_, c) = get_in(&lan, 0, 8080, "/v1/cluster", None);
+    assert_eq!(nodes(&serde_json::from_str(&c).unwrap()), 1, "{c}");
+
+    start_node(&mut lan, 2, "node3", KEY);
+    let t0 = Instant::now();
+    let c = loop {
+        let (_, c) = get_in(&lan, 0, 8080, "/v1/cluster", None);
+        let c: serde_json::Value = serde_json::from_str(&c).unwrap();
+        if nodes(&c) == 2 && c["state"] == "ok" {
+            break c;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the new node did not join within 60 s: {c:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let joined = t0.elapsed();
+    let names: Vec<&str> = c["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["node2", "node3"], "{c:#}");
+    assert!(c["last_recovery"]["cause"].as_str().unwrap().contains("node3"), "{c:#}");
+    eprintln!("a node that appeared later joined the discovering server {joined:?} after it started");
+    let (status, body) = get_in(&lan, 0, 8080, "/v1/completions", Some(r#"{"prompt":"Hello","max_tokens":4}"#));
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn static_peers_are_listed_without_mdns() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -38,6 +38,9 @@ pub fn context_length(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<u32> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineUse {
     pub max_seqs: u32,
+    /// A server (`serve`, `chat`): with `--discover`, a pipeline keeps browsing mDNS so
+    /// that a node of the cluster that appears later joins at the next re-plan.
+    pub serving: bool,
 }
 
 /// The spec of a stage holding `layers`: `ctx` positions, `--batch-tokens` rows per step,

@@ -78,6 +78,8 @@ pub struct Pipeline {
     /// The plan's KV pool, in positions: kept across a re-plan where the survivors hold it.
     kv_positions: u64,
     heartbeat: Option<Heartbeat>,
+    /// With `--discover` in a server: the nodes of the cluster mDNS knows now.
+    watch: Option<crate::discovery::NodeWatch>,
     ctx: u32,
     batch: u32,
     max_seqs: u32,
@@ -141,11 +143,12 @@ impl Drop for Heartbeat {
 
 impl Heartbeat {
     /// Watches `stages` (a silent one is lost) and, now and then, the `absent` addresses
-    /// (one that answers may rejoin).
+    /// and those `discovered` lists beyond the stages (one that answers may join).
     fn start(
         rt: &tokio::runtime::Runtime,
         stages: &[StageHandle],
         absent: Vec<String>,
+        discovered: Option<Arc<Mutex<Vec<String>>>>,
         security: &Security,
     ) -> Heartbeat {
         let targets: Vec<(String, String, StageClient<Channel>)> =
@@ -158,11 +161,18 @@ impl Heartbeat {
             for beat in 1u32.. {
                 tick.tick().await;
                 if beat % REJOIN_EVERY == 0 && tx.borrow().is_none() {
-                    for addr in &absent {
+                    let mut outside = absent.clone();
+                    if let Some(d) = &discovered {
+                        let found = d.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let known = |a: &String| outside.contains(a) || targets.iter().any(|t| &t.1 == a);
+                        let new: Vec<String> = found.into_iter().filter(|a| !known(a)).collect();
+                        outside.extend(new);
+                    }
+                    for addr in &outside {
                         let probe = tokio::time::timeout(PROBE_TIMEOUT, probe_node(addr, &security)).await;
                         if let Ok(Ok((h, false))) = probe {
-                            tracing::info!(node = %h.name, %addr, "a node the plan lacks answers again");
-                            tx.send_replace(Some(Alarm::Rejoin(format!("node {} ({addr}) answers again", h.name))));
+                            tracing::info!(node = %h.name, %addr, "a node the plan lacks answers");
+                            tx.send_replace(Some(Alarm::Rejoin(format!("node {} ({addr}) can join", h.name))));
                             break;
                         }
                     }
@@ -617,9 +627,15 @@ impl Pipeline {
         let micro_batches = args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
         tracing::info!(micro_batches, stages = c.stages.len(), "steps kept in flight");
         let absent = candidates.iter().filter(|a| !c.stages.iter().any(|s| &s.addr == *a)).cloned().collect();
-        let heartbeat = Heartbeat::start(&rt, &c.stages, absent, &security);
+        let watch = if args.discover && usage.serving {
+            Some(crate::discovery::NodeWatch::start(security.fingerprint().map(str::to_owned))?)
+        } else {
+            None
+        };
+        let heartbeat = Heartbeat::start(&rt, &c.stages, absent, watch.as_ref().map(|w| w.shared()), &security);
         Ok(Pipeline {
             heartbeat: Some(heartbeat),
+            watch,
             rt,
             stages: c.stages,
             args: args.clone(),
@@ -829,20 +845,29 @@ impl Engine for Pipeline {
         if gguf.identity() != self.model_id.as_slice() {
             bail!("{} changed since the model was loaded", self.args.model.display());
         }
+        // Nodes of the cluster that appeared since are candidates from now on.
+        for addr in self.watch.as_ref().map(|w| w.found()).unwrap_or_default() {
+            if !self.candidates.contains(&addr) {
+                tracing::info!(%addr, "a node found over mDNS joins the candidates");
+                self.candidates.push(addr);
+            }
+        }
         let (alive, gone) = self.rt.block_on(survivors(&self.candidates, &self.security, lost.as_deref()));
         let (absent, gone): (Vec<String>, Vec<String>) = gone.into_iter().unzip();
         let c = match self.rt.block_on(self.replan(&gguf, alive, &gone)) {
             Ok(c) => c,
             Err(e) => {
                 // Watch for the missing nodes: one that comes back is worth another try.
-                self.heartbeat = Some(Heartbeat::start(&self.rt, &[], absent, &self.security));
+                let discovered = self.watch.as_ref().map(|w| w.shared());
+                self.heartbeat = Some(Heartbeat::start(&self.rt, &[], absent, discovered, &self.security));
                 return Err(e);
             }
         };
         self.kv = kv_of(&c)?;
         self.kv_positions = c.kv_positions;
         self.micro_batches = self.args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
-        self.heartbeat = Some(Heartbeat::start(&self.rt, &c.stages, absent, &self.security));
+        let discovered = self.watch.as_ref().map(|w| w.shared());
+        self.heartbeat = Some(Heartbeat::start(&self.rt, &c.stages, absent, discovered, &self.security));
         self.stages = c.stages;
         self.tx = c.tx;
         self.results = c.results;

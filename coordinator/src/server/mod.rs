@@ -66,7 +66,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("loading {} ...", path.display());
     let t0 = Instant::now();
-    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: args.max_seqs })?;
+    let engine =
+        crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: args.max_seqs, serving: true })?;
     let stats = engine.stats();
     let where_ = stats
         .stages
