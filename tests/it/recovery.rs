@@ -257,3 +257,37 @@ fn survivors_too_small_fail_clearly_and_the_server_stays_up() {
     let r = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":4}"#);
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A node that answers but cannot join (too small for any layer) leaves the pipeline that
+/// runs without it as it was, and is not asked again and again.
+#[test]
+fn a_node_that_cannot_join_leaves_the_working_pipeline_alone() {
+    let model = fixture("tiny-qwen3.gguf");
+    let mut cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&model)));
+    let mut args = vec!["--ctx", "256", "--max-seqs", "2"];
+    let flags = cluster.flags();
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&model, &args);
+    // Idle, the server notices the loss by its heartbeat and re-plans on node0 alone.
+    cluster.kill(1);
+    let c = recovered(&server);
+    assert_eq!(c["nodes"].as_array().unwrap().len(), 1, "{c:#}");
+    cluster.restart_with(1, "64KiB");
+    let t0 = Instant::now();
+    let c = loop {
+        let c = server.get("/v1/cluster").json();
+        if c["recoveries"] == 2 && c["state"] == "ok" {
+            break c;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no second re-plan within 30 s: {c:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let names: Vec<&str> = c["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["node0"], "{c:#}");
+    // Two more rounds of the join probe: it is not tried again.
+    std::thread::sleep(Duration::from_secs(11));
+    let c = server.get("/v1/cluster").json();
+    assert_eq!((c["recoveries"].as_u64(), c["state"].as_str()), (Some(2), Some("ok")), "{c:#}");
+    let r = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":4}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+}

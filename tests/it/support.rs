@@ -158,9 +158,16 @@ impl Cluster {
 
     /// Starts node `i` again (after a kill), on its old address.
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(i, &self.memory.clone());
+    }
+
+    /// Starts node `i` again (after a kill), on its old address, offering `memory`.
+    pub fn restart_with(&mut self, i: usize, memory: &str) {
         let _ = self.nodes[i].kill();
         let _ = self.nodes[i].wait();
+        let kept = std::mem::replace(&mut self.memory, memory.to_owned());
         let (child, stdout, addr) = self.spawn(i, &self.addrs[i].clone());
+        self.memory = kept;
         assert_eq!(addr, self.addrs[i]);
         self.nodes[i] = child;
         self._stdouts[i] = stdout;

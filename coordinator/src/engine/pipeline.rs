@@ -36,6 +36,7 @@ use super::{
 use crate::cli::{EngineArgs, Wire};
 
 /// One stage as the coordinator sees it.
+#[derive(Clone)]
 struct StageHandle {
     name: String,
     addr: String,
@@ -80,6 +81,9 @@ pub struct Pipeline {
     heartbeat: Option<Heartbeat>,
     /// With `--discover` in a server: the nodes of the cluster mDNS knows now.
     watch: Option<crate::discovery::NodeWatch>,
+    /// Nodes that answered but could not join a plan (too small, or failing to load): not
+    /// asked again until a node is lost.
+    refused: Vec<String>,
     ctx: u32,
     batch: u32,
     max_seqs: u32,
@@ -129,6 +133,16 @@ enum Alarm {
 /// Every how many heartbeats the nodes a plan lacks are asked whether they are back.
 const REJOIN_EVERY: u32 = 5;
 
+/// The nodes outside a plan that the heartbeat asks, now and then, whether they can join.
+struct Outside {
+    /// Addresses of the pipeline's own nodes that did not answer.
+    absent: Vec<String>,
+    /// What an mDNS watch finds (a server with `--discover`).
+    discovered: Option<Arc<Mutex<Vec<String>>>>,
+    /// Addresses not to ask (nodes that could not join).
+    skip: Vec<String>,
+}
+
 /// The task that asks every stage `Info` each [`HEARTBEAT_EVERY`]; stops when dropped.
 struct Heartbeat {
     task: tokio::task::JoinHandle<()>,
@@ -142,15 +156,9 @@ impl Drop for Heartbeat {
 }
 
 impl Heartbeat {
-    /// Watches `stages` (a silent one is lost) and, now and then, the `absent` addresses
-    /// and those `discovered` lists beyond the stages (one that answers may join).
-    fn start(
-        rt: &tokio::runtime::Runtime,
-        stages: &[StageHandle],
-        absent: Vec<String>,
-        discovered: Option<Arc<Mutex<Vec<String>>>>,
-        security: &Security,
-    ) -> Heartbeat {
+    /// Watches `stages` (a silent one is lost) and, now and then, the nodes `outside`
+    /// the plan (one that answers may join).
+    fn start(rt: &tokio::runtime::Runtime, stages: &[StageHandle], outside: Outside, security: &Security) -> Heartbeat {
         let targets: Vec<(String, String, StageClient<Channel>)> =
             stages.iter().map(|s| (s.name.clone(), s.addr.clone(), s.client.clone())).collect();
         let (tx, alarm) = watch::channel(None);
@@ -161,14 +169,15 @@ impl Heartbeat {
             for beat in 1u32.. {
                 tick.tick().await;
                 if beat % REJOIN_EVERY == 0 && tx.borrow().is_none() {
-                    let mut outside = absent.clone();
-                    if let Some(d) = &discovered {
+                    let mut ask = outside.absent.clone();
+                    if let Some(d) = &outside.discovered {
                         let found = d.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        let known = |a: &String| outside.contains(a) || targets.iter().any(|t| &t.1 == a);
+                        let known = |a: &String| ask.contains(a) || targets.iter().any(|t| &t.1 == a);
                         let new: Vec<String> = found.into_iter().filter(|a| !known(a)).collect();
-                        outside.extend(new);
+                        ask.extend(new);
                     }
-                    for addr in &outside {
+                    ask.retain(|a| !outside.skip.contains(a));
+                    for addr in &ask {
                         let probe = tokio::time::timeout(PROBE_TIMEOUT, probe_node(addr, &security)).await;
                         if let Ok(Ok((h, false))) = probe {
                             tracing::info!(node = %h.name, %addr, "a node the plan lacks answers");
@@ -632,10 +641,12 @@ impl Pipeline {
         } else {
             None
         };
-        let heartbeat = Heartbeat::start(&rt, &c.stages, absent, watch.as_ref().map(|w| w.shared()), &security);
+        let outside = Outside { absent, discovered: watch.as_ref().map(|w| w.shared()), skip: Vec::new() };
+        let heartbeat = Heartbeat::start(&rt, &c.stages, outside, &security);
         Ok(Pipeline {
             heartbeat: Some(heartbeat),
             watch,
+            refused: Vec::new(),
             rt,
             stages: c.stages,
             args: args.clone(),
@@ -853,21 +864,44 @@ impl Engine for Pipeline {
             }
         }
         let (alive, gone) = self.rt.block_on(survivors(&self.candidates, &self.security, lost.as_deref()));
-        let (absent, gone): (Vec<String>, Vec<String>) = gone.into_iter().unzip();
-        let c = match self.rt.block_on(self.replan(&gguf, alive, &gone)) {
+        let (absent, mut gone): (Vec<String>, Vec<String>) = gone.into_iter().unzip();
+        if lost.is_some() {
+            // After a loss every node is worth trying again.
+            self.refused.clear();
+        }
+        let previous: Vec<String> = self.stages.iter().map(|s| s.addr.clone()).collect();
+        let newcomer = |s: &StageHandle| !previous.contains(&s.addr);
+        let mut planned = self.rt.block_on(self.replan(&gguf, alive.clone(), &gone));
+        if let Err(e) = &planned
+            && alive.iter().any(newcomer)
+            && !alive.iter().all(newcomer)
+        {
+            // A node that joins must not break a pipeline that worked without it.
+            let joined: Vec<String> = alive.iter().filter(|s| newcomer(s)).map(|s| s.addr.clone()).collect();
+            let why = format!("{} could not join: {e:#}", joined.join(", "));
+            tracing::warn!("{why}; planning without");
+            let old = alive.into_iter().filter(|s| !newcomer(s)).collect();
+            planned = self.rt.block_on(self.replan(&gguf, old, &gone));
+            gone.push(why);
+            self.refused.extend(joined);
+        }
+        let outside = |p: &Pipeline, absent| Outside {
+            absent,
+            discovered: p.watch.as_ref().map(|w| w.shared()),
+            skip: p.refused.clone(),
+        };
+        let c = match planned {
             Ok(c) => c,
             Err(e) => {
                 // Watch for the missing nodes: one that comes back is worth another try.
-                let discovered = self.watch.as_ref().map(|w| w.shared());
-                self.heartbeat = Some(Heartbeat::start(&self.rt, &[], absent, discovered, &self.security));
+                self.heartbeat = Some(Heartbeat::start(&self.rt, &[], outside(self, absent), &self.security));
                 return Err(e);
             }
         };
         self.kv = kv_of(&c)?;
         self.kv_positions = c.kv_positions;
         self.micro_batches = self.args.micro_batches.map_or_else(|| distinct_devices(&c.stages), |n| n as usize);
-        let discovered = self.watch.as_ref().map(|w| w.shared());
-        self.heartbeat = Some(Heartbeat::start(&self.rt, &c.stages, absent, discovered, &self.security));
+        self.heartbeat = Some(Heartbeat::start(&self.rt, &c.stages, outside(self, absent), &self.security));
         self.stages = c.stages;
         self.tx = c.tx;
         self.results = c.results;
