@@ -66,6 +66,11 @@ impl NodeEntry {
     pub fn in_cluster(&self, cluster: Option<&str>) -> bool {
         self.details.as_ref().is_some_and(|d| d.cluster.as_deref() == cluster)
     }
+
+    /// A node a coordinator of `cluster` may run on: its protocol, its cluster.
+    pub fn usable_by(&self, cluster: Option<&str>) -> bool {
+        self.compatible() && self.in_cluster(cluster)
+    }
 }
 
 /// An mDNS-level event, already converted from mdns-sd's types.
@@ -434,7 +439,7 @@ const LATENCY_METHOD: &str = "tcp-connect";
 /// that speak this protocol, in name order. Fewer than `expect` is an error.
 pub fn discover_nodes(expect: Option<usize>, timeout: Duration, cluster: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut browser = Browser::start(BrowseConfig::default())?;
-    let usable = |e: &NodeEntry| e.compatible() && e.in_cluster(cluster);
+    let usable = |e: &NodeEntry| e.usable_by(cluster);
     let found = match expect {
         Some(n) => browser.wait_until(timeout, |t| t.nodes().iter().filter(|e| usable(e)).count() >= n),
         None => browser.wait_until(timeout, |_| false),
@@ -499,11 +504,8 @@ impl NodeWatch {
             while !halt.load(Ordering::Relaxed) {
                 browser.wait_until(WATCH_REFRESH, |_| false);
                 let nodes = browser.table().nodes();
-                let addrs = nodes
-                    .iter()
-                    .filter(|e| e.compatible() && e.in_cluster(cluster.as_deref()))
-                    .map(|e| e.addr.to_string())
-                    .collect();
+                let addrs =
+                    nodes.iter().filter(|e| e.usable_by(cluster.as_deref())).map(|e| e.addr.to_string()).collect();
                 *f.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
             }
         })?;
