@@ -56,7 +56,7 @@ pub enum Wire {
 /// Where the model runs.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Path to a GGUF model (llama, qwen3 or qwen35 architecture).
+    /// Path to a GGUF model (llama, qwen3, qwen35 or qwen35moe architecture).
     #[arg(long, short)]
     pub model: PathBuf,
     /// Context length: tokens of KV cache per sequence (default: the model's, at most 4096).
@@ -277,6 +277,11 @@ pub struct BenchArgs {
     /// stage's busy fraction and the pipeline's bubble.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: Option<u32>,
+    /// After measuring, time a one-row decode step op by op (each kind of kernel alone,
+    /// repeated in one submission) and print where the step's time goes. One machine
+    /// only (not with --peer or --discover).
+    #[arg(long, conflicts_with = "concurrency")]
+    pub profile: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -322,7 +327,8 @@ pub struct PlanArgs {
 
 #[derive(Args, Debug)]
 pub struct SynthesizeArgs {
-    /// The shape to write (supported: qwen36-27b).
+    /// The shape to write: qwen36-27b (dense, about 29 GB apparent) or qwen36-35b-a3b
+    /// (the MoE, about 38 GB apparent).
     #[arg(long, default_value = "qwen36-27b")]
     pub shape: String,
     /// Output GGUF path.

@@ -301,6 +301,18 @@ struct BenchReport {
     /// downstream of the hop, averaged over the decode steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     hops: Option<Vec<HopReport>>,
+    /// `--profile`: a one-row decode step op by op; the first entry is the whole step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Vec<OpReport>>,
+}
+
+#[derive(Serialize)]
+struct OpReport {
+    op: String,
+    dispatches: usize,
+    ms_per_token: f64,
+    /// Of the whole step.
+    share: f64,
 }
 
 #[derive(Serialize)]
@@ -332,7 +344,23 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let vocab = strata_model::config::ModelConfig::from_gguf(&gguf)?.n_vocab as u32;
     let ids = bench_prompt(args.prompt_tokens, vocab);
     let m = measure(&mut *engine, &ids, args.decode_tokens)?;
-    let report = bench_report(&args, &*engine, &m)?;
+    let mut report = bench_report(&args, &*engine, &m)?;
+    if args.profile {
+        let Some(ops) = engine.profile_decode()? else {
+            bail!("--profile times the ops of this machine's own stage: run it without --peer or --discover");
+        };
+        let whole = ops.first().map_or(f64::NAN, |o| o.seconds);
+        report.profile = Some(
+            ops.iter()
+                .map(|o| OpReport {
+                    op: o.label.to_owned(),
+                    dispatches: o.dispatches,
+                    ms_per_token: o.seconds * 1e3,
+                    share: o.seconds / whole,
+                })
+                .collect(),
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -404,6 +432,7 @@ fn bench_report(args: &BenchArgs, engine: &dyn Engine, m: &Measured) -> anyhow::
         bandwidth_fraction: bandwidth.map(|bw| achieved / bw),
         stages: pipelined.then(|| stage_reports(&placement, m, args.decode_tokens)),
         hops: pipelined.then(|| hop_reports(&placement, m, args.decode_tokens)),
+        profile: None,
     })
 }
 
@@ -443,7 +472,8 @@ fn print_bench(report: &BenchReport) {
     println!("adapter          {} ({})", report.adapter, report.backend);
     println!("prefill          {:.1} tok/s ({} tokens)", report.prefill_tokens_per_s, report.prompt_tokens);
     println!("decode           {:.2} tok/s ({} tokens)", report.decode_tokens_per_s, report.decode_tokens);
-    println!("weights/token    {:.1} MB", report.weight_bytes_per_token as f64 / 1e6);
+    // Of a mixture of experts, only the experts a token chooses.
+    println!("weights/token    {:.1} MB read", report.weight_bytes_per_token as f64 / 1e6);
     println!("weight reads     {:.2} GB/s", report.decode_weight_gb_per_s);
     if let (Some(bw), Some(f)) = (report.read_bandwidth_gb_per_s, report.bandwidth_fraction) {
         println!("read bandwidth   {bw:.2} GB/s (plain streaming read, measured now)");
@@ -457,6 +487,13 @@ fn print_bench(report: &BenchReport) {
     }
     for h in report.hops.iter().flatten() {
         println!("hop {} -> {}: {:.3} ms round trip per token", h.from, h.to, h.round_trip_ms);
+    }
+    if let Some(ops) = &report.profile {
+        println!("\none-row decode step, op by op (each kind alone; the ops overlap less than this adds up to):");
+        println!("{:<20} {:>10} {:>12} {:>7}", "op", "dispatches", "ms/token", "share");
+        for o in ops {
+            println!("{:<20} {:>10} {:>12.3} {:>6.1}%", o.op, o.dispatches, o.ms_per_token, o.share * 100.0);
+        }
     }
 }
 

@@ -41,6 +41,20 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         args.batch_tokens
     );
     print!("{}", plan.table());
+    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    let per_node: Vec<String> = plan
+        .stages
+        .iter()
+        .map(|s| format!("{} {}", s.name, gb(cost.stage_read_bytes(s.layers.clone(), cfg.n_vocab))))
+        .collect();
+    let held: u64 = plan.stages.iter().map(|s| s.weight_bytes).sum();
+    println!(
+        "weights read per decoded token: {} of the {} held{} ({})",
+        gb(cost.read_bytes_per_token(cfg.n_vocab)),
+        gb(held),
+        if cfg.moe.is_some() { ", the routed experts it chooses only" } else { "" },
+        per_node.join(", ")
+    );
     if plan.kv_positions < cost.kv_positions {
         println!(
             "the pool holds {} of the {} positions {} sequences of context {} could take: more sequences wait in the queue",
@@ -53,7 +67,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 pub fn synthesize(args: SynthesizeArgs) -> anyhow::Result<()> {
     match args.shape.as_str() {
         "qwen36-27b" => strata_model::synthetic::write_qwen36_27b_shape(&args.output)?,
-        other => bail!("unknown shape `{other}` (supported: qwen36-27b)"),
+        "qwen36-35b-a3b" => strata_model::synthetic::qwen36_35b_a3b_shape()?.write(&args.output)?,
+        other => bail!("unknown shape `{other}` (supported: qwen36-27b, qwen36-35b-a3b)"),
     }
     let len = std::fs::metadata(&args.output)?.len();
     eprintln!("wrote {} ({:.2} GB apparent size, all zeros, sparse)", args.output.display(), len as f64 / 1e9);

@@ -53,6 +53,26 @@ pub struct DeltaNetConfig {
     pub head_dim: usize,
 }
 
+/// A routed mixture of experts with one shared expert (`qwen35moe`, see `qwen35moe.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per layer (n_exp).
+    pub n_expert: usize,
+    /// Experts routed per token (k).
+    pub n_expert_used: usize,
+    /// FFN width of one routed expert (f).
+    pub expert_ff: usize,
+    /// FFN width of the shared expert (fs).
+    pub shared_ff: usize,
+}
+
+impl MoeConfig {
+    /// The share of a routed-expert tensor one token reads: k of n_exp experts.
+    pub fn read_fraction(&self) -> (u64, u64) {
+        (self.n_expert_used as u64, self.n_expert as u64)
+    }
+}
+
 impl DeltaNetConfig {
     /// Channels of the causal conv: q, k and v together.
     pub fn conv_channels(&self) -> usize {
@@ -74,12 +94,15 @@ impl DeltaNetConfig {
 pub struct ModelConfig {
     pub arch: Arch,
     pub n_embd: usize,
+    /// FFN width of the dense feed-forward; with experts, the shared expert's.
     pub n_ff: usize,
     pub n_vocab: usize,
     pub eps: f32,
     pub context_length: usize,
     pub attention: AttentionConfig,
     pub deltanet: Option<DeltaNetConfig>,
+    /// Every layer's feed-forward is a mixture of experts (`qwen35moe`).
+    pub moe: Option<MoeConfig>,
     /// The main forward pass's layers, in order (MTP blocks excluded).
     pub layers: Vec<LayerKind>,
     /// Trailing multi-token-prediction blocks present in the file (not run).
@@ -94,13 +117,18 @@ impl ModelConfig {
         let arch = Arch::from_name(name).ok_or_else(|| Error::UnsupportedArch(name.to_owned()))?;
         let m = ArchMetadata::new(g, arch);
         let n_embd = m.require("embedding_length")?;
-        let n_ff = m.require("feed_forward_length")?;
+        let n_ff = m.get("feed_forward_length")?;
         let block_count = m.require("block_count")?;
         let attention = AttentionConfig::read(&m, n_embd, arch.attention())?;
         let eps = m.get_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32;
         let n_vocab = vocab_size(g, n_embd)?;
         let context_length = m.get("context_length")?.unwrap_or(4096);
-        let params = arch.params(&m, block_count)?;
+        let params = arch.params(&m, block_count, n_ff)?;
+        let n_ff = match (&params.moe, n_ff) {
+            (Some(moe), _) => moe.shared_ff,
+            (None, Some(f)) => f,
+            (None, None) => return Err(Error::MissingKey(format!("{}.feed_forward_length", arch.name()))),
+        };
         Ok(ModelConfig {
             arch,
             n_embd,
@@ -110,6 +138,7 @@ impl ModelConfig {
             context_length,
             attention,
             deltanet: params.deltanet,
+            moe: params.moe,
             layers: params.layers,
             n_mtp: params.n_mtp,
             tied_output: g.tensor("output.weight").is_none(),

@@ -98,6 +98,9 @@ pub struct LayerCost {
     pub cache_bytes: u64,
     /// K and V bytes per pool position (attention layers; 0 for DeltaNet).
     pub kv_bytes_per_position: u64,
+    /// Bytes of its weights one token reads: all of them, but of a mixture of experts only
+    /// the routed experts it chooses (k of n_exp of each `*_exps` tensor).
+    pub read_bytes: u64,
 }
 
 /// Activation scratch of a stage, in bytes, for a chunk of `T = max_batch` tokens. f32
@@ -114,12 +117,16 @@ pub struct LayerCost {
 ///   after the conv, z, the output, beta and alpha.
 /// - `head` (the last stage): `(2E + n_vocab) · 4` per sampled row (one per sequence of a
 ///   step, `min(seqs, T)`): the row, normed, and its logits.
+/// - `moe` (every stage of a MoE model; F is then the shared expert's width):
+///   `T · (n_exp + 2k + 2k·f + k·E + E + 1) · 4`: router logits, chosen ids and weights,
+///   the chosen experts' gate and up, their outputs, the shared expert's output and gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScratchCost {
     pub common: u64,
     pub attention: u64,
     pub deltanet: u64,
     pub head: u64,
+    pub moe: u64,
 }
 
 /// The memory a model needs, independent of how it is split.
@@ -173,11 +180,21 @@ impl ModelCost {
         }
         let n_layer = cfg.n_layer();
         let mut weights = vec![0u64; n_layer];
+        // What a token does not read: the routed experts it does not choose.
+        let mut unread = vec![0u64; n_layer];
         let (mut embedding, mut output_norm, mut output, mut unplanned) = (None, 0, 0, 0);
         let globals = cfg.global_tensors();
         for t in &gguf.tensors {
             match block_index(&t.name) {
-                Some(i) if i < n_layer => weights[i] += t.size,
+                Some(i) if i < n_layer => {
+                    weights[i] += t.size;
+                    if let Some(moe) = &cfg.moe
+                        && t.name.ends_with("_exps.weight")
+                    {
+                        let (used, all) = moe.read_fraction();
+                        unread[i] += t.size - t.size / all * used;
+                    }
+                }
                 // MTP blocks follow the main pass's blocks.
                 Some(_) => unplanned += t.size,
                 // A tied head is the embedding, matched first.
@@ -200,13 +217,16 @@ impl ModelCost {
             .layers
             .iter()
             .zip(weights)
-            .map(|(&kind, weight_bytes)| {
+            .zip(unread)
+            .map(|((&kind, weight_bytes), unread)| {
+                let read_bytes = weight_bytes - unread;
                 Ok(match kind {
                     LayerKind::Attention => LayerCost {
                         kind,
                         weight_bytes,
                         cache_bytes: per_position * positions,
                         kv_bytes_per_position: per_position,
+                        read_bytes,
                     },
                     LayerKind::DeltaNet => {
                         let dn = cfg
@@ -214,7 +234,7 @@ impl ModelCost {
                             .as_ref()
                             .ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
                         let cache_bytes = dn.state_values() as u64 * 4 * seqs;
-                        LayerCost { kind, weight_bytes, cache_bytes, kv_bytes_per_position: 0 }
+                        LayerCost { kind, weight_bytes, cache_bytes, kv_bytes_per_position: 0, read_bytes }
                     }
                 })
             })
@@ -232,6 +252,10 @@ impl ModelCost {
             attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
             deltanet,
             head: (2 * e + cfg.n_vocab as u64) * 4 * seqs.min(t),
+            moe: cfg.moe.as_ref().map_or(0, |m| {
+                let (n, k, f) = (m.n_expert as u64, m.n_expert_used as u64, m.expert_ff as u64);
+                t * (n + 2 * k + 2 * k * f + k * e + e + 1) * 4
+            }),
         };
         Ok(ModelCost {
             layers,
@@ -249,6 +273,22 @@ impl ModelCost {
 
     pub fn n_layer(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Weight bytes one decoded token reads on a stage holding `layers` (the embedding row
+    /// on the first, the head on the last).
+    pub fn stage_read_bytes(&self, layers: Range<usize>, n_vocab: usize) -> u64 {
+        let (first, last) = (layers.start == 0, layers.end == self.n_layer());
+        let held: u64 = self.layers[layers].iter().map(|l| l.read_bytes).sum();
+        held + if first { self.embedding_bytes / n_vocab.max(1) as u64 } else { 0 }
+            + if last { self.head_bytes } else { 0 }
+    }
+
+    /// Weight bytes one decoded token reads through the whole model: every layer's
+    /// [`LayerCost::read_bytes`] (its active parameters), the head, one embedding row.
+    pub fn read_bytes_per_token(&self, n_vocab: usize) -> u64 {
+        let layers: u64 = self.layers.iter().map(|l| l.read_bytes).sum();
+        layers + self.head_bytes + self.embedding_bytes / n_vocab.max(1) as u64
     }
 
     /// The same model priced for a pool of `positions` (whole blocks).
@@ -281,6 +321,7 @@ impl ModelCost {
         let has = |kind| held.iter().any(|l| l.kind == kind);
         let s = &self.scratch;
         let scratch_bytes = s.common
+            + s.moe
             + if has(LayerKind::Attention) { s.attention } else { 0 }
             + if has(LayerKind::DeltaNet) { s.deltanet } else { 0 }
             + if last { s.head } else { 0 };

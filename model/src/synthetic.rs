@@ -14,12 +14,13 @@
 use std::path::Path;
 
 use crate::arch::{Arch, TensorRole, qwen35};
-use crate::config::{AttentionConfig, DeltaNetConfig, ModelConfig};
+use crate::config::{AttentionConfig, DeltaNetConfig, ModelConfig, MoeConfig};
 use crate::gguf::{GgufWriter, TensorData, Value, ValueType};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 
-/// The shape of a `qwen35` model (see `docs/qwen35.md`).
+/// The shape of a `qwen35` model (see `docs/qwen35.md`), or with `moe` of a `qwen35moe`
+/// one (`docs/qwen35moe.md`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen35Shape {
     pub name: &'static str,
@@ -50,6 +51,9 @@ pub struct Qwen35Shape {
     pub matrix_type: GgmlType,
     /// No `output.weight`: the embedding is the head.
     pub tied_output: bool,
+    /// Routed experts in every layer instead of a dense FFN (`qwen35moe`); `n_ff` is then
+    /// the shared expert's width.
+    pub moe: Option<MoeConfig>,
 }
 
 /// The tokens before the padding: the byte tokens, then these.
@@ -81,7 +85,28 @@ impl Qwen35Shape {
         context_length: 262_144,
         matrix_type: GgmlType::Q8_0,
         tied_output: false,
+        moe: None,
     };
+
+    /// Qwen3.6-35B-A3B (its published config: 256 experts of width 512, 8 routed, a
+    /// shared expert of 512), with its one MTP block, as a Q8_0 file.
+    pub const QWEN36_35B_A3B: Qwen35Shape = Qwen35Shape {
+        name: "Qwen3.6-35B-A3B (zeros)",
+        n_embd: 2048,
+        n_ff: 512,
+        n_layer: 40,
+        n_head: 16,
+        n_head_kv: 2,
+        ssm_value_heads: 32,
+        moe: Some(MoeConfig { n_expert: 256, n_expert_used: 8, expert_ff: 512, shared_ff: 512 }),
+        // The rest (vocabulary, head dim, RoPE, DeltaNet key heads, MTP) as the 27B's.
+        ..Qwen35Shape::QWEN36_27B
+    };
+
+    /// The architecture its file declares.
+    pub fn arch(&self) -> Arch {
+        if self.moe.is_some() { Arch::Qwen35Moe } else { Arch::Qwen35 }
+    }
 
     pub fn block_count(&self) -> usize {
         self.n_layer + self.n_mtp
@@ -92,7 +117,7 @@ impl Qwen35Shape {
     pub fn config(&self) -> ModelConfig {
         let style = qwen35::ATTENTION;
         ModelConfig {
-            arch: Arch::Qwen35,
+            arch: self.arch(),
             n_embd: self.n_embd,
             n_ff: self.n_ff,
             n_vocab: self.n_vocab,
@@ -114,6 +139,7 @@ impl Qwen35Shape {
                 n_value_heads: self.ssm_value_heads,
                 head_dim: self.ssm_head_dim,
             }),
+            moe: self.moe.clone(),
             layers: qwen35::layer_kinds(self.n_layer, self.full_attention_interval),
             n_mtp: self.n_mtp,
             tied_output: self.tied_output,
@@ -140,17 +166,26 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
         return Err(Error::Config("full_attention_interval must be at least 1".into()));
     }
     let mut w = GgufWriter::new();
-    let arch = |k: &str| format!("qwen35.{k}");
+    let prefix = s.arch().name();
+    let arch = |k: &str| format!("{prefix}.{k}");
     let u32v = |v: usize| -> Result<Value> {
         u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
     };
-    w.set("general.architecture", Value::String("qwen35".into()))?;
+    w.set("general.architecture", Value::String(prefix.into()))?;
     w.set("general.name", Value::String(s.name.into()))?;
     w.set(arch("context_length"), u32v(s.context_length)?)?;
     w.set(arch("embedding_length"), u32v(s.n_embd)?)?;
     w.set(arch("block_count"), u32v(s.block_count())?)?;
     w.set(arch("nextn_predict_layers"), u32v(s.n_mtp)?)?;
-    w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?;
+    match &s.moe {
+        None => w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?,
+        Some(m) => {
+            w.set(arch("expert_count"), u32v(m.n_expert)?)?;
+            w.set(arch("expert_used_count"), u32v(m.n_expert_used)?)?;
+            w.set(arch("expert_feed_forward_length"), u32v(m.expert_ff)?)?;
+            w.set(arch("expert_shared_feed_forward_length"), u32v(m.shared_ff)?)?;
+        }
+    }
     w.set(arch("attention.head_count"), u32v(s.n_head)?)?;
     w.set(arch("attention.head_count_kv"), u32v(s.n_head_kv)?)?;
     w.set(arch("attention.key_length"), u32v(s.head_dim)?)?;
@@ -179,6 +214,11 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
 /// Qwen3.6-27B's exact shape, Q8_0, all zeros.
 pub fn qwen36_27b_shape() -> Result<GgufWriter> {
     qwen35_zeros(&Qwen35Shape::QWEN36_27B)
+}
+
+/// Qwen3.6-35B-A3B's exact shape, Q8_0, all zeros.
+pub fn qwen36_35b_a3b_shape() -> Result<GgufWriter> {
+    qwen35_zeros(&Qwen35Shape::QWEN36_35B_A3B)
 }
 
 /// Writes [`qwen36_27b_shape`] to `path` as a sparse file (about 29 GB apparent size).

@@ -7,6 +7,7 @@ use strata_model::config::ModelConfig;
 use crate::gpu::{Gpu, Step};
 use crate::kv_pool::{BlockTable, KvLayout};
 use crate::layers::deltanet::DeltaNetScratch;
+use crate::layers::moe::MoeScratch;
 use crate::ops::Act;
 use crate::ops::deltanet::StepBatch;
 use crate::{Error, Result};
@@ -41,6 +42,8 @@ pub struct Scratch {
     pub ffn_up: wgpu::Buffer,
     /// DeltaNet's activations, when the stage has DeltaNet layers.
     deltanet: Option<DeltaNetScratch>,
+    /// A MoE layer's activations, when the model's layers have experts.
+    moe: Option<MoeScratch>,
     widths: Widths,
 }
 
@@ -89,6 +92,7 @@ impl Scratch {
             ffn_gate: f32s("ffn_gate", cfg.n_ff),
             ffn_up: f32s("ffn_up", cfg.n_ff),
             deltanet,
+            moe: if cfg.moe.is_some() { Some(MoeScratch::new(gpu, cfg, max_tokens)?) } else { None },
             widths: Widths {
                 embd: cfg.n_embd as u32,
                 q: q_width as u32,
@@ -156,6 +160,10 @@ impl Scratch {
 
     pub fn ffn_up(&self) -> Act<'_> {
         self.act(&self.ffn_up, self.widths.ff)
+    }
+
+    pub fn moe(&self) -> Result<&MoeScratch> {
+        self.moe.as_ref().ok_or_else(|| Error::Spec("MoE activations asked of a model without experts".into()))
     }
 
     pub fn deltanet(&self) -> Result<&DeltaNetScratch> {

@@ -1,5 +1,6 @@
 //! Kernels that read quantised weights: matrix products for a few rows (`mm_rows`) and for
-//! many (`mm_tile`, workgroup-shared tiles), embedding rows.
+//! many (`mm_tile`, workgroup-shared tiles), the experts of a MoE layer (`mm_id`),
+//! embedding rows.
 //!
 //! The `q_*` kernels are weight-format preludes: each binds one format's arrays at
 //! bindings 4.. and defines `fn load8(p: u32) -> mat2x4<f32>`, the 8 consecutive values
@@ -19,6 +20,7 @@ crate::registry::kernels! { MATMUL:
     Q_Q6_K => "q_q6_k",
     MM_ROWS => "mm_rows",
     MM_TILE => "mm_tile",
+    MM_ID => "mm_id",
     EMBED => "embed",
 }
 
@@ -35,4 +37,4 @@ pub const FORMATS: &[Kernel] = &[
 ];
 
 /// The kernels that call `load8`, each compiled with one of [`FORMATS`] in front.
-pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::EMBED];
+pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::MM_ID, Kernel::EMBED];

@@ -1,4 +1,5 @@
-//! Kernels on activations: norms, RoPE, attention, element-wise ops, sampling.
+//! Kernels on activations: norms, RoPE, attention, element-wise ops, sampling, the router
+//! and the weighted sum of a mixture of experts.
 
 crate::registry::kernels! { OPS:
     RMS_NORM => "rms_norm",
@@ -10,4 +11,6 @@ crate::registry::kernels! { OPS:
     GATHER_ROWS => "gather_rows",
     TOP_K => "top_k",
     PENALIZE => "penalize",
+    MOE_ROUTE => "moe_route",
+    MOE_COMBINE => "moe_combine",
 }

@@ -91,6 +91,11 @@ fn batched_equals_alone_tiny_qwen35() {
 }
 
 #[test]
+fn batched_equals_alone_tiny_qwen35moe() {
+    batched_equals_alone(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json", &[]);
+}
+
+#[test]
 fn batched_equals_alone_smollm2_q8_0() {
     batched_equals_alone(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &[]);
 }

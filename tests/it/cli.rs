@@ -119,6 +119,35 @@ fn bench_reports_what_it_measured() {
     assert!(out["weight_bytes_per_token"].as_u64().unwrap() > 1_000_000, "tiny-qwen3 reads over 1 MB per token");
 }
 
+/// `bench --profile` on the MoE model: a token reads only its chosen experts, and the
+/// decode step's time is broken down by op, the MoE kernels among them.
+#[test]
+fn bench_profiles_a_moe_decode_step_and_counts_its_active_bytes() {
+    let m = fixture("tiny-qwen35moe.gguf");
+    let args = ["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "8", "--json"];
+    let out = strata_json(&[&args[..], &["--profile"]].concat());
+    // 8 layers of 8 experts, 2 chosen: of 3 x 8 x 64 x 128 Q8_0 values a layer, a token
+    // reads a quarter.
+    let experts = 3 * 8 * 64 * 128 / 32 * 34;
+    let g = strata_model::gguf::Gguf::open(&m).unwrap();
+    let held: u64 = g.tensors.iter().map(|t| t.size).sum();
+    let embd_row = g.tensor("token_embd.weight").unwrap().size / 1024;
+    let want = held - g.tensor("token_embd.weight").unwrap().size + embd_row - 8 * (experts - experts / 4);
+    let read = out["weight_bytes_per_token"].as_u64().unwrap();
+    // What the GPU holds differs from the file by a few bytes per tensor (padding to a
+    // word; small vectors the kernels do not count as weights).
+    assert!(read.abs_diff(want) < want / 200, "reads {read}, want {want}");
+    assert!(read < held * 3 / 5, "reads {read} of {held}: the unchosen experts are not read");
+    let ops = out["profile"].as_array().unwrap_or_else(|| panic!("no profile: {out:#}"));
+    let op = |name: &str| ops.iter().find(|o| o["op"] == name).unwrap_or_else(|| panic!("no {name}: {ops:#?}"));
+    assert_eq!(op("step")["share"].as_f64().unwrap(), 1.0);
+    for (name, per_layer) in [("moe_route", 1), ("matmul_id", 3), ("moe_combine", 1)] {
+        assert_eq!(op(name)["dispatches"].as_u64().unwrap(), 8 * per_layer, "{name}");
+        let ms = op(name)["ms_per_token"].as_f64().unwrap();
+        assert!(ms > 0.0 && ms < op("step")["ms_per_token"].as_f64().unwrap(), "{name}: {ms} ms");
+    }
+}
+
 /// `bench --concurrency`: several sequences through the scheduler, one stage and a
 /// pipeline of two nodes; every figure it reports is there and sane.
 #[test]
@@ -168,20 +197,27 @@ fn bench_with_concurrency_reports_batched_figures() {
     }
 }
 
+/// `strata synthesize --shape SHAPE` into the test temp dir, then `strata plan` on it at
+/// 32k context over `nodes` (plus `more` flags): the file and the printed plan.
+fn synthesize_and_plan(shape: &str, nodes: [&str; 3], more: &[&str]) -> (std::path::PathBuf, String) {
+    let model = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{shape}-shape.gguf"));
+    let o = strata().args(["synthesize", "--shape", shape]).arg(&model).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut args = vec!["plan", "--model", path_str(&model), "--ctx", "32768"];
+    for n in &nodes {
+        args.extend(["--node", n]);
+    }
+    let o = strata().args(args).args(more).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{table}");
+    (model, table)
+}
+
 #[test]
 fn plan_splits_the_27b_shape_over_three_nodes() {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let model = dir.join("qwen36-27b-shape.gguf");
-    let o = strata().args(["synthesize", "--shape", "qwen36-27b"]).arg(&model).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (model, table) = synthesize_and_plan("qwen36-27b", ["a=16GiB", "b=12GiB", "c=8GiB"], &[]);
     let m = path_str(&model);
-    let o = strata()
-        .args(["plan", "--model", m, "--ctx", "32768", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    eprintln!("{table}");
     for row in ["a      0..", "b      ", "c      ", "..64 (", "64 layers"] {
         assert!(table.contains(row), "plan table lacks `{row}`:\n{table}");
     }
@@ -189,5 +225,16 @@ fn plan_splits_the_27b_shape_over_three_nodes() {
     let err =
         fails(&["plan", "--model", m, "--ctx", "262144", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]);
     assert!(err.contains("GiB") && err.contains("36.00"), "{err}");
+    std::fs::remove_file(&model).unwrap();
+}
+
+#[test]
+fn plan_splits_the_35b_a3b_shape_and_counts_the_bytes_a_token_reads() {
+    let (model, table) = synthesize_and_plan("qwen36-35b-a3b", ["a=16GiB", "b=12GiB", "c=12GiB"], &["--seqs", "4"]);
+    for row in ["(qwen35moe, 40 layers)", "a      0..", "..40 (", "40 layers", "the routed experts it chooses only"] {
+        assert!(table.contains(row), "plan table lacks `{row}`:\n{table}");
+    }
+    // About 3 GB of the 37 are read per token: "A3B".
+    assert!(table.contains("weights read per decoded token: 3.20 GB of the 36.89 GB held"), "{table}");
     std::fs::remove_file(&model).unwrap();
 }

@@ -106,6 +106,18 @@ fn three_nodes_match_one_tiny_qwen35() {
 }
 
 #[test]
+fn three_nodes_match_one_tiny_qwen35moe() {
+    let m = fixture("tiny-qwen35moe.gguf");
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+    // The same layout as tiny-qwen35: 1,3,4 puts one boundary inside the run of DeltaNet
+    // layers 0..3 (0|1) and one right after the attention layer 3 (3|4).
+    assert_same(
+        "tiny-qwen35moe, split 1,3,4",
+        &compare(&m, "tiny-qwen35moe.golden.json", &cluster, &["--batch", "8"], &["--split", "1,3,4"]),
+    );
+}
+
+#[test]
 fn three_nodes_match_one_smollm2_q8_0() {
     let m = smol_q8_0();
     let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));

@@ -121,6 +121,16 @@ fn tiny_qwen35_teacher_forced_on_gpu() {
 }
 
 #[test]
+fn tiny_qwen35moe_teacher_forced_on_gpu() {
+    teacher_forced(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json");
+}
+
+#[test]
+fn tiny_qwen35moe_long_prefill_matches_reference() {
+    long_prefill_matches_reference(&fixture("tiny-qwen35moe.gguf"));
+}
+
+#[test]
 fn tiny_qwen35_long_prefill_matches_reference() {
     long_prefill_matches_reference(&fixture("tiny-qwen35.gguf"));
 }
@@ -170,6 +180,11 @@ fn tiny_qwen3_teacher_forced_batched() {
 #[test]
 fn tiny_qwen35_teacher_forced_batched() {
     teacher_forced_batched(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json");
+}
+
+#[test]
+fn tiny_qwen35moe_teacher_forced_batched() {
+    teacher_forced_batched(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json");
 }
 
 #[test]

@@ -38,6 +38,11 @@ fn tiny_qwen35_greedy() {
 }
 
 #[test]
+fn tiny_qwen35moe_greedy() {
+    greedy_matches(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json");
+}
+
+#[test]
 fn smollm2_q4_1_greedy() {
     greedy_matches(&model(SMOL_Q4_1), "smollm2-135m-q4_1.golden.json");
 }

@@ -33,6 +33,11 @@ fn tiny_qwen35_teacher_forced() {
 }
 
 #[test]
+fn tiny_qwen35moe_teacher_forced() {
+    teacher_forced(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json");
+}
+
+#[test]
 fn smollm2_q4_1_teacher_forced() {
     teacher_forced(&model("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2-135m-q4_1.golden.json");
 }

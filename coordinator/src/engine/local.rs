@@ -182,6 +182,11 @@ impl Engine for LocalEngine {
         Ok(Some(self.stage.read_bandwidth()?))
     }
 
+    fn profile_decode(&self) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
+        // Enough repetitions that a submission's own cost is noise.
+        Ok(Some(self.stage.profile_decode(50)?))
+    }
+
     fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {
         let stage = &self.stage;
         Ok(vec![NodeCounters {

@@ -277,6 +277,11 @@ pub trait Engine: Send {
     fn read_bandwidth(&self) -> anyhow::Result<Option<f64>> {
         Ok(None)
     }
+    /// Where a one-row decode step's time goes, op by op, on this machine's own stage;
+    /// `None` (the default) for a pipeline. Spoils the sequences' state: run it last.
+    fn profile_decode(&self) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
+        Ok(None)
+    }
     /// Each stage's own counters, read now, in pipeline order.
     fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>>;
 

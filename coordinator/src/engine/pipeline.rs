@@ -596,7 +596,7 @@ async fn plan_and_load(
         .await
         .context("opening the forward stream to stage 0")?
         .into_inner();
-    let weight_bytes_per_token = cost.layers.iter().map(|l| l.weight_bytes).sum::<u64>() + cost.head_bytes;
+    let weight_bytes_per_token = cost.read_bytes_per_token(config.n_vocab);
     Ok(Connected { stages, weight_bytes_per_token, spec, kv_positions: plan.kv_positions, tx, results })
 }
 

@@ -1,4 +1,5 @@
-//! Each supported architecture, one file apiece (`llama.rs`, `qwen3.rs`, `qwen35.rs`), as
+//! Each supported architecture, one file apiece (`llama.rs`, `qwen3.rs`, `qwen35.rs`,
+//! `qwen35moe.rs`), as
 //! candle lays out its models: what that architecture reads from the GGUF metadata
 //! (its `params`) and its tensor schema, the one place tensor names and shapes are
 //! written. The CPU reference, the synthetic writer and the GPU layers all load through
@@ -11,11 +12,12 @@
 mod llama;
 mod qwen3;
 pub(crate) mod qwen35;
+pub(crate) mod qwen35moe;
 
 #[cfg(test)]
 mod tests;
 
-use crate::config::{DeltaNetConfig, LayerKind, ModelConfig, RopeStyle};
+use crate::config::{DeltaNetConfig, LayerKind, ModelConfig, MoeConfig, RopeStyle};
 use crate::gguf::Gguf;
 use crate::{Error, Result};
 
@@ -24,6 +26,7 @@ pub enum Arch {
     Llama,
     Qwen3,
     Qwen35,
+    Qwen35Moe,
 }
 
 impl Arch {
@@ -32,20 +35,23 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen3 => "qwen3",
             Arch::Qwen35 => "qwen35",
+            Arch::Qwen35Moe => "qwen35moe",
         }
     }
 
     /// The architecture of `general.architecture` = `name`, if supported.
     pub fn from_name(name: &str) -> Option<Arch> {
-        [Arch::Llama, Arch::Qwen3, Arch::Qwen35].into_iter().find(|a| a.name() == name)
+        [Arch::Llama, Arch::Qwen3, Arch::Qwen35, Arch::Qwen35Moe].into_iter().find(|a| a.name() == name)
     }
 
-    /// What this architecture reads from its `{arch}.*` metadata beyond the common keys.
-    pub(crate) fn params(self, m: &ArchMetadata, block_count: usize) -> Result<ArchParams> {
+    /// What this architecture reads from its `{arch}.*` metadata beyond the common keys
+    /// (`n_ff`: `feed_forward_length`, which only the MoE architecture may lack).
+    pub(crate) fn params(self, m: &ArchMetadata, block_count: usize, n_ff: Option<usize>) -> Result<ArchParams> {
         match self {
             Arch::Llama => llama::params(block_count),
             Arch::Qwen3 => qwen3::params(block_count),
             Arch::Qwen35 => qwen35::params(m, block_count),
+            Arch::Qwen35Moe => qwen35moe::params(m, block_count, n_ff),
         }
     }
 
@@ -54,7 +60,7 @@ impl Arch {
         match self {
             Arch::Llama => llama::ATTENTION,
             Arch::Qwen3 => qwen3::ATTENTION,
-            Arch::Qwen35 => qwen35::ATTENTION,
+            Arch::Qwen35 | Arch::Qwen35Moe => qwen35::ATTENTION,
         }
     }
 
@@ -63,7 +69,7 @@ impl Arch {
         match self {
             Arch::Llama => llama::FFN_NORM,
             Arch::Qwen3 => qwen3::FFN_NORM,
-            Arch::Qwen35 => qwen35::FFN_NORM,
+            Arch::Qwen35 | Arch::Qwen35Moe => qwen35::FFN_NORM,
         }
     }
 }
@@ -114,6 +120,7 @@ pub(crate) struct ArchParams {
     /// Trailing MTP blocks, after `layers`.
     pub n_mtp: usize,
     pub deltanet: Option<DeltaNetConfig>,
+    pub moe: Option<MoeConfig>,
 }
 
 /// How a converted file stores a tensor, which is also how it is loaded.
@@ -152,14 +159,38 @@ impl TensorSpec {
         TensorSpec { name: name.into(), dims: vec![k as u64, n as u64], role: TensorRole::Kernel }
     }
 
+    /// Whether a tensor of ggml shape `dims` is this one: trailing dimensions of 1 do not
+    /// count (ggml reads `{E}` and `{E, 1}` alike, and converters write either).
+    pub fn matches(&self, dims: &[u64]) -> bool {
+        let trim = |d: &[u64]| d.len() - d.iter().rev().take_while(|&&x| x == 1).count();
+        let (a, b) = (&self.dims[..trim(&self.dims)], &dims[..trim(dims)]);
+        a == b
+    }
+
     /// Values per row (`dims[0]`).
     pub fn k(&self) -> usize {
         self.dims[0] as usize
     }
 
-    /// Rows (`dims[1]`; 1 for a vector).
+    /// `n_exp` matrices `[k, n]` end to end, as a 3-D tensor `[k, n, n_exp]` (the routed
+    /// experts of a MoE layer).
+    pub fn experts(name: impl Into<String>, k: usize, n: usize, n_exp: usize) -> TensorSpec {
+        TensorSpec { name: name.into(), dims: vec![k as u64, n as u64, n_exp as u64], role: TensorRole::Matrix }
+    }
+
+    /// Rows of one matrix (`dims[1]`; 1 for a vector).
     pub fn n(&self) -> usize {
         self.dims.get(1).map_or(1, |&n| n as usize)
+    }
+
+    /// Matrices end to end (`dims[2]`; 1 for a 2-D tensor).
+    pub fn matrices(&self) -> usize {
+        self.dims.get(2).map_or(1, |&n| n as usize)
+    }
+
+    /// Rows of all its matrices together.
+    pub fn rows(&self) -> usize {
+        self.n() * self.matrices()
     }
 }
 
@@ -291,6 +322,46 @@ impl FfnTensors {
     }
 }
 
+/// A routed mixture of experts plus a shared expert behind a sigmoid gate (`qwen35moe.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeTensors {
+    /// `ffn_gate_inp`: the router `[E, n_exp]`.
+    pub router: TensorSpec,
+    /// `ffn_{gate,up,down}_exps`: the routed experts' SwiGLU, `[E, f, n_exp]` and `[f, E, n_exp]`.
+    pub experts: FfnTensors,
+    /// `ffn_{gate,up,down}_shexp`: the shared expert.
+    pub shared: FfnTensors,
+    /// `ffn_gate_inp_shexp`: the shared expert's gate, one row of E.
+    pub shared_gate: TensorSpec,
+}
+
+impl MoeTensors {
+    /// In the converter's order.
+    pub fn tensors(&self) -> Vec<&TensorSpec> {
+        let mut t = vec![&self.router];
+        t.extend(self.experts.tensors());
+        t.push(&self.shared_gate);
+        t.extend(self.shared.tensors());
+        t
+    }
+}
+
+/// A layer's feed-forward: dense SwiGLU, or a mixture of experts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedForward {
+    Dense(FfnTensors),
+    Moe(Box<MoeTensors>),
+}
+
+impl FeedForward {
+    pub fn tensors(&self) -> Vec<&TensorSpec> {
+        match self {
+            FeedForward::Dense(f) => f.tensors(),
+            FeedForward::Moe(m) => m.tensors(),
+        }
+    }
+}
+
 /// One block: `h = x + mixer(norm(x) * attn_norm)`, `out = h + ffn(norm(h) * ffn_norm)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerTensors {
@@ -298,18 +369,23 @@ pub struct LayerTensors {
     pub mixer: MixerTensors,
     /// The pre-FFN norm: `ffn_norm` or, in qwen35, `post_attention_norm`.
     pub ffn_norm: TensorSpec,
-    pub ffn: FfnTensors,
+    pub ffn: FeedForward,
 }
 
 impl LayerTensors {
-    /// The block's tensors with a dense FFN, named as `cfg.arch` names them.
+    /// The block's tensors, named as `cfg.arch` names them: a mixture of experts where the
+    /// config has one, else a dense FFN.
     fn new(cfg: &ModelConfig, layer: usize, mixer: MixerTensors) -> LayerTensors {
         let e = cfg.n_embd;
+        let ffn = match &cfg.moe {
+            Some(moe) => FeedForward::Moe(Box::new(qwen35moe::moe_tensors(cfg, moe, layer))),
+            None => FeedForward::Dense(FfnTensors::dense(cfg, layer)),
+        };
         LayerTensors {
             attn_norm: TensorSpec::vector(blk(layer, "attn_norm.weight"), e),
             mixer,
             ffn_norm: TensorSpec::vector(blk(layer, &format!("{}.weight", cfg.arch.ffn_norm())), e),
-            ffn: FfnTensors::dense(cfg, layer),
+            ffn,
         }
     }
 
@@ -375,7 +451,7 @@ impl ModelConfig {
         match self.arch {
             Arch::Llama => llama::layer_tensors(self, layer),
             Arch::Qwen3 => qwen3::layer_tensors(self, layer),
-            Arch::Qwen35 => qwen35::layer_tensors(self, layer),
+            Arch::Qwen35 | Arch::Qwen35Moe => qwen35::layer_tensors(self, layer),
         }
     }
 
@@ -393,7 +469,9 @@ impl ModelConfig {
     pub fn mtp_tensors(&self) -> Vec<MtpTensors> {
         match self.arch {
             Arch::Llama | Arch::Qwen3 => Vec::new(),
-            Arch::Qwen35 => (0..self.n_mtp).map(|j| qwen35::mtp_tensors(self, self.n_layer() + j)).collect(),
+            Arch::Qwen35 | Arch::Qwen35Moe => {
+                (0..self.n_mtp).map(|j| qwen35::mtp_tensors(self, self.n_layer() + j)).collect()
+            }
         }
     }
 

@@ -12,7 +12,7 @@ pub(super) const ATTENTION: AttentionStyle =
 
 pub(super) fn params(block_count: usize) -> Result<ArchParams> {
     let n_layer = main_layers(block_count, 0)?;
-    Ok(ArchParams { layers: vec![LayerKind::Attention; n_layer], n_mtp: 0, deltanet: None })
+    Ok(ArchParams { layers: vec![LayerKind::Attention; n_layer], n_mtp: 0, deltanet: None, moe: None })
 }
 
 /// The Q/K norms come from [`ATTENTION`]'s `qk_norm`.

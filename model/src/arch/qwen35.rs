@@ -37,7 +37,7 @@ pub(super) fn params(m: &ArchMetadata, block_count: usize) -> Result<ArchParams>
     {
         return Err(Error::Config(format!("ssm.inner_size {inner} != state_size x time_step_rank {}", dn.value_dim())));
     }
-    Ok(ArchParams { layers: layer_kinds(n_layer, interval), n_mtp, deltanet: Some(dn) })
+    Ok(ArchParams { layers: layer_kinds(n_layer, interval), n_mtp, deltanet: Some(dn), moe: None })
 }
 
 /// Layer i is full attention iff `(i + 1) % interval == 0`, else DeltaNet.

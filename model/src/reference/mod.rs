@@ -6,9 +6,10 @@
 mod attention;
 pub mod deltanet;
 mod ffn;
+pub mod moe;
 pub mod ops;
 
-use crate::arch::{LayerTensors, MixerTensors, TensorSpec};
+use crate::arch::{FeedForward, LayerTensors, MixerTensors, TensorSpec};
 use crate::config::ModelConfig;
 use crate::gguf::Gguf;
 use crate::quant::dequantize;
@@ -16,12 +17,13 @@ use crate::{Error, Result};
 use attention::Attention;
 use deltanet::DeltaNet;
 use ffn::Ffn;
+use moe::Moe;
 use ops::{Matrix, add_in_place, rms_norm};
 
 /// Loads the tensor of `spec` as f32, checking its shape against the spec.
 pub(crate) fn load_f32(g: &Gguf, spec: &TensorSpec) -> Result<Vec<f32>> {
     let t = g.require_tensor(&spec.name)?;
-    if t.dims != spec.dims {
+    if !spec.matches(&t.dims) {
         return Err(Error::TensorShape { name: spec.name.clone(), expected: spec.dims.clone(), found: t.dims.clone() });
     }
     dequantize(t.ty, g.tensor_data(t))
@@ -36,11 +38,25 @@ enum Mixer {
     DeltaNet(DeltaNet),
 }
 
+enum FeedForwardBlock {
+    Dense(Ffn),
+    Moe(Box<Moe>),
+}
+
+impl FeedForwardBlock {
+    fn forward(&self, n: &[f32]) -> Vec<f32> {
+        match self {
+            FeedForwardBlock::Dense(f) => f.forward(n),
+            FeedForwardBlock::Moe(m) => m.forward(n),
+        }
+    }
+}
+
 struct Block {
     attn_norm: Vec<f32>,
     mixer: Mixer,
     ffn_norm: Vec<f32>,
-    ffn: Ffn,
+    ffn: FeedForwardBlock,
 }
 
 impl Block {
@@ -53,7 +69,10 @@ impl Block {
             attn_norm: load_f32(g, &t.attn_norm)?,
             mixer,
             ffn_norm: load_f32(g, &t.ffn_norm)?,
-            ffn: Ffn::load(g, &t.ffn)?,
+            ffn: match &t.ffn {
+                FeedForward::Dense(f) => FeedForwardBlock::Dense(Ffn::load(g, f)?),
+                FeedForward::Moe(m) => FeedForwardBlock::Moe(Box::new(Moe::load(g, cfg, m)?)),
+            },
         })
     }
 }

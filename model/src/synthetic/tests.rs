@@ -34,6 +34,7 @@ pub(crate) fn tiny(tied_output: bool, n_mtp: usize) -> Qwen35Shape {
         context_length: 4096,
         matrix_type: GgmlType::Q8_0,
         tied_output,
+        moe: None,
     }
 }
 
@@ -194,4 +195,78 @@ fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
 
 fn err_text(cost: &ModelCost, nodes: &[NodeBudget]) -> String {
     Plan::auto(cost, nodes).unwrap_err().to_string()
+}
+
+#[test]
+fn qwen36_35b_a3b_shape_plans_on_16_12_12_gib_and_reads_its_active_experts() {
+    let path = TempPath(std::env::temp_dir().join(format!("strata-synthetic-35b-{}.gguf", std::process::id())));
+    crate::synthetic::qwen36_35b_a3b_shape().unwrap().write(&path.0).unwrap();
+    let g = Gguf::open(&path.0).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    assert_eq!(cfg.arch, crate::config::Arch::Qwen35Moe);
+    assert_eq!((cfg.n_layer(), cfg.n_mtp, cfg.n_embd, cfg.n_vocab), (40, 1, 2048, 248_320));
+    assert_eq!(cfg.layers.iter().filter(|&&k| k == LayerKind::Attention).count(), 10);
+    let moe = cfg.moe.clone().unwrap();
+    assert_eq!((moe.n_expert, moe.n_expert_used, moe.expert_ff, moe.shared_ff), (256, 8, 512, 512));
+    let a = &cfg.attention;
+    assert_eq!((a.n_head, a.n_head_kv, a.head_dim, a.n_rot), (16, 2, 256, 64));
+    let dn = cfg.deltanet.as_ref().unwrap();
+    assert_eq!((dn.n_key_heads, dn.n_value_heads, dn.head_dim), (16, 32, 128));
+
+    // Exact Q8_0 sizes from the shapes in docs/qwen35moe.md.
+    let (e, f, n_exp, v) = (2048u64, 512u64, 256u64, 248_320u64);
+    let f32s = |n: u64| n * 4;
+    let experts = n_exp * (2 * q8(e, f) + q8(f, e));
+    let ffn = f32s(e * n_exp) + experts + f32s(e) + 2 * q8(e, f) + q8(f, e);
+    let norms = 2 * f32s(e);
+    let c = 2 * 128 * 16 + 128 * 32;
+    let deltanet = norms
+        + ffn
+        + q8(e, c)
+        + q8(e, 128 * 32)
+        + f32s(4 * c)
+        + 2 * f32s(32)
+        + 2 * q8(e, 32)
+        + f32s(128)
+        + q8(128 * 32, e);
+    let attention = norms + ffn + q8(e, 2 * 16 * 256) + 2 * q8(e, 2 * 256) + q8(16 * 256, e) + 2 * f32s(256);
+    let unread = experts - experts / n_exp * 8;
+    let main = 30 * deltanet + 10 * attention + 2 * q8(e, v) + f32s(e);
+    let all: u64 = g.tensors.iter().map(|t| t.size).sum();
+    let mtp = all - main;
+    assert_eq!(mtp, attention + q8(2 * e, e) + 3 * f32s(e));
+
+    let cost = ModelCost::new(&g, &cfg, &PlanConfig { seqs: 4, ..PlanConfig::new(32_768) }).unwrap();
+    assert_eq!(cost.unplanned_bytes, mtp);
+    for (i, l) in cost.layers.iter().enumerate() {
+        let want = if l.kind == LayerKind::Attention { attention } else { deltanet };
+        assert_eq!((l.weight_bytes, l.read_bytes), (want, want - unread), "layer {i}");
+        match l.kind {
+            // 4 sequences of 32k positions, 2 KV heads of 256 at f16: 64 MiB each.
+            LayerKind::Attention => assert_eq!(l.cache_bytes, 4 * 64 * MIB),
+            LayerKind::DeltaNet => assert_eq!(l.cache_bytes, 4 * (3 * 8192 + 32 * 128 * 128) * 4),
+        }
+    }
+    let read = cost.read_bytes_per_token(cfg.n_vocab);
+    assert_eq!(read, main - 40 * unread - q8(e, v) + q8(e, v) / v);
+    println!(
+        "Qwen3.6-35B-A3B Q8_0 shape: main pass {:.2} GB, MTP {:.2} GB; a token reads {:.2} GB",
+        main as f64 / 1e9,
+        mtp as f64 / 1e9,
+        read as f64 / 1e9
+    );
+    // About 3 GB of the 35 are read per token, as the model card's "A3B" says.
+    assert!((2_500_000_000..3_500_000_000).contains(&read), "{read}");
+
+    let nodes =
+        [NodeBudget::new("a-16g", 16 * GIB), NodeBudget::new("b-12g", 12 * GIB), NodeBudget::new("c-12g", 12 * GIB)];
+    let plan = Plan::auto(&cost, &nodes).unwrap();
+    println!("ctx 32768, 4 sequences, nodes 16/12/12 GiB:\n{}", plan.table());
+    assert_eq!(plan.stages.iter().map(|s| s.layers.len()).sum::<usize>(), 40);
+    for (st, node) in plan.stages.iter().zip(&nodes) {
+        assert!(st.total_bytes <= node.usable_bytes, "{st:?}");
+        assert!(st.scratch_bytes >= cost.scratch.moe, "{st:?}");
+    }
+    let reads: u64 = plan.stages.iter().map(|s| cost.stage_read_bytes(s.layers.clone(), cfg.n_vocab)).sum();
+    assert_eq!(reads, read);
 }

@@ -86,6 +86,11 @@ fn tiny_qwen35_matches_llama_cpp() {
 }
 
 #[test]
+fn tiny_qwen35moe_matches_llama_cpp() {
+    check_golden(&fixture("tiny-qwen35moe.gguf"), "tiny-qwen35moe.golden.json");
+}
+
+#[test]
 fn smollm2_q4_1_matches_llama_cpp() {
     check_golden(SMOLLM2, "smollm2-135m-q4_1.golden.json");
 }

@@ -4,7 +4,7 @@
 //! qwen3 is llama with a per-head RMSNorm of q and k before NeoX-style RoPE; both are
 //! flags of `cfg.attention` that the attention part reads, so the two share this file.
 
-use strata_model::arch::{LayerTensors, MixerTensors};
+use strata_model::arch::{FeedForward, LayerTensors, MixerTensors};
 use strata_model::config::ModelConfig;
 
 use super::{Layer, LayerState, StateSize, pre_norm};
@@ -33,7 +33,10 @@ impl DenseLayer {
             attn_norm: ctx.vector(&t.attn_norm)?,
             attention: Attention::load(ctx, attention)?,
             ffn_norm: ctx.vector(&t.ffn_norm)?,
-            ffn: Ffn::load(ctx, &t.ffn)?,
+            ffn: match &t.ffn {
+                FeedForward::Dense(f) => Ffn::load(ctx, f)?,
+                FeedForward::Moe(_) => return Err(crate::Error::Spec("a dense layer given expert tensors".into())),
+            },
         })
     }
 }

@@ -55,8 +55,12 @@ pub trait Layer: Send + Sync {
     fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState>;
     /// Records `x = layer(x)` on the residual stream for a step's rows, of any sequences.
     fn record(&self, rec: &mut Recorder, cfg: &ModelConfig, s: &Scratch, state: &LayerState) -> Result<()>;
-    /// Bytes of weights, all read by every step.
+    /// Bytes of weights held.
     fn weight_bytes(&self) -> u64;
+    /// Bytes of weights one token reads: all, but only its chosen experts of a mixture.
+    fn bytes_read_per_token(&self) -> u64 {
+        self.weight_bytes()
+    }
 }
 
 /// Layer `layer` of the model in `ctx`, as its architecture builds it.
@@ -64,7 +68,7 @@ pub fn load_layer(ctx: &LoadCtx, cfg: &ModelConfig, layer: usize) -> Result<Box<
     let tensors = cfg.layer_tensors(layer);
     Ok(match cfg.arch {
         Arch::Llama | Arch::Qwen3 => Box::new(llama::DenseLayer::load(ctx, &tensors)?),
-        Arch::Qwen35 => Box::new(qwen35::Qwen35Layer::load(ctx, &tensors)?),
+        Arch::Qwen35 | Arch::Qwen35Moe => Box::new(qwen35::Qwen35Layer::load(ctx, cfg, &tensors)?),
     })
 }
 

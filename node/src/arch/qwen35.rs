@@ -1,13 +1,14 @@
-//! qwen35 (Qwen3.5 and Qwen3.6 dense): a hybrid of Gated DeltaNet and gated attention
-//! layers (one in `full_attention_interval` is attention), each followed by SwiGLU:
+//! qwen35 (Qwen3.5 and Qwen3.6 dense) and qwen35moe (their MoE models): a hybrid of
+//! Gated DeltaNet and gated attention layers (one in `full_attention_interval` is
+//! attention), each followed by SwiGLU or, in qwen35moe, a mixture of experts:
 //! `x += mixer(rmsnorm(x) * attn_norm); x += ffn(rmsnorm(x) * post_attention_norm)`.
-//! See `docs/qwen35.md` for the maths.
+//! See `docs/qwen35.md` and `docs/qwen35moe.md` for the maths.
 //!
 //! DeltaNet layers hold a fixed-size recurrent state per sequence slot instead of KV blocks;
 //! the attention layers gate each head's output with a sigmoid of a second half of
 //! `attn_q` (the attention part reads that from `cfg.attention.output_gate`).
 
-use strata_model::arch::{LayerTensors, MixerTensors};
+use strata_model::arch::{FeedForward, LayerTensors, MixerTensors};
 use strata_model::config::ModelConfig;
 
 use super::{Layer, LayerState, StateSize, pre_norm};
@@ -18,6 +19,7 @@ use crate::layers::LoadCtx;
 use crate::layers::attention::Attention;
 use crate::layers::deltanet::{self, DeltaNet};
 use crate::layers::ffn::Ffn;
+use crate::layers::moe::Moe;
 use crate::ops::Recorder;
 use crate::scratch::Scratch;
 use crate::{Error, Result};
@@ -27,15 +29,21 @@ enum Mixer {
     Attention(Attention),
 }
 
+/// Boxed: the two differ a lot in size, and a layer is built once.
+enum FeedForwardLayer {
+    Dense(Box<Ffn>),
+    Moe(Box<Moe>),
+}
+
 pub struct Qwen35Layer {
     attn_norm: wgpu::Buffer,
     mixer: Mixer,
     post_attention_norm: wgpu::Buffer,
-    ffn: Ffn,
+    ffn: FeedForwardLayer,
 }
 
 impl Qwen35Layer {
-    pub fn load(ctx: &LoadCtx, t: &LayerTensors) -> Result<Qwen35Layer> {
+    pub fn load(ctx: &LoadCtx, cfg: &ModelConfig, t: &LayerTensors) -> Result<Qwen35Layer> {
         let mixer = match &t.mixer {
             MixerTensors::DeltaNet(d) => Mixer::DeltaNet(DeltaNet::load(ctx, d)?),
             MixerTensors::Attention(a) => Mixer::Attention(Attention::load(ctx, a)?),
@@ -44,7 +52,10 @@ impl Qwen35Layer {
             attn_norm: ctx.vector(&t.attn_norm)?,
             mixer,
             post_attention_norm: ctx.vector(&t.ffn_norm)?,
-            ffn: Ffn::load(ctx, &t.ffn)?,
+            ffn: match &t.ffn {
+                FeedForward::Dense(f) => FeedForwardLayer::Dense(Box::new(Ffn::load(ctx, f)?)),
+                FeedForward::Moe(m) => FeedForwardLayer::Moe(Box::new(Moe::load(ctx, cfg, m)?)),
+            },
         })
     }
 }
@@ -68,7 +79,10 @@ impl Layer for Qwen35Layer {
             _ => return Err(Error::Spec("a layer's state is not of its mixer's kind".into())),
         }
         pre_norm(rec, cfg, s, &self.post_attention_norm)?;
-        self.ffn.record(rec, s)
+        match &self.ffn {
+            FeedForwardLayer::Dense(f) => f.record(rec, s),
+            FeedForwardLayer::Moe(m) => m.record(rec, s),
+        }
     }
 
     fn weight_bytes(&self) -> u64 {
@@ -76,6 +90,17 @@ impl Layer for Qwen35Layer {
             Mixer::DeltaNet(d) => d.bytes(),
             Mixer::Attention(a) => a.bytes(),
         };
-        mixer + self.ffn.bytes() + self.attn_norm.size() + self.post_attention_norm.size()
+        let ffn = match &self.ffn {
+            FeedForwardLayer::Dense(f) => f.bytes(),
+            FeedForwardLayer::Moe(m) => m.bytes(),
+        };
+        mixer + ffn + self.attn_norm.size() + self.post_attention_norm.size()
+    }
+
+    fn bytes_read_per_token(&self) -> u64 {
+        match &self.ffn {
+            FeedForwardLayer::Dense(_) => self.weight_bytes(),
+            FeedForwardLayer::Moe(m) => self.weight_bytes() - m.bytes() + m.bytes_read_per_token(),
+        }
     }
 }

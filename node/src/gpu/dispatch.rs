@@ -60,11 +60,22 @@ impl Dispatch {
         resources: &[wgpu::BindingResource<'_>],
         workgroups: Workgroups,
     ) -> Dispatch {
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-            .iter()
-            .enumerate()
-            .map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() })
-            .collect();
+        let entries: Vec<(u32, wgpu::BindingResource<'_>)> =
+            resources.iter().enumerate().map(|(i, r)| (i as u32, r.clone())).collect();
+        Dispatch::at(gpu, label, pipeline, &entries, workgroups)
+    }
+
+    /// Binds each resource to its own binding number of group 0 (a kernel whose bindings
+    /// leave a gap for a weight format's arrays, however many it has).
+    pub fn at(
+        gpu: &Gpu,
+        label: &'static str,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        resources: &[(u32, wgpu::BindingResource<'_>)],
+        workgroups: Workgroups,
+    ) -> Dispatch {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> =
+            resources.iter().map(|(i, r)| wgpu::BindGroupEntry { binding: *i, resource: r.clone() }).collect();
         let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(label),
             layout: &pipeline.get_bind_group_layout(0),

@@ -4,7 +4,7 @@ use strata_model::arch::FfnTensors;
 
 use super::LoadCtx;
 use crate::Result;
-use crate::ops::Recorder;
+use crate::ops::{Act, Recorder};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 
@@ -23,10 +23,16 @@ impl Ffn {
         self.gate.bytes() + self.up.bytes() + self.down.bytes()
     }
 
+    /// `x += ffn(n)`, on the residual stream.
     pub fn record(&self, rec: &mut Recorder, s: &Scratch) -> Result<()> {
+        self.record_to(rec, s, s.x(), true)
+    }
+
+    /// `out (+)= ffn(n)` (a MoE layer's shared expert writes its own buffer).
+    pub fn record_to(&self, rec: &mut Recorder, s: &Scratch, out: Act<'_>, accumulate: bool) -> Result<()> {
         rec.matmul(&self.gate, s.n(), s.ffn_gate(), false)?;
         rec.matmul(&self.up, s.n(), s.ffn_up(), false)?;
         rec.swiglu(s.ffn_gate(), s.ffn_up(), s.ffn_gate())?;
-        rec.matmul(&self.down, s.ffn_gate(), s.x(), true)
+        rec.matmul(&self.down, s.ffn_gate(), out, accumulate)
     }
 }

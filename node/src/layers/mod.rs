@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod deltanet;
 pub mod ffn;
+pub mod moe;
 
 use strata_model::arch::TensorSpec;
 use strata_model::gguf::Gguf;
@@ -24,7 +25,7 @@ impl LoadCtx<'_> {
     /// The file's tensor named by `spec`, with the shape the schema gives it.
     fn tensor(&self, spec: &TensorSpec) -> Result<&strata_model::gguf::TensorInfo> {
         let t = self.gguf.require_tensor(&spec.name)?;
-        if t.dims != spec.dims {
+        if !spec.matches(&t.dims) {
             return Err(Error::Shape {
                 op: "load",
                 message: format!("`{}` has shape {:?}, expected {:?}", spec.name, t.dims, spec.dims),
@@ -37,6 +38,14 @@ impl LoadCtx<'_> {
     pub fn matrix(&self, spec: &TensorSpec) -> Result<QuantMatrix> {
         let t = self.tensor(spec)?;
         QuantMatrix::upload(self.gpu, &spec.name, t.ty, spec.k(), spec.n(), self.gguf.tensor_data(t))
+    }
+
+    /// A 3-D tensor of stacked matrices `[k, n, matrices]` (a MoE layer's experts), kept
+    /// quantised as stored, split across bindings between experts.
+    pub fn experts(&self, spec: &TensorSpec) -> Result<QuantMatrix> {
+        let t = self.tensor(spec)?;
+        let dims = (spec.k(), spec.n(), spec.matrices());
+        QuantMatrix::upload_experts(self.gpu, &spec.name, t.ty, dims, self.gguf.tensor_data(t), self.gpu.max_binding())
     }
 
     /// A tensor read whole as f32 (norm weights, biases, conv taps), dequantised if stored

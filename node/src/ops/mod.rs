@@ -11,6 +11,7 @@ pub mod embed;
 #[cfg(test)]
 mod harness;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 #[cfg(test)]
 mod params_layout;

@@ -168,6 +168,9 @@ fn params_structs_match_their_wgsl_twins() {
     layout!(covered, deltanet::NormParams => binding 1 of DELTANET_GATED_NORM);
     layout!(covered, sample::TopKParams => binding 1 of TOP_K);
     layout!(covered, sample::PenalizeParams => binding 1 of PENALIZE);
+    layout!(covered, moe::RouteParams => binding 1 of MOE_ROUTE);
+    layout!(covered, moe::IdParams => binding 1 of MM_ID);
+    layout!(covered, moe::CombineParams => binding 1 of MOE_COMBINE);
 
     // The step uniform: binding 0 of every kernel that has one.
     let with_step: Vec<Kernel> = strata_shaders::all()

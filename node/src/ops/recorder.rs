@@ -150,6 +150,21 @@ impl<'a> Recorder<'a> {
         self.dispatches.push(d);
     }
 
+    /// Like [`Recorder::dispatch`], with `rest` at the binding numbers given (from 2 on).
+    pub(crate) fn dispatch_at(
+        &mut self,
+        label: &'static str,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        params: &wgpu::Buffer,
+        rest: &[(u32, wgpu::BindingResource<'_>)],
+        workgroups: Workgroups,
+    ) {
+        let mut resources = vec![(0, self.step.as_entire_binding()), (1, params.as_entire_binding())];
+        resources.extend(rest.iter().cloned());
+        let d = Dispatch::at(self.gpu, label, pipeline, &resources, workgroups);
+        self.dispatches.push(d);
+    }
+
     /// Like [`Recorder::dispatch`], returning the dispatch instead of appending it (ops that
     /// hand their dispatch to a caller who updates its parameters per step).
     pub(crate) fn build(

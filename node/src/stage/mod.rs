@@ -291,6 +291,10 @@ impl Stage {
         if let Some(dn) = &config.deltanet {
             widths.extend([("DeltaNet conv", dn.conv_channels()), ("DeltaNet value", dn.value_dim())]);
         }
+        if let Some(m) = &config.moe {
+            let k = m.n_expert_used;
+            widths.extend([("chosen experts' FFN", k * m.expert_ff), ("chosen experts' output", k * config.n_embd)]);
+        }
         let (what, width) = widths.into_iter().max_by_key(|w| w.1).expect("widths is not empty");
         let activations = u128::from(spec.max_batch) * width as u128 * 4;
         if activations > limit {
@@ -347,6 +351,19 @@ impl Stage {
         self.gpu.describe()
     }
 
+    /// Where a decode step of one row goes, op by op (see [`crate::bench::profile`]): run
+    /// after measuring, since it leaves the sequences' state spoiled.
+    pub fn profile_decode(&self, reps: u32) -> Result<Vec<crate::bench::OpTime>> {
+        let mut lists: Vec<(&[Dispatch], Step)> = vec![(self.list(1), Step::new(1, 1))];
+        let one = Step::new(1, 1);
+        self.gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&one));
+        if let Some(head) = &self.head {
+            lists.push((head.list(1), one));
+            self.gpu.queue.write_buffer(&head.step, 0, bytemuck::bytes_of(&one));
+        }
+        crate::bench::profile(&self.gpu, &lists, reps)
+    }
+
     /// The device's streaming-read bandwidth in GB/s, measured now (see [`crate::bench`]).
     pub fn read_bandwidth(&self) -> Result<f64> {
         crate::bench::read_bandwidth(&self.gpu)
@@ -370,12 +387,14 @@ impl Stage {
 
     /// Bytes of weights held on the GPU.
     pub fn weight_bytes(&self) -> u64 {
-        self.weight_bytes_per_token() + self.embed.as_ref().map_or(0, |e| e.bytes())
+        let layers: u64 = self.layers.iter().map(|l| l.weight_bytes()).sum();
+        layers + self.head.as_ref().map_or(0, |h| h.output.bytes()) + self.embed.as_ref().map_or(0, |e| e.bytes())
     }
 
-    /// Weight bytes one step reads (every matrix once, for all its rows; one embedding row).
+    /// Weight bytes one decoded token reads (every matrix once, of a mixture of experts
+    /// only the chosen experts; one embedding row).
     pub fn weight_bytes_per_token(&self) -> u64 {
-        let layers: u64 = self.layers.iter().map(|l| l.weight_bytes()).sum();
+        let layers: u64 = self.layers.iter().map(|l| l.bytes_read_per_token()).sum();
         let embed_row = self.embed.as_ref().map_or(0, |e| e.bytes() / e.n() as u64);
         layers + self.head.as_ref().map_or(0, |h| h.output.bytes()) + embed_row
     }

@@ -20,6 +20,8 @@ pub struct QuantMatrix {
     k: usize,
     n: usize,
     format: Kernel,
+    /// Matrices stacked end to end (the experts of a 3-D tensor); 1 for a plain matrix.
+    matrices: usize,
     parts: Vec<MatrixPart>,
 }
 
@@ -59,13 +61,42 @@ impl QuantMatrix {
         bytes: &[u8],
         max_part_bytes: u64,
     ) -> Result<QuantMatrix> {
+        Self::upload_stacked(gpu, name, ty, k, n, 1, bytes, max_part_bytes)
+    }
+
+    /// `matrices` matrices `[k, n]` stored end to end (a MoE layer's experts, ggml dims
+    /// `[k, n, matrices]`), as one matrix of `n · matrices` rows whose parts hold whole
+    /// matrices, so that an expert is never split across bindings.
+    pub fn upload_experts(
+        gpu: &Gpu,
+        name: &str,
+        ty: GgmlType,
+        (k, n, matrices): (usize, usize, usize),
+        bytes: &[u8],
+        max_part_bytes: u64,
+    ) -> Result<QuantMatrix> {
+        Self::upload_stacked(gpu, name, ty, k, n, matrices, bytes, max_part_bytes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upload_stacked(
+        gpu: &Gpu,
+        name: &str,
+        ty: GgmlType,
+        k: usize,
+        n_one: usize,
+        matrices: usize,
+        bytes: &[u8],
+        max_part_bytes: u64,
+    ) -> Result<QuantMatrix> {
+        let n = n_one * matrices;
         let unsupported = || Error::UnsupportedTensor { name: name.to_owned(), ty: ty.name().to_owned() };
         let format = repack::format_kernel(ty).ok_or_else(unsupported)?;
         let shape = |message: String| Error::Shape { op: "upload weights", message: format!("`{name}`: {message}") };
         let block = ty.block_len() as usize;
         // Kernels read 8 values at a time; quantised blocks are multiples of 8 already.
         let unit = block.max(8);
-        if k == 0 || n == 0 || !k.is_multiple_of(unit) {
+        if k == 0 || n == 0 || matrices == 0 || !k.is_multiple_of(unit) {
             return Err(shape(format!("k = {k}, n = {n}: k must be a positive multiple of {unit} for {ty}")));
         }
         let row_bytes = (k / block) as u64 * ty.block_bytes();
@@ -80,12 +111,16 @@ impl QuantMatrix {
             |rows: usize| repack::array_sizes(ty, rows as u64 * blocks_per_row).iter().all(|&s| s <= max_part_bytes);
         // The largest array decides; the f16 arrays' rounding to a word may cost a row.
         let widest = repack::array_sizes(ty, blocks_per_row).into_iter().max().unwrap_or(1);
+        // Parts of stacked matrices hold whole matrices of `n_one` rows.
+        let step = if matrices > 1 { n_one } else { 1 };
         let mut rows_per_part = usize::try_from(max_part_bytes / widest).unwrap_or(usize::MAX).min(n);
+        rows_per_part -= rows_per_part % step;
         while rows_per_part > 0 && !fits(rows_per_part) {
-            rows_per_part -= 1;
+            rows_per_part -= step;
         }
         if rows_per_part == 0 {
-            return Err(shape(format!("one row of {k} {ty} values exceeds a binding of {max_part_bytes} bytes")));
+            let what = if matrices > 1 { format!("one expert of {n_one} rows") } else { "one row".into() };
+            return Err(shape(format!("{what} of {k} {ty} values exceeds a binding of {max_part_bytes} bytes")));
         }
         let mut parts = Vec::with_capacity(n.div_ceil(rows_per_part));
         for row0 in (0..n).step_by(rows_per_part) {
@@ -100,7 +135,7 @@ impl QuantMatrix {
             parts.push(MatrixPart { row0, rows, buffers });
         }
         tracing::debug!(name, %ty, k, n, parts = parts.len(), "uploaded weights");
-        Ok(QuantMatrix { name: name.to_owned(), ty, k, n, format, parts })
+        Ok(QuantMatrix { name: name.to_owned(), ty, k, n, format, matrices, parts })
     }
 
     pub fn name(&self) -> &str {
@@ -116,9 +151,19 @@ impl QuantMatrix {
         self.k
     }
 
-    /// Rows.
+    /// Rows (of all its stacked matrices).
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    /// Matrices stacked end to end (experts); 1 for a plain matrix.
+    pub fn matrices(&self) -> usize {
+        self.matrices
+    }
+
+    /// Rows of one of its stacked matrices.
+    pub fn rows_per_matrix(&self) -> usize {
+        self.n / self.matrices
     }
 
     /// Bytes held on the GPU.
