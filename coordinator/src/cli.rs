@@ -385,6 +385,15 @@ pub struct ServeArgs {
     /// Largest request body accepted, e.g. `16MiB`; a larger one gets 413.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_body_limit)]
     pub max_body: usize,
+    /// How chat answers return a Qwen3-family model's `<think>…</think>` reasoning:
+    /// `deepseek` as `message.reasoning_content` (streamed as `delta.reasoning_content`)
+    /// and the content without it; `none` keeps the raw text as content. A request may
+    /// override it with `reasoning_format`.
+    #[arg(long, value_enum, default_value_t = crate::server::reasoning::ReasoningFormat::Deepseek)]
+    pub reasoning_format: crate::server::reasoning::ReasoningFormat,
+    /// Use this Jinja chat template instead of the model's `tokenizer.chat_template`.
+    #[arg(long, value_name = "PATH")]
+    pub chat_template_file: Option<PathBuf>,
 }
 
 fn parse_api_key(s: &str) -> Result<String, String> {

@@ -68,6 +68,12 @@ async function send(text) {
   $("stop").disabled = false;
   controller = new AbortController();
   let answer = "";
+  let thought = "";
+  // A Qwen3-family model's reasoning (delta.reasoning_content) shows dimmed above its answer.
+  const thinkEl = document.createElement("div");
+  thinkEl.className = "thinking";
+  const answerEl = document.createElement("span");
+  out.append(thinkEl, answerEl);
   let finish = null;
   let usage = null;
   const started = performance.now();
@@ -96,11 +102,16 @@ async function send(text) {
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) return;
-      if (choice.delta && choice.delta.content) {
-        answer += choice.delta.content;
-        out.textContent = answer;
-        $("messages").scrollTop = $("messages").scrollHeight;
+      const delta = choice.delta || {};
+      if (delta.reasoning_content) {
+        thought += delta.reasoning_content;
+        thinkEl.textContent = thought;
       }
+      if (delta.content) {
+        answer += delta.content;
+        answerEl.textContent = answer;
+      }
+      if (delta.content || delta.reasoning_content) $("messages").scrollTop = $("messages").scrollHeight;
       if (choice.finish_reason) finish = choice.finish_reason;
     });
   } catch (e) {

@@ -53,9 +53,14 @@ impl ChatTemplate {
         let Some(source) = gguf.get_str(KEY_TEMPLATE)? else {
             return Ok(None);
         };
+        Self::for_gguf(gguf, source).map(Some)
+    }
+
+    /// `source` (e.g. a `--chat-template-file`) with the BOS and EOS texts of `gguf`.
+    pub fn for_gguf(gguf: &Gguf, source: &str) -> Result<ChatTemplate> {
         let bos = token_text(gguf, KEY_BOS)?;
         let eos = token_text(gguf, KEY_EOS)?;
-        Self::new(source, bos, eos).map(Some)
+        Self::new(source, bos, eos)
     }
 
     /// Compiles `source`; a syntax error is an [`Error::Template`] with minijinja's message.
@@ -74,6 +79,18 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`ChatTemplate::render`] with extra variables (an API's `chat_template_kwargs`, e.g.
+    /// `enable_thinking`), as Hugging Face's `apply_chat_template` passes its keyword
+    /// arguments; the standard ones (`messages`, ...) cannot be replaced by them.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let messages: Vec<Value> =
             messages.iter().map(|m| context! { role => m.role.as_str(), content => m.content.as_str() }).collect();
         let template = self.env.get_template(NAME).map_err(template_error)?;
@@ -83,6 +100,7 @@ impl ChatTemplate {
                 add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
+                ..Value::from_serialize(kwargs)
             })
             .map_err(template_error)
     }
@@ -171,6 +189,16 @@ mod tests {
         let text = std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap();
         let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
         golden["sequences"][0]["prompt"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn template_kwargs_reach_the_template_but_do_not_replace_its_variables() {
+        let source = "{% for m in messages %}{{ m.content }}{% endfor %}|{% if enable_thinking is defined and enable_thinking is false %}off{% else %}on{% endif %}";
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        let kwargs = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert_eq!(t.render(&haiku(), true).unwrap(), "Write a haiku about GPUs.|on");
+        let off = kwargs(serde_json::json!({ "enable_thinking": false, "messages": "not these" }));
+        assert_eq!(t.render_with(&haiku(), true, &off).unwrap(), "Write a haiku about GPUs.|off");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod discovery;
 mod engine;
 mod generate;
 mod quantize;
+mod reasoning;
 mod recovery;
 mod reference;
 mod security;

@@ -5,6 +5,7 @@ mod auth;
 mod errors;
 mod metrics;
 mod openai;
+pub mod reasoning;
 mod tls;
 mod web;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest request body (`--max-body`), for the 413's message.
     pub max_body: usize,
+    /// How chat answers return `<think>` reasoning (`--reasoning-format`).
+    pub reasoning: reasoning::ReasoningFormat,
 }
 
 /// The model id for a GGUF path: its file name without the extension.
@@ -60,7 +63,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = &args.engine.model;
     let gguf = Gguf::open(path).with_context(|| format!("reading {}", path.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
-    let template = ChatTemplate::from_gguf(&gguf)?;
+    let template = match &args.chat_template_file {
+        Some(file) => {
+            let source = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --chat-template-file {}", file.display()))?;
+            Some(
+                ChatTemplate::for_gguf(&gguf, &source)
+                    .with_context(|| format!("--chat-template-file {}", file.display()))?,
+            )
+        }
+        None => ChatTemplate::from_gguf(&gguf)?,
+    };
     if template.is_none() {
         eprintln!("note: {} has no chat template: /v1/chat/completions will refuse requests", path.display());
     }
@@ -97,6 +110,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_seqs: args.max_seqs as usize,
         metrics: Arc::new(Metrics::default()),
         max_body: args.max_body,
+        reasoning: args.reasoning_format,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {

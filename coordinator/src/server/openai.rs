@@ -18,6 +18,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::AppState;
 use super::errors::ApiError;
+use super::reasoning::{Channel, ReasoningFormat, Splitter};
 use crate::scheduler::{Event, Finished, GenRequest, TokenLogprob};
 
 /// The most stop strings a request may give.
@@ -47,6 +48,10 @@ struct Params {
     n: Option<u32>,
     logprobs: Option<Value>,
     top_logprobs: Option<u32>,
+    /// Extra variables for the chat template (e.g. `{"enable_thinking": false}`).
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// `deepseek` (or `auto`) or `none`: overrides `--reasoning-format` for this request.
+    reasoning_format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -142,6 +147,8 @@ const PARAMS: &[&str] = &[
     "n",
     "logprobs",
     "top_logprobs",
+    "chat_template_kwargs",
+    "reasoning_format",
 ];
 
 fn known_param(name: &str) -> Option<&'static str> {
@@ -157,6 +164,9 @@ struct Prepared {
     include_usage: bool,
     /// Top alternatives to report with each token's logprob; `None`: no logprobs.
     logprobs: Option<u32>,
+    /// The request's own reasoning format, if it names one.
+    reasoning_format: Option<ReasoningFormat>,
+    chat_template_kwargs: serde_json::Map<String, Value>,
 }
 
 /// The most alternatives `top_logprobs` (or the legacy integer `logprobs`) may ask for.
@@ -206,6 +216,15 @@ impl Params {
             ));
         }
         let stop = stop_strings(self.stop)?;
+        let reasoning_format = match self.reasoning_format.as_deref() {
+            None => None,
+            Some(name) => Some(ReasoningFormat::parse(name).ok_or_else(|| {
+                ApiError::invalid(
+                    Some("reasoning_format"),
+                    format!("reasoning_format `{name}` is not one of deepseek, auto, none"),
+                )
+            })?),
+        };
         let d = SamplingParams::default();
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(d.temperature),
@@ -227,6 +246,8 @@ impl Params {
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             logprobs,
+            reasoning_format,
+            chat_template_kwargs: self.chat_template_kwargs.unwrap_or_default(),
         })
     }
 }
@@ -398,10 +419,12 @@ pub async fn chat_completions(
         .as_ref()
         .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
     let text = template
-        .render(&messages, true)
+        .render_with(&messages, true, &prepared.chat_template_kwargs)
         .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
     let prompt = tokenize(&state, &text, "messages")?;
-    generate(state, prompt, prepared, Kind::Chat).await
+    let format = prepared.reasoning_format.unwrap_or(state.reasoning);
+    let splitter = Splitter::new(format, Splitter::prompt_opens(&text));
+    generate(state, prompt, prepared, Kind::Chat, Some(splitter)).await
 }
 
 pub async fn completions(
@@ -422,10 +445,17 @@ pub async fn completions(
         }
     };
     let prompt = tokenize(&state, &text, "prompt")?;
-    generate(state, prompt, prepared, Kind::Completion).await
+    generate(state, prompt, prepared, Kind::Completion, None).await
 }
 
-async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
+/// Runs `prompt`; a chat answer goes through `reasoning` (its `<think>` part apart).
+async fn generate(
+    state: Arc<AppState>,
+    prompt: Vec<u32>,
+    p: Prepared,
+    kind: Kind,
+    reasoning: Option<Splitter>,
+) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
     let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
     let request =
@@ -436,7 +466,11 @@ async fn generate(state: Arc<AppState>, prompt: Vec<u32>, p: Prepared, kind: Kin
         Kind::Completion => format!("cmpl-{id}"),
     };
     let reply = Reply { kind, id, created: now_secs(), model: state.model_id.clone() };
-    if p.stream { Ok(reply.stream(rx, p.include_usage)) } else { reply.whole(rx, p.logprobs.is_some()).await }
+    if p.stream {
+        Ok(reply.stream(rx, p.include_usage, reasoning))
+    } else {
+        reply.whole(rx, p.logprobs.is_some(), reasoning).await
+    }
 }
 
 /// What every response to one request names: its endpoint's shapes, id, time and model.
@@ -449,7 +483,12 @@ struct Reply {
 
 impl Reply {
     /// Waits for the whole answer and returns it as one JSON body.
-    async fn whole(self, mut rx: UnboundedReceiver<Event>, logprobs: bool) -> Result<Response, ApiError> {
+    async fn whole(
+        self,
+        mut rx: UnboundedReceiver<Event>,
+        logprobs: bool,
+        reasoning: Option<Splitter>,
+    ) -> Result<Response, ApiError> {
         let mut text = String::new();
         let mut entries = Vec::new();
         let done = loop {
@@ -465,7 +504,14 @@ impl Reply {
         let finish = done.reason.as_str();
         let (choice, object) = match self.kind {
             Kind::Chat => {
-                let message = json!({ "role": "assistant", "content": text });
+                let (thought, content) = match reasoning {
+                    Some(splitter) => splitter.split_whole(&text),
+                    None => (String::new(), text),
+                };
+                let mut message = json!({ "role": "assistant", "content": content });
+                if !thought.is_empty() {
+                    message["reasoning_content"] = json!(thought);
+                }
                 (json!({ "index": 0, "message": message, "logprobs": lp, "finish_reason": finish }), "chat.completion")
             }
             Kind::Completion => {
@@ -482,14 +528,14 @@ impl Reply {
     }
 
     /// Streams the answer as server-sent events, one chunk per event.
-    fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
+    fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool, reasoning: Option<Splitter>) -> Response {
         let first = match self.kind {
             Kind::Chat => {
                 sse(&self.chunk(json!({ "role": "assistant", "content": "" }), None, Value::Null, include_usage))
             }
             Kind::Completion => String::new(),
         };
-        let mut chunks = Chunks { reply: self, include_usage, offset: 0 };
+        let mut chunks = Chunks { reply: self, include_usage, offset: 0, reasoning };
         let events =
             UnboundedReceiverStream::new(rx).map(move |event| Ok::<_, Infallible>(Bytes::from(chunks.render(event))));
         let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
@@ -531,19 +577,33 @@ struct Chunks {
     include_usage: bool,
     /// Legacy completions count `text_offset` in characters of the text so far.
     offset: usize,
+    /// A chat answer's reasoning splitter.
+    reasoning: Option<Splitter>,
 }
 
 impl Chunks {
+    /// The chat deltas of `pieces`, one chunk each.
+    fn pieces(&self, pieces: Vec<(Channel, String)>) -> String {
+        let field = |c: Channel| if c == Channel::Reasoning { "reasoning_content" } else { "content" };
+        pieces
+            .into_iter()
+            .map(|(c, t)| sse(&self.reply.chunk(json!({ field(c): t }), None, Value::Null, self.include_usage)))
+            .collect()
+    }
+
     fn render(&mut self, event: Event) -> String {
         let (r, usage_too) = (&self.reply, self.include_usage);
         match event {
             Event::Text(t) => {
                 self.offset += t.chars().count();
-                let delta = match r.kind {
-                    Kind::Chat => json!({ "content": t }),
-                    Kind::Completion => json!(t),
-                };
-                sse(&r.chunk(delta, None, Value::Null, usage_too))
+                match (r.kind, self.reasoning.as_mut()) {
+                    (Kind::Chat, Some(splitter)) => {
+                        let pieces = splitter.push(&t);
+                        self.pieces(pieces)
+                    }
+                    (Kind::Chat, None) => sse(&r.chunk(json!({ "content": t }), None, Value::Null, usage_too)),
+                    (Kind::Completion, _) => sse(&r.chunk(json!(t), None, Value::Null, usage_too)),
+                }
             }
             // Its own chunk: the token's text may be held back (a possible stop string).
             Event::Logprob(lp) => {
@@ -551,7 +611,10 @@ impl Chunks {
                 sse(&r.chunk(r.empty_delta(false), None, logprobs, usage_too))
             }
             Event::Done(f) => {
-                let mut out = sse(&r.chunk(r.empty_delta(true), Some(f.reason.as_str()), Value::Null, usage_too));
+                let held = self.reasoning.as_mut().map(Splitter::finish).unwrap_or_default();
+                let mut out = self.pieces(held);
+                let r = &self.reply;
+                out.push_str(&sse(&r.chunk(r.empty_delta(true), Some(f.reason.as_str()), Value::Null, usage_too)));
                 if usage_too {
                     let mut u = r.chunk(Value::Null, None, Value::Null, true);
                     u["choices"] = json!([]);

@@ -1,0 +1,81 @@
+//! `strata serve` returns a Qwen3-family model's `<think>` reasoning apart from its
+//! answer, and passes `chat_template_kwargs` to the template: a real server with a
+//! Qwen3-style template (written here) that opens `<think>` in the generation prompt
+//! unless `enable_thinking` is false.
+
+use serde_json::{Value, json};
+
+use crate::serve::Server;
+use crate::support::fixture;
+
+const QWEN3_STYLE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n\
+{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}";
+
+fn chat(extra: Value) -> String {
+    let mut body = json!({
+        "messages": [{ "role": "user", "content": "Why is the sky blue?" }],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body.to_string()
+}
+
+/// The text of every streamed delta's `field`, joined.
+fn streamed(body: &str, field: &str) -> String {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"][field].as_str().unwrap_or("").to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn reasoning_is_returned_apart_and_template_kwargs_reach_the_template() {
+    let template = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen3-style-template.jinja");
+    std::fs::write(&template, QWEN3_STYLE).unwrap();
+    let model = fixture("tiny-qwen35.gguf");
+    let server = Server::start(&model, &["--chat-template-file", template.to_str().unwrap()]);
+    let post = |extra: Value| {
+        let r = server.post("/v1/chat/completions", &chat(extra));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    };
+
+    // The raw text, as `none` keeps it: the template opened <think>, so the model's words
+    // are its reasoning (this random model never closes it).
+    let raw = post(json!({ "reasoning_format": "none" })).json();
+    let raw_text = raw["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(!raw_text.is_empty() && !raw_text.contains("</think>"), "{raw}");
+    assert!(raw["choices"][0]["message"].get("reasoning_content").is_none(), "{raw}");
+
+    let split = post(json!({})).json();
+    let message = &split["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"].as_str(), Some(raw_text.as_str()), "{split}");
+    assert_eq!(message["content"], "", "{split}");
+    assert_eq!(split["usage"], raw["usage"], "the same prompt and answer");
+
+    // Streamed: the same reasoning in `delta.reasoning_content`, no content.
+    let stream = post(json!({ "stream": true }));
+    assert_eq!(streamed(&stream.body, "reasoning_content"), raw_text, "{}", stream.body);
+    assert_eq!(streamed(&stream.body, "content"), "", "{}", stream.body);
+
+    // enable_thinking = false reaches the template: it closes the reasoning in the prompt
+    // (more prompt tokens), so the answer is content.
+    let off = post(json!({ "chat_template_kwargs": { "enable_thinking": false } })).json();
+    let off_prompt = off["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(off_prompt > raw["usage"]["prompt_tokens"].as_u64().unwrap(), "{off}");
+    let content = off["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty() && off["choices"][0]["message"].get("reasoning_content").is_none(), "{off}");
+
+    // Bad values are 400s naming the parameter.
+    let r = server.post("/v1/chat/completions", &chat(json!({ "reasoning_format": "verbose" })));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "reasoning_format", "{}", r.body);
+    let r = server.post("/v1/chat/completions", &chat(json!({ "chat_template_kwargs": [1, 2] })));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "chat_template_kwargs", "{}", r.body);
+}
