@@ -45,6 +45,18 @@ pub enum Command {
 /// `--batch-tokens` unless given: see the README for the measurement behind it.
 pub const DEFAULT_BATCH_TOKENS: u32 = 64;
 
+/// How a chat answer's reasoning is returned (`--reasoning-format`, or per request
+/// `reasoning_format`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReasoningFormat {
+    /// `<think>…</think>` as `reasoning_content` (streamed as `delta.reasoning_content`),
+    /// the content without it.
+    #[default]
+    Deepseek,
+    /// The raw text, tags and all, as `content`.
+    None,
+}
+
 /// How hidden states cross the wire between stages.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Wire {
@@ -389,8 +401,8 @@ pub struct ServeArgs {
     /// `deepseek` as `message.reasoning_content` (streamed as `delta.reasoning_content`)
     /// and the content without it; `none` keeps the raw text as content. A request may
     /// override it with `reasoning_format`.
-    #[arg(long, value_enum, default_value_t = crate::server::reasoning::ReasoningFormat::Deepseek)]
-    pub reasoning_format: crate::server::reasoning::ReasoningFormat,
+    #[arg(long, value_enum, default_value_t = ReasoningFormat::Deepseek)]
+    pub reasoning_format: ReasoningFormat,
     /// Use this Jinja chat template instead of the model's `tokenizer.chat_template`.
     #[arg(long, value_name = "PATH")]
     pub chat_template_file: Option<PathBuf>,

@@ -4,19 +4,10 @@
 //! tokens, which the detokeniser writes out as these texts, so one splitter over the
 //! streamed text serves a tag that arrives as one token or as several.
 
-/// How a chat answer's reasoning is returned (`--reasoning-format`, or per request
-/// `reasoning_format`).
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReasoningFormat {
-    /// `<think>…</think>` as `reasoning_content` (streamed as `delta.reasoning_content`),
-    /// the content without it.
-    #[default]
-    Deepseek,
-    /// The raw text, tags and all, as `content`.
-    None,
-}
+pub use crate::cli::ReasoningFormat;
 
 impl ReasoningFormat {
+    /// A request's `reasoning_format` (llama-server's names; `auto` is `deepseek`).
     pub fn parse(name: &str) -> Option<ReasoningFormat> {
         match name {
             "deepseek" | "auto" => Some(ReasoningFormat::Deepseek),
