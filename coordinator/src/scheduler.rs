@@ -782,6 +782,9 @@ impl<'a> Loop<'a> {
                          restart `strata serve` once there is room for the model"
                     ),
                 );
+                // Published before any client hears of it, so that `/health` already says
+                // `degraded` to a client that checks after its stream failed.
+                self.shared.snapshot.lock().expect("snapshot lock").broken = Some(e.message.clone());
                 for a in &mut self.active {
                     a.failed.get_or_insert_with(|| e.clone());
                 }
