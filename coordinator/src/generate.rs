@@ -43,7 +43,7 @@ fn prompt_ids(gguf: &Gguf, tok: &Tokenizer, prompt: &str, chat: bool) -> anyhow:
     let text = if chat {
         let template = ChatTemplate::from_gguf(gguf)?
             .context("--chat: the model has no chat template (tokenizer.chat_template)")?;
-        template.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?
+        template.render(&[ChatMessage::new("user", prompt)], true)?
     } else {
         prompt.to_owned()
     };

@@ -18,3 +18,4 @@ mod reference;
 mod security;
 mod serve;
 mod streaming;
+mod tools;

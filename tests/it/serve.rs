@@ -148,7 +148,7 @@ pub(crate) fn dechunk(mut s: &str) -> String {
     out
 }
 
-fn python(script: &str, args: &[&str]) -> String {
+pub(crate) fn python(script: &str, args: &[&str]) -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/py/");
     let o = Command::new("python3").arg(format!("{path}{script}")).args(args).output().expect("run python3");
     assert!(

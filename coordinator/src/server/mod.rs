@@ -7,6 +7,7 @@ mod metrics;
 mod openai;
 pub mod reasoning;
 mod tls;
+mod tool_calls;
 mod web;
 
 use std::sync::Arc;

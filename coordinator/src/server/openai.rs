@@ -10,7 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use strata_model::chat::ChatMessage;
+use strata_model::chat::{ChatMessage, ToolCall};
 use strata_model::sampling::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::StreamExt;
@@ -19,7 +19,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::AppState;
 use super::errors::ApiError;
 use super::reasoning::{Channel, ReasoningFormat, Splitter};
-use crate::scheduler::{Event, Finished, GenRequest, TokenLogprob};
+use super::tool_calls::{CallParser, Piece, Tool};
+use crate::scheduler::{Event, FinishReason, Finished, GenRequest, TokenLogprob};
 
 /// The most stop strings a request may give.
 const MAX_STOPS: usize = 16;
@@ -70,6 +71,14 @@ enum Stop {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<Message>,
+    /// OpenAI's `{type: "function", function: {name, description, parameters}}` objects,
+    /// checked by [`declared_tools`] and passed to the template as they came.
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +86,25 @@ struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Vec<MessageCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+/// A call in an assistant turn of the history.
+#[derive(Deserialize)]
+struct MessageCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: MessageFunction,
+}
+
+#[derive(Deserialize)]
+struct MessageFunction {
+    name: String,
+    /// JSON text, as OpenAI sends it (an object is taken too).
+    arguments: Value,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +177,9 @@ const PARAMS: &[&str] = &[
     "top_logprobs",
     "chat_template_kwargs",
     "reasoning_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 fn known_param(name: &str) -> Option<&'static str> {
@@ -379,19 +410,64 @@ pub async fn chat_completions(
     let body = body_bytes(&state, body)?;
     let (req, params): (ChatRequest, _) = parse(&body)?;
     let prepared = params.prepare(&state.model_id, state.scheduler.ctx())?;
-    if req.messages.is_empty() {
+    let tools = declared_tools(req.tools.as_deref().unwrap_or_default())?;
+    let choice = ToolChoice::parse(req.tool_choice.as_ref(), &tools)?;
+    let messages = history(req.messages)?;
+    let template = state
+        .template
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
+    let offered: &[Value] = match choice {
+        ToolChoice::None => &[],
+        _ => req.tools.as_deref().unwrap_or_default(),
+    };
+    let mut text = template
+        .render_with(&messages, true, &prepared.chat_template_kwargs, offered)
+        .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
+    let format = template.tool_format();
+    // A forced call begins in the prompt: the model continues it. A reasoning the template
+    // opened is closed first (empty), as its own `enable_thinking: false` would.
+    let opening = match &choice {
+        ToolChoice::Required => Some(format.call_opening(None)),
+        ToolChoice::Named(name) => Some(format.call_opening(Some(name))),
+        ToolChoice::None | ToolChoice::Auto => None,
+    };
+    if let Some(opening) = &opening {
+        if Splitter::prompt_opens(&text) {
+            text.push_str("\n</think>\n\n");
+        }
+        text.push_str(opening);
+    }
+    let mut prepared = prepared;
+    let one_call = req.parallel_tool_calls == Some(false) || matches!(choice, ToolChoice::Named(_));
+    if one_call && !offered.is_empty() {
+        // One call at most: the answer ends where the first call closes.
+        prepared.stop.push(super::tool_calls::CLOSE.to_owned());
+    }
+    let prompt = tokenize(&state, &text, "messages")?;
+    let reasoning = prepared.reasoning_format.unwrap_or(state.reasoning);
+    let splitter = Splitter::new(reasoning, Splitter::prompt_opens(&text));
+    let calls = (!offered.is_empty())
+        .then(|| CallParser::new(format, Arc::from(tools), opening.as_deref().unwrap_or_default()));
+    generate(state, prompt, prepared, Kind::Chat, Some(Answer { splitter, calls })).await
+}
+
+/// The conversation as the template takes it; roles and calls checked.
+fn history(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages must hold at least one message"));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
                 return Err(ApiError::invalid(
                     Some("messages"),
-                    format!("messages[{i}].role `{other}` is not supported (system, user, assistant)"),
+                    format!("messages[{i}].role `{other}` is not supported (system, user, assistant, tool)"),
                 ));
             }
         };
@@ -412,19 +488,109 @@ pub async fn chat_completions(
                 text
             }
         };
-        messages.push(ChatMessage::new(role, content));
+        let mut tool_calls = Vec::new();
+        for (j, call) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
+            let arguments = match call.function.arguments {
+                Value::String(text) => serde_json::from_str(&text).ok().filter(Value::is_object),
+                object @ Value::Object(_) => Some(object),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    Some("messages"),
+                    format!("messages[{i}].tool_calls[{j}].function.arguments is not a JSON object"),
+                )
+            })?;
+            let id = call.id.unwrap_or_else(|| format!("call_{i}_{j}"));
+            tool_calls.push(ToolCall { id, name: call.function.name, arguments });
+        }
+        out.push(ChatMessage { role: role.to_owned(), content, tool_calls, tool_call_id: m.tool_call_id });
     }
-    let template = state
-        .template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
-    let text = template
-        .render_with(&messages, true, &prepared.chat_template_kwargs)
-        .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
-    let prompt = tokenize(&state, &text, "messages")?;
-    let format = prepared.reasoning_format.unwrap_or(state.reasoning);
-    let splitter = Splitter::new(format, Splitter::prompt_opens(&text));
-    generate(state, prompt, prepared, Kind::Chat, Some(splitter)).await
+    Ok(out)
+}
+
+/// The tools a request declares, each checked: a `function` with a name and, if any,
+/// an object schema for its parameters.
+fn declared_tools(tools: &[Value]) -> Result<Vec<Tool>, ApiError> {
+    let mut out: Vec<Tool> = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let bad = |why: &str| ApiError::invalid(Some("tools"), format!("tools[{i}]: {why}"));
+        if tool.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(bad("`type` must be \"function\""));
+        }
+        let function =
+            tool.get("function").filter(|f| f.is_object()).ok_or_else(|| bad("`function` must be an object"))?;
+        let name = function.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
+        let name = name.ok_or_else(|| bad("`function.name` must be a non-empty string"))?;
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+            return Err(bad(&format!("the function name `{name}` may hold only letters, digits, `_`, `-` and `.`")));
+        }
+        if out.iter().any(|t| t.name == name) {
+            return Err(bad(&format!("the function `{name}` is declared twice")));
+        }
+        let parameters = function.get("parameters").cloned().unwrap_or_else(|| json!({ "type": "object" }));
+        if !parameters.is_object() {
+            return Err(bad("`function.parameters` must be a JSON schema object"));
+        }
+        out.push(Tool { name: name.to_owned(), parameters });
+    }
+    Ok(out)
+}
+
+/// `tool_choice`: whether the model may, must, or must not call a tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+impl ToolChoice {
+    fn parse(choice: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
+        let bad = |why: String| ApiError::invalid(Some("tool_choice"), why);
+        let choice = match choice {
+            None | Some(Value::Null) => return Ok(if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto }),
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(bad(format!(
+                        "tool_choice `{other}` is not one of none, auto, required, or a named function"
+                    )));
+                }
+            },
+            Some(v) => match v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                    if !tools.iter().any(|t| t.name == name) {
+                        return Err(bad(format!(
+                            "tool_choice names the function `{name}`, which `tools` does not declare"
+                        )));
+                    }
+                    ToolChoice::Named(name.to_owned())
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "tool_choice {v} is not one of none, auto, required, or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+                    )));
+                }
+            },
+        };
+        match choice {
+            ToolChoice::Required if tools.is_empty() => {
+                Err(bad("tool_choice `required` needs `tools`, and the request declares none".to_owned()))
+            }
+            ToolChoice::Auto if tools.is_empty() => Ok(ToolChoice::None),
+            choice => Ok(choice),
+        }
+    }
+}
+
+/// How a chat answer is taken apart: its reasoning, then (with tools) its calls.
+struct Answer {
+    splitter: Splitter,
+    calls: Option<CallParser>,
 }
 
 pub async fn completions(
@@ -448,13 +614,13 @@ pub async fn completions(
     generate(state, prompt, prepared, Kind::Completion, None).await
 }
 
-/// Runs `prompt`; a chat answer goes through `reasoning` (its `<think>` part apart).
+/// Runs `prompt`; a chat answer is taken apart by `answer` (reasoning, calls).
 async fn generate(
     state: Arc<AppState>,
     prompt: Vec<u32>,
     p: Prepared,
     kind: Kind,
-    reasoning: Option<Splitter>,
+    answer: Option<Answer>,
 ) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
     let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
@@ -467,9 +633,9 @@ async fn generate(
     };
     let reply = Reply { kind, id, created: now_secs(), model: state.model_id.clone() };
     if p.stream {
-        Ok(reply.stream(rx, p.include_usage, reasoning))
+        Ok(reply.stream(rx, p.include_usage, answer))
     } else {
-        reply.whole(rx, p.logprobs.is_some(), reasoning).await
+        reply.whole(rx, p.logprobs.is_some(), answer).await
     }
 }
 
@@ -487,7 +653,7 @@ impl Reply {
         self,
         mut rx: UnboundedReceiver<Event>,
         logprobs: bool,
-        reasoning: Option<Splitter>,
+        answer: Option<Answer>,
     ) -> Result<Response, ApiError> {
         let mut text = String::new();
         let mut entries = Vec::new();
@@ -501,16 +667,39 @@ impl Reply {
             }
         };
         let lp = if logprobs { logprobs_json(self.kind, &entries, 0) } else { Value::Null };
-        let finish = done.reason.as_str();
+        let mut finish = done.reason.as_str();
         let (choice, object) = match self.kind {
             Kind::Chat => {
-                let (thought, content) = match reasoning {
-                    Some(splitter) => splitter.split_whole(&text),
-                    None => (String::new(), text),
+                let (thought, content, calls) = match answer {
+                    Some(Answer { splitter, calls }) => {
+                        let (thought, content) = splitter.split_whole(&text);
+                        match calls {
+                            Some(parser) => {
+                                let (content, calls) = parser.parse_whole(&content, done.reason == FinishReason::Stop);
+                                (thought, content, calls)
+                            }
+                            None => (thought, Some(content), Vec::new()),
+                        }
+                    }
+                    None => (String::new(), Some(text), Vec::new()),
                 };
                 let mut message = json!({ "role": "assistant", "content": content });
                 if !thought.is_empty() {
                     message["reasoning_content"] = json!(thought);
+                }
+                if !calls.is_empty() {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            json!({ "id": self.call_id(i), "type": "function",
+                                "function": { "name": c.name, "arguments": c.arguments_json() } })
+                        })
+                        .collect();
+                    message["tool_calls"] = json!(calls);
+                    if done.reason == FinishReason::Stop {
+                        finish = "tool_calls";
+                    }
                 }
                 (json!({ "index": 0, "message": message, "logprobs": lp, "finish_reason": finish }), "chat.completion")
             }
@@ -527,15 +716,20 @@ impl Reply {
         Ok(axum::Json(body).into_response())
     }
 
+    /// The id of the answer's `index`th tool call.
+    fn call_id(&self, index: usize) -> String {
+        format!("call_{}_{index}", self.id.trim_start_matches("chatcmpl-"))
+    }
+
     /// Streams the answer as server-sent events, one chunk per event.
-    fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool, reasoning: Option<Splitter>) -> Response {
+    fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool, answer: Option<Answer>) -> Response {
         let first = match self.kind {
             Kind::Chat => {
                 sse(&self.chunk(json!({ "role": "assistant", "content": "" }), None, Value::Null, include_usage))
             }
             Kind::Completion => String::new(),
         };
-        let mut chunks = Chunks { reply: self, include_usage, offset: 0, reasoning };
+        let mut chunks = Chunks { reply: self, include_usage, offset: 0, answer, calls: 0 };
         let events =
             UnboundedReceiverStream::new(rx).map(move |event| Ok::<_, Infallible>(Bytes::from(chunks.render(event))));
         let body = tokio_stream::once(Ok::<_, Infallible>(Bytes::from(first))).chain(events);
@@ -561,6 +755,27 @@ impl Reply {
         c
     }
 
+    /// The deltas of one piece of a chat answer: content, or a call as its name (with
+    /// `id`, empty arguments) and then its arguments in increments.
+    fn piece_deltas(&self, piece: Piece, calls: &mut usize) -> Vec<Value> {
+        match piece {
+            Piece::Content(text) => vec![json!({ "content": text })],
+            Piece::Call(call) => {
+                let index = *calls;
+                *calls += 1;
+                let mut deltas =
+                    vec![json!({ "tool_calls": [{ "index": index, "id": self.call_id(index), "type": "function",
+                    "function": { "name": call.name, "arguments": "" } }] })];
+                deltas.extend(
+                    call.argument_pieces()
+                        .into_iter()
+                        .map(|a| json!({ "tool_calls": [{ "index": index, "function": { "arguments": a } }] })),
+                );
+                deltas
+            }
+        }
+    }
+
     /// A delta that adds no text, in the endpoint's shape (`{}` ends a chat stream).
     fn empty_delta(&self, closing: bool) -> Value {
         match (self.kind, closing) {
@@ -577,18 +792,40 @@ struct Chunks {
     include_usage: bool,
     /// Legacy completions count `text_offset` in characters of the text so far.
     offset: usize,
-    /// A chat answer's reasoning splitter.
-    reasoning: Option<Splitter>,
+    /// How a chat answer is taken apart.
+    answer: Option<Answer>,
+    /// Tool calls sent so far.
+    calls: usize,
 }
 
 impl Chunks {
-    /// The chat deltas of `pieces`, one chunk each.
-    fn pieces(&self, pieces: Vec<(Channel, String)>) -> String {
-        let field = |c: Channel| if c == Channel::Reasoning { "reasoning_content" } else { "content" };
-        pieces
-            .into_iter()
-            .map(|(c, t)| sse(&self.reply.chunk(json!({ field(c): t }), None, Value::Null, self.include_usage)))
-            .collect()
+    /// The chat deltas of `pieces`, one chunk each (a call several); at the end of the
+    /// answer (`end`: whether it stopped rather than ran out), what the parsers held too.
+    fn pieces(&mut self, mut pieces: Vec<(Channel, String)>, end: Option<bool>) -> String {
+        let Some(answer) = self.answer.as_mut() else {
+            return String::new();
+        };
+        if end.is_some() {
+            pieces.extend(answer.splitter.finish());
+        }
+        let mut deltas = Vec::new();
+        for (channel, text) in pieces {
+            match (channel, answer.calls.as_mut()) {
+                (Channel::Reasoning, _) => deltas.push(json!({ "reasoning_content": text })),
+                (Channel::Content, None) => deltas.push(json!({ "content": text })),
+                (Channel::Content, Some(parser)) => {
+                    for piece in parser.push(&text) {
+                        deltas.extend(self.reply.piece_deltas(piece, &mut self.calls));
+                    }
+                }
+            }
+        }
+        if let (Some(stopped), Some(parser)) = (end, answer.calls.as_mut()) {
+            for piece in parser.finish(stopped) {
+                deltas.extend(self.reply.piece_deltas(piece, &mut self.calls));
+            }
+        }
+        deltas.into_iter().map(|d| sse(&self.reply.chunk(d, None, Value::Null, self.include_usage))).collect()
     }
 
     fn render(&mut self, event: Event) -> String {
@@ -596,10 +833,10 @@ impl Chunks {
         match event {
             Event::Text(t) => {
                 self.offset += t.chars().count();
-                match (r.kind, self.reasoning.as_mut()) {
-                    (Kind::Chat, Some(splitter)) => {
-                        let pieces = splitter.push(&t);
-                        self.pieces(pieces)
+                match (r.kind, self.answer.as_mut()) {
+                    (Kind::Chat, Some(answer)) => {
+                        let pieces = answer.splitter.push(&t);
+                        self.pieces(pieces, None)
                     }
                     (Kind::Chat, None) => sse(&r.chunk(json!({ "content": t }), None, Value::Null, usage_too)),
                     (Kind::Completion, _) => sse(&r.chunk(json!(t), None, Value::Null, usage_too)),
@@ -611,10 +848,11 @@ impl Chunks {
                 sse(&r.chunk(r.empty_delta(false), None, logprobs, usage_too))
             }
             Event::Done(f) => {
-                let held = self.reasoning.as_mut().map(Splitter::finish).unwrap_or_default();
-                let mut out = self.pieces(held);
+                let mut out = self.pieces(Vec::new(), Some(f.reason == FinishReason::Stop));
                 let r = &self.reply;
-                out.push_str(&sse(&r.chunk(r.empty_delta(true), Some(f.reason.as_str()), Value::Null, usage_too)));
+                let finish =
+                    if self.calls > 0 && f.reason == FinishReason::Stop { "tool_calls" } else { f.reason.as_str() };
+                out.push_str(&sse(&r.chunk(r.empty_delta(true), Some(finish), Value::Null, usage_too)));
                 if usage_too {
                     let mut u = r.chunk(Value::Null, None, Value::Null, true);
                     u["choices"] = json!([]);
@@ -692,7 +930,19 @@ mod fuzz {
 
     fn key() -> impl Strategy<Value = String> {
         let mut known: Vec<&'static str> = PARAMS.to_vec();
-        known.extend(["role", "content", "type", "text", "include_usage"]);
+        known.extend([
+            "role",
+            "content",
+            "type",
+            "text",
+            "include_usage",
+            "tool_calls",
+            "tool_call_id",
+            "function",
+            "name",
+            "arguments",
+            "parameters",
+        ]);
         prop_oneof![prop::sample::select(known).prop_map(str::to_owned), "[a-z_]{1,8}"]
     }
 
@@ -703,11 +953,21 @@ mod fuzz {
 
     fn check(body: &[u8]) {
         let body = Bytes::copy_from_slice(body);
-        if let Ok((_, params)) = parse::<ChatRequest>(&body)
-            && let Ok(p) = params.prepare("model", 4096)
-        {
-            assert!(p.sampling.validate().is_ok());
-            assert!(p.stop.len() <= MAX_STOPS && p.max_tokens.is_none_or(|m| (1..=4096).contains(&m)));
+        if let Ok((req, params)) = parse::<ChatRequest>(&body) {
+            if let Ok(p) = params.prepare("model", 4096) {
+                assert!(p.sampling.validate().is_ok());
+                assert!(p.stop.len() <= MAX_STOPS && p.max_tokens.is_none_or(|m| (1..=4096).contains(&m)));
+            }
+            if let Ok(history) = history(req.messages) {
+                assert!(
+                    !history.is_empty() && history.iter().all(|m| m.tool_calls.iter().all(|c| c.arguments.is_object()))
+                );
+            }
+            if let Ok(tools) = declared_tools(req.tools.as_deref().unwrap_or_default())
+                && let Ok(ToolChoice::Named(name)) = ToolChoice::parse(req.tool_choice.as_ref(), &tools)
+            {
+                assert!(tools.iter().any(|t| t.name == name));
+            }
         }
         if let Ok((_, params)) = parse::<CompletionRequest>(&body) {
             let _ = params.prepare("model", 4096);

@@ -146,7 +146,7 @@ fn emit(out: &mut Vec<(Channel, String)>, channel: Channel, text: String) {
 }
 
 /// The length of the longest end of `text` that begins `tag` (and is not all of it).
-fn partial_tag(text: &str, tag: &str) -> usize {
+pub(super) fn partial_tag(text: &str, tag: &str) -> usize {
     (1..tag.len()).rev().find(|&k| text.ends_with(&tag[..k])).unwrap_or(0)
 }
 

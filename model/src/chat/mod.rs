@@ -4,6 +4,14 @@
 //! HF renders with `trim_blocks` and `lstrip_blocks`, templates call Python string
 //! methods (`.strip()`, `.startswith()`...), `raise_exception(...)` and `tojson`; all
 //! of that is provided here so that real templates render unchanged.
+//!
+//! Tools reach a template as HF passes them (the `tools` variable, assistant turns with
+//! `tool_calls`, `tool` turns); a template that knows nothing of tools gets them described
+//! in its system turn instead ([`tools`]).
+
+mod tools;
+
+pub use tools::{ToolCall, ToolFormat};
 
 use minijinja::value::Kwargs;
 use minijinja::{Environment, ErrorKind, Value, context};
@@ -20,16 +28,41 @@ const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
 const NAME: &str = "chat_template";
 
 /// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: String,
+    /// The calls an assistant turn made.
+    pub tool_calls: Vec<ToolCall>,
+    /// Which call a `tool` turn answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
+    }
+
+    /// The message as a template sees it: HF's dict shape, `tool_calls` as OpenAI's
+    /// `{id, type, function: {name, arguments}}` with the arguments as an object (Qwen's
+    /// templates iterate over them).
+    fn to_template(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({ "role": self.role, "content": self.content });
+        if !self.tool_calls.is_empty() {
+            m["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    serde_json::json!({ "id": c.id, "type": "function",
+                        "function": { "name": c.name, "arguments": c.arguments } })
+                })
+                .collect();
+        }
+        if let Some(id) = &self.tool_call_id {
+            m["tool_call_id"] = serde_json::json!(id);
+        }
+        m
     }
 }
 
@@ -38,6 +71,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    tool_format: ToolFormat,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -72,31 +106,47 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_owned()).map_err(template_error)?;
-        tracing::debug!(len = source.len(), "chat template compiled");
-        Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        let tool_format = ToolFormat::of_template(source);
+        tracing::debug!(len = source.len(), ?tool_format, "chat template compiled");
+        Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned(), tool_format })
+    }
+
+    /// The tool-call markup this template teaches its model.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new(), &[])
     }
 
     /// [`ChatTemplate::render`] with extra variables (an API's `chat_template_kwargs`, e.g.
     /// `enable_thinking`), as Hugging Face's `apply_chat_template` passes its keyword
-    /// arguments; the standard ones (`messages`, ...) cannot be replaced by them.
+    /// arguments (the standard ones, `messages`..., cannot be replaced by them), and the
+    /// tools the model may call (OpenAI's `{type: "function", function: {...}}` objects).
     pub fn render_with(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         kwargs: &serde_json::Map<String, serde_json::Value>,
+        tools: &[serde_json::Value],
     ) -> Result<String> {
-        let messages: Vec<Value> =
-            messages.iter().map(|m| context! { role => m.role.as_str(), content => m.content.as_str() }).collect();
         let template = self.env.get_template(NAME).map_err(template_error)?;
+        let generic;
+        let (messages, tools) = match self.tool_format {
+            ToolFormat::Generic => {
+                generic = tools::describe_in_system(messages, tools);
+                (&generic[..], None)
+            }
+            ToolFormat::Hermes | ToolFormat::Xml => (messages, (!tools.is_empty()).then_some(tools)),
+        };
+        let messages: Vec<Value> = messages.iter().map(|m| Value::from_serialize(m.to_template())).collect();
         template
             .render(context! {
                 messages,
+                tools,
                 add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
@@ -198,7 +248,55 @@ mod tests {
         let kwargs = |v: serde_json::Value| v.as_object().unwrap().clone();
         assert_eq!(t.render(&haiku(), true).unwrap(), "Write a haiku about GPUs.|on");
         let off = kwargs(serde_json::json!({ "enable_thinking": false, "messages": "not these" }));
-        assert_eq!(t.render_with(&haiku(), true, &off).unwrap(), "Write a haiku about GPUs.|off");
+        assert_eq!(t.render_with(&haiku(), true, &off, &[]).unwrap(), "Write a haiku about GPUs.|off");
+    }
+
+    /// A Qwen3-style template receives the tools and renders a call and its result the
+    /// way it teaches them; SmolLM2's, which knows nothing of tools, gets them described.
+    #[test]
+    fn tools_and_tool_turns_reach_the_template() {
+        let source = std::fs::read_to_string(format!("{FIXTURES}/qwen3-tools.jinja")).unwrap();
+        let template = ChatTemplate::new(&source, "", "").unwrap();
+        assert_eq!(template.tool_format(), ToolFormat::Hermes);
+        let tool = serde_json::json!({ "type": "function", "function": { "name": "add", "parameters": {
+            "type": "object", "properties": { "a": { "type": "integer" } } } } });
+        let call = ToolCall { id: "call_0".into(), name: "add".into(), arguments: serde_json::json!({ "a": 2 }) };
+        let history = [
+            ChatMessage::new("user", "2 + 2?"),
+            ChatMessage { role: "assistant".into(), tool_calls: vec![call], ..ChatMessage::default() },
+            ChatMessage {
+                role: "tool".into(),
+                content: "4".into(),
+                tool_call_id: Some("call_0".into()),
+                ..Default::default()
+            },
+        ];
+        let kwargs = serde_json::Map::new();
+        let text = template.render_with(&history, true, &kwargs, std::slice::from_ref(&tool)).unwrap();
+        let want = format!(
+            "<|im_start|>system\n# Tools\n\nYou may call one or more of these functions:\n<tools>\n{}\n</tools>\n\n\
+             Write each call as:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call><|im_end|>\n\
+             <|im_start|>user\n2 + 2?<|im_end|>\n\
+             <|im_start|>assistant\n<tool_call>\n{{\"name\": \"add\", \"arguments\": {{\"a\": 2}}}}\n</tool_call>\n<|im_end|>\n\
+             <|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+            python_json(&tool)
+        );
+        assert_eq!(text, want);
+        // Without tools the template's plain branch runs.
+        let plain = template.render_with(&history[..1], true, &kwargs, &[]).unwrap();
+        assert_eq!(plain, "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n");
+
+        let smol = template_of(SMOLLM2);
+        assert_eq!(smol.tool_format(), ToolFormat::Generic);
+        let text = smol.render_with(&history, true, &kwargs, &[tool]).unwrap();
+        assert!(text.starts_with("<|im_start|>system\nYou can call functions"), "{text}");
+        assert!(text.contains("<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>"), "{text}");
+    }
+
+    /// `value` as Python's `json.dumps` writes it (what `tojson` gives).
+    fn python_json(value: &serde_json::Value) -> String {
+        let v = Value::from_serialize(value);
+        tojson(&v, Kwargs::from_iter(std::iter::empty::<(&str, Value)>())).unwrap().to_string()
     }
 
     #[test]
@@ -251,7 +349,8 @@ mod tests {
         let rendered = template.render(&[ChatMessage::new("user", "  x,y ")], false).unwrap();
         assert_eq!(rendered, "<s>[x,y|yes|[\"  x\", \"y \"]]\n{\"a\": 1, \"b\": \"<é>\"}</s>");
 
-        let err = template.render(&[ChatMessage::new("tool", "x")], false).unwrap_err();
-        assert!(matches!(&err, Error::Template(m) if m.contains("bad role tool")), "{err}");
+        // (A `tool` turn would reach this template, which knows nothing of tools, as a user turn.)
+        let err = template.render(&[ChatMessage::new("ipython", "x")], false).unwrap_err();
+        assert!(matches!(&err, Error::Template(m) if m.contains("bad role ipython")), "{err}");
     }
 }

@@ -1,0 +1,95 @@
+//! Tool calls through `strata serve`: SmolLM2 (a real instruction-tuned model) under a
+//! Qwen3-style template written for the tests (`tests/fixtures/qwen3-tools.jinja`, Hermes
+//! calls), driven by the official OpenAI client and by raw HTTP.
+
+use serde_json::{Value, json};
+
+use crate::serve::{Server, python};
+use crate::support::{SMOL_Q4_1, fixture, model, path_str};
+
+const WEATHER: &str = r#"[{"type": "function", "function": {"name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]"#;
+
+fn request(extra: Value) -> String {
+    let mut body = json!({
+        "messages": [{ "role": "user", "content": "What is the weather in Paris?" }],
+        "tools": serde_json::from_str::<Value>(WEATHER).unwrap(),
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body.to_string()
+}
+
+/// The `content` of every streamed delta, joined, and whether any delta held a call.
+fn streamed_content(body: &str) -> (String, bool) {
+    let mut text = String::new();
+    let mut calls = false;
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let delta = &chunk["choices"][0]["delta"];
+        text.push_str(delta["content"].as_str().unwrap_or(""));
+        calls |= delta.get("tool_calls").is_some();
+    }
+    (text, calls)
+}
+
+#[test]
+fn tool_calls_round_trip_through_the_openai_client_and_bad_tool_requests_are_refused() {
+    let template = fixture("qwen3-tools.jinja");
+    let server = Server::start(&model(SMOL_Q4_1), &["--chat-template-file", path_str(&template)]);
+
+    // The full loop with the official client: a forced call, whole and streamed, the
+    // tool's result, a final answer.
+    let out = python("tool_loop.py", &[&format!("http://{}/v1", server.addr), "SmolLM2-135M-Instruct.Q4_1"]);
+    eprintln!("tool loop transcript: {}", out.lines().last().unwrap());
+
+    // `required` opens a call for the model; what this small model writes in it names no
+    // declared tool, so the whole block comes back as content, not dropped, and the
+    // stream says the same without a call.
+    let whole = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "required" })));
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let whole = whole.json();
+    let message = &whole["choices"][0]["message"];
+    let content = message["content"].as_str().unwrap();
+    assert!(content.starts_with("<tool_call>\n{"), "{whole:#}");
+    assert!(message.get("tool_calls").is_none(), "{whole:#}");
+    let stream = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "required", "stream": true })));
+    assert_eq!(streamed_content(&stream.body), (content.to_owned(), false), "{}", stream.body);
+
+    // `none`: the tools are not offered, and the answer is plain content.
+    let none = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "none" }))).json();
+    let auto = server.post("/v1/chat/completions", &request(json!({}))).json();
+    assert!(
+        none["usage"]["prompt_tokens"].as_u64() < auto["usage"]["prompt_tokens"].as_u64(),
+        "the tools are described in the prompt only when offered: {none} {auto}"
+    );
+
+    // Bad tool requests are 400s naming the parameter, and the server keeps serving.
+    let cases: &[(Value, &str, &str)] = &[
+        (json!({ "tools": [{ "type": "function" }] }), "tools", "`function` must be an object"),
+        (json!({ "tools": [{ "type": "retrieval", "function": {} }] }), "tools", "`type` must be \"function\""),
+        (json!({ "tools": [{ "type": "function", "function": { "name": "a b" } }] }), "tools", "may hold only"),
+        (
+            json!({ "tool_choice": { "type": "function", "function": { "name": "nope" } } }),
+            "tool_choice",
+            "does not declare",
+        ),
+        (json!({ "tool_choice": "sometimes" }), "tool_choice", "is not one of"),
+        (json!({ "tools": [], "tool_choice": "required" }), "tool_choice", "needs `tools`"),
+        (
+            json!({ "messages": [{ "role": "assistant", "tool_calls": [{ "id": "c", "type": "function",
+                "function": { "name": "get_weather", "arguments": "{not json" } }] }] }),
+            "messages",
+            "is not a JSON object",
+        ),
+    ];
+    for (extra, param, needle) in cases {
+        let r = server.post("/v1/chat/completions", &request(extra.clone()));
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let error = &r.json()["error"];
+        assert_eq!(error["param"], *param, "{extra}: {}", r.body);
+        assert!(error["message"].as_str().unwrap().contains(needle), "{extra}: {}", r.body);
+    }
+    assert_eq!(server.get("/health").status, 200);
+}
