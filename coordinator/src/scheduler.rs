@@ -75,6 +75,8 @@ pub struct Finished {
     pub completion_tokens: usize,
     /// The generated token ids (end-of-generation tokens excluded).
     pub generated_ids: Vec<u32>,
+    /// The stop string the answer ended on, if it ended on one.
+    pub stop_string: Option<String>,
     /// From submission to the first generated token.
     pub time_to_first_token: Duration,
     pub elapsed: Duration,
@@ -956,6 +958,7 @@ fn finish(a: Active<'_>) {
         prompt_tokens: a.job.request.prompt.len(),
         completion_tokens: a.generated,
         generated_ids: a.tokens[a.job.request.prompt.len()..].to_vec(),
+        stop_string: stop.matched.take(),
         time_to_first_token: ttft,
         elapsed,
     }));
@@ -968,6 +971,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
     stopped: bool,
+    /// The stop string that was reached.
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -976,6 +981,7 @@ impl StopMatcher {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
             stopped: false,
+            matched: None,
         }
     }
 
@@ -986,8 +992,11 @@ impl StopMatcher {
             return (String::new(), true);
         }
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        let first =
+            self.stops.iter().filter_map(|s| Some((self.pending.find(s.as_str())?, s))).min_by_key(|(at, _)| *at);
+        if let Some((at, matched)) = first {
             self.stopped = true;
+            self.matched = Some(matched.clone());
             let out = self.pending[..at].to_owned();
             self.pending.clear();
             return (out, true);
@@ -1048,6 +1057,17 @@ mod tests {
             assert_eq!(stopped, *want_stopped, "stops {stops:?}, pieces {pieces:?}");
             assert_eq!(left, *rest, "stops {stops:?}, pieces {pieces:?}");
         }
+    }
+
+    /// The stop string reported is the one whose match begins first.
+    #[test]
+    fn the_stop_string_reached_first_is_named() {
+        let mut m = StopMatcher::new(vec!["b".into(), "abc".into()]);
+        assert_eq!(m.push("xabc"), ("x".to_owned(), true));
+        assert_eq!(m.matched.as_deref(), Some("abc"));
+        let mut m = StopMatcher::new(vec!["b".into(), "abc".into()]);
+        assert_eq!(m.push("no stop"), ("no stop".to_owned(), false));
+        assert_eq!(m.matched, None);
     }
 
     /// An engine answering an ordinary token that depends on the position it is sampled

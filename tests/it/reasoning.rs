@@ -79,3 +79,51 @@ fn reasoning_is_returned_apart_and_template_kwargs_reach_the_template() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["param"], "chat_template_kwargs", "{}", r.body);
 }
+
+/// The Messages API returns the same reasoning as a `thinking` block (streamed as
+/// `thinking_delta`s) when `thinking` is enabled, and asks the template for none otherwise.
+#[test]
+fn the_messages_api_returns_reasoning_as_thinking_blocks() {
+    let template = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen3-style-template-messages.jinja");
+    std::fs::write(&template, QWEN3_STYLE).unwrap();
+    let model = fixture("tiny-qwen35.gguf");
+    let server = Server::start(&model, &["--chat-template-file", template.to_str().unwrap()]);
+    let raw = server.post("/v1/chat/completions", &chat(json!({ "reasoning_format": "none" }))).json();
+    let raw_text = raw["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let messages = |extra: Value| {
+        let mut body = json!({
+            "model": "tiny-qwen35",
+            "messages": [{ "role": "user", "content": "Why is the sky blue?" }],
+            "max_tokens": 12,
+            "temperature": 0,
+        });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = server.post("/v1/messages", &body.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    };
+    let whole = messages(json!({ "thinking": { "type": "enabled", "budget_tokens": 1024 } })).json();
+    assert_eq!(whole["content"][0]["type"], "thinking", "{whole:#}");
+    assert_eq!(whole["content"][0]["thinking"].as_str(), Some(raw_text.as_str()), "{whole:#}");
+    assert_eq!(whole["usage"]["input_tokens"], raw["usage"]["prompt_tokens"], "the same prompt");
+
+    let stream = messages(json!({ "thinking": { "type": "enabled", "budget_tokens": 1024 }, "stream": true }));
+    let mut thinking = String::new();
+    let mut names = Vec::new();
+    for line in stream.body.lines() {
+        if let Some(name) = line.strip_prefix("event: ") {
+            names.push(name.to_owned());
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let e: Value = serde_json::from_str(data).unwrap();
+            thinking.push_str(e["delta"]["thinking"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(thinking, raw_text, "{}", stream.body);
+    assert_eq!(names.first().map(String::as_str), Some("message_start"), "{names:?}");
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"), "{names:?}");
+
+    // Without `thinking` the template is asked for none: the answer is text.
+    let plain = messages(json!({})).json();
+    assert_eq!(plain["content"][0]["type"], "text", "{plain:#}");
+    assert!(plain["usage"]["input_tokens"].as_u64() > raw["usage"]["prompt_tokens"].as_u64(), "{plain:#}");
+}

@@ -1,6 +1,7 @@
-//! Tool calls through `strata serve`: SmolLM2 (a real instruction-tuned model) under a
-//! Qwen3-style template written for the tests (`tests/fixtures/qwen3-tools.jinja`, Hermes
-//! calls), driven by the official OpenAI client and by raw HTTP.
+//! Tool calls and the Anthropic Messages API through `strata serve`: SmolLM2 (a real
+//! instruction-tuned model) under a Qwen3-style template written for the tests
+//! (`tests/fixtures/qwen3-tools.jinja`, Hermes calls), driven by the official OpenAI and
+//! Anthropic clients and by raw HTTP.
 
 use serde_json::{Value, json};
 
@@ -35,7 +36,7 @@ fn streamed_content(body: &str) -> (String, bool) {
 }
 
 #[test]
-fn tool_calls_round_trip_through_the_openai_client_and_bad_tool_requests_are_refused() {
+fn tool_calls_round_trip_through_the_openai_and_anthropic_clients_and_bad_tool_requests_are_refused() {
     let template = fixture("qwen3-tools.jinja");
     let server = Server::start(&model(SMOL_Q4_1), &["--chat-template-file", path_str(&template)]);
 
@@ -43,6 +44,28 @@ fn tool_calls_round_trip_through_the_openai_client_and_bad_tool_requests_are_ref
     // tool's result, a final answer.
     let out = python("tool_loop.py", &[&format!("http://{}/v1", server.addr), "SmolLM2-135M-Instruct.Q4_1"]);
     eprintln!("tool loop transcript: {}", out.lines().last().unwrap());
+
+    // The Messages API with Anthropic's client: the same greedy text as the OpenAI
+    // endpoint, streaming, stop sequences, token counting, a tool-use round trip.
+    let prompt = "What is the capital of France? Answer in one sentence.";
+    let body = json!({ "messages": [{ "role": "user", "content": prompt }], "max_tokens": 24, "temperature": 0 });
+    let greedy = server.post("/v1/chat/completions", &body.to_string()).json();
+    let greedy = greedy["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let out =
+        python("anthropic_client.py", &[&format!("http://{}", server.addr), "SmolLM2-135M-Instruct.Q4_1", &greedy]);
+    eprintln!("anthropic client transcript: {}", out.lines().last().unwrap());
+    // Its errors are in Anthropic's shape.
+    let r = server.post("/v1/messages", &json!({ "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [] }).to_string());
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "error", "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error", "{}", r.body);
+    let r = server.post(
+        "/v1/messages",
+        &json!({ "model": "other", "max_tokens": 4,
+        "messages": [{ "role": "user", "content": "hi" }] })
+        .to_string(),
+    );
+    assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("not_found_error")), "{}", r.body);
 
     // `required` opens a call for the model; what this small model writes in it names no
     // declared tool, so the whole block comes back as content, not dropped, and the

@@ -1,6 +1,7 @@
 //! `strata serve`: the OpenAI-compatible HTTP API, `/metrics`, `/v1/cluster` and the web
 //! page, in front of the [`Scheduler`].
 
+mod anthropic;
 mod auth;
 mod errors;
 mod metrics;
@@ -143,6 +144,8 @@ pub fn router(state: Arc<AppState>, key: Option<Arc<ApiKey>>) -> Router {
     let mut protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(openai::models))
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(render_metrics));

@@ -28,42 +28,42 @@ const MAX_STOPS: usize = 16;
 /// The longest stop string, in bytes: each is matched against the text at every token.
 const MAX_STOP_BYTES: usize = 1024;
 
-/// Parameters both completion endpoints take.
+/// Parameters both completion endpoints take (the Messages API fills them from its own).
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct Params {
-    model: Option<String>,
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<u32>,
+pub(super) struct Params {
+    pub(super) model: Option<String>,
+    pub(super) stream: bool,
+    pub(super) stream_options: Option<StreamOptions>,
+    pub(super) max_tokens: Option<u32>,
+    pub(super) max_completion_tokens: Option<u32>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    pub(super) top_k: Option<u32>,
+    pub(super) min_p: Option<f32>,
+    pub(super) repeat_penalty: Option<f32>,
+    pub(super) presence_penalty: Option<f32>,
+    pub(super) frequency_penalty: Option<f32>,
+    pub(super) seed: Option<i64>,
+    pub(super) stop: Option<Stop>,
+    pub(super) n: Option<u32>,
+    pub(super) logprobs: Option<Value>,
+    pub(super) top_logprobs: Option<u32>,
     /// Extra variables for the chat template (e.g. `{"enable_thinking": false}`).
-    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub(super) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// `deepseek` (or `auto`) or `none`: overrides `--reasoning-format` for this request.
-    reasoning_format: Option<String>,
+    pub(super) reasoning_format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct StreamOptions {
+pub(super) struct StreamOptions {
     include_usage: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Stop {
+pub(super) enum Stop {
     One(String),
     Many(Vec<String>),
 }
@@ -147,7 +147,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Params), Ap
     Ok((typed(value)?, params))
 }
 
-fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+pub(super) fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let param = known_param(path.split(['.', '[']).next().unwrap_or(""));
@@ -187,17 +187,17 @@ fn known_param(name: &str) -> Option<&'static str> {
 }
 
 /// What a validated request becomes, before its prompt is known.
-struct Prepared {
-    sampling: SamplingParams,
-    max_tokens: Option<u32>,
-    stop: Vec<String>,
-    stream: bool,
-    include_usage: bool,
+pub(super) struct Prepared {
+    pub(super) sampling: SamplingParams,
+    pub(super) max_tokens: Option<u32>,
+    pub(super) stop: Vec<String>,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
     /// Top alternatives to report with each token's logprob; `None`: no logprobs.
-    logprobs: Option<u32>,
+    pub(super) logprobs: Option<u32>,
     /// The request's own reasoning format, if it names one.
-    reasoning_format: Option<ReasoningFormat>,
-    chat_template_kwargs: serde_json::Map<String, Value>,
+    pub(super) reasoning_format: Option<ReasoningFormat>,
+    pub(super) chat_template_kwargs: serde_json::Map<String, Value>,
 }
 
 /// The most alternatives `top_logprobs` (or the legacy integer `logprobs`) may ask for.
@@ -205,7 +205,7 @@ const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Params {
     /// Checks every parameter against the served model's id and context length.
-    fn prepare(self, model_id: &str, ctx: u32) -> Result<Prepared, ApiError> {
+    pub(super) fn prepare(self, model_id: &str, ctx: u32) -> Result<Prepared, ApiError> {
         if let Some(model) = &self.model
             && model != model_id
         {
@@ -341,7 +341,7 @@ fn random_seed() -> u64 {
 
 /// Token ids of a prompt text: BOS where the model wants one, special tokens recognised
 /// (as `strata run` does). Checks that it leaves room in the context.
-fn tokenize(state: &AppState, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
+pub(super) fn tokenize(state: &AppState, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
     let mut ids: Vec<u32> = state.tokenizer.bos_to_add().into_iter().collect();
     ids.extend(
         state
@@ -363,7 +363,7 @@ fn tokenize(state: &AppState, text: &str, param: &'static str) -> Result<Vec<u32
     Ok(ids)
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -383,7 +383,7 @@ enum Kind {
 }
 
 /// The body, or a 413 naming the limit (`--max-body`) when it is larger.
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError {
@@ -409,25 +409,51 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(&state, body)?;
     let (req, params): (ChatRequest, _) = parse(&body)?;
-    let prepared = params.prepare(&state.model_id, state.scheduler.ctx())?;
+    let mut prepared = params.prepare(&state.model_id, state.scheduler.ctx())?;
     let tools = declared_tools(req.tools.as_deref().unwrap_or_default())?;
     let choice = ToolChoice::parse(req.tool_choice.as_ref(), &tools)?;
-    let messages = history(req.messages)?;
+    let chat = Chat {
+        messages: history(req.messages)?,
+        tools,
+        offered: req.tools.unwrap_or_default(),
+        choice,
+        one_call: req.parallel_tool_calls == Some(false),
+    };
+    let (prompt, answer) = chat_prompt(&state, chat, &mut prepared)?;
+    generate(state, prompt, prepared, Kind::Chat, Some(answer)).await
+}
+
+/// A chat request in the server's terms, from either API.
+pub(super) struct Chat {
+    pub messages: Vec<ChatMessage>,
+    /// The tools declared, checked.
+    pub tools: Vec<Tool>,
+    /// The same tools as OpenAI's objects, which the template gets.
+    pub offered: Vec<Value>,
+    pub choice: ToolChoice,
+    /// At most one call (a named `tool_choice` implies it).
+    pub one_call: bool,
+}
+
+/// The prompt of a chat and how its answer is taken apart (reasoning, then calls);
+/// `prepared` gains the stop string that ends an answer of one call.
+pub(super) fn chat_prompt(
+    state: &AppState,
+    chat: Chat,
+    prepared: &mut Prepared,
+) -> Result<(Vec<u32>, Answer), ApiError> {
     let template = state
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid(Some("messages"), "the model has no chat template: use /v1/completions"))?;
-    let offered: &[Value] = match choice {
-        ToolChoice::None => &[],
-        _ => req.tools.as_deref().unwrap_or_default(),
-    };
+    let offered: &[Value] = if chat.choice == ToolChoice::None { &[] } else { &chat.offered };
     let mut text = template
-        .render_with(&messages, true, &prepared.chat_template_kwargs, offered)
+        .render_with(&chat.messages, true, &prepared.chat_template_kwargs, offered)
         .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
     let format = template.tool_format();
     // A forced call begins in the prompt: the model continues it. A reasoning the template
     // opened is closed first (empty), as its own `enable_thinking: false` would.
-    let opening = match &choice {
+    let opening = match &chat.choice {
         ToolChoice::Required => Some(format.call_opening(None)),
         ToolChoice::Named(name) => Some(format.call_opening(Some(name))),
         ToolChoice::None | ToolChoice::Auto => None,
@@ -438,18 +464,17 @@ pub async fn chat_completions(
         }
         text.push_str(opening);
     }
-    let mut prepared = prepared;
-    let one_call = req.parallel_tool_calls == Some(false) || matches!(choice, ToolChoice::Named(_));
+    let one_call = chat.one_call || matches!(chat.choice, ToolChoice::Named(_));
     if one_call && !offered.is_empty() {
         // One call at most: the answer ends where the first call closes.
         prepared.stop.push(super::tool_calls::CLOSE.to_owned());
     }
-    let prompt = tokenize(&state, &text, "messages")?;
+    let prompt = tokenize(state, &text, "messages")?;
     let reasoning = prepared.reasoning_format.unwrap_or(state.reasoning);
     let splitter = Splitter::new(reasoning, Splitter::prompt_opens(&text));
     let calls = (!offered.is_empty())
-        .then(|| CallParser::new(format, Arc::from(tools), opening.as_deref().unwrap_or_default()));
-    generate(state, prompt, prepared, Kind::Chat, Some(Answer { splitter, calls })).await
+        .then(|| CallParser::new(format, Arc::from(chat.tools), opening.as_deref().unwrap_or_default()));
+    Ok((prompt, Answer { splitter, calls }))
 }
 
 /// The conversation as the template takes it; roles and calls checked.
@@ -511,7 +536,7 @@ fn history(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
 
 /// The tools a request declares, each checked: a `function` with a name and, if any,
 /// an object schema for its parameters.
-fn declared_tools(tools: &[Value]) -> Result<Vec<Tool>, ApiError> {
+pub(super) fn declared_tools(tools: &[Value]) -> Result<Vec<Tool>, ApiError> {
     let mut out: Vec<Tool> = Vec::with_capacity(tools.len());
     for (i, tool) in tools.iter().enumerate() {
         let bad = |why: &str| ApiError::invalid(Some("tools"), format!("tools[{i}]: {why}"));
@@ -539,7 +564,7 @@ fn declared_tools(tools: &[Value]) -> Result<Vec<Tool>, ApiError> {
 
 /// `tool_choice`: whether the model may, must, or must not call a tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum ToolChoice {
+pub(super) enum ToolChoice {
     None,
     Auto,
     Required,
@@ -588,9 +613,9 @@ impl ToolChoice {
 }
 
 /// How a chat answer is taken apart: its reasoning, then (with tools) its calls.
-struct Answer {
-    splitter: Splitter,
-    calls: Option<CallParser>,
+pub(super) struct Answer {
+    pub splitter: Splitter,
+    pub calls: Option<CallParser>,
 }
 
 pub async fn completions(
