@@ -71,7 +71,8 @@ pub struct EngineArgs {
     /// Path to a GGUF model (llama, qwen3, qwen35 or qwen35moe architecture).
     #[arg(long, short)]
     pub model: PathBuf,
-    /// Context length: tokens of KV cache per sequence (default: the model's, at most 4096).
+    /// Context length: tokens of KV cache per sequence (default: the model's own, or the
+    /// most the memory holds for one sequence, with the KV pool sized by that memory).
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub ctx: Option<u32>,
     /// GPU adapter to use: a case-insensitive substring of its name (default: the best one;
@@ -315,9 +316,10 @@ pub struct PlanArgs {
     /// Path to a GGUF model (only its header and tensor index are read).
     #[arg(long, short)]
     pub model: PathBuf,
-    /// Context length: tokens of KV cache per sequence.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
-    pub ctx: u32,
+    /// Context length: tokens of KV cache per sequence (default: the model's own, or the
+    /// most the nodes hold for one sequence, which is then printed).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub ctx: Option<u32>,
     /// A node as NAME=SIZE (e.g. `desk=16GiB`, `mac=12GiB`), in pipeline order; repeatable.
     #[arg(long = "node", required = true)]
     pub nodes: Vec<String>,

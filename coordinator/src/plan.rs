@@ -22,21 +22,32 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let cfg = ModelConfig::from_gguf(&gguf)?;
     let nodes = args.nodes.iter().map(|s| node_budget(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let asked = args.ctx.map(|c| c as usize);
     let pc = PlanConfig {
         seqs: args.seqs as usize,
         max_batch: args.batch_tokens as usize,
         kv_positions: args.kv_pool.map(u64::from),
-        ..PlanConfig::new(args.ctx as usize)
+        ..PlanConfig::new(asked.unwrap_or(cfg.context_length))
     };
-    let cost = ModelCost::new(&gguf, &cfg, &pc)?;
     let split = args.split.as_deref().map(parse_split).transpose()?;
-    let plan = Plan::fitted(&cost, &nodes, split.as_deref())?;
+    let (ctx, cost, plan) = match asked {
+        Some(ctx) => {
+            let cost = ModelCost::new(&gguf, &cfg, &pc)?;
+            let plan = Plan::fitted(&cost, &nodes, split.as_deref())?;
+            (ctx, cost, plan)
+        }
+        None => Plan::largest_context(&gguf, &cfg, &pc, &nodes, split.as_deref())?,
+    };
+    let whose = match asked {
+        Some(_) => String::new(),
+        None if ctx == cfg.context_length => " (the model's own)".to_owned(),
+        None => format!(" (the model's own is {}: this is the most these nodes hold)", cfg.context_length),
+    };
     println!(
-        "{} ({}, {} layers), context {}, {} sequence(s) at once, steps of {} rows\n",
+        "{} ({}, {} layers), context {ctx}{whose}, {} sequence(s) at once, steps of {} rows\n",
         args.model.display(),
         cfg.arch.name(),
         cfg.n_layer(),
-        args.ctx,
         args.seqs,
         args.batch_tokens
     );
@@ -58,7 +69,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     if plan.kv_positions < cost.kv_positions {
         println!(
             "the pool holds {} of the {} positions {} sequences of context {} could take: more sequences wait in the queue",
-            plan.kv_positions, cost.kv_positions, args.seqs, args.ctx
+            plan.kv_positions, cost.kv_positions, args.seqs, ctx
         );
     }
     Ok(())

@@ -510,6 +510,45 @@ impl Plan {
         plan_at(&cost.with_pool(positions))
     }
 
+    /// The largest context, up to `pc.ctx` and in whole KV blocks, for which the model
+    /// fits `nodes` (one sequence's whole context at least; more sequences share what is
+    /// left), with its cost and plan: how `serve` chooses a context when none is asked
+    /// for. With a fixed pool (`pc.kv_positions`) no context beyond it is worth having.
+    /// When not even one block fits, the error is the plan's at the smallest context.
+    pub fn largest_context(
+        gguf: &Gguf,
+        cfg: &ModelConfig,
+        pc: &PlanConfig,
+        nodes: &[NodeBudget],
+        split: Option<&[usize]>,
+    ) -> Result<(usize, ModelCost, Plan)> {
+        let block = pc.kv_block_size.max(1);
+        let most = pc.kv_positions.map_or(pc.ctx, |p| pc.ctx.min(p as usize));
+        let at = |ctx: usize| -> Result<(usize, ModelCost, Plan)> {
+            let cost = ModelCost::new(gguf, cfg, &PlanConfig { ctx, ..pc.clone() })?;
+            let plan = Plan::fitted(&cost, nodes, split)?;
+            Ok((ctx, cost, plan))
+        };
+        if let Ok(fits) = at(most.max(1)) {
+            return Ok(fits);
+        }
+        // Fitting only grows easier as the context shrinks: bisect over whole blocks.
+        let (mut lo, mut hi) = (1usize, most.div_ceil(block));
+        let mut best = at(block.min(most.max(1)))?;
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            match at(mid * block) {
+                Ok(fits) => {
+                    lo = mid;
+                    best = fits;
+                }
+                Err(_) => hi = mid,
+            }
+        }
+        tracing::info!(ctx = best.0, asked = pc.ctx, "the largest context the nodes hold");
+        Ok(best)
+    }
+
     /// Blocks of the KV pool.
     pub fn kv_blocks(&self) -> u64 {
         self.kv_positions / self.kv_block_size.max(1)

@@ -225,6 +225,18 @@ fn plan_splits_the_27b_shape_over_three_nodes() {
     let err =
         fails(&["plan", "--model", m, "--ctx", "262144", "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"]);
     assert!(err.contains("GiB") && err.contains("36.00"), "{err}");
+    // Without --ctx, the most those nodes hold, said as such.
+    let o = strata()
+        .args(["plan", "--model", m, "--node", "a=16GiB", "--node", "b=12GiB", "--node", "c=8GiB"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().next().unwrap();
+    assert!(line.contains("(the model's own is 262144: this is the most these nodes hold)"), "{out}");
+    let ctx: u64 = line.split("context ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(ctx > 32768 && ctx < 262144, "{out}");
+    eprintln!("the 27B shape on 16+12+8 GiB: {line}");
     std::fs::remove_file(&model).unwrap();
 }
 

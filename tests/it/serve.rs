@@ -718,3 +718,32 @@ fn sixty_four_clients_with_random_disconnects_leak_nothing() {
     }
     assert_eq!(server.get("/health").status, 200);
 }
+
+/// With no `--ctx`, a server takes the model's own context or, when its nodes cannot hold
+/// that, the most they hold for one sequence: two nodes of 2 MiB cannot hold tiny-qwen3's
+/// 4096 positions, so the plan finds the largest context they do (the same `strata plan`
+/// prints for those nodes), says so, and `/v1/models` reports it.
+#[test]
+fn without_ctx_the_context_is_the_most_the_nodes_hold() {
+    let model = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start_with(2, &model_dir(std::slice::from_ref(&model)), "2MiB");
+    let flags = cluster.flags();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start(&model, &args);
+    let ctx = server.get("/v1/models").json()["data"][0]["context_length"].as_u64().unwrap();
+    assert!(ctx > 16 && ctx < 4096 && ctx.is_multiple_of(16), "context {ctx}");
+    let o = strata()
+        .args(["plan", "--model", path_str(&model), "--node", "node0=2MiB", "--node", "node1=2MiB", "--seqs", "8"])
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert!(plan.contains(&format!("context {ctx} (the model's own is 4096")), "serve chose {ctx}; plan says:\n{plan}");
+    eprintln!("two nodes of 2 MiB: context {ctx} of the model's 4096");
+
+    let r = server.post("/v1/completions", r#"{"prompt": "Hello", "max_tokens": 4, "temperature": 0}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let too_many = format!(r#"{{"prompt": "Hello", "max_tokens": {}}}"#, ctx + 1);
+    let r = server.post("/v1/completions", &too_many);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains(&format!("context length {ctx}")), "{}", r.body);
+}

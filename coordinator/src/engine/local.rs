@@ -3,10 +3,14 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use strata_model::config::ModelConfig;
 use strata_model::gguf::Gguf;
+use strata_model::plan::NodeBudget;
 use strata_node::error::ErrorKind;
+use strata_node::gpu::{Gpu, GpuConfig};
 use strata_node::stage::{Produced, SeqId, SeqStep as StageStep, Stage, Want};
 
 use super::{
@@ -34,9 +38,22 @@ impl LocalEngine {
     pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<LocalEngine> {
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
-        let spec = super::stage_spec(args, usage, ctx, 0..config.n_layer(), None)?;
-        let stage = Stage::open(gguf, spec, args.adapter.clone())
-            .with_context(|| format!("loading {}", args.model.display()))?;
+        let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: args.adapter.clone() })?);
+        // No `--ctx`: the model's own context, or the most this device's memory holds, with
+        // the pool sized by that memory (as a pipeline's plan sizes it over its nodes).
+        let (ctx, kv_positions) = if args.ctx.is_none() {
+            let memory = strata_node::memory::probe(&gpu);
+            tracing::info!(bytes = memory.bytes, source = memory.source, "usable memory");
+            let budget = [NodeBudget::new("local", memory.bytes)];
+            let binding = gpu.max_binding();
+            let (ctx, plan) = super::fit_context(gguf, args, usage, ctx, &budget, None, |_| Some(binding))
+                .with_context(|| format!("planning {} on this machine", args.model.display()))?;
+            (ctx, Some(plan.kv_positions))
+        } else {
+            (ctx, None)
+        };
+        let spec = super::stage_spec(args, usage, ctx, 0..config.n_layer(), kv_positions)?;
+        let stage = Stage::load(gpu, gguf, spec).with_context(|| format!("loading {}", args.model.display()))?;
         let device = stage.device();
         Ok(LocalEngine {
             stage,

@@ -20,17 +20,69 @@ use strata_model::sampling::SamplingParams;
 use strata_node::kv_pool::KvLayout;
 use strata_node::stage::{Logprobs, SeqId, StageSpec};
 
+use strata_model::plan::{ModelCost, NodeBudget, Plan, PlanConfig};
+
 use crate::cli::EngineArgs;
 pub use local::LocalEngine;
 pub use pipeline::{Pipeline, time_hops};
 
-/// Default context when the model's own is larger: keeps KV memory modest.
-const DEFAULT_CTX: u32 = 4096;
+/// The longest context `--ctx` takes, and the most a model's own is taken at.
+const MAX_CTX: u32 = 1 << 20;
 
-/// The context length asked for, or the model's own up to [`DEFAULT_CTX`].
+/// The context length asked for, or the model's own, which an engine then shrinks to
+/// what the memory holds (see [`fit_context`]).
 pub fn context_length(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<u32> {
     let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
-    Ok(args.ctx.unwrap_or_else(|| (config.context_length as u32).min(DEFAULT_CTX)))
+    Ok(args.ctx.unwrap_or_else(|| (config.context_length.min(MAX_CTX as usize) as u32).max(16)))
+}
+
+/// What a plan asks of the nodes, given the pool: `kv_positions` fixes it, else
+/// `--kv-pool` or the planner's choice.
+pub(crate) fn plan_config(spec: &StageSpec, args: &EngineArgs, kv_positions: Option<u64>) -> PlanConfig {
+    PlanConfig {
+        max_batch: spec.max_batch as usize,
+        seqs: spec.max_seqs as usize,
+        kv_block_size: spec.kv_block_size as usize,
+        kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
+        ..PlanConfig::new(spec.ctx as usize)
+    }
+}
+
+/// With no `--ctx`: the largest context up to `ctx` (the model's own) that `nodes` hold,
+/// its plan, and a line saying so when it is less than the model's own. `binding`: the
+/// largest buffer the pool's stages can bind (each attention layer keeps its part of the
+/// pool in one), which bounds the pool and so the context.
+pub(crate) fn fit_context(
+    gguf: &Gguf,
+    args: &EngineArgs,
+    usage: EngineUse,
+    ctx: u32,
+    nodes: &[NodeBudget],
+    split: Option<&[usize]>,
+    binding: impl Fn(&Plan) -> Option<u64>,
+) -> anyhow::Result<(u32, Plan)> {
+    let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
+    let spec = stage_spec(args, usage, ctx, 0..0, None)?;
+    let pc = plan_config(&spec, args, None);
+    let (fitted, _, mut plan) = Plan::largest_context(gguf, &config, &pc, nodes, split)?;
+    let a = &config.attention;
+    let per_position = (a.n_head_kv * a.head_dim * 2).max(1) as u64;
+    let block = pc.kv_block_size as u64;
+    let mut fitted = fitted as u64;
+    if let Some(cap) = binding(&plan).map(|b| b / per_position / block * block)
+        && plan.kv_positions > cap
+    {
+        let capped = PlanConfig { ctx: fitted.min(cap) as usize, kv_positions: Some(cap), ..pc.clone() };
+        plan = Plan::fitted(&ModelCost::new(gguf, &config, &capped)?, nodes, split)?;
+        fitted = fitted.min(cap);
+    }
+    let fitted = fitted as u32;
+    if fitted < ctx {
+        eprintln!(
+            "context {fitted}: the model's own is {ctx}, and {fitted} is the most the memory holds for one sequence (--ctx sets it)"
+        );
+    }
+    Ok((fitted, plan))
 }
 
 /// What a command asks of an engine beyond where it runs: how many sequences it keeps at

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Engine, EngineStats, EngineUse, ErrorCode, KvCapacity, LatencyHistogram, NodeCounters, Placement, PoolCounters,
-    Recovered, Replan, Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length,
+    Recovered, Replan, Sampled, SeqStep, StageStats, StepDone, StepError, StepOutcome, context_length, plan_config,
 };
 use crate::cli::{EngineArgs, Wire};
 
@@ -516,23 +516,13 @@ async fn load_shards(
 /// A loaded pipeline's parts, before its engine state is set up.
 struct Connected {
     stages: Vec<StageHandle>,
+    /// The context planned for: `--ctx`, else the most the nodes hold.
+    ctx: u32,
     weight_bytes_per_token: u64,
     spec: strata_node::stage::StageSpec,
     kv_positions: u64,
     tx: mpsc::Sender<pb::Activation>,
     results: Streaming<pb::StepResult>,
-}
-
-/// What a plan asks of the nodes, given the pool: `kv_positions` fixes it, else
-/// `--kv-pool` or the planner's choice.
-fn plan_config(spec: &strata_node::stage::StageSpec, args: &EngineArgs, kv_positions: Option<u64>) -> PlanConfig {
-    PlanConfig {
-        max_batch: spec.max_batch as usize,
-        seqs: spec.max_seqs as usize,
-        kv_block_size: spec.kv_block_size as usize,
-        kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
-        ..PlanConfig::new(spec.ctx as usize)
-    }
 }
 
 /// Plans the model over `stages` (every one gets layers, in order), loads each shard
@@ -550,6 +540,15 @@ async fn plan_and_load(
 ) -> anyhow::Result<Connected> {
     let config = ModelConfig::from_gguf(gguf)?;
     let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+    // No `--ctx`: the first plan finds the largest context the nodes hold; a re-plan keeps it.
+    let (ctx, fitted) = if args.ctx.is_none() && keep_pool.is_none() {
+        let binding =
+            |plan: &Plan| plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
+        let (ctx, plan) = super::fit_context(gguf, args, usage, ctx, &budgets, split, binding)?;
+        (ctx, Some(plan))
+    } else {
+        (ctx, None)
+    };
     let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
     let kept = match keep_pool {
         Some(positions) => {
@@ -565,9 +564,13 @@ async fn plan_and_load(
         }
         None => None,
     };
-    let (pc, cost, mut plan) = match kept {
-        Some(kept) => kept,
-        None => {
+    let (pc, cost, mut plan) = match (kept, fitted) {
+        (Some(kept), _) => kept,
+        (None, Some(plan)) => {
+            let pc = plan_config(&spec, args, Some(plan.kv_positions));
+            (pc.clone(), ModelCost::new(gguf, &config, &pc)?, plan)
+        }
+        (None, None) => {
             let pc = plan_config(&spec, args, None);
             let cost = ModelCost::new(gguf, &config, &pc)?;
             let plan = Plan::fitted(&cost, &budgets, split)?;
@@ -597,7 +600,7 @@ async fn plan_and_load(
         .context("opening the forward stream to stage 0")?
         .into_inner();
     let weight_bytes_per_token = cost.read_bytes_per_token(config.n_vocab);
-    Ok(Connected { stages, weight_bytes_per_token, spec, kv_positions: plan.kv_positions, tx, results })
+    Ok(Connected { stages, ctx, weight_bytes_per_token, spec, kv_positions: plan.kv_positions, tx, results })
 }
 
 /// The KV pool sequences share, when a stage of `c` has one.
@@ -655,7 +658,7 @@ impl Pipeline {
             security,
             candidates,
             kv_positions: c.kv_positions,
-            ctx,
+            ctx: c.ctx,
             batch: c.spec.max_batch,
             max_seqs: c.spec.max_seqs,
             kv,

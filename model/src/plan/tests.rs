@@ -451,3 +451,29 @@ fn shard_tensors_are_the_layers_plus_embedding_and_head_at_the_ends() {
     assert_eq!(all.len(), all.iter().collect::<std::collections::HashSet<_>>().len(), "each tensor once");
     assert!(shard_tensors(&g, &cfg, 0..n + 1).is_err() && shard_tensors(&g, &cfg, 1..1).is_err());
 }
+
+/// With no context asked for, the largest one (in whole blocks) that the nodes hold:
+/// the model's own when it fits, else the most that one sequence can have, and an error
+/// only when not even a block fits.
+#[test]
+fn the_largest_context_that_fits_is_found() {
+    let (g, cfg) = fixture("tiny-qwen3.gguf");
+    let pc = PlanConfig { seqs: 4, ..PlanConfig::new(1 << 20) };
+    let roomy = vec![NodeBudget::new("a", 64 * GIB)];
+    let (ctx, _, _) = Plan::largest_context(&g, &cfg, &pc, &roomy, None).unwrap();
+    assert_eq!(ctx, 1 << 20);
+
+    let n = vec![NodeBudget::new("a", 12 * MIB), NodeBudget::new("b", 10 * MIB)];
+    let (ctx, cost, plan) = Plan::largest_context(&g, &cfg, &pc, &n, None).unwrap();
+    assert!(ctx < 1 << 20 && ctx.is_multiple_of(16), "{ctx}");
+    assert_valid(&plan, &cost.with_pool(plan.kv_positions), &n);
+    // One block more does not fit.
+    let more = ModelCost::new(&g, &cfg, &PlanConfig { ctx: ctx + 16, ..pc.clone() }).unwrap();
+    assert!(Plan::fitted(&more, &n, None).is_err(), "context {} fits too", ctx + 16);
+    // A fixed pool bounds the context.
+    let fixed = PlanConfig { kv_positions: Some(256), ..pc.clone() };
+    assert_eq!(Plan::largest_context(&g, &cfg, &fixed, &n, None).unwrap().0, 256);
+    // Nothing fits: the plan's own error.
+    let tiny = vec![NodeBudget::new("a", 1024)];
+    assert!(Plan::largest_context(&g, &cfg, &pc, &tiny, None).is_err());
+}
