@@ -29,6 +29,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// A grammar (a JSON schema, a Lark grammar) that does not compile, or a token it
+    /// does not allow.
+    #[error("grammar: {0}")]
+    Grammar(String),
     /// A sampling parameter out of range; `param` is its name (`top_p`), as the API spells it.
     #[error("sampling: {message}")]
     Sampling { param: &'static str, message: String },

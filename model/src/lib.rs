@@ -7,6 +7,7 @@
 //!   tensor names and shapes are written.
 //! - [`tokenizer`], [`chat`]: text to token ids and back; chat templates.
 //! - [`sampling`]: turning logits into a token id, seeded and reproducible.
+//! - [`grammar`]: JSON schemas and Lark grammars as a mask of the tokens allowed next.
 //! - [`reference`](mod@reference): a plain CPU forward pass, the oracle for every GPU kernel.
 //! - [`plan`]: which layers each node holds, from the tensor index and memory budgets.
 //! - [`synthetic`]: all-zero GGUFs of real models' exact shapes (sparse files), for planning
@@ -21,6 +22,7 @@ pub use error::{Error, Result};
 pub mod arch;
 pub mod chat;
 pub mod config;
+pub mod grammar;
 pub mod plan;
 pub mod reference;
 pub mod sampling;

@@ -326,7 +326,13 @@ fn bad_requests_are_refused_in_openai_shape() {
         ),
         ("/v1/chat/completions", r#"{"messages":[]}"#, 400, "at least one message", Some("messages")),
         // (`tool` turns are served now: an unknown role is refused.)
-        ("/v1/chat/completions", r#"{"messages":[{"role":"robot","content":"x"}]}"#, 400, "role `robot`", Some("messages")),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"robot","content":"x"}]}"#,
+            400,
+            "role `robot`",
+            Some("messages"),
+        ),
         ("/v1/nothing", "{}", 404, "no such endpoint", None),
     ];
     for (path, body, status, needle, param) in cases {

@@ -23,7 +23,7 @@ use bpe::{Bpe, Scratch};
 use partition::Fragment;
 use pretokenize::PreTokenizer;
 use special::SpecialTokens;
-use vocab::Vocab;
+use vocab::{TokenKind, Vocab};
 
 use crate::gguf::Gguf;
 use crate::{Error, Result};
@@ -134,6 +134,12 @@ impl Tokenizer {
     /// of range.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.pieces.get(id as usize).map_or(&[], |p| p)
+    }
+
+    /// True for control tokens (`<|im_end|>`, BOS, EOS...), which text never spells: a
+    /// grammar cannot produce them by writing their text.
+    pub fn is_control(&self, id: u32) -> bool {
+        id < self.vocab.len() as u32 && matches!(self.vocab.kind(id), TokenKind::Control | TokenKind::Unknown)
     }
 
     /// The whole text of `ids` (invalid UTF-8 becomes U+FFFD).
