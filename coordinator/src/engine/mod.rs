@@ -48,6 +48,15 @@ pub(crate) fn plan_config(spec: &StageSpec, args: &EngineArgs, kv_positions: Opt
     }
 }
 
+/// The most KV positions, in whole blocks of `block_size`, an attention layer's part of
+/// the pool may hold when it lives in one buffer of at most `binding` bytes.
+pub(crate) fn pool_cap(config: &strata_model::config::ModelConfig, block_size: usize, binding: u64) -> u64 {
+    let a = &config.attention;
+    let per_position = (a.n_head_kv * a.head_dim * 2).max(1) as u64;
+    let block = block_size.max(1) as u64;
+    binding / per_position / block * block
+}
+
 /// With no `--ctx`: the largest context up to `ctx` (the model's own) that `nodes` hold,
 /// its plan, and a line saying so when it is less than the model's own. `binding`: the
 /// largest buffer the pool's stages can bind (each attention layer keeps its part of the
@@ -65,11 +74,8 @@ pub(crate) fn fit_context(
     let spec = stage_spec(args, usage, ctx, 0..0, None)?;
     let pc = plan_config(&spec, args, None);
     let (fitted, _, mut plan) = Plan::largest_context(gguf, &config, &pc, nodes, split)?;
-    let a = &config.attention;
-    let per_position = (a.n_head_kv * a.head_dim * 2).max(1) as u64;
-    let block = pc.kv_block_size as u64;
     let mut fitted = fitted as u64;
-    if let Some(cap) = binding(&plan).map(|b| b / per_position / block * block)
+    if let Some(cap) = binding(&plan).map(|b| pool_cap(&config, pc.kv_block_size, b))
         && plan.kv_positions > cap
     {
         let capped = PlanConfig { ctx: fitted.min(cap) as usize, kv_positions: Some(cap), ..pc.clone() };

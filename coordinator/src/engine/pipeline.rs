@@ -540,10 +540,10 @@ async fn plan_and_load(
 ) -> anyhow::Result<Connected> {
     let config = ModelConfig::from_gguf(gguf)?;
     let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+    // The smallest largest-binding of the stages a plan gives part of the pool.
+    let binding = |plan: &Plan| plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
     // No `--ctx`: the first plan finds the largest context the nodes hold; a re-plan keeps it.
     let (ctx, fitted) = if args.ctx.is_none() && keep_pool.is_none() {
-        let binding =
-            |plan: &Plan| plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
         let (ctx, plan) = super::fit_context(gguf, args, usage, ctx, &budgets, split, binding)?;
         (ctx, Some(plan))
     } else {
@@ -579,10 +579,7 @@ async fn plan_and_load(
     };
     // Each attention layer keeps its part of the pool in one buffer: no larger than the
     // smallest adapter's largest binding allows.
-    let a = &config.attention;
-    let per_position = (a.n_head_kv * a.head_dim * 2) as u64;
-    let binding = plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
-    if let Some(cap) = binding.map(|b| b / per_position.max(1) / pc.kv_block_size as u64 * pc.kv_block_size as u64)
+    if let Some(cap) = binding(&plan).map(|b| super::pool_cap(&config, pc.kv_block_size, b))
         && plan.kv_positions > cap
     {
         tracing::info!(positions = plan.kv_positions, cap, "KV pool capped by the adapters' largest binding");

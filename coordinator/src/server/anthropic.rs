@@ -52,11 +52,7 @@ impl MessagesError {
 
 impl IntoResponse for MessagesError {
     fn into_response(self) -> Response {
-        let mut response = (self.0.status, axum::Json(self.body())).into_response();
-        if let Some(secs) = self.0.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        }
-        response
+        self.0.respond_with(self.body())
     }
 }
 
@@ -399,11 +395,7 @@ impl Reply {
                 None => return Err(ApiError::internal("the scheduler stopped")),
             }
         };
-        let (thought, content) = answer.splitter.split_whole(&text);
-        let (content, calls) = match answer.calls {
-            Some(parser) => parser.parse_whole(&content, done.reason == FinishReason::Stop),
-            None => (Some(content), Vec::new()),
-        };
+        let (thought, content, calls) = answer.take_apart(&text, done.reason == FinishReason::Stop);
         let mut blocks = Vec::new();
         if !thought.is_empty() {
             blocks.push(json!({ "type": "thinking", "thinking": thought, "signature": "" }));

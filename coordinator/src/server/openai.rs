@@ -19,7 +19,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::AppState;
 use super::errors::ApiError;
 use super::reasoning::{Channel, ReasoningFormat, Splitter};
-use super::tool_calls::{CallParser, Piece, Tool};
+use super::tool_calls::{Call, CallParser, Piece, Tool};
 use crate::scheduler::{Event, FinishReason, Finished, GenRequest, TokenLogprob};
 
 /// The most stop strings a request may give.
@@ -618,6 +618,22 @@ pub(super) struct Answer {
     pub calls: Option<CallParser>,
 }
 
+impl Answer {
+    /// A whole answer taken apart: its reasoning, its content (`None` when only
+    /// whitespace is left beside calls) and its calls. `stopped`: it ended on an end token
+    /// or stop string, so an open call block is whole.
+    pub fn take_apart(self, text: &str, stopped: bool) -> (String, Option<String>, Vec<Call>) {
+        let (thought, content) = self.splitter.split_whole(text);
+        match self.calls {
+            Some(parser) => {
+                let (content, calls) = parser.parse_whole(&content, stopped);
+                (thought, content, calls)
+            }
+            None => (thought, Some(content), Vec::new()),
+        }
+    }
+}
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -696,16 +712,7 @@ impl Reply {
         let (choice, object) = match self.kind {
             Kind::Chat => {
                 let (thought, content, calls) = match answer {
-                    Some(Answer { splitter, calls }) => {
-                        let (thought, content) = splitter.split_whole(&text);
-                        match calls {
-                            Some(parser) => {
-                                let (content, calls) = parser.parse_whole(&content, done.reason == FinishReason::Stop);
-                                (thought, content, calls)
-                            }
-                            None => (thought, Some(content), Vec::new()),
-                        }
-                    }
+                    Some(answer) => answer.take_apart(&text, done.reason == FinishReason::Stop),
                     None => (String::new(), Some(text), Vec::new()),
                 };
                 let mut message = json!({ "role": "assistant", "content": content });

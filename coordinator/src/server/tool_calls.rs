@@ -177,15 +177,8 @@ impl CallParser {
     /// A whole answer at once: its content (`None` when only whitespace is left beside
     /// calls) and its calls.
     pub fn parse_whole(mut self, text: &str, closed: bool) -> (Option<String>, Vec<Call>) {
-        let (mut content, mut calls) = (String::new(), Vec::new());
-        for piece in self.push(text).into_iter().chain(self.finish(closed)) {
-            match piece {
-                Piece::Content(t) => content.push_str(&t),
-                Piece::Call(c) => calls.push(c),
-            }
-        }
-        let content = if !calls.is_empty() && content.trim().is_empty() { None } else { Some(content) };
-        (content, calls)
+        let pieces = self.push(text).into_iter().chain(self.finish(closed));
+        gather(pieces)
     }
 
     /// A block between the tags: a call, or (malformed) content as written.
@@ -221,6 +214,19 @@ impl CallParser {
             .collect();
         Some(Call { name, arguments })
     }
+}
+
+/// Pieces joined: the content (`None` when only whitespace is left beside calls), the calls.
+fn gather(pieces: impl IntoIterator<Item = Piece>) -> (Option<String>, Vec<Call>) {
+    let (mut content, mut calls) = (String::new(), Vec::new());
+    for piece in pieces {
+        match piece {
+            Piece::Content(t) => content.push_str(&t),
+            Piece::Call(c) => calls.push(c),
+        }
+    }
+    let content = if !calls.is_empty() && content.trim().is_empty() { None } else { Some(content) };
+    (content, calls)
 }
 
 fn content_piece(out: &mut Vec<Piece>, text: &str) {
@@ -342,15 +348,7 @@ mod tests {
         let mut p = CallParser::new(format, tools(), "");
         let mut pieces: Vec<Piece> = chunks.iter().flat_map(|c| p.push(c)).collect();
         pieces.extend(p.finish(false));
-        let (mut content, mut calls) = (String::new(), Vec::new());
-        for piece in pieces {
-            match piece {
-                Piece::Content(t) => content.push_str(&t),
-                Piece::Call(c) => calls.push(c),
-            }
-        }
-        let content = if !calls.is_empty() && content.trim().is_empty() { None } else { Some(content) };
-        (content, calls)
+        gather(pieces)
     }
 
     /// Every way of cutting `text` in two, and char by char, streams to the whole result.
