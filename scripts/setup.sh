@@ -69,9 +69,9 @@ if [ "${1:-}" = --test ] && ! { cargo fmt --version && cargo clippy --version; }
 fi
 # With --test: the test clients of `strata serve` too (the official OpenAI Python client,
 # and headless Chromium driven over the DevTools protocol with websocket-client).
-if [ "${1:-}" = --test ] && ! python3 -c 'import openai, anthropic, websocket' >/dev/null 2>&1; then
-    say "installing the Python test clients (openai, anthropic, websocket-client)"
-    python3 -m pip install --quiet --disable-pip-version-check openai anthropic websocket-client
+if [ "${1:-}" = --test ] && ! python3 -c 'import openai, anthropic, websocket, jsonschema' >/dev/null 2>&1; then
+    say "installing the Python test clients (openai, anthropic, websocket-client, jsonschema)"
+    python3 -m pip install --quiet --disable-pip-version-check openai anthropic websocket-client jsonschema
 fi
 if [ "${1:-}" = --test ] && [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     say "installing chromium (headless, for the web page test)"

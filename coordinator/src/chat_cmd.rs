@@ -96,6 +96,7 @@ impl Chat {
             stop: Vec::new(),
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         };
         let answer = stream_answer(&self.scheduler, request).await?;
         self.history.push(ChatMessage::new("assistant", answer));

@@ -268,6 +268,15 @@ pub struct RunArgs {
     /// Keep generating past end-of-generation tokens (for benchmarks and tests).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Hold the answer to the JSON schema in FILE: every token is sampled from those that
+    /// keep it a valid prefix of such a value (llguidance), and the answer ends when the
+    /// value is whole. `{"type": "object"}` is any JSON object.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Hold the answer to the grammar in FILE, in llguidance's Lark dialect (which embeds
+    /// JSON schemas as `%json { ... }`), e.g. `start: "yes" | "no"`.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
     /// Print one JSON object (prompt_ids, generated_ids, text, timings) instead of streaming
     /// text; with several prompts, a JSON array of them.
     #[arg(long)]

@@ -169,6 +169,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32) -> GenRequest {
         stop: Vec::new(),
         logprobs: None,
         ignore_eos: true,
+        constraint: None,
     }
 }
 

@@ -1,12 +1,14 @@
 //! `strata run` and `strata bench`.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use strata_model::chat::{ChatMessage, ChatTemplate};
 use strata_model::gguf::Gguf;
+use strata_model::grammar::{Constraint, GrammarVocab};
 use strata_model::sampling::SamplingParams;
 use strata_model::tokenizer::Tokenizer;
 
@@ -81,12 +83,33 @@ fn check_room(ids: &[u32], max_tokens: u32, ctx: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The grammar `--json-schema` or `--grammar` names, compiled over `tok`'s vocabulary.
+fn run_constraint(args: &RunArgs, tok: &Arc<Tokenizer>) -> anyhow::Result<Option<Constraint>> {
+    let (path, schema) = match (&args.json_schema, &args.grammar) {
+        (Some(p), _) => (p, true),
+        (None, Some(p)) => (p, false),
+        (None, None) => return Ok(None),
+    };
+    let flag = if schema { "--json-schema" } else { "--grammar" };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+    let vocab = GrammarVocab::new(tok.clone())?;
+    let constraint = if schema {
+        let schema: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{flag} {}: not JSON", path.display()))?;
+        vocab.json_schema(&schema)
+    } else {
+        vocab.lark(&text)
+    };
+    Ok(Some(constraint.with_context(|| format!("{flag} {}", path.display()))?))
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let tok = Tokenizer::from_gguf(&gguf)?;
+    let tok = Arc::new(Tokenizer::from_gguf(&gguf)?);
     let sampling = run_sampling(&args)?;
+    let constraint = run_constraint(&args, &tok)?;
     if args.prompt.len() > 1 {
-        return run_batch(&gguf, tok, &args, &sampling);
+        return run_batch(&gguf, tok, &args, &sampling, constraint);
     }
     let ids = prompt_ids(&gguf, &tok, &args.prompt[0], args.chat)?;
     if ids.is_empty() {
@@ -95,7 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false })?;
     check_room(&ids, args.max_tokens, engine.ctx())?;
     let mut out = std::io::stdout().lock();
-    let g = generate(&mut *engine, &tok, &ids, &args, &sampling, &mut out)?;
+    let g = generate(&mut *engine, &tok, &ids, &args, &sampling, constraint, &mut out)?;
     let decoded = g.ids.len().saturating_sub(1);
     let report = RunReport {
         prompt_tokens: ids.len(),
@@ -143,7 +166,13 @@ struct BatchAnswer {
 
 /// `run` with several prompts: every prompt at once through the scheduler (continuous
 /// batching, as `serve` does), each answer printed when all are done.
-fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingParams) -> anyhow::Result<()> {
+fn run_batch(
+    gguf: &Gguf,
+    tok: Arc<Tokenizer>,
+    args: &RunArgs,
+    sampling: &SamplingParams,
+    constraint: Option<Constraint>,
+) -> anyhow::Result<()> {
     use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig};
     let prompts: Vec<Vec<u32>> =
         args.prompt.iter().map(|p| prompt_ids(gguf, &tok, p, args.chat)).collect::<anyhow::Result<_>>()?;
@@ -155,7 +184,6 @@ fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingPar
     for ids in &prompts {
         check_room(ids, args.max_tokens, engine.ctx())?;
     }
-    let tok = std::sync::Arc::new(tok);
     let scheduler = Scheduler::spawn(engine, tok, SchedulerConfig { max_seqs: n as usize, max_waiting: None })?;
     let t0 = Instant::now();
     let receivers = prompts
@@ -168,6 +196,7 @@ fn run_batch(gguf: &Gguf, tok: Tokenizer, args: &RunArgs, sampling: &SamplingPar
                 stop: Vec::new(),
                 logprobs: None,
                 ignore_eos: args.ignore_eos,
+                constraint: constraint.clone(),
             };
             scheduler.submit(request).map(|(_, rx)| rx)
         })
@@ -238,6 +267,7 @@ fn generate(
     prompt: &[u32],
     args: &RunArgs,
     sampling: &SamplingParams,
+    mut constraint: Option<Constraint>,
     out: &mut impl Write,
 ) -> anyhow::Result<Generated> {
     let seq = 0;
@@ -247,10 +277,15 @@ fn generate(
     let t0 = Instant::now();
     let mut prefill_seconds = 0.0;
     let mut stop_reason = "length";
+    // The tokens the grammar allows next (nothing to mask without one).
+    let allowed = |c: &mut Option<Constraint>| c.as_mut().map_or(Ok(Vec::new()), Constraint::allowed);
     if args.max_tokens > 0 {
-        let mut token = engine.prefill(seq, prompt, 0, sampling)?;
+        let mut token = engine.prefill(seq, prompt, 0, sampling, &allowed(&mut constraint)?)?;
         prefill_seconds = t0.elapsed().as_secs_f64();
         loop {
+            if let Some(c) = constraint.as_mut() {
+                c.advance(token)?;
+            }
             if tok.is_end_of_generation(token) && !args.ignore_eos {
                 stop_reason = "stop";
                 break;
@@ -266,7 +301,7 @@ fn generate(
                 break;
             }
             let pos = (prompt.len() + ids.len() - 1) as u32;
-            token = engine.step(seq, token, pos, sampling)?;
+            token = engine.step(seq, token, pos, sampling, &allowed(&mut constraint)?)?;
         }
     }
     let rest = stream.finish();
@@ -394,15 +429,15 @@ struct Measured {
 fn measure(engine: &mut dyn Engine, ids: &[u32], decode_tokens: u32) -> anyhow::Result<Measured> {
     let greedy = SamplingParams::greedy();
     // One warm-up step so that first-use costs (sequence set-up) stay out of the figures.
-    engine.prefill(1, &ids[..1], 0, &greedy)?;
+    engine.prefill(1, &ids[..1], 0, &greedy, &[])?;
     engine.release(1)?;
     let t0 = Instant::now();
-    let mut token = engine.prefill(0, ids, 0, &greedy)?;
+    let mut token = engine.prefill(0, ids, 0, &greedy, &[])?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let before = engine.node_counters()?;
     let t1 = Instant::now();
     for i in 0..decode_tokens {
-        token = engine.step(0, token, ids.len() as u32 + i, &greedy)?;
+        token = engine.step(0, token, ids.len() as u32 + i, &greedy, &[])?;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
     let after = engine.node_counters()?;

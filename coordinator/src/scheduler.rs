@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use strata_model::grammar::Constraint;
 use strata_model::sampling::SamplingParams;
 use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
@@ -39,6 +40,9 @@ pub struct GenRequest {
     pub logprobs: Option<u32>,
     /// Keep going past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A grammar the answer must follow (structured output, forced tool calls): each token
+    /// is sampled from what it allows, on the last stage, for this sequence alone.
+    pub constraint: Option<Constraint>,
 }
 
 /// One generated token's log-probability (natural log), for the API's `logprobs`.
@@ -108,6 +112,10 @@ pub struct Snapshot {
     pub busy: Vec<f64>,
     /// Sequences preempted (their KV blocks taken for others, recomputed later) so far.
     pub preemptions: u64,
+    /// Grammar masks computed so far (one per constrained token), and the seconds they
+    /// took on the scheduler's thread.
+    pub grammar_masks: u64,
+    pub grammar_seconds: f64,
     /// Steps submitted so far, and their rows.
     pub steps_total: u64,
     pub rows_total: u64,
@@ -250,6 +258,7 @@ impl Scheduler {
                 next_seq: 1,
                 admissions: 0,
                 preemptions: 0,
+                grammar: (0, 0.0),
                 steps: (0, 0),
                 busy_samples: VecDeque::new(),
                 broken: None,
@@ -374,6 +383,8 @@ struct Loop<'a> {
     next_seq: SeqId,
     admissions: u64,
     preemptions: u64,
+    /// Grammar masks computed, and the seconds they took.
+    grammar: (u64, f64),
     steps: (u64, u64),
     /// (when, each stage's busy seconds): for busy fractions over the last few seconds.
     busy_samples: VecDeque<(Instant, Vec<f64>)>,
@@ -647,8 +658,33 @@ impl<'a> Loop<'a> {
 
     /// Submits a step of `picks` (sequence, rows) and moves each sequence past its rows.
     fn submit(&mut self, picks: &[(SeqId, usize)]) {
-        let mut parts = Vec::new();
+        // The grammar masks of the rows that sample, first: computing one moves nothing,
+        // and a grammar that fails ends its request instead of running it unconstrained.
+        let mut masks: Vec<Vec<u32>> = Vec::with_capacity(picks.len());
+        let mut kept: Vec<(SeqId, usize)> = Vec::with_capacity(picks.len());
         for &(seq, n) in picks {
+            let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
+            let samples = a.sent + n == a.tokens.len();
+            let mask = match a.job.request.constraint.as_mut() {
+                Some(c) if samples => match timed(&mut self.grammar, || c.allowed()) {
+                    Ok(mask) => mask,
+                    Err(e) => {
+                        let e = StepError::new(ErrorCode::Internal, format!("the request's grammar failed: {e}"));
+                        a.failed.get_or_insert(e);
+                        continue;
+                    }
+                },
+                _ => Vec::new(),
+            };
+            masks.push(mask);
+            kept.push((seq, n));
+        }
+        let picks = &kept[..];
+        if picks.is_empty() {
+            return;
+        }
+        let mut parts = Vec::new();
+        for (&(seq, n), mask) in picks.iter().zip(&masks) {
             let a = self.active.iter().find(|a| a.seq == seq).expect("picked from active");
             let end = a.sent + n;
             let sampling = &a.job.request.sampling;
@@ -661,6 +697,7 @@ impl<'a> Loop<'a> {
                 history,
                 want_token: end == a.tokens.len(),
                 logprobs: a.job.request.logprobs,
+                allowed: mask,
             });
         }
         let result = self.engine.submit(&parts);
@@ -807,6 +844,13 @@ impl<'a> Loop<'a> {
         let a = &mut self.active[i];
         let token = sampled.token;
         a.first_token.get_or_insert_with(Instant::now);
+        if let Some(c) = a.job.request.constraint.as_mut()
+            && let Err(e) = c.advance(token)
+        {
+            let e = StepError::new(ErrorCode::Internal, format!("token {token} left the request's grammar: {e}"));
+            a.failed.get_or_insert(e);
+            return;
+        }
         if self.tok.is_end_of_generation(token) && !a.job.request.ignore_eos {
             a.finish = Some(FinishReason::Stop);
             return;
@@ -884,6 +928,8 @@ impl<'a> Loop<'a> {
             kv,
             busy,
             preemptions: self.preemptions,
+            grammar_masks: self.grammar.0,
+            grammar_seconds: self.grammar.1,
             steps_total: self.steps.0,
             rows_total: self.steps.1,
             micro_batches: self.engine.micro_batches().max(1),
@@ -893,6 +939,15 @@ impl<'a> Loop<'a> {
             last_recovery: self.last_recovery.clone(),
         };
     }
+}
+
+/// Runs `f`, counting it and its seconds into `tally`.
+fn timed<T>(tally: &mut (u64, f64), f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let out = f();
+    tally.0 += 1;
+    tally.1 += t0.elapsed().as_secs_f64();
+    out
 }
 
 /// The request fits: a non-empty prompt with room for at least one generated token, in
@@ -1162,6 +1217,7 @@ mod tests {
             stop: Vec::new(),
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         }
     }
 

@@ -91,9 +91,10 @@ impl GrammarVocab {
     }
 
     /// Output that is one JSON value valid against `schema` (`{"type": "object"}` for any
-    /// object); a schema llguidance cannot compile is an error naming why.
+    /// object), written with [`with_separators`]; a schema llguidance cannot compile is an
+    /// error naming why.
     pub fn json_schema(&self, schema: &serde_json::Value) -> Result<Constraint> {
-        self.constraint(TopLevelGrammar::from_json_schema(schema.clone()))
+        self.constraint(TopLevelGrammar::from_json_schema(with_separators(schema)))
     }
 
     /// Output that `lark` (llguidance's Lark dialect, which embeds schemas as
@@ -125,6 +126,13 @@ impl std::fmt::Debug for Constraint {
     }
 }
 
+impl Clone for Constraint {
+    /// An independent copy, at the same point of the grammar.
+    fn clone(&self) -> Constraint {
+        Constraint { matcher: self.matcher.deep_clone(), words: self.words, end: self.end }
+    }
+}
+
 impl Constraint {
     /// The tokens allowed next, as bitmask words over the vocabulary. Once the grammar is
     /// complete only the end token is allowed.
@@ -137,7 +145,7 @@ impl Constraint {
 
     /// Takes the sampled `token`; a token the mask did not allow is an error.
     pub fn advance(&mut self, token: u32) -> Result<()> {
-        if token == self.end && self.matcher.is_stopped() {
+        if token == self.end && self.is_complete() {
             return Ok(());
         }
         self.matcher.consume_token(token).map_err(|e| Error::Grammar(format!("token {token}: {e}")))
@@ -152,6 +160,28 @@ impl Constraint {
     pub fn end_token(&self) -> u32 {
         self.end
     }
+}
+
+/// `schema` with fixed separators (`", "` and `": "`, as `json.dumps` writes and models
+/// have seen most) and no other whitespace, unless it sets its own llguidance options
+/// (`x-guidance`): free whitespace would let a small model wander in blank lines until
+/// its token limit. `true` and `false` become the schemas they stand for.
+pub fn with_separators(schema: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut schema = match schema {
+        Value::Bool(true) => json!({}),
+        Value::Bool(false) => json!({ "not": {} }),
+        other => other.clone(),
+    };
+    if let Some(object) = schema.as_object_mut()
+        && !object.contains_key("x-guidance")
+    {
+        object.insert(
+            "x-guidance".into(),
+            json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " }),
+        );
+    }
+    schema
 }
 
 /// Whether bit `token` is set in `mask`.
@@ -197,8 +227,9 @@ mod tests {
         let mut c = vocab.json_schema(&schema).unwrap();
         let first = c.allowed().unwrap();
         assert_eq!(first.len(), vocab.mask_words());
-        // An object must open: `{` is allowed, a letter or the end token is not.
-        let brace = tok.encode("{", false).unwrap()[0];
+        // The object and its first key are forced (the schema orders its required keys):
+        // their text's first token is allowed, a letter or the end token is not.
+        let brace = tok.encode(r#"{"city": ""#, false).unwrap()[0];
         let letter = tok.encode("x", false).unwrap()[0];
         assert!(allows(&first, brace) && !allows(&first, letter) && !allows(&first, vocab.end_token()));
         // Steering token by token through a valid object, every step allows the next piece.
@@ -214,13 +245,11 @@ mod tests {
         assert!(c.is_complete());
         assert!(allows(&c.allowed().unwrap(), vocab.end_token()), "the end token may follow a whole object");
 
-        // A key the schema does not have, or a string where an integer goes, is refused.
+        // A string where an integer goes is refused.
         let mut c = vocab.json_schema(&schema).unwrap();
-        for piece in [r#"{"#, r#""city""#, r#": "#, r#""Oslo""#, r#", "days": "#] {
-            for t in tok.encode(piece, false).unwrap() {
-                assert!(allows(&c.allowed().unwrap(), t), "{piece:?} refused");
-                c.advance(t).unwrap();
-            }
+        for t in tok.encode(r#"{"city": "Oslo", "days": "#, false).unwrap() {
+            assert!(allows(&c.allowed().unwrap(), t), "{:?} refused", tok.token_bytes(t));
+            c.advance(t).unwrap();
         }
         let quote = tok.encode("\"", false).unwrap()[0];
         assert!(!allows(&c.allowed().unwrap(), quote), "a string where the schema wants an integer");

@@ -346,6 +346,17 @@ fn want_of(s: &pb::SeqRows) -> Want {
     }
 }
 
+/// A sequence's grammar mask from the wire (little-endian u32 words); a length that is
+/// not whole words is the sender's error.
+fn mask_of(s: &pb::SeqRows) -> Result<Vec<u32>, StepFailure> {
+    if !s.allowed.len().is_multiple_of(4) {
+        let message =
+            format!("sequence {}: a grammar mask of {} bytes is not whole u32 words", s.seq_id, s.allowed.len());
+        return Err(StepFailure::new(pb::StepErrorCode::InvalidArgument, message));
+    }
+    Ok(s.allowed.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect())
+}
+
 /// Refuses a coordinator of another protocol version (`None`: one older than version 3,
 /// which sent none).
 fn check_version(node: &str, version: Option<u32>) -> Result<(), Status> {
@@ -490,16 +501,19 @@ impl Inner {
                 .map_err(|m| StepFailure::new(Code::InvalidArgument, m))?;
             Some(h)
         };
+        let masks: Vec<Vec<u32>> = act.seqs.iter().map(mask_of).collect::<Result<_, _>>()?;
         let steps: Vec<SeqStep<'_>> = act
             .seqs
             .iter()
-            .map(|s| SeqStep {
+            .zip(&masks)
+            .map(|(s, allowed)| SeqStep {
                 seq: s.seq_id,
                 pos: s.pos,
                 rows: s.rows,
                 tokens: &s.token_ids,
                 want: want_of(s),
                 history: &s.history,
+                allowed,
             })
             .collect();
         let t0 = Instant::now();

@@ -7,6 +7,9 @@
 //              the row's out = [ids[K], logit bits[K], max bits, log-sum-exp bits].
 // Each of k rounds takes every thread's best untaken value and reduces them in workgroup
 // memory; no subgroup operations, so any subgroup size works.
+// A row whose `masked` is set (a grammar constrains it) reads its logits through its row of
+// `mask` (bit v % 32 of word v / 32 set: token v allowed); a token not allowed counts as
+// -inf, so its max, log-sum-exp and candidates are those of the allowed tokens alone.
 
 const WG: u32 = 256u;
 // Values per thread (at most 32: one bit each in `taken`).
@@ -31,6 +34,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> partial: array<vec2<u32>>;
 // Per row 2 k_max + 2 words.
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;
+// Per row ceil(n_vocab / 32) words; read only for masked rows.
+@group(0) @binding(6) var<storage, read> mask: array<u32>;
 
 var<workgroup> red_v: array<f32, WG>;
 var<workgroup> red_i: array<u32, WG>;
@@ -69,13 +74,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var s = 0.0;
     if params.merge == 0u {
         let base = wid.x * WG * PER;
+        let masked = sampling[row].masked != 0u;
+        let words = (params.n_vocab + 31u) / 32u;
         for (var j = 0u; j < PER; j++) {
             let i = base + j * WG + lid;
             vals[j] = neg_inf();
             ids[j] = NONE;
             if i < params.n_vocab {
-                vals[j] = logits[row * params.n_vocab + i];
                 ids[j] = i;
+                if !masked || ((mask[row * words + i / 32u] >> (i % 32u)) & 1u) == 1u {
+                    vals[j] = logits[row * params.n_vocab + i];
+                }
                 m = max(m, vals[j]);
             }
         }

@@ -156,7 +156,15 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
             .map(|(i, s)| {
                 let n = if i == 0 { 5 } else { 1 }.min(s.forced_ids.len() - pos[i]);
                 let tokens = &s.forced_ids[pos[i]..pos[i] + n];
-                SeqStep { seq: i as u64, pos: pos[i] as u32, rows: n as u32, tokens, want: Want::Logits, history: &[] }
+                SeqStep {
+                    seq: i as u64,
+                    pos: pos[i] as u32,
+                    rows: n as u32,
+                    tokens,
+                    want: Want::Logits,
+                    history: &[],
+                    allowed: &[],
+                }
             })
             .collect();
         let out = st.step(&steps, None).unwrap();

@@ -18,4 +18,5 @@ mod reference;
 mod security;
 mod serve;
 mod streaming;
+mod structured;
 mod tools;

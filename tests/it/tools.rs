@@ -9,7 +9,8 @@ use crate::serve::{Server, python};
 use crate::support::{SMOL_Q4_1, fixture, model, path_str};
 
 const WEATHER: &str = r#"[{"type": "function", "function": {"name": "get_weather",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]"#;
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+    "additionalProperties": false}}}]"#;
 
 fn request(extra: Value) -> String {
     let mut body = json!({
@@ -67,19 +68,23 @@ fn tool_calls_round_trip_through_the_openai_and_anthropic_clients_and_bad_tool_r
     );
     assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("not_found_error")), "{}", r.body);
 
-    // `required` opens a call for the model; what this small model writes in it names no
-    // declared tool, so the whole block comes back as content, not dropped, and the
-    // stream says the same without a call.
-    let whole = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "required" })));
+    // `required` opens a call and a grammar holds the model to the declared tools and
+    // their schemas: what this small model wrote in such a block before (no declared
+    // tool) cannot happen. Whole and streamed agree.
+    let one_call = json!({ "tool_choice": "required", "parallel_tool_calls": false });
+    let whole = server.post("/v1/chat/completions", &request(one_call.clone()));
     assert_eq!(whole.status, 200, "{}", whole.body);
     let whole = whole.json();
-    let message = &whole["choices"][0]["message"];
-    let content = message["content"].as_str().unwrap();
-    assert!(content.starts_with("<tool_call>\n{"), "{whole:#}");
-    assert!(message.get("tool_calls").is_none(), "{whole:#}");
-    let stream = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "required", "stream": true })));
-    assert_eq!(streamed_content(&stream.body), (content.to_owned(), false), "{}", stream.body);
-
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{whole:#}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{whole:#}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1, "{args}");
+    let mut streamed = one_call;
+    streamed["stream"] = json!(true);
+    let stream = server.post("/v1/chat/completions", &request(streamed));
+    assert_eq!(streamed_content(&stream.body), (String::new(), true), "{}", stream.body);
     // `none`: the tools are not offered, and the answer is plain content.
     let none = server.post("/v1/chat/completions", &request(json!({ "tool_choice": "none" }))).json();
     let auto = server.post("/v1/chat/completions", &request(json!({}))).json();

@@ -1,6 +1,8 @@
 """A full tool loop against `strata serve` with the official OpenAI Python client (run by
-tests/it/tools.rs): a request with tools that must call one, the call (non-streamed and
-streamed, which must agree), the tool's result sent back, and the final answer.
+tests/it/tools.rs): a request with tools and `tool_choice="required"`, a call whose
+arguments validate against the tool's schema (non-streamed and streamed, which must
+agree), the tool's result sent back, and the final answer. A named `tool_choice` gives a
+valid call of that function too.
 
 usage: tool_loop.py BASE_URL MODEL_ID
 Prints the transcript as one JSON object on the last line; exits non-zero on a failed check.
@@ -9,6 +11,7 @@ Prints the transcript as one JSON object on the last line; exits non-zero on a f
 import json
 import sys
 
+import jsonschema
 import openai
 
 TOOLS = [{
@@ -18,8 +21,12 @@ TOOLS = [{
         "description": "The current weather in a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "description": "The city's name"}},
-            "required": ["city"],
+            "properties": {
+                "city": {"type": "string", "description": "The city's name"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
         },
     },
 }]
@@ -34,8 +41,10 @@ def main():
     base, model = sys.argv[1], sys.argv[2]
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
     messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    ask = dict(model=model, tools=TOOLS, tool_choice=choice, max_tokens=40, temperature=0)
+    # One call: with parallel calls allowed, this small model writes the same call again
+    # rather than end its turn (the grammar allows either).
+    ask = dict(model=model, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=60, temperature=0)
+    schema = TOOLS[0]["function"]["parameters"]
 
     # The call, whole.
     r = client.chat.completions.create(messages=messages, **ask)
@@ -46,7 +55,13 @@ def main():
     call = m.tool_calls[0]
     check(call.type == "function" and call.function.name == "get_weather", f"call {call}")
     args = json.loads(call.function.arguments)
-    check(isinstance(args, dict) and isinstance(args.get("city"), str), f"arguments {args!r}")
+    jsonschema.validate(args, schema)
+
+    # A named function: its call, valid too.
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    n = client.chat.completions.create(messages=messages, **{**ask, "tool_choice": named}).choices[0]
+    check(n.finish_reason == "tool_calls" and len(n.message.tool_calls) == 1, f"named: {n}")
+    jsonschema.validate(json.loads(n.message.tool_calls[0].function.arguments), schema)
 
     # The same call, streamed: the name first, then the arguments in increments, no content.
     stream = client.chat.completions.create(messages=messages, stream=True, **ask)

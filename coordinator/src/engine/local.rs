@@ -83,6 +83,7 @@ impl LocalEngine {
                     Want::Nothing
                 },
                 history: s.history,
+                allowed: s.allowed,
             })
             .collect();
         match self.stage.step(&steps, None) {

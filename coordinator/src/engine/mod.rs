@@ -153,6 +153,9 @@ pub struct SeqStep<'a> {
     pub want_token: bool,
     /// With the token, its log-probability and this many top alternatives'.
     pub logprobs: Option<u32>,
+    /// With the token: the tokens a grammar allows this time, bitmask words over the
+    /// vocabulary (`strata_model::grammar`); empty when any token may come.
+    pub allowed: &'a [u32],
 }
 
 /// A sampled token, and its log-probabilities when the step asked for them.
@@ -357,10 +360,18 @@ pub trait Engine: Send {
     }
 
     /// Feeds `ids` from `pos` in chunks of [`Engine::max_batch`] and returns the token
-    /// sampled after the last; only the last chunk asks for one. For a caller driving
+    /// sampled after the last (from what `allowed` allows, when it is not empty: see
+    /// [`SeqStep::allowed`]); only the last chunk asks for one. For a caller driving
     /// one sequence (`run`, `bench`): chunks go out back to back, so that a pipeline's
     /// stages work on consecutive chunks at once.
-    fn prefill(&mut self, seq: SeqId, ids: &[u32], pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
+    fn prefill(
+        &mut self,
+        seq: SeqId,
+        ids: &[u32],
+        pos: u32,
+        sampling: &SamplingParams,
+        allowed: &[u32],
+    ) -> anyhow::Result<u32> {
         let chunks: Vec<&[u32]> = ids.chunks(self.max_batch().max(1) as usize).collect();
         anyhow::ensure!(!chunks.is_empty(), "nothing to prefill");
         let history = if sampling.has_penalties() { ids } else { &[] };
@@ -368,7 +379,17 @@ pub trait Engine: Send {
         for (i, chunk) in chunks.iter().enumerate() {
             let want_token = i + 1 == chunks.len();
             let history = if history.is_empty() { history } else { &history[at..at + chunk.len()] };
-            self.submit(&[SeqStep { seq, ids: chunk, pos: p, sampling, history, want_token, logprobs: None }])?;
+            let allowed = if want_token { allowed } else { &[] };
+            self.submit(&[SeqStep {
+                seq,
+                ids: chunk,
+                pos: p,
+                sampling,
+                history,
+                want_token,
+                logprobs: None,
+                allowed,
+            }])?;
             p += chunk.len() as u32;
             at += chunk.len();
         }
@@ -390,9 +411,17 @@ pub trait Engine: Send {
         token.context("the last prefill chunk yielded no token")
     }
 
-    /// Runs one decode step of one sequence (feeding `id` at `pos`) and returns its token.
-    fn step(&mut self, seq: SeqId, id: u32, pos: u32, sampling: &SamplingParams) -> anyhow::Result<u32> {
-        let step = SeqStep { seq, ids: &[id], pos, sampling, history: &[], want_token: true, logprobs: None };
+    /// Runs one decode step of one sequence (feeding `id` at `pos`) and returns its token,
+    /// from what `allowed` allows when it is not empty.
+    fn step(
+        &mut self,
+        seq: SeqId,
+        id: u32,
+        pos: u32,
+        sampling: &SamplingParams,
+        allowed: &[u32],
+    ) -> anyhow::Result<u32> {
+        let step = SeqStep { seq, ids: &[id], pos, sampling, history: &[], want_token: true, logprobs: None, allowed };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
     }
@@ -662,19 +691,19 @@ mod tests {
             }
         });
         let greedy = SamplingParams::greedy();
-        assert_eq!(e.prefill(3, &[1; 10], 2, &greedy).unwrap(), 1010);
+        assert_eq!(e.prefill(3, &[1; 10], 2, &greedy, &[]).unwrap(), 1010);
         let steps: Vec<_> = e.log().iter().map(|s| (s.len, s.pos, s.history, s.want_token)).collect();
         assert_eq!(steps, [(4, 2, 0, false), (4, 6, 0, false), (2, 10, 0, true)]);
-        assert_eq!(e.step(3, 5, 12, &greedy).unwrap(), 1012);
+        assert_eq!(e.step(3, 5, 12, &greedy, &[]).unwrap(), 1012);
         assert!(e.results.is_empty());
         // With penalties, each chunk carries its ids as history.
         let penalised = SamplingParams { repeat_penalty: 1.1, ..SamplingParams::greedy() };
-        e.prefill(5, &[1; 6], 0, &penalised).unwrap();
+        e.prefill(5, &[1; 6], 0, &penalised, &[]).unwrap();
         let tail: Vec<_> = e.log().iter().rev().take(2).map(|s| (s.len, s.history)).collect();
         assert_eq!(tail, [(2, 2), (4, 4)]);
         // A failed chunk fails the prefill with its own error, and leaves no result behind.
         *fail_at.lock().unwrap() = vec![6];
-        let err = e.prefill(4, &[1; 10], 2, &greedy).unwrap_err();
+        let err = e.prefill(4, &[1; 10], 2, &greedy, &[]).unwrap_err();
         assert_eq!(err.downcast_ref::<StepError>().map(|e| e.code), Some(ErrorCode::OutOfOrder), "{err:#}");
         assert!(e.results.is_empty());
     }

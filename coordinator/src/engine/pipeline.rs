@@ -702,6 +702,7 @@ impl Pipeline {
                 sampling: s.want_token.then(|| service::sampling_to_wire(s.sampling)),
                 want_token: s.want_token,
                 history: s.history.to_vec(),
+                allowed: s.allowed.iter().flat_map(|w| w.to_le_bytes()).collect(),
                 want_logits: false,
                 want_logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),

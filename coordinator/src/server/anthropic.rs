@@ -340,6 +340,7 @@ pub async fn messages(
         stop: prepared.stop,
         logprobs: None,
         ignore_eos: false,
+        constraint: prepared.constraint,
     };
     let (id, rx) = state.scheduler.submit(request).map_err(ApiError::refused)?;
     let reply = Reply { id: format!("msg_{id}"), model: state.model_id.clone(), user_stops };

@@ -68,6 +68,20 @@ impl Metrics {
         let _ = writeln!(out, "strata_preemptions_total {}", snap.preemptions);
         head(
             &mut out,
+            "strata_grammar_masks_total",
+            "counter",
+            "Grammar masks computed (one per token of a request under response_format or a forced tool call).",
+        );
+        let _ = writeln!(out, "strata_grammar_masks_total {}", snap.grammar_masks);
+        head(
+            &mut out,
+            "strata_grammar_mask_seconds_total",
+            "counter",
+            "Seconds the scheduler spent computing grammar masks (between steps, on its own thread).",
+        );
+        let _ = writeln!(out, "strata_grammar_mask_seconds_total {:.6}", snap.grammar_seconds);
+        head(
+            &mut out,
             "strata_recoveries_total",
             "counter",
             "Re-plans after a node was lost or left (live sequences recomputed on the nodes left).",

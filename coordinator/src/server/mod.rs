@@ -7,6 +7,7 @@ mod errors;
 mod metrics;
 mod openai;
 pub mod reasoning;
+mod structured;
 mod tls;
 mod tool_calls;
 mod web;
@@ -23,6 +24,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 use strata_model::chat::ChatTemplate;
 use strata_model::gguf::Gguf;
+use strata_model::grammar::GrammarVocab;
 use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::ServeArgs;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub max_body: usize,
     /// How chat answers return `<think>` reasoning (`--reasoning-format`).
     pub reasoning: reasoning::ReasoningFormat,
+    /// The vocabulary as grammars see it (structured output), or why there is none.
+    pub grammar: Result<Arc<GrammarVocab>, String>,
 }
 
 /// The model id for a GGUF path: its file name without the extension.
@@ -98,6 +102,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.max_seqs
     );
     drop(gguf);
+    let grammar = GrammarVocab::new(tokenizer.clone()).map(Arc::new).map_err(|e| {
+        eprintln!("note: structured output is not available: {e}");
+        format!("structured output is not available for this model: {e}")
+    });
     let scheduler = Scheduler::spawn(
         engine,
         tokenizer.clone(),
@@ -113,6 +121,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         max_body: args.max_body,
         reasoning: args.reasoning_format,
+        grammar,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_model::chat::{ChatMessage, ToolCall};
+use strata_model::grammar::Constraint;
 use strata_model::sampling::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::StreamExt;
@@ -19,6 +20,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::AppState;
 use super::errors::ApiError;
 use super::reasoning::{Channel, ReasoningFormat, Splitter};
+use super::structured::{self, Calls, Shape};
 use super::tool_calls::{Call, CallParser, Piece, Tool};
 use crate::scheduler::{Event, FinishReason, Finished, GenRequest, TokenLogprob};
 
@@ -53,6 +55,8 @@ pub(super) struct Params {
     pub(super) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// `deepseek` (or `auto`) or `none`: overrides `--reasoning-format` for this request.
     pub(super) reasoning_format: Option<String>,
+    /// `text`, `json_object` or `json_schema`: enforced by a grammar while sampling.
+    pub(super) response_format: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -180,6 +184,7 @@ const PARAMS: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "response_format",
 ];
 
 fn known_param(name: &str) -> Option<&'static str> {
@@ -198,6 +203,10 @@ pub(super) struct Prepared {
     /// The request's own reasoning format, if it names one.
     pub(super) reasoning_format: Option<ReasoningFormat>,
     pub(super) chat_template_kwargs: serde_json::Map<String, Value>,
+    /// The JSON schema `response_format` asks the answer to follow.
+    pub(super) schema: Option<Value>,
+    /// The grammar the answer is sampled under (from `schema`, or a forced tool call).
+    pub(super) constraint: Option<Constraint>,
 }
 
 /// The most alternatives `top_logprobs` (or the legacy integer `logprobs`) may ask for.
@@ -270,6 +279,7 @@ impl Params {
             ..d
         };
         check_sampling(&sampling)?;
+        let schema = structured::response_schema(self.response_format.as_ref())?;
         Ok(Prepared {
             sampling,
             max_tokens,
@@ -279,6 +289,8 @@ impl Params {
             logprobs,
             reasoning_format,
             chat_template_kwargs: self.chat_template_kwargs.unwrap_or_default(),
+            schema,
+            constraint: None,
         })
     }
 }
@@ -451,20 +463,37 @@ pub(super) fn chat_prompt(
         .render_with(&chat.messages, true, &prepared.chat_template_kwargs, offered)
         .map_err(|e| ApiError::invalid(Some("messages"), format!("rendering the chat template: {e}")))?;
     let format = template.tool_format();
-    // A forced call begins in the prompt: the model continues it. A reasoning the template
-    // opened is closed first (empty), as its own `enable_thinking: false` would.
     let opening = match &chat.choice {
         ToolChoice::Required => Some(format.call_opening(None)),
         ToolChoice::Named(name) => Some(format.call_opening(Some(name))),
         ToolChoice::None | ToolChoice::Auto => None,
     };
-    if let Some(opening) = &opening {
-        if Splitter::prompt_opens(&text) {
-            text.push_str("\n</think>\n\n");
+    let one_call = chat.one_call || matches!(chat.choice, ToolChoice::Named(_));
+    // The grammar of the answer: a forced call's, or the schema's (which, beside tools the
+    // model may call, allows either).
+    let shape = match (&chat.choice, prepared.schema.take()) {
+        (ToolChoice::Required | ToolChoice::Named(_), _) => {
+            Some(Shape::Calls(Calls::new(format, &chat.tools, &chat.choice, one_call)))
         }
+        (ToolChoice::Auto, Some(schema)) if !offered.is_empty() => {
+            let calls = Calls { or_content: Some(schema), ..Calls::new(format, &chat.tools, &chat.choice, one_call) };
+            Some(Shape::Calls(calls))
+        }
+        (_, schema) => schema.map(Shape::Json),
+    };
+    if let Some(shape) = &shape {
+        let param = if matches!(shape, Shape::Calls(_)) { "tools" } else { "response_format" };
+        prepared.constraint = Some(structured::constraint(state, shape, param)?);
+    }
+    // A forced call begins in the prompt: the model continues it. Under a grammar, a
+    // reasoning the template opened is closed first (empty), as its own
+    // `enable_thinking: false` would: the grammar describes the answer, not the thinking.
+    if (opening.is_some() || shape.is_some()) && Splitter::prompt_opens(&text) {
+        text.push_str("\n</think>\n\n");
+    }
+    if let Some(opening) = &opening {
         text.push_str(opening);
     }
-    let one_call = chat.one_call || matches!(chat.choice, ToolChoice::Named(_));
     if one_call && !offered.is_empty() {
         // One call at most: the answer ends where the first call closes.
         prepared.stop.push(super::tool_calls::CLOSE.to_owned());
@@ -651,6 +680,10 @@ pub async fn completions(
             ));
         }
     };
+    let mut prepared = prepared;
+    if let Some(schema) = &prepared.schema {
+        prepared.constraint = Some(structured::constraint(&state, &Shape::Json(schema.clone()), "response_format")?);
+    }
     let prompt = tokenize(&state, &text, "prompt")?;
     generate(state, prompt, prepared, Kind::Completion, None).await
 }
@@ -665,8 +698,15 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let room = state.scheduler.ctx() - prompt.len() as u32;
     let max_tokens = p.max_tokens.map_or(room, |m| m.min(room));
-    let request =
-        GenRequest { max_tokens, prompt, sampling: p.sampling, stop: p.stop, logprobs: p.logprobs, ignore_eos: false };
+    let request = GenRequest {
+        max_tokens,
+        prompt,
+        sampling: p.sampling,
+        stop: p.stop,
+        logprobs: p.logprobs,
+        ignore_eos: false,
+        constraint: p.constraint,
+    };
     let (id, rx) = state.scheduler.submit(request).map_err(ApiError::refused)?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id}"),

@@ -29,7 +29,9 @@ pub struct RowSampling {
     pub repeat: f32,
     pub frequency: f32,
     pub presence: f32,
-    pub _pad: [u32; 3],
+    /// 1: only the tokens the row's grammar mask allows (see [`Recorder::top_k`]).
+    pub masked: u32,
+    pub _pad: [u32; 2],
 }
 
 impl RowSampling {
@@ -37,7 +39,12 @@ impl RowSampling {
     /// recent ids.
     pub fn new(k: u32, count: u32, penalties: Penalties) -> RowSampling {
         let Penalties { repeat, frequency, presence } = penalties;
-        RowSampling { k, count, repeat, frequency, presence, _pad: [0; 3] }
+        RowSampling { k, count, repeat, frequency, presence, masked: 0, _pad: [0; 2] }
+    }
+
+    /// The same, over only the tokens its row of the grammar mask allows.
+    pub fn masked(self) -> RowSampling {
+        RowSampling { masked: 1, ..self }
     }
 
     /// The argmax, no penalties.
@@ -68,6 +75,12 @@ pub(crate) struct TopKParams {
     k_max: u32,
     n_chunks: u32,
     merge: u32,
+}
+
+/// Words of one row of a grammar mask over `n_vocab` tokens: bit `v % 32` of word `v / 32`
+/// is token `v`.
+pub fn mask_words(n_vocab: u32) -> u32 {
+    n_vocab.div_ceil(32)
 }
 
 /// Words of one row's output of [`Recorder::top_k`] with this `k_max`.
@@ -117,7 +130,19 @@ impl Recorder<'_> {
     /// their logits' bits, then the bits of the row's max and log-sum-exp; read a row with
     /// [`TopK::from_words`]. Ties go to the lower id. A per-chunk pass is followed by a
     /// one-workgroup-per-row merge.
-    pub fn top_k(&mut self, logits: Act<'_>, sampling: &wgpu::Buffer, k_max: u32, out: &wgpu::Buffer) -> Result<()> {
+    ///
+    /// A row marked [`RowSampling::masked`] sees only the tokens its row of `mask` (u32,
+    /// [`mask_words`]`(n_vocab)` per row) allows: the others count as -inf, so what it gets
+    /// (candidates, max, log-sum-exp) is that of the allowed tokens. Other rows never read
+    /// `mask`. Masking here, where the logits are read anyway, costs no pass of its own.
+    pub fn top_k(
+        &mut self,
+        logits: Act<'_>,
+        sampling: &wgpu::Buffer,
+        mask: &wgpu::Buffer,
+        k_max: u32,
+        out: &wgpu::Buffer,
+    ) -> Result<()> {
         let shape = |message: String| Error::Shape { op: "top_k", message };
         let n_vocab = logits.width;
         if k_max == 0 || k_max > MAX_TOP_K || k_max > n_vocab {
@@ -132,11 +157,12 @@ impl Recorder<'_> {
         let logits = self.bind_act("top_k", "logits", logits, n_vocab)?;
         let sampling = self.bind_sampling("top_k", sampling)?;
         let out = self.bind("top_k", "out", out, u64::from(rows * top_k_words(k_max)) * 4)?;
+        let mask = self.bind("top_k", "mask", mask, u64::from(rows * mask_words(n_vocab)) * 4)?;
         let partial = self.gpu().storage("top_k partial", u64::from(rows * n_chunks * (k_max + 1)) * 8);
         let pipeline = self.pipeline(Kernel::TOP_K, None, &[])?;
         for (merge, groups) in [(0, n_chunks), (1, 1)] {
             let params = self.uniform("top_k", &TopKParams { n_vocab, k_max, n_chunks, merge });
-            let resources = [sampling.clone(), logits.clone(), partial.as_entire_binding(), out.clone()];
+            let resources = [sampling.clone(), logits.clone(), partial.as_entire_binding(), out.clone(), mask.clone()];
             let workgroups = Workgroups(Dim::Fixed(groups), Dim::Tokens { group: 1 }, Dim::Fixed(1));
             self.dispatch("top_k", pipeline.clone(), &params, &resources, workgroups);
         }
@@ -197,16 +223,34 @@ mod tests {
     /// Runs top-k of the first `ks.len()` rows of `logits` (a step of that many rows,
     /// bound for `max_tokens`), row r asking for `ks[r]` of `k_max`.
     fn gpu_top_k(logits: &[f32], n_vocab: u32, ks: &[u32], k_max: u32, max_tokens: u32) -> Vec<TopK> {
+        let rows: Vec<RowSampling> = ks.iter().map(|&k| RowSampling::new(k, 0, Penalties::NONE)).collect();
+        gpu_top_k_masked(logits, n_vocab, &rows, &[], k_max, max_tokens)
+    }
+
+    /// [`gpu_top_k`] with each row's own [`RowSampling`] and grammar `mask` rows (zeros
+    /// where `mask` ends).
+    fn gpu_top_k_masked(
+        logits: &[f32],
+        n_vocab: u32,
+        rows: &[RowSampling],
+        mask: &[u32],
+        k_max: u32,
+        max_tokens: u32,
+    ) -> Vec<TopK> {
         let (gpu, _) = gpu();
         let step = step_buffer(gpu);
         let lb = f32_buffer(gpu, logits);
-        let mut rows: Vec<RowSampling> = ks.iter().map(|&k| RowSampling::new(k, 0, Penalties::NONE)).collect();
+        let ks: Vec<u32> = rows.iter().map(|r| r.k).collect();
+        let mut rows = rows.to_vec();
         rows.resize(max_tokens as usize, RowSampling::greedy());
         let sb = sampling_buffer(&rows);
+        let mut mask = mask.to_vec();
+        mask.resize((max_tokens * mask_words(n_vocab)) as usize, 0);
+        let mb = u32_buffer(gpu, &mask);
         let words = top_k_words(k_max);
         let out = gpu.storage("out", u64::from(max_tokens * words) * 4);
         let la = Act::new(&lb, logits.len() as u32 / n_vocab, n_vocab);
-        let d = record(&step, max_tokens, |rec| rec.top_k(la, &sb, k_max, &out)).unwrap();
+        let d = record(&step, max_tokens, |rec| rec.top_k(la, &sb, &mb, k_max, &out)).unwrap();
         run(gpu, &step, &d, ks.len() as u32);
         let all = gpu.read_u32(&out, (max_tokens * words) as usize).unwrap();
         ks.iter()
@@ -235,6 +279,51 @@ mod tests {
                 let want = cpu_top_k(&logits[r * n_vocab as usize..(r + 1) * n_vocab as usize], k as usize);
                 assert_top_k(&got[r], &want, &format!("row {r}: top {k} of {n_vocab}"));
             }
+        }
+    }
+
+    #[test]
+    fn a_masked_row_sees_only_the_tokens_its_grammar_allows() {
+        let mut rng = Rng::new(24);
+        for n_vocab in [1000u32, 49152, 248320] {
+            let (v, w) = (n_vocab as usize, mask_words(n_vocab) as usize);
+            let logits = rng.vec(4 * v, 20.0);
+            // Row 0: about half the vocabulary allowed; row 1: unmasked, its mask row all
+            // zeros (never read: read, it would allow nothing); row 2: three tokens, fewer
+            // than k; row 3: one token, greedy.
+            let mut allowed: Vec<Vec<bool>> = vec![(0..v).map(|_| rng.below(2) == 1).collect(), vec![false; v]];
+            allowed.push((0..v).map(|i| [7, v / 2, v - 1].contains(&i)).collect());
+            allowed.push((0..v).map(|i| i == v / 3).collect());
+            let mut mask = vec![0u32; 4 * w];
+            for (r, row) in allowed.iter().enumerate() {
+                for (i, _) in row.iter().enumerate().filter(|(_, a)| **a) {
+                    mask[r * w + i / 32] |= 1 << (i % 32);
+                }
+            }
+            let rows = [
+                RowSampling::new(64, 0, Penalties::NONE).masked(),
+                RowSampling::new(64, 0, Penalties::NONE),
+                RowSampling::new(64, 0, Penalties::NONE).masked(),
+                RowSampling::greedy().masked(),
+            ];
+            let got = gpu_top_k_masked(&logits, n_vocab, &rows, &mask, MAX_TOP_K, 4);
+            for r in 0..4 {
+                let mut want_row = logits[r * v..(r + 1) * v].to_vec();
+                if rows[r].masked == 1 {
+                    for (i, x) in want_row.iter_mut().enumerate() {
+                        if !allowed[r][i] {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let want = cpu_top_k(&want_row, rows[r].k as usize);
+                assert_top_k(&got[r], &want, &format!("row {r} of {n_vocab}"));
+                let finite: Vec<u32> = got[r].entries.iter().filter(|e| e.1.is_finite()).map(|e| e.0).collect();
+                if rows[r].masked == 1 {
+                    assert!(finite.iter().all(|&i| allowed[r][i as usize]), "row {r}: a token outside the mask");
+                }
+            }
+            assert_eq!(got[3].entries[0].0, n_vocab / 3, "greedy under a one-token mask");
         }
     }
 
@@ -275,7 +364,8 @@ mod tests {
         let sb = sampling_buffer(&[RowSampling::greedy(); 2]);
         let out = gpu.storage("out", u64::from(top_k_words(64)) * 4);
         let (one_row, two_rows) = (Act::new(&logits, 1, 100), Act::new(&logits, 2, 50));
-        let top = |max_tokens, logits, k, out| record(&step, max_tokens, |rec| rec.top_k(logits, &sb, k, out));
+        let mask = gpu.storage("mask", 64);
+        let top = |max_tokens, logits, k, out| record(&step, max_tokens, |rec| rec.top_k(logits, &sb, &mask, k, out));
         assert!(top(1, one_row, 65, &out).is_err());
         assert!(top(3, two_rows, 8, &out).is_err());
         assert!(top(2, two_rows, 8, &out).is_ok());

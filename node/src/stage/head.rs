@@ -11,7 +11,7 @@ use crate::gpu::{Dispatch, Step};
 use crate::layers::LoadCtx;
 use crate::ops::matmul::StepRows;
 use crate::ops::norm::RmsNorm;
-use crate::ops::sample::top_k_words;
+use crate::ops::sample::{mask_words, top_k_words};
 use crate::ops::{Act, Recorder};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
@@ -31,11 +31,14 @@ pub(super) struct Head {
     pub sampling: wgpu::Buffer,
     /// u32 `[max_samples, MAX_RECENT]`: each sampled row's recent tokens (penalties).
     pub recent: wgpu::Buffer,
+    /// u32 `[max_samples, mask_words(n_vocab)]`: the grammar masks of masked rows.
+    pub mask: wgpu::Buffer,
     /// f32 `[max_samples, n_vocab]`.
     pub logits: wgpu::Buffer,
     /// u32 `[max_samples, top_k_words(K_MAX)]`: each row's candidates.
     pub result: wgpu::Buffer,
     pub max_samples: u32,
+    mask_words: u32,
     /// The head's dispatches for each class of sample count.
     lists: Vec<(StepRows, Vec<Dispatch>)>,
 }
@@ -54,9 +57,11 @@ impl Head {
             sample_rows: gpu.storage("sample rows", m * 4),
             sampling: gpu.storage("row sampling", m * size_of::<crate::ops::sample::RowSampling>() as u64),
             recent: gpu.storage("recent", m * MAX_RECENT as u64 * 4),
+            mask: gpu.storage("grammar masks", m * u64::from(mask_words(vocab)) * 4),
             logits: gpu.storage("logits", m * u64::from(vocab) * 4),
             result: gpu.storage("result", m * u64::from(top_k_words(K_MAX)) * 4),
             max_samples,
+            mask_words: mask_words(vocab),
             lists: Vec::new(),
             output,
         };
@@ -69,7 +74,7 @@ impl Head {
             rec.rms_norm(x_act, &norm_w, n_act, RmsNorm::new(e, 1, cfg.eps))?;
             rec.matmul(&head.output, n_act, logits, false)?;
             rec.penalize(logits, &head.sampling, &head.recent, MAX_RECENT as u32)?;
-            rec.top_k(logits, &head.sampling, K_MAX, &head.result)?;
+            rec.top_k(logits, &head.sampling, &head.mask, K_MAX, &head.result)?;
             lists.push((rows, rec.finish()));
         }
         Ok(Head { lists, ..head })
@@ -79,6 +84,11 @@ impl Head {
     pub fn list(&self, n: u32) -> &[Dispatch] {
         let class = StepRows::of(n);
         self.lists.iter().find(|(c, _)| *c == class).map_or(&[], |(_, l)| &l[..])
+    }
+
+    /// Words of one row of a grammar mask.
+    pub fn mask_words(&self) -> usize {
+        self.mask_words as usize
     }
 
     /// Words of one row's candidates.

@@ -123,6 +123,10 @@ pub struct SeqStep<'a> {
     pub want: Want,
     /// Prompt ids its penalties should count from now on (the last stage keeps them).
     pub history: &'a [u32],
+    /// With [`Want::Token`]: the tokens a grammar allows this time, as bitmask words over
+    /// the vocabulary (bit `v % 32` of word `v / 32`; words past the end allow nothing);
+    /// empty when any token may come. Only the last stage reads it.
+    pub allowed: &'a [u32],
 }
 
 /// What one sequence's part of a step produced.
@@ -560,6 +564,20 @@ impl Stage {
             && self.is_last()
         {
             sampling.validate()?;
+            let words = self.head.as_ref().map_or(0, |h| h.mask_words());
+            if st.allowed.len() > words {
+                return Err(Error::Sequence {
+                    seq: st.seq,
+                    message: format!(
+                        "a grammar mask of {} words for a vocabulary of {} tokens ({words} words)",
+                        st.allowed.len(),
+                        self.config.n_vocab
+                    ),
+                });
+            }
+            if !st.allowed.is_empty() && st.allowed.iter().all(|&w| w == 0) {
+                return Err(Error::Sequence { seq: st.seq, message: "its grammar mask allows no token".into() });
+            }
         }
         let admitted = self.seqs.admit(&self.gpu.queue, self.scratch.table.as_mut(), st.seq, st.pos, st.rows)?;
         if self.is_last() && !st.history.is_empty() {
@@ -659,6 +677,9 @@ impl Stage {
         let mut samples = Vec::new();
         let (mut rows, mut params) = (Vec::new(), Vec::new());
         let mut recent = vec![0u32; head.max_samples as usize * MAX_RECENT];
+        let words = head.mask_words();
+        // Grammar masks, written only up to the last masked row.
+        let mut masks: Vec<u32> = Vec::new();
         for (i, a) in ran.iter().enumerate() {
             let k = match &a.step.want {
                 Want::Nothing => continue,
@@ -685,6 +706,14 @@ impl Stage {
                 }
                 _ => RowSampling::new(k, 0, Penalties::NONE),
             };
+            let row = if a.step.allowed.is_empty() {
+                row
+            } else {
+                let at = samples.len() * words;
+                masks.resize(at + words, 0);
+                masks[at..at + a.step.allowed.len()].copy_from_slice(a.step.allowed);
+                row.masked()
+            };
             params.push(row);
             samples.push(Sample { index: i, k });
         }
@@ -693,6 +722,9 @@ impl Stage {
             q.write_buffer(&head.sample_rows, 0, bytemuck::cast_slice(&rows));
             q.write_buffer(&head.sampling, 0, bytemuck::cast_slice(&params));
             q.write_buffer(&head.recent, 0, bytemuck::cast_slice(&recent[..samples.len() * MAX_RECENT]));
+            if !masks.is_empty() {
+                q.write_buffer(&head.mask, 0, bytemuck::cast_slice(&masks));
+            }
             q.write_buffer(&head.step, 0, bytemuck::bytes_of(&Step::new(samples.len() as u32, 1)));
         }
         Ok(samples)
@@ -741,7 +773,7 @@ impl Stage {
                     let top = TopK::from_words(&words[i * w..(i + 1) * w], K_MAX, smp.k);
                     let draw = u64::from(a.step.pos + a.step.rows);
                     let seq = self.seqs.get_mut(a.step.seq).expect("admitted this step");
-                    pick(seq, &top, sampling, *logprobs, draw).map(|(token, lp)| {
+                    pick(seq, &top, sampling, *logprobs, draw, a.step.allowed).map(|(token, lp)| {
                         seq.note(&[token]);
                         Produced::Token(token, lp)
                     })
@@ -776,7 +808,7 @@ impl Stage {
             }
             Input::Hidden(h) => (&[][..], Some(h)),
         };
-        let step = SeqStep { seq, pos, rows, tokens, want, history: &[] };
+        let step = SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[] };
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
         Ok((produced?, output.hidden))
@@ -848,19 +880,36 @@ fn pick(
     sampling: &SamplingParams,
     logprobs: Option<usize>,
     draw: u64,
+    allowed: &[u32],
 ) -> Result<(u32, Option<Logprobs>)> {
     let candidates: Vec<Candidate> =
         top.entries.iter().map(|&(id, logit)| Candidate { id, logit }).filter(|c| c.logit.is_finite()).collect();
+    if candidates.is_empty() {
+        let why = if allowed.is_empty() { "" } else { " the grammar allows" };
+        return Err(Error::Step(format!("no finite logit among the tokens{why} in the row")));
+    }
     let token = if sampling.is_greedy() && !sampling.has_penalties() {
-        candidates.first().map(|c| c.id).ok_or_else(|| Error::Step("no finite logit in the row".into()))?
+        candidates[0].id
     } else {
         seq.sampler(sampling)?.sample(&candidates, draw)?
     };
+    // The kernel masked the row; a token outside the mask would break the grammar's
+    // promise, so it is refused rather than returned.
+    if !allowed.is_empty() && !strata_model::grammar::allows(allowed, token) {
+        return Err(Error::Step(format!("sampled token {token}, which the grammar mask does not allow")));
+    }
     let lp = logprobs.map(|k| {
         let logprob = |logit: f32| logit - top.log_sum_exp;
         Logprobs {
             token: top.entries.iter().find(|e| e.0 == token).map_or(f32::NEG_INFINITY, |e| logprob(e.1)),
-            top: top.entries.iter().take(k).map(|&(id, logit)| (id, logprob(logit))).collect(),
+            // Under a grammar, fewer than k tokens may be possible at all.
+            top: top
+                .entries
+                .iter()
+                .filter(|e| e.1.is_finite())
+                .take(k)
+                .map(|&(id, logit)| (id, logprob(logit)))
+                .collect(),
         }
     });
     Ok((token, lp))

@@ -9,7 +9,8 @@ struct RowSampling {
     repeat: f32,
     frequency: f32,
     presence: f32,
-    pad0: u32,
+    // 1: only the tokens its row of the grammar mask allows (top_k).
+    masked: u32,
     pad1: u32,
     pad2: u32,
 }
