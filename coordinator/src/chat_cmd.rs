@@ -13,7 +13,7 @@ use strata_model::tokenizer::Tokenizer;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
 use crate::cli::ChatArgs;
-use crate::scheduler::{Event, FinishReason, GenRequest, Scheduler, SchedulerConfig};
+use crate::scheduler::{Event, FinishReason, GenRequest, PrefixReuse, Scheduler, SchedulerConfig};
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let path = &args.engine.model;
@@ -33,8 +33,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     sampling.validate()?;
     eprintln!("loading {} ...", path.display());
     let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1, serving: true })?;
+    // Each turn sends the whole conversation again: the last turn's caches serve it.
+    let prefix_reuse = PrefixReuse::for_model(&strata_model::config::ModelConfig::from_gguf(&gguf)?);
     drop(gguf);
-    let scheduler = Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1, max_waiting: None })?;
+    let scheduler =
+        Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1, max_waiting: None, prefix_reuse })?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");
     let history = args.system.iter().map(|s| ChatMessage::new("system", s.clone())).collect();
     let chat = Chat { scheduler, tokenizer, template, sampling, max_tokens: args.max_tokens, history, turn: 0 };

@@ -417,6 +417,14 @@ pub struct ServeArgs {
     /// Use this Jinja chat template instead of the model's `tokenizer.chat_template`.
     #[arg(long, value_name = "PATH")]
     pub chat_template_file: Option<PathBuf>,
+    /// Release every sequence when its request ends. By default a finished sequence's
+    /// caches stay on the stages (till their room or slot is wanted, or 5 minutes pass),
+    /// and a later prompt that begins with its tokens (an agent's next turn) computes
+    /// only what follows; `usage.prompt_tokens_details.cached_tokens` says how many were
+    /// reused. Models with recurrent layers (qwen35) resume only when the prompt begins
+    /// with all of the earlier sequence's tokens.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 fn parse_api_key(s: &str) -> Result<String, String> {

@@ -92,8 +92,11 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     let batch_tokens = engine.max_batch();
     let micro_batches = engine.micro_batches().max(1);
     let placement = engine.placement();
-    let scheduler =
-        Scheduler::spawn(engine, tokenizer, SchedulerConfig { max_seqs: concurrency as usize, max_waiting: None })?;
+    let scheduler = Scheduler::spawn(
+        engine,
+        tokenizer,
+        SchedulerConfig { max_seqs: concurrency as usize, max_waiting: None, prefix_reuse: Default::default() },
+    )?;
     // One short request first, so that first-use costs stay out of the figures.
     drain(scheduler.submit(request(vec![300 % vocab], 2))?.1)?;
 

@@ -184,7 +184,11 @@ fn run_batch(
     for ids in &prompts {
         check_room(ids, args.max_tokens, engine.ctx())?;
     }
-    let scheduler = Scheduler::spawn(engine, tok, SchedulerConfig { max_seqs: n as usize, max_waiting: None })?;
+    let scheduler = Scheduler::spawn(
+        engine,
+        tok,
+        SchedulerConfig { max_seqs: n as usize, max_waiting: None, prefix_reuse: Default::default() },
+    )?;
     let t0 = Instant::now();
     let receivers = prompts
         .iter()

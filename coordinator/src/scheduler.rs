@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use strata_model::config::{LayerKind, ModelConfig};
 use strata_model::grammar::Constraint;
 use strata_model::sampling::SamplingParams;
 use strata_model::tokenizer::{TextStream, Tokenizer};
@@ -81,6 +82,8 @@ pub struct Finished {
     pub generated_ids: Vec<u32>,
     /// The stop string the answer ended on, if it ended on one.
     pub stop_string: Option<String>,
+    /// Prompt tokens whose caches came from an earlier sequence (not computed again).
+    pub cached_tokens: usize,
     /// From submission to the first generated token.
     pub time_to_first_token: Duration,
     pub elapsed: Duration,
@@ -112,6 +115,13 @@ pub struct Snapshot {
     pub busy: Vec<f64>,
     /// Sequences preempted (their KV blocks taken for others, recomputed later) so far.
     pub preemptions: u64,
+    /// Requests that resumed a finished sequence's caches, and the prompt tokens that
+    /// were therefore not computed again.
+    pub prefix_hits: u64,
+    pub prefix_cached_tokens: u64,
+    /// Finished sequences kept for reuse now, and the KV blocks they hold.
+    pub retained: usize,
+    pub retained_blocks: u32,
     /// Grammar masks computed so far (one per constrained token), and the seconds they
     /// took on the scheduler's thread.
     pub grammar_masks: u64,
@@ -155,6 +165,43 @@ pub struct SchedulerConfig {
     /// Requests that may wait beyond the `max_seqs` running ones; `None`: no bound (the
     /// CLI's own runs, which submit a known number).
     pub max_waiting: Option<usize>,
+    /// Whether finished sequences' caches are kept for prompts that begin with their tokens.
+    pub prefix_reuse: PrefixReuse,
+}
+
+/// Whether, and how far, a finished sequence's caches serve a later prompt that begins
+/// with its tokens (an agent's next turn, a chat's history sent again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefixReuse {
+    /// Every sequence is released when it finishes.
+    #[default]
+    Off,
+    /// Every layer is attention: any common prefix is reused, the stages dropping the
+    /// positions after it when the new prompt's first step arrives.
+    AnyPrefix,
+    /// Some layers carry a recurrent state, which cannot be cut back: only a prompt that
+    /// begins with all of a sequence's tokens resumes it.
+    WholeSequence,
+}
+
+impl PrefixReuse {
+    /// What `config`'s layers allow.
+    pub fn for_model(config: &ModelConfig) -> PrefixReuse {
+        if config.layers.contains(&LayerKind::DeltaNet) { PrefixReuse::WholeSequence } else { PrefixReuse::AnyPrefix }
+    }
+}
+
+/// How long a finished sequence's caches are kept for reuse: well under a node's default
+/// idle timeout (600 s), after which the node would free them itself.
+const RETAIN_FOR: Duration = Duration::from_secs(300);
+
+/// A finished sequence the stages still hold, for a later prompt that begins with its
+/// tokens.
+struct Retained {
+    seq: SeqId,
+    /// The tokens at the positions the stages hold.
+    tokens: Vec<u32>,
+    since: Instant,
 }
 
 /// Why [`Scheduler::submit`] would not take a request.
@@ -258,6 +305,9 @@ impl Scheduler {
                 next_seq: 1,
                 admissions: 0,
                 preemptions: 0,
+                reuse: config.prefix_reuse,
+                retained: VecDeque::new(),
+                prefix: (0, 0),
                 grammar: (0, 0.0),
                 steps: (0, 0),
                 busy_samples: VecDeque::new(),
@@ -332,6 +382,11 @@ struct Active<'t> {
     tokens: Vec<u32>,
     /// Positions sent to the engine: the stages hold (or will hold) `0..sent`.
     sent: usize,
+    /// Prompt tokens taken from a finished sequence's caches.
+    cached: usize,
+    /// Positions the stages hold beyond `sent` until its next step drops them (a reused
+    /// sequence whose tokens part from the prompt): counted against the pool till then.
+    stale: usize,
     /// Tokens the last stage counts for penalties, in the sequence's current life there.
     noted: usize,
     /// Its steps in flight, and whether one of them is to sample its next token.
@@ -383,6 +438,11 @@ struct Loop<'a> {
     next_seq: SeqId,
     admissions: u64,
     preemptions: u64,
+    reuse: PrefixReuse,
+    /// Finished sequences kept for reuse, oldest first.
+    retained: VecDeque<Retained>,
+    /// Requests that reused a prefix, and the prompt tokens they did not compute.
+    prefix: (u64, u64),
     /// Grammar masks computed, and the seconds they took.
     grammar: (u64, f64),
     steps: (u64, u64),
@@ -469,7 +529,53 @@ impl<'a> Loop<'a> {
     /// Blocks the sequences hold now.
     fn held_blocks(&self) -> u32 {
         let Some(kv) = self.kv else { return 0 };
-        self.active.iter().map(|a| kv.blocks_for(a.sent as u32)).sum()
+        let active: u32 = self.active.iter().map(|a| kv.blocks_for(a.sent.max(a.stale) as u32)).sum();
+        active + self.retained_blocks()
+    }
+
+    /// Blocks the retained sequences hold.
+    fn retained_blocks(&self) -> u32 {
+        let Some(kv) = self.kv else { return 0 };
+        self.retained.iter().map(|r| kv.blocks_for(r.tokens.len() as u32)).sum()
+    }
+
+    /// Releases the oldest retained sequence (other than `keep`); false when there is none.
+    fn evict_retained(&mut self, keep: Option<SeqId>) -> bool {
+        let Some(i) = self.retained.iter().position(|r| Some(r.seq) != keep) else { return false };
+        let r = self.retained.remove(i).expect("found above");
+        tracing::debug!(seq = r.seq, tokens = r.tokens.len(), "prefix cache: evicted");
+        if let Err(e) = self.engine.release(r.seq) {
+            tracing::warn!("releasing sequence {}: {e:#}", r.seq);
+        }
+        true
+    }
+
+    /// Releases retained sequences older than [`RETAIN_FOR`].
+    fn evict_stale(&mut self) {
+        while self.retained.front().is_some_and(|r| r.since.elapsed() > RETAIN_FOR) {
+            self.evict_retained(None);
+        }
+    }
+
+    /// The retained sequence `request` can resume, and the prompt tokens it covers: the
+    /// longest common prefix (all of its tokens, when its state cannot be cut back),
+    /// leaving at least one prompt token to compute, since the last one's row samples.
+    /// Requests with repetition penalties start afresh: the last stage counts their
+    /// penalties from the sequence's own history.
+    fn reusable(&self, request: &GenRequest) -> Option<(SeqId, usize)> {
+        if self.reuse == PrefixReuse::Off || request.sampling.has_penalties() {
+            return None;
+        }
+        let prompt = &request.prompt;
+        self.retained
+            .iter()
+            .filter_map(|r| {
+                let common = r.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                let n = common.min(prompt.len() - 1);
+                let whole = n == r.tokens.len();
+                (n > 0 && (whole || self.reuse == PrefixReuse::AnyPrefix)).then_some((r.seq, n))
+            })
+            .max_by_key(|&(_, n)| n)
     }
 
     fn free_blocks(&self) -> u32 {
@@ -485,15 +591,26 @@ impl<'a> Loop<'a> {
     /// Admits preempted sequences, then queued requests, while there are slots and their
     /// tokens fit the pool (keeping a block free per running sequence, for its growth).
     fn admit_waiting(&mut self) {
+        self.evict_stale();
         while self.active.len() < self.max_seqs {
-            let need = match (self.resumed.front(), self.waiting.front()) {
-                (Some(a), _) => a.tokens.len() + 1,
-                (None, Some(j)) => j.request.prompt.len() + 1,
+            let (need, reuse) = match (self.resumed.front(), self.waiting.front()) {
+                (Some(a), _) => (a.tokens.len() + 1, None),
+                (None, Some(j)) => (j.request.prompt.len() + 1, self.reusable(&j.request)),
                 (None, None) => return,
             };
+            let keep = reuse.map(|r| r.0);
+            // The stages' slots hold running and retained sequences alike.
+            let slots = self.engine.max_seqs().max(1) as usize;
+            while reuse.is_none() && self.active.len() + self.retained.len() >= slots && self.evict_retained(keep) {}
             if let Some(kv) = self.kv {
                 let reserve = self.active.len() as u32;
-                if kv.blocks_for(need as u32) + reserve > self.free_blocks() && !self.active.is_empty() {
+                let held = reuse.map_or(0, |(seq, _)| {
+                    let r = self.retained.iter().find(|r| r.seq == seq).expect("retained");
+                    kv.blocks_for(r.tokens.len() as u32)
+                });
+                let need = kv.blocks_for(need as u32).saturating_sub(held) + reserve;
+                while need > self.free_blocks() && self.evict_retained(keep) {}
+                if need > self.free_blocks() && !self.active.is_empty() {
                     return;
                 }
             }
@@ -505,9 +622,23 @@ impl<'a> Loop<'a> {
                 continue;
             }
             let job = self.waiting.pop_front().expect("checked above");
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let a = self.admit(job, seq);
+            let a = match reuse {
+                Some((seq, n)) => {
+                    let i = self.retained.iter().position(|r| r.seq == seq).expect("retained");
+                    let r = self.retained.remove(i).expect("found above");
+                    let mut a = self.admit(job, seq);
+                    (a.sent, a.noted, a.cached, a.stale) = (n, n, n, r.tokens.len());
+                    self.prefix.0 += 1;
+                    self.prefix.1 += n as u64;
+                    a.span.in_scope(|| tracing::info!(cached_tokens = n, "prefix cache: resumed sequence {seq}"));
+                    a
+                }
+                None => {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    self.admit(job, seq)
+                }
+            };
             self.active.push(a);
         }
     }
@@ -529,6 +660,8 @@ impl<'a> Loop<'a> {
             span,
             admitted,
             sent: 0,
+            cached: 0,
+            stale: 0,
             noted: 0,
             in_flight: 0,
             awaiting: false,
@@ -568,6 +701,10 @@ impl<'a> Loop<'a> {
             if need <= self.free_blocks() {
                 return true;
             }
+            // Finished sequences kept for reuse go before running ones.
+            if self.evict_retained(None) {
+                continue;
+            }
             let victim = self
                 .active
                 .iter()
@@ -597,6 +734,7 @@ impl<'a> Loop<'a> {
         }
         a.sent = 0;
         a.noted = 0;
+        a.stale = 0;
         self.preemptions += 1;
         self.resumed.push_back(a);
     }
@@ -711,6 +849,7 @@ impl<'a> Loop<'a> {
                 for &(seq, n) in picks {
                     let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
                     a.sent += n;
+                    a.stale = 0;
                     a.noted = a.noted.max(a.sent);
                     a.in_flight += 1;
                     a.awaiting |= a.sent == a.tokens.len();
@@ -757,6 +896,14 @@ impl<'a> Loop<'a> {
                     self.accept(i, sampled);
                 }
                 Ok(None) => {}
+                Err(e) if e.code == ErrorCode::OutOfOrder && a.cached > 0 && a.first_token.is_none() => {
+                    // The stages no longer hold the reused sequence (a node freed it when
+                    // idle): compute the prompt from the start instead.
+                    a.span.in_scope(|| tracing::warn!("prefix cache: the stages lost the sequence ({e}); recomputing"));
+                    a.awaiting = false;
+                    self.prefix.1 = self.prefix.1.saturating_sub(a.cached as u64);
+                    (a.sent, a.noted, a.cached, a.stale) = (0, 0, 0, 0);
+                }
                 Err(e) => {
                     a.awaiting = false;
                     a.failed.get_or_insert(e);
@@ -779,11 +926,14 @@ impl<'a> Loop<'a> {
         self.shared.snapshot.lock().expect("snapshot lock").recovering = Some(cause.clone());
         let recovered = self.engine.recover();
         self.in_flight.clear();
+        // The stages' sequences are gone with the old plan.
+        self.retained.clear();
         for a in self.active.iter_mut() {
             a.in_flight = 0;
             a.awaiting = false;
             a.sent = 0;
             a.noted = 0;
+            a.stale = 0;
         }
         match recovered {
             Ok(r) => {
@@ -894,7 +1044,15 @@ impl<'a> Loop<'a> {
             .partition(|a| (a.finish.is_some() || a.failed.is_some()) && a.in_flight == 0);
         self.active = keep;
         for a in done {
-            if let Err(e) = self.engine.release(a.seq) {
+            if self.reuse != PrefixReuse::Off && a.failed.is_none() && a.sent > 0 {
+                // Kept for a later prompt that begins with its tokens, till its room or
+                // slot is wanted.
+                self.retained.push_back(Retained {
+                    seq: a.seq,
+                    tokens: a.tokens[..a.sent].to_vec(),
+                    since: Instant::now(),
+                });
+            } else if let Err(e) = self.engine.release(a.seq) {
                 tracing::warn!("releasing sequence {}: {e:#}", a.seq);
             }
             finish(a);
@@ -928,6 +1086,10 @@ impl<'a> Loop<'a> {
             kv,
             busy,
             preemptions: self.preemptions,
+            prefix_hits: self.prefix.0,
+            prefix_cached_tokens: self.prefix.1,
+            retained: self.retained.len(),
+            retained_blocks: self.retained_blocks(),
             grammar_masks: self.grammar.0,
             grammar_seconds: self.grammar.1,
             steps_total: self.steps.0,
@@ -1014,6 +1176,7 @@ fn finish(a: Active<'_>) {
         completion_tokens: a.generated,
         generated_ids: a.tokens[a.job.request.prompt.len()..].to_vec(),
         stop_string: stop.matched.take(),
+        cached_tokens: a.cached,
         time_to_first_token: ttft,
         elapsed,
     }));
@@ -1182,9 +1345,12 @@ mod tests {
 
     /// The text of `request` run alone on [`slow_engine`].
     fn alone(request: GenRequest) -> String {
-        let sched =
-            Scheduler::spawn(Box::new(slow_engine()), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-                .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(slow_engine()),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut rx) = sched.submit(request).unwrap();
         collect(&mut rx).0
     }
@@ -1193,8 +1359,12 @@ mod tests {
     /// returns the scheduler.
     fn two_like_alone(engine: Scripted) -> Scheduler {
         let solo = alone(req(5, 12));
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-            .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(engine),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut a) = sched.submit(req(5, 12)).unwrap();
         let (_, mut b) = sched.submit(req(5, 12)).unwrap();
         let (ta, tb) = (collect(&mut a), collect(&mut b));
@@ -1221,12 +1391,74 @@ mod tests {
         }
     }
 
+    /// A prompt that begins with a finished sequence's tokens resumes that sequence where
+    /// they part (all of them, with recurrent layers); penalties, or nothing in common,
+    /// start afresh; a retained sequence gives up its slot when a new one needs it.
+    #[test]
+    fn a_prompt_that_extends_a_finished_sequence_resumes_its_caches() {
+        for reuse in [PrefixReuse::AnyPrefix, PrefixReuse::WholeSequence] {
+            let engine = slow_engine();
+            let log = engine.log.clone();
+            let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: reuse };
+            let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+            let run = |r: GenRequest| {
+                let (_, mut rx) = sched.submit(r).unwrap();
+                collect(&mut rx)
+            };
+            // The first turn: 6 prompt tokens and 4 generated; the stages hold 9 positions.
+            let (_, first) = run(req(6, 4));
+            let first = first.unwrap();
+            assert_eq!(first.cached_tokens, 0);
+            let mut held: Vec<u32> = (100..106).collect();
+            held.extend(&first.generated_ids[..3]);
+            // The next turn sends all of it again, and more: only the rest is computed.
+            let mut next = req(0, 2);
+            next.prompt = held.iter().copied().chain([7, 8, 9]).collect();
+            let (text, done) = run(next.clone());
+            let done = done.unwrap();
+            assert_eq!(done.cached_tokens, 9, "{reuse:?}");
+            let parts = parts_of(&log, 1);
+            assert!(parts.contains(&"3@9".to_owned()), "{reuse:?}: {:?}", lines(&log));
+            assert_eq!(parts.iter().filter(|p| p.ends_with("@0")).count(), 1, "{reuse:?}: {:?}", lines(&log));
+            // As computed afresh.
+            assert_eq!(text, alone(next.clone()));
+            // A prompt that parts from the held tokens early: resumed where they part only
+            // without recurrent layers.
+            let mut early = req(0, 2);
+            early.prompt = held[..4].iter().copied().chain([1, 2, 3]).collect();
+            let (_, done) = run(early);
+            let expected = if reuse == PrefixReuse::AnyPrefix { 4 } else { 0 };
+            assert_eq!(done.unwrap().cached_tokens, expected, "{reuse:?}: {:?}", lines(&log));
+            // Penalties are counted from the sequence's own history: no reuse.
+            let mut penalised = next.clone();
+            penalised.sampling.repeat_penalty = 1.1;
+            assert_eq!(run(penalised).1.unwrap().cached_tokens, 0);
+            // Every sequence finished is retained, and stays below the stages' slots.
+            let snap = sched.snapshot();
+            assert!(snap.retained >= 1 && snap.retained <= 8, "{snap:?}");
+            assert!(snap.prefix_hits >= 1 && snap.prefix_cached_tokens >= 9, "{snap:?}");
+        }
+        // Off: nothing is kept.
+        let engine = slow_engine();
+        let log = engine.log.clone();
+        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off };
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+        let (_, mut rx) = sched.submit(req(6, 4)).unwrap();
+        collect(&mut rx);
+        assert!(lines(&log).contains(&"release 1".to_owned()));
+        assert_eq!(sched.snapshot().retained, 0);
+    }
+
     #[test]
     fn sequences_share_steps_decode_rows_first_then_prefill_chunks() {
         let engine = slow_engine();
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-            .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(engine),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut a) = sched.submit(req(6, 4)).unwrap();
         let (_, mut b) = sched.submit(req(3, 4)).unwrap();
         let (fa, fb) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
@@ -1264,8 +1496,12 @@ mod tests {
     fn a_dropped_receiver_releases_the_sequence() {
         let engine = slow_engine();
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 8, max_waiting: None })
-            .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(engine),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 8, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut rx) = sched.submit(req(3, 1000)).unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
         drop(rx);
@@ -1286,8 +1522,12 @@ mod tests {
         let mut engine = slow_engine();
         engine.kv = Some(KvCapacity { block_size: 4, blocks: 6 });
         let log = engine.log.clone();
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-            .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(engine),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut a) = sched.submit(req(10, 8)).unwrap();
         // Let the first one start.
         let first = a.blocking_recv();
@@ -1318,8 +1558,12 @@ mod tests {
     fn a_broken_engine_fails_requests_at_once_and_says_why() {
         let mut engine = slow_engine();
         engine.fail_after = Some(3);
-        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), SchedulerConfig { max_seqs: 4, max_waiting: None })
-            .unwrap();
+        let sched = Scheduler::spawn(
+            Box::new(engine),
+            tokenizer(),
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+        )
+        .unwrap();
         let (_, mut a) = sched.submit(req(5, 50)).unwrap();
         let err = failure(&mut a);
         assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
@@ -1364,7 +1608,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(slow_engine()),
             tokenizer(),
-            SchedulerConfig { max_seqs: 1, max_waiting: Some(1) },
+            SchedulerConfig { max_seqs: 1, max_waiting: Some(1), prefix_reuse: PrefixReuse::Off },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(5, 6)).unwrap();

@@ -409,7 +409,8 @@ impl Reply {
         let body = json!({
             "id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": blocks, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-            "usage": { "input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens },
+            "usage": { "input_tokens": done.prompt_tokens - done.cached_tokens, "output_tokens": done.completion_tokens,
+                "cache_read_input_tokens": done.cached_tokens, "cache_creation_input_tokens": 0 },
         });
         Ok(axum::Json(body).into_response())
     }

@@ -8,6 +8,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
+use strata_model::config::{LayerKind, ModelConfig};
+
 use crate::engine::LATENCY_BOUNDS;
 use crate::scheduler::Scheduler;
 
@@ -15,9 +17,23 @@ use crate::scheduler::Scheduler;
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Cache bytes of one held position (KV, every attention layer) and of one held
+    /// sequence (recurrent state, every DeltaNet layer), all stages together.
+    cache_cost: (u64, u64),
 }
 
 impl Metrics {
+    /// The metrics of a server of the model `config` describes.
+    pub fn for_model(config: &ModelConfig) -> Metrics {
+        let layers = |kind| config.layers.iter().filter(|&&k| k == kind).count() as u64;
+        let a = &config.attention;
+        // The pool holds K and V as f16.
+        let per_position = layers(LayerKind::Attention) * 2 * (a.n_head_kv * a.head_dim) as u64 * 2;
+        let per_sequence =
+            config.deltanet.as_ref().map_or(0, |d| layers(LayerKind::DeltaNet) * d.state_values() as u64 * 4);
+        Metrics { requests: Mutex::default(), cache_cost: (per_position, per_sequence) }
+    }
+
     fn count(&self, endpoint: &str, status: u16) {
         *self.requests.lock().expect("metrics lock").entry((endpoint.to_owned(), status)).or_default() += 1;
     }
@@ -66,6 +82,39 @@ impl Metrics {
             "Sequences preempted for KV pool room (recomputed later).",
         );
         let _ = writeln!(out, "strata_preemptions_total {}", snap.preemptions);
+        head(
+            &mut out,
+            "strata_prefix_cache_hits_total",
+            "counter",
+            "Requests whose prompt resumed a finished sequence's caches (the prefix cache).",
+        );
+        let _ = writeln!(out, "strata_prefix_cache_hits_total {}", snap.prefix_hits);
+        head(
+            &mut out,
+            "strata_prefix_cache_tokens_total",
+            "counter",
+            "Prompt tokens taken from the prefix cache instead of being computed.",
+        );
+        let _ = writeln!(out, "strata_prefix_cache_tokens_total {}", snap.prefix_cached_tokens);
+        head(&mut out, "strata_prefix_cache_sequences", "gauge", "Finished sequences kept for reuse.");
+        let _ = writeln!(out, "strata_prefix_cache_sequences {}", snap.retained);
+        head(
+            &mut out,
+            "strata_prefix_cache_blocks",
+            "gauge",
+            "KV pool blocks the finished sequences kept for reuse hold (each stage's pool; given up first when room is needed).",
+        );
+        let _ = writeln!(out, "strata_prefix_cache_blocks {}", snap.retained_blocks);
+        head(
+            &mut out,
+            "strata_prefix_cache_bytes",
+            "gauge",
+            "Cache bytes the finished sequences kept for reuse hold (KV blocks and recurrent states), all stages together.",
+        );
+        let block = snap.kv.map_or(0, |(kv, _)| u64::from(kv.block_size));
+        let (per_position, per_sequence) = self.cache_cost;
+        let bytes = u64::from(snap.retained_blocks) * block * per_position + snap.retained as u64 * per_sequence;
+        let _ = writeln!(out, "strata_prefix_cache_bytes {bytes}");
         head(
             &mut out,
             "strata_grammar_masks_total",

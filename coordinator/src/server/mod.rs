@@ -28,7 +28,7 @@ use strata_model::grammar::GrammarVocab;
 use strata_model::tokenizer::Tokenizer;
 
 use crate::cli::ServeArgs;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{PrefixReuse, Scheduler, SchedulerConfig};
 use auth::ApiKey;
 use errors::ApiError;
 use metrics::Metrics;
@@ -101,6 +101,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine.ctx(),
         args.max_seqs
     );
+    let config = strata_model::config::ModelConfig::from_gguf(&gguf)?;
+    let prefix_reuse = PrefixReuse::for_model(&config);
     drop(gguf);
     let grammar = GrammarVocab::new(tokenizer.clone()).map(Arc::new).map_err(|e| {
         eprintln!("note: structured output is not available: {e}");
@@ -109,7 +111,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let scheduler = Scheduler::spawn(
         engine,
         tokenizer.clone(),
-        SchedulerConfig { max_seqs: args.max_seqs as usize, max_waiting: Some(args.max_queue as usize) },
+        SchedulerConfig {
+            max_seqs: args.max_seqs as usize,
+            max_waiting: Some(args.max_queue as usize),
+            prefix_reuse: if args.no_prefix_cache { PrefixReuse::Off } else { prefix_reuse },
+        },
     )?;
     let state = Arc::new(AppState {
         scheduler,
@@ -118,7 +124,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_id: model_id(path),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         max_seqs: args.max_seqs as usize,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::for_model(&config)),
         max_body: args.max_body,
         reasoning: args.reasoning_format,
         grammar,

@@ -380,7 +380,9 @@ pub(super) fn now_secs() -> u64 {
 }
 
 fn usage(f: &Finished) -> Value {
-    json!({ "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens })
+    json!({ "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": f.cached_tokens } })
 }
 
 fn sse(data: &Value) -> String {

@@ -1,0 +1,118 @@
+//! Prompt-prefix reuse through `strata serve`: a conversation's next turn resumes the
+//! caches its last turn left on the stages, computes only what follows, says so in
+//! `usage.prompt_tokens_details.cached_tokens`, and answers exactly as a server that
+//! computes everything.
+
+use serde_json::{Value, json};
+
+use crate::serve::Server;
+use crate::support::{Cluster, SMOL_Q4_1, fixture, model, model_dir};
+
+/// Two turns of a chat (greedy): the second sends the first, its answer and a new
+/// question. Returns each turn's (content, cached tokens, prompt tokens).
+fn two_turns(server: &Server) -> Vec<(String, u64, u64)> {
+    let mut messages = vec![
+        json!({ "role": "system", "content": "You are a helpful assistant who answers briefly." }),
+        json!({ "role": "user", "content": "Name a large city in France." }),
+    ];
+    let mut out = Vec::new();
+    for question in ["And one in Italy?", ""] {
+        let body = json!({ "messages": messages, "max_tokens": 16, "temperature": 0 });
+        let r = server.post("/v1/chat/completions", &body.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+        let usage = &v["usage"];
+        out.push((
+            content.clone(),
+            usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens"].as_u64().unwrap(),
+        ));
+        messages.push(json!({ "role": "assistant", "content": content }));
+        messages.push(json!({ "role": "user", "content": question }));
+    }
+    out
+}
+
+fn metric(server: &Server, name: &str) -> u64 {
+    let body = server.get("/metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+}
+
+#[test]
+fn a_conversation_s_next_turn_reuses_its_prefix_and_answers_the_same() {
+    let m = model(SMOL_Q4_1);
+    let cold = Server::start(&m, &["--no-prefix-cache"]);
+    let want = two_turns(&cold);
+    assert!(want.iter().all(|t| t.1 == 0), "nothing is reused without the cache: {want:?}");
+    assert_eq!(metric(&cold, "strata_prefix_cache_hits_total"), 0);
+    drop(cold);
+
+    let warm = Server::start(&m, &[]);
+    let got = two_turns(&warm);
+    eprintln!("turns: {got:?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.0, g.2), (&w.0, w.2), "the same answers with the cache");
+    }
+    // The second turn's prompt begins with all of the first turn (less the template's
+    // end-of-turn): at least its prompt is reused.
+    assert_eq!(got[0].1, 0);
+    assert!(got[1].1 >= want[0].2 - 1 && got[1].1 < got[1].2, "cached {} of {}: {got:?}", got[1].1, got[1].2);
+    assert_eq!(metric(&warm, "strata_prefix_cache_hits_total"), 1);
+    assert_eq!(metric(&warm, "strata_prefix_cache_tokens_total"), got[1].1);
+    assert!(metric(&warm, "strata_prefix_cache_sequences") >= 1 && metric(&warm, "strata_prefix_cache_bytes") > 0);
+    drop(warm);
+
+    // Over three nodes every stage resumes at the same position.
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+    let flags = cluster.flags();
+    let piped = Server::start(&m, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(two_turns(&piped), got, "three nodes reuse as one does");
+}
+
+/// A model with recurrent layers (Gated DeltaNet) resumes only a prompt that begins with
+/// all of the earlier sequence's tokens: its state cannot be cut back.
+#[test]
+fn a_recurrent_model_resumes_a_prompt_that_extends_the_whole_sequence() {
+    let m = fixture("tiny-qwen35.gguf");
+    // (text, cached tokens, prompt tokens, positions the stages hold after it)
+    let run = |server: &Server, prompt: &str, max_tokens: u32| -> (String, u64, u64, u64) {
+        let body = json!({ "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 });
+        let r = server.post("/v1/completions", &body.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: Value = r.json();
+        let u = &v["usage"];
+        let (prompt, completion) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+        // The last token sampled is fed only when another follows (or the end token did).
+        let fed = if v["choices"][0]["finish_reason"] == "length" { completion - 1 } else { completion };
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_owned(),
+            u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+            prompt,
+            prompt + fed,
+        )
+    };
+    // One token: the stages hold the prompt alone, which the next prompt extends (the
+    // synthetic model's answers are not text that tokenizes back to themselves).
+    let first = "The quick brown fox";
+    let next = format!("{first} jumps over the lazy dog");
+    let cold = Server::start(&m, &["--no-prefix-cache"]);
+    let a = run(&cold, first, 1);
+    let want_next = run(&cold, &next, 8);
+    let want_other = run(&cold, "The quick red fox", 8);
+    drop(cold);
+
+    let warm = Server::start(&m, &[]);
+    assert_eq!(run(&warm, first, 1), a);
+    let got_next = run(&warm, &next, 8);
+    assert_eq!(got_next.0, want_next.0, "the same answer when resumed");
+    // The prompt and the answer's tokens the stages were fed are all reused.
+    assert_eq!(got_next.1, a.3, "{got_next:?} after {a:?}");
+    // A prompt that parts from them midway starts afresh (and answers the same).
+    let other = run(&warm, "The quick red fox", 8);
+    assert_eq!((other.0.as_str(), other.1), (want_other.0.as_str(), 0));
+    let _ = (want_next.1, want_other.2);
+}
