@@ -126,7 +126,11 @@ async function send(text) {
     const secs = (performance.now() - started) / 1000;
     const meta = document.createElement("span");
     meta.className = "meta";
-    meta.textContent = (finish || "") + (usage ? ` · ${usage.completion_tokens} tokens in ${secs.toFixed(1)} s` : "");
+    const cached = usage && usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0;
+    meta.textContent =
+      (finish || "") +
+      (usage ? ` · ${usage.completion_tokens} tokens in ${secs.toFixed(1)} s` : "") +
+      (cached ? ` · ${cached} of ${usage.prompt_tokens} prompt tokens reused` : "");
     out.appendChild(meta);
     history.push({ role: "assistant", content: answer });
     controller = null;
@@ -153,10 +157,12 @@ function renderCluster(c) {
   $("model").textContent = `${c.model} · context ${c.ctx}`;
   $("rate").textContent = `${c.tokens_per_s.toFixed(1)} tok/s`;
   const pool = c.kv_pool ? ` · KV pool ${c.kv_pool.used_blocks}/${c.kv_pool.blocks} blocks used (${c.kv_pool.positions} positions)` : "";
+  const pc = c.prefix_cache;
+  const cache = pc && pc.sequences ? ` · prefix cache ${pc.sequences} finished sequences (${pc.blocks} blocks), ${pc.hits} reused` : "";
   const recovered = c.last_recovery ? ` · ${c.recoveries} re-plan(s), last ${c.last_recovery.replan_seconds.toFixed(1)} s without ${c.last_recovery.left_out.join(", ") || "-"}` : "";
   const degraded = c.state === "degraded" ? `DEGRADED: ${c.error} · `
     : c.state === "recovering" ? `RECOVERING (${c.recovering}) · ` : "";
-  $("summary").textContent = `${degraded}${c.nodes.length} node(s) · ${c.n_layer} layers · ${c.active_sequences} active, ${c.queued} queued (max ${c.max_seqs})${pool} · ${c.rows_per_step.toFixed(1)} rows/step · ${c.generated_tokens_total} tokens generated${recovered}`;
+  $("summary").textContent = `${degraded}${c.nodes.length} node(s) · ${c.n_layer} layers · ${c.active_sequences} active, ${c.queued} queued (max ${c.max_seqs})${pool}${cache} · ${c.rows_per_step.toFixed(1)} rows/step · ${c.generated_tokens_total} tokens generated${recovered}`;
   const nodes = $("nodes");
   nodes.replaceChildren();
   for (const n of c.nodes) {

@@ -248,6 +248,12 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     });
     axum::Json(json!({
         "model": state.model_id,
+        "prefix_cache": {
+            "sequences": snap.retained,
+            "blocks": snap.retained_blocks,
+            "hits": snap.prefix_hits,
+            "cached_tokens": snap.prefix_cached_tokens,
+        },
         "state": match (&snap.broken, &snap.recovering) {
             (Some(_), _) => "degraded",
             (None, Some(_)) => "recovering",
