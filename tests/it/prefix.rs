@@ -34,21 +34,13 @@ fn two_turns(server: &Server) -> Vec<(String, u64, u64)> {
     out
 }
 
-fn metric(server: &Server, name: &str) -> u64 {
-    let body = server.get("/metrics").body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
-}
-
 #[test]
 fn a_conversation_s_next_turn_reuses_its_prefix_and_answers_the_same() {
     let m = model(SMOL_Q4_1);
     let cold = Server::start(&m, &["--no-prefix-cache"]);
     let want = two_turns(&cold);
     assert!(want.iter().all(|t| t.1 == 0), "nothing is reused without the cache: {want:?}");
-    assert_eq!(metric(&cold, "strata_prefix_cache_hits_total"), 0);
+    assert_eq!(cold.metric("strata_prefix_cache_hits_total"), 0);
     drop(cold);
 
     let warm = Server::start(&m, &[]);
@@ -61,9 +53,9 @@ fn a_conversation_s_next_turn_reuses_its_prefix_and_answers_the_same() {
     // end-of-turn): at least its prompt is reused.
     assert_eq!(got[0].1, 0);
     assert!(got[1].1 >= want[0].2 - 1 && got[1].1 < got[1].2, "cached {} of {}: {got:?}", got[1].1, got[1].2);
-    assert_eq!(metric(&warm, "strata_prefix_cache_hits_total"), 1);
-    assert_eq!(metric(&warm, "strata_prefix_cache_tokens_total"), got[1].1);
-    assert!(metric(&warm, "strata_prefix_cache_sequences") >= 1 && metric(&warm, "strata_prefix_cache_bytes") > 0);
+    assert_eq!(warm.metric("strata_prefix_cache_hits_total"), 1);
+    assert_eq!(warm.metric("strata_prefix_cache_tokens_total"), got[1].1);
+    assert!(warm.metric("strata_prefix_cache_sequences") >= 1 && warm.metric("strata_prefix_cache_bytes") > 0);
     drop(warm);
 
     // Over three nodes every stage resumes at the same position.

@@ -66,7 +66,7 @@ impl Server {
     }
 
     /// A gauge or counter of `/metrics`.
-    fn metric(&self, name: &str) -> u64 {
+    pub(crate) fn metric(&self, name: &str) -> u64 {
         let m = self.get("/metrics").body;
         m.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -90,14 +90,7 @@ impl Server {
 
     /// Active sequences by `/metrics`, and the most any node holds by `/v1/cluster`.
     fn active(&self) -> (u64, u64) {
-        let m = self.get("/metrics").body;
-        let metric = m
-            .lines()
-            .find_map(|l| l.strip_prefix("strata_active_sequences "))
-            .expect("strata_active_sequences")
-            .trim()
-            .parse()
-            .unwrap();
+        let metric = self.metric("strata_active_sequences");
         let held = self.held().into_iter().max().unwrap_or(0);
         (metric, held)
     }

@@ -14,7 +14,7 @@ use strata_model::grammar::{Constraint, with_separators};
 use super::AppState;
 use super::errors::ApiError;
 use super::openai::ToolChoice;
-use super::tool_calls::Tool;
+use super::tool_calls::{CLOSE, OPEN, Tool};
 
 /// What a request's answer must be, before it is compiled.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +105,7 @@ pub(super) fn lark(shape: &Shape) -> String {
 
 fn calls_lark(c: &Calls) -> String {
     let mut g = String::new();
-    let close = literal(&format!("\n{}", super::tool_calls::CLOSE));
+    let close = literal(&format!("\n{CLOSE}"));
     // A string value of an XML parameter with the line that ends it: any text up to the
     // first `\n</parameter>`. One lexeme, since the lexer does not backtrack: a value
     // lexeme of its own would swallow the end line's first characters.
@@ -138,7 +138,7 @@ fn calls_lark(c: &Calls) -> String {
     }
     let calls: Vec<String> = (0..c.tools.len()).map(|i| format!("call_{i}")).collect();
     g.push_str(&format!("body: ({}) {close}\n", calls.join(" | ")));
-    let more = if c.one_call { String::new() } else { format!(" ({} body)*", literal(&format!("\n{}\n", open_tag()))) };
+    let more = if c.one_call { String::new() } else { format!(" ({} body)*", literal(&format!("\n{OPEN}\n"))) };
     match (&c.named, &c.or_content) {
         (Some(name), _) => {
             let i = c.tools.iter().position(|(n, _)| n == name).unwrap_or(0);
@@ -150,15 +150,11 @@ fn calls_lark(c: &Calls) -> String {
         }
         (None, None) => g.push_str(&format!("start: body{more}\n")),
         (None, Some(content)) => {
-            let open = literal(&format!("{}\n", open_tag()));
+            let open = literal(&format!("{OPEN}\n"));
             g.push_str(&format!("start: {} | {open} body{more}\n", json_value(content)));
         }
     }
     g
-}
-
-fn open_tag() -> &'static str {
-    "<tool_call>"
 }
 
 /// The parameters of tool `i` in Qwen's XML form, in the schema's order: the required

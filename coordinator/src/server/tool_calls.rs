@@ -16,7 +16,7 @@ use strata_model::chat::ToolFormat;
 
 use super::reasoning::partial_tag;
 
-const OPEN: &str = "<tool_call>";
+pub(super) const OPEN: &str = "<tool_call>";
 pub(super) const CLOSE: &str = "</tool_call>";
 const FUNCTION: &str = "<function=";
 const FUNCTION_END: &str = "</function>";
