@@ -1043,6 +1043,10 @@ impl<'a> Loop<'a> {
             .into_iter()
             .partition(|a| (a.finish.is_some() || a.failed.is_some()) && a.in_flight == 0);
         self.active = keep;
+        if done.is_empty() {
+            return;
+        }
+        let mut answers = Vec::with_capacity(done.len());
         for a in done {
             if self.reuse != PrefixReuse::Off && a.failed.is_none() && a.sent > 0 {
                 // Kept for a later prompt that begins with its tokens, till its room or
@@ -1055,8 +1059,12 @@ impl<'a> Loop<'a> {
             } else if let Err(e) = self.engine.release(a.seq) {
                 tracing::warn!("releasing sequence {}: {e:#}", a.seq);
             }
-            finish(a);
+            answers.push(a);
         }
+        // Published before the answers go out, so that `/metrics` read after a response
+        // already counts what that response freed or left cached.
+        self.publish();
+        answers.into_iter().for_each(finish);
     }
 
     fn publish(&mut self) {
