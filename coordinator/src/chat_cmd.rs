@@ -32,7 +32,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     eprintln!("loading {} ...", path.display());
-    let engine = crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: 1, serving: true })?;
+    let engine = crate::engine::load(
+        &gguf,
+        &args.engine,
+        crate::engine::EngineUse { max_seqs: 1, serving: true, checkpoints: true },
+    )?;
     // Each turn sends the whole conversation again: the last turn's caches serve it.
     let prefix_reuse = PrefixReuse::for_model(&strata_model::config::ModelConfig::from_gguf(&gguf)?);
     drop(gguf);

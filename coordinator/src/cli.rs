@@ -346,6 +346,10 @@ pub struct PlanArgs {
     /// Rows one step carries: sizes each stage's activation scratch.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH_TOKENS, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_tokens: u32,
+    /// Plan as `serve --no-prefix-cache` runs: without a checkpoint of each sequence's
+    /// DeltaNet state beside it (which doubles that state's memory).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -421,8 +425,10 @@ pub struct ServeArgs {
     /// caches stay on the stages (till their room or slot is wanted, or 5 minutes pass),
     /// and a later prompt that begins with its tokens (an agent's next turn) computes
     /// only what follows; `usage.prompt_tokens_details.cached_tokens` says how many were
-    /// reused. Models with recurrent layers (qwen35) resume only when the prompt begins
-    /// with all of the earlier sequence's tokens.
+    /// reused. Models with recurrent layers (qwen35) resume where the prompt begins with
+    /// all of the earlier sequence's tokens, or from a checkpoint of their state kept a
+    /// little before its prompt's end (where a chat's next turn rewrites the template's
+    /// generation prompt); the checkpoints double the DeltaNet state's memory.
     #[arg(long)]
     pub no_prefix_cache: bool,
 }

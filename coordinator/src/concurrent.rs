@@ -80,7 +80,8 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
     let vocab = strata_model::config::ModelConfig::from_gguf(&gguf)?.n_vocab as u32;
-    let engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: concurrency, serving: false })?;
+    let engine =
+        engine::load(&gguf, &args.engine, EngineUse { max_seqs: concurrency, serving: false, checkpoints: false })?;
     let need = args.prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
         bail!(

@@ -115,7 +115,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
-    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false })?;
+    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
     check_room(&ids, args.max_tokens, engine.ctx())?;
     let mut out = std::io::stdout().lock();
     let g = generate(&mut *engine, &tok, &ids, &args, &sampling, constraint, &mut out)?;
@@ -180,7 +180,7 @@ fn run_batch(
         bail!("--max-tokens must be at least 1 with several prompts");
     }
     let n = prompts.len().min(256) as u32;
-    let engine = engine::load(gguf, &args.engine, EngineUse { max_seqs: n, serving: false })?;
+    let engine = engine::load(gguf, &args.engine, EngineUse { max_seqs: n, serving: false, checkpoints: false })?;
     for ids in &prompts {
         check_room(ids, args.max_tokens, engine.ctx())?;
     }
@@ -372,7 +372,7 @@ struct HopReport {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false })?;
+    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
     let need = args.prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
         bail!(

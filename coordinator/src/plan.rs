@@ -25,6 +25,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let asked = args.ctx.map(|c| c as usize);
     let pc = PlanConfig {
         seqs: args.seqs as usize,
+        checkpoints: !args.no_prefix_cache,
         max_batch: args.batch_tokens as usize,
         kv_positions: args.kv_pool.map(u64::from),
         ..PlanConfig::new(asked.unwrap_or(cfg.context_length))
@@ -66,6 +67,21 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         if cfg.moe.is_some() { ", the routed experts it chooses only" } else { "" },
         per_node.join(", ")
     );
+    if let Some(dn) = &cfg.deltanet {
+        let layers = cfg.layers.iter().filter(|&&k| k == strata_model::config::LayerKind::DeltaNet).count() as u64;
+        let state = dn.state_values() as u64 * 4 * layers;
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        if pc.checkpoints {
+            println!(
+                "prefix reuse: each of the {} sequence slots keeps a checkpoint of its DeltaNet state beside it, {:.1} MiB each, {:.1} MiB in all (--no-prefix-cache gives it to the KV pool)",
+                args.seqs,
+                mib(state),
+                mib(state * u64::from(args.seqs))
+            );
+        } else {
+            println!("prefix reuse off: no DeltaNet checkpoints ({:.1} MiB a sequence)", mib(state));
+        }
+    }
     if plan.kv_positions < cost.kv_positions {
         println!(
             "the pool holds {} of the {} positions {} sequences of context {} could take: more sequences wait in the queue",

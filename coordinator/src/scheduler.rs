@@ -179,10 +179,18 @@ pub enum PrefixReuse {
     /// Every layer is attention: any common prefix is reused, the stages dropping the
     /// positions after it when the new prompt's first step arrives.
     AnyPrefix,
-    /// Some layers carry a recurrent state, which cannot be cut back: only a prompt that
-    /// begins with all of a sequence's tokens resumes it.
+    /// Some layers carry a recurrent state, which cannot be cut back: a prompt resumes a
+    /// sequence when it begins with all of its tokens or, on an engine that keeps
+    /// checkpoints ([`Engine::checkpoints`]), with the tokens up to its checkpoint.
     WholeSequence,
 }
+
+/// Where a request asks the recurrent stages for a checkpoint of its state: this many
+/// positions before its prompt's end. A chat's next turn sends the same history again
+/// but rewrites the template's generation prompt (`<|im_start|>assistant\n<think>\n`, a
+/// few tokens) as the finished assistant message, so the common prefix ends just short
+/// of the earlier prompt's end; the tokens after the checkpoint are computed again.
+const CHECKPOINT_BEFORE_END: usize = 8;
 
 impl PrefixReuse {
     /// What `config`'s layers allow.
@@ -201,6 +209,8 @@ struct Retained {
     seq: SeqId,
     /// The tokens at the positions the stages hold.
     tokens: Vec<u32>,
+    /// The position of its recurrent state's checkpoint on the stages, if any.
+    checkpoint: Option<usize>,
     since: Instant,
 }
 
@@ -289,6 +299,7 @@ impl Scheduler {
         std::thread::Builder::new().name("scheduler".into()).spawn(move || {
             let mut engine = engine;
             let kv = engine.kv_capacity();
+            let checkpoints = config.prefix_reuse == PrefixReuse::WholeSequence && engine.checkpoints();
             let max_seqs = config.max_seqs.clamp(1, engine.max_seqs().max(1) as usize);
             Loop {
                 engine: &mut *engine,
@@ -306,6 +317,7 @@ impl Scheduler {
                 admissions: 0,
                 preemptions: 0,
                 reuse: config.prefix_reuse,
+                checkpoints,
                 retained: VecDeque::new(),
                 prefix: (0, 0),
                 grammar: (0, 0.0),
@@ -387,6 +399,10 @@ struct Active<'t> {
     /// Positions the stages hold beyond `sent` until its next step drops them (a reused
     /// sequence whose tokens part from the prompt): counted against the pool till then.
     stale: usize,
+    /// The position the recurrent stages hold a checkpoint of its state at (valid for
+    /// `tokens[..c]`), and the one its prompt asks for (see [`CHECKPOINT_BEFORE_END`]).
+    checkpoint: Option<usize>,
+    checkpoint_at: Option<usize>,
     /// Tokens the last stage counts for penalties, in the sequence's current life there.
     noted: usize,
     /// Its steps in flight, and whether one of them is to sample its next token.
@@ -439,6 +455,8 @@ struct Loop<'a> {
     admissions: u64,
     preemptions: u64,
     reuse: PrefixReuse,
+    /// The recurrent stages keep a checkpoint per sequence (and reuse wants them).
+    checkpoints: bool,
     /// Finished sequences kept for reuse, oldest first.
     retained: VecDeque<Retained>,
     /// Requests that reused a prefix, and the prompt tokens they did not compute.
@@ -558,8 +576,9 @@ impl<'a> Loop<'a> {
     }
 
     /// The retained sequence `request` can resume, and the prompt tokens it covers: the
-    /// longest common prefix (all of its tokens, when its state cannot be cut back),
-    /// leaving at least one prompt token to compute, since the last one's row samples.
+    /// longest common prefix (when its state cannot be cut back: all of its tokens, or
+    /// those up to its checkpoint), leaving at least one prompt token to compute, since
+    /// the last one's row samples.
     /// Requests with repetition penalties start afresh: the last stage counts their
     /// penalties from the sequence's own history.
     fn reusable(&self, request: &GenRequest) -> Option<(SeqId, usize)> {
@@ -572,8 +591,12 @@ impl<'a> Loop<'a> {
             .filter_map(|r| {
                 let common = r.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
                 let n = common.min(prompt.len() - 1);
-                let whole = n == r.tokens.len();
-                (n > 0 && (whole || self.reuse == PrefixReuse::AnyPrefix)).then_some((r.seq, n))
+                let n = match self.reuse {
+                    PrefixReuse::AnyPrefix => n,
+                    _ if n == r.tokens.len() => n,
+                    _ => r.checkpoint.filter(|&c| c <= n).unwrap_or(0),
+                };
+                (n > 0).then_some((r.seq, n))
             })
             .max_by_key(|&(_, n)| n)
     }
@@ -628,6 +651,9 @@ impl<'a> Loop<'a> {
                     let r = self.retained.remove(i).expect("found above");
                     let mut a = self.admit(job, seq);
                     (a.sent, a.noted, a.cached, a.stale) = (n, n, n, r.tokens.len());
+                    // A checkpoint at or before where it resumes still holds its tokens.
+                    a.checkpoint = r.checkpoint.filter(|&c| c <= n);
+                    a.checkpoint_at = a.checkpoint_at.filter(|&c| c > n);
                     self.prefix.0 += 1;
                     self.prefix.1 += n as u64;
                     a.span.in_scope(|| tracing::info!(cached_tokens = n, "prefix cache: resumed sequence {seq}"));
@@ -653,7 +679,12 @@ impl<'a> Loop<'a> {
         let stop = StopMatcher::new(job.request.stop.clone());
         let admitted = self.admissions;
         self.admissions += 1;
+        // A prefix shorter than that is not worth a checkpoint.
+        let checkpoint_at =
+            job.request.prompt.len().checked_sub(CHECKPOINT_BEFORE_END).filter(|&c| c >= CHECKPOINT_BEFORE_END);
         Active {
+            checkpoint: None,
+            checkpoint_at: checkpoint_at.filter(|_| self.checkpoints),
             tokens: job.request.prompt.clone(),
             job,
             seq,
@@ -735,6 +766,7 @@ impl<'a> Loop<'a> {
         a.sent = 0;
         a.noted = 0;
         a.stale = 0;
+        a.checkpoint = None;
         self.preemptions += 1;
         self.resumed.push_back(a);
     }
@@ -769,7 +801,11 @@ impl<'a> Loop<'a> {
                 continue;
             }
             let a = &self.active[i];
-            let n = (a.tokens.len() - a.sent).min(budget - rows);
+            let mut n = (a.tokens.len() - a.sent).min(budget - rows);
+            // A chunk ends where the checkpoint is to be taken.
+            if let Some(c) = a.checkpoint_at.filter(|&c| c > a.sent && c < a.sent + n) {
+                n = c - a.sent;
+            }
             let Some(i) = self.room_for(i, n) else { continue };
             picks.push((i, n));
             rows += n;
@@ -836,6 +872,7 @@ impl<'a> Loop<'a> {
                 want_token: end == a.tokens.len(),
                 logprobs: a.job.request.logprobs,
                 allowed: mask,
+                checkpoint: a.checkpoint_at == Some(end),
             });
         }
         let result = self.engine.submit(&parts);
@@ -850,6 +887,9 @@ impl<'a> Loop<'a> {
                     let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
                     a.sent += n;
                     a.stale = 0;
+                    if a.checkpoint_at == Some(a.sent) {
+                        a.checkpoint = a.checkpoint_at;
+                    }
                     a.noted = a.noted.max(a.sent);
                     a.in_flight += 1;
                     a.awaiting |= a.sent == a.tokens.len();
@@ -903,6 +943,7 @@ impl<'a> Loop<'a> {
                     a.awaiting = false;
                     self.prefix.1 = self.prefix.1.saturating_sub(a.cached as u64);
                     (a.sent, a.noted, a.cached, a.stale) = (0, 0, 0, 0);
+                    a.checkpoint = None;
                 }
                 Err(e) => {
                     a.awaiting = false;
@@ -934,6 +975,7 @@ impl<'a> Loop<'a> {
             a.sent = 0;
             a.noted = 0;
             a.stale = 0;
+            a.checkpoint = None;
         }
         match recovered {
             Ok(r) => {
@@ -1054,6 +1096,7 @@ impl<'a> Loop<'a> {
                 self.retained.push_back(Retained {
                     seq: a.seq,
                     tokens: a.tokens[..a.sent].to_vec(),
+                    checkpoint: a.checkpoint,
                     since: Instant::now(),
                 });
             } else if let Err(e) = self.engine.release(a.seq) {

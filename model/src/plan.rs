@@ -21,7 +21,8 @@
 //! - **Cache**: the attention layers share a paged KV pool of `kv_positions` positions (all
 //!   sequences' together, in blocks of `kv_block_size`), `2 · n_head_kv · head_dim ·
 //!   kv_elem_bytes` per position and layer; a DeltaNet layer keeps a fixed f32 state per
-//!   sequence slot, `DeltaNetConfig::state_values() · 4`, whatever the context, times `seqs`.
+//!   sequence slot, `DeltaNetConfig::state_values() · 4`, whatever the context, times `seqs`
+//!   (twice that with `checkpoints`: each slot's checkpoint for prefix reuse).
 //!   By default the pool holds every sequence's whole context; when that does not fit,
 //!   [`Plan::fitted`] plans for one sequence's context and gives the pool what memory is left.
 //! - **Scratch:** activation buffers sized for a prefill chunk of `T = max_batch` tokens,
@@ -49,6 +50,8 @@ pub struct PlanConfig {
     pub kv_elem_bytes: u64,
     /// Sequences held at once: DeltaNet state slots, and (by default) the pool's size.
     pub seqs: usize,
+    /// Each DeltaNet state slot has a checkpoint beside it (prefix reuse): twice the state.
+    pub checkpoints: bool,
     /// The most rows one step carries; sizes the scratch.
     pub max_batch: usize,
     /// Positions per KV block.
@@ -62,7 +65,15 @@ impl PlanConfig {
     /// `ctx` positions of f16 KV cache, one sequence, steps of 64 rows (the CLI's default
     /// `--batch-tokens`), blocks of 16 positions.
     pub fn new(ctx: usize) -> Self {
-        PlanConfig { ctx, kv_elem_bytes: 2, seqs: 1, max_batch: 64, kv_block_size: 16, kv_positions: None }
+        PlanConfig {
+            ctx,
+            kv_elem_bytes: 2,
+            seqs: 1,
+            checkpoints: false,
+            max_batch: 64,
+            kv_block_size: 16,
+            kv_positions: None,
+        }
     }
 
     /// The pool's positions as asked, in whole blocks.
@@ -233,7 +244,8 @@ impl ModelCost {
                             .deltanet
                             .as_ref()
                             .ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
-                        let cache_bytes = dn.state_values() as u64 * 4 * seqs;
+                        let copies = if pc.checkpoints { 2 } else { 1 };
+                        let cache_bytes = dn.state_values() as u64 * 4 * seqs * copies;
                         LayerCost { kind, weight_bytes, cache_bytes, kv_bytes_per_position: 0, read_bytes }
                     }
                 })

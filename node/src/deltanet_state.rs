@@ -18,6 +18,10 @@ pub struct DeltaNetState {
     matrices: wgpu::Buffer,
     config: DeltaNetConfig,
     slots: u32,
+    /// Each slot's checkpoint, laid out as `conv` and `matrices`: a copy of its state at
+    /// one earlier position, which a later prompt sharing that prefix resumes from (a
+    /// recurrent state cannot be cut back). `None` on a stage loaded without them.
+    checkpoints: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 impl std::fmt::Debug for DeltaNetState {
@@ -75,7 +79,51 @@ impl DeltaNetState {
             matrices: gpu.storage("deltanet state", matrices),
             config: cfg.clone(),
             slots,
+            checkpoints: None,
         })
+    }
+
+    /// The same, with a checkpoint per slot when `keep` (as much memory again).
+    pub fn with_checkpoints(mut self, gpu: &Gpu, keep: bool) -> DeltaNetState {
+        if keep {
+            self.checkpoints = Some((
+                gpu.storage("deltanet conv checkpoints", self.conv.size()),
+                gpu.storage("deltanet state checkpoints", self.matrices.size()),
+            ));
+        }
+        self
+    }
+
+    pub fn has_checkpoints(&self) -> bool {
+        self.checkpoints.is_some()
+    }
+
+    /// Copies `slot`'s state to its checkpoint, in `encoder` (after the step's pass).
+    pub fn save(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
+        if let Some((conv, matrices)) = &self.checkpoints {
+            self.copy_slot(encoder, slot, (&self.conv, &self.matrices), (conv, matrices));
+        }
+    }
+
+    /// Copies `slot`'s checkpoint back over its state, in `encoder` (before the pass).
+    pub fn restore(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
+        if let Some((conv, matrices)) = &self.checkpoints {
+            self.copy_slot(encoder, slot, (conv, matrices), (&self.conv, &self.matrices));
+        }
+    }
+
+    fn copy_slot(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        slot: u32,
+        from: (&wgpu::Buffer, &wgpu::Buffer),
+        to: (&wgpu::Buffer, &wgpu::Buffer),
+    ) {
+        let (c, m) = (Self::conv_bytes(&self.config), Self::matrix_bytes(&self.config));
+        if c > 0 {
+            encoder.copy_buffer_to_buffer(from.0, u64::from(slot) * c, to.0, u64::from(slot) * c, c);
+        }
+        encoder.copy_buffer_to_buffer(from.1, u64::from(slot) * m, to.1, u64::from(slot) * m, m);
     }
 
     pub fn config(&self) -> &DeltaNetConfig {
@@ -94,9 +142,10 @@ impl DeltaNetState {
         &self.matrices
     }
 
-    /// Bytes held on the GPU, all slots.
+    /// Bytes held on the GPU, all slots (and their checkpoints).
     pub fn bytes(&self) -> u64 {
-        self.conv.size() + self.matrices.size()
+        let checkpoints = self.checkpoints.as_ref().map_or(0, |(c, m)| c.size() + m.size());
+        self.conv.size() + self.matrices.size() + checkpoints
     }
 
     /// Zeroes `slot`'s state, for a sequence starting there, in `encoder` (before the

@@ -452,6 +452,7 @@ impl Inner {
             max_seqs: req.max_seqs.max(1),
             kv_blocks: req.kv_blocks,
             kv_block_size: if req.kv_block_size == 0 { KvLayout::DEFAULT_BLOCK_SIZE } else { req.kv_block_size },
+            checkpoints: req.checkpoints,
         };
         let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
             Ok(found) => found,
@@ -514,6 +515,7 @@ impl Inner {
                 want: want_of(s),
                 history: &s.history,
                 allowed,
+                checkpoint: s.checkpoint,
             })
             .collect();
         let t0 = Instant::now();

@@ -31,6 +31,7 @@ fn shard(
         max_seqs: 4,
         kv_blocks: 0,
         kv_block_size: 16,
+        checkpoints: false,
     }
 }
 

@@ -164,6 +164,7 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
                     want: Want::Logits,
                     history: &[],
                     allowed: &[],
+                    checkpoint: false,
                 }
             })
             .collect();
@@ -198,4 +199,65 @@ fn tiny_qwen35moe_teacher_forced_batched() {
 #[test]
 fn smollm2_q8_0_teacher_forced_batched() {
     teacher_forced_batched(&smol_q8_0(), "smollm2-135m-q8_0.golden.json");
+}
+
+/// A recurrent stage loaded with checkpoints keeps a sequence's DeltaNet state where a
+/// step asks, and a later step at that position resumes from it: the logits are those of
+/// a sequence that computed the same tokens from the start. A position without a
+/// checkpoint is refused, naming where the state and the checkpoint are.
+#[test]
+fn a_recurrent_stage_resumes_a_sequence_from_its_checkpoint() {
+    use strata_node::stage::{Produced, SeqStep, Want};
+    let gguf = Gguf::open(fixture("tiny-qwen35.gguf")).unwrap();
+    let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
+    let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
+    let spec = StageSpec { checkpoints: true, ..StageSpec::new(0..n_layer, 64, 16).with_seqs(2) };
+    let mut st = Stage::load(gpu.clone(), &gguf, spec).unwrap();
+    let first: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % 200).collect();
+    let then: Vec<u32> = vec![11, 22, 33, 44];
+    let run = |st: &mut Stage, seq: u64, pos: u32, tokens: &[u32], checkpoint: bool| {
+        let step = SeqStep {
+            seq,
+            pos,
+            rows: tokens.len() as u32,
+            tokens,
+            want: Want::Logits,
+            history: &[],
+            allowed: &[],
+            checkpoint,
+        };
+        let out = st.step(&[step], None).unwrap();
+        match out.seqs.into_iter().next().unwrap().1 {
+            Ok(Produced::Logits(l)) => Ok(l),
+            Ok(other) => panic!("a logits step produced {other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    // Sequence 1: 8 tokens with a checkpoint after them, 6 more, then 2 decode steps.
+    run(&mut st, 1, 0, &first[..8], true).unwrap();
+    run(&mut st, 1, 8, &first[8..12], false).unwrap();
+    run(&mut st, 1, 12, &first[12..13], false).unwrap();
+    run(&mut st, 1, 13, &first[13..14], false).unwrap();
+    // Back to position 8 with other tokens: from the checkpoint.
+    let resumed = run(&mut st, 1, 8, &then, false).unwrap();
+    // Sequence 2 computes the same tokens from the start, in the same chunks.
+    run(&mut st, 2, 0, &first[..8], false).unwrap();
+    let fresh = run(&mut st, 2, 8, &then, false).unwrap();
+    assert_eq!(resumed, fresh, "resumed from the checkpoint, the logits are those of a fresh run");
+    // The checkpoint is still there (it holds a prefix of what sequence 1 holds now).
+    assert_eq!(run(&mut st, 1, 8, &then, false).unwrap(), fresh);
+    // No checkpoint at 5, and none at all for sequence 2.
+    let e = run(&mut st, 1, 5, &then, false).unwrap_err();
+    assert!(e.contains("recurrent state is at 12 and its checkpoint at 8"), "{e}");
+    let e = run(&mut st, 2, 4, &then, false).unwrap_err();
+    assert!(e.contains("recurrent state is at 12") && !e.contains("checkpoint"), "{e}");
+    // Starting over at 0 drops the checkpoint.
+    run(&mut st, 1, 0, &first[..4], false).unwrap();
+    run(&mut st, 1, 4, &first[4..12], false).unwrap();
+    let e = run(&mut st, 1, 8, &then, false).unwrap_err();
+    assert!(e.contains("recurrent state is at 12") && !e.contains("checkpoint"), "{e}");
+    // A stage loaded without checkpoints refuses a step that asks for one.
+    let mut plain = Stage::load(gpu, &gguf, StageSpec::new(0..n_layer, 64, 16)).unwrap();
+    let e = run(&mut plain, 1, 0, &first[..8], true).unwrap_err();
+    assert!(e.contains("loaded without them"), "{e}");
 }

@@ -65,8 +65,40 @@ fn a_conversation_s_next_turn_reuses_its_prefix_and_answers_the_same() {
     assert_eq!(two_turns(&piped), got, "three nodes reuse as one does");
 }
 
-/// A model with recurrent layers (Gated DeltaNet) resumes only a prompt that begins with
-/// all of the earlier sequence's tokens: its state cannot be cut back.
+/// The same on qwen3 (attention only: any common prefix) and qwen35 (Gated DeltaNet: its
+/// state cannot be cut back, so the stages keep a checkpoint of it a little before the
+/// prompt's end, where the next turn's history, rewriting the generation prompt as the
+/// answer, parts from it), on one node and on three.
+#[test]
+fn qwen3_and_qwen35_conversations_reuse_their_prefix_on_one_node_and_three() {
+    for name in ["tiny-qwen3.gguf", "tiny-qwen35.gguf"] {
+        let m = fixture(name);
+        let want = two_turns(&Server::start(&m, &["--no-prefix-cache"]));
+        let warm = Server::start(&m, &[]);
+        let got = two_turns(&warm);
+        eprintln!("{name}: {got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, g.2), (&w.0, w.2), "{name}: the same answers with the cache");
+        }
+        // The synthetic models' answers do not tokenize back to themselves, so the
+        // second prompt parts from the first sequence right after the first prompt.
+        let first_prompt = want[0].2;
+        assert_eq!(got[0].1, 0);
+        assert!(got[1].1 >= first_prompt - 8 && got[1].1 < got[1].2, "{name}: cached {} of {got:?}", got[1].1);
+        if name == "tiny-qwen35.gguf" {
+            assert_eq!(got[1].1, first_prompt - 8, "{name}: resumed from the checkpoint 8 before the prompt's end");
+        }
+        assert_eq!(warm.metric("strata_prefix_cache_hits_total"), 1, "{name}");
+        drop(warm);
+        let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+        let flags = cluster.flags();
+        let piped = Server::start(&m, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(two_turns(&piped), got, "{name}: three nodes reuse as one does");
+    }
+}
+
+/// A model with recurrent layers (Gated DeltaNet) resumes a prompt that begins with all of
+/// the earlier sequence's tokens (or, see above, those up to its checkpoint).
 #[test]
 fn a_recurrent_model_resumes_a_prompt_that_extends_the_whole_sequence() {
     let m = fixture("tiny-qwen35.gguf");

@@ -107,6 +107,7 @@ fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> strata_proto::tonic::Re
         max_seqs: 1,
         kv_blocks: 0,
         kv_block_size: 16,
+        checkpoints: false,
     })
 }
 

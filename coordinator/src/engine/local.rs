@@ -84,6 +84,7 @@ impl LocalEngine {
                 },
                 history: s.history,
                 allowed: s.allowed,
+                checkpoint: s.checkpoint,
             })
             .collect();
         match self.stage.step(&steps, None) {
@@ -154,6 +155,10 @@ impl Engine for LocalEngine {
 
     fn max_seqs(&self) -> u32 {
         self.stage.spec().max_seqs
+    }
+
+    fn checkpoints(&self) -> bool {
+        self.stage.spec().checkpoints
     }
 
     fn kv_capacity(&self) -> Option<KvCapacity> {

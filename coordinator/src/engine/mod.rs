@@ -42,6 +42,7 @@ pub(crate) fn plan_config(spec: &StageSpec, args: &EngineArgs, kv_positions: Opt
     PlanConfig {
         max_batch: spec.max_batch as usize,
         seqs: spec.max_seqs as usize,
+        checkpoints: spec.checkpoints,
         kv_block_size: spec.kv_block_size as usize,
         kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
         ..PlanConfig::new(spec.ctx as usize)
@@ -99,6 +100,9 @@ pub struct EngineUse {
     /// A server (`serve`, `chat`): with `--discover`, a pipeline keeps browsing mDNS so
     /// that a node of the cluster that appears later joins at the next re-plan.
     pub serving: bool,
+    /// Recurrent layers keep a checkpoint of each sequence's state, for prefix reuse
+    /// (`serve` and `chat` unless `--no-prefix-cache`).
+    pub checkpoints: bool,
 }
 
 /// The spec of a stage holding `layers`: `ctx` positions, `--batch-tokens` rows per step,
@@ -125,6 +129,7 @@ pub(crate) fn stage_spec(
         max_seqs: usage.max_seqs.max(1),
         kv_blocks,
         kv_block_size: block,
+        checkpoints: usage.checkpoints,
     })
 }
 
@@ -156,6 +161,9 @@ pub struct SeqStep<'a> {
     /// With the token: the tokens a grammar allows this time, bitmask words over the
     /// vocabulary (`strata_model::grammar`); empty when any token may come.
     pub allowed: &'a [u32],
+    /// Keep the sequence's recurrent state after these rows as its checkpoint (see
+    /// [`Engine::checkpoints`]).
+    pub checkpoint: bool,
 }
 
 /// A sampled token, and its log-probabilities when the step asked for them.
@@ -327,6 +335,10 @@ pub trait Engine: Send {
     }
     /// The KV pool sequences share, if any stage has one.
     fn kv_capacity(&self) -> Option<KvCapacity>;
+    /// Whether recurrent stages keep a checkpoint per sequence ([`SeqStep::checkpoint`]).
+    fn checkpoints(&self) -> bool {
+        false
+    }
     /// Where the model runs and what each stage holds, for `/v1/cluster` and `/metrics`.
     fn stats(&self) -> EngineStats;
     /// Every stage, in pipeline order.
@@ -389,6 +401,7 @@ pub trait Engine: Send {
                 want_token,
                 logprobs: None,
                 allowed,
+                checkpoint: false,
             }])?;
             p += chunk.len() as u32;
             at += chunk.len();
@@ -421,7 +434,17 @@ pub trait Engine: Send {
         sampling: &SamplingParams,
         allowed: &[u32],
     ) -> anyhow::Result<u32> {
-        let step = SeqStep { seq, ids: &[id], pos, sampling, history: &[], want_token: true, logprobs: None, allowed };
+        let step = SeqStep {
+            seq,
+            ids: &[id],
+            pos,
+            sampling,
+            history: &[],
+            want_token: true,
+            logprobs: None,
+            allowed,
+            checkpoint: false,
+        };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
     }

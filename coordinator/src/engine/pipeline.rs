@@ -489,6 +489,7 @@ async fn load_shards(
             max_seqs: spec.max_seqs,
             kv_blocks: spec.kv_blocks,
             kv_block_size: spec.kv_block_size,
+            checkpoints: spec.checkpoints,
         };
         let mut client = stage.client.clone();
         let (l, name) = (&sp.layers, &stage.name);
@@ -703,6 +704,7 @@ impl Pipeline {
                 want_token: s.want_token,
                 history: s.history.to_vec(),
                 allowed: s.allowed.iter().flat_map(|w| w.to_le_bytes()).collect(),
+                checkpoint: s.checkpoint,
                 want_logits: false,
                 want_logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),
@@ -926,6 +928,10 @@ impl Engine for Pipeline {
 
     fn kv_capacity(&self) -> Option<KvCapacity> {
         self.kv
+    }
+
+    fn checkpoints(&self) -> bool {
+        self.usage.checkpoints
     }
 
     /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a

@@ -23,14 +23,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The metrics of a server of the model `config` describes.
-    pub fn for_model(config: &ModelConfig) -> Metrics {
+    /// The metrics of a server of the model `config` describes; with `checkpoints`, each
+    /// sequence's recurrent state has a checkpoint beside it.
+    pub fn for_model(config: &ModelConfig, checkpoints: bool) -> Metrics {
         let layers = |kind| config.layers.iter().filter(|&&k| k == kind).count() as u64;
         let a = &config.attention;
         // The pool holds K and V as f16.
         let per_position = layers(LayerKind::Attention) * 2 * (a.n_head_kv * a.head_dim) as u64 * 2;
+        let copies = if checkpoints { 2 } else { 1 };
         let per_sequence =
-            config.deltanet.as_ref().map_or(0, |d| layers(LayerKind::DeltaNet) * d.state_values() as u64 * 4);
+            config.deltanet.as_ref().map_or(0, |d| layers(LayerKind::DeltaNet) * d.state_values() as u64 * 4 * copies);
         Metrics { requests: Mutex::default(), cache_cost: (per_position, per_sequence) }
     }
 

@@ -85,8 +85,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("loading {} ...", path.display());
     let t0 = Instant::now();
-    let engine =
-        crate::engine::load(&gguf, &args.engine, crate::engine::EngineUse { max_seqs: args.max_seqs, serving: true })?;
+    let engine = crate::engine::load(
+        &gguf,
+        &args.engine,
+        crate::engine::EngineUse { max_seqs: args.max_seqs, serving: true, checkpoints: !args.no_prefix_cache },
+    )?;
     let stats = engine.stats();
     let where_ = stats
         .stages
@@ -124,7 +127,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_id: model_id(path),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         max_seqs: args.max_seqs as usize,
-        metrics: Arc::new(Metrics::for_model(&config)),
+        metrics: Arc::new(Metrics::for_model(&config, !args.no_prefix_cache)),
         max_body: args.max_body,
         reasoning: args.reasoning_format,
         grammar,

@@ -269,6 +269,13 @@ fn kv_cache_grows_with_context_and_deltanet_state_does_not() {
         ModelCost::new(&g, &cfg, &PlanConfig { seqs: 4, kv_positions: Some(1000), ..PlanConfig::new(4096) }).unwrap();
     assert_eq!((c.kv_positions, c.kv_fixed), (1008, true));
     assert_eq!(c.layers[3].cache_bytes, 1008 * 2 * 2 * 64 * 2);
+    // Prefix reuse's checkpoints: a second DeltaNet state per slot, the KV pool as it was.
+    let with = ModelCost::new(&g, &cfg, &PlanConfig { seqs: 3, checkpoints: true, ..PlanConfig::new(4096) }).unwrap();
+    let without = ModelCost::new(&g, &cfg, &PlanConfig { seqs: 3, ..PlanConfig::new(4096) }).unwrap();
+    for (w, o) in with.layers.iter().zip(&without.layers) {
+        let factor = if w.kind == LayerKind::DeltaNet { 2 } else { 1 };
+        assert_eq!(w.cache_bytes, o.cache_bytes * factor, "{:?}", w.kind);
+    }
 }
 
 /// Memory for every sequence's whole context is not there: the pool gets one context plus

@@ -31,6 +31,8 @@ pub enum LayerState {
 pub struct StateSize {
     pub slots: u32,
     pub kv: Option<KvLayout>,
+    /// Recurrent layers keep a checkpoint per slot (for prefix reuse).
+    pub checkpoints: bool,
 }
 
 impl StateSize {

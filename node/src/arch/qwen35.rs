@@ -63,7 +63,9 @@ impl Qwen35Layer {
 impl Layer for Qwen35Layer {
     fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState> {
         Ok(match self.mixer {
-            Mixer::DeltaNet(_) => LayerState::DeltaNet(DeltaNetState::new(gpu, deltanet::config(cfg)?, size.slots)?),
+            Mixer::DeltaNet(_) => LayerState::DeltaNet(
+                DeltaNetState::new(gpu, deltanet::config(cfg)?, size.slots)?.with_checkpoints(gpu, size.checkpoints),
+            ),
             Mixer::Attention(_) => {
                 let a = &cfg.attention;
                 LayerState::Kv(LayerKv::new(gpu, size.kv()?, a.n_head_kv as u32, a.head_dim as u32)?)

@@ -52,13 +52,26 @@ pub struct StageSpec {
     pub kv_blocks: u32,
     /// Positions per KV block, a power of two.
     pub kv_block_size: u32,
+    /// Recurrent layers keep a checkpoint of each slot's state at the position a step asks
+    /// for ([`SeqStep::checkpoint`]), which a later step of that sequence may resume from:
+    /// prefix reuse on models whose state cannot be cut back. As much memory again as the
+    /// recurrent state.
+    pub checkpoints: bool,
 }
 
 impl StageSpec {
     /// `layers` for one sequence at a time of up to `ctx` positions, in steps of up to
     /// `max_batch` rows, with a pool for it.
     pub fn new(layers: Range<usize>, ctx: u32, max_batch: u32) -> StageSpec {
-        StageSpec { layers, ctx, max_batch, max_seqs: 1, kv_blocks: 0, kv_block_size: KvLayout::DEFAULT_BLOCK_SIZE }
+        StageSpec {
+            layers,
+            ctx,
+            max_batch,
+            max_seqs: 1,
+            kv_blocks: 0,
+            kv_block_size: KvLayout::DEFAULT_BLOCK_SIZE,
+            checkpoints: false,
+        }
     }
 
     /// The same for `max_seqs` sequences at once.
@@ -127,6 +140,9 @@ pub struct SeqStep<'a> {
     /// the vocabulary (bit `v % 32` of word `v / 32`; words past the end allow nothing);
     /// empty when any token may come. Only the last stage reads it.
     pub allowed: &'a [u32],
+    /// Keep a checkpoint of its recurrent state after these rows (replacing its last): a
+    /// later step of the sequence may start there again (needs [`StageSpec::checkpoints`]).
+    pub checkpoint: bool,
 }
 
 /// What one sequence's part of a step produced.
@@ -152,7 +168,11 @@ struct Admitted<'s> {
     index: usize,
     step: &'s SeqStep<'s>,
     slot: u32,
+    /// Before the pass, its recurrent state starts over or comes back from its checkpoint;
+    /// after it, a checkpoint is taken.
     reset: bool,
+    restore: bool,
+    save: bool,
     /// Its first row in the step's input (for hidden states).
     input_row: usize,
 }
@@ -205,7 +225,7 @@ impl Stage {
         let kinds = &config.layers[spec.layers.clone()];
         let kv = if kinds.contains(&LayerKind::Attention) { Some(spec.kv_layout()?) } else { None };
         let recurrent = kinds.contains(&LayerKind::DeltaNet);
-        let size = StateSize { slots: spec.max_seqs, kv };
+        let size = StateSize { slots: spec.max_seqs, kv, checkpoints: spec.checkpoints && recurrent };
         let states = layers.iter().map(|l| l.new_state(&gpu, &config, &size)).collect::<Result<Vec<_>>>()?;
         let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?;
         let max_samples = spec.max_seqs.min(spec.max_batch);
@@ -221,7 +241,7 @@ impl Stage {
             gpu,
             kernels,
             config,
-            seqs: Sequences::new(spec.max_seqs, recurrent),
+            seqs: Sequences::new(spec.max_seqs, recurrent, spec.checkpoints),
             spec,
             embed,
             layers,
@@ -505,8 +525,15 @@ impl Stage {
         let mut ran = Vec::new();
         let mut input_row = 0;
         for (index, st) in steps.iter().enumerate() {
-            let admitted =
-                self.admit(steps, index).map(|a| Admitted { index, step: st, slot: a.slot, reset: a.reset, input_row });
+            let admitted = self.admit(steps, index).map(|a| Admitted {
+                index,
+                step: st,
+                slot: a.slot,
+                reset: a.reset,
+                restore: a.restore,
+                save: a.save,
+                input_row,
+            });
             input_row += st.rows as usize;
             match admitted {
                 Ok(a) => {
@@ -579,7 +606,8 @@ impl Stage {
                 return Err(Error::Sequence { seq: st.seq, message: "its grammar mask allows no token".into() });
             }
         }
-        let admitted = self.seqs.admit(&self.gpu.queue, self.scratch.table.as_mut(), st.seq, st.pos, st.rows)?;
+        let admitted =
+            self.seqs.admit(&self.gpu.queue, self.scratch.table.as_mut(), st.seq, st.pos, st.rows, st.checkpoint)?;
         if self.is_last() && !st.history.is_empty() {
             self.seqs.get_mut(st.seq).expect("admitted").note(st.history);
         }
@@ -621,10 +649,14 @@ impl Stage {
         let samples = self.write_samples(ran, &layout)?;
 
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        for a in ran.iter().filter(|a| a.reset) {
-            for st in &self.states {
-                if let LayerState::DeltaNet(d) = st {
+        let deltanet =
+            || self.states.iter().filter_map(|s| if let LayerState::DeltaNet(d) = s { Some(d) } else { None });
+        for a in ran.iter().filter(|a| a.reset || a.restore) {
+            for d in deltanet() {
+                if a.reset {
                     d.reset(&mut enc, a.slot);
+                } else {
+                    d.restore(&mut enc, a.slot);
                 }
             }
         }
@@ -637,6 +669,11 @@ impl Stage {
         }
         // The whole step in one pass: the layers, then the head on the rows to sample.
         encode_pass(&mut enc, &lists);
+        for a in ran.iter().filter(|a| a.save) {
+            for d in deltanet() {
+                d.save(&mut enc, a.slot);
+            }
+        }
         let bytes = match &self.head {
             Some(head) => u64::from(n_samples * head.words()) * 4,
             None => u64::from(step.n_tokens) * e as u64 * 4,
@@ -808,7 +845,7 @@ impl Stage {
             }
             Input::Hidden(h) => (&[][..], Some(h)),
         };
-        let step = SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[] };
+        let step = SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[], checkpoint: false };
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
         Ok((produced?, output.hidden))

@@ -25,6 +25,9 @@ pub(super) struct Sequence {
     /// Its prompt and sampled tokens, the last [`MAX_RECENT`] of them.
     pub history: Vec<u32>,
     pub last_used: Instant,
+    /// The position its recurrent state's checkpoint is at (the state after that many
+    /// positions), if it has one.
+    pub checkpoint: Option<u32>,
 }
 
 impl Sequence {
@@ -49,6 +52,10 @@ pub(super) struct Admitted {
     pub slot: u32,
     /// Its recurrent state starts over (a step at position 0): clear its slot first.
     pub reset: bool,
+    /// Its recurrent state comes back from its checkpoint (a step at its position).
+    pub restore: bool,
+    /// Its recurrent state is kept as its checkpoint after the step.
+    pub save: bool,
 }
 
 /// Every sequence on the stage, their slots and (with attention layers) their blocks.
@@ -58,11 +65,13 @@ pub(super) struct Sequences {
     free_slots: Vec<u32>,
     /// The stage has layers whose state only moves forward.
     recurrent: bool,
+    /// ... and keeps a checkpoint of it per slot.
+    checkpoints: bool,
 }
 
 impl Sequences {
-    pub fn new(slots: u32, recurrent: bool) -> Sequences {
-        Sequences { seqs: HashMap::new(), free_slots: (0..slots).rev().collect(), recurrent }
+    pub fn new(slots: u32, recurrent: bool, checkpoints: bool) -> Sequences {
+        Sequences { seqs: HashMap::new(), free_slots: (0..slots).rev().collect(), recurrent, checkpoints }
     }
 
     pub fn len(&self) -> usize {
@@ -90,7 +99,9 @@ impl Sequences {
     /// takes a slot; its blocks grow to cover the step (`table`, when the stage has a KV
     /// pool). Checks the order first: a step starts where the sequence's positions end, or
     /// at 0 (starting over); on a stage without recurrent layers anywhere before the end
-    /// too (attention rewrites the positions). On any error the sequence is as it was.
+    /// too (attention rewrites the positions), and on one with them at its checkpoint.
+    /// With `checkpoint`, the state after the step becomes its checkpoint. On any error
+    /// the sequence is as it was.
     pub fn admit(
         &mut self,
         queue: &wgpu::Queue,
@@ -98,9 +109,15 @@ impl Sequences {
         seq: SeqId,
         pos: u32,
         rows: u32,
+        checkpoint: bool,
     ) -> Result<Admitted> {
         let end = pos + rows;
-        let known = self.seqs.get(&seq).map(|s| s.len);
+        if checkpoint && self.recurrent && !self.checkpoints {
+            let message = "asks for a checkpoint of its recurrent state on a stage loaded without them".to_owned();
+            return Err(Error::Sequence { seq, message });
+        }
+        let known = self.seqs.get(&seq).map(|s| (s.len, s.checkpoint));
+        let mut restore = false;
         match known {
             None if pos != 0 => {
                 let message = format!(
@@ -108,13 +125,17 @@ impl Sequences {
                 );
                 return Err(Error::Sequence { seq, message });
             }
-            Some(len) if pos > len || (self.recurrent && pos != len && pos != 0) => {
-                let message = if self.recurrent {
-                    format!("step at position {pos} but its recurrent state is at {len}")
-                } else {
-                    format!("step at position {pos} leaves a gap after its {len} positions")
-                };
+            Some((len, _)) if pos > len => {
+                let message = format!("step at position {pos} leaves a gap after its {len} positions");
                 return Err(Error::Sequence { seq, message });
+            }
+            Some((len, kept)) if self.recurrent && pos != len && pos != 0 => {
+                if kept != Some(pos) {
+                    let at = kept.map_or(String::new(), |c| format!(" and its checkpoint at {c}"));
+                    let message = format!("step at position {pos} but its recurrent state is at {len}{at}");
+                    return Err(Error::Sequence { seq, message });
+                }
+                restore = true;
             }
             _ => {}
         }
@@ -133,6 +154,7 @@ impl Sequences {
                 sampler: None,
                 history: Vec::new(),
                 last_used: Instant::now(),
+                checkpoint: None,
             };
             self.seqs.insert(seq, new);
         }
@@ -152,9 +174,17 @@ impl Sequences {
         if pos == 0 {
             s.history.clear();
         }
+        // A checkpoint past where the sequence starts again holds tokens it drops.
+        if s.checkpoint.is_some_and(|c| c > pos) {
+            s.checkpoint = None;
+        }
+        let save = checkpoint && self.recurrent;
+        if save {
+            s.checkpoint = Some(end);
+        }
         s.len = end;
         s.last_used = Instant::now();
-        Ok(Admitted { slot: s.slot, reset })
+        Ok(Admitted { slot: s.slot, reset, restore, save })
     }
 
     /// Frees a sequence's slot and blocks.
