@@ -24,6 +24,7 @@ fn response_formats_validate_for_20_seeds_and_one_node_answers_as_three() {
     // Every constrained token's mask was computed, and the time it took is shown.
     let masks = one.metric("strata_grammar_masks_total");
     assert!(masks > 20 * 10, "{masks} masks for 20 answers of JSON");
+    assert_eq!(alone["strict"].as_array().map(Vec::len), Some(4), "four answers beside strict tools");
     // A float: its line is there.
     let metrics = one.get("/metrics").body;
     assert!(metrics.contains("strata_grammar_mask_seconds_total "), "{metrics}");
@@ -34,6 +35,9 @@ fn response_formats_validate_for_20_seeds_and_one_node_answers_as_three() {
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         one.post("/v1/chat/completions", &body.to_string())
     };
+    let r = chat(json!({ "tools": [{ "type": "function", "function": { "name": "f", "strict": "yes" } }] }));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("`function.strict` must be true or false"), "{}", r.body);
     for (format, needle) in [
         (json!({ "type": "yaml" }), "`yaml`"),
         (json!({ "type": "json_schema", "json_schema": { "name": "x" } }), "schema is required"),

@@ -106,6 +106,9 @@ struct AnthropicTool {
     /// Anthropic's own server tools (`bash_20250124`, ...) carry a type; custom ones none.
     #[serde(default, rename = "type")]
     kind: Option<String>,
+    /// Its calls follow `input_schema` (see OpenAI's `function.strict`).
+    #[serde(default)]
+    strict: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -314,6 +317,9 @@ fn tools(tools: Vec<AnthropicTool>) -> Result<(Vec<Tool>, Vec<Value>), ApiError>
             json!({ "name": t.name, "parameters": t.input_schema.unwrap_or_else(|| json!({ "type": "object" })) });
         if let Some(d) = t.description {
             function["description"] = json!(d);
+        }
+        if let Some(strict) = t.strict {
+            function["strict"] = json!(strict);
         }
         offered.push(json!({ "type": "function", "function": function }));
     }

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::AppState;
 use super::errors::ApiError;
 use super::reasoning::{Channel, ReasoningFormat, Splitter};
-use super::structured::{self, Calls, Shape};
+use super::structured::{self, Alternative, Calls, Shape};
 use super::tool_calls::{Call, CallParser, Piece, Tool};
 use crate::scheduler::{Event, FinishReason, Finished, GenRequest, TokenLogprob};
 
@@ -478,8 +478,14 @@ pub(super) fn chat_prompt(
             Some(Shape::Calls(Calls::new(format, &chat.tools, &chat.choice, one_call)))
         }
         (ToolChoice::Auto, Some(schema)) if !offered.is_empty() => {
-            let calls = Calls { or_content: Some(schema), ..Calls::new(format, &chat.tools, &chat.choice, one_call) };
-            Some(Shape::Calls(calls))
+            let content = Some(Alternative::Schema(schema));
+            Some(Shape::Calls(Calls { or_content: content, ..Calls::new(format, &chat.tools, &chat.choice, one_call) }))
+        }
+        // Strict tools the model may call: free text, but a call it opens follows the
+        // schemas.
+        (ToolChoice::Auto, None) if !offered.is_empty() && chat.tools.iter().any(|t| t.strict) => {
+            let content = Some(Alternative::Text);
+            Some(Shape::Calls(Calls { or_content: content, ..Calls::new(format, &chat.tools, &chat.choice, one_call) }))
         }
         (_, schema) => schema.map(Shape::Json),
     };
@@ -490,7 +496,9 @@ pub(super) fn chat_prompt(
     // A forced call begins in the prompt: the model continues it. Under a grammar, a
     // reasoning the template opened is closed first (empty), as its own
     // `enable_thinking: false` would: the grammar describes the answer, not the thinking.
-    if (opening.is_some() || shape.is_some()) && Splitter::prompt_opens(&text) {
+    // Strict tools beside free text leave it open: the free text holds the reasoning.
+    let free = matches!(&shape, Some(Shape::Calls(Calls { or_content: Some(Alternative::Text), .. })));
+    if (opening.is_some() || shape.is_some()) && !free && Splitter::prompt_opens(&text) {
         text.push_str("\n</think>\n\n");
     }
     if let Some(opening) = &opening {
@@ -588,7 +596,12 @@ pub(super) fn declared_tools(tools: &[Value]) -> Result<Vec<Tool>, ApiError> {
         if !parameters.is_object() {
             return Err(bad("`function.parameters` must be a JSON schema object"));
         }
-        out.push(Tool { name: name.to_owned(), parameters });
+        let strict = match function.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("`function.strict` must be true or false")),
+        };
+        out.push(Tool { name: name.to_owned(), parameters, strict });
     }
     Ok(out)
 }

@@ -35,9 +35,19 @@ pub(super) struct Calls {
     pub named: Option<String>,
     /// At most one call.
     pub one_call: bool,
-    /// With `tool_choice: auto`: the answer is either content of this schema or calls
-    /// (nothing is opened in the prompt then).
-    pub or_content: Option<Value>,
+    /// With `tool_choice: auto`: the answer is content or calls (nothing is opened in
+    /// the prompt then).
+    pub or_content: Option<Alternative>,
+}
+
+/// What an answer may be instead of calls, with `tool_choice: auto`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Alternative {
+    /// One JSON value of this schema (`response_format`).
+    Schema(Value),
+    /// Any text without the call opening; or such text, then calls (strict tools): the
+    /// model chooses whether to call, and a call it makes follows its tool's schema.
+    Text,
 }
 
 impl Calls {
@@ -88,6 +98,11 @@ pub(super) fn response_schema(format: Option<&Value>) -> Result<Option<Value>, A
 /// A Lark string literal of `text` (llguidance reads them as JSON strings).
 fn literal(text: &str) -> String {
     Value::from(text).to_string()
+}
+
+/// `text` as a Lark regex matching it literally.
+fn regex_text(text: &str) -> String {
+    text.chars().map(|c| if "\\.+*?()|[]{}^$/&~-".contains(c) { format!("\\{c}") } else { c.to_string() }).collect()
 }
 
 /// An embedded JSON value of `schema`.
@@ -149,9 +164,19 @@ fn calls_lark(c: &Calls) -> String {
             g.push_str(&format!("start: {rest} {close}\n"));
         }
         (None, None) => g.push_str(&format!("start: body{more}\n")),
-        (None, Some(content)) => {
+        (None, Some(Alternative::Schema(content))) => {
             let open = literal(&format!("{OPEN}\n"));
             g.push_str(&format!("start: {} | {open} body{more}\n", json_value(content)));
+        }
+        (None, Some(Alternative::Text)) => {
+            // Text without the opening, or text up to and including the first opening
+            // and its line end, each one lexeme (the lexer does not backtrack: a text
+            // lexeme of its own would swallow the opening's first characters).
+            let open = regex_text(OPEN);
+            let any = "(.|\\n)*";
+            g.push_str(&format!("FREE: /{any}/ & ~/{any}{open}{any}/\n"));
+            g.push_str(&format!("LEAD: /{any}{open}\\n/ & ~/{any}{open}{any}{open}{any}/\n"));
+            g.push_str(&format!("start: FREE | LEAD body{more}\n"));
         }
     }
     g
@@ -248,8 +273,8 @@ mod tests {
             "city": { "type": "string" }, "days": { "type": "integer" } },
             "required": ["city"], "additionalProperties": false });
         vec![
-            Tool { name: "get_weather".into(), parameters: weather },
-            Tool { name: "ping".into(), parameters: json!({ "type": "object" }) },
+            Tool { name: "get_weather".into(), parameters: weather, strict: true },
+            Tool { name: "ping".into(), parameters: json!({ "type": "object" }), strict: false },
         ]
     }
 
@@ -345,8 +370,10 @@ mod tests {
         let (tok, vocab) = vocab();
         let tools = tools();
         let calls = Calls {
-            or_content: Some(json!({ "type": "object", "properties": { "answer": { "type": "string" } },
-                "required": ["answer"] })),
+            or_content: Some(Alternative::Schema(
+                json!({ "type": "object", "properties": { "answer": { "type": "string" } },
+                "required": ["answer"] }),
+            )),
             ..Calls::new(ToolFormat::Hermes, &tools, &ToolChoice::Auto, false)
         };
         let shape = Shape::Calls(calls);
@@ -354,5 +381,43 @@ mod tests {
         let call = "<tool_call>\n{\"name\": \"ping\", \"arguments\": {}}\n</tool_call>";
         assert_eq!(feed(&tok, &vocab, &shape, call), Ok(true));
         assert!(feed(&tok, &vocab, &shape, "The answer is 42").is_err());
+    }
+
+    /// Strict tools under `tool_choice: auto`: any text, or text then calls whose
+    /// arguments follow the schemas, in either markup.
+    #[test]
+    fn strict_tools_allow_text_and_hold_the_calls_the_model_opens() {
+        let (tok, vocab) = vocab();
+        let tools = tools();
+        let shape = |format| {
+            Shape::Calls(Calls {
+                or_content: Some(Alternative::Text),
+                ..Calls::new(format, &tools, &ToolChoice::Auto, false)
+            })
+        };
+        let hermes = shape(ToolFormat::Hermes);
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        for ok in [
+            "It is sunny in Oslo, <b>usually</b>.\n\nNo call needed.",
+            "",
+            call,
+            &format!("<think>\nThe user wants the weather.\n</think>\n\nLet me look.\n{call}"),
+            &format!("{call}\n{call}"),
+        ] {
+            assert_eq!(feed(&tok, &vocab, &hermes, ok), Ok(true), "{ok:?} was refused");
+        }
+        for bad in [
+            "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"days\": 3}}",
+            "<tool_call>\n{\"name\": \"nope\"",
+            "<tool_call> {",
+            &format!("{call}\nThat was the call."),
+        ] {
+            assert!(feed(&tok, &vocab, &hermes, bad).is_err(), "{bad:?} was allowed");
+        }
+        let xml = shape(ToolFormat::Xml);
+        let call = "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(feed(&tok, &vocab, &xml, call), Ok(true));
+        let wrong = "<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>";
+        assert!(feed(&tok, &vocab, &xml, wrong).is_err());
     }
 }

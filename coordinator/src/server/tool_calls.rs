@@ -28,6 +28,9 @@ const PARAMETER_END: &str = "</parameter>";
 pub struct Tool {
     pub name: String,
     pub parameters: Value,
+    /// `function.strict`: its calls must follow the schema, even when the model chooses
+    /// whether to call (see [`super::structured::Alternative::Text`]).
+    pub strict: bool,
 }
 
 /// One call found in the answer, its arguments typed by the tool's schema.
@@ -330,8 +333,8 @@ mod tests {
         let write = json!({ "type": "object", "properties": {
             "path": { "type": "string" }, "content": { "type": "string" }, "options": { "type": "object" } } });
         Arc::from(vec![
-            Tool { name: "get_weather".into(), parameters: weather },
-            Tool { name: "write_file".into(), parameters: write },
+            Tool { name: "get_weather".into(), parameters: weather, strict: false },
+            Tool { name: "write_file".into(), parameters: write, strict: false },
         ])
     }
 
