@@ -1500,6 +1500,53 @@ mod tests {
         assert_eq!(sched.snapshot().retained, 0);
     }
 
+    /// On an engine that keeps checkpoints of recurrent state, a prompt's prefill has a
+    /// chunk end 8 tokens before the prompt's end, with the checkpoint asked there; a later
+    /// prompt that parts from the sequence after that point resumes from it (answering as
+    /// computed afresh), and asks for its own checkpoint further on.
+    #[test]
+    fn a_recurrent_sequence_resumes_from_the_checkpoint_its_prompt_asked_for() {
+        let mut engine = slow_engine();
+        engine.checkpoints = true;
+        let log = engine.log.clone();
+        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::WholeSequence };
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+        let run = |r: GenRequest| {
+            let (_, mut rx) = sched.submit(r).unwrap();
+            let (text, done) = collect(&mut rx);
+            (text, done.unwrap())
+        };
+        let checkpoints = |seq: SeqId| -> Vec<String> {
+            let log = log.lock().unwrap();
+            log.iter().filter(|l| l.seq == seq && l.checkpoint).map(|l| format!("{}@{}", l.len, l.pos)).collect()
+        };
+        // 18 prompt tokens in chunks of 4: one ends at 10, where the checkpoint is taken.
+        assert_eq!(run(req(18, 3)).1.cached_tokens, 0);
+        assert_eq!(checkpoints(1), ["2@8"], "{:?}", lines(&log));
+        assert!(parts_of(&log, 1).starts_with(&["4@0", "4@4", "2@8", "4@10"].map(String::from)), "{:?}", lines(&log));
+        // The next prompt parts from the sequence at 16: resumed from the checkpoint at 10.
+        let mut next = req(0, 2);
+        next.prompt = (100..116).chain([1, 2, 3, 4, 5, 6, 7, 8]).collect();
+        let (text, done) = run(next.clone());
+        assert_eq!(done.cached_tokens, 10, "{:?}", lines(&log));
+        assert_eq!(text, alone(next));
+        // Its own checkpoint: 8 before its 24 tokens, where a chunk from 14 ends.
+        assert_eq!(checkpoints(1), ["2@8", "2@14"], "{:?}", lines(&log));
+        // Without checkpoints on the engine, none is asked for, and only the whole
+        // sequence is resumed.
+        let engine = slow_engine();
+        let log = engine.log.clone();
+        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::WholeSequence };
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+        let (_, mut rx) = sched.submit(req(18, 3)).unwrap();
+        collect(&mut rx);
+        let mut next = req(0, 2);
+        next.prompt = (100..116).chain([1, 2, 3]).collect();
+        let (_, mut rx) = sched.submit(next).unwrap();
+        assert_eq!(collect(&mut rx).1.unwrap().cached_tokens, 0);
+        assert!(log.lock().unwrap().iter().all(|l| !l.checkpoint));
+    }
+
     #[test]
     fn sequences_share_steps_decode_rows_first_then_prefill_chunks() {
         let engine = slow_engine();

@@ -571,6 +571,7 @@ pub(crate) mod testing {
         pub pos: u32,
         pub history: usize,
         pub want_token: bool,
+        pub checkpoint: bool,
         pub release: bool,
     }
 
@@ -590,6 +591,8 @@ pub(crate) mod testing {
         /// Whether `recover` works (clearing `fail_after` and every step in flight).
         pub recoverable: bool,
         pub recoveries: u32,
+        /// What [`Engine::checkpoints`] answers.
+        pub checkpoints: bool,
         next: u64,
     }
 
@@ -604,6 +607,7 @@ pub(crate) mod testing {
                 fail_after: None,
                 recoverable: false,
                 recoveries: 0,
+                checkpoints: false,
                 next: 0,
             }
         }
@@ -626,6 +630,7 @@ pub(crate) mod testing {
                     pos: s.pos,
                     history: s.history.len(),
                     want_token: s.want_token,
+                    checkpoint: s.checkpoint,
                     release: false,
                 };
                 self.log.lock().unwrap().push(logged);
@@ -642,7 +647,16 @@ pub(crate) mod testing {
             Ok(done)
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-            let logged = Logged { step: self.next, seq, len: 0, pos: 0, history: 0, want_token: false, release: true };
+            let logged = Logged {
+                step: self.next,
+                seq,
+                len: 0,
+                pos: 0,
+                history: 0,
+                want_token: false,
+                checkpoint: false,
+                release: true,
+            };
             self.log.lock().unwrap().push(logged);
             Ok(())
         }
@@ -654,8 +668,16 @@ pub(crate) mod testing {
             self.fail_after = None;
             self.results.clear();
             self.recoveries += 1;
-            let logged =
-                Logged { step: self.next, seq: 0, len: 0, pos: 0, history: 0, want_token: false, release: true };
+            let logged = Logged {
+                step: self.next,
+                seq: 0,
+                len: 0,
+                pos: 0,
+                history: 0,
+                want_token: false,
+                checkpoint: false,
+                release: true,
+            };
             self.log.lock().unwrap().push(logged);
             Ok(Recovered { left_out: vec!["b".into()], why: Vec::new(), nodes: vec!["a".into()], seconds: 0.0 })
         }
@@ -667,6 +689,9 @@ pub(crate) mod testing {
         }
         fn kv_capacity(&self) -> Option<KvCapacity> {
             self.kv
+        }
+        fn checkpoints(&self) -> bool {
+            self.checkpoints
         }
         fn stats(&self) -> EngineStats {
             EngineStats::default()
