@@ -1,5 +1,6 @@
 //! `strata`: run a GGUF model on this machine's GPU, or across the GPUs of a LAN.
 
+mod blocks;
 mod chat_cmd;
 mod cli;
 mod cluster_key;

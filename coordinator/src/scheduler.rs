@@ -26,6 +26,7 @@ use strata_model::tokenizer::{TextStream, Tokenizer};
 use strata_node::stage::SeqId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use crate::blocks::BlockLedger;
 use crate::engine::{Engine, EngineStats, ErrorCode, KvCapacity, Sampled, SeqStep, StepError};
 
 /// What a request asks to generate. The prompt is already tokenised and fits the context.
@@ -115,10 +116,12 @@ pub struct Snapshot {
     pub busy: Vec<f64>,
     /// Sequences preempted (their KV blocks taken for others, recomputed later) so far.
     pub preemptions: u64,
-    /// Requests that resumed a finished sequence's caches, and the prompt tokens that
-    /// were therefore not computed again.
+    /// Requests that reused cached positions (resuming a finished sequence, or forking a
+    /// running one), and the prompt tokens that were therefore not computed again.
     pub prefix_hits: u64,
     pub prefix_cached_tokens: u64,
+    /// Of those requests, the ones that forked a running sequence.
+    pub prefix_forks: u64,
     /// Finished sequences kept for reuse now, and the KV blocks they hold.
     pub retained: usize,
     pub retained_blocks: u32,
@@ -318,8 +321,10 @@ impl Scheduler {
                 preemptions: 0,
                 reuse: config.prefix_reuse,
                 checkpoints,
+                ledger: BlockLedger::new(kv.map_or(16, |kv| kv.block_size)),
                 retained: VecDeque::new(),
                 prefix: (0, 0),
+                forks: 0,
                 grammar: (0, 0.0),
                 steps: (0, 0),
                 busy_samples: VecDeque::new(),
@@ -403,6 +408,9 @@ struct Active<'t> {
     /// `tokens[..c]`), and the one its prompt asks for (see [`CHECKPOINT_BEFORE_END`]).
     checkpoint: Option<usize>,
     checkpoint_at: Option<usize>,
+    /// Its first step starts it as a fork of this sequence (sharing the blocks of their
+    /// common prefix): taken when that step is submitted.
+    fork_from: Option<SeqId>,
     /// Tokens the last stage counts for penalties, in the sequence's current life there.
     noted: usize,
     /// Its steps in flight, and whether one of them is to sample its next token.
@@ -457,10 +465,14 @@ struct Loop<'a> {
     reuse: PrefixReuse,
     /// The recurrent stages keep a checkpoint per sequence (and reuse wants them).
     checkpoints: bool,
+    /// The stages' blocks, as they hand them out (see [`BlockLedger`]).
+    ledger: BlockLedger,
     /// Finished sequences kept for reuse, oldest first.
     retained: VecDeque<Retained>,
     /// Requests that reused a prefix, and the prompt tokens they did not compute.
     prefix: (u64, u64),
+    /// Requests that forked a running sequence.
+    forks: u64,
     /// Grammar masks computed, and the seconds they took.
     grammar: (u64, f64),
     steps: (u64, u64),
@@ -546,25 +558,50 @@ impl<'a> Loop<'a> {
 
     /// Blocks the sequences hold now.
     fn held_blocks(&self) -> u32 {
-        let Some(kv) = self.kv else { return 0 };
-        let active: u32 = self.active.iter().map(|a| kv.blocks_for(a.sent.max(a.stale) as u32)).sum();
-        active + self.retained_blocks()
+        if self.kv.is_none() { 0 } else { self.ledger.used() }
     }
 
-    /// Blocks the retained sequences hold.
+    /// Blocks the retained sequences alone hold (those they share with running ones are
+    /// the running ones').
     fn retained_blocks(&self) -> u32 {
-        let Some(kv) = self.kv else { return 0 };
-        self.retained.iter().map(|r| kv.blocks_for(r.tokens.len() as u32)).sum()
+        if self.kv.is_none() {
+            return 0;
+        }
+        self.ledger.held_only_by(|seq| self.retained.iter().any(|r| r.seq == seq))
     }
 
-    /// Releases the oldest retained sequence (other than `keep`); false when there is none.
+    /// Frees `seq`'s caches on every stage.
+    fn release(&mut self, seq: SeqId) {
+        self.unfork(seq);
+        self.ledger.release(seq);
+        if let Err(e) = self.engine.release(seq) {
+            tracing::warn!("releasing sequence {seq}: {e:#}");
+        }
+    }
+
+    /// Requests about to fork `seq` (their first step not yet sent) compute their prompt
+    /// from the start instead: `seq` is going away, or starting over.
+    fn unfork(&mut self, seq: SeqId) {
+        for a in self.active.iter_mut().filter(|a| a.fork_from == Some(seq)) {
+            self.prefix.1 = self.prefix.1.saturating_sub(a.cached as u64);
+            (a.sent, a.noted, a.cached, a.fork_from) = (0, 0, 0, None);
+        }
+    }
+
+    /// Whether a request waits to fork `seq`: then `seq`'s positions must stay as they are.
+    fn fork_source(&self, seq: SeqId) -> bool {
+        self.active.iter().any(|a| a.fork_from == Some(seq))
+    }
+
+    /// Releases the oldest retained sequence (other than `keep`, and than one a request
+    /// waits to fork); false when there is none.
     fn evict_retained(&mut self, keep: Option<SeqId>) -> bool {
-        let Some(i) = self.retained.iter().position(|r| Some(r.seq) != keep) else { return false };
+        let Some(i) = self.retained.iter().position(|r| Some(r.seq) != keep && !self.fork_source(r.seq)) else {
+            return false;
+        };
         let r = self.retained.remove(i).expect("found above");
         tracing::debug!(seq = r.seq, tokens = r.tokens.len(), "prefix cache: evicted");
-        if let Err(e) = self.engine.release(r.seq) {
-            tracing::warn!("releasing sequence {}: {e:#}", r.seq);
-        }
+        self.release(r.seq);
         true
     }
 
@@ -588,6 +625,8 @@ impl<'a> Loop<'a> {
         let prompt = &request.prompt;
         self.retained
             .iter()
+            // A sequence a request waits to fork keeps its positions till then.
+            .filter(|r| !self.fork_source(r.seq))
             .filter_map(|r| {
                 let common = r.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
                 let n = common.min(prompt.len() - 1);
@@ -597,6 +636,31 @@ impl<'a> Loop<'a> {
                     _ => r.checkpoint.filter(|&c| c <= n).unwrap_or(0),
                 };
                 (n > 0).then_some((r.seq, n))
+            })
+            .max_by_key(|&(_, n)| n)
+    }
+
+    /// A running sequence `request` can start as a fork of (sharing the blocks of their
+    /// common prefix, copying the one it writes), and the prompt tokens they share: any
+    /// prefix of the tokens sent on attention-only models, the prefix up to its checkpoint
+    /// with recurrent layers (its live state moves on). Worth it from a block's length.
+    fn forkable(&self, request: &GenRequest) -> Option<(SeqId, usize)> {
+        if self.reuse == PrefixReuse::Off || request.sampling.has_penalties() {
+            return None;
+        }
+        let least = self.kv.map_or(16, |kv| kv.block_size as usize);
+        let prompt = &request.prompt;
+        self.active
+            .iter()
+            .filter(|a| a.failed.is_none() && a.fork_from.is_none())
+            .filter_map(|a| {
+                let common = a.tokens[..a.sent].iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                let n = common.min(prompt.len() - 1);
+                let n = match self.reuse {
+                    PrefixReuse::AnyPrefix => n,
+                    _ => a.checkpoint.filter(|&c| c <= n).unwrap_or(0),
+                };
+                (n >= least).then_some((a.seq, n))
             })
             .max_by_key(|&(_, n)| n)
     }
@@ -616,9 +680,15 @@ impl<'a> Loop<'a> {
     fn admit_waiting(&mut self) {
         self.evict_stale();
         while self.active.len() < self.max_seqs {
-            let (need, reuse) = match (self.resumed.front(), self.waiting.front()) {
-                (Some(a), _) => (a.tokens.len() + 1, None),
-                (None, Some(j)) => (j.request.prompt.len() + 1, self.reusable(&j.request)),
+            // A finished sequence to take over, or a running one to fork (the longer
+            // prefix; taking over when they tie, which copies nothing).
+            let (need, reuse, fork) = match (self.resumed.front(), self.waiting.front()) {
+                (Some(a), _) => (a.tokens.len() + 1, None, None),
+                (None, Some(j)) => {
+                    let reuse = self.reusable(&j.request);
+                    let fork = self.forkable(&j.request).filter(|f| reuse.is_none_or(|r| f.1 > r.1));
+                    (j.request.prompt.len() + 1, reuse.filter(|_| fork.is_none()), fork)
+                }
                 (None, None) => return,
             };
             let keep = reuse.map(|r| r.0);
@@ -627,11 +697,12 @@ impl<'a> Loop<'a> {
             while reuse.is_none() && self.active.len() + self.retained.len() >= slots && self.evict_retained(keep) {}
             if let Some(kv) = self.kv {
                 let reserve = self.active.len() as u32;
-                let held = reuse.map_or(0, |(seq, _)| {
-                    let r = self.retained.iter().find(|r| r.seq == seq).expect("retained");
-                    kv.blocks_for(r.tokens.len() as u32)
-                });
-                let need = kv.blocks_for(need as u32).saturating_sub(held) + reserve;
+                let need = match (reuse, fork) {
+                    (Some((seq, n)), _) => self.ledger.need(seq, n, need),
+                    // The shared whole blocks are not taken; the one it writes is copied.
+                    (_, Some((_, n))) => kv.blocks_for(need as u32) - (n / kv.block_size as usize) as u32,
+                    _ => kv.blocks_for(need as u32),
+                } + reserve;
                 while need > self.free_blocks() && self.evict_retained(keep) {}
                 if need > self.free_blocks() && !self.active.is_empty() {
                     return;
@@ -646,6 +717,20 @@ impl<'a> Loop<'a> {
             }
             let job = self.waiting.pop_front().expect("checked above");
             let a = match reuse {
+                None if fork.is_some() => {
+                    let (src, n) = fork.expect("checked above");
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let mut a = self.admit(job, seq);
+                    (a.sent, a.noted, a.cached, a.fork_from) = (n, n, n, Some(src));
+                    a.checkpoint_at = a.checkpoint_at.filter(|&c| c > n);
+                    self.prefix.0 += 1;
+                    self.prefix.1 += n as u64;
+                    self.forks += 1;
+                    a.span
+                        .in_scope(|| tracing::info!(cached_tokens = n, "prefix cache: forked running sequence {src}"));
+                    a
+                }
                 Some((seq, n)) => {
                     let i = self.retained.iter().position(|r| r.seq == seq).expect("retained");
                     let r = self.retained.remove(i).expect("found above");
@@ -683,6 +768,7 @@ impl<'a> Loop<'a> {
         let checkpoint_at =
             job.request.prompt.len().checked_sub(CHECKPOINT_BEFORE_END).filter(|&c| c >= CHECKPOINT_BEFORE_END);
         Active {
+            fork_from: None,
             checkpoint: None,
             checkpoint_at: checkpoint_at.filter(|_| self.checkpoints),
             tokens: job.request.prompt.clone(),
@@ -709,17 +795,13 @@ impl<'a> Loop<'a> {
     /// Frees the sequences of requests whose receiver is gone (a client that disconnected,
     /// a Ctrl-C), once none of their steps is in flight.
     fn release_cancelled(&mut self) {
-        let engine = &mut *self.engine;
-        self.active.retain(|a| {
-            if !a.job.events.is_closed() || a.in_flight > 0 {
-                return true;
-            }
+        let (gone, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.active).into_iter().partition(|a| a.job.events.is_closed() && a.in_flight == 0);
+        self.active = keep;
+        for a in gone {
             a.span.in_scope(|| tracing::info!(completion_tokens = a.generated, "request cancelled"));
-            if let Err(e) = engine.release(a.seq) {
-                tracing::warn!("releasing sequence {}: {e:#}", a.seq);
-            }
-            false
-        });
+            self.release(a.seq);
+        }
     }
 
     /// Makes room for sequence `i` to reach `end` positions: true if the pool has (or now
@@ -728,7 +810,13 @@ impl<'a> Loop<'a> {
     fn make_room(&mut self, i: usize, end: usize) -> bool {
         let Some(kv) = self.kv else { return true };
         loop {
-            let need = kv.blocks_for(end as u32).saturating_sub(kv.blocks_for(self.active[i].sent as u32));
+            let a = &self.active[i];
+            let need = if a.fork_from.is_some() {
+                // Not forked yet: the shared whole blocks are not taken.
+                kv.blocks_for(end as u32) - (a.sent / kv.block_size as usize) as u32
+            } else {
+                self.ledger.need(a.seq, a.sent, end)
+            };
             if need <= self.free_blocks() {
                 return true;
             }
@@ -760,9 +848,8 @@ impl<'a> Loop<'a> {
     fn preempt(&mut self, j: usize) {
         let mut a = self.active.remove(j);
         a.span.in_scope(|| tracing::info!(tokens = a.tokens.len(), "preempted: its KV blocks are needed"));
-        if let Err(e) = self.engine.release(a.seq) {
-            tracing::warn!("releasing sequence {}: {e:#}", a.seq);
-        }
+        self.release(a.seq);
+        a.fork_from = None;
         a.sent = 0;
         a.noted = 0;
         a.stale = 0;
@@ -873,6 +960,7 @@ impl<'a> Loop<'a> {
                 logprobs: a.job.request.logprobs,
                 allowed: mask,
                 checkpoint: a.checkpoint_at == Some(end),
+                fork_from: a.fork_from,
             });
         }
         let result = self.engine.submit(&parts);
@@ -885,6 +973,11 @@ impl<'a> Loop<'a> {
                 let now = Instant::now();
                 for &(seq, n) in picks {
                     let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
+                    // The stages take the step's blocks as the ledger does.
+                    if let Some(src) = a.fork_from.take() {
+                        self.ledger.fork(src, seq, a.sent);
+                    }
+                    self.ledger.step(seq, a.sent, a.sent + n);
                     a.sent += n;
                     a.stale = 0;
                     if a.checkpoint_at == Some(a.sent) {
@@ -944,6 +1037,11 @@ impl<'a> Loop<'a> {
                     self.prefix.1 = self.prefix.1.saturating_sub(a.cached as u64);
                     (a.sent, a.noted, a.cached, a.stale) = (0, 0, 0, 0);
                     a.checkpoint = None;
+                    a.fork_from = None;
+                    // Started afresh: whatever the stages held of it is rewritten, and
+                    // no request forks what it held.
+                    self.ledger.release(seq);
+                    self.unfork(seq);
                 }
                 Err(e) => {
                     a.awaiting = false;
@@ -969,6 +1067,7 @@ impl<'a> Loop<'a> {
         self.in_flight.clear();
         // The stages' sequences are gone with the old plan.
         self.retained.clear();
+        self.ledger.clear();
         for a in self.active.iter_mut() {
             a.in_flight = 0;
             a.awaiting = false;
@@ -976,6 +1075,7 @@ impl<'a> Loop<'a> {
             a.noted = 0;
             a.stale = 0;
             a.checkpoint = None;
+            a.fork_from = None;
         }
         match recovered {
             Ok(r) => {
@@ -1099,8 +1199,8 @@ impl<'a> Loop<'a> {
                     checkpoint: a.checkpoint,
                     since: Instant::now(),
                 });
-            } else if let Err(e) = self.engine.release(a.seq) {
-                tracing::warn!("releasing sequence {}: {e:#}", a.seq);
+            } else {
+                self.release(a.seq);
             }
             answers.push(a);
         }
@@ -1138,6 +1238,7 @@ impl<'a> Loop<'a> {
             busy,
             preemptions: self.preemptions,
             prefix_hits: self.prefix.0,
+            prefix_forks: self.forks,
             prefix_cached_tokens: self.prefix.1,
             retained: self.retained.len(),
             retained_blocks: self.retained_blocks(),
@@ -1545,6 +1646,41 @@ mod tests {
         let (_, mut rx) = sched.submit(next).unwrap();
         assert_eq!(collect(&mut rx).1.unwrap().cached_tokens, 0);
         assert!(log.lock().unwrap().iter().all(|l| !l.checkpoint));
+    }
+
+    /// A request whose prompt begins with a running sequence's tokens starts as a fork of
+    /// it: its first step is at the shared length, it answers as computed afresh, and the
+    /// shared blocks are counted once.
+    #[test]
+    fn a_request_sharing_a_running_sequence_s_prefix_forks_it() {
+        let mut engine = slow_engine();
+        engine.kv = Some(KvCapacity { block_size: 4, blocks: 64 });
+        let log = engine.log.clone();
+        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::AnyPrefix };
+        let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+        let (_, mut a) = sched.submit(req(20, 30)).unwrap();
+        let t0 = Instant::now();
+        while sched.snapshot().decoding == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the first request never decoded");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut shared = req(0, 3);
+        shared.prompt = (100..118).chain([1, 2, 3]).collect();
+        let (_, mut b) = sched.submit(shared.clone()).unwrap();
+        let (text, done) = collect(&mut b);
+        assert_eq!(done.unwrap().cached_tokens, 18, "{:?}", lines(&log));
+        assert_eq!(parts_of(&log, 2)[0], "3@18", "{:?}", lines(&log));
+        assert_eq!(text, alone(shared));
+        assert_eq!(collect(&mut a).0, alone(req(20, 30)));
+        // Both retained: 13 blocks for the first's 49 positions, and of the fork's 6 only
+        // the 2 it wrote (block 4, copied, and block 5); blocks 0-3 are shared.
+        let t0 = Instant::now();
+        while sched.snapshot().retained < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let snap = sched.snapshot();
+        assert_eq!((snap.kv.map(|k| k.1), snap.retained_blocks), (Some(15), 15), "{snap:?}");
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct DeltaNetState {
     checkpoints: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
+/// A conv-history buffer and a matrices buffer laid out alike (the state, or the checkpoints).
+type Pair<'a> = (&'a wgpu::Buffer, &'a wgpu::Buffer);
+
 impl std::fmt::Debug for DeltaNetState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeltaNetState").field("config", &self.config).field("slots", &self.slots).finish()
@@ -101,29 +104,44 @@ impl DeltaNetState {
     /// Copies `slot`'s state to its checkpoint, in `encoder` (after the step's pass).
     pub fn save(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
         if let Some((conv, matrices)) = &self.checkpoints {
-            self.copy_slot(encoder, slot, (&self.conv, &self.matrices), (conv, matrices));
+            self.copy_slot(encoder, ((&self.conv, &self.matrices), slot), ((conv, matrices), slot));
         }
     }
 
     /// Copies `slot`'s checkpoint back over its state, in `encoder` (before the pass).
     pub fn restore(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
         if let Some((conv, matrices)) = &self.checkpoints {
-            self.copy_slot(encoder, slot, (conv, matrices), (&self.conv, &self.matrices));
+            self.copy_slot(encoder, ((conv, matrices), slot), ((&self.conv, &self.matrices), slot));
         }
     }
 
-    fn copy_slot(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        slot: u32,
-        from: (&wgpu::Buffer, &wgpu::Buffer),
-        to: (&wgpu::Buffer, &wgpu::Buffer),
-    ) {
-        let (c, m) = (Self::conv_bytes(&self.config), Self::matrix_bytes(&self.config));
-        if c > 0 {
-            encoder.copy_buffer_to_buffer(from.0, u64::from(slot) * c, to.0, u64::from(slot) * c, c);
+    /// Copies slot `from`'s state (or, with `from_checkpoint`, its checkpoint) over slot
+    /// `to`'s, in `encoder` (before the pass): a forked sequence starts from it. A copy of
+    /// a live state goes through `to`'s checkpoint (wgpu copies nothing within one
+    /// buffer), which a fresh sequence does not hold yet; so a stage forks live states
+    /// only when it keeps checkpoints.
+    pub fn fork(&self, encoder: &mut wgpu::CommandEncoder, from: u32, from_checkpoint: bool, to: u32) -> Result<()> {
+        let Some((conv, matrices)) = &self.checkpoints else {
+            return Err(Error::Spec("forking a recurrent state needs the stage's checkpoints".into()));
+        };
+        let (ckpt, live) = ((conv, matrices), (&self.conv, &self.matrices));
+        if from_checkpoint {
+            self.copy_slot(encoder, (ckpt, from), (live, to));
+        } else {
+            self.copy_slot(encoder, (live, from), (ckpt, to));
+            self.copy_slot(encoder, (ckpt, to), (live, to));
         }
-        encoder.copy_buffer_to_buffer(from.1, u64::from(slot) * m, to.1, u64::from(slot) * m, m);
+        Ok(())
+    }
+
+    /// Copies one slot's conv history and matrices, `((conv, matrices), slot)` to another.
+    fn copy_slot(&self, encoder: &mut wgpu::CommandEncoder, from: (Pair<'_>, u32), to: (Pair<'_>, u32)) {
+        let (c, m) = (Self::conv_bytes(&self.config), Self::matrix_bytes(&self.config));
+        let (((fc, fm), a), ((tc, tm), b)) = (from, to);
+        if c > 0 {
+            encoder.copy_buffer_to_buffer(fc, u64::from(a) * c, tc, u64::from(b) * c, c);
+        }
+        encoder.copy_buffer_to_buffer(fm, u64::from(a) * m, tm, u64::from(b) * m, m);
     }
 
     pub fn config(&self) -> &DeltaNetConfig {

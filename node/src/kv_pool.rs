@@ -146,15 +146,44 @@ impl LayerKv {
     pub fn bytes(&self) -> u64 {
         self.k.size() + self.v.size()
     }
+
+    /// Bytes of one block of K (or of V).
+    pub fn block_bytes(&self) -> u64 {
+        u64::from(self.layout.block_size) * Self::bytes_per_position(self.n_kv_heads, self.head_dim) / 2
+    }
+
+    /// Copies block `c.from` of K and of V to `c.to`, in `encoder`, through `bounce` (at
+    /// least [`LayerKv::block_bytes`]): wgpu copies nothing within one buffer.
+    pub fn copy_block(&self, encoder: &mut wgpu::CommandEncoder, c: BlockCopy, bounce: &wgpu::Buffer) {
+        let n = self.block_bytes();
+        for buffer in [&self.k, &self.v] {
+            encoder.copy_buffer_to_buffer(buffer, u64::from(c.from) * n, bounce, 0, n);
+            encoder.copy_buffer_to_buffer(bounce, 0, buffer, u64::from(c.to) * n, n);
+        }
+    }
 }
 
 /// Which blocks each slot's sequence holds: the allocator, and the block table `[slots,
 /// max_blocks]` (u32 block numbers, `u32::MAX` where none) that the kernels read.
+///
+/// A sequence forked from another ([`BlockTable::share`]) holds the same blocks for their
+/// common prefix; a shared block is copied before either writes it (copy on write, see
+/// [`BlockTable::prepare`]), so a block is freed when the last sequence holding it lets go.
 pub struct BlockTable {
     layout: KvLayout,
     table: wgpu::Buffer,
     /// Free blocks, the next to hand out last.
     free: Vec<u32>,
+    /// How many sequences hold each block.
+    refs: Vec<u32>,
+}
+
+/// A shared block a step is about to write, and the block that becomes the writer's own:
+/// copied (every attention layer's K and V) before the step's pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub from: u32,
+    pub to: u32,
 }
 
 impl BlockTable {
@@ -171,6 +200,7 @@ impl BlockTable {
             layout,
             table: gpu.storage_init("kv block table", bytemuck::cast_slice(&none)),
             free: (0..layout.blocks).rev().collect(),
+            refs: vec![0; layout.blocks as usize],
         })
     }
 
@@ -213,17 +243,85 @@ impl BlockTable {
             )));
         }
         let first = held.len();
-        held.extend((0..more).map(|_| self.free.pop().expect("counted above")));
-        let offset = (u64::from(slot) * u64::from(self.layout.max_blocks) + first as u64) * 4;
-        queue.write_buffer(&self.table, offset, bytemuck::cast_slice(&held[first..]));
+        for _ in 0..more {
+            let b = self.free.pop().expect("counted above");
+            self.refs[b as usize] = 1;
+            held.push(b);
+        }
+        self.write_entries(queue, slot, held, first);
         Ok(())
     }
 
-    /// Gives back the blocks of `held` past what `positions` positions need.
+    /// Readies `held`, the blocks of the sequence in `slot`, for a step writing positions
+    /// `pos..end`: a block of its own for every shared block the step writes (the copies
+    /// to make before the pass are returned), blocks up to `end`, and none past it (a step
+    /// that starts before the end drops the positions after it). Takes nothing when the
+    /// pool cannot cover it all.
+    pub fn prepare(
+        &mut self,
+        queue: &wgpu::Queue,
+        slot: u32,
+        held: &mut Vec<u32>,
+        pos: u32,
+        end: u32,
+    ) -> Result<Vec<BlockCopy>> {
+        let want = (self.layout.blocks_for(end) as usize).min(held.len());
+        let written = (pos / self.layout.block_size) as usize..want;
+        let shared: Vec<usize> = written.filter(|&i| self.refs[held[i] as usize] > 1).collect();
+        let more = (self.layout.blocks_for(end) as usize).saturating_sub(held.len());
+        if !shared.is_empty() && more + shared.len() > self.free.len() {
+            return Err(Error::Exhausted(format!(
+                "the KV pool is full: {end} positions need {} more blocks of {} ({} to copy shared ones), {} of {} are free",
+                more + shared.len(),
+                self.layout.block_size,
+                shared.len(),
+                self.free.len(),
+                self.layout.blocks
+            )));
+        }
+        self.grow(queue, slot, held, end)?;
+        let mut copies = Vec::with_capacity(shared.len());
+        for i in shared {
+            let to = self.free.pop().expect("counted above");
+            let from = std::mem::replace(&mut held[i], to);
+            self.refs[from as usize] -= 1;
+            self.refs[to as usize] = 1;
+            self.write_entries(queue, slot, &held[..=i], i);
+            copies.push(BlockCopy { from, to });
+        }
+        self.shrink(held, end);
+        Ok(copies)
+    }
+
+    /// Makes `held`, the (empty) blocks of the sequence in `slot`, the blocks `from` of
+    /// another sequence: a fork's common prefix, held by both until one writes a block.
+    pub fn share(&mut self, queue: &wgpu::Queue, slot: u32, held: &mut Vec<u32>, from: &[u32]) {
+        debug_assert!(held.is_empty(), "a fork starts with no blocks");
+        for &b in from {
+            self.refs[b as usize] += 1;
+        }
+        held.extend_from_slice(from);
+        self.write_entries(queue, slot, held, 0);
+    }
+
+    /// Writes the table entries of `held[first..]` for `slot`.
+    fn write_entries(&self, queue: &wgpu::Queue, slot: u32, held: &[u32], first: usize) {
+        if first < held.len() {
+            let offset = (u64::from(slot) * u64::from(self.layout.max_blocks) + first as u64) * 4;
+            queue.write_buffer(&self.table, offset, bytemuck::cast_slice(&held[first..]));
+        }
+    }
+
+    /// Gives back the blocks of `held` past what `positions` positions need (each freed
+    /// when no other sequence holds it).
     pub fn shrink(&mut self, held: &mut Vec<u32>, positions: u32) {
         let keep = self.layout.blocks_for(positions) as usize;
         while held.len() > keep {
-            self.free.push(held.pop().expect("longer than keep"));
+            let b = held.pop().expect("longer than keep");
+            self.refs[b as usize] -= 1;
+            if self.refs[b as usize] == 0 {
+                self.free.push(b);
+            }
         }
     }
 }

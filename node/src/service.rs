@@ -516,6 +516,7 @@ impl Inner {
                 history: &s.history,
                 allowed,
                 checkpoint: s.checkpoint,
+                fork_from: (s.fork_from != 0).then_some(s.fork_from),
             })
             .collect();
         let t0 = Instant::now();

@@ -165,6 +165,7 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
                     history: &[],
                     allowed: &[],
                     checkpoint: false,
+                    fork_from: None,
                 }
             })
             .collect();
@@ -207,32 +208,10 @@ fn smollm2_q8_0_teacher_forced_batched() {
 /// checkpoint is refused, naming where the state and the checkpoint are.
 #[test]
 fn a_recurrent_stage_resumes_a_sequence_from_its_checkpoint() {
-    use strata_node::stage::{Produced, SeqStep, Want};
-    let gguf = Gguf::open(fixture("tiny-qwen35.gguf")).unwrap();
-    let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
-    let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
-    let spec = StageSpec { checkpoints: true, ..StageSpec::new(0..n_layer, 64, 16).with_seqs(2) };
-    let mut st = Stage::load(gpu.clone(), &gguf, spec).unwrap();
+    let mut st = small_stage("tiny-qwen35.gguf", 2, true);
     let first: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % 200).collect();
     let then: Vec<u32> = vec![11, 22, 33, 44];
-    let run = |st: &mut Stage, seq: u64, pos: u32, tokens: &[u32], checkpoint: bool| {
-        let step = SeqStep {
-            seq,
-            pos,
-            rows: tokens.len() as u32,
-            tokens,
-            want: Want::Logits,
-            history: &[],
-            allowed: &[],
-            checkpoint,
-        };
-        let out = st.step(&[step], None).unwrap();
-        match out.seqs.into_iter().next().unwrap().1 {
-            Ok(Produced::Logits(l)) => Ok(l),
-            Ok(other) => panic!("a logits step produced {other:?}"),
-            Err(e) => Err(e.to_string()),
-        }
-    };
+    let run = |st: &mut Stage, seq, pos, tokens: &[u32], checkpoint| logits_of(st, seq, pos, tokens, checkpoint, None);
     // Sequence 1: 8 tokens with a checkpoint after them, 6 more, then 2 decode steps.
     run(&mut st, 1, 0, &first[..8], true).unwrap();
     run(&mut st, 1, 8, &first[8..12], false).unwrap();
@@ -257,7 +236,115 @@ fn a_recurrent_stage_resumes_a_sequence_from_its_checkpoint() {
     let e = run(&mut st, 1, 8, &then, false).unwrap_err();
     assert!(e.contains("recurrent state is at 12") && !e.contains("checkpoint"), "{e}");
     // A stage loaded without checkpoints refuses a step that asks for one.
-    let mut plain = Stage::load(gpu, &gguf, StageSpec::new(0..n_layer, 64, 16)).unwrap();
+    let mut plain = small_stage("tiny-qwen35.gguf", 1, false);
     let e = run(&mut plain, 1, 0, &first[..8], true).unwrap_err();
     assert!(e.contains("loaded without them"), "{e}");
+}
+
+/// The whole of fixture `name` on one stage: context 64, steps of 16 rows, `seqs` slots,
+/// with or without checkpoints of recurrent state.
+fn small_stage(name: &str, seqs: u32, checkpoints: bool) -> Stage {
+    let gguf = Gguf::open(fixture(name)).unwrap();
+    let n_layer = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap().n_layer();
+    let gpu = Arc::new(Gpu::new(&GpuConfig::default()).unwrap());
+    Stage::load(gpu, &gguf, StageSpec { checkpoints, ..StageSpec::new(0..n_layer, 64, 16).with_seqs(seqs) }).unwrap()
+}
+
+/// A step of one sequence on `st` asking for the last row's logits (`checkpoint`: keeping
+/// its recurrent state after it; `fork`: a new sequence forked from that one at `pos`), or
+/// the error it got.
+fn logits_of(
+    st: &mut Stage,
+    seq: u64,
+    pos: u32,
+    tokens: &[u32],
+    checkpoint: bool,
+    fork: Option<u64>,
+) -> Result<Vec<f32>, String> {
+    use strata_node::stage::{Produced, SeqStep, Want};
+    let step = SeqStep {
+        seq,
+        pos,
+        rows: tokens.len() as u32,
+        tokens,
+        want: Want::Logits,
+        history: &[],
+        allowed: &[],
+        checkpoint,
+        fork_from: fork,
+    };
+    let out = st.step(&[step], None).unwrap();
+    match out.seqs.into_iter().next().unwrap().1 {
+        Ok(Produced::Logits(l)) => Ok(l),
+        Ok(other) => panic!("a logits step produced {other:?}"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A sequence forked from another shares its KV blocks of the common prefix: the fork's
+/// logits are those of a sequence that computed the prefix itself, the source goes on
+/// unchanged after the fork writes its own copy of the block they shared, the shared
+/// blocks are counted once, and they are freed when the last holder lets go.
+#[test]
+fn a_forked_sequence_shares_the_prefix_blocks_and_copies_the_one_it_writes() {
+    let mut st = small_stage("tiny-qwen3.gguf", 4, false);
+    let first: Vec<u32> = (0..24).map(|i| (i * 31 + 7) % 200).collect();
+    let other = [9, 8, 7, 6];
+    // Sequence 1: 16, 2, 2 tokens (blocks of 16: one full, one partial).
+    logits_of(&mut st, 1, 0, &first[..16], false, None).unwrap();
+    logits_of(&mut st, 1, 16, &first[16..18], false, None).unwrap();
+    logits_of(&mut st, 1, 18, &first[18..20], false, None).unwrap();
+    assert_eq!(st.pool().used_blocks, 2);
+    // Sequence 2 forks it at 18 and writes 4 other tokens: it shares block 0 and copies
+    // block 1 (positions 16 and 17 are the source's).
+    let forked = logits_of(&mut st, 2, 18, &other, false, Some(1)).unwrap();
+    assert_eq!(st.pool().used_blocks, 3, "the shared block is counted once");
+    // The source goes on as if alone.
+    let source_next = logits_of(&mut st, 1, 20, &first[20..24], false, None).unwrap();
+    // Sequence 3 computes the fork's tokens from the start, in the same chunks.
+    logits_of(&mut st, 3, 0, &first[..16], false, None).unwrap();
+    logits_of(&mut st, 3, 16, &first[16..18], false, None).unwrap();
+    assert_eq!(logits_of(&mut st, 3, 18, &other, false, None).unwrap(), forked, "the fork's logits are a fresh run's");
+    st.release(3);
+    // And sequence 4 the source's.
+    logits_of(&mut st, 4, 0, &first[..16], false, None).unwrap();
+    logits_of(&mut st, 4, 16, &first[16..18], false, None).unwrap();
+    logits_of(&mut st, 4, 18, &first[18..20], false, None).unwrap();
+    assert_eq!(logits_of(&mut st, 4, 20, &first[20..24], false, None).unwrap(), source_next, "the source is unchanged");
+    st.release(4);
+    // Bad forks are refused, naming the source.
+    let e = logits_of(&mut st, 5, 30, &other, false, Some(1)).unwrap_err();
+    assert!(e.contains("forks sequence 1 at position 30, past its 24 positions"), "{e}");
+    let e = logits_of(&mut st, 5, 4, &other, false, Some(9)).unwrap_err();
+    assert!(e.contains("forks sequence 9 at position 4, which this stage does not hold"), "{e}");
+    // Freed when the last holder lets go: block 0 stays with sequence 2.
+    st.release(1);
+    assert_eq!(st.pool().used_blocks, 2);
+    st.release(2);
+    assert_eq!(st.pool().used_blocks, 0);
+}
+
+/// On a recurrent stage a fork starts from the source's checkpoint or its live state, and
+/// computes what a fresh sequence computes; any other position is refused.
+#[test]
+fn a_forked_recurrent_sequence_starts_from_the_checkpoint_or_the_live_state() {
+    let mut st = small_stage("tiny-qwen35.gguf", 3, true);
+    let first: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 200).collect();
+    let then = [11, 22, 33, 44];
+    // Sequence 1: 8 tokens with a checkpoint after them, then 4 more.
+    logits_of(&mut st, 1, 0, &first[..8], true, None).unwrap();
+    logits_of(&mut st, 1, 8, &first[8..12], false, None).unwrap();
+    let at_checkpoint = logits_of(&mut st, 2, 8, &then, false, Some(1)).unwrap();
+    st.release(2);
+    let at_end = logits_of(&mut st, 2, 12, &then, false, Some(1)).unwrap();
+    st.release(2);
+    let e = logits_of(&mut st, 2, 10, &then, false, Some(1)).unwrap_err();
+    assert!(e.contains("but its recurrent state is at 12 and its checkpoint at 8"), "{e}");
+    // Fresh runs of the same tokens in the same chunks.
+    logits_of(&mut st, 3, 0, &first[..8], false, None).unwrap();
+    assert_eq!(logits_of(&mut st, 3, 8, &then, false, None).unwrap(), at_checkpoint, "forked at the checkpoint");
+    st.release(3);
+    logits_of(&mut st, 3, 0, &first[..8], false, None).unwrap();
+    logits_of(&mut st, 3, 8, &first[8..12], false, None).unwrap();
+    assert_eq!(logits_of(&mut st, 3, 12, &then, false, None).unwrap(), at_end, "forked at the live state");
 }

@@ -140,3 +140,65 @@ fn a_recurrent_model_resumes_a_prompt_that_extends_the_whole_sequence() {
     assert_eq!((other.0.as_str(), other.1), (want_other.0.as_str(), 0));
     let _ = (want_next.1, want_other.2);
 }
+
+/// Requests sent while a request with the same long system prompt runs start as forks of
+/// its sequence: they share its KV blocks of the common prefix (copying the block they
+/// write), compute only what follows, and answer exactly as a server without the cache,
+/// on one node and on three.
+#[test]
+fn requests_beside_a_running_one_fork_its_prefix() {
+    let m = model(SMOL_Q4_1);
+    let system = "You are a careful assistant for a team of engineers. Answer in plain words, briefly, \
+                  and say so when you are not sure. "
+        .repeat(3);
+    let body = |question: &str, max_tokens: u32| {
+        json!({ "messages": [{ "role": "system", "content": system }, { "role": "user", "content": question }],
+            "max_tokens": max_tokens, "temperature": 0 })
+        .to_string()
+    };
+    let questions = ["What is a compiler?", "What is a linker?", "What is a debugger?"];
+    // (content, cached tokens) of a long answer and, sent while it runs, three short ones.
+    let run = |server: &Server| -> Vec<(String, u64)> {
+        let answer = |r: crate::serve::Reply| {
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v = r.json();
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+            (v["choices"][0]["message"]["content"].as_str().unwrap().to_owned(), cached)
+        };
+        std::thread::scope(|s| {
+            let long =
+                s.spawn(|| answer(server.post("/v1/chat/completions", &body("What is an operating system?", 40))));
+            let t0 = std::time::Instant::now();
+            while server.metric("strata_generated_tokens_total") == 0 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(120), "the first request never decoded");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let short: Vec<_> = questions
+                .iter()
+                .map(|q| s.spawn(move || answer(server.post("/v1/chat/completions", &body(q, 8)))))
+                .collect();
+            let mut out = vec![long.join().unwrap()];
+            out.extend(short.into_iter().map(|h| h.join().unwrap()));
+            out
+        })
+    };
+    let cold = Server::start(&m, &["--no-prefix-cache"]);
+    let want = run(&cold);
+    drop(cold);
+    let warm = Server::start(&m, &[]);
+    let got = run(&warm);
+    eprintln!("forks: {got:?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0, "the same answers with forks");
+    }
+    // Each short request shares at least the system prompt with a running sequence.
+    assert!(got[1..].iter().all(|g| g.1 >= 16), "{got:?}");
+    assert!(warm.metric("strata_prefix_cache_forks_total") >= 2, "{}", warm.get("/metrics").body);
+    drop(warm);
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+    let flags = cluster.flags();
+    let piped = Server::start(&m, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let three = run(&piped);
+    assert_eq!(three.iter().map(|t| &t.0).collect::<Vec<_>>(), want.iter().map(|w| &w.0).collect::<Vec<_>>());
+    assert!(piped.metric("strata_prefix_cache_forks_total") >= 2);
+}

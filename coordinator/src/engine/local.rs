@@ -85,6 +85,7 @@ impl LocalEngine {
                 history: s.history,
                 allowed: s.allowed,
                 checkpoint: s.checkpoint,
+                fork_from: s.fork_from,
             })
             .collect();
         match self.stage.step(&steps, None) {

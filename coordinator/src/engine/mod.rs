@@ -164,6 +164,9 @@ pub struct SeqStep<'a> {
     /// Keep the sequence's recurrent state after these rows as its checkpoint (see
     /// [`Engine::checkpoints`]).
     pub checkpoint: bool,
+    /// The first step of a new sequence forked from this one at `pos` (see
+    /// `strata_node::stage::SeqStep::fork_from`).
+    pub fork_from: Option<SeqId>,
 }
 
 /// A sampled token, and its log-probabilities when the step asked for them.
@@ -402,6 +405,7 @@ pub trait Engine: Send {
                 logprobs: None,
                 allowed,
                 checkpoint: false,
+                fork_from: None,
             }])?;
             p += chunk.len() as u32;
             at += chunk.len();
@@ -444,6 +448,7 @@ pub trait Engine: Send {
             logprobs: None,
             allowed,
             checkpoint: false,
+            fork_from: None,
         };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")

@@ -705,6 +705,7 @@ impl Pipeline {
                 history: s.history.to_vec(),
                 allowed: s.allowed.iter().flat_map(|w| w.to_le_bytes()).collect(),
                 checkpoint: s.checkpoint,
+                fork_from: s.fork_from.unwrap_or(0),
                 want_logits: false,
                 want_logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),

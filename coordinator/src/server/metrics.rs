@@ -88,9 +88,16 @@ impl Metrics {
             &mut out,
             "strata_prefix_cache_hits_total",
             "counter",
-            "Requests whose prompt resumed a finished sequence's caches (the prefix cache).",
+            "Requests whose prompt reused cached positions: a finished sequence's (the prefix cache) or a running one's (a fork).",
         );
         let _ = writeln!(out, "strata_prefix_cache_hits_total {}", snap.prefix_hits);
+        head(
+            &mut out,
+            "strata_prefix_cache_forks_total",
+            "counter",
+            "Of those, requests that started as a fork of a running sequence, sharing its KV blocks.",
+        );
+        let _ = writeln!(out, "strata_prefix_cache_forks_total {}", snap.prefix_forks);
         head(
             &mut out,
             "strata_prefix_cache_tokens_total",

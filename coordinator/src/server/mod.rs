@@ -255,6 +255,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "sequences": snap.retained,
             "blocks": snap.retained_blocks,
             "hits": snap.prefix_hits,
+            "forks": snap.prefix_forks,
             "cached_tokens": snap.prefix_cached_tokens,
         },
         "state": match (&snap.broken, &snap.recovering) {

@@ -143,6 +143,11 @@ pub struct SeqStep<'a> {
     /// Keep a checkpoint of its recurrent state after these rows (replacing its last): a
     /// later step of the sequence may start there again (needs [`StageSpec::checkpoints`]).
     pub checkpoint: bool,
+    /// A sequence this stage does not hold yet, starting at `pos > 0`: a fork of this
+    /// sequence, sharing its KV blocks of positions `0..pos` (copied when either writes
+    /// one) and starting from its recurrent state at `pos` (its checkpoint, or its live
+    /// state when that is at `pos`).
+    pub fork_from: Option<SeqId>,
 }
 
 /// What one sequence's part of a step produced.
@@ -173,6 +178,9 @@ struct Admitted<'s> {
     reset: bool,
     restore: bool,
     save: bool,
+    /// Shared KV blocks it writes, copied first; a fork's recurrent state, copied first.
+    copies: Vec<crate::kv_pool::BlockCopy>,
+    fork: Option<(u32, bool)>,
     /// Its first row in the step's input (for hidden states).
     input_row: usize,
 }
@@ -198,6 +206,9 @@ pub struct Stage {
     /// The layers' dispatches, for each class of step size.
     lists: Vec<(StepRows, Vec<Dispatch>)>,
     seqs: Sequences,
+    /// One KV block's bytes, through which a shared block is copied (wgpu copies nothing
+    /// within one buffer); none without attention layers.
+    bounce: Option<wgpu::Buffer>,
 }
 
 impl Stage {
@@ -227,6 +238,10 @@ impl Stage {
         let recurrent = kinds.contains(&LayerKind::DeltaNet);
         let size = StateSize { slots: spec.max_seqs, kv, checkpoints: spec.checkpoints && recurrent };
         let states = layers.iter().map(|l| l.new_state(&gpu, &config, &size)).collect::<Result<Vec<_>>>()?;
+        let bounce = states.iter().find_map(|s| match s {
+            LayerState::Kv(kv) => Some(gpu.storage("kv block bounce", kv.block_bytes())),
+            LayerState::DeltaNet(_) => None,
+        });
         let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?;
         let max_samples = spec.max_seqs.min(spec.max_batch);
         let head = if last { Some(Head::load(&ctx, &config, &scratch, max_samples)?) } else { None };
@@ -250,6 +265,7 @@ impl Stage {
             scratch,
             staging,
             lists: Vec::new(),
+            bounce,
         };
         // Every pipeline compiled and bind group built now, not on the first request.
         stage.lists = StepRows::up_to(stage.spec.max_batch)
@@ -532,6 +548,8 @@ impl Stage {
                 reset: a.reset,
                 restore: a.restore,
                 save: a.save,
+                copies: a.copies,
+                fork: a.fork,
                 input_row,
             });
             input_row += st.rows as usize;
@@ -606,8 +624,15 @@ impl Stage {
                 return Err(Error::Sequence { seq: st.seq, message: "its grammar mask allows no token".into() });
             }
         }
-        let admitted =
-            self.seqs.admit(&self.gpu.queue, self.scratch.table.as_mut(), st.seq, st.pos, st.rows, st.checkpoint)?;
+        let admitted = self.seqs.admit(
+            &self.gpu.queue,
+            self.scratch.table.as_mut(),
+            st.seq,
+            st.pos,
+            st.rows,
+            st.checkpoint,
+            st.fork_from,
+        )?;
         if self.is_last() && !st.history.is_empty() {
             self.seqs.get_mut(st.seq).expect("admitted").note(st.history);
         }
@@ -651,6 +676,22 @@ impl Stage {
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         let deltanet =
             || self.states.iter().filter_map(|s| if let LayerState::DeltaNet(d) = s { Some(d) } else { None });
+        // Copies first, in admission order: a fork's blocks and state as they were before
+        // this step writes anything.
+        for a in ran {
+            for &c in &a.copies {
+                for st in &self.states {
+                    if let (LayerState::Kv(kv), Some(bounce)) = (st, &self.bounce) {
+                        kv.copy_block(&mut enc, c, bounce);
+                    }
+                }
+            }
+            if let Some((from, from_checkpoint)) = a.fork {
+                for d in deltanet() {
+                    d.fork(&mut enc, from, from_checkpoint, a.slot)?;
+                }
+            }
+        }
         for a in ran.iter().filter(|a| a.reset || a.restore) {
             for d in deltanet() {
                 if a.reset {
@@ -845,7 +886,8 @@ impl Stage {
             }
             Input::Hidden(h) => (&[][..], Some(h)),
         };
-        let step = SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[], checkpoint: false };
+        let step =
+            SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[], checkpoint: false, fork_from: None };
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
         Ok((produced?, output.hidden))

@@ -8,7 +8,7 @@ use std::time::Instant;
 use strata_model::sampling::{Sampler, SamplingParams};
 
 use super::SeqId;
-use crate::kv_pool::BlockTable;
+use crate::kv_pool::{BlockCopy, BlockTable};
 use crate::{Error, Result};
 
 /// Recent tokens the repetition penalties look at, at most.
@@ -47,7 +47,7 @@ impl Sequence {
 }
 
 /// Where a step of a sequence starts, as [`Sequences::admit`] found it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Admitted {
     pub slot: u32,
     /// Its recurrent state starts over (a step at position 0): clear its slot first.
@@ -56,6 +56,18 @@ pub(super) struct Admitted {
     pub restore: bool,
     /// Its recurrent state is kept as its checkpoint after the step.
     pub save: bool,
+    /// Shared KV blocks the step writes, to copy first (copy on write).
+    pub copies: Vec<BlockCopy>,
+    /// A fork's recurrent state: the slot it comes from, and whether from that slot's
+    /// checkpoint (else its live state).
+    pub fork: Option<(u32, bool)>,
+}
+
+/// What a fork starts with: its source's blocks of their common prefix, and the slot its
+/// recurrent state is copied from (and whether from that slot's checkpoint).
+struct Fork {
+    blocks: Vec<u32>,
+    state: Option<(u32, bool)>,
 }
 
 /// Every sequence on the stage, their slots and (with attention layers) their blocks.
@@ -100,8 +112,11 @@ impl Sequences {
     /// pool). Checks the order first: a step starts where the sequence's positions end, or
     /// at 0 (starting over); on a stage without recurrent layers anywhere before the end
     /// too (attention rewrites the positions), and on one with them at its checkpoint.
-    /// With `checkpoint`, the state after the step becomes its checkpoint. On any error
-    /// the sequence is as it was.
+    /// A new sequence may start at `pos` as a fork of `fork`: it shares that sequence's
+    /// blocks of positions `0..pos` and starts from its recurrent state there (its live
+    /// state or its checkpoint). With `checkpoint`, the state after the step becomes its
+    /// checkpoint. On any error the sequence is as it was.
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         queue: &wgpu::Queue,
@@ -110,6 +125,7 @@ impl Sequences {
         pos: u32,
         rows: u32,
         checkpoint: bool,
+        fork: Option<SeqId>,
     ) -> Result<Admitted> {
         let end = pos + rows;
         if checkpoint && self.recurrent && !self.checkpoints {
@@ -118,7 +134,12 @@ impl Sequences {
         }
         let known = self.seqs.get(&seq).map(|s| (s.len, s.checkpoint));
         let mut restore = false;
+        let mut forked: Option<Fork> = None;
         match known {
+            None if pos != 0 && fork.is_some_and(|f| f != seq) => {
+                let src = fork.expect("checked above");
+                forked = Some(self.fork_source(table.as_deref(), seq, src, pos)?);
+            }
             None if pos != 0 => {
                 let message = format!(
                     "step at position {pos} of a sequence this stage does not hold (released, timed out, or never started at position 0)"
@@ -159,16 +180,24 @@ impl Sequences {
             self.seqs.insert(seq, new);
         }
         let s = self.seqs.get_mut(&seq).expect("present or inserted above");
+        let mut copies = Vec::new();
         if let Some(table) = table {
-            if let Err(e) = table.grow(queue, s.slot, &mut s.blocks, end) {
-                if fresh {
-                    let s = self.seqs.remove(&seq).expect("inserted above");
-                    self.free_slots.push(s.slot);
-                }
-                return Err(e);
+            if let Some(f) = &forked {
+                table.share(queue, s.slot, &mut s.blocks, &f.blocks);
             }
-            // A step that starts before the end drops the positions after it.
-            table.shrink(&mut s.blocks, end);
+            // Blocks up to `end`, its own copy of any shared block it writes, and none
+            // past `end` (a step that starts before the end drops the positions after it).
+            match table.prepare(queue, s.slot, &mut s.blocks, pos, end) {
+                Ok(c) => copies = c,
+                Err(e) => {
+                    if fresh {
+                        table.shrink(&mut s.blocks, 0);
+                        let s = self.seqs.remove(&seq).expect("inserted above");
+                        self.free_slots.push(s.slot);
+                    }
+                    return Err(e);
+                }
+            }
         }
         let reset = pos == 0 && self.recurrent;
         if pos == 0 {
@@ -184,7 +213,37 @@ impl Sequences {
         }
         s.len = end;
         s.last_used = Instant::now();
-        Ok(Admitted { slot: s.slot, reset, restore, save })
+        Ok(Admitted { slot: s.slot, reset, restore, save, copies, fork: forked.and_then(|f| f.state) })
+    }
+
+    /// What a new sequence `seq` forked from `src` at `pos` starts with: `src`'s blocks of
+    /// positions `0..pos`, and (on a recurrent stage) the slot and kind of the state it
+    /// copies: `src`'s checkpoint at `pos`, or its live state when that is at `pos`.
+    fn fork_source(&self, table: Option<&BlockTable>, seq: SeqId, src: SeqId, pos: u32) -> Result<Fork> {
+        let refuse = |message: String| Err(Error::Sequence { seq, message });
+        let Some(s) = self.seqs.get(&src) else {
+            return refuse(format!("forks sequence {src} at position {pos}, which this stage does not hold"));
+        };
+        if s.len < pos {
+            return refuse(format!("forks sequence {src} at position {pos}, past its {} positions", s.len));
+        }
+        let state = if !self.recurrent {
+            None
+        } else if !self.checkpoints {
+            return refuse(format!("forks sequence {src}'s recurrent state on a stage loaded without checkpoints"));
+        } else if s.checkpoint == Some(pos) {
+            Some((s.slot, true))
+        } else if s.len == pos {
+            Some((s.slot, false))
+        } else {
+            let at = s.checkpoint.map_or(String::new(), |c| format!(" and its checkpoint at {c}"));
+            return refuse(format!(
+                "forks sequence {src} at position {pos}, but its recurrent state is at {}{at}",
+                s.len
+            ));
+        };
+        let blocks = table.map_or_else(Vec::new, |t| s.blocks[..(t.layout().blocks_for(pos) as usize)].to_vec());
+        Ok(Fork { blocks, state })
     }
 
     /// Frees a sequence's slot and blocks.
