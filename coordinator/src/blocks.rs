@@ -52,6 +52,12 @@ impl BlockLedger {
         (want.saturating_sub(held.len()) + shared) as u32
     }
 
+    /// The blocks the first step of a fork at `pos` writing up to `end` takes: the whole
+    /// blocks it shares are not taken; the one it writes into is copied.
+    pub fn fork_need(&self, pos: usize, end: usize) -> u32 {
+        (self.blocks_for(end) - pos / self.block_size) as u32
+    }
+
     /// A step of `seq` writing positions `pos..end`, as a stage takes it: blocks up to
     /// `end`, its own copy of every shared block it writes, none past `end`.
     pub fn step(&mut self, seq: SeqId, pos: usize, end: usize) {

@@ -67,9 +67,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         if cfg.moe.is_some() { ", the routed experts it chooses only" } else { "" },
         per_node.join(", ")
     );
-    if let Some(dn) = &cfg.deltanet {
-        let layers = cfg.layers.iter().filter(|&&k| k == strata_model::config::LayerKind::DeltaNet).count() as u64;
-        let state = dn.state_values() as u64 * 4 * layers;
+    if cfg.deltanet.is_some() {
+        let state = cfg.recurrent_state_bytes();
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         if pc.checkpoints {
             println!(

@@ -196,6 +196,22 @@ pub enum PrefixReuse {
 const CHECKPOINT_BEFORE_END: usize = 8;
 
 impl PrefixReuse {
+    /// The prompt tokens a sequence whose stages hold `held` (and its recurrent state's
+    /// checkpoint at `checkpoint`) can give `prompt`: their common prefix, or with
+    /// recurrent layers all of `held` (when `live`, the sequence's state being still
+    /// there, not moving on) or the prefix up to its checkpoint. At least one prompt token
+    /// is left to compute, since the last one's row samples.
+    fn covered(self, held: &[u32], checkpoint: Option<usize>, live: bool, prompt: &[u32]) -> usize {
+        let common = held.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let n = common.min(prompt.len().saturating_sub(1));
+        match self {
+            PrefixReuse::Off => 0,
+            PrefixReuse::AnyPrefix => n,
+            PrefixReuse::WholeSequence if live && n == held.len() => n,
+            PrefixReuse::WholeSequence => checkpoint.filter(|&c| c <= n).unwrap_or(0),
+        }
+    }
+
     /// What `config`'s layers allow.
     pub fn for_model(config: &ModelConfig) -> PrefixReuse {
         if config.layers.contains(&LayerKind::DeltaNet) { PrefixReuse::WholeSequence } else { PrefixReuse::AnyPrefix }
@@ -564,8 +580,12 @@ impl<'a> Loop<'a> {
     /// Blocks the retained sequences alone hold (those they share with running ones are
     /// the running ones').
     fn retained_blocks(&self) -> u32 {
-        if self.kv.is_none() {
+        // Published every step: the walk over the blocks only when both kinds are held.
+        if self.kv.is_none() || self.retained.is_empty() {
             return 0;
+        }
+        if self.active.is_empty() {
+            return self.ledger.used();
         }
         self.ledger.held_only_by(|seq| self.retained.iter().any(|r| r.seq == seq))
     }
@@ -628,13 +648,7 @@ impl<'a> Loop<'a> {
             // A sequence a request waits to fork keeps its positions till then.
             .filter(|r| !self.fork_source(r.seq))
             .filter_map(|r| {
-                let common = r.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                let n = common.min(prompt.len() - 1);
-                let n = match self.reuse {
-                    PrefixReuse::AnyPrefix => n,
-                    _ if n == r.tokens.len() => n,
-                    _ => r.checkpoint.filter(|&c| c <= n).unwrap_or(0),
-                };
+                let n = self.reuse.covered(&r.tokens, r.checkpoint, true, prompt);
                 (n > 0).then_some((r.seq, n))
             })
             .max_by_key(|&(_, n)| n)
@@ -654,12 +668,7 @@ impl<'a> Loop<'a> {
             .iter()
             .filter(|a| a.failed.is_none() && a.fork_from.is_none())
             .filter_map(|a| {
-                let common = a.tokens[..a.sent].iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                let n = common.min(prompt.len() - 1);
-                let n = match self.reuse {
-                    PrefixReuse::AnyPrefix => n,
-                    _ => a.checkpoint.filter(|&c| c <= n).unwrap_or(0),
-                };
+                let n = self.reuse.covered(&a.tokens[..a.sent], a.checkpoint, false, prompt);
                 (n >= least).then_some((a.seq, n))
             })
             .max_by_key(|&(_, n)| n)
@@ -699,8 +708,7 @@ impl<'a> Loop<'a> {
                 let reserve = self.active.len() as u32;
                 let need = match (reuse, fork) {
                     (Some((seq, n)), _) => self.ledger.need(seq, n, need),
-                    // The shared whole blocks are not taken; the one it writes is copied.
-                    (_, Some((_, n))) => kv.blocks_for(need as u32) - (n / kv.block_size as usize) as u32,
+                    (_, Some((_, n))) => self.ledger.fork_need(n, need),
                     _ => kv.blocks_for(need as u32),
                 } + reserve;
                 while need > self.free_blocks() && self.evict_retained(keep) {}
@@ -808,12 +816,13 @@ impl<'a> Loop<'a> {
     /// has, after preempting younger idle sequences) the blocks. Preempts `i` itself when
     /// it is the youngest idle one (it resumes once others finish).
     fn make_room(&mut self, i: usize, end: usize) -> bool {
-        let Some(kv) = self.kv else { return true };
+        if self.kv.is_none() {
+            return true;
+        }
         loop {
             let a = &self.active[i];
             let need = if a.fork_from.is_some() {
-                // Not forked yet: the shared whole blocks are not taken.
-                kv.blocks_for(end as u32) - (a.sent / kv.block_size as usize) as u32
+                self.ledger.fork_need(a.sent, end)
             } else {
                 self.ledger.need(a.seq, a.sent, end)
             };

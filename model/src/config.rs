@@ -148,6 +148,13 @@ impl ModelConfig {
     pub fn n_layer(&self) -> usize {
         self.layers.len()
     }
+
+    /// Bytes of one sequence's recurrent state, every DeltaNet layer together (f32); 0
+    /// without DeltaNet layers.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let layers = self.layers.iter().filter(|&&k| k == LayerKind::DeltaNet).count() as u64;
+        self.deltanet.as_ref().map_or(0, |d| layers * d.state_values() as u64 * 4)
+    }
 }
 
 impl AttentionConfig {

@@ -620,6 +620,20 @@ pub(crate) mod testing {
         pub fn log(&self) -> Vec<Logged> {
             self.log.lock().unwrap().clone()
         }
+
+        fn log_release(&self, seq: SeqId) {
+            let logged = Logged {
+                step: self.next,
+                seq,
+                len: 0,
+                pos: 0,
+                history: 0,
+                want_token: false,
+                checkpoint: false,
+                release: true,
+            };
+            self.log.lock().unwrap().push(logged);
+        }
     }
 
     impl Engine for Scripted {
@@ -652,17 +666,7 @@ pub(crate) mod testing {
             Ok(done)
         }
         fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
-            let logged = Logged {
-                step: self.next,
-                seq,
-                len: 0,
-                pos: 0,
-                history: 0,
-                want_token: false,
-                checkpoint: false,
-                release: true,
-            };
-            self.log.lock().unwrap().push(logged);
+            self.log_release(seq);
             Ok(())
         }
         fn ctx(&self) -> u32 {
@@ -673,17 +677,8 @@ pub(crate) mod testing {
             self.fail_after = None;
             self.results.clear();
             self.recoveries += 1;
-            let logged = Logged {
-                step: self.next,
-                seq: 0,
-                len: 0,
-                pos: 0,
-                history: 0,
-                want_token: false,
-                checkpoint: false,
-                release: true,
-            };
-            self.log.lock().unwrap().push(logged);
+            // Every sequence goes: logged as a release of sequence 0.
+            self.log_release(0);
             Ok(Recovered { left_out: vec!["b".into()], why: Vec::new(), nodes: vec!["a".into()], seconds: 0.0 })
         }
         fn max_batch(&self) -> u32 {

@@ -31,8 +31,7 @@ impl Metrics {
         // The pool holds K and V as f16.
         let per_position = layers(LayerKind::Attention) * 2 * (a.n_head_kv * a.head_dim) as u64 * 2;
         let copies = if checkpoints { 2 } else { 1 };
-        let per_sequence =
-            config.deltanet.as_ref().map_or(0, |d| layers(LayerKind::DeltaNet) * d.state_values() as u64 * 4 * copies);
+        let per_sequence = config.recurrent_state_bytes() * copies;
         Metrics { requests: Mutex::default(), cache_cost: (per_position, per_sequence) }
     }
 
