@@ -38,10 +38,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         crate::engine::EngineUse { max_seqs: 1, serving: true, checkpoints: true },
     )?;
     // Each turn sends the whole conversation again: the last turn's caches serve it.
-    let prefix_reuse = PrefixReuse::for_model(&strata_model::config::ModelConfig::from_gguf(&gguf)?);
+    let config = strata_model::config::ModelConfig::from_gguf(&gguf)?;
+    let prefix_reuse = PrefixReuse::for_model(&config);
+    let speculation = crate::speculative::Speculation::new(&args.engine, &config);
     drop(gguf);
-    let scheduler =
-        Scheduler::spawn(engine, tokenizer.clone(), SchedulerConfig { max_seqs: 1, max_waiting: None, prefix_reuse })?;
+    let scheduler = Scheduler::spawn(
+        engine,
+        tokenizer.clone(),
+        SchedulerConfig { max_seqs: 1, max_waiting: None, prefix_reuse, speculation },
+    )?;
     eprintln!("ready. /reset clears the conversation; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C twice) quits.");
     let history = args.system.iter().map(|s| ChatMessage::new("system", s.clone())).collect();
     let chat = Chat { scheduler, tokenizer, template, sampling, max_tokens: args.max_tokens, history, turn: 0 };

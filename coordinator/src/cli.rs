@@ -65,6 +65,20 @@ pub enum Wire {
     F16,
 }
 
+/// Speculative decoding's drafts.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpeculativeMode {
+    /// One token per step and sequence.
+    #[default]
+    Off,
+    /// Prompt lookup: the tokens that followed the sequence's last few tokens where they
+    /// occurred before in its prompt or output (no weights; large gains when text or code
+    /// is quoted or edited).
+    Lookup,
+    /// The best draft the model allows: prompt lookup for every architecture today.
+    Auto,
+}
+
 /// Where the model runs.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
@@ -118,6 +132,17 @@ pub struct EngineArgs {
     /// With `--discover`: seconds to look for nodes (mDNS has no "that is everyone" signal).
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_seconds)]
     pub discover_timeout: f64,
+    /// Speculative decoding: each decode step also carries draft tokens, which the last
+    /// stage checks in the same step; every draft up to the first the model would not
+    /// have produced is kept, so the output is exactly what `off` gives (greedy or
+    /// sampled), in fewer trips through the pipeline. Requests with penalties, logprobs
+    /// or a grammar decode one token per step.
+    #[arg(long, value_enum, default_value_t = SpeculativeMode::Off)]
+    pub speculative: SpeculativeMode,
+    /// With `--speculative`: draft tokens per step and sequence, at most (each sequence
+    /// adapts its own count to how many it gets accepted).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub draft_max: u32,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -299,6 +324,12 @@ pub struct BenchArgs {
     /// stage's busy fraction and the pipeline's bubble.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: Option<u32>,
+    /// Every sequence's prompt from this file (its text, special tokens such as
+    /// `<|im_start|>` recognised) instead of --prompt-tokens made-up ones: e.g. a
+    /// copy-heavy request, to measure what --speculative gains. Runs through the
+    /// scheduler, as --concurrency does.
+    #[arg(long, value_name = "PATH", conflicts_with = "profile")]
+    pub prompt_file: Option<PathBuf>,
     /// After measuring, time a one-row decode step op by op (each kind of kernel alone,
     /// repeated in one submission) and print where the step's time goes. One machine
     /// only (not with --peer or --discover).
@@ -350,6 +381,10 @@ pub struct PlanArgs {
     /// DeltaNet state beside it (which doubles that state's memory).
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Plan for speculative decoding with this `--draft-max` (0: without): each DeltaNet
+    /// slot keeps a rollback state, and the head samples every draft's row.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub draft_max: u32,
 }
 
 #[derive(Args, Debug)]

@@ -49,6 +49,9 @@ pub struct ConcurrentReport {
     stages: Vec<StageBusy>,
     /// 1 - the stages' mean busy fraction: how much of the pipeline idles.
     bubble: f64,
+    /// With `--speculative`: the drafts, and tokens per decode trip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speculation: Option<crate::generate::SpeculationReport>,
 }
 
 #[derive(Serialize)]
@@ -79,13 +82,27 @@ pub fn run(args: BenchArgs, concurrency: u32) -> anyhow::Result<()> {
 pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentReport> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
-    let vocab = strata_model::config::ModelConfig::from_gguf(&gguf)?.n_vocab as u32;
+    let config = strata_model::config::ModelConfig::from_gguf(&gguf)?;
+    let vocab = config.n_vocab as u32;
     let engine =
         engine::load(&gguf, &args.engine, EngineUse { max_seqs: concurrency, serving: false, checkpoints: false })?;
-    let need = args.prompt_tokens + args.decode_tokens;
+    let from_file = match &args.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let mut ids: Vec<u32> = tokenizer.bos_to_add().into_iter().collect();
+            ids.extend(tokenizer.encode(&text, true)?);
+            if ids.is_empty() {
+                bail!("--prompt-file {}: the prompt has no tokens", path.display());
+            }
+            Some(ids)
+        }
+        None => None,
+    };
+    let prompt_tokens = from_file.as_ref().map_or(args.prompt_tokens, |ids| ids.len() as u32);
+    let need = prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
         bail!(
-            "--prompt-tokens + --decode-tokens = {need} is more than the context length {} (raise --ctx)",
+            "the prompt's {prompt_tokens} tokens + --decode-tokens = {need} is more than the context length {} (raise --ctx)",
             engine.ctx()
         );
     }
@@ -96,7 +113,12 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     let scheduler = Scheduler::spawn(
         engine,
         tokenizer,
-        SchedulerConfig { max_seqs: concurrency as usize, max_waiting: None, prefix_reuse: Default::default() },
+        SchedulerConfig {
+            max_seqs: concurrency as usize,
+            max_waiting: None,
+            prefix_reuse: Default::default(),
+            speculation: crate::speculative::Speculation::new(&args.engine, &config),
+        },
     )?;
     // One short request first, so that first-use costs stay out of the figures.
     drain(scheduler.submit(request(vec![300 % vocab], 2))?.1)?;
@@ -104,7 +126,10 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
     let t0 = Instant::now();
     let receivers: Vec<_> = (0..concurrency)
         .map(|i| {
-            let prompt = crate::generate::bench_prompt_from(args.prompt_tokens, vocab, 1 + i * 7);
+            let prompt = match &from_file {
+                Some(ids) => ids.clone(),
+                None => crate::generate::bench_prompt_from(args.prompt_tokens, vocab, 1 + i * 7),
+            };
             scheduler.submit(request(prompt, args.decode_tokens)).map(|(_, rx)| rx)
         })
         .collect::<Result<_, _>>()?;
@@ -145,7 +170,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
         model: args.engine.model.display().to_string(),
         adapter,
         concurrency,
-        prompt_tokens: args.prompt_tokens,
+        prompt_tokens,
         decode_tokens: args.decode_tokens,
         batch_tokens,
         aggregate_decode_tokens_per_s: window_rate(&busy_from, &busy_to).unwrap_or_else(|| rates.iter().sum()),
@@ -154,7 +179,7 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
         per_sequence_max: rates.iter().copied().fold(0.0, f64::max),
         ttft_p50_ms: percentile(&ttft, 0.50) * 1e3,
         ttft_p99_ms: percentile(&ttft, 0.99) * 1e3,
-        prefill_tokens_per_s: f64::from(args.prompt_tokens * concurrency) / ttft.last().copied().unwrap_or(f64::NAN),
+        prefill_tokens_per_s: f64::from(prompt_tokens * concurrency) / ttft.last().copied().unwrap_or(f64::NAN),
         output_tokens_per_s: generated as f64 / wall,
         wall_seconds: wall,
         rows_per_step: if steps > 0 { rows as f64 / steps as f64 } else { 0.0 },
@@ -162,6 +187,8 @@ pub fn bench(args: &BenchArgs, concurrency: u32) -> anyhow::Result<ConcurrentRep
         micro_batches,
         stages,
         bubble: 1.0 - mean_busy,
+        speculation: (args.engine.speculative != crate::cli::SpeculativeMode::Off)
+            .then(|| crate::generate::SpeculationReport::between(&steps_before, &snap)),
     })
 }
 
@@ -295,6 +322,15 @@ fn print(r: &ConcurrentReport) {
         );
     }
     println!("bubble           {:.0}% (1 - the stages' mean busy fraction)", r.bubble * 100.0);
+    if let Some(s) = &r.speculation {
+        println!(
+            "speculation      {} of {} draft tokens accepted ({:.0}%), {:.2} tokens per decode trip",
+            s.accepted_draft_tokens,
+            s.draft_tokens,
+            s.acceptance * 100.0,
+            s.tokens_per_trip
+        );
+    }
 }
 
 #[cfg(test)]

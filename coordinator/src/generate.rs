@@ -29,6 +29,42 @@ struct RunReport {
     stop_reason: &'static str,
     /// Where the layers ran, in pipeline order.
     stages: Vec<RunStage>,
+    /// With `--speculative`: how the drafts fared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speculation: Option<SpeculationReport>,
+}
+
+/// Speculative decoding's figures over a run.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct SpeculationReport {
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
+    /// Accepted over proposed (0 when nothing was proposed).
+    pub acceptance: f64,
+    /// Decode trips (one sequence's decode part of a step) and the tokens per trip.
+    pub decode_trips: u64,
+    pub tokens_per_trip: f64,
+}
+
+impl SpeculationReport {
+    pub fn from_snapshot(s: &crate::scheduler::Snapshot) -> SpeculationReport {
+        Self::between(&crate::scheduler::Snapshot::default(), s)
+    }
+
+    /// What happened between two snapshots of one scheduler.
+    pub fn between(from: &crate::scheduler::Snapshot, to: &crate::scheduler::Snapshot) -> SpeculationReport {
+        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        let drafted = to.draft_tokens - from.draft_tokens;
+        let accepted = to.accepted_draft_tokens - from.accepted_draft_tokens;
+        let trips = to.decode_trips - from.decode_trips;
+        SpeculationReport {
+            draft_tokens: drafted,
+            accepted_draft_tokens: accepted,
+            acceptance: ratio(accepted, drafted),
+            decode_trips: trips,
+            tokens_per_trip: ratio(to.decode_tokens - from.decode_tokens, trips),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -115,6 +151,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
+    if args.engine.speculative != crate::cli::SpeculativeMode::Off {
+        return run_speculative(&gguf, tok, &args, &sampling, constraint, ids);
+    }
     let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
     check_room(&ids, args.max_tokens, engine.ctx())?;
     let mut out = std::io::stdout().lock();
@@ -136,18 +175,110 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
             .collect(),
+        speculation: None,
     };
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
+    print_run(&report, &g.rest, args.json)
+}
+
+/// Prints a run's answer (`--json`: the whole report; else the text not yet streamed)
+/// and its figures.
+fn print_run(report: &RunReport, rest: &str, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{}", g.rest)?;
+        writeln!(out, "{rest}")?;
         eprintln!(
             "\n[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s]",
             report.prompt_tokens, report.prefill_tokens_per_s, report.generated_tokens, report.decode_tokens_per_s
         );
+        if let Some(s) = &report.speculation {
+            eprintln!(
+                "[speculation: {} of {} draft tokens accepted ({:.0}%), {:.2} tokens per trip]",
+                s.accepted_draft_tokens,
+                s.draft_tokens,
+                s.acceptance * 100.0,
+                s.tokens_per_trip
+            );
+        }
     }
     Ok(())
+}
+
+/// `run` with `--speculative`: the prompt goes through the scheduler, which drafts and
+/// verifies (as `serve` does), its text streamed as it comes.
+fn run_speculative(
+    gguf: &Gguf,
+    tok: Arc<Tokenizer>,
+    args: &RunArgs,
+    sampling: &SamplingParams,
+    constraint: Option<Constraint>,
+    ids: Vec<u32>,
+) -> anyhow::Result<()> {
+    use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig};
+    let engine = engine::load(gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
+    check_room(&ids, args.max_tokens, engine.ctx())?;
+    let stages = engine
+        .placement()
+        .into_iter()
+        .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
+        .collect();
+    let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
+    let speculation = crate::speculative::Speculation::new(&args.engine, &config);
+    let scheduler = Scheduler::spawn(
+        engine,
+        tok,
+        SchedulerConfig { max_seqs: 1, max_waiting: None, prefix_reuse: Default::default(), speculation },
+    )?;
+    let request = GenRequest {
+        prompt: ids.clone(),
+        sampling: sampling.clone(),
+        max_tokens: args.max_tokens,
+        stop: Vec::new(),
+        logprobs: None,
+        ignore_eos: args.ignore_eos,
+        constraint,
+    };
+    let t0 = Instant::now();
+    let (_, mut rx) = scheduler.submit(request)?;
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    let finished = loop {
+        match rx.blocking_recv() {
+            Some(Event::Text(t)) => {
+                if !args.json {
+                    out.write_all(t.as_bytes())?;
+                    out.flush()?;
+                }
+                text.push_str(&t);
+            }
+            Some(Event::Logprob(_)) => {}
+            Some(Event::Done(f)) => break f,
+            Some(Event::Failed(e)) => bail!("{e}"),
+            None => bail!("the scheduler stopped"),
+        }
+    };
+    drop(out);
+    let seconds = t0.elapsed().as_secs_f64();
+    let prefill_seconds = finished.time_to_first_token.as_secs_f64().min(seconds);
+    let decode_seconds = seconds - prefill_seconds;
+    let generated = finished.generated_ids.len();
+    let report = RunReport {
+        prompt_tokens: ids.len(),
+        generated_tokens: generated,
+        prefill_tokens_per_s: rate(ids.len(), prefill_seconds),
+        decode_tokens_per_s: rate(generated.saturating_sub(1), decode_seconds),
+        prompt_ids: ids,
+        generated_ids: finished.generated_ids,
+        text,
+        prefill_seconds,
+        decode_seconds,
+        stop_reason: finished.reason.as_str(),
+        stages,
+        speculation: Some(SpeculationReport::from_snapshot(&scheduler.snapshot())),
+    };
+    print_run(&report, "", args.json)
 }
 
 /// One answer of a batched `run`.
@@ -187,7 +318,15 @@ fn run_batch(
     let scheduler = Scheduler::spawn(
         engine,
         tok,
-        SchedulerConfig { max_seqs: n as usize, max_waiting: None, prefix_reuse: Default::default() },
+        SchedulerConfig {
+            max_seqs: n as usize,
+            max_waiting: None,
+            prefix_reuse: Default::default(),
+            speculation: crate::speculative::Speculation::new(
+                &args.engine,
+                &strata_model::config::ModelConfig::from_gguf(gguf)?,
+            ),
+        },
     )?;
     let t0 = Instant::now();
     let receivers = prompts

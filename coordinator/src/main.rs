@@ -16,6 +16,7 @@ mod progress;
 mod quantize;
 mod scheduler;
 mod server;
+mod speculative;
 
 use clap::Parser;
 
@@ -47,8 +48,12 @@ fn main() -> std::process::ExitCode {
         cli::Command::Run(args) => generate::run(args),
         cli::Command::Serve(args) => server::run(args),
         cli::Command::Chat(args) => chat_cmd::run(args),
+        // Speculation and prompt files run through the scheduler, as `serve` does.
         cli::Command::Bench(args) => match args.concurrency {
             Some(n) => concurrent::run(args, n),
+            None if args.engine.speculative != cli::SpeculativeMode::Off || args.prompt_file.is_some() => {
+                concurrent::run(args, 1)
+            }
             None => generate::bench(args),
         },
         cli::Command::Quantize(args) => quantize::run(args),

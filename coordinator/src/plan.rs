@@ -26,6 +26,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let pc = PlanConfig {
         seqs: args.seqs as usize,
         checkpoints: !args.no_prefix_cache,
+        draft_max: args.draft_max as usize,
         max_batch: args.batch_tokens as usize,
         kv_positions: args.kv_pool.map(u64::from),
         ..PlanConfig::new(asked.unwrap_or(cfg.context_length))
@@ -79,6 +80,14 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             );
         } else {
             println!("prefix reuse off: no DeltaNet checkpoints ({:.1} MiB a sequence)", mib(state));
+        }
+        if pc.draft_max > 0 {
+            println!(
+                "speculation (--draft-max {}): each slot keeps a rollback state of its DeltaNet state too, {:.1} MiB each, {:.1} MiB in all",
+                pc.draft_max,
+                mib(state),
+                mib(state * u64::from(args.seqs))
+            );
         }
     }
     if plan.kv_positions < cost.kv_positions {

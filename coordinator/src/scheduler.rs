@@ -28,6 +28,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::blocks::BlockLedger;
 use crate::engine::{Engine, EngineStats, ErrorCode, KvCapacity, Sampled, SeqStep, StepError};
+use crate::speculative::{self, Drafting, Speculation};
 
 /// What a request asks to generate. The prompt is already tokenised and fits the context.
 #[derive(Debug, Clone)]
@@ -143,6 +144,13 @@ pub struct Snapshot {
     /// Re-plans done so far, and the last one.
     pub recoveries: u64,
     pub last_recovery: Option<RecoveryReport>,
+    /// Speculative decoding: draft tokens proposed and accepted so far.
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
+    /// Decode trips (one sequence's decode part of a step) and the tokens they yielded:
+    /// their ratio is the tokens per trip through the pipeline.
+    pub decode_trips: u64,
+    pub decode_tokens: u64,
 }
 
 /// One re-plan after a node was lost or left.
@@ -170,6 +178,9 @@ pub struct SchedulerConfig {
     pub max_waiting: Option<usize>,
     /// Whether finished sequences' caches are kept for prompts that begin with their tokens.
     pub prefix_reuse: PrefixReuse,
+    /// Speculative decoding, for the requests that allow it (no penalties, logprobs or
+    /// grammar); `None`: off.
+    pub speculation: Option<Speculation>,
 }
 
 /// Whether, and how far, a finished sequence's caches serve a later prompt that begins
@@ -320,6 +331,11 @@ impl Scheduler {
             let kv = engine.kv_capacity();
             let checkpoints = config.prefix_reuse == PrefixReuse::WholeSequence && engine.checkpoints();
             let max_seqs = config.max_seqs.clamp(1, engine.max_seqs().max(1) as usize);
+            // No more drafts than the stages were loaded to verify.
+            let speculation = config
+                .speculation
+                .map(|s| Speculation { draft_max: s.draft_max.min(engine.draft_max()), ..s })
+                .filter(|s| s.draft_max > 0);
             Loop {
                 engine: &mut *engine,
                 tok: &tokenizer,
@@ -347,6 +363,8 @@ impl Scheduler {
                 broken: None,
                 recoveries: 0,
                 last_recovery: None,
+                speculation,
+                spec: SpecTally::default(),
             }
             .run()
         })?;
@@ -440,6 +458,11 @@ struct Active<'t> {
     last_sent: Instant,
     finish: Option<FinishReason>,
     failed: Option<StepError>,
+    /// Its speculation, when the scheduler speculates and the request allows it.
+    drafting: Option<Drafting>,
+    /// Its recurrent state went back to the rollback state at `sent` after rejected
+    /// drafts: its next decode step feeds the tokens from there again.
+    replay: bool,
 }
 
 impl Active<'_> {
@@ -449,13 +472,27 @@ impl Active<'_> {
 
     /// Its newest token waits to be fed, and nothing of it is in flight: a decode row.
     fn decode_ready(&self) -> bool {
-        !self.done() && self.in_flight == 0 && self.sent + 1 == self.tokens.len()
+        !self.done() && self.in_flight == 0 && (self.sent + 1 == self.tokens.len() || self.replay)
+    }
+
+    /// Everything the stages were to do again from `sent` is done afresh (a preemption, a
+    /// re-plan): no drafts in flight, nothing to replay.
+    /// The drafts its step in flight (or being built) carries.
+    fn drafts(&self) -> &[u32] {
+        self.drafting.as_ref().and_then(|d| d.pending.as_ref()).map_or(&[], |(d, _)| &d[..])
+    }
+
+    fn forget_drafts(&mut self) {
+        self.replay = false;
+        if let Some(d) = self.drafting.as_mut() {
+            d.pending = None;
+        }
     }
 
     /// More than one token waits to be fed: prefill chunks (the prompt, or all its tokens
     /// again after a preemption); earlier chunks may still be in flight.
     fn prefill_ready(&self) -> bool {
-        !self.done() && !self.awaiting && self.sent + 1 < self.tokens.len()
+        !self.done() && !self.awaiting && !self.replay && self.sent + 1 < self.tokens.len()
     }
 }
 
@@ -498,6 +535,17 @@ struct Loop<'a> {
     broken: Option<StepError>,
     recoveries: u64,
     last_recovery: Option<RecoveryReport>,
+    speculation: Option<Speculation>,
+    spec: SpecTally,
+}
+
+/// Speculative decoding's counters (see [`Snapshot::draft_tokens`]).
+#[derive(Debug, Default)]
+struct SpecTally {
+    drafted: u64,
+    accepted: u64,
+    trips: u64,
+    tokens: u64,
 }
 
 /// How far back busy fractions look.
@@ -775,7 +823,16 @@ impl<'a> Loop<'a> {
         // A prefix shorter than that is not worth a checkpoint.
         let checkpoint_at =
             job.request.prompt.len().checked_sub(CHECKPOINT_BEFORE_END).filter(|&c| c >= CHECKPOINT_BEFORE_END);
+        // The last stage verifies drafts only where each row's sample is all there is to
+        // it: no penalties (they would count the drafts), logprobs or grammar.
+        let r = &job.request;
+        let drafting = self
+            .speculation
+            .filter(|_| !r.sampling.has_penalties() && r.logprobs.is_none() && r.constraint.is_none())
+            .map(|s| Drafting::new(s.draft_max));
         Active {
+            drafting,
+            replay: false,
             fork_from: None,
             checkpoint: None,
             checkpoint_at: checkpoint_at.filter(|_| self.checkpoints),
@@ -863,6 +920,7 @@ impl<'a> Loop<'a> {
         a.noted = 0;
         a.stale = 0;
         a.checkpoint = None;
+        a.forget_drafts();
         self.preemptions += 1;
         self.resumed.push_back(a);
     }
@@ -883,9 +941,17 @@ impl<'a> Loop<'a> {
             if rows >= budget || picks.len() >= max_seqs {
                 break;
             }
-            let Some(i) = self.room_for(i, 1) else { continue };
-            picks.push((i, 1));
-            rows += 1;
+            // Its newest token, or after rejected drafts on recurrent stages, the tokens
+            // from its rollback state on.
+            let n = (self.active[i].tokens.len() - self.active[i].sent).min(budget - rows);
+            let Some(i) = self.room_for(i, n) else { continue };
+            let drafts = self.drafts_for(i, n, rows, budget);
+            rows += n + drafts.len();
+            let at = self.active[i].tokens.len();
+            if let Some(d) = self.active[i].drafting.as_mut() {
+                d.pending = (!drafts.is_empty()).then_some((drafts, at));
+            }
+            picks.push((i, n));
         }
         let mut prefill: Vec<usize> = (0..self.active.len()).filter(|&i| self.active[i].prefill_ready()).collect();
         prefill.sort_by_key(|&i| self.active[i].admitted);
@@ -913,6 +979,30 @@ impl<'a> Loop<'a> {
         }
         self.submit(&picks);
         true
+    }
+
+    /// Prompt lookup's drafts for decode-ready sequence `i`, whose step carries `n` rows
+    /// after `rows` of others: as many as it tries now, within the row budget, its
+    /// context, what it may still generate and the free KV blocks (drafts never preempt
+    /// anyone); none once the step is large enough to keep the stages busy.
+    fn drafts_for(&self, i: usize, n: usize, rows: usize, budget: usize) -> Vec<u32> {
+        let a = &self.active[i];
+        let Some(d) = &a.drafting else { return Vec::new() };
+        if rows + n >= speculative::BACK_OFF_ROWS || a.sent + n != a.tokens.len() {
+            return Vec::new();
+        }
+        let left = (a.job.request.max_tokens as usize).saturating_sub(a.generated + 1);
+        let room = self.limit().saturating_sub(a.tokens.len() + 1);
+        let k = (d.len as usize).min(budget - rows - n).min(left).min(room);
+        let mut drafts = speculative::lookup(&a.tokens, k);
+        if self.kv.is_some() {
+            while !drafts.is_empty()
+                && self.ledger.need(a.seq, a.sent, a.tokens.len() + drafts.len()) > self.free_blocks()
+            {
+                drafts.pop();
+            }
+        }
+        drafts
     }
 
     /// Room for `n` more rows of active sequence `i`: its index after any preemption, or
@@ -953,15 +1043,26 @@ impl<'a> Loop<'a> {
         if picks.is_empty() {
             return;
         }
+        // Each part's ids: its tokens, then any drafts.
+        let ids: Vec<Vec<u32>> = picks
+            .iter()
+            .map(|&(seq, n)| {
+                let a = self.active.iter().find(|a| a.seq == seq).expect("picked from active");
+                let mut ids = a.tokens[a.sent..a.sent + n].to_vec();
+                ids.extend(a.drafts());
+                ids
+            })
+            .collect();
         let mut parts = Vec::new();
-        for (&(seq, n), mask) in picks.iter().zip(&masks) {
+        for ((&(seq, n), mask), ids) in picks.iter().zip(&masks).zip(&ids) {
             let a = self.active.iter().find(|a| a.seq == seq).expect("picked from active");
             let end = a.sent + n;
+            let verify = a.drafts().len() as u32;
             let sampling = &a.job.request.sampling;
             let history = if sampling.has_penalties() { &a.tokens[a.sent.max(a.noted).min(end)..end] } else { &[] };
             parts.push(SeqStep {
                 seq,
-                ids: &a.tokens[a.sent..end],
+                ids,
                 pos: a.sent as u32,
                 sampling,
                 history,
@@ -970,10 +1071,13 @@ impl<'a> Loop<'a> {
                 allowed: mask,
                 checkpoint: a.checkpoint_at == Some(end),
                 fork_from: a.fork_from,
+                verify,
+                // On recurrent stages, the state after the sure rows, for a rejection.
+                keep: if verify > 0 { n as u32 } else { 0 },
             });
         }
         let result = self.engine.submit(&parts);
-        let n_rows: usize = picks.iter().map(|p| p.1).sum();
+        let n_rows: usize = ids.iter().map(Vec::len).sum();
         drop(parts);
         match result {
             Ok(step) => {
@@ -986,7 +1090,9 @@ impl<'a> Loop<'a> {
                     if let Some(src) = a.fork_from.take() {
                         self.ledger.fork(src, seq, a.sent);
                     }
-                    self.ledger.step(seq, a.sent, a.sent + n);
+                    let drafts = a.drafts().len();
+                    self.ledger.step(seq, a.sent, a.sent + n + drafts);
+                    a.replay = false;
                     a.sent += n;
                     a.stale = 0;
                     if a.checkpoint_at == Some(a.sent) {
@@ -1004,6 +1110,7 @@ impl<'a> Loop<'a> {
                 for &(seq, _) in picks {
                     if let Some(a) = self.active.iter_mut().find(|a| a.seq == seq) {
                         a.failed.get_or_insert_with(|| e.clone());
+                        a.forget_drafts();
                     }
                 }
             }
@@ -1034,8 +1141,11 @@ impl<'a> Loop<'a> {
             match outcome {
                 Ok(Some(sampled)) => {
                     a.awaiting = false;
-                    generated += 1;
-                    self.accept(i, sampled);
+                    let before = a.generated;
+                    self.accept_verified(i, sampled);
+                    let a = &self.active[i];
+                    // An end-of-generation token counts as generated, though not kept.
+                    generated += (a.generated - before).max(1) as u32;
                 }
                 Ok(None) => {}
                 Err(e) if e.code == ErrorCode::OutOfOrder && a.cached > 0 && a.first_token.is_none() => {
@@ -1047,6 +1157,7 @@ impl<'a> Loop<'a> {
                     (a.sent, a.noted, a.cached, a.stale) = (0, 0, 0, 0);
                     a.checkpoint = None;
                     a.fork_from = None;
+                    a.forget_drafts();
                     // Started afresh: whatever the stages held of it is rewritten, and
                     // no request forks what it held.
                     self.ledger.release(seq);
@@ -1054,6 +1165,7 @@ impl<'a> Loop<'a> {
                 }
                 Err(e) => {
                     a.awaiting = false;
+                    a.forget_drafts();
                     a.failed.get_or_insert(e);
                 }
             }
@@ -1085,6 +1197,7 @@ impl<'a> Loop<'a> {
             a.stale = 0;
             a.checkpoint = None;
             a.fork_from = None;
+            a.forget_drafts();
         }
         match recovered {
             Ok(r) => {
@@ -1136,6 +1249,58 @@ impl<'a> Loop<'a> {
             }
         }
         self.shared.snapshot.lock().expect("snapshot lock").recovering = None;
+    }
+
+    /// Takes what a step sampled for active sequence `i`: its token, or with drafts in
+    /// flight, the samples up to and including the first that differs from its draft
+    /// (each draft so far kept), then sets where the stages' valid positions end.
+    fn accept_verified(&mut self, i: usize, sampled: Sampled) {
+        let decoding = self.active[i].first_token.is_some();
+        let before = self.active[i].tokens.len();
+        let pending = self.active[i].drafting.as_mut().and_then(|d| d.pending.take());
+        let Some((drafts, at)) = pending else {
+            self.accept(i, Sampled { after: Vec::new(), ..sampled });
+            return self.tally_trip(decoding, 1);
+        };
+        let samples: Vec<u32> = std::iter::once(sampled.token).chain(sampled.after).collect();
+        let kept = speculative::accepted(&drafts, &samples);
+        for &token in samples.iter().take(kept + 1) {
+            self.accept(i, Sampled::token(token));
+            if self.active[i].done() {
+                break;
+            }
+        }
+        let recurrent = self.speculation.is_some_and(|s| s.recurrent);
+        let draft_max = self.speculation.map_or(1, |s| s.draft_max);
+        let a = &mut self.active[i];
+        // Draft rows the stages computed with the tokens that stand (a finished request
+        // may have stopped before taking them all).
+        let valid = kept.min(a.tokens.len() - before);
+        a.sent = if valid == drafts.len() || !recurrent {
+            at + valid
+        } else {
+            // The recurrent state goes back to the rollback state after the sure rows:
+            // the next step feeds the kept drafts again.
+            a.replay = a.tokens.len() > at + 1;
+            at
+        };
+        a.noted = a.noted.max(a.sent);
+        if let Some(d) = a.drafting.as_mut() {
+            d.adapt(drafts.len(), kept, draft_max);
+        }
+        self.spec.drafted += drafts.len() as u64;
+        self.spec.accepted += kept as u64;
+        let produced = (self.active[i].tokens.len() - before).max(1);
+        self.tally_trip(decoding, produced);
+    }
+
+    /// Counts a decode trip and the tokens it yielded (an end-of-generation token counts
+    /// as one); a prompt's first token is not a decode trip's.
+    fn tally_trip(&mut self, decoding: bool, tokens: usize) {
+        if decoding {
+            self.spec.trips += 1;
+            self.spec.tokens += tokens as u64;
+        }
     }
 
     /// Takes one sampled token of active sequence `i`: stream its text (holding back what
@@ -1260,6 +1425,10 @@ impl<'a> Loop<'a> {
             recovering: None,
             recoveries: self.recoveries,
             last_recovery: self.last_recovery.clone(),
+            draft_tokens: self.spec.drafted,
+            accepted_draft_tokens: self.spec.accepted,
+            decode_trips: self.spec.trips,
+            decode_tokens: self.spec.tokens,
         };
     }
 }
@@ -1455,7 +1624,7 @@ mod tests {
     fn slow_engine() -> Scripted {
         Scripted::new(|step| {
             std::thread::sleep(Duration::from_millis(5));
-            Ok(step.want_token.then_some(Sampled { token: 300 + step.pos + step.ids.len() as u32, logprobs: None }))
+            Ok(step.want_token.then_some(Sampled::token(300 + step.pos + step.ids.len() as u32)))
         })
     }
 
@@ -1509,7 +1678,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(slow_engine()),
             tokenizer(),
-            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut rx) = sched.submit(request).unwrap();
@@ -1523,7 +1692,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(engine),
             tokenizer(),
-            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(5, 12)).unwrap();
@@ -1560,7 +1729,7 @@ mod tests {
         for reuse in [PrefixReuse::AnyPrefix, PrefixReuse::WholeSequence] {
             let engine = slow_engine();
             let log = engine.log.clone();
-            let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: reuse };
+            let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: reuse, speculation: None };
             let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
             let run = |r: GenRequest| {
                 let (_, mut rx) = sched.submit(r).unwrap();
@@ -1602,7 +1771,8 @@ mod tests {
         // Off: nothing is kept.
         let engine = slow_engine();
         let log = engine.log.clone();
-        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off };
+        let config =
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None };
         let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
         let (_, mut rx) = sched.submit(req(6, 4)).unwrap();
         collect(&mut rx);
@@ -1619,7 +1789,12 @@ mod tests {
         let mut engine = slow_engine();
         engine.checkpoints = true;
         let log = engine.log.clone();
-        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::WholeSequence };
+        let config = SchedulerConfig {
+            max_seqs: 4,
+            max_waiting: None,
+            prefix_reuse: PrefixReuse::WholeSequence,
+            speculation: None,
+        };
         let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
         let run = |r: GenRequest| {
             let (_, mut rx) = sched.submit(r).unwrap();
@@ -1646,7 +1821,12 @@ mod tests {
         // sequence is resumed.
         let engine = slow_engine();
         let log = engine.log.clone();
-        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::WholeSequence };
+        let config = SchedulerConfig {
+            max_seqs: 4,
+            max_waiting: None,
+            prefix_reuse: PrefixReuse::WholeSequence,
+            speculation: None,
+        };
         let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
         let (_, mut rx) = sched.submit(req(18, 3)).unwrap();
         collect(&mut rx);
@@ -1665,7 +1845,8 @@ mod tests {
         let mut engine = slow_engine();
         engine.kv = Some(KvCapacity { block_size: 4, blocks: 64 });
         let log = engine.log.clone();
-        let config = SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::AnyPrefix };
+        let config =
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::AnyPrefix, speculation: None };
         let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
         let (_, mut a) = sched.submit(req(20, 30)).unwrap();
         let t0 = Instant::now();
@@ -1699,7 +1880,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(engine),
             tokenizer(),
-            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(6, 4)).unwrap();
@@ -1742,7 +1923,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(engine),
             tokenizer(),
-            SchedulerConfig { max_seqs: 8, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 8, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut rx) = sched.submit(req(3, 1000)).unwrap();
@@ -1768,7 +1949,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(engine),
             tokenizer(),
-            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(10, 8)).unwrap();
@@ -1804,7 +1985,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(engine),
             tokenizer(),
-            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(5, 50)).unwrap();
@@ -1851,7 +2032,7 @@ mod tests {
         let sched = Scheduler::spawn(
             Box::new(slow_engine()),
             tokenizer(),
-            SchedulerConfig { max_seqs: 1, max_waiting: Some(1), prefix_reuse: PrefixReuse::Off },
+            SchedulerConfig { max_seqs: 1, max_waiting: Some(1), prefix_reuse: PrefixReuse::Off, speculation: None },
         )
         .unwrap();
         let (_, mut a) = sched.submit(req(5, 6)).unwrap();
@@ -1890,5 +2071,193 @@ mod tests {
             .collect();
         assert_eq!(restarts, [2], "{all:?}");
         assert!(all.iter().filter(|l| *l == "release 2").count() >= 2, "{all:?}");
+    }
+
+    /// A model over tokens 100..107 that mostly cycles (each token followed by the next,
+    /// 106 by 100) but jumps ahead by three at every prime position (so no period), on an engine whose
+    /// stages hold what was fed to each sequence and, when `recurrent`, accept a step only
+    /// where its state is (the end, its rollback state or 0), as DeltaNet stages do; else
+    /// anywhere up to the end, as attention does. Logs each step's `rows@pos+verify`.
+    fn cycling_engine(recurrent: bool, draft_max: u32, log: Arc<Mutex<Vec<String>>>) -> Scripted {
+        use std::collections::HashMap;
+        let next = |fed: &[u32]| {
+            let last = fed.last().map_or(0, |t| t.saturating_sub(100));
+            let n = fed.len();
+            let prime = n > 1 && (2..n).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
+            let jump = if prime { 3 } else { 1 };
+            100 + (last + jump) % 7
+        };
+        let mut fed: HashMap<SeqId, (Vec<u32>, Option<usize>)> = HashMap::new();
+        let mut engine = Scripted::new(move |step| {
+            log.lock().unwrap().push(format!("{}@{}+{}", step.ids.len(), step.pos, step.verify));
+            let (held, rollback) = fed.entry(step.seq).or_default();
+            let pos = step.pos as usize;
+            let allowed = pos == held.len() || pos == 0 || *rollback == Some(pos) || (!recurrent && pos < held.len());
+            if !allowed {
+                let at = held.len();
+                return Err(StepError::new(ErrorCode::OutOfOrder, format!("step at {pos}, state at {at}")));
+            }
+            held.truncate(pos);
+            held.extend_from_slice(step.ids);
+            *rollback = (step.keep > 0).then_some(pos + step.keep as usize);
+            if !step.want_token {
+                return Ok(None);
+            }
+            let end = held.len();
+            let samples: Vec<u32> = (end - step.verify as usize..=end).map(|row_end| next(&held[..row_end])).collect();
+            Ok(Sampled::verified(samples))
+        });
+        engine.max_batch = 8;
+        engine.draft_max = draft_max;
+        engine
+    }
+
+    /// Speculation gives exactly the tokens of the plain run, on a recurrent engine (where
+    /// rejected drafts go back to the rollback state and the kept ones are fed again) and
+    /// on an attention one (where the next step simply starts after the kept ones); the
+    /// drafts are proposed, partly accepted, and counted.
+    #[test]
+    fn speculative_steps_answer_as_plain_ones_and_roll_back_rejected_drafts() {
+        let prompt: Vec<u32> = (0..20).map(|i| 100 + i % 7).collect();
+        let run = |recurrent: bool, speculate: bool| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let engine = cycling_engine(recurrent, 4, log.clone());
+            let speculation = speculate.then_some(Speculation { draft_max: 4, recurrent });
+            let config =
+                SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation };
+            let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
+            let request = GenRequest { prompt: prompt.clone(), ignore_eos: true, ..req(0, 40) };
+            let (_, mut a) = sched.submit(request.clone()).unwrap();
+            // A second sequence beside it, with its own prompt and drafts.
+            let (_, mut b) = sched.submit(GenRequest { prompt: prompt[3..].to_vec(), ..request }).unwrap();
+            let (a, b) = (collect(&mut a).1.unwrap(), collect(&mut b).1.unwrap());
+            let steps = log.lock().unwrap().clone();
+            ((a.generated_ids, b.generated_ids), sched.snapshot(), steps)
+        };
+        for recurrent in [true, false] {
+            let (plain, _, _) = run(recurrent, false);
+            let (spec, snap, steps) = run(recurrent, true);
+            assert_eq!(spec, plain, "recurrent {recurrent}: {steps:?}");
+            eprintln!(
+                "recurrent {recurrent}: {} of {} drafts kept, {} tokens in {} decode trips",
+                snap.accepted_draft_tokens, snap.draft_tokens, snap.decode_tokens, snap.decode_trips
+            );
+            assert_eq!(plain.0.len(), 40);
+            assert!(snap.draft_tokens > 0 && snap.accepted_draft_tokens > 0, "{snap:?}");
+            assert!(snap.accepted_draft_tokens < snap.draft_tokens, "some drafts are rejected: {snap:?}");
+            assert!(snap.decode_tokens > snap.decode_trips, "more than a token per trip: {snap:?}");
+            assert_eq!(snap.generated_tokens_total, 80);
+            // On the recurrent engine, kept drafts after a rejection are fed again: a
+            // decode step (past both prompts) with more than one row before its drafts.
+            let replayed = steps
+                .iter()
+                .filter(|s| {
+                    let (n, rest) = s.split_once('@').unwrap();
+                    let (pos, verify) = rest.split_once('+').unwrap();
+                    let [n, pos, verify] = [n, pos, verify].map(|v| v.parse::<usize>().unwrap());
+                    pos >= 20 && n - verify > 1
+                })
+                .count();
+            assert_eq!(recurrent, replayed > 0, "{steps:?}");
+        }
+    }
+
+    /// The chi-square statistic of two samples' counts over the same categories (cells
+    /// with fewer than 5 observations in all are pooled), and its degrees of freedom.
+    fn chi_square(a: &[u64], b: &[u64]) -> (f64, usize) {
+        let (na, nb) = (a.iter().sum::<u64>() as f64, b.iter().sum::<u64>() as f64);
+        let (mut cells, mut pooled) = (Vec::new(), (0, 0));
+        for (&x, &y) in a.iter().zip(b) {
+            if x + y >= 5 { cells.push((x, y)) } else { pooled = (pooled.0 + x, pooled.1 + y) }
+        }
+        if pooled.0 + pooled.1 > 0 {
+            cells.push(pooled);
+        }
+        let stat = cells
+            .iter()
+            .map(|&(x, y)| {
+                let total = (x + y) as f64;
+                let (ea, eb) = (total * na / (na + nb), total * nb / (na + nb));
+                (x as f64 - ea).powi(2) / ea + (y as f64 - eb).powi(2) / eb
+            })
+            .sum();
+        (stat, cells.len() - 1)
+    }
+
+    /// The chi-square distribution's upper 0.1% point (Wilson-Hilferty).
+    fn chi_square_critical(df: usize) -> f64 {
+        let (k, z) = (df as f64, 3.0902);
+        k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+    }
+
+    /// Sampled speculation draws from the model's own distribution: over 20,000 seeds
+    /// each (different ones), the third token of a sampled answer whose drafts are often
+    /// rejected is distributed alike with and without speculation (chi-square at the
+    /// 0.1% level), and the test is large enough to see a 2% shift of that distribution.
+    #[test]
+    fn sampled_speculation_keeps_the_model_s_distribution() {
+        const N: u64 = 20_000;
+        // The model: after token t, 100 + (t + 1) % 5 is likeliest, then 100 + (t + 2) % 5.
+        let engine = || {
+            let mut engine = Scripted::new(|step| {
+                if !step.want_token {
+                    return Ok(None);
+                }
+                let sampler = strata_model::sampling::Sampler::new(step.sampling.clone()).unwrap();
+                let rows = step.ids.len();
+                let samples = (rows - 1 - step.verify as usize..rows)
+                    .map(|r| {
+                        let last = (step.ids[r] - 100) as usize;
+                        let mut logits = vec![-1e4f32; 105];
+                        logits[100..].fill(0.0);
+                        logits[100 + (last + 1) % 5] = 2.0;
+                        logits[100 + (last + 2) % 5] = 1.0;
+                        sampler.sample_logits(&logits, &[], u64::from(step.pos) + r as u64 + 1).unwrap()
+                    })
+                    .collect();
+                Ok(Sampled::verified(samples))
+            });
+            engine.draft_max = 3;
+            engine.max_batch = 64;
+            engine
+        };
+        // "100 101 102" recurs: lookup drafts 103 100 101 after it.
+        let prompt = vec![100, 101, 102, 103, 100, 101, 102];
+        let third_tokens = |speculate: bool, seeds: std::ops::Range<u64>| {
+            let speculation = speculate.then_some(Speculation { draft_max: 3, recurrent: false });
+            let config =
+                SchedulerConfig { max_seqs: 8, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation };
+            let sched = Scheduler::spawn(Box::new(engine()), tokenizer(), config).unwrap();
+            let mut counts = vec![0u64; 5];
+            let receivers: Vec<_> = seeds
+                .map(|seed| {
+                    let sampling = SamplingParams { temperature: 1.0, top_k: 0, seed, ..SamplingParams::greedy() };
+                    let r = GenRequest { prompt: prompt.clone(), sampling, ignore_eos: true, ..req(0, 3) };
+                    sched.submit(r).unwrap().1
+                })
+                .collect();
+            for mut rx in receivers {
+                let done = collect(&mut rx).1.unwrap();
+                counts[(done.generated_ids[2] - 100) as usize] += 1;
+            }
+            (counts, sched.snapshot())
+        };
+        let (plain, _) = third_tokens(false, 0..N);
+        let (spec, snap) = third_tokens(true, N..2 * N);
+        assert!(snap.draft_tokens > N / 4 && snap.accepted_draft_tokens < snap.draft_tokens, "{snap:?}");
+        let (stat, df) = chi_square(&plain, &spec);
+        let critical = chi_square_critical(df);
+        eprintln!(
+            "third token: {plain:?} plain, {spec:?} speculative: chi-square {stat:.2} on {df} df (0.1%: {critical:.2})"
+        );
+        eprintln!("drafts: {} of {} kept", snap.accepted_draft_tokens, snap.draft_tokens);
+        assert!(stat < critical, "the distributions differ: {plain:?} against {spec:?}");
+        // Moving 2% of the answers from the likeliest third token to the next one is seen.
+        let mut shifted = plain.clone();
+        let top = (0..5).max_by_key(|&i| plain[i]).unwrap();
+        let moved = N / 50;
+        shifted[top] -= moved;
+        shifted[(top + 1) % 5] += moved;
+        assert!(chi_square(&plain, &shifted).0 > critical, "a 2% shift would go unseen: {shifted:?}");
     }
 }

@@ -22,7 +22,8 @@
 //!   sequences' together, in blocks of `kv_block_size`), `2 · n_head_kv · head_dim ·
 //!   kv_elem_bytes` per position and layer; a DeltaNet layer keeps a fixed f32 state per
 //!   sequence slot, `DeltaNetConfig::state_values() · 4`, whatever the context, times `seqs`
-//!   (twice that with `checkpoints`: each slot's checkpoint for prefix reuse).
+//!   (once more with `checkpoints`: each slot's checkpoint for prefix reuse; and once
+//!   more with `draft_max`: each slot's rollback state for speculative steps).
 //!   By default the pool holds every sequence's whole context; when that does not fit,
 //!   [`Plan::fitted`] plans for one sequence's context and gives the pool what memory is left.
 //! - **Scratch:** activation buffers sized for a prefill chunk of `T = max_batch` tokens,
@@ -52,6 +53,10 @@ pub struct PlanConfig {
     pub seqs: usize,
     /// Each DeltaNet state slot has a checkpoint beside it (prefix reuse): twice the state.
     pub checkpoints: bool,
+    /// Draft rows a sequence's step may verify (speculative decoding; 0: none): each
+    /// DeltaNet slot keeps a rollback state too, and the head samples up to
+    /// `draft_max + 1` rows per sequence.
+    pub draft_max: usize,
     /// The most rows one step carries; sizes the scratch.
     pub max_batch: usize,
     /// Positions per KV block.
@@ -70,6 +75,7 @@ impl PlanConfig {
             kv_elem_bytes: 2,
             seqs: 1,
             checkpoints: false,
+            draft_max: 0,
             max_batch: 64,
             kv_block_size: 16,
             kv_positions: None,
@@ -127,7 +133,8 @@ pub struct LayerCost {
 /// - `deltanet` (a stage with a DeltaNet layer): `T · (2C + 2Vd + 2nv) · 4`: qkv before and
 ///   after the conv, z, the output, beta and alpha.
 /// - `head` (the last stage): `(2E + n_vocab) · 4` per sampled row (one per sequence of a
-///   step, `min(seqs, T)`): the row, normed, and its logits.
+///   step, and with speculation one per draft too: `min(seqs · (draft_max + 1), T)`): the
+///   row, normed, and its logits.
 /// - `moe` (every stage of a MoE model; F is then the shared expert's width):
 ///   `T · (n_exp + 2k + 2k·f + k·E + E + 1) · 4`: router logits, chosen ids and weights,
 ///   the chosen experts' gate and up, their outputs, the shared expert's output and gate.
@@ -244,7 +251,7 @@ impl ModelCost {
                             .deltanet
                             .as_ref()
                             .ok_or_else(|| Error::Config("a DeltaNet layer without a DeltaNet config".into()))?;
-                        let copies = if pc.checkpoints { 2 } else { 1 };
+                        let copies = 1 + u64::from(pc.checkpoints) + u64::from(pc.draft_max > 0);
                         let cache_bytes = dn.state_values() as u64 * 4 * seqs * copies;
                         LayerCost { kind, weight_bytes, cache_bytes, kv_bytes_per_position: 0, read_bytes }
                     }
@@ -263,7 +270,7 @@ impl ModelCost {
             common: t * (3 * e + 2 * f) * 4 + t * 8,
             attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
             deltanet,
-            head: (2 * e + cfg.n_vocab as u64) * 4 * seqs.min(t),
+            head: (2 * e + cfg.n_vocab as u64) * 4 * (seqs * (pc.draft_max as u64 + 1)).min(t),
             moe: cfg.moe.as_ref().map_or(0, |m| {
                 let (n, k, f) = (m.n_expert as u64, m.n_expert_used as u64, m.expert_ff as u64);
                 t * (n + 2 * k + 2 * k * f + k * e + e + 1) * 4

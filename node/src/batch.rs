@@ -26,6 +26,9 @@ pub struct SeqInfo {
     pub n: u32,
     /// The position of its first row.
     pub pos: u32,
+    /// Recurrent layers keep its state after this many of its rows in its rollback slot
+    /// (0: not kept).
+    pub keep: u32,
 }
 
 /// One sequence's rows in a step: `n` rows at positions `pos..pos + n`, its state in `slot`.
@@ -34,6 +37,8 @@ pub struct Run {
     pub slot: u32,
     pub pos: u32,
     pub n: u32,
+    /// See [`SeqInfo::keep`].
+    pub keep: u32,
 }
 
 /// What the kernels read about a step of runs, in order: per row, per run, and each row's
@@ -50,7 +55,7 @@ impl BatchLayout {
         let mut layout = BatchLayout::default();
         for (i, run) in runs.iter().enumerate() {
             let first = layout.rows.len() as u32;
-            layout.seqs.push(SeqInfo { slot: run.slot, first, n: run.n, pos: run.pos });
+            layout.seqs.push(SeqInfo { slot: run.slot, first, n: run.n, pos: run.pos, keep: run.keep });
             for j in 0..run.n {
                 let pos = run.pos + j;
                 layout.rows.push(RowInfo { pos, slot: run.slot, first, seq: i as u32 });
@@ -75,11 +80,17 @@ mod tests {
 
     #[test]
     fn runs_become_rows_and_sequences() {
-        let l = BatchLayout::new(&[Run { slot: 3, pos: 10, n: 1 }, Run { slot: 0, pos: 0, n: 3 }]);
+        let l = BatchLayout::new(&[Run { slot: 3, pos: 10, n: 1, keep: 0 }, Run { slot: 0, pos: 0, n: 3, keep: 2 }]);
         assert_eq!(l.positions, [10, 0, 1, 2]);
         assert_eq!(l.rows[0], RowInfo { pos: 10, slot: 3, first: 0, seq: 0 });
         assert_eq!(l.rows[3], RowInfo { pos: 2, slot: 0, first: 1, seq: 1 });
-        assert_eq!(l.seqs, [SeqInfo { slot: 3, first: 0, n: 1, pos: 10 }, SeqInfo { slot: 0, first: 1, n: 3, pos: 0 }]);
+        assert_eq!(
+            l.seqs,
+            [
+                SeqInfo { slot: 3, first: 0, n: 1, pos: 10, keep: 0 },
+                SeqInfo { slot: 0, first: 1, n: 3, pos: 0, keep: 2 }
+            ]
+        );
         assert_eq!((l.n_rows(), l.n_seqs()), (4, 2));
     }
 }

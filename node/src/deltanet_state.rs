@@ -22,6 +22,13 @@ pub struct DeltaNetState {
     /// one earlier position, which a later prompt sharing that prefix resumes from (a
     /// recurrent state cannot be cut back). `None` on a stage loaded without them.
     checkpoints: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    /// Each slot's rollback state, laid out as `conv` and `matrices`: the state after the
+    /// rows of a speculative step that are sure to stay (`SeqInfo::keep`), written by the
+    /// kernels mid-step, which a step that drops rejected draft rows starts from again.
+    /// One-word stand-ins on a stage that does not speculate (the kernels bind them
+    /// always and write them only when asked).
+    rollback: (wgpu::Buffer, wgpu::Buffer),
+    has_rollback: bool,
 }
 
 /// A conv-history buffer and a matrices buffer laid out alike (the state, or the checkpoints).
@@ -83,6 +90,8 @@ impl DeltaNetState {
             config: cfg.clone(),
             slots,
             checkpoints: None,
+            rollback: (gpu.storage("deltanet conv rollback", 4), gpu.storage("deltanet rollback", 4)),
+            has_rollback: false,
         })
     }
 
@@ -95,6 +104,36 @@ impl DeltaNetState {
             ));
         }
         self
+    }
+
+    /// The same, with a rollback state per slot when `keep` (as much memory again), for
+    /// speculative steps.
+    pub fn with_rollback(mut self, gpu: &Gpu, keep: bool) -> DeltaNetState {
+        if keep {
+            self.rollback = (
+                gpu.storage("deltanet conv rollback", self.conv.size()),
+                gpu.storage("deltanet rollback", self.matrices.size()),
+            );
+            self.has_rollback = true;
+        }
+        self
+    }
+
+    pub fn has_rollback(&self) -> bool {
+        self.has_rollback
+    }
+
+    /// The buffers the kernels write a kept state to: (conv history, matrices).
+    pub fn rollback(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
+        (&self.rollback.0, &self.rollback.1)
+    }
+
+    /// Copies `slot`'s rollback state back over its state, in `encoder` (before the pass).
+    pub fn roll_back(&self, encoder: &mut wgpu::CommandEncoder, slot: u32) {
+        if self.has_rollback {
+            let (conv, matrices) = &self.rollback;
+            self.copy_slot(encoder, ((conv, matrices), slot), ((&self.conv, &self.matrices), slot));
+        }
     }
 
     pub fn has_checkpoints(&self) -> bool {
@@ -163,7 +202,8 @@ impl DeltaNetState {
     /// Bytes held on the GPU, all slots (and their checkpoints).
     pub fn bytes(&self) -> u64 {
         let checkpoints = self.checkpoints.as_ref().map_or(0, |(c, m)| c.size() + m.size());
-        self.conv.size() + self.matrices.size() + checkpoints
+        let rollback = if self.has_rollback { self.rollback.0.size() + self.rollback.1.size() } else { 0 };
+        self.conv.size() + self.matrices.size() + checkpoints + rollback
     }
 
     /// Zeroes `slot`'s state, for a sequence starting there, in `encoder` (before the

@@ -79,7 +79,7 @@ impl Scratch {
             step: gpu.uniform("step", &Step::default()),
             positions: gpu.storage("positions", t * 4),
             rows: gpu.storage("rows", t * 16),
-            seqs: gpu.storage("seqs", u64::from(max_seqs) * 16),
+            seqs: gpu.storage("seqs", u64::from(max_seqs) * size_of::<crate::batch::SeqInfo>() as u64),
             table: kv.map(|layout| BlockTable::new(gpu, layout)).transpose()?,
             ids: gpu.storage("ids", t * 4),
             x: f32s("x", cfg.n_embd),

@@ -453,6 +453,7 @@ impl Inner {
             kv_blocks: req.kv_blocks,
             kv_block_size: if req.kv_block_size == 0 { KvLayout::DEFAULT_BLOCK_SIZE } else { req.kv_block_size },
             checkpoints: req.checkpoints,
+            draft_max: req.draft_max,
         };
         let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
             Ok(found) => found,
@@ -517,6 +518,8 @@ impl Inner {
                 allowed,
                 checkpoint: s.checkpoint,
                 fork_from: (s.fork_from != 0).then_some(s.fork_from),
+                verify: s.verify,
+                keep: s.keep,
             })
             .collect();
         let t0 = Instant::now();
@@ -540,6 +543,7 @@ impl Inner {
                     logits: encode_hidden(&l, pb::HiddenFormat::F32),
                     ..Default::default()
                 },
+                Ok(Produced::Tokens(tokens)) => pb::SeqResult { seq_id: s.seq_id, tokens, ..Default::default() },
                 Ok(Produced::Ran) => pb::SeqResult { seq_id: s.seq_id, ..Default::default() },
                 Err(e) => failed_seq(s.seq_id, node, e),
             });

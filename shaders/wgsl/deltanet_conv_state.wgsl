@@ -2,6 +2,8 @@
 // deltanet_conv has read it. The new state is the last K-1 inputs of [old state | the
 // sequence's rows], oldest first. One thread per (channel, sequence), in place: entry j
 // reads entry n + j > j, which no earlier iteration (entries below j) has overwritten.
+// With `keep`, the history after the sequence's first `keep` rows goes to its rollback
+// slot first, from the history as it was.
 
 const WG: u32 = 64u;
 
@@ -21,6 +23,9 @@ struct Params {
 @group(0) @binding(3) var<storage, read> qkv: array<f32>;
 // [slots, kernel - 1, channels].
 @group(0) @binding(4) var<storage, read_write> conv_state: array<f32>;
+// Laid out as `conv_state`: each slot's history after its first `keep` rows of the step
+// (written only where `keep` > 0, before the history moves on).
+@group(0) @binding(5) var<storage, read_write> rollback: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -32,6 +37,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let seq = seqs[gid.y];
     let hist = params.kernel - 1u;
     let base = seq.slot * hist * n;
+    if seq.keep > 0u {
+        for (var j = 0u; j < hist; j++) {
+            let src = seq.keep + j;
+            var v: f32;
+            if src < hist {
+                v = conv_state[base + src * n + c];
+            } else {
+                v = qkv[(seq.first + src - hist) * n + c];
+            }
+            rollback[base + j * n + c] = v;
+        }
+    }
     for (var j = 0u; j < hist; j++) {
         let src = seq.n + j;
         var v: f32;

@@ -39,6 +39,9 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> state: array<f32>;
 // [n_tokens, n_value_heads, DK].
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
+// [slots, n_value_heads, DK, DK]: each slot's state after its first `keep` rows of the
+// step (written only where `keep` > 0; a stand-in buffer on stages that never ask).
+@group(0) @binding(9) var<storage, read_write> rollback: array<f32>;
 
 const DK4: u32 = DK / 4u;
 
@@ -106,6 +109,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 o += dot(s, q_s[i]);
             }
             out[(t * nv + h) * DK + j] = o;
+            if t + 1u == seq.first + seq.keep {
+                for (var i = 0u; i < DK4; i++) {
+                    let r = s_base + 4u * i * DK;
+                    rollback[r] = col[i].x;
+                    rollback[r + DK] = col[i].y;
+                    rollback[r + 2u * DK] = col[i].z;
+                    rollback[r + 3u * DK] = col[i].w;
+                }
+            }
         }
     }
     if owns_column {

@@ -32,6 +32,7 @@ fn shard(
         kv_blocks: 0,
         kv_block_size: 16,
         checkpoints: false,
+        draft_max: 0,
     }
 }
 

@@ -166,6 +166,8 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
                     allowed: &[],
                     checkpoint: false,
                     fork_from: None,
+                    verify: 0,
+                    keep: 0,
                 }
             })
             .collect();
@@ -272,6 +274,8 @@ fn logits_of(
         allowed: &[],
         checkpoint,
         fork_from: fork,
+        verify: 0,
+        keep: 0,
     };
     let out = st.step(&[step], None).unwrap();
     match out.seqs.into_iter().next().unwrap().1 {

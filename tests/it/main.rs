@@ -18,6 +18,7 @@ mod recovery;
 mod reference;
 mod security;
 mod serve;
+mod speculative;
 mod streaming;
 mod structured;
 mod tools;

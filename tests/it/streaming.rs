@@ -108,6 +108,7 @@ fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> strata_proto::tonic::Re
         kv_blocks: 0,
         kv_block_size: 16,
         checkpoints: false,
+        draft_max: 0,
     })
 }
 

@@ -86,6 +86,8 @@ impl LocalEngine {
                 allowed: s.allowed,
                 checkpoint: s.checkpoint,
                 fork_from: s.fork_from,
+                verify: s.verify,
+                keep: s.keep,
             })
             .collect();
         match self.stage.step(&steps, None) {
@@ -94,7 +96,10 @@ impl LocalEngine {
                 .into_iter()
                 .map(|(seq, r)| {
                     let outcome = match r {
-                        Ok(Produced::Token(token, logprobs)) => Ok(Some(Sampled { token, logprobs })),
+                        Ok(Produced::Token(token, logprobs)) => {
+                            Ok(Some(Sampled { token, logprobs, after: Vec::new() }))
+                        }
+                        Ok(Produced::Tokens(tokens)) => Ok(Sampled::verified(tokens)),
                         Ok(_) => Ok(None),
                         Err(e) => Err(step_error(e)),
                     };
@@ -156,6 +161,10 @@ impl Engine for LocalEngine {
 
     fn max_seqs(&self) -> u32 {
         self.stage.spec().max_seqs
+    }
+
+    fn draft_max(&self) -> u32 {
+        self.stage.spec().draft_max
     }
 
     fn checkpoints(&self) -> bool {

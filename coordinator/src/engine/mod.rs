@@ -43,6 +43,7 @@ pub(crate) fn plan_config(spec: &StageSpec, args: &EngineArgs, kv_positions: Opt
         max_batch: spec.max_batch as usize,
         seqs: spec.max_seqs as usize,
         checkpoints: spec.checkpoints,
+        draft_max: spec.draft_max as usize,
         kv_block_size: spec.kv_block_size as usize,
         kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
         ..PlanConfig::new(spec.ctx as usize)
@@ -130,7 +131,13 @@ pub(crate) fn stage_spec(
         kv_blocks,
         kv_block_size: block,
         checkpoints: usage.checkpoints,
+        draft_max: draft_max(args),
     })
+}
+
+/// Draft rows a sequence's step may verify: `--draft-max` with `--speculative`, else 0.
+pub(crate) fn draft_max(args: &EngineArgs) -> u32 {
+    if args.speculative == crate::cli::SpeculativeMode::Off { 0 } else { args.draft_max }
 }
 
 /// A pipeline when `args` names peers, `--no-local`, `--split` or `--discover`; else one
@@ -167,6 +174,13 @@ pub struct SeqStep<'a> {
     /// The first step of a new sequence forked from this one at `pos` (see
     /// `strata_node::stage::SeqStep::fork_from`).
     pub fork_from: Option<SeqId>,
+    /// Speculative decoding: the last `verify` of `ids` are draft tokens, and the last
+    /// stage samples after each of them too ([`Sampled::after`]); see
+    /// `strata_node::stage::SeqStep::verify`.
+    pub verify: u32,
+    /// Recurrent layers keep the state after the first `keep` of `ids` as the sequence's
+    /// rollback state, which a later step starting there resumes from.
+    pub keep: u32,
 }
 
 /// A sampled token, and its log-probabilities when the step asked for them.
@@ -174,6 +188,24 @@ pub struct SeqStep<'a> {
 pub struct Sampled {
     pub token: u32,
     pub logprobs: Option<Logprobs>,
+    /// A speculative step's samples after each of its draft tokens, in order (`token`
+    /// is the sample after the row before the first draft).
+    pub after: Vec<u32>,
+}
+
+impl Sampled {
+    pub fn token(token: u32) -> Sampled {
+        Sampled { token, logprobs: None, after: Vec::new() }
+    }
+
+    /// From a speculative step's samples, one per verified row (at least one).
+    pub fn verified(mut tokens: Vec<u32>) -> Option<Sampled> {
+        if tokens.is_empty() {
+            return None;
+        }
+        let token = tokens.remove(0);
+        Some(Sampled { token, logprobs: None, after: tokens })
+    }
 }
 
 /// The class of a step's error, as the stage that refused it (or the coordinator) saw it.
@@ -342,6 +374,10 @@ pub trait Engine: Send {
     fn checkpoints(&self) -> bool {
         false
     }
+    /// Draft rows one sequence's step may carry ([`SeqStep::verify`]); 0: no speculation.
+    fn draft_max(&self) -> u32 {
+        0
+    }
     /// Where the model runs and what each stage holds, for `/v1/cluster` and `/metrics`.
     fn stats(&self) -> EngineStats;
     /// Every stage, in pipeline order.
@@ -406,6 +442,8 @@ pub trait Engine: Send {
                 allowed,
                 checkpoint: false,
                 fork_from: None,
+                verify: 0,
+                keep: 0,
             }])?;
             p += chunk.len() as u32;
             at += chunk.len();
@@ -449,6 +487,8 @@ pub trait Engine: Send {
             allowed,
             checkpoint: false,
             fork_from: None,
+            verify: 0,
+            keep: 0,
         };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
@@ -598,6 +638,8 @@ pub(crate) mod testing {
         pub recoveries: u32,
         /// What [`Engine::checkpoints`] answers.
         pub checkpoints: bool,
+        /// What [`Engine::draft_max`] answers.
+        pub draft_max: u32,
         next: u64,
     }
 
@@ -613,6 +655,7 @@ pub(crate) mod testing {
                 recoverable: false,
                 recoveries: 0,
                 checkpoints: false,
+                draft_max: 0,
                 next: 0,
             }
         }
@@ -693,6 +736,9 @@ pub(crate) mod testing {
         fn checkpoints(&self) -> bool {
             self.checkpoints
         }
+        fn draft_max(&self) -> u32 {
+            self.draft_max
+        }
         fn stats(&self) -> EngineStats {
             EngineStats::default()
         }
@@ -735,7 +781,7 @@ mod tests {
             if failing.lock().unwrap().contains(&step.pos) {
                 Err(StepError::new(ErrorCode::OutOfOrder, format!("at {}", step.pos)))
             } else {
-                Ok(step.want_token.then_some(Sampled { token: 1000 + step.pos, logprobs: None }))
+                Ok(step.want_token.then_some(Sampled::token(1000 + step.pos)))
             }
         });
         let greedy = SamplingParams::greedy();

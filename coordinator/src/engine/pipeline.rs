@@ -490,6 +490,7 @@ async fn load_shards(
             kv_blocks: spec.kv_blocks,
             kv_block_size: spec.kv_block_size,
             checkpoints: spec.checkpoints,
+            draft_max: spec.draft_max,
         };
         let mut client = stage.client.clone();
         let (l, name) = (&sp.layers, &stage.name);
@@ -706,6 +707,8 @@ impl Pipeline {
                 allowed: s.allowed.iter().flat_map(|w| w.to_le_bytes()).collect(),
                 checkpoint: s.checkpoint,
                 fork_from: s.fork_from.unwrap_or(0),
+                verify: s.verify,
+                keep: s.keep,
                 want_logits: false,
                 want_logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),
@@ -734,8 +737,9 @@ impl Pipeline {
                     Some(a) if a.has_token => {
                         let top = a.top_ids.iter().copied().zip(a.top_logprobs.iter().copied()).collect();
                         let logprobs = logprobs.then_some(Logprobs { token: a.logprob, top });
-                        Ok(Some(Sampled { token: a.token_id, logprobs }))
+                        Ok(Some(Sampled { token: a.token_id, logprobs, after: Vec::new() }))
                     }
+                    Some(a) if !a.tokens.is_empty() => Ok(Sampled::verified(a.tokens)),
                     Some(_) => Ok(None),
                 };
                 (seq, outcome)
@@ -933,6 +937,10 @@ impl Engine for Pipeline {
 
     fn checkpoints(&self) -> bool {
         self.usage.checkpoints
+    }
+
+    fn draft_max(&self) -> u32 {
+        super::draft_max(&self.args)
     }
 
     /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a

@@ -99,6 +99,34 @@ impl Metrics {
         let _ = writeln!(out, "strata_prefix_cache_forks_total {}", snap.prefix_forks);
         head(
             &mut out,
+            "strata_speculative_draft_tokens_total",
+            "counter",
+            "Draft tokens proposed by speculative decoding (--speculative) and verified by the last stage.",
+        );
+        let _ = writeln!(out, "strata_speculative_draft_tokens_total {}", snap.draft_tokens);
+        head(
+            &mut out,
+            "strata_speculative_accepted_tokens_total",
+            "counter",
+            "Of those, the draft tokens accepted (each one the model's own next token).",
+        );
+        let _ = writeln!(out, "strata_speculative_accepted_tokens_total {}", snap.accepted_draft_tokens);
+        head(
+            &mut out,
+            "strata_decode_trips_total",
+            "counter",
+            "Decode trips through the pipeline: one sequence's decode part of a step.",
+        );
+        let _ = writeln!(out, "strata_decode_trips_total {}", snap.decode_trips);
+        head(
+            &mut out,
+            "strata_decode_trip_tokens_total",
+            "counter",
+            "Tokens those trips yielded: over strata_decode_trips_total, the tokens per trip.",
+        );
+        let _ = writeln!(out, "strata_decode_trip_tokens_total {}", snap.decode_tokens);
+        head(
+            &mut out,
             "strata_prefix_cache_tokens_total",
             "counter",
             "Prompt tokens taken from the prefix cache instead of being computed.",

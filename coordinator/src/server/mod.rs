@@ -118,6 +118,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_seqs: args.max_seqs as usize,
             max_waiting: Some(args.max_queue as usize),
             prefix_reuse: if args.no_prefix_cache { PrefixReuse::Off } else { prefix_reuse },
+            speculation: crate::speculative::Speculation::new(&args.engine, &config),
         },
     )?;
     let state = Arc::new(AppState {
@@ -257,6 +258,12 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "hits": snap.prefix_hits,
             "forks": snap.prefix_forks,
             "cached_tokens": snap.prefix_cached_tokens,
+        },
+        "speculation": {
+            "draft_tokens": snap.draft_tokens,
+            "accepted_draft_tokens": snap.accepted_draft_tokens,
+            "decode_trips": snap.decode_trips,
+            "decode_tokens": snap.decode_tokens,
         },
         "state": match (&snap.broken, &snap.recovering) {
             (Some(_), _) => "degraded",

@@ -33,6 +33,8 @@ pub struct StateSize {
     pub kv: Option<KvLayout>,
     /// Recurrent layers keep a checkpoint per slot (for prefix reuse).
     pub checkpoints: bool,
+    /// ... and a rollback state per slot (for speculative steps).
+    pub rollback: bool,
 }
 
 impl StateSize {

@@ -64,7 +64,9 @@ impl Layer for Qwen35Layer {
     fn new_state(&self, gpu: &Gpu, cfg: &ModelConfig, size: &StateSize) -> Result<LayerState> {
         Ok(match self.mixer {
             Mixer::DeltaNet(_) => LayerState::DeltaNet(
-                DeltaNetState::new(gpu, deltanet::config(cfg)?, size.slots)?.with_checkpoints(gpu, size.checkpoints),
+                DeltaNetState::new(gpu, deltanet::config(cfg)?, size.slots)?
+                    .with_checkpoints(gpu, size.checkpoints)
+                    .with_rollback(gpu, size.rollback),
             ),
             Mixer::Attention(_) => {
                 let a = &cfg.attention;

@@ -201,7 +201,7 @@ mod tests {
             let x = rng.vec(n * e, 1.0);
             gpu.queue.write_buffer(&s.x, 0, bytemuck::cast_slice(&x));
             // The sequence in slot 1.
-            let layout = BatchLayout::new(&[Run { slot: 1, pos, n: n as u32 }]);
+            let layout = BatchLayout::new(&[Run { slot: 1, pos, n: n as u32, keep: 0 }]);
             gpu.queue.write_buffer(&s.positions, 0, bytemuck::cast_slice(&layout.positions));
             gpu.queue.write_buffer(&s.rows, 0, bytemuck::cast_slice(&layout.rows));
             gpu.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&layout.seqs));

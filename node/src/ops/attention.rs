@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn run(slot: u32, pos: u32, n: u32) -> Run {
-        Run { slot, pos, n }
+        Run { slot, pos, n, keep: 0 }
     }
 
     /// Every attention kernel this adapter can run.

@@ -88,7 +88,7 @@ impl Recorder<'_> {
             "deltanet_conv_state",
             pipeline,
             &params,
-            &[seqs, qkv_binding, state.conv().as_entire_binding()],
+            &[seqs, qkv_binding, state.conv().as_entire_binding(), state.rollback().0.as_entire_binding()],
             workgroups,
         );
         Ok(())
@@ -155,6 +155,7 @@ impl Recorder<'_> {
             self.bind(op, "gate consts", gates.consts, u64::from(2 * nv) * 4)?,
             state.matrices().as_entire_binding(),
             self.bind_act(op, "out", out, nv * dk)?,
+            state.rollback().1.as_entire_binding(),
         ];
         let params = StateParams { n_key_heads: cfg.n_key_heads as u32, n_value_heads: nv, channels, _pad: 0 };
         let params = self.uniform("deltanet_state", &params);
@@ -319,7 +320,7 @@ mod tests {
     }
 
     fn run_of(slot: u32, n: u32) -> Run {
-        Run { slot, pos: 0, n }
+        Run { slot, pos: 0, n, keep: 0 }
     }
 
     const SLOTS: u32 = 4;

@@ -57,6 +57,10 @@ pub struct StageSpec {
     /// prefix reuse on models whose state cannot be cut back. As much memory again as the
     /// recurrent state.
     pub checkpoints: bool,
+    /// Draft rows one sequence's step may ask the last stage to verify
+    /// ([`SeqStep::verify`]); with recurrent layers, each slot also keeps a rollback state
+    /// (as much memory again as the recurrent state). 0: no speculation.
+    pub draft_max: u32,
 }
 
 impl StageSpec {
@@ -71,7 +75,14 @@ impl StageSpec {
             kv_blocks: 0,
             kv_block_size: KvLayout::DEFAULT_BLOCK_SIZE,
             checkpoints: false,
+            draft_max: 0,
         }
+    }
+
+    /// The most rows one step samples: each sequence's last, and with speculation its
+    /// drafts' rows too, within the step's rows.
+    pub fn max_samples(&self) -> u32 {
+        self.max_seqs.saturating_mul(self.draft_max.saturating_add(1)).min(self.max_batch)
     }
 
     /// The same for `max_seqs` sequences at once.
@@ -148,6 +159,15 @@ pub struct SeqStep<'a> {
     /// one) and starting from its recurrent state at `pos` (its checkpoint, or its live
     /// state when that is at `pos`).
     pub fork_from: Option<SeqId>,
+    /// Speculative decoding: its last `verify` rows are draft tokens, and the last stage
+    /// samples each of its last `verify + 1` rows (each from its own row, with the draw of
+    /// its own position), answering [`Produced::Tokens`]. Needs [`Want::Token`] without
+    /// logprobs, penalties or a grammar mask, and `verify <= StageSpec::draft_max`.
+    pub verify: u32,
+    /// Keep the recurrent state after its first `keep` rows (the rows sure to stay: the
+    /// ones before the drafts) as its rollback state; a later step starting at that
+    /// position resumes from it, dropping what the rejected drafts did.
+    pub keep: u32,
 }
 
 /// What one sequence's part of a step produced.
@@ -156,6 +176,9 @@ pub enum Produced {
     /// Its rows ran (and, on a stage without the head, are in [`StepOutput::hidden`]).
     Ran,
     Token(u32, Option<Logprobs>),
+    /// A speculative step's samples ([`SeqStep::verify`]): one per row from its last
+    /// `verify + 1`, in order; the sample of a draft's row is the model's token after it.
+    Tokens(Vec<u32>),
     Logits(Vec<f32>),
 }
 
@@ -178,6 +201,10 @@ struct Admitted<'s> {
     reset: bool,
     restore: bool,
     save: bool,
+    /// Its recurrent state comes back from its rollback state (before the pass); the
+    /// kernels keep a new one mid-step (`SeqStep::keep`).
+    roll_back: bool,
+    keep: bool,
     /// Shared KV blocks it writes, copied first; a fork's recurrent state, copied first.
     copies: Vec<crate::kv_pool::BlockCopy>,
     fork: Option<(u32, bool)>,
@@ -190,6 +217,8 @@ struct Sample {
     /// Index into the step's sequences.
     index: usize,
     k: u32,
+    /// The row within its sequence's rows (the last, but for speculative steps).
+    row: u32,
 }
 
 pub struct Stage {
@@ -236,14 +265,19 @@ impl Stage {
         let kinds = &config.layers[spec.layers.clone()];
         let kv = if kinds.contains(&LayerKind::Attention) { Some(spec.kv_layout()?) } else { None };
         let recurrent = kinds.contains(&LayerKind::DeltaNet);
-        let size = StateSize { slots: spec.max_seqs, kv, checkpoints: spec.checkpoints && recurrent };
+        let size = StateSize {
+            slots: spec.max_seqs,
+            kv,
+            checkpoints: spec.checkpoints && recurrent,
+            rollback: spec.draft_max > 0 && recurrent,
+        };
         let states = layers.iter().map(|l| l.new_state(&gpu, &config, &size)).collect::<Result<Vec<_>>>()?;
         let bounce = states.iter().find_map(|s| match s {
             LayerState::Kv(kv) => Some(gpu.storage("kv block bounce", kv.block_bytes())),
             LayerState::DeltaNet(_) => None,
         });
         let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?;
-        let max_samples = spec.max_seqs.min(spec.max_batch);
+        let max_samples = spec.max_samples();
         let head = if last { Some(Head::load(&ctx, &config, &scratch, max_samples)?) } else { None };
         let words = head.as_ref().map_or(0, |h| u64::from(h.words() * h.max_samples) * 4);
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -256,7 +290,7 @@ impl Stage {
             gpu,
             kernels,
             config,
-            seqs: Sequences::new(spec.max_seqs, recurrent, spec.checkpoints),
+            seqs: Sequences::new(spec.max_seqs, recurrent, spec.checkpoints, spec.draft_max > 0),
             spec,
             embed,
             layers,
@@ -368,11 +402,11 @@ impl Stage {
             }
         }
         if spec.layers.end == n_layer {
-            let logits = u128::from(spec.max_seqs.min(spec.max_batch)) * config.n_vocab as u128 * 4;
+            let logits = u128::from(spec.max_samples()) * config.n_vocab as u128 * 4;
             if logits > limit {
                 return Err(over(format!(
-                    "{} sampled rows (max_seqs) need {logits} bytes of logits",
-                    spec.max_seqs.min(spec.max_batch)
+                    "{} sampled rows (max_seqs, times --draft-max + 1 with speculation) need {logits} bytes of logits",
+                    spec.max_samples()
                 )));
             }
         }
@@ -548,6 +582,8 @@ impl Stage {
                 reset: a.reset,
                 restore: a.restore,
                 save: a.save,
+                roll_back: a.roll_back,
+                keep: a.keep,
                 copies: a.copies,
                 fork: a.fork,
                 input_row,
@@ -605,6 +641,9 @@ impl Stage {
         } else if !st.tokens.is_empty() {
             return Err(Error::Step("token ids sent to a stage that is not first".into()));
         }
+        if st.verify > 0 || st.keep > 0 {
+            self.check_speculative(st)?;
+        }
         if let Want::Token { sampling, .. } = &st.want
             && self.is_last()
         {
@@ -632,11 +671,40 @@ impl Stage {
             st.rows,
             st.checkpoint,
             st.fork_from,
+            st.keep,
         )?;
         if self.is_last() && !st.history.is_empty() {
             self.seqs.get_mut(st.seq).expect("admitted").note(st.history);
         }
         Ok(admitted)
+    }
+
+    /// Refuses a speculative part of a step that the last stage could not verify exactly.
+    fn check_speculative(&self, st: &SeqStep<'_>) -> Result<()> {
+        let refuse = |message: String| Err(Error::Sequence { seq: st.seq, message });
+        if self.spec.draft_max == 0 {
+            return refuse("a speculative step on a stage loaded without speculation (--draft-max 0)".into());
+        }
+        if st.verify > self.spec.draft_max {
+            return refuse(format!(
+                "verifies {} draft rows, more than the {} this stage was loaded for (--draft-max)",
+                st.verify, self.spec.draft_max
+            ));
+        }
+        if st.verify >= st.rows || st.keep > st.rows {
+            return refuse(format!("{} draft rows and {} kept of a step of {} rows", st.verify, st.keep, st.rows));
+        }
+        if st.verify > 0 {
+            match &st.want {
+                Want::Token { sampling, logprobs: None } if !sampling.has_penalties() && st.allowed.is_empty() => {}
+                _ => {
+                    return refuse(
+                        "verifies draft rows but asks for logprobs, penalties, a grammar or no token".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the admitted sequences' inputs and tables, runs the step in one submission
@@ -648,7 +716,10 @@ impl Stage {
         out: &mut [(SeqId, Result<Produced>)],
     ) -> Result<Vec<f32>> {
         let e = self.config.n_embd;
-        let runs: Vec<Run> = ran.iter().map(|a| Run { slot: a.slot, pos: a.step.pos, n: a.step.rows }).collect();
+        let runs: Vec<Run> = ran
+            .iter()
+            .map(|a| Run { slot: a.slot, pos: a.step.pos, n: a.step.rows, keep: if a.keep { a.step.keep } else { 0 } })
+            .collect();
         let layout = BatchLayout::new(&runs);
         let (gpu, s) = (&*self.gpu, &self.scratch);
         match hidden {
@@ -692,10 +763,12 @@ impl Stage {
                 }
             }
         }
-        for a in ran.iter().filter(|a| a.reset || a.restore) {
+        for a in ran.iter().filter(|a| a.reset || a.restore || a.roll_back) {
             for d in deltanet() {
                 if a.reset {
                     d.reset(&mut enc, a.slot);
+                } else if a.roll_back {
+                    d.roll_back(&mut enc, a.slot);
                 } else {
                     d.restore(&mut enc, a.slot);
                 }
@@ -768,6 +841,14 @@ impl Stage {
                 }
             };
             let seq = &layout.seqs[i];
+            // A speculative step's draft rows are sampled too, each alike (no penalties,
+            // logprobs or mask: `check_speculative`).
+            let verify = if self.is_last() { a.step.verify } else { 0 };
+            for r in seq.n - 1 - verify..seq.n - 1 {
+                rows.push(seq.first + r);
+                params.push(RowSampling::new(k, 0, Penalties::NONE));
+                samples.push(Sample { index: i, k, row: r });
+            }
             rows.push(seq.first + seq.n - 1);
             let row = match &a.step.want {
                 Want::Token { sampling, .. } if sampling.has_penalties() => {
@@ -793,7 +874,7 @@ impl Stage {
                 row.masked()
             };
             params.push(row);
-            samples.push(Sample { index: i, k });
+            samples.push(Sample { index: i, k, row: seq.n - 1 });
         }
         if !samples.is_empty() {
             let q = &self.gpu.queue;
@@ -840,8 +921,32 @@ impl Stage {
     ) -> Result<()> {
         let w = self.head.as_ref().map_or(0, |h| h.words()) as usize;
         let vocab = self.config.n_vocab;
+        // A speculative step's samples so far (its rows come in order, the last row last).
+        let mut drafted: Vec<u32> = Vec::new();
         for (i, smp) in samples.iter().enumerate() {
             let a = &ran[smp.index];
+            if let Want::Token { sampling, .. } = &a.step.want
+                && a.step.verify > 0
+            {
+                let top = TopK::from_words(&words[i * w..(i + 1) * w], K_MAX, smp.k);
+                let draw = u64::from(a.step.pos + smp.row + 1);
+                let seq = self.seqs.get_mut(a.step.seq).expect("admitted this step");
+                match pick(seq, &top, sampling, None, draw, &[]) {
+                    Ok((token, _)) => drafted.push(token),
+                    Err(e) => {
+                        out[a.index].1 = Err(e);
+                        drafted.clear();
+                        continue;
+                    }
+                }
+                if smp.row + 1 == a.step.rows {
+                    if out[a.index].1.is_ok() {
+                        out[a.index].1 = Ok(Produced::Tokens(std::mem::take(&mut drafted)));
+                    }
+                    drafted.clear();
+                }
+                continue;
+            }
             let result = match &a.step.want {
                 Want::Logits => {
                     let j = logits_rows.iter().position(|&r| r == i).expect("copied above");
@@ -849,7 +954,7 @@ impl Stage {
                 }
                 Want::Token { sampling, logprobs } => {
                     let top = TopK::from_words(&words[i * w..(i + 1) * w], K_MAX, smp.k);
-                    let draw = u64::from(a.step.pos + a.step.rows);
+                    let draw = u64::from(a.step.pos + smp.row + 1);
                     let seq = self.seqs.get_mut(a.step.seq).expect("admitted this step");
                     pick(seq, &top, sampling, *logprobs, draw, a.step.allowed).map(|(token, lp)| {
                         seq.note(&[token]);
@@ -886,8 +991,19 @@ impl Stage {
             }
             Input::Hidden(h) => (&[][..], Some(h)),
         };
-        let step =
-            SeqStep { seq, pos, rows, tokens, want, history: &[], allowed: &[], checkpoint: false, fork_from: None };
+        let step = SeqStep {
+            seq,
+            pos,
+            rows,
+            tokens,
+            want,
+            history: &[],
+            allowed: &[],
+            checkpoint: false,
+            fork_from: None,
+            verify: 0,
+            keep: 0,
+        };
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
         Ok((produced?, output.hidden))

@@ -28,6 +28,9 @@ pub(super) struct Sequence {
     /// The position its recurrent state's checkpoint is at (the state after that many
     /// positions), if it has one.
     pub checkpoint: Option<u32>,
+    /// The position its recurrent rollback state is at (kept mid-step by a speculative
+    /// step, see `SeqStep::keep`), if it has one.
+    pub rollback: Option<u32>,
 }
 
 impl Sequence {
@@ -56,6 +59,10 @@ pub(super) struct Admitted {
     pub restore: bool,
     /// Its recurrent state is kept as its checkpoint after the step.
     pub save: bool,
+    /// Its recurrent state comes back from its rollback state (a step at its position,
+    /// dropping rejected draft rows); the step keeps a new one mid-step.
+    pub roll_back: bool,
+    pub keep: bool,
     /// Shared KV blocks the step writes, to copy first (copy on write).
     pub copies: Vec<BlockCopy>,
     /// A fork's recurrent state: the slot it comes from, and whether from that slot's
@@ -79,11 +86,13 @@ pub(super) struct Sequences {
     recurrent: bool,
     /// ... and keeps a checkpoint of it per slot.
     checkpoints: bool,
+    /// ... and a rollback state per slot (the stage verifies drafts).
+    rollback: bool,
 }
 
 impl Sequences {
-    pub fn new(slots: u32, recurrent: bool, checkpoints: bool) -> Sequences {
-        Sequences { seqs: HashMap::new(), free_slots: (0..slots).rev().collect(), recurrent, checkpoints }
+    pub fn new(slots: u32, recurrent: bool, checkpoints: bool, rollback: bool) -> Sequences {
+        Sequences { seqs: HashMap::new(), free_slots: (0..slots).rev().collect(), recurrent, checkpoints, rollback }
     }
 
     pub fn len(&self) -> usize {
@@ -115,7 +124,9 @@ impl Sequences {
     /// A new sequence may start at `pos` as a fork of `fork`: it shares that sequence's
     /// blocks of positions `0..pos` and starts from its recurrent state there (its live
     /// state or its checkpoint). With `checkpoint`, the state after the step becomes its
-    /// checkpoint. On any error the sequence is as it was.
+    /// checkpoint. With `keep`, the state after its first `keep` rows becomes its rollback
+    /// state, which a later step starting there resumes from (dropping what the rows after
+    /// did: rejected speculative drafts). On any error the sequence is as it was.
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
@@ -126,14 +137,19 @@ impl Sequences {
         rows: u32,
         checkpoint: bool,
         fork: Option<SeqId>,
+        keep: u32,
     ) -> Result<Admitted> {
         let end = pos + rows;
         if checkpoint && self.recurrent && !self.checkpoints {
             let message = "asks for a checkpoint of its recurrent state on a stage loaded without them".to_owned();
             return Err(Error::Sequence { seq, message });
         }
-        let known = self.seqs.get(&seq).map(|s| (s.len, s.checkpoint));
-        let mut restore = false;
+        if keep > 0 && self.recurrent && !self.rollback {
+            let message = "asks to keep a rollback state on a stage loaded without speculation".to_owned();
+            return Err(Error::Sequence { seq, message });
+        }
+        let known = self.seqs.get(&seq).map(|s| (s.len, s.checkpoint, s.rollback));
+        let (mut restore, mut roll_back) = (false, false);
         let mut forked: Option<Fork> = None;
         match known {
             None if pos != 0 && fork.is_some_and(|f| f != seq) => {
@@ -146,17 +162,21 @@ impl Sequences {
                 );
                 return Err(Error::Sequence { seq, message });
             }
-            Some((len, _)) if pos > len => {
+            Some((len, _, _)) if pos > len => {
                 let message = format!("step at position {pos} leaves a gap after its {len} positions");
                 return Err(Error::Sequence { seq, message });
             }
-            Some((len, kept)) if self.recurrent && pos != len && pos != 0 => {
-                if kept != Some(pos) {
+            Some((len, kept, back)) if self.recurrent && pos != len && pos != 0 => {
+                if back == Some(pos) {
+                    roll_back = true;
+                } else if kept == Some(pos) {
+                    restore = true;
+                } else {
                     let at = kept.map_or(String::new(), |c| format!(" and its checkpoint at {c}"));
-                    let message = format!("step at position {pos} but its recurrent state is at {len}{at}");
+                    let back = back.map_or(String::new(), |r| format!(" (rollback state at {r})"));
+                    let message = format!("step at position {pos} but its recurrent state is at {len}{at}{back}");
                     return Err(Error::Sequence { seq, message });
                 }
-                restore = true;
             }
             _ => {}
         }
@@ -176,6 +196,7 @@ impl Sequences {
                 history: Vec::new(),
                 last_used: Instant::now(),
                 checkpoint: None,
+                rollback: None,
             };
             self.seqs.insert(seq, new);
         }
@@ -207,13 +228,21 @@ impl Sequences {
         if s.checkpoint.is_some_and(|c| c > pos) {
             s.checkpoint = None;
         }
+        if s.rollback.is_some_and(|r| r > pos) {
+            s.rollback = None;
+        }
         let save = checkpoint && self.recurrent;
         if save {
             s.checkpoint = Some(end);
         }
+        let keep_rows = keep;
+        let keep = keep > 0 && self.recurrent;
+        if keep {
+            s.rollback = Some(pos + keep_rows);
+        }
         s.len = end;
         s.last_used = Instant::now();
-        Ok(Admitted { slot: s.slot, reset, restore, save, copies, fork: forked.and_then(|f| f.state) })
+        Ok(Admitted { slot: s.slot, reset, restore, save, roll_back, keep, copies, fork: forked.and_then(|f| f.state) })
     }
 
     /// What a new sequence `seq` forked from `src` at `pos` starts with: `src`'s blocks of

@@ -22,4 +22,7 @@ struct SeqInfo {
     n: u32,
     // The position of its first row.
     pos: u32,
+    // Recurrent layers copy the sequence's state after this many of its rows to its
+    // rollback slot (0: they do not): the state a rejected speculative draft goes back to.
+    keep: u32,
 }

@@ -1,0 +1,148 @@
+//! Speculative decoding: drafts that the pipeline checks several at a time.
+//!
+//! A sequence's decode step carries its newest token and, after it, up to `--draft-max`
+//! draft tokens proposed by prompt lookup (the tokens that followed the latest earlier
+//! occurrence of the sequence's last few tokens). The last stage samples after every
+//! one of those rows with the draw of that row's own position, so the sample after the
+//! newest token is the very token a plain step would have sampled; a draft is kept while
+//! it equals the sample before it, and the first sample that differs replaces it. The
+//! output is therefore the plain run's, token for token, greedy or sampled: a draft that
+//! is one fixed token is accepted with probability p(draft), and a rejection leaves a
+//! sample from p given "not the draft", which is the speculative-sampling rule for a
+//! draft distribution that puts all its mass on one token.
+//!
+//! Rejected rows leave no trace: attention rewrites their positions at the next step,
+//! and recurrent (DeltaNet) stages keep the state after the step's sure rows as a
+//! rollback state (`strata_node::stage::SeqStep::keep`), from which the next step
+//! computes the accepted drafts again.
+
+/// How the scheduler speculates, for every request that allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Speculation {
+    /// Draft tokens one sequence's step carries, at most.
+    pub draft_max: u32,
+    /// Some layers carry a recurrent state: rejected drafts are undone through the
+    /// stages' rollback state, and the accepted ones are computed again.
+    pub recurrent: bool,
+}
+
+impl Speculation {
+    /// What `--speculative` and `--draft-max` ask of a model like `config`; `None` when off.
+    pub fn new(args: &crate::cli::EngineArgs, config: &strata_model::config::ModelConfig) -> Option<Speculation> {
+        let draft_max = crate::engine::draft_max(args);
+        let recurrent = config.layers.contains(&strata_model::config::LayerKind::DeltaNet);
+        (draft_max > 0).then_some(Speculation { draft_max, recurrent })
+    }
+}
+
+/// The longest suffix of the sequence that prompt lookup matches, and the shortest.
+const NGRAM_MAX: usize = 4;
+const NGRAM_MIN: usize = 2;
+
+/// A step carrying this many rows already gets no drafts: by then the stages are busy
+/// with the batch, and drafts would only lengthen the step.
+pub const BACK_OFF_ROWS: usize = 32;
+
+/// Prompt lookup: the tokens that followed the latest earlier occurrence of the last
+/// `n` tokens of `tokens` (`n` from [`NGRAM_MAX`] down to [`NGRAM_MIN`], the longest that
+/// occurs), at most `k` of them; empty when no suffix recurs.
+pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    for n in (NGRAM_MIN..=NGRAM_MAX).rev() {
+        if tokens.len() <= n {
+            continue;
+        }
+        let suffix = &tokens[tokens.len() - n..];
+        // Latest first: the nearest context is the likeliest to be repeated next.
+        let found = (0..tokens.len() - n).rev().find(|&i| &tokens[i..i + n] == suffix);
+        if let Some(i) = found {
+            let from = i + n;
+            return tokens[from..(from + k).min(tokens.len())].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// One sequence's speculation: how many drafts it tries, and the ones in flight.
+#[derive(Debug, Clone, Default)]
+pub struct Drafting {
+    /// Drafts to propose next time, adapted to how many were accepted lately.
+    pub len: u32,
+    /// The drafts of the step in flight, and the position of the first of them.
+    pub pending: Option<(Vec<u32>, usize)>,
+    /// Drafts proposed and accepted, and the sequence's decode steps.
+    pub drafted: u64,
+    pub accepted: u64,
+}
+
+impl Drafting {
+    pub fn new(draft_max: u32) -> Drafting {
+        Drafting { len: draft_max.max(1), ..Drafting::default() }
+    }
+
+    /// After a step that checked `drafted` drafts and kept `accepted`: one more next time
+    /// when all were kept, else one more than were kept.
+    pub fn adapt(&mut self, drafted: usize, accepted: usize, draft_max: u32) {
+        self.drafted += drafted as u64;
+        self.accepted += accepted as u64;
+        self.len = if accepted == drafted { self.len + 1 } else { accepted as u32 + 1 }.clamp(1, draft_max.max(1));
+    }
+}
+
+/// How many of `drafts` the samples keep: each draft while it equals the sample of the
+/// row before it (`samples[j]` is the model's token after the row before draft `j`).
+pub fn accepted(drafts: &[u32], samples: &[u32]) -> usize {
+    drafts.iter().zip(samples).take_while(|(d, s)| d == s).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_continues_the_latest_earlier_occurrence_of_the_longest_suffix() {
+        // "1 2 3 4" occurred before, followed by 5 6 7.
+        assert_eq!(lookup(&[1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4], 3), [5, 6, 7]);
+        // Capped by k, and by the end of the sequence.
+        assert_eq!(lookup(&[1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4], 1), [5]);
+        assert_eq!(lookup(&[7, 8, 1, 2, 7, 8], 8), [1, 2, 7, 8]);
+        // The latest occurrence wins: "8 9" was followed by 1, later by 2.
+        assert_eq!(lookup(&[8, 9, 1, 8, 9, 2, 0, 8, 9], 1), [2]);
+        // A longer suffix beats a later shorter one: "3 4" occurs last before 6, but
+        // "2 3 4" only before 5.
+        assert_eq!(lookup(&[2, 3, 4, 5, 0, 3, 4, 6, 1, 2, 3, 4], 1), [5]);
+        // A single recurring token is not enough, nor an empty or short sequence.
+        assert!(lookup(&[5, 1, 2, 5], 4).is_empty());
+        assert!(lookup(&[], 4).is_empty());
+        assert!(lookup(&[1, 2], 4).is_empty());
+        assert!(lookup(&[1, 2, 1, 2], 0).is_empty());
+    }
+
+    #[test]
+    fn drafts_are_kept_while_they_equal_the_samples() {
+        assert_eq!(accepted(&[5, 6, 7], &[5, 6, 7, 8]), 3);
+        assert_eq!(accepted(&[5, 6, 7], &[5, 9, 7, 8]), 1);
+        assert_eq!(accepted(&[5, 6, 7], &[4, 6, 7, 8]), 0);
+        assert_eq!(accepted(&[], &[4]), 0);
+    }
+
+    #[test]
+    fn the_draft_length_follows_acceptance() {
+        let mut d = Drafting::new(4);
+        assert_eq!(d.len, 4);
+        d.adapt(4, 1, 4);
+        assert_eq!(d.len, 2);
+        d.adapt(2, 2, 4);
+        assert_eq!(d.len, 3);
+        d.adapt(3, 0, 4);
+        assert_eq!(d.len, 1);
+        d.adapt(1, 1, 4);
+        d.adapt(2, 2, 4);
+        d.adapt(3, 3, 4);
+        d.adapt(4, 4, 4);
+        assert_eq!(d.len, 4);
+        assert_eq!((d.drafted, d.accepted), (19, 13));
+    }
+}
