@@ -1,14 +1,21 @@
 // Causal softmax attention over the paged f16 KV pool for adapters that run a subgroup as
-// the SIMD lanes of one CPU thread (lavapipe): one subgroup of SG lanes per (row t, query
-// head h), the lanes splitting the head's dims, keys taken one at a time in order with an
-// online softmax. No workgroup memory and no barriers: on such adapters every access to
-// workgroup memory is a loop over the lanes, so the tiled `attention` kernel spends most
-// of its time there. Same inputs, outputs and parameters as `attention`.
+// the SIMD lanes of one CPU thread (lavapipe): one subgroup of SG lanes per (up to ROWS
+// consecutive rows of one sequence, query head h), the lanes splitting the head's dims,
+// keys taken one at a time in order with an online softmax per row. Each key and value is
+// loaded and unpacked once for the group's rows (a prefill chunk's, or a speculative
+// step's drafts). No workgroup memory and no barriers: on such adapters every access to
+// workgroup memory is a loop over the lanes. Every row is computed with the same
+// operations in the same order (a key past a row's position leaves its sums as they are),
+// so a row's output has the same bits alone or beside others; a row alone in its group
+// (every decode row) takes a path without the others' work. Same inputs, outputs and
+// parameters as `attention`.
 
 const HEAD_DIM: u32 = 64u;
 const SG: u32 = 8u;
 // Dims per lane, in quads: HEAD_DIM / SG / 4.
 const LANE_QUADS: u32 = 2u;
+// Rows of one sequence per workgroup.
+const ROWS: u32 = 4u;
 
 //#include "common/step.wgsl"
 //#include "common/batch.wgsl"
@@ -30,18 +37,12 @@ fn half4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
-@compute @workgroup_size(SG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let t = wid.x;
-    let h = wid.y;
-    if t >= step.n_tokens {
-        return;
-    }
+// One row alone (a decode row): the group's arithmetic for that row, without the others'.
+fn one_row(t: u32, h: u32, lane: u32) {
     let info = rows[t];
     let n_keys = min(info.pos + 1u, params.max_blocks << params.block_shift);
     let kvh = h / params.group;
     let row = t * params.n_heads + h;
-    // This lane's quads of the head: lane, lane + SG, ...
     var qs: array<vec4<f32>, LANE_QUADS>;
     for (var i = 0u; i < LANE_QUADS; i++) {
         qs[i] = q[row * QUADS + lane + i * SG] * params.scale;
@@ -67,6 +68,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             acc[i] = acc[i] * corr + p * half4(v_pool[base + i * SG]);
         }
     }
+    write_row(row, acc, l, lane);
+}
+
+fn write_row(row: u32, acc: array<vec4<f32>, LANE_QUADS>, l: f32, lane: u32) {
     let inv_l = 1.0 / l;
     for (var i = 0u; i < LANE_QUADS; i++) {
         var o = acc[i] * inv_l;
@@ -76,5 +81,82 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             o /= 1.0 + exp(-vec4<f32>(gate[gb], gate[gb + 1u], gate[gb + 2u], gate[gb + 3u]));
         }
         out[row * QUADS + quad] = o;
+    }
+}
+
+@compute @workgroup_size(SG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let t0 = wid.x;
+    let h = wid.y;
+    if t0 >= step.n_tokens {
+        return;
+    }
+    let info = rows[t0];
+    // Rows go ROWS at a time from the start of their sequence's run: the first of each
+    // group does the group.
+    if (t0 - info.first) % ROWS != 0u {
+        return;
+    }
+    // A row alone in its group (decode rows, the last of a run) takes the plain path.
+    let next = t0 + 1u;
+    if ROWS == 1u || next >= step.n_tokens || rows[next].first != info.first {
+        one_row(t0, h, lane);
+        return;
+    }
+    let kvh = h / params.group;
+    let cap = params.max_blocks << params.block_shift;
+    // Keys each row of the group sees: 0 for slots past its last row.
+    var n_keys: array<u32, ROWS>;
+    var qs: array<array<vec4<f32>, LANE_QUADS>, ROWS>;
+    var acc: array<array<vec4<f32>, LANE_QUADS>, ROWS>;
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var most = 0u;
+    for (var r = 0u; r < ROWS; r++) {
+        let t = min(t0 + r, step.n_tokens - 1u);
+        let mine = t0 + r < step.n_tokens && rows[t].first == info.first;
+        n_keys[r] = select(0u, min(rows[t].pos + 1u, cap), mine);
+        most = max(most, n_keys[r]);
+        let row = t * params.n_heads + h;
+        for (var i = 0u; i < LANE_QUADS; i++) {
+            qs[r][i] = q[row * QUADS + lane + i * SG] * params.scale;
+            acc[r][i] = vec4<f32>(0.0);
+        }
+        m[r] = -3.0e38;
+        l[r] = 0.0;
+    }
+    let mask = (1u << params.block_shift) - 1u;
+    for (var j = 0u; j < most; j++) {
+        let block = table[info.slot * params.max_blocks + (j >> params.block_shift)];
+        let base = (((block << params.block_shift) | (j & mask)) * params.n_kv_heads + kvh) * QUADS + lane;
+        var ks: array<vec4<f32>, LANE_QUADS>;
+        var vs: array<vec4<f32>, LANE_QUADS>;
+        for (var i = 0u; i < LANE_QUADS; i++) {
+            ks[i] = half4(k_pool[base + i * SG]);
+            vs[i] = half4(v_pool[base + i * SG]);
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            var d = 0.0;
+            for (var i = 0u; i < LANE_QUADS; i++) {
+                d += dot(qs[r][i], ks[i]);
+            }
+            let s = subgroupAdd(d);
+            // The same for every lane: whether row r sees key j.
+            let sees = j < n_keys[r];
+            let m_new = max(m[r], s);
+            let corr = exp(m[r] - m_new);
+            let p = exp(s - m_new);
+            l[r] = select(l[r], l[r] * corr + p, sees);
+            m[r] = select(m[r], m_new, sees);
+            for (var i = 0u; i < LANE_QUADS; i++) {
+                acc[r][i] = select(acc[r][i], acc[r][i] * corr + p * vs[i], sees);
+            }
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        if n_keys[r] == 0u {
+            break;
+        }
+        write_row((t0 + r) * params.n_heads + h, acc[r], l[r], lane);
     }
 }

@@ -247,3 +247,63 @@ fn speculation_changes_no_sampled_token() {
     let flags = ["--temperature", "0.5", "--top-k", "40", "--seed", "4242"];
     speculation_changes_no_token(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", Some(COPY_CODE), &flags);
 }
+
+/// `strata serve --speculative lookup`: a chat request and a streamed one answer exactly as
+/// a server without speculation does, on one stage and on three nodes; `/metrics` and
+/// `/v1/cluster` count the drafts, and the trips yield more than a token each.
+#[test]
+fn a_speculating_server_answers_as_a_plain_one_and_counts_its_drafts() {
+    use serde_json::json;
+
+    use crate::serve::Server;
+    use crate::support::{SMOL_Q4_1, model};
+
+    let m = model(SMOL_Q4_1);
+    let code = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n";
+    let body = |stream: bool| {
+        json!({
+            "messages": [{ "role": "user", "content": format!("Repeat this code exactly:\n{code}") }],
+            "max_tokens": 40,
+            "temperature": 0,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    let answer = |server: &Server| {
+        let r = server.post("/v1/chat/completions", &body(false));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    };
+    let streamed = |server: &Server| {
+        let r = server.post("/v1/chat/completions", &body(true));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect::<String>()
+    };
+    let plain = Server::start(&m, &[]);
+    let want = answer(&plain);
+    drop(plain);
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&m)));
+    let mut three: Vec<&str> = vec!["--speculative", "lookup"];
+    let cluster_flags = cluster.flags();
+    three.extend(cluster_flags.iter().map(String::as_str));
+    for flags in [&["--speculative", "lookup"][..], &three] {
+        let server = Server::start(&m, flags);
+        assert_eq!(answer(&server), want, "{flags:?}");
+        assert_eq!(streamed(&server), want, "{flags:?}: streamed");
+        let drafted = server.metric("strata_speculative_draft_tokens_total");
+        let accepted = server.metric("strata_speculative_accepted_tokens_total");
+        let (trips, tokens) =
+            (server.metric("strata_decode_trips_total"), server.metric("strata_decode_trip_tokens_total"));
+        eprintln!("{flags:?}: {accepted} of {drafted} drafts accepted, {tokens} tokens in {trips} decode trips");
+        assert!(accepted > 0 && accepted <= drafted, "{accepted} of {drafted}");
+        assert!(tokens > trips, "{tokens} tokens in {trips} trips");
+        let c = server.get("/v1/cluster").json();
+        assert_eq!(c["speculation"]["draft_tokens"].as_u64(), Some(drafted), "{c}");
+    }
+}

@@ -15,6 +15,9 @@ use crate::{Error, Result};
 const STORE_WG: u32 = 64;
 /// Threads per workgroup of `attention.wgsl`, and keys per tile.
 const ATTN_WG: u32 = 64;
+/// Rows of one sequence a subgroup of `attention_sg.wgsl` takes at once, each key read
+/// once for all of them.
+const LANES_ROWS: u32 = 4;
 
 /// Which attention kernel an adapter runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +201,7 @@ impl Recorder<'_> {
                     ("HEAD_DIM", format!("{head_dim}u")),
                     ("SG", format!("{sg}u")),
                     ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
+                    ("ROWS", format!("{LANES_ROWS}u")),
                 ];
                 self.pipeline(Kernel::ATTENTION_SG, None, &consts)?
             }

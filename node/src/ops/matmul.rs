@@ -139,11 +139,14 @@ impl MatmulPlan {
     /// memory lane by lane, so loads cost most: no cross-lane sums (S = 1), many rows and
     /// tokens per lane, and x shared through subgroup broadcasts where the subgroup size
     /// is fixed. Measured on lavapipe (576 x 1536 Q8_0): 1 row 1.4 ms (mm_vec took 2.5-4),
-    /// 2 rows 1.6 ms, 4 rows 2.3 ms, 8 rows 2.8 ms.
+    /// 2 rows 1.6 ms, 4 rows 2.3 ms, 8 rows 2.8 ms. Steps of several rows take 8 rows per
+    /// lane, as one row does: with 32, SmolLM2's 2-row steps took 142 ms against 125, its
+    /// 4-row ones 167 against 148, and a 258-token prompt prefilled at 50 tok/s against
+    /// 55 (all SmolLM2-135M Q8_0 on 2 cores); 4 and 16 were slower than 8 too.
     pub fn cpu(subgroup: Option<u32>) -> MatmulPlan {
         let lanes = subgroup.unwrap_or(8);
         let one = RowsShape { lanes, rows: 8, tokens: 1, broadcast: subgroup };
-        let few = RowsShape { lanes, rows: 32, tokens: FEW_ROWS, broadcast: subgroup };
+        let few = RowsShape { lanes, rows: 8, tokens: FEW_ROWS, broadcast: subgroup };
         // lavapipe runs a workgroup on one of its threads, one per core.
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
         let min_groups = (2 * threads).clamp(2, 64);
