@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The speculative-decoding benchmark behind the README's figures: SmolLM2-135M Q8_0,
-# greedy, one copy-heavy request (a 200-line Python file, "repeat this code exactly, with
-# one function renamed"), decoded with and without `--speculative lookup`, on one stage
-# and on three local `strata node`s. Prints one JSON object per run and the ratios.
+# greedy, copy-heavy requests ("repeat this code exactly, with one function renamed": the
+# whole 200-line scripts/data/inventory.py, and a 29-line excerpt of it), decoded with
+# and without `--speculative lookup`, on one stage and on three local `strata node`s.
+# Prints one JSON object per run and the ratios.
 # A benchmark, not a test: it reports what it measured and never fails on a number.
 # Usage: scripts/bench-speculative.sh [BIN] (default: a release build, made if missing).
 set -euo pipefail
@@ -19,23 +20,32 @@ nodes=()
 cleanup() { for p in "${nodes[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$out"; }
 trap cleanup EXIT
 
-prompt=$out/copy.txt
-{
+task() { # FILE LINES: the request for lines FIRST,LAST of the file
     printf '<|im_start|>user\nRepeat this code exactly, with the function parse_line renamed to parse_row:\n'
-    cat scripts/data/inventory.py
+    sed -n "$2p" "$1"
     printf '<|im_end|>\n<|im_start|>assistant\n'
-} >"$prompt"
+}
+task scripts/data/inventory.py 1,199 >"$out/file.txt"
+task scripts/data/inventory.py 97,125 >"$out/excerpt.txt"
 
-one() { # NAME [FLAGS...]
-    local name=$1
-    shift
-    "$S" bench -m "$Q8" --prompt-file "$prompt" --decode-tokens "$DECODE" --ctx 4096 --json "$@" \
-        2>/dev/null >"$out/$name.json"
-    echo "$name: $(tr -d '\n ' <"$out/$name.json")"
+one() { # NAME TASK DECODE [FLAGS...]
+    local name=$1 task=$2 decode=$3
+    shift 3
+    "$S" bench -m "$Q8" --prompt-file "$out/$task.txt" --decode-tokens "$decode" --ctx 4096 --json "$@" \
+        2>/dev/null >"$out/$name-$task.json"
+    echo "$name-$task: $(tr -d '\n ' <"$out/$name-$task.json")"
 }
 
-one one-off --speculative off
-one one-lookup --speculative lookup --draft-max "$DRAFT"
+both() { # WHERE [FLAGS...]
+    local where=$1
+    shift
+    one "$where-off" file "$DECODE" --speculative off "$@"
+    one "$where-lookup" file "$DECODE" --speculative lookup --draft-max "$DRAFT" "$@"
+    one "$where-off" excerpt 200 --speculative off "$@"
+    one "$where-lookup" excerpt 200 --speculative lookup --draft-max "$DRAFT" "$@"
+}
+
+both one
 
 peers=()
 for i in 0 1 2; do
@@ -45,19 +55,21 @@ for i in 0 1 2; do
     read -r line <&"$fd"
     peers+=(--peer "${line#listening on }")
 done
-one three-off --speculative off --no-local "${peers[@]}"
-one three-lookup --speculative lookup --draft-max "$DRAFT" --no-local "${peers[@]}"
+both three --no-local "${peers[@]}"
 
 python3 - "$out" <<'PY'
 import json, sys
 d = sys.argv[1]
-r = {n: json.load(open(f"{d}/{n}.json")) for n in ["one-off", "one-lookup", "three-off", "three-lookup"]}
+names = [f"{w}-{s}-{t}" for w in ["one", "three"] for s in ["off", "lookup"] for t in ["file", "excerpt"]]
+r = {n: json.load(open(f"{d}/{n}.json")) for n in names}
 rate = lambda n: r[n]["per_sequence_decode_tokens_per_s"]
 print()
-for where in ["one", "three"]:
-    s = r[f"{where}-lookup"]["speculation"]
-    print(f"{where} {'stage' if where == 'one' else 'nodes'}: decode {rate(where + '-lookup'):.2f} tok/s with lookup vs "
-          f"{rate(where + '-off'):.2f} without: {rate(where + '-lookup') / rate(where + '-off'):.2f}x; "
-          f"{s['accepted_draft_tokens']} of {s['draft_tokens']} drafts accepted ({s['acceptance']:.0%}), "
-          f"{s['tokens_per_trip']:.2f} tokens per trip")
+for t in ["file", "excerpt"]:
+    for w in ["one", "three"]:
+        on, off = f"{w}-lookup-{t}", f"{w}-off-{t}"
+        s = r[on]["speculation"]
+        print(f"{t} ({r[on]['prompt_tokens']} prompt tokens), {'one stage' if w == 'one' else 'three nodes'}: "
+              f"decode {rate(on):.2f} tok/s with lookup vs {rate(off):.2f} without: {rate(on) / rate(off):.2f}x; "
+              f"{s['accepted_draft_tokens']} of {s['draft_tokens']} drafts accepted ({s['acceptance']:.0%}), "
+              f"{s['tokens_per_trip']:.2f} tokens per trip")
 PY
