@@ -41,3 +41,47 @@ fn tiny_qwen35moe_teacher_forced() {
 fn smollm2_q4_1_teacher_forced() {
     teacher_forced(&model("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2-135m-q4_1.golden.json");
 }
+
+/// The MTP block on the CPU against `ref_mtp`, teacher-forced as llama.cpp feeds it: the
+/// row at position p pairs token p with the main model's final (normed) hidden state at
+/// p - 1 (zeros for row 0, which stays in the block's cache) and predicts token p + 1.
+/// The main pass of the same file is checked too.
+#[test]
+fn tiny_qwen35_mtp_block_matches_its_reference() {
+    use strata_model::reference::Mtp;
+
+    let path = fixture("tiny-qwen35-mtp.gguf");
+    teacher_forced(&path, "tiny-qwen35-mtp.golden.json");
+    let g = Gguf::open(&path).unwrap();
+    let mut main = Reference::load(&g).unwrap();
+    let mut mtp = Mtp::load(&g, &main.config).unwrap().expect("the fixture has an MTP block");
+    let golden = load_golden("tiny-qwen35-mtp.golden.json");
+    let mut worst = 0f32;
+    for (s, (seq, raw)) in golden::sequences(&golden).iter().zip(golden["sequences"].as_array().unwrap()).enumerate() {
+        let ref_mtp: Vec<Vec<(u32, f32)>> = raw["ref_mtp"]
+            .as_array()
+            .expect("ref_mtp")
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                    .collect()
+            })
+            .collect();
+        let ids = &seq.forced_ids;
+        assert_eq!(ref_mtp.len(), ids.len() - 1, "sequence {s}: a row per position after the first");
+        main.reset();
+        let hidden: Vec<Vec<f32>> = ids.iter().map(|&id| main.forward_hidden(id).unwrap().1).collect();
+        mtp.reset();
+        mtp.step(&main, ids[0], &vec![0.0; main.config.n_embd]).unwrap();
+        for p in 1..ids.len() {
+            let logits = mtp.step(&main, ids[p], &hidden[p - 1]).unwrap();
+            worst = worst.max(check_position(&format!("MTP sequence {s}"), p, &logits, &ref_mtp[p - 1]));
+        }
+    }
+    eprintln!("tiny-qwen35-mtp: worst top-16 MTP logit error on the CPU {worst:.2e}");
+    // A row of the wrong width is an error, not a panic.
+    assert!(mtp.step(&main, 1, &[0.0; 3]).is_err());
+}

@@ -118,6 +118,13 @@ impl Reference {
 
     /// Feeds one token at the next position and returns its logits.
     pub fn forward(&mut self, token: u32) -> Result<Vec<f32>> {
+        Ok(self.forward_hidden(token)?.0)
+    }
+
+    /// Feeds one token at the next position and returns its logits and the final hidden
+    /// state after `output_norm` (the vector the head multiplies, and what an MTP block
+    /// takes: see [`Mtp::step`]).
+    pub fn forward_hidden(&mut self, token: u32) -> Result<(Vec<f32>, Vec<f32>)> {
         let cfg = &self.config;
         let t = token as usize;
         if t >= cfg.n_vocab {
@@ -136,6 +143,77 @@ impl Reference {
         }
         self.pos += 1;
         let n = rms_norm(&x, &self.output_norm, cfg.eps);
-        Ok(self.output.as_ref().unwrap_or(&self.embd).matvec(&n))
+        Ok((self.head().matvec(&n), n))
+    }
+
+    /// The output head (the embedding when tied).
+    fn head(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.embd)
+    }
+}
+
+/// A multi-token-prediction block on the CPU (qwen35 with `nextn_predict_layers`, see
+/// `docs/qwen35.md`, "The MTP block"), with its own attention cache for one sequence: the
+/// row at position p takes token `x_p` and the main model's final hidden state at `p - 1`
+/// (zero at position 0) and predicts the token at `p + 1`.
+pub struct Mtp {
+    block: Block,
+    eh_proj: Matrix,
+    enorm: Vec<f32>,
+    hnorm: Vec<f32>,
+    shared_head_norm: Vec<f32>,
+    pos: usize,
+}
+
+impl Mtp {
+    /// The file's first MTP block, if it has one.
+    pub fn load(g: &Gguf, config: &ModelConfig) -> Result<Option<Mtp>> {
+        let Some(t) = config.mtp_tensors().into_iter().next() else { return Ok(None) };
+        Ok(Some(Mtp {
+            block: Block::load(g, config, &t.layer)?,
+            eh_proj: load_matrix(g, &t.eh_proj)?,
+            enorm: load_f32(g, &t.enorm)?,
+            hnorm: load_f32(g, &t.hnorm)?,
+            shared_head_norm: load_f32(g, &t.shared_head_norm)?,
+            pos: 0,
+        }))
+    }
+
+    /// Forgets the sequence: the next row is at position 0.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        if let Mixer::Attention(a) = &mut self.block.mixer {
+            a.reset();
+        }
+    }
+
+    /// Runs the row of `token` with `hidden` (the main model's `output_norm`ed state at
+    /// the position before, or zeros at position 0) at the next position; returns the
+    /// logits of the token after the next, through `main`'s embedding and head.
+    pub fn step(&mut self, main: &Reference, token: u32, hidden: &[f32]) -> Result<Vec<f32>> {
+        let cfg = &main.config;
+        let t = token as usize;
+        if t >= cfg.n_vocab || hidden.len() != cfg.n_embd {
+            return Err(Error::Config(format!(
+                "an MTP row of token {token} (vocabulary {}) and {} hidden values (width {})",
+                cfg.n_vocab,
+                hidden.len(),
+                cfg.n_embd
+            )));
+        }
+        let mut joined = rms_norm(main.embd.row(t), &self.enorm, cfg.eps);
+        joined.extend(rms_norm(hidden, &self.hnorm, cfg.eps));
+        let mut x = self.eh_proj.matvec(&joined);
+        let b = &mut self.block;
+        let n = rms_norm(&x, &b.attn_norm, cfg.eps);
+        let mixed = match &mut b.mixer {
+            Mixer::Attention(a) => a.forward(&n, self.pos, cfg),
+            Mixer::DeltaNet(d) => d.forward(&n, cfg),
+        };
+        add_in_place(&mut x, &mixed);
+        let n = rms_norm(&x, &b.ffn_norm, cfg.eps);
+        add_in_place(&mut x, &b.ffn.forward(&n));
+        self.pos += 1;
+        Ok(main.head().matvec(&rms_norm(&x, &self.shared_head_norm, cfg.eps)))
     }
 }
