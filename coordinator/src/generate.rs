@@ -170,14 +170,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         prefill_seconds: g.prefill_seconds,
         decode_seconds: g.decode_seconds,
         stop_reason: g.stop_reason,
-        stages: engine
-            .placement()
-            .into_iter()
-            .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
-            .collect(),
+        stages: run_stages(&*engine),
         speculation: None,
     };
     print_run(&report, &g.rest, args.json)
+}
+
+/// Where an engine's layers run, for a run's report.
+fn run_stages(engine: &dyn Engine) -> Vec<RunStage> {
+    engine
+        .placement()
+        .into_iter()
+        .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
+        .collect()
+}
+
+/// A `run` prompt as the scheduler takes it.
+fn run_request(
+    ids: &[u32],
+    args: &RunArgs,
+    sampling: &SamplingParams,
+    constraint: Option<Constraint>,
+) -> crate::scheduler::GenRequest {
+    crate::scheduler::GenRequest {
+        prompt: ids.to_vec(),
+        sampling: sampling.clone(),
+        max_tokens: args.max_tokens,
+        stop: Vec::new(),
+        logprobs: None,
+        ignore_eos: args.ignore_eos,
+        constraint,
+    }
 }
 
 /// Prints a run's answer (`--json`: the whole report; else the text not yet streamed)
@@ -216,14 +239,10 @@ fn run_speculative(
     constraint: Option<Constraint>,
     ids: Vec<u32>,
 ) -> anyhow::Result<()> {
-    use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig};
+    use crate::scheduler::{Event, Scheduler, SchedulerConfig};
     let engine = engine::load(gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
     check_room(&ids, args.max_tokens, engine.ctx())?;
-    let stages = engine
-        .placement()
-        .into_iter()
-        .map(|p| RunStage { node: p.node, address: p.address, layers: [p.layers.start, p.layers.end] })
-        .collect();
+    let stages = run_stages(&*engine);
     let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
     let speculation = crate::speculative::Speculation::new(&args.engine, &config);
     let scheduler = Scheduler::spawn(
@@ -231,15 +250,7 @@ fn run_speculative(
         tok,
         SchedulerConfig { max_seqs: 1, max_waiting: None, prefix_reuse: Default::default(), speculation },
     )?;
-    let request = GenRequest {
-        prompt: ids.clone(),
-        sampling: sampling.clone(),
-        max_tokens: args.max_tokens,
-        stop: Vec::new(),
-        logprobs: None,
-        ignore_eos: args.ignore_eos,
-        constraint,
-    };
+    let request = run_request(&ids, args, sampling, constraint);
     let t0 = Instant::now();
     let (_, mut rx) = scheduler.submit(request)?;
     let mut out = std::io::stdout().lock();
@@ -304,7 +315,7 @@ fn run_batch(
     sampling: &SamplingParams,
     constraint: Option<Constraint>,
 ) -> anyhow::Result<()> {
-    use crate::scheduler::{Event, GenRequest, Scheduler, SchedulerConfig};
+    use crate::scheduler::{Event, Scheduler, SchedulerConfig};
     let prompts: Vec<Vec<u32>> =
         args.prompt.iter().map(|p| prompt_ids(gguf, &tok, p, args.chat)).collect::<anyhow::Result<_>>()?;
     if args.max_tokens == 0 {
@@ -332,15 +343,7 @@ fn run_batch(
     let receivers = prompts
         .iter()
         .map(|ids| {
-            let request = GenRequest {
-                prompt: ids.clone(),
-                sampling: sampling.clone(),
-                max_tokens: args.max_tokens,
-                stop: Vec::new(),
-                logprobs: None,
-                ignore_eos: args.ignore_eos,
-                constraint: constraint.clone(),
-            };
+            let request = run_request(ids, args, sampling, constraint.clone());
             scheduler.submit(request).map(|(_, rx)| rx)
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -27,6 +27,15 @@ struct Params {
 // (written only where `keep` > 0, before the history moves on).
 @group(0) @binding(5) var<storage, read_write> rollback: array<f32>;
 
+// Entry `src` of [the slot's history at `base` | the sequence's rows from `first`], for
+// channel `c` of `n`.
+fn history(base: u32, first: u32, src: u32, hist: u32, n: u32, c: u32) -> f32 {
+    if src < hist {
+        return conv_state[base + src * n + c];
+    }
+    return qkv[(first + src - hist) * n + c];
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
@@ -39,24 +48,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let base = seq.slot * hist * n;
     if seq.keep > 0u {
         for (var j = 0u; j < hist; j++) {
-            let src = seq.keep + j;
-            var v: f32;
-            if src < hist {
-                v = conv_state[base + src * n + c];
-            } else {
-                v = qkv[(seq.first + src - hist) * n + c];
-            }
-            rollback[base + j * n + c] = v;
+            rollback[base + j * n + c] = history(base, seq.first, seq.keep + j, hist, n, c);
         }
     }
     for (var j = 0u; j < hist; j++) {
-        let src = seq.n + j;
-        var v: f32;
-        if src < hist {
-            v = conv_state[base + src * n + c];
-        } else {
-            v = qkv[(seq.first + src - hist) * n + c];
-        }
-        conv_state[base + j * n + c] = v;
+        conv_state[base + j * n + c] = history(base, seq.first, seq.n + j, hist, n, c);
     }
 }

@@ -60,6 +60,18 @@ struct Block {
 }
 
 impl Block {
+    /// Runs the block on the residual stream `x` of the token at `pos`, in place.
+    fn forward(&mut self, x: &mut [f32], pos: usize, cfg: &ModelConfig) {
+        let n = rms_norm(x, &self.attn_norm, cfg.eps);
+        let mixed = match &mut self.mixer {
+            Mixer::Attention(a) => a.forward(&n, pos, cfg),
+            Mixer::DeltaNet(d) => d.forward(&n, cfg),
+        };
+        add_in_place(x, &mixed);
+        let n = rms_norm(x, &self.ffn_norm, cfg.eps);
+        add_in_place(x, &self.ffn.forward(&n));
+    }
+
     fn load(g: &Gguf, cfg: &ModelConfig, t: &LayerTensors) -> Result<Block> {
         let mixer = match &t.mixer {
             MixerTensors::Attention(a) => Mixer::Attention(Attention::load(g, a)?),
@@ -132,14 +144,7 @@ impl Reference {
         }
         let mut x = self.embd.row(t).to_vec();
         for b in &mut self.blocks {
-            let n = rms_norm(&x, &b.attn_norm, cfg.eps);
-            let mixed = match &mut b.mixer {
-                Mixer::Attention(a) => a.forward(&n, self.pos, cfg),
-                Mixer::DeltaNet(d) => d.forward(&n, cfg),
-            };
-            add_in_place(&mut x, &mixed);
-            let n = rms_norm(&x, &b.ffn_norm, cfg.eps);
-            add_in_place(&mut x, &b.ffn.forward(&n));
+            b.forward(&mut x, self.pos, cfg);
         }
         self.pos += 1;
         let n = rms_norm(&x, &self.output_norm, cfg.eps);
@@ -204,15 +209,7 @@ impl Mtp {
         let mut joined = rms_norm(main.embd.row(t), &self.enorm, cfg.eps);
         joined.extend(rms_norm(hidden, &self.hnorm, cfg.eps));
         let mut x = self.eh_proj.matvec(&joined);
-        let b = &mut self.block;
-        let n = rms_norm(&x, &b.attn_norm, cfg.eps);
-        let mixed = match &mut b.mixer {
-            Mixer::Attention(a) => a.forward(&n, self.pos, cfg),
-            Mixer::DeltaNet(d) => d.forward(&n, cfg),
-        };
-        add_in_place(&mut x, &mixed);
-        let n = rms_norm(&x, &b.ffn_norm, cfg.eps);
-        add_in_place(&mut x, &b.ffn.forward(&n));
+        self.block.forward(&mut x, self.pos, cfg);
         self.pos += 1;
         Ok(main.head().matvec(&rms_norm(&x, &self.shared_head_norm, cfg.eps)))
     }
