@@ -75,7 +75,11 @@ pub enum SpeculativeMode {
     /// occurred before in its prompt or output (no weights; large gains when text or code
     /// is quoted or edited).
     Lookup,
-    /// The best draft the model allows: prompt lookup for every architecture today.
+    /// The model's own multi-token-prediction block (qwen35 and qwen35moe models that carry
+    /// one, e.g. Qwen3.6): the last stage drafts with it inside each step, no extra trip.
+    Mtp,
+    /// The best draft the model allows: its MTP block where it has one, else prompt
+    /// lookup.
     Auto,
 }
 
@@ -385,6 +389,11 @@ pub struct PlanArgs {
     /// slot keeps a rollback state, and the head samples every draft's row.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     pub draft_max: u32,
+    /// Plan as `--speculative mtp` runs (with `--draft-max`, default 4 then): the last
+    /// stage also holds the model's MTP block, the embedding it embeds with, its attention
+    /// layer's share of the KV pool and its activations.
+    #[arg(long)]
+    pub mtp: bool,
 }
 
 #[derive(Args, Debug)]

@@ -37,6 +37,9 @@ struct RunReport {
 /// Speculative decoding's figures over a run.
 #[derive(Serialize, Debug, Clone, Copy)]
 pub struct SpeculationReport {
+    /// `mtp` (the model's MTP block) or `lookup` (prompt lookup).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drafter: Option<&'static str>,
     pub draft_tokens: u64,
     pub accepted_draft_tokens: u64,
     /// Accepted over proposed (0 when nothing was proposed).
@@ -58,6 +61,7 @@ impl SpeculationReport {
         let accepted = to.accepted_draft_tokens - from.accepted_draft_tokens;
         let trips = to.decode_trips - from.decode_trips;
         SpeculationReport {
+            drafter: to.drafter,
             draft_tokens: drafted,
             accepted_draft_tokens: accepted,
             acceptance: ratio(accepted, drafted),

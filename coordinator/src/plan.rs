@@ -26,7 +26,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let pc = PlanConfig {
         seqs: args.seqs as usize,
         checkpoints: !args.no_prefix_cache,
-        draft_max: args.draft_max as usize,
+        draft_max: if args.mtp && args.draft_max == 0 { 4 } else { args.draft_max as usize },
+        mtp: args.mtp,
         max_batch: args.batch_tokens as usize,
         kv_positions: args.kv_pool.map(u64::from),
         ..PlanConfig::new(asked.unwrap_or(cfg.context_length))
@@ -89,6 +90,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 mib(state * u64::from(args.seqs))
             );
         }
+    }
+    if let Some(m) = &cost.mtp {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let embedding = if cfg.tied_output { 0 } else { cost.embedding_bytes };
+        println!(
+            "MTP drafts (--draft-max {}): the last stage holds the MTP block, {:.1} MiB of weights (and the embedding again, {:.1} MiB, unless it is also the first), its attention layer's share of the pool, {:.1} MiB, and {:.1} MiB of activations",
+            pc.draft_max,
+            mib(m.weight_bytes),
+            mib(embedding),
+            mib(m.kv_bytes_per_position * plan.kv_positions),
+            mib(m.scratch_bytes)
+        );
     }
     if plan.kv_positions < cost.kv_positions {
         println!(

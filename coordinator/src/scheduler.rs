@@ -144,7 +144,9 @@ pub struct Snapshot {
     /// Re-plans done so far, and the last one.
     pub recoveries: u64,
     pub last_recovery: Option<RecoveryReport>,
-    /// Speculative decoding: draft tokens proposed and accepted so far.
+    /// Speculative decoding: what drafts (`mtp` or `lookup`; none when off), and the
+    /// draft tokens proposed and accepted so far.
+    pub drafter: Option<&'static str>,
     pub draft_tokens: u64,
     pub accepted_draft_tokens: u64,
     /// Decode trips (one sequence's decode part of a step) and the tokens they yielded:
@@ -334,7 +336,11 @@ impl Scheduler {
             // No more drafts than the stages were loaded to verify.
             let speculation = config
                 .speculation
-                .map(|s| Speculation { draft_max: s.draft_max.min(engine.draft_max()), ..s })
+                .map(|s| Speculation {
+                    draft_max: s.draft_max.min(engine.draft_max()),
+                    mtp: s.mtp && engine.mtp(),
+                    ..s
+                })
                 .filter(|s| s.draft_max > 0);
             Loop {
                 engine: &mut *engine,
@@ -486,6 +492,7 @@ impl Active<'_> {
         self.replay = false;
         if let Some(d) = self.drafting.as_mut() {
             d.pending = None;
+            d.mtp.clear();
         }
     }
 
@@ -950,6 +957,7 @@ impl<'a> Loop<'a> {
             let at = self.active[i].tokens.len();
             if let Some(d) = self.active[i].drafting.as_mut() {
                 d.pending = (!drafts.is_empty()).then_some((drafts, at));
+                d.mtp.clear();
             }
             picks.push((i, n));
         }
@@ -994,7 +1002,11 @@ impl<'a> Loop<'a> {
         let left = (a.job.request.max_tokens as usize).saturating_sub(a.generated + 1);
         let room = self.limit().saturating_sub(a.tokens.len() + 1);
         let k = (d.len as usize).min(budget - rows - n).min(left).min(room);
-        let mut drafts = speculative::lookup(&a.tokens, k);
+        let mut drafts = if self.speculation.is_some_and(|s| s.mtp) {
+            d.mtp.iter().copied().take(k).collect()
+        } else {
+            speculative::lookup(&a.tokens, k)
+        };
         if self.kv.is_some() {
             while !drafts.is_empty()
                 && self.ledger.need(a.seq, a.sent, a.tokens.len() + drafts.len()) > self.free_blocks()
@@ -1003,6 +1015,26 @@ impl<'a> Loop<'a> {
             }
         }
         drafts
+    }
+
+    /// The MTP drafts sequence `seq`, whose step carries `n` rows of its tokens and `rows`
+    /// in all (its drafts after them), asks the last stage for: its draft length when the
+    /// step samples and it speculates with the MTP head, within the context and the free
+    /// KV blocks (the draft rows take positions after the step's).
+    fn mtp_drafts_for(&self, seq: SeqId, n: usize, rows: usize) -> usize {
+        if !self.speculation.is_some_and(|s| s.mtp) {
+            return 0;
+        }
+        let Some(a) = self.active.iter().find(|a| a.seq == seq) else { return 0 };
+        let Some(d) = a.drafting.as_ref().filter(|_| a.sent + n == a.tokens.len()) else { return 0 };
+        let end = a.sent + rows;
+        let mut k = (d.len as usize).min(self.engine.ctx() as usize - end.min(self.engine.ctx() as usize));
+        if self.kv.is_some() {
+            while k > 0 && self.ledger.need(seq, a.sent, end + k) > self.free_blocks() {
+                k -= 1;
+            }
+        }
+        k
     }
 
     /// Room for `n` more rows of active sequence `i`: its index after any preemption, or
@@ -1053,8 +1085,11 @@ impl<'a> Loop<'a> {
                 ids
             })
             .collect();
+        // MTP drafts each sampling part asks the last stage for, for its next step.
+        let mtp_drafts: Vec<usize> =
+            picks.iter().zip(&ids).map(|(&(seq, n), ids)| self.mtp_drafts_for(seq, n, ids.len())).collect();
         let mut parts = Vec::new();
-        for ((&(seq, n), mask), ids) in picks.iter().zip(&masks).zip(&ids) {
+        for (((&(seq, n), mask), ids), &draft) in picks.iter().zip(&masks).zip(&ids).zip(&mtp_drafts) {
             let a = self.active.iter().find(|a| a.seq == seq).expect("picked from active");
             let end = a.sent + n;
             let verify = a.drafts().len() as u32;
@@ -1074,6 +1109,7 @@ impl<'a> Loop<'a> {
                 verify,
                 // On recurrent stages, the state after the sure rows, for a rejection.
                 keep: if verify > 0 { n as u32 } else { 0 },
+                draft: draft as u32,
             });
         }
         let result = self.engine.submit(&parts);
@@ -1084,14 +1120,15 @@ impl<'a> Loop<'a> {
                 self.steps.0 += 1;
                 self.steps.1 += n_rows as u64;
                 let now = Instant::now();
-                for &(seq, n) in picks {
+                for (&(seq, n), &mtp) in picks.iter().zip(&mtp_drafts) {
                     let a = self.active.iter_mut().find(|a| a.seq == seq).expect("picked from active");
-                    // The stages take the step's blocks as the ledger does.
+                    // The stages take the step's blocks as the ledger does (the last
+                    // stage's MTP draft rows too).
                     if let Some(src) = a.fork_from.take() {
                         self.ledger.fork(src, seq, a.sent);
                     }
                     let drafts = a.drafts().len();
-                    self.ledger.step(seq, a.sent, a.sent + n + drafts);
+                    self.ledger.step(seq, a.sent, a.sent + n + drafts + mtp);
                     a.replay = false;
                     a.sent += n;
                     a.stale = 0;
@@ -1258,8 +1295,12 @@ impl<'a> Loop<'a> {
         let decoding = self.active[i].first_token.is_some();
         let before = self.active[i].tokens.len();
         let pending = self.active[i].drafting.as_mut().and_then(|d| d.pending.take());
+        let mtp = sampled.drafts.clone();
         let Some((drafts, at)) = pending else {
-            self.accept(i, Sampled { after: Vec::new(), ..sampled });
+            self.accept(i, Sampled { after: Vec::new(), drafts: Vec::new(), ..sampled });
+            if let Some(d) = self.active[i].drafting.as_mut() {
+                d.mtp = mtp;
+            }
             return self.tally_trip(decoding, 1);
         };
         let samples: Vec<u32> = std::iter::once(sampled.token).chain(sampled.after).collect();
@@ -1287,6 +1328,8 @@ impl<'a> Loop<'a> {
         a.noted = a.noted.max(a.sent);
         if let Some(d) = a.drafting.as_mut() {
             d.adapt(drafts.len(), kept, draft_max);
+            // The MTP drafts follow the last sample: of use only when it was kept.
+            d.mtp = if kept == drafts.len() { mtp } else { Vec::new() };
         }
         self.spec.drafted += drafts.len() as u64;
         self.spec.accepted += kept as u64;
@@ -1425,6 +1468,7 @@ impl<'a> Loop<'a> {
             recovering: None,
             recoveries: self.recoveries,
             last_recovery: self.last_recovery.clone(),
+            drafter: self.speculation.map(|s| s.drafter()),
             draft_tokens: self.spec.drafted,
             accepted_draft_tokens: self.spec.accepted,
             decode_trips: self.spec.trips,
@@ -2078,7 +2122,10 @@ mod tests {
     /// stages hold what was fed to each sequence and, when `recurrent`, accept a step only
     /// where its state is (the end, its rollback state or 0), as DeltaNet stages do; else
     /// anywhere up to the end, as attention does. Logs each step's `rows@pos+verify`.
-    fn cycling_engine(recurrent: bool, draft_max: u32, log: Arc<Mutex<Vec<String>>>) -> Scripted {
+    /// With `mtp`, a step that asks for drafts gets them as an MTP head would make them:
+    /// the tokens after its last sample, predicted by the cycle without the jumps (right
+    /// until the next prime position).
+    fn cycling_engine(recurrent: bool, draft_max: u32, mtp: bool, log: Arc<Mutex<Vec<String>>>) -> Scripted {
         use std::collections::HashMap;
         let next = |fed: &[u32]| {
             let last = fed.last().map_or(0, |t| t.saturating_sub(100));
@@ -2105,10 +2152,19 @@ mod tests {
             }
             let end = held.len();
             let samples: Vec<u32> = (end - step.verify as usize..=end).map(|row_end| next(&held[..row_end])).collect();
-            Ok(Sampled::verified(samples))
+            assert!(mtp || step.draft == 0, "MTP drafts asked of an engine without the head");
+            let mut last = *samples.last().expect("one sample at least");
+            let drafts = (0..step.draft)
+                .map(|_| {
+                    last = 100 + (last - 99) % 7;
+                    last
+                })
+                .collect();
+            Ok(Sampled::verified(samples).map(|s| Sampled { drafts, ..s }))
         });
         engine.max_batch = 8;
         engine.draft_max = draft_max;
+        engine.mtp = mtp;
         engine
     }
 
@@ -2119,10 +2175,10 @@ mod tests {
     #[test]
     fn speculative_steps_answer_as_plain_ones_and_roll_back_rejected_drafts() {
         let prompt: Vec<u32> = (0..20).map(|i| 100 + i % 7).collect();
-        let run = |recurrent: bool, speculate: bool| {
+        let run = |recurrent: bool, speculate: bool, mtp: bool| {
             let log = Arc::new(Mutex::new(Vec::new()));
-            let engine = cycling_engine(recurrent, 4, log.clone());
-            let speculation = speculate.then_some(Speculation { draft_max: 4, recurrent });
+            let engine = cycling_engine(recurrent, 4, mtp, log.clone());
+            let speculation = speculate.then_some(Speculation { draft_max: 4, recurrent, mtp });
             let config =
                 SchedulerConfig { max_seqs: 4, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation };
             let sched = Scheduler::spawn(Box::new(engine), tokenizer(), config).unwrap();
@@ -2134,12 +2190,13 @@ mod tests {
             let steps = log.lock().unwrap().clone();
             ((a.generated_ids, b.generated_ids), sched.snapshot(), steps)
         };
-        for recurrent in [true, false] {
-            let (plain, _, _) = run(recurrent, false);
-            let (spec, snap, steps) = run(recurrent, true);
-            assert_eq!(spec, plain, "recurrent {recurrent}: {steps:?}");
+        for (recurrent, mtp) in [(true, false), (false, false), (true, true), (false, true)] {
+            let (plain, _, _) = run(recurrent, false, false);
+            let (spec, snap, steps) = run(recurrent, true, mtp);
+            assert_eq!(spec, plain, "recurrent {recurrent}, mtp {mtp}: {steps:?}");
+            assert_eq!(snap.drafter, Some(if mtp { "mtp" } else { "lookup" }));
             eprintln!(
-                "recurrent {recurrent}: {} of {} drafts kept, {} tokens in {} decode trips",
+                "recurrent {recurrent}, mtp {mtp}: {} of {} drafts kept, {} tokens in {} decode trips",
                 snap.accepted_draft_tokens, snap.draft_tokens, snap.decode_tokens, snap.decode_trips
             );
             assert_eq!(plain.0.len(), 40);
@@ -2224,7 +2281,7 @@ mod tests {
         // "100 101 102" recurs: lookup drafts 103 100 101 after it.
         let prompt = vec![100, 101, 102, 103, 100, 101, 102];
         let third_tokens = |speculate: bool, seeds: std::ops::Range<u64>| {
-            let speculation = speculate.then_some(Speculation { draft_max: 3, recurrent: false });
+            let speculation = speculate.then_some(Speculation { draft_max: 3, recurrent: false, mtp: false });
             let config =
                 SchedulerConfig { max_seqs: 8, max_waiting: None, prefix_reuse: PrefixReuse::Off, speculation };
             let sched = Scheduler::spawn(Box::new(engine()), tokenizer(), config).unwrap();

@@ -15,6 +15,13 @@
 //! and recurrent (DeltaNet) stages keep the state after the step's sure rows as a
 //! rollback state (`strata_node::stage::SeqStep::keep`), from which the next step
 //! computes the accepted drafts again.
+//!
+//! With `--speculative mtp` the drafts come from the model's MTP block instead, which the
+//! last stage runs inside each step after the head (`strata_node::stage::SeqStep::draft`):
+//! a step answers its samples and the drafts for the next step, which follow its last
+//! sample. They are used when that sample is the token kept there (every draft of the
+//! step accepted); after a rejection the next step carries no drafts and makes new ones.
+//! Verification is the same, so the output is the plain run's whatever drafts them.
 
 /// How the scheduler speculates, for every request that allows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +31,8 @@ pub struct Speculation {
     /// Some layers carry a recurrent state: rejected drafts are undone through the
     /// stages' rollback state, and the accepted ones are computed again.
     pub recurrent: bool,
+    /// Drafts come from the model's MTP block on the last stage, not prompt lookup.
+    pub mtp: bool,
 }
 
 impl Speculation {
@@ -31,7 +40,13 @@ impl Speculation {
     pub fn new(args: &crate::cli::EngineArgs, config: &strata_model::config::ModelConfig) -> Option<Speculation> {
         let draft_max = crate::engine::draft_max(args);
         let recurrent = config.layers.contains(&strata_model::config::LayerKind::DeltaNet);
-        (draft_max > 0).then_some(Speculation { draft_max, recurrent })
+        let mtp = crate::engine::mtp(args, config).unwrap_or(false);
+        (draft_max > 0).then_some(Speculation { draft_max, recurrent, mtp })
+    }
+
+    /// What drafts: `mtp` or `lookup`.
+    pub fn drafter(&self) -> &'static str {
+        if self.mtp { "mtp" } else { "lookup" }
     }
 }
 
@@ -72,6 +87,8 @@ pub struct Drafting {
     pub len: u32,
     /// The drafts of the step in flight, and the position of the first of them.
     pub pending: Option<(Vec<u32>, usize)>,
+    /// The MTP head's drafts for its next step (they follow its newest token).
+    pub mtp: Vec<u32>,
     /// Drafts proposed and accepted, and the sequence's decode steps.
     pub drafted: u64,
     pub accepted: u64,

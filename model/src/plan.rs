@@ -29,8 +29,11 @@
 //! - **Scratch:** activation buffers sized for a prefill chunk of `T = max_batch` tokens,
 //!   all f32 and shared by the stage's layers (see [`ScratchCost`]).
 //!
-//! MTP blocks (the last `nextn_predict_layers` blocks) are not part of the main pass: no
-//! stage loads them, and their bytes are reported as `unplanned_bytes`.
+//! MTP blocks (the last `nextn_predict_layers` blocks) are not part of the main pass. With
+//! [`PlanConfig::mtp`] the last stage loads the first of them to draft tokens (see
+//! [`MtpCost`]: its weights, the embedding when the stage does not hold it already, its
+//! attention layer's share of the pool, its activations); every other MTP block is
+//! reported as `unplanned_bytes`.
 
 use std::cmp::Ordering;
 use std::fmt::Write as _;
@@ -57,6 +60,9 @@ pub struct PlanConfig {
     /// DeltaNet slot keeps a rollback state too, and the head samples up to
     /// `draft_max + 1` rows per sequence.
     pub draft_max: usize,
+    /// The last stage loads the model's MTP block and drafts up to `draft_max` tokens per
+    /// sequence with it.
+    pub mtp: bool,
     /// The most rows one step carries; sizes the scratch.
     pub max_batch: usize,
     /// Positions per KV block.
@@ -76,6 +82,7 @@ impl PlanConfig {
             seqs: 1,
             checkpoints: false,
             draft_max: 0,
+            mtp: false,
             max_batch: 64,
             kv_block_size: 16,
             kv_positions: None,
@@ -147,6 +154,20 @@ pub struct ScratchCost {
     pub moe: u64,
 }
 
+/// What the last stage's MTP block costs ([`PlanConfig::mtp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtpCost {
+    /// Its block's tensors.
+    pub weight_bytes: u64,
+    /// Its attention layer's K and V in the pool, like one more attention layer.
+    pub kv_bytes_per_position: u64,
+    pub cache_bytes: u64,
+    /// Its passes' activations: one over every row of a step plus a draft row per
+    /// sequence, one of a row per sequence per further draft; the step's normed hidden
+    /// rows, each slot's kept rows and the drafts' logits.
+    pub scratch_bytes: u64,
+}
+
 /// The memory a model needs, independent of how it is split.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelCost {
@@ -159,8 +180,11 @@ pub struct ModelCost {
     /// The head matrix is the embedding table: a single stage holds it once.
     pub tied_head: bool,
     pub scratch: ScratchCost,
-    /// Tensors no stage loads: MTP blocks and any tensor the forward pass does not read.
+    /// Tensors no stage loads: MTP blocks (but the one [`PlanConfig::mtp`] loads) and any
+    /// tensor the forward pass does not read.
     pub unplanned_bytes: u64,
+    /// The MTP block the last stage loads, with [`PlanConfig::mtp`].
+    pub mtp: Option<MtpCost>,
     /// The KV pool the attention layers' `cache_bytes` are priced for, and its blocks.
     pub kv_positions: u64,
     pub kv_block_size: u64,
@@ -201,7 +225,11 @@ impl ModelCost {
         // What a token does not read: the routed experts it does not choose.
         let mut unread = vec![0u64; n_layer];
         let (mut embedding, mut output_norm, mut output, mut unplanned) = (None, 0, 0, 0);
+        let mut mtp_weights = 0;
         let globals = cfg.global_tensors();
+        if pc.mtp && cfg.n_mtp == 0 {
+            return Err(PlanError::Invalid("MTP drafts for a model without an MTP block".into()).into());
+        }
         for t in &gguf.tensors {
             match block_index(&t.name) {
                 Some(i) if i < n_layer => {
@@ -213,7 +241,8 @@ impl ModelCost {
                         unread[i] += t.size - t.size / all * used;
                     }
                 }
-                // MTP blocks follow the main pass's blocks.
+                // MTP blocks follow the main pass's blocks; the first drafts with `mtp`.
+                Some(i) if pc.mtp && i == n_layer => mtp_weights += t.size,
                 Some(_) => unplanned += t.size,
                 // A tied head is the embedding, matched first.
                 None if t.name == globals.token_embd.name => embedding = Some(t.size),
@@ -276,6 +305,22 @@ impl ModelCost {
                 t * (n + 2 * k + 2 * k * f + k * e + e + 1) * 4
             }),
         };
+        let mtp = pc.mtp.then(|| {
+            let draft = pc.draft_max.max(1) as u64;
+            let per_row = 3 * e + 2 * f + 2 * e + 2 + q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64;
+            let moe_row = cfg.moe.as_ref().map_or(0, |m| {
+                let (n, k, f) = (m.n_expert as u64, m.n_expert_used as u64, m.expert_ff as u64);
+                n + 2 * k + 2 * k * f + k * e + e + 1
+            });
+            let rows = (t + seqs) + (draft - 1) * seqs;
+            let fixed = t * e + seqs * (draft + 1) * e + seqs * cfg.n_vocab as u64 + draft * seqs * (e + 5);
+            MtpCost {
+                weight_bytes: mtp_weights,
+                kv_bytes_per_position: per_position,
+                cache_bytes: per_position * positions,
+                scratch_bytes: (rows * (per_row + moe_row) + fixed) * 4,
+            }
+        });
         Ok(ModelCost {
             layers,
             embedding_bytes: embedding,
@@ -283,6 +328,7 @@ impl ModelCost {
             tied_head: cfg.tied_output,
             scratch,
             unplanned_bytes: unplanned,
+            mtp,
             kv_positions: positions,
             kv_block_size: pc.kv_block_size as u64,
             kv_least_positions: (pc.ctx as u64).div_ceil(pc.kv_block_size as u64) * pc.kv_block_size as u64,
@@ -319,6 +365,9 @@ impl ModelCost {
                 l.cache_bytes = l.kv_bytes_per_position * c.kv_positions;
             }
         }
+        if let Some(m) = &mut c.mtp {
+            m.cache_bytes = m.kv_bytes_per_position * c.kv_positions;
+        }
         c
     }
 
@@ -339,19 +388,34 @@ impl ModelCost {
         }
         let has = |kind| held.iter().any(|l| l.kind == kind);
         let s = &self.scratch;
-        let scratch_bytes = s.common
+        let mut scratch_bytes = s.common
             + s.moe
             + if has(LayerKind::Attention) { s.attention } else { 0 }
             + if has(LayerKind::DeltaNet) { s.deltanet } else { 0 }
             + if last { s.head } else { 0 };
-        StageCost { weight_bytes, cache_bytes: held.iter().map(|l| l.cache_bytes).sum(), scratch_bytes }
+        let mut cache_bytes = held.iter().map(|l| l.cache_bytes).sum();
+        if let Some(m) = self.mtp.as_ref().filter(|_| last) {
+            // The MTP block embeds its tokens: the last stage holds the table unless it
+            // already does (first, or a tied head).
+            let embedding = if first || self.tied_head { 0 } else { self.embedding_bytes };
+            weight_bytes += m.weight_bytes + embedding;
+            cache_bytes += m.cache_bytes;
+            scratch_bytes += m.scratch_bytes;
+        }
+        StageCost { weight_bytes, cache_bytes, scratch_bytes }
     }
 }
 
 /// The tensors a stage holding `layers` reads: every `blk.{i}.*` of its layers, the
 /// embedding on the first stage, and the output norm and head (maybe the embedding again,
-/// listed once) on the last. A node without the file is streamed exactly these.
-pub fn shard_tensors<'a>(gguf: &'a Gguf, cfg: &ModelConfig, layers: Range<usize>) -> Result<Vec<&'a TensorInfo>> {
+/// listed once) on the last, with `mtp` also the first MTP block's tensors and the
+/// embedding. A node without the file is streamed exactly these.
+pub fn shard_tensors<'a>(
+    gguf: &'a Gguf,
+    cfg: &ModelConfig,
+    layers: Range<usize>,
+    mtp: bool,
+) -> Result<Vec<&'a TensorInfo>> {
     let n = cfg.n_layer();
     if layers.start >= layers.end || layers.end > n {
         return Err(Error::Config(format!("layer range {layers:?} is not within the model's {n} layers")));
@@ -365,6 +429,12 @@ pub fn shard_tensors<'a>(gguf: &'a Gguf, cfg: &ModelConfig, layers: Range<usize>
         names.push(&globals.output_norm.name);
         names.push(&globals.output.name);
     }
+    let mtp = if mtp && layers.end == n { cfg.mtp_tensors().into_iter().next() } else { None };
+    if mtp.is_some() {
+        names.push(&globals.token_embd.name);
+    }
+    let mtp_names: Vec<&str> = mtp.iter().flat_map(|m| m.tensors()).map(|t| t.name.as_str()).collect();
+    names.extend(mtp_names);
     let mut out: Vec<&TensorInfo> =
         gguf.tensors.iter().filter(|t| block_index(&t.name).is_some_and(|i| layers.contains(&i))).collect();
     for name in names {

@@ -212,6 +212,13 @@ impl BlockTable {
         &self.table
     }
 
+    /// The same table, for other activations to bind (an MTP pass's, whose attention
+    /// layer keeps its KV in the stage's blocks): it reads the entries this one writes and
+    /// hands out no blocks itself.
+    pub fn reader(&self) -> BlockTable {
+        BlockTable { layout: self.layout, table: self.table.clone(), free: Vec::new(), refs: Vec::new() }
+    }
+
     pub fn free_blocks(&self) -> u32 {
         self.free.len() as u32
     }

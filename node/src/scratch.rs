@@ -103,6 +103,11 @@ impl Scratch {
         })
     }
 
+    /// These activations' steps use `table` (another scratch's, see [`BlockTable::reader`]).
+    pub fn with_table(self, table: BlockTable) -> Scratch {
+        Scratch { table: Some(table), ..self }
+    }
+
     fn act<'a>(&self, buffer: &'a wgpu::Buffer, width: u32) -> Act<'a> {
         Act::new(buffer, self.max_tokens, width)
     }

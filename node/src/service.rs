@@ -415,6 +415,7 @@ impl Inner {
         &self,
         id: &[u8],
         layers: std::ops::Range<usize>,
+        mtp: bool,
     ) -> Result<Result<(PathBuf, Gguf), LoadOutcome>, Status> {
         if let Some(found) = self.find_model(id) {
             return Ok(Ok(found));
@@ -436,7 +437,7 @@ impl Inner {
             Status::invalid_argument(format!("node `{}` cannot load model {}: {e}", self.name(), hex(id)))
         };
         let config = ModelConfig::from_gguf(&model.gguf).map_err(invalid)?;
-        let tensors = shard_tensors(&model.gguf, &config, layers).map_err(invalid)?;
+        let tensors = shard_tensors(&model.gguf, &config, layers, mtp).map_err(invalid)?;
         let ranges = model.missing(&tensors);
         if !ranges.is_empty() {
             return Ok(Err(LoadOutcome::Missing { need_header: false, ranges }));
@@ -454,8 +455,9 @@ impl Inner {
             kv_block_size: if req.kv_block_size == 0 { KvLayout::DEFAULT_BLOCK_SIZE } else { req.kv_block_size },
             checkpoints: req.checkpoints,
             draft_max: req.draft_max,
+            mtp: req.mtp,
         };
-        let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone())? {
+        let (path, gguf) = match self.locate(&req.model_id, spec.layers.clone(), spec.mtp)? {
             Ok(found) => found,
             Err(missing) => return Ok(missing),
         };
@@ -520,6 +522,7 @@ impl Inner {
                 fork_from: (s.fork_from != 0).then_some(s.fork_from),
                 verify: s.verify,
                 keep: s.keep,
+                draft: s.draft,
             })
             .collect();
         let t0 = Instant::now();
@@ -536,14 +539,16 @@ impl Inner {
         let node = self.name();
         let mut failed = act.failed;
         if last {
-            let answers = act.seqs.iter().zip(out.seqs).map(|(s, (_, r))| match r {
-                Ok(Produced::Token(t, lp)) => token_result(s.seq_id, t, lp),
+            let answers = act.seqs.iter().zip(out.seqs).zip(out.drafts).map(|((s, (_, r)), drafts)| match r {
+                Ok(Produced::Token(t, lp)) => pb::SeqResult { drafts, ..token_result(s.seq_id, t, lp) },
                 Ok(Produced::Logits(l)) => pb::SeqResult {
                     seq_id: s.seq_id,
                     logits: encode_hidden(&l, pb::HiddenFormat::F32),
                     ..Default::default()
                 },
-                Ok(Produced::Tokens(tokens)) => pb::SeqResult { seq_id: s.seq_id, tokens, ..Default::default() },
+                Ok(Produced::Tokens(tokens)) => {
+                    pb::SeqResult { seq_id: s.seq_id, tokens, drafts, ..Default::default() }
+                }
                 Ok(Produced::Ran) => pb::SeqResult { seq_id: s.seq_id, ..Default::default() },
                 Err(e) => failed_seq(s.seq_id, node, e),
             });
@@ -553,6 +558,8 @@ impl Inner {
         let mut next = Vec::new();
         for (s, (_, r)) in act.seqs.into_iter().zip(out.seqs) {
             match r {
+                // Token ids travel on only to a last stage whose MTP head follows them.
+                Ok(_) if s.mtp => next.push(s),
                 Ok(_) => next.push(pb::SeqRows { token_ids: Vec::new(), ..s }),
                 Err(e) => failed.push(failed_seq(s.seq_id, node, e)),
             }

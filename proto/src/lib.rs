@@ -6,7 +6,7 @@
 /// Bumped on any incompatible change of the contract (3: nodes check the version a
 /// `LoadShard` carries, step errors carry a `StepErrorCode`; 4: a step carries the rows of
 /// several sequences and answers for each, shards hold a paged KV pool).
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The request metadata entry holding the caller's [`PROTOCOL_VERSION`]. A node refuses a
 /// `LoadShard` whose entry differs (or is missing: a coordinator older than version 3).

@@ -9,6 +9,7 @@ crate::registry::kernels! { OPS:
     ATTENTION_SG => "attention_sg",
     SWIGLU => "swiglu",
     GATHER_ROWS => "gather_rows",
+    MTP_SELECT => "mtp_select",
     TOP_K => "top_k",
     PENALIZE => "penalize",
     MOE_ROUTE => "moe_route",

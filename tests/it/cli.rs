@@ -1,15 +1,6 @@
 //! The `strata` command line: help, bad input, and `bench`.
 
-use crate::support::{fixture, path_str, strata, strata_json};
-
-/// Runs strata expecting failure; returns stderr, which must not show a panic.
-fn fails(args: &[&str]) -> String {
-    let o = strata().args(args).output().expect("run strata");
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "strata {args:?} should fail");
-    assert!(!err.contains("panicked"), "strata {args:?} panicked:\n{err}");
-    err
-}
+use crate::support::{fixture, path_str, strata, strata_fails as fails, strata_json};
 
 #[test]
 fn help_explains_every_command_and_flag() {

@@ -33,6 +33,7 @@ fn shard(
         kv_block_size: 16,
         checkpoints: false,
         draft_max: 0,
+        mtp: false,
     }
 }
 

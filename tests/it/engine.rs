@@ -168,6 +168,7 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
                     fork_from: None,
                     verify: 0,
                     keep: 0,
+                    draft: 0,
                 }
             })
             .collect();
@@ -276,6 +277,7 @@ fn logits_of(
         fork_from: fork,
         verify: 0,
         keep: 0,
+        draft: 0,
     };
     let out = st.step(&[step], None).unwrap();
     match out.seqs.into_iter().next().unwrap().1 {

@@ -63,6 +63,23 @@ pub fn sequences(golden: &Value) -> Vec<Sequence> {
         .collect()
 }
 
+/// A sequence's `ref_mtp` rows (MTP fixtures): row t is the reference MTP head's top-16
+/// (id, logit) for position t + 2, from the hidden state at t and token t + 1.
+pub fn mtp_rows(raw: &Value) -> Vec<Vec<(u32, f32)>> {
+    raw["ref_mtp"]
+        .as_array()
+        .expect("ref_mtp")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("pairs")
+                .iter()
+                .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit") as f32))
+                .collect()
+        })
+        .collect()
+}
+
 /// Checks one position's logits against the reference's top-16; returns the worst error.
 #[track_caller]
 pub fn check_position(what: &str, pos: usize, logits: &[f32], topk: &[(u32, f32)]) -> f32 {

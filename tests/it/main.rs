@@ -11,6 +11,7 @@ mod cluster;
 mod discovery;
 mod engine;
 mod generate;
+mod mtp;
 mod prefix;
 mod quantize;
 mod reasoning;

@@ -46,6 +46,7 @@ fn step_of(
         fork_from: None,
         verify,
         keep,
+        draft: 0,
     };
     let out = st.step(&[step], None).map_err(|e| e.to_string())?;
     out.seqs.into_iter().next().unwrap().1.map_err(|e| e.to_string())
@@ -177,10 +178,17 @@ fn batched(model: &Path, prompts: &[String], flags: &[&str]) -> Vec<Vec<u32>> {
 /// The golden prompts and a copy-heavy one (`copy`, from the first golden prompt when
 /// `None`: the prompt, its plain continuation, and the prompt again, so that lookup
 /// drafts the continuation) answer with exactly the plain run's tokens under
-/// `--speculative lookup`: alone, batched together on one stage, and batched on three
-/// nodes; the copy-heavy prompt gets drafts, and keeps some (so rejections and, on
-/// recurrent models, rollbacks happen on the way).
-fn speculation_changes_no_token(model: &Path, golden_name: &str, copy: Option<&str>, flags: &[&str]) {
+/// `--speculative {drafter}`: alone, batched together on one stage, and batched on three
+/// nodes. With `accepts`, the copy-heavy prompt gets drafts and keeps some (so rejections
+/// and, on recurrent models, rollbacks happen on the way).
+fn speculation_changes_no_token(
+    model: &Path,
+    golden_name: &str,
+    copy: Option<&str>,
+    flags: &[&str],
+    drafter: &str,
+    accepts: bool,
+) {
     let g = load_golden(golden_name);
     let mut prompts: Vec<String> = golden::sequences(&g).iter().map(|s| s.prompt.clone()).collect();
     let mut common = vec!["--max-tokens", "32", "--ignore-eos", "--batch-tokens", "16"];
@@ -199,14 +207,20 @@ fn speculation_changes_no_token(model: &Path, golden_name: &str, copy: Option<&s
     prompts.push(copy);
     let plain = batched(model, &prompts, &common);
     let mut spec_flags = common.clone();
-    spec_flags.extend(["--speculative", "lookup", "--draft-max", "4"]);
+    spec_flags.extend(["--speculative", drafter, "--draft-max", "4"]);
     for (i, p) in prompts.iter().enumerate() {
         let out = run(model, p, &spec_flags);
-        assert_eq!(ids(&out), plain[i], "{golden_name} {flags:?}: prompt {i} alone with speculation");
+        assert_eq!(ids(&out), plain[i], "{golden_name} {flags:?}: prompt {i} alone with {drafter} drafts");
+        let s = &out["speculation"];
+        assert_eq!(s["drafter"], drafter, "{s}");
+        // The MTP block drafts for every prompt; lookup where something recurs.
+        let drafted = s["draft_tokens"].as_u64().unwrap() > 0;
+        assert!(drafted || drafter == "lookup", "{golden_name}: prompt {i} got no {drafter} drafts: {s}");
         if i + 1 == prompts.len() {
-            let s = &out["speculation"];
-            eprintln!("{golden_name} {flags:?}: copy-heavy prompt alone: {s}");
-            assert!(s["accepted_draft_tokens"].as_u64().unwrap() > 0, "{s}");
+            eprintln!("{golden_name} {flags:?}: copy-heavy prompt alone, {drafter} drafts: {s}");
+            if accepts {
+                assert!(s["accepted_draft_tokens"].as_u64().unwrap() > 0, "{s}");
+            }
         }
     }
     let one = batched(model, &prompts, &spec_flags);
@@ -216,8 +230,11 @@ fn speculation_changes_no_token(model: &Path, golden_name: &str, copy: Option<&s
     piped.extend(cluster_flags.iter().map(String::as_str));
     let three = batched(model, &prompts, &piped);
     for (i, p) in prompts.iter().enumerate() {
-        assert_eq!(one[i], plain[i], "{golden_name} {flags:?}: prompt {i} {p:?} batched with speculation");
-        assert_eq!(three[i], plain[i], "{golden_name} {flags:?}: prompt {i} {p:?} on three nodes with speculation");
+        assert_eq!(one[i], plain[i], "{golden_name} {flags:?}: prompt {i} {p:?} batched with {drafter} drafts");
+        assert_eq!(
+            three[i], plain[i],
+            "{golden_name} {flags:?}: prompt {i} {p:?} on three nodes with {drafter} drafts"
+        );
     }
 }
 
@@ -228,24 +245,57 @@ def perimeter(width, height):\n    return 2 * (width + height)\n<|im_end|>\n<|im
 
 #[test]
 fn speculation_changes_no_token_smollm2_q8_0() {
-    speculation_changes_no_token(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", Some(COPY_CODE), &[]);
+    speculation_changes_no_token(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", Some(COPY_CODE), &[], "lookup", true);
 }
 
 #[test]
 fn speculation_changes_no_token_tiny_qwen3() {
-    speculation_changes_no_token(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json", None, &[]);
+    speculation_changes_no_token(&fixture("tiny-qwen3.gguf"), "tiny-qwen3.golden.json", None, &[], "lookup", true);
 }
 
 #[test]
 fn speculation_changes_no_token_tiny_qwen35() {
-    speculation_changes_no_token(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json", None, &[]);
+    speculation_changes_no_token(&fixture("tiny-qwen35.gguf"), "tiny-qwen35.golden.json", None, &[], "lookup", true);
+}
+
+/// The MTP fixture with each draft kind that applies: its MTP block (drafting on the
+/// last stage, which on three nodes gets the token ids carried down the pipeline), and
+/// prompt lookup; `auto` picks the MTP block.
+#[test]
+fn speculation_changes_no_token_tiny_qwen35_mtp() {
+    let model = fixture("tiny-qwen35-mtp.gguf");
+    // The fixture's weights are random: its MTP block's drafts are checked, and rejected
+    // (the first draft of every step), and its continuations do not recur for lookup to
+    // find. What they draft must still change no token.
+    speculation_changes_no_token(&model, "tiny-qwen35-mtp.golden.json", None, &[], "mtp", false);
+    speculation_changes_no_token(&model, "tiny-qwen35-mtp.golden.json", None, &[], "lookup", false);
+    let out = run(&model, "Hello", &["--max-tokens", "8", "--speculative", "auto"]);
+    assert_eq!(out["speculation"]["drafter"], "mtp", "{out}");
+    // A model without the block says so.
+    let e = crate::support::strata_fails(&[
+        "run",
+        "--model",
+        path_str(&fixture("tiny-qwen35.gguf")),
+        "--prompt",
+        "Hello",
+        "--speculative",
+        "mtp",
+    ]);
+    assert!(e.contains("no MTP block"), "{e}");
 }
 
 /// Seeded sampling draws by position: the same text with speculation as without.
 #[test]
 fn speculation_changes_no_sampled_token() {
     let flags = ["--temperature", "0.5", "--top-k", "40", "--seed", "4242"];
-    speculation_changes_no_token(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", Some(COPY_CODE), &flags);
+    speculation_changes_no_token(
+        &smol_q8_0(),
+        "smollm2-135m-q8_0.golden.json",
+        Some(COPY_CODE),
+        &flags,
+        "lookup",
+        true,
+    );
 }
 
 /// `strata serve --speculative lookup`: a chat request and a streamed one answer exactly as

@@ -84,7 +84,7 @@ fn streamed(stderr: &str, node: &str) -> u64 {
 /// Header plus every tensor of `layers`: what a node without the file must be sent.
 fn shard_bytes(g: &Gguf, layers: std::ops::Range<usize>) -> u64 {
     let cfg = ModelConfig::from_gguf(g).unwrap();
-    g.header_len + shard_tensors(g, &cfg, layers).unwrap().iter().map(|t| t.size).sum::<u64>()
+    g.header_len + shard_tensors(g, &cfg, layers, false).unwrap().iter().map(|t| t.size).sum::<u64>()
 }
 
 fn n_layer(g: &Gguf) -> usize {
@@ -109,6 +109,7 @@ fn load_req(g: &Gguf, layers: std::ops::Range<usize>) -> strata_proto::tonic::Re
         kv_block_size: 16,
         checkpoints: false,
         draft_max: 0,
+        mtp: false,
     })
 }
 

@@ -78,6 +78,15 @@ pub fn strata_json(args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// Runs `strata` with `args` expecting failure; returns stderr, which must not show a panic.
+pub fn strata_fails(args: &[&str]) -> String {
+    let o = strata().args(args).output().expect("run strata");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "strata {args:?} should fail");
+    assert!(!err.contains("panicked"), "strata {args:?} panicked:\n{err}");
+    err
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }

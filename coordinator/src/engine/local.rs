@@ -52,7 +52,7 @@ impl LocalEngine {
         } else {
             (ctx, None)
         };
-        let spec = super::stage_spec(args, usage, ctx, 0..config.n_layer(), kv_positions)?;
+        let spec = super::stage_spec(args, &config, usage, ctx, 0..config.n_layer(), kv_positions)?;
         let stage = Stage::load(gpu, gguf, spec).with_context(|| format!("loading {}", args.model.display()))?;
         let device = stage.device();
         Ok(LocalEngine {
@@ -88,18 +88,20 @@ impl LocalEngine {
                 fork_from: s.fork_from,
                 verify: s.verify,
                 keep: s.keep,
+                draft: s.draft,
             })
             .collect();
         match self.stage.step(&steps, None) {
             Ok(out) => out
                 .seqs
                 .into_iter()
-                .map(|(seq, r)| {
+                .zip(out.drafts)
+                .map(|((seq, r), drafts)| {
                     let outcome = match r {
                         Ok(Produced::Token(token, logprobs)) => {
-                            Ok(Some(Sampled { token, logprobs, after: Vec::new() }))
+                            Ok(Some(Sampled { token, logprobs, after: Vec::new(), drafts }))
                         }
-                        Ok(Produced::Tokens(tokens)) => Ok(Sampled::verified(tokens)),
+                        Ok(Produced::Tokens(tokens)) => Ok(Sampled::verified(tokens).map(|s| Sampled { drafts, ..s })),
                         Ok(_) => Ok(None),
                         Err(e) => Err(step_error(e)),
                     };
@@ -165,6 +167,10 @@ impl Engine for LocalEngine {
 
     fn draft_max(&self) -> u32 {
         self.stage.spec().draft_max
+    }
+
+    fn mtp(&self) -> bool {
+        self.stage.spec().mtp
     }
 
     fn checkpoints(&self) -> bool {

@@ -44,6 +44,7 @@ pub(crate) fn plan_config(spec: &StageSpec, args: &EngineArgs, kv_positions: Opt
         seqs: spec.max_seqs as usize,
         checkpoints: spec.checkpoints,
         draft_max: spec.draft_max as usize,
+        mtp: spec.mtp,
         kv_block_size: spec.kv_block_size as usize,
         kv_positions: kv_positions.or(args.kv_pool.map(u64::from)),
         ..PlanConfig::new(spec.ctx as usize)
@@ -73,7 +74,7 @@ pub(crate) fn fit_context(
     binding: impl Fn(&Plan) -> Option<u64>,
 ) -> anyhow::Result<(u32, Plan)> {
     let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
-    let spec = stage_spec(args, usage, ctx, 0..0, None)?;
+    let spec = stage_spec(args, &config, usage, ctx, 0..0, None)?;
     let pc = plan_config(&spec, args, None);
     let (fitted, _, mut plan) = Plan::largest_context(gguf, &config, &pc, nodes, split)?;
     let mut fitted = fitted as u64;
@@ -111,6 +112,7 @@ pub struct EngineUse {
 /// else every sequence's whole context.
 pub(crate) fn stage_spec(
     args: &EngineArgs,
+    config: &strata_model::config::ModelConfig,
     usage: EngineUse,
     ctx: u32,
     layers: std::ops::Range<usize>,
@@ -132,7 +134,23 @@ pub(crate) fn stage_spec(
         kv_block_size: block,
         checkpoints: usage.checkpoints,
         draft_max: draft_max(args),
+        mtp: mtp(args, config)?,
     })
+}
+
+/// Whether the last stage drafts with the model's MTP block: `--speculative mtp` (which a
+/// model without one refuses), or `auto` on a model with one.
+pub(crate) fn mtp(args: &EngineArgs, config: &strata_model::config::ModelConfig) -> anyhow::Result<bool> {
+    use crate::cli::SpeculativeMode;
+    match args.speculative {
+        SpeculativeMode::Mtp if config.n_mtp == 0 => anyhow::bail!(
+            "--speculative mtp: {} has no MTP block (its nextn_predict_layers is 0); use --speculative lookup",
+            args.model.display()
+        ),
+        SpeculativeMode::Mtp => Ok(true),
+        SpeculativeMode::Auto => Ok(config.n_mtp > 0),
+        SpeculativeMode::Off | SpeculativeMode::Lookup => Ok(false),
+    }
 }
 
 /// Draft rows a sequence's step may verify: `--draft-max` with `--speculative`, else 0.
@@ -181,6 +199,9 @@ pub struct SeqStep<'a> {
     /// Recurrent layers keep the state after the first `keep` of `ids` as the sequence's
     /// rollback state, which a later step starting there resumes from.
     pub keep: u32,
+    /// With the MTP head ([`Engine::mtp`]): drafts it makes after this step's last row,
+    /// for the next step ([`Sampled::drafts`]).
+    pub draft: u32,
 }
 
 /// A sampled token, and its log-probabilities when the step asked for them.
@@ -191,11 +212,13 @@ pub struct Sampled {
     /// A speculative step's samples after each of its draft tokens, in order (`token`
     /// is the sample after the row before the first draft).
     pub after: Vec<u32>,
+    /// The MTP head's drafts for the next step: they follow the last of the samples.
+    pub drafts: Vec<u32>,
 }
 
 impl Sampled {
     pub fn token(token: u32) -> Sampled {
-        Sampled { token, logprobs: None, after: Vec::new() }
+        Sampled { token, logprobs: None, after: Vec::new(), drafts: Vec::new() }
     }
 
     /// From a speculative step's samples, one per verified row (at least one).
@@ -204,7 +227,7 @@ impl Sampled {
             return None;
         }
         let token = tokens.remove(0);
-        Some(Sampled { token, logprobs: None, after: tokens })
+        Some(Sampled { token, logprobs: None, after: tokens, drafts: Vec::new() })
     }
 }
 
@@ -378,6 +401,10 @@ pub trait Engine: Send {
     fn draft_max(&self) -> u32 {
         0
     }
+    /// The last stage drafts with the model's MTP head ([`SeqStep::draft`]).
+    fn mtp(&self) -> bool {
+        false
+    }
     /// Where the model runs and what each stage holds, for `/v1/cluster` and `/metrics`.
     fn stats(&self) -> EngineStats;
     /// Every stage, in pipeline order.
@@ -444,6 +471,7 @@ pub trait Engine: Send {
                 fork_from: None,
                 verify: 0,
                 keep: 0,
+                draft: 0,
             }])?;
             p += chunk.len() as u32;
             at += chunk.len();
@@ -489,6 +517,7 @@ pub trait Engine: Send {
             fork_from: None,
             verify: 0,
             keep: 0,
+            draft: 0,
         };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
@@ -640,6 +669,8 @@ pub(crate) mod testing {
         pub checkpoints: bool,
         /// What [`Engine::draft_max`] answers.
         pub draft_max: u32,
+        /// What [`Engine::mtp`] answers.
+        pub mtp: bool,
         next: u64,
     }
 
@@ -656,6 +687,7 @@ pub(crate) mod testing {
                 recoveries: 0,
                 checkpoints: false,
                 draft_max: 0,
+                mtp: false,
                 next: 0,
             }
         }
@@ -738,6 +770,10 @@ pub(crate) mod testing {
         }
         fn draft_max(&self) -> u32 {
             self.draft_max
+        }
+
+        fn mtp(&self) -> bool {
+            self.mtp
         }
         fn stats(&self) -> EngineStats {
             EngineStats::default()

@@ -87,6 +87,9 @@ pub struct Pipeline {
     ctx: u32,
     batch: u32,
     max_seqs: u32,
+    /// The last stage drafts with the model's MTP head: every step part sends its token ids on
+    /// to it.
+    mtp: bool,
     kv: Option<KvCapacity>,
     micro_batches: usize,
     /// Weight bytes one step reads over all stages (from the model's tensor index).
@@ -491,6 +494,7 @@ async fn load_shards(
             kv_block_size: spec.kv_block_size,
             checkpoints: spec.checkpoints,
             draft_max: spec.draft_max,
+            mtp: spec.mtp,
         };
         let mut client = stage.client.clone();
         let (l, name) = (&sp.layers, &stage.name);
@@ -551,7 +555,7 @@ async fn plan_and_load(
     } else {
         (ctx, None)
     };
-    let spec = super::stage_spec(args, usage, ctx, 0..0, None)?;
+    let spec = super::stage_spec(args, &config, usage, ctx, 0..0, None)?;
     let kept = match keep_pool {
         Some(positions) => {
             let pc = plan_config(&spec, args, Some(positions));
@@ -589,7 +593,7 @@ async fn plan_and_load(
         plan = Plan::fitted(&ModelCost::new(gguf, &config, &capped)?, &budgets, split)?;
     }
     eprintln!("plan:\n{}", plan.table());
-    let spec = super::stage_spec(args, usage, ctx, 0..0, Some(plan.kv_positions))?;
+    let spec = super::stage_spec(args, &config, usage, ctx, 0..0, Some(plan.kv_positions))?;
     load_shards(gguf, &args.model, &plan, &mut stages, &spec).await?;
     let (tx, rx) = mpsc::channel(1024);
     let results = stages[0]
@@ -660,6 +664,7 @@ impl Pipeline {
             ctx: c.ctx,
             batch: c.spec.max_batch,
             max_seqs: c.spec.max_seqs,
+            mtp: c.spec.mtp,
             kv,
             micro_batches,
             weight_bytes_per_token: c.weight_bytes_per_token,
@@ -709,6 +714,8 @@ impl Pipeline {
                 fork_from: s.fork_from.unwrap_or(0),
                 verify: s.verify,
                 keep: s.keep,
+                mtp: self.mtp,
+                draft: s.draft,
                 want_logits: false,
                 want_logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),
@@ -737,9 +744,11 @@ impl Pipeline {
                     Some(a) if a.has_token => {
                         let top = a.top_ids.iter().copied().zip(a.top_logprobs.iter().copied()).collect();
                         let logprobs = logprobs.then_some(Logprobs { token: a.logprob, top });
-                        Ok(Some(Sampled { token: a.token_id, logprobs, after: Vec::new() }))
+                        Ok(Some(Sampled { token: a.token_id, logprobs, after: Vec::new(), drafts: a.drafts }))
                     }
-                    Some(a) if !a.tokens.is_empty() => Ok(Sampled::verified(a.tokens)),
+                    Some(a) if !a.tokens.is_empty() => {
+                        Ok(Sampled::verified(a.tokens).map(|s| Sampled { drafts: a.drafts, ..s }))
+                    }
                     Some(_) => Ok(None),
                 };
                 (seq, outcome)
@@ -941,6 +950,10 @@ impl Engine for Pipeline {
 
     fn draft_max(&self) -> u32 {
         super::draft_max(&self.args)
+    }
+
+    fn mtp(&self) -> bool {
+        self.mtp
     }
 
     /// The plan, and each node's own counters (asked at most every [`STATS_EVERY`]; a

@@ -260,6 +260,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "cached_tokens": snap.prefix_cached_tokens,
         },
         "speculation": {
+            "drafter": snap.drafter,
             "draft_tokens": snap.draft_tokens,
             "accepted_draft_tokens": snap.accepted_draft_tokens,
             "decode_trips": snap.decode_trips,

@@ -28,6 +28,7 @@ fn cost(layers: &[u64], embedding: u64, head: u64) -> ModelCost {
         tied_head: false,
         scratch: ScratchCost { common: 0, attention: 0, deltanet: 0, head: 0, moe: 0 },
         unplanned_bytes: 0,
+        mtp: None,
         kv_positions: 0,
         kv_block_size: 16,
         kv_least_positions: 0,
@@ -447,7 +448,7 @@ fn shard_tensors_are_the_layers_plus_embedding_and_head_at_the_ends() {
     let cfg = ModelConfig::from_gguf(&g).unwrap();
     let n = cfg.n_layer();
     let names = |r: std::ops::Range<usize>| -> Vec<String> {
-        shard_tensors(&g, &cfg, r).unwrap().iter().map(|t| t.name.clone()).collect()
+        shard_tensors(&g, &cfg, r, false).unwrap().iter().map(|t| t.name.clone()).collect()
     };
     let first = names(0..1);
     assert!(first.contains(&"token_embd.weight".to_owned()) && !first.contains(&"output_norm.weight".to_owned()));
@@ -456,7 +457,7 @@ fn shard_tensors_are_the_layers_plus_embedding_and_head_at_the_ends() {
     assert!(last.contains(&"output_norm.weight".to_owned()) && last.contains(&cfg.global_tensors().output.name));
     let all = names(0..n);
     assert_eq!(all.len(), all.iter().collect::<std::collections::HashSet<_>>().len(), "each tensor once");
-    assert!(shard_tensors(&g, &cfg, 0..n + 1).is_err() && shard_tensors(&g, &cfg, 1..1).is_err());
+    assert!(shard_tensors(&g, &cfg, 0..n + 1, false).is_err() && shard_tensors(&g, &cfg, 1..1, false).is_err());
 }
 
 /// With no context asked for, the largest one (in whole blocks) that the nodes hold:
@@ -483,4 +484,35 @@ fn the_largest_context_that_fits_is_found() {
     // Nothing fits: the plan's own error.
     let tiny = vec![NodeBudget::new("a", 1024)];
     assert!(Plan::largest_context(&g, &cfg, &pc, &tiny, None).is_err());
+}
+
+/// With `mtp` the last stage holds the MTP block (the tensors otherwise unplanned), the
+/// embedding it embeds with, its attention layer's share of the pool and its passes'
+/// activations; a model without the block refuses it.
+#[test]
+fn the_mtp_block_is_planned_on_the_last_stage() {
+    let g = Gguf::open(format!("{FIXTURES}tiny-qwen35-mtp.gguf")).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    let n = cfg.n_layer();
+    let pc = PlanConfig { seqs: 2, draft_max: 3, ..PlanConfig::new(256) };
+    let without = ModelCost::new(&g, &cfg, &pc).unwrap();
+    let with = ModelCost::new(&g, &cfg, &PlanConfig { mtp: true, ..pc.clone() }).unwrap();
+    let block: u64 = g.tensors.iter().filter(|t| t.name.starts_with(&format!("blk.{n}."))).map(|t| t.size).sum();
+    assert!(block > 0);
+    assert_eq!((without.unplanned_bytes, with.unplanned_bytes), (block, 0));
+    let m = with.mtp.clone().expect("an MTP cost");
+    assert_eq!(m.weight_bytes, block);
+    let (a, b) = (without.stage(n / 2..n), with.stage(n / 2..n));
+    let embedding = if cfg.tied_output { 0 } else { with.embedding_bytes };
+    assert_eq!(b.weight_bytes, a.weight_bytes + block + embedding);
+    assert_eq!(b.cache_bytes, a.cache_bytes + m.kv_bytes_per_position * with.kv_positions);
+    assert!(b.scratch_bytes > a.scratch_bytes);
+    // A first stage costs the same either way; one stage of everything holds no second
+    // embedding.
+    assert_eq!(with.stage(0..n / 2), without.stage(0..n / 2));
+    assert_eq!(with.stage(0..n).weight_bytes, without.stage(0..n).weight_bytes + block);
+    let plain = Gguf::open(format!("{FIXTURES}tiny-qwen35.gguf")).unwrap();
+    let plain_cfg = ModelConfig::from_gguf(&plain).unwrap();
+    let err = ModelCost::new(&plain, &plain_cfg, &PlanConfig { mtp: true, ..pc }).unwrap_err().to_string();
+    assert!(err.contains("without an MTP block"), "{err}");
 }

@@ -8,6 +8,7 @@ use crate::arch::AttentionTensors;
 use crate::config::ModelConfig;
 use crate::gguf::Gguf;
 
+#[derive(Clone)]
 pub(super) struct Attention {
     q: Matrix,
     k: Matrix,

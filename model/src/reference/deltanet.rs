@@ -10,6 +10,7 @@ use crate::{Error, Result};
 
 /// One Gated DeltaNet mixer and one sequence's state; public as the oracle of the GPU
 /// layer's tests.
+#[derive(Clone)]
 pub struct DeltaNet {
     qkv: Matrix,
     gate: Matrix,

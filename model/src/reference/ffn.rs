@@ -6,6 +6,7 @@ use crate::Result;
 use crate::arch::FfnTensors;
 use crate::gguf::Gguf;
 
+#[derive(Clone)]
 pub(super) struct Ffn {
     gate: Matrix,
     up: Matrix,

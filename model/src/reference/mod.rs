@@ -33,11 +33,13 @@ pub(crate) fn load_matrix(g: &Gguf, spec: &TensorSpec) -> Result<Matrix> {
     Ok(Matrix { k: spec.k(), n: spec.n(), data: load_f32(g, spec)? })
 }
 
+#[derive(Clone)]
 enum Mixer {
     Attention(Attention),
     DeltaNet(DeltaNet),
 }
 
+#[derive(Clone)]
 enum FeedForwardBlock {
     Dense(Ffn),
     Moe(Box<Moe>),
@@ -52,6 +54,7 @@ impl FeedForwardBlock {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     attn_norm: Vec<f32>,
     mixer: Mixer,
@@ -161,6 +164,7 @@ impl Reference {
 /// `docs/qwen35.md`, "The MTP block"), with its own attention cache for one sequence: the
 /// row at position p takes token `x_p` and the main model's final hidden state at `p - 1`
 /// (zero at position 0) and predicts the token at `p + 1`.
+#[derive(Clone)]
 pub struct Mtp {
     block: Block,
     eh_proj: Matrix,
@@ -194,8 +198,9 @@ impl Mtp {
 
     /// Runs the row of `token` with `hidden` (the main model's `output_norm`ed state at
     /// the position before, or zeros at position 0) at the next position; returns the
-    /// logits of the token after the next, through `main`'s embedding and head.
-    pub fn step(&mut self, main: &Reference, token: u32, hidden: &[f32]) -> Result<Vec<f32>> {
+    /// logits of the token after the next, through `main`'s embedding and head, and the
+    /// `shared_head_norm`ed state they come from (what a further draft pairs with).
+    pub fn step(&mut self, main: &Reference, token: u32, hidden: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let cfg = &main.config;
         let t = token as usize;
         if t >= cfg.n_vocab || hidden.len() != cfg.n_embd {
@@ -211,6 +216,7 @@ impl Mtp {
         let mut x = self.eh_proj.matvec(&joined);
         self.block.forward(&mut x, self.pos, cfg);
         self.pos += 1;
-        Ok(main.head().matvec(&rms_norm(&x, &self.shared_head_norm, cfg.eps)))
+        let out = rms_norm(&x, &self.shared_head_norm, cfg.eps);
+        Ok((main.head().matvec(&out), out))
     }
 }

@@ -34,6 +34,7 @@ fn expert(gate: &Matrix, up: &Matrix, down: &Matrix, e: usize, n: &[f32]) -> Vec
     rows(down, e).map(|d| dot(d, &h)).collect()
 }
 
+#[derive(Clone)]
 pub(super) struct Moe {
     cfg: MoeConfig,
     router: Matrix,

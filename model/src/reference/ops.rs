@@ -1,6 +1,7 @@
 //! Plain f32 maths shared by the reference layers.
 
 /// A dense f32 matrix of `n` rows of `k` values (the GGUF `[k, n]` layout, dequantised).
+#[derive(Clone)]
 pub struct Matrix {
     pub k: usize,
     pub n: usize,

@@ -40,6 +40,31 @@ impl LoadCtx<'_> {
         QuantMatrix::upload(self.gpu, &spec.name, t.ty, spec.k(), spec.n(), self.gguf.tensor_data(t))
     }
 
+    /// A matrix `[k, n]` as two matrices `[k / 2, n]`: the first and the second half of
+    /// each row (the MTP block's `eh_proj`, whose input is two vectors end to end, so that
+    /// each half multiplies its own vector and no concatenation is needed).
+    pub fn matrix_halves(&self, spec: &TensorSpec) -> Result<(QuantMatrix, QuantMatrix)> {
+        let t = self.tensor(spec)?;
+        let (k, n) = (spec.k(), spec.n());
+        let half = t.ty.bytes_for(k as u64 / 2).filter(|_| k % 2 == 0).ok_or_else(|| Error::Shape {
+            op: "load",
+            message: format!(
+                "`{}`: rows of {k} {} values do not split into two halves of whole blocks",
+                spec.name, t.ty
+            ),
+        })? as usize;
+        let data = self.gguf.tensor_data(t);
+        if data.len() < 2 * half * n {
+            return Err(Error::Shape { op: "load", message: format!("`{}` holds {} bytes", spec.name, data.len()) });
+        }
+        let rows = data[..2 * half * n].chunks_exact(2 * half);
+        let (first, second): (Vec<&[u8]>, Vec<&[u8]>) = rows.map(|r| r.split_at(half)).unzip();
+        let upload = |which: &str, parts: Vec<&[u8]>| {
+            QuantMatrix::upload(self.gpu, &format!("{} ({which} half)", spec.name), t.ty, k / 2, n, &parts.concat())
+        };
+        Ok((upload("first", first)?, upload("second", second)?))
+    }
+
     /// A 3-D tensor of stacked matrices `[k, n, matrices]` (a MoE layer's experts), kept
     /// quantised as stored, split across bindings between experts.
     pub fn experts(&self, spec: &TensorSpec) -> Result<QuantMatrix> {

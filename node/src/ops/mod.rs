@@ -12,6 +12,7 @@ pub mod embed;
 mod harness;
 pub mod matmul;
 pub mod moe;
+pub mod mtp;
 pub mod norm;
 #[cfg(test)]
 mod params_layout;

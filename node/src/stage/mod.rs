@@ -10,6 +10,7 @@
 //! candidates (or hidden states, between stages) are read back.
 
 mod head;
+mod mtp;
 mod sequences;
 
 use std::ops::Range;
@@ -61,6 +62,9 @@ pub struct StageSpec {
     /// ([`SeqStep::verify`]); with recurrent layers, each slot also keeps a rollback state
     /// (as much memory again as the recurrent state). 0: no speculation.
     pub draft_max: u32,
+    /// The last stage loads the model's MTP block and drafts up to `draft_max` tokens per
+    /// sequence with it ([`SeqStep::draft`]).
+    pub mtp: bool,
 }
 
 impl StageSpec {
@@ -76,6 +80,7 @@ impl StageSpec {
             kv_block_size: KvLayout::DEFAULT_BLOCK_SIZE,
             checkpoints: false,
             draft_max: 0,
+            mtp: false,
         }
     }
 
@@ -168,6 +173,10 @@ pub struct SeqStep<'a> {
     /// ones before the drafts) as its rollback state; a later step starting at that
     /// position resumes from it, dropping what the rejected drafts did.
     pub keep: u32,
+    /// On a last stage with the MTP head ([`StageSpec::mtp`]): drafts to make after its
+    /// last row, answered in [`StepOutput::drafts`]. The MTP head follows every sequence
+    /// whose steps bring their token ids to the last stage.
+    pub draft: u32,
 }
 
 /// What one sequence's part of a step produced.
@@ -189,6 +198,10 @@ pub struct StepOutput {
     pub hidden: Vec<f32>,
     /// Each sequence's result: what it produced, or why it did not run (the others ran).
     pub seqs: Vec<(SeqId, Result<Produced>)>,
+    /// The MTP head's drafts for each sequence's next step, in the order of `seqs` (empty
+    /// where it made none, or where the token kept after the step is not the one they
+    /// followed).
+    pub drafts: Vec<Vec<u32>>,
 }
 
 /// A sequence of the step that passed its checks.
@@ -230,6 +243,9 @@ pub struct Stage {
     layers: Vec<Box<dyn Layer>>,
     states: Vec<LayerState>,
     head: Option<Head>,
+    mtp: Option<mtp::MtpHead>,
+    /// Set by [`Stage::mtp_logits`]: the MTP row's logits to read back, once read.
+    probe: Option<Vec<f32>>,
     scratch: Scratch,
     staging: wgpu::Buffer,
     /// The layers' dispatches, for each class of step size.
@@ -263,7 +279,9 @@ impl Stage {
         let embed = if first { Some(ctx.matrix(&globals.token_embd)?) } else { None };
         let layers = spec.layers.clone().map(|i| arch::load_layer(&ctx, &config, i)).collect::<Result<Vec<_>>>()?;
         let kinds = &config.layers[spec.layers.clone()];
-        let kv = if kinds.contains(&LayerKind::Attention) { Some(spec.kv_layout()?) } else { None };
+        let mtp = spec.mtp && last;
+        // The MTP block's attention keeps its K and V in the stage's pool.
+        let kv = if kinds.contains(&LayerKind::Attention) || mtp { Some(spec.kv_layout()?) } else { None };
         let recurrent = kinds.contains(&LayerKind::DeltaNet);
         let size = StateSize {
             slots: spec.max_seqs,
@@ -272,13 +290,19 @@ impl Stage {
             rollback: spec.draft_max > 0 && recurrent,
         };
         let states = layers.iter().map(|l| l.new_state(&gpu, &config, &size)).collect::<Result<Vec<_>>>()?;
-        let bounce = states.iter().find_map(|s| match s {
-            LayerState::Kv(kv) => Some(gpu.storage("kv block bounce", kv.block_bytes())),
-            LayerState::DeltaNet(_) => None,
+        let bounce = kv.map(|layout| {
+            let a = &config.attention;
+            let bytes =
+                u64::from(layout.block_size) * LayerKv::bytes_per_position(a.n_head_kv as u32, a.head_dim as u32);
+            gpu.storage("kv block bounce", bytes / 2)
         });
         let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?;
         let max_samples = spec.max_samples();
         let head = if last { Some(Head::load(&ctx, &config, &scratch, max_samples)?) } else { None };
+        let mtp = match &head {
+            Some(h) if mtp => Some(mtp::MtpHead::load(&ctx, &config, &scratch, h, embed.as_ref(), spec.draft_max)?),
+            _ => None,
+        };
         let words = head.as_ref().map_or(0, |h| u64::from(h.words() * h.max_samples) * 4);
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("staging"),
@@ -296,6 +320,8 @@ impl Stage {
             layers,
             states,
             head,
+            mtp,
+            probe: None,
             scratch,
             staging,
             lists: Vec::new(),
@@ -346,6 +372,14 @@ impl Stage {
         }
         if spec.max_batch == 0 || spec.ctx == 0 || spec.max_seqs == 0 {
             return Err(Error::Spec("max_batch, max_seqs and ctx must be at least 1".into()));
+        }
+        if spec.mtp && spec.draft_max == 0 {
+            return Err(Error::Spec("MTP drafts need a draft length of at least 1 (--draft-max)".into()));
+        }
+        if spec.mtp && spec.layers.end == n_layer && config.n_mtp == 0 {
+            return Err(Error::Spec(
+                "the model has no MTP block (its nextn_predict_layers is 0): speculate with prompt lookup".into(),
+            ));
         }
         let layout = spec.kv_layout()?;
         let limit = u128::from(max_binding);
@@ -462,7 +496,10 @@ impl Stage {
     /// Bytes of weights held on the GPU.
     pub fn weight_bytes(&self) -> u64 {
         let layers: u64 = self.layers.iter().map(|l| l.weight_bytes()).sum();
-        layers + self.head.as_ref().map_or(0, |h| h.output.bytes()) + self.embed.as_ref().map_or(0, |e| e.bytes())
+        layers
+            + self.head.as_ref().map_or(0, |h| h.output.bytes())
+            + self.embed.as_ref().map_or(0, |e| e.bytes())
+            + self.mtp.as_ref().map_or(0, mtp::MtpHead::weight_bytes)
     }
 
     /// Weight bytes one decoded token reads (every matrix once, of a mixture of experts
@@ -482,7 +519,7 @@ impl Stage {
     pub fn pool(&self) -> PoolStats {
         let table = self.scratch.table.as_ref();
         let a = &self.config.attention;
-        let kv_layers = self.states.iter().filter(|s| matches!(s, LayerState::Kv(_))).count() as u64;
+        let kv_layers = self.kv_states().count() as u64;
         let block_bytes = table.map_or(0, |t| {
             u64::from(t.layout().block_size) * LayerKv::bytes_per_position(a.n_head_kv as u32, a.head_dim as u32)
         }) * kv_layers;
@@ -509,6 +546,12 @@ impl Stage {
     pub fn cache_bytes(&self) -> u64 {
         let p = self.pool();
         u64::from(p.used_blocks) * p.block_bytes + u64::from(p.used_slots) * p.slot_bytes
+    }
+
+    /// Every attention layer's part of the pool, the MTP block's included.
+    fn kv_states(&self) -> impl Iterator<Item = &LayerKv> {
+        let mtp = self.mtp.as_ref().map(|m| &m.state);
+        self.states.iter().chain(mtp).filter_map(|s| if let LayerState::Kv(kv) = s { Some(kv) } else { None })
     }
 
     /// Whether `seq` holds state here.
@@ -598,10 +641,11 @@ impl Stage {
             }
         }
         if ran.is_empty() {
-            return Ok(StepOutput { hidden: Vec::new(), seqs: out });
+            return Ok(StepOutput { hidden: Vec::new(), drafts: vec![Vec::new(); out.len()], seqs: out });
         }
-        match self.run(&ran, hidden, &mut out) {
-            Ok(hidden) => Ok(StepOutput { hidden, seqs: out }),
+        let mut drafts = vec![Vec::new(); out.len()];
+        match self.run(&ran, hidden, &mut out, &mut drafts) {
+            Ok(hidden) => Ok(StepOutput { hidden, seqs: out, drafts }),
             Err(e) => {
                 // The device failed mid-step: the sequences' state is unknown. Free them, so
                 // that their next step is refused rather than run on a broken state.
@@ -630,7 +674,9 @@ impl Stage {
                 self.spec.ctx
             )));
         }
-        if self.is_first() {
+        // Token ids come to the first stage; with the MTP head they travel on to the last,
+        // which follows the sequence with them.
+        if self.is_first() || !st.tokens.is_empty() {
             if st.tokens.len() != st.rows as usize {
                 return Err(Error::Step(format!("{} token ids for {} rows", st.tokens.len(), st.rows)));
             }
@@ -638,10 +684,8 @@ impl Stage {
                 let vocab = self.config.n_vocab;
                 return Err(Error::Step(format!("token id {bad} is outside the vocabulary of {vocab}")));
             }
-        } else if !st.tokens.is_empty() {
-            return Err(Error::Step("token ids sent to a stage that is not first".into()));
         }
-        if st.verify > 0 || st.keep > 0 {
+        if st.verify > 0 || st.keep > 0 || st.draft > 0 {
             self.check_speculative(st)?;
         }
         if let Want::Token { sampling, .. } = &st.want
@@ -663,12 +707,14 @@ impl Stage {
                 return Err(Error::Sequence { seq: st.seq, message: "its grammar mask allows no token".into() });
             }
         }
+        let ahead = self.mtp_drafts(st);
         let admitted = self.seqs.admit(
             &self.gpu.queue,
             self.scratch.table.as_mut(),
             st.seq,
             st.pos,
             st.rows,
+            ahead,
             st.checkpoint,
             st.fork_from,
             st.keep,
@@ -694,17 +740,41 @@ impl Stage {
         if st.verify >= st.rows || st.keep > st.rows {
             return refuse(format!("{} draft rows and {} kept of a step of {} rows", st.verify, st.keep, st.rows));
         }
-        if st.verify > 0 {
+        if st.draft > 0 && self.is_last() {
+            match &self.mtp {
+                None => return refuse("asks for MTP drafts of a stage loaded without the MTP head".into()),
+                Some(m) if st.draft > m.draft_max() => {
+                    return refuse(format!(
+                        "asks for {} MTP drafts, more than the {} this stage was loaded for (--draft-max)",
+                        st.draft,
+                        m.draft_max()
+                    ));
+                }
+                Some(_) if st.tokens.is_empty() => {
+                    return refuse("asks for MTP drafts without its token ids".into());
+                }
+                Some(_) => {}
+            }
+        }
+        if st.verify > 0 || (st.draft > 0 && self.is_last()) {
             match &st.want {
                 Want::Token { sampling, logprobs: None } if !sampling.has_penalties() && st.allowed.is_empty() => {}
                 _ => {
                     return refuse(
-                        "verifies draft rows but asks for logprobs, penalties, a grammar or no token".into(),
+                        "verifies or drafts tokens but asks for logprobs, penalties, a grammar or no token".into(),
                     );
                 }
             }
         }
         Ok(())
+    }
+
+    /// The MTP drafts `st` gets after its rows: what it asks for, within the context.
+    fn mtp_drafts(&self, st: &SeqStep<'_>) -> u32 {
+        if self.mtp.is_none() || st.tokens.is_empty() {
+            return 0;
+        }
+        st.draft.min(self.spec.ctx.saturating_sub(st.pos + st.rows))
     }
 
     /// Writes the admitted sequences' inputs and tables, runs the step in one submission
@@ -714,6 +784,7 @@ impl Stage {
         ran: &[Admitted<'_>],
         hidden: Option<&[f32]>,
         out: &mut [(SeqId, Result<Produced>)],
+        drafts: &mut [Vec<u32>],
     ) -> Result<Vec<f32>> {
         let e = self.config.n_embd;
         let runs: Vec<Run> = ran
@@ -743,6 +814,35 @@ impl Stage {
         gpu.queue.write_buffer(&s.rows, 0, bytemuck::cast_slice(&layout.rows));
         gpu.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&layout.seqs));
         let samples = self.write_samples(ran, &layout)?;
+        // The MTP head follows every sequence whose token ids came this far.
+        let mut mtp_owners = Vec::new();
+        let mut mtp_parts = Vec::new();
+        if self.mtp.is_some() {
+            for (i, a) in ran.iter().enumerate().filter(|(_, a)| a.step.tokens.len() == a.step.rows as usize) {
+                let seq = &layout.seqs[i];
+                let last = samples.iter().position(|smp| smp.index == i && smp.row == seq.n - 1);
+                let part = mtp::MtpPart {
+                    slot: a.slot,
+                    pos: a.step.pos,
+                    tokens: a.step.tokens,
+                    first: seq.first,
+                    kept: self.seqs.get(a.step.seq).and_then(|s| s.mtp_kept),
+                    verify: a.step.verify,
+                    drafts: if last.is_some() { self.mtp_drafts(a.step) } else { 0 },
+                    last_sample: last.unwrap_or(0) as u32,
+                };
+                mtp_owners.push((i, last));
+                mtp_parts.push((part, seq.n));
+            }
+        }
+        let mtp_step = match &self.mtp {
+            Some(m) if !mtp_parts.is_empty() => {
+                let planned = m.plan(&mtp_parts, self.probe.is_some());
+                m.write(&gpu.queue, &planned);
+                Some(planned)
+            }
+            _ => None,
+        };
 
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         let deltanet =
@@ -751,8 +851,8 @@ impl Stage {
         // this step writes anything.
         for a in ran {
             for &c in &a.copies {
-                for st in &self.states {
-                    if let (LayerState::Kv(kv), Some(bounce)) = (st, &self.bounce) {
+                for kv in self.kv_states() {
+                    if let Some(bounce) = &self.bounce {
                         kv.copy_block(&mut enc, c, bounce);
                     }
                 }
@@ -781,8 +881,19 @@ impl Stage {
         {
             lists.push((head.list(n_samples), Step::new(n_samples, 1)));
         }
-        // The whole step in one pass: the layers, then the head on the rows to sample.
+        if let (Some(m), Some(planned)) = (&self.mtp, &mtp_step) {
+            lists.extend(m.lists(step, planned));
+        }
+        // The whole step in one pass: the layers, then the head on the rows to sample,
+        // then the MTP head's rows and drafts.
         encode_pass(&mut enc, &lists);
+        let (mut kept, mut probed) = (Vec::new(), None);
+        if let (Some(m), Some(planned)) = (&self.mtp, &mtp_step) {
+            kept = m.after_pass(&mut enc, &mtp_parts, planned);
+            if self.probe.is_some() {
+                probed = Some(m.probe_logits(gpu, &mut enc));
+            }
+        }
         for a in ran.iter().filter(|a| a.save) {
             for d in deltanet() {
                 d.save(&mut enc, a.slot);
@@ -812,12 +923,40 @@ impl Stage {
             Some((buf, size)) => bytemuck::pod_collect_to_vec::<u8, f32>(&gpu.map_and_read(buf, *size)?),
             None => Vec::new(),
         };
+        let mtp_drafts = match (&self.mtp, &mtp_step) {
+            (Some(m), Some(planned)) => m.read_drafts(gpu, planned)?,
+            _ => Vec::new(),
+        };
+        if let Some(buf) = probed {
+            self.probe = Some(bytemuck::pod_collect_to_vec(&gpu.map_and_read(&buf, buf.size())?));
+        }
         gpu.check("a step")?;
+        for ((i, _), from) in mtp_owners.iter().zip(kept) {
+            if let Some(s) = self.seqs.get_mut(ran[*i].step.seq) {
+                s.mtp_kept = from;
+            }
+        }
         if self.head.is_none() {
             return Ok(bytemuck::pod_collect_to_vec(&read));
         }
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&read);
         self.take_samples(ran, &samples, &words, &logits, &logits_rows, out)?;
+        // Drafts follow the head's best candidate at the last row: they are worth
+        // verifying only when that is the token kept there.
+        let w = self.head.as_ref().map_or(0, |h| h.words()) as usize;
+        for ((i, last), made) in mtp_owners.into_iter().zip(mtp_drafts) {
+            let kept_token = match &out[ran[i].index].1 {
+                Ok(Produced::Token(t, _)) => Some(*t),
+                Ok(Produced::Tokens(t)) => t.last().copied(),
+                _ => None,
+            };
+            if let Some(last) = last
+                && !made.is_empty()
+                && kept_token == Some(words[last * w])
+            {
+                drafts[ran[i].index] = made;
+            }
+        }
         Ok(Vec::new())
     }
 
@@ -1003,6 +1142,7 @@ impl Stage {
             fork_from: None,
             verify: 0,
             keep: 0,
+            draft: 0,
         };
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
@@ -1052,6 +1192,24 @@ impl Stage {
             Produced::Token(t, Some(lp)) => Ok((t, lp)),
             other => Err(Error::Step(format!("a logprobs step produced {other:?}"))),
         }
+    }
+
+    /// Runs `tokens` at `positions` for `seq` on a stage that is first and last, and
+    /// returns the MTP head's logits at its last row: the row that pairs the last token
+    /// with the main model's hidden state at the position before (zeros at position 0).
+    /// For tests and diagnostics: the head drafts nothing in this step.
+    pub fn mtp_logits(&mut self, seq: SeqId, tokens: &[u32], positions: &[u32]) -> Result<Vec<f32>> {
+        if self.mtp.is_none() || !self.is_first() {
+            return Err(Error::NotOnStage("MTP logits asked of a stage without the MTP head and the embedding".into()));
+        }
+        self.probe = Some(Vec::new());
+        let ran = self.single(seq, Input::Tokens(tokens), positions, Want::Nothing);
+        let logits = self.probe.take().unwrap_or_default();
+        ran?;
+        if logits.len() != self.config.n_vocab {
+            return Err(Error::Step(format!("the MTP head gave {} logits", logits.len())));
+        }
+        Ok(logits)
     }
 
     /// Runs a step like [`Stage::forward`] but returns the last row's whole logit row

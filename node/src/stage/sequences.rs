@@ -31,6 +31,9 @@ pub(super) struct Sequence {
     /// The position its recurrent rollback state is at (kept mid-step by a speculative
     /// step, see `SeqStep::keep`), if it has one.
     pub rollback: Option<u32>,
+    /// The position of the first of the hidden rows the MTP head kept for its next step
+    /// (see `mtp::MtpHead`), if it kept any.
+    pub mtp_kept: Option<u32>,
 }
 
 impl Sequence {
@@ -103,6 +106,10 @@ impl Sequences {
         self.seqs.contains_key(&seq)
     }
 
+    pub fn get(&self, seq: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&seq)
+    }
+
     pub fn get_mut(&mut self, seq: SeqId) -> Option<&mut Sequence> {
         self.seqs.get_mut(&seq)
     }
@@ -126,7 +133,8 @@ impl Sequences {
     /// state or its checkpoint). With `checkpoint`, the state after the step becomes its
     /// checkpoint. With `keep`, the state after its first `keep` rows becomes its rollback
     /// state, which a later step starting there resumes from (dropping what the rows after
-    /// did: rejected speculative drafts). On any error the sequence is as it was.
+    /// did: rejected speculative drafts). The blocks cover `ahead` positions past its rows
+    /// too (the MTP head's draft rows). On any error the sequence is as it was.
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
@@ -135,6 +143,7 @@ impl Sequences {
         seq: SeqId,
         pos: u32,
         rows: u32,
+        ahead: u32,
         checkpoint: bool,
         fork: Option<SeqId>,
         keep: u32,
@@ -197,6 +206,7 @@ impl Sequences {
                 last_used: Instant::now(),
                 checkpoint: None,
                 rollback: None,
+                mtp_kept: None,
             };
             self.seqs.insert(seq, new);
         }
@@ -208,7 +218,7 @@ impl Sequences {
             }
             // Blocks up to `end`, its own copy of any shared block it writes, and none
             // past `end` (a step that starts before the end drops the positions after it).
-            match table.prepare(queue, s.slot, &mut s.blocks, pos, end) {
+            match table.prepare(queue, s.slot, &mut s.blocks, pos, end + ahead) {
                 Ok(c) => copies = c,
                 Err(e) => {
                     if fresh {
