@@ -109,6 +109,7 @@ impl Chat {
             logprobs: None,
             ignore_eos: false,
             constraint: None,
+            draft_max: None,
         };
         let answer = stream_answer(&self.scheduler, request).await?;
         self.history.push(ChatMessage::new("assistant", answer));

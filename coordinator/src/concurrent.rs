@@ -201,6 +201,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32) -> GenRequest {
         logprobs: None,
         ignore_eos: true,
         constraint: None,
+        draft_max: None,
     }
 }
 

@@ -204,6 +204,7 @@ fn run_request(
         logprobs: None,
         ignore_eos: args.ignore_eos,
         constraint,
+        draft_max: None,
     }
 }
 

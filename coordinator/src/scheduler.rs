@@ -46,6 +46,9 @@ pub struct GenRequest {
     /// A grammar the answer must follow (structured output, forced tool calls): each token
     /// is sampled from what it allows, on the last stage, for this sequence alone.
     pub constraint: Option<Constraint>,
+    /// At most this many draft tokens per step for this request (llama-server's
+    /// `speculative.n_max`; 0: none), within the server's `--draft-max`; `None`: that.
+    pub draft_max: Option<u32>,
 }
 
 /// One generated token's log-probability (natural log), for the API's `logprobs`.
@@ -836,7 +839,9 @@ impl<'a> Loop<'a> {
         let drafting = self
             .speculation
             .filter(|_| !r.sampling.has_penalties() && r.logprobs.is_none() && r.constraint.is_none())
-            .map(|s| Drafting::new(s.draft_max));
+            .map(|s| r.draft_max.map_or(s.draft_max, |n| n.min(s.draft_max)))
+            .filter(|&n| n > 0)
+            .map(Drafting::new);
         Active {
             drafting,
             replay: false,
@@ -1312,7 +1317,6 @@ impl<'a> Loop<'a> {
             }
         }
         let recurrent = self.speculation.is_some_and(|s| s.recurrent);
-        let draft_max = self.speculation.map_or(1, |s| s.draft_max);
         let a = &mut self.active[i];
         // Draft rows the stages computed with the tokens that stand (a finished request
         // may have stopped before taking them all).
@@ -1327,7 +1331,8 @@ impl<'a> Loop<'a> {
         };
         a.noted = a.noted.max(a.sent);
         if let Some(d) = a.drafting.as_mut() {
-            d.adapt(drafts.len(), kept, draft_max);
+            let max = d.max;
+            d.adapt(drafts.len(), kept, max);
             // The MTP drafts follow the last sample: of use only when it was kept.
             d.mtp = if kept == drafts.len() { mtp } else { Vec::new() };
         }
@@ -1762,6 +1767,7 @@ mod tests {
             logprobs: None,
             ignore_eos: false,
             constraint: None,
+            draft_max: None,
         }
     }
 

@@ -85,6 +85,8 @@ pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
 pub struct Drafting {
     /// Drafts to propose next time, adapted to how many were accepted lately.
     pub len: u32,
+    /// Its most drafts per step (`--draft-max`, or less if its request asks).
+    pub max: u32,
     /// The drafts of the step in flight, and the position of the first of them.
     pub pending: Option<(Vec<u32>, usize)>,
     /// The MTP head's drafts for its next step (they follow its newest token).
@@ -96,7 +98,7 @@ pub struct Drafting {
 
 impl Drafting {
     pub fn new(draft_max: u32) -> Drafting {
-        Drafting { len: draft_max.max(1), ..Drafting::default() }
+        Drafting { len: draft_max.max(1), max: draft_max.max(1), ..Drafting::default() }
     }
 
     /// After a step that checked `drafted` drafts and kept `accepted`: one more next time

@@ -355,5 +355,18 @@ fn a_speculating_server_answers_as_a_plain_one_and_counts_its_drafts() {
         assert!(tokens > trips, "{tokens} tokens in {trips} trips");
         let c = server.get("/v1/cluster").json();
         assert_eq!(c["speculation"]["draft_tokens"].as_u64(), Some(drafted), "{c}");
+        assert_eq!(c["speculation"]["drafter"], "lookup", "{c}");
+        // Per request, as llama-server takes it: `speculative.n_max` 0 drafts nothing (and
+        // answers alike), more than --draft-max allows is a 400 naming the field.
+        let mut none: serde_json::Value = serde_json::from_str(&body(false)).unwrap();
+        none["speculative.n_max"] = json!(0);
+        let r = server.post("/v1/chat/completions", &none.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"][0]["message"]["content"].as_str(), Some(want.as_str()));
+        assert_eq!(server.metric("strata_speculative_draft_tokens_total"), drafted, "speculative.n_max 0 drafted");
+        none["speculative.n_max"] = json!(17);
+        let r = server.post("/v1/chat/completions", &none.to_string());
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["error"]["param"], "speculative.n_max", "{}", r.body);
     }
 }

@@ -347,6 +347,7 @@ pub async fn messages(
         logprobs: None,
         ignore_eos: false,
         constraint: prepared.constraint,
+        draft_max: prepared.draft_max,
     };
     let (id, rx) = state.scheduler.submit(request).map_err(ApiError::refused)?;
     let reply = Reply { id: format!("msg_{id}"), model: state.model_id.clone(), user_stops };

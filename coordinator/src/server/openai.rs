@@ -57,6 +57,10 @@ pub(super) struct Params {
     pub(super) reasoning_format: Option<String>,
     /// `text`, `json_object` or `json_schema`: enforced by a grammar while sampling.
     pub(super) response_format: Option<Value>,
+    /// llama-server's per-request cap on draft tokens per step (0: no speculation), within
+    /// the server's `--draft-max`.
+    #[serde(rename = "speculative.n_max")]
+    pub(super) speculative_n_max: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,7 +158,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Params), Ap
 pub(super) fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let param = known_param(path.split(['.', '[']).next().unwrap_or(""));
+        let param = known_param(&path).or_else(|| known_param(path.split(['.', '[']).next().unwrap_or("")));
         ApiError::invalid(param, if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) })
     })
 }
@@ -185,6 +189,7 @@ const PARAMS: &[&str] = &[
     "tool_choice",
     "parallel_tool_calls",
     "response_format",
+    "speculative.n_max",
 ];
 
 fn known_param(name: &str) -> Option<&'static str> {
@@ -207,7 +212,12 @@ pub(super) struct Prepared {
     pub(super) schema: Option<Value>,
     /// The grammar the answer is sampled under (from `schema`, or a forced tool call).
     pub(super) constraint: Option<Constraint>,
+    /// Draft tokens per step at most (`speculative.n_max`).
+    pub(super) draft_max: Option<u32>,
 }
+
+/// The most draft tokens per step `speculative.n_max` may ask for (as `--draft-max`).
+const MAX_DRAFT: u32 = 16;
 
 /// The most alternatives `top_logprobs` (or the legacy integer `logprobs`) may ask for.
 const MAX_TOP_LOGPROBS: u32 = 20;
@@ -256,6 +266,14 @@ impl Params {
             ));
         }
         let stop = stop_strings(self.stop)?;
+        if let Some(n) = self.speculative_n_max
+            && n > MAX_DRAFT
+        {
+            return Err(ApiError::invalid(
+                Some("speculative.n_max"),
+                format!("speculative.n_max {n} is outside 0..={MAX_DRAFT}"),
+            ));
+        }
         let reasoning_format = match self.reasoning_format.as_deref() {
             None => None,
             Some(name) => Some(ReasoningFormat::parse(name).ok_or_else(|| {
@@ -291,6 +309,7 @@ impl Params {
             chat_template_kwargs: self.chat_template_kwargs.unwrap_or_default(),
             schema,
             constraint: None,
+            draft_max: self.speculative_n_max,
         })
     }
 }
@@ -721,6 +740,7 @@ async fn generate(
         logprobs: p.logprobs,
         ignore_eos: false,
         constraint: p.constraint,
+        draft_max: p.draft_max,
     };
     let (id, rx) = state.scheduler.submit(request).map_err(ApiError::refused)?;
     let id = match kind {

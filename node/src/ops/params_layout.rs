@@ -171,6 +171,7 @@ fn params_structs_match_their_wgsl_twins() {
     layout!(covered, moe::RouteParams => binding 1 of MOE_ROUTE);
     layout!(covered, moe::IdParams => binding 1 of MM_ID);
     layout!(covered, moe::CombineParams => binding 1 of MOE_COMBINE);
+    layout!(covered, mtp::Params => binding 1 of MTP_SELECT);
 
     // The step uniform: binding 0 of every kernel that has one.
     let with_step: Vec<Kernel> = strata_shaders::all()
