@@ -334,11 +334,15 @@ pub struct BenchArgs {
     /// scheduler, as --concurrency does.
     #[arg(long, value_name = "PATH", conflicts_with = "profile")]
     pub prompt_file: Option<PathBuf>,
-    /// After measuring, time a one-row decode step op by op (each kind of kernel alone,
+    /// After measuring, time a decode step op by op (each kind of kernel alone,
     /// repeated in one submission) and print where the step's time goes. One machine
     /// only (not with --peer or --discover).
     #[arg(long, conflicts_with = "concurrency")]
     pub profile: bool,
+    /// With --profile: time a step of N rows of one sequence, every row sampled, as a
+    /// speculative step verifying N - 1 drafts (default 1: a plain decode step).
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "profile", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub profile_rows: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

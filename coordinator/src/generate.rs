@@ -487,16 +487,20 @@ struct BenchReport {
     /// downstream of the hop, averaged over the decode steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     hops: Option<Vec<HopReport>>,
-    /// `--profile`: a one-row decode step op by op; the first entry is the whole step.
+    /// `--profile`: a step of `--profile-rows` rows (default one) op by op; the first entry is
+    /// the whole step.
     #[serde(skip_serializing_if = "Option::is_none")]
     profile: Option<Vec<OpReport>>,
+    /// The profiled step's rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile_rows: Option<u32>,
 }
 
 #[derive(Serialize)]
 struct OpReport {
     op: String,
     dispatches: usize,
-    ms_per_token: f64,
+    ms_per_step: f64,
     /// Of the whole step.
     share: f64,
 }
@@ -532,16 +536,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let m = measure(&mut *engine, &ids, args.decode_tokens)?;
     let mut report = bench_report(&args, &*engine, &m)?;
     if args.profile {
-        let Some(ops) = engine.profile_decode()? else {
+        let pos = (args.prompt_tokens + args.decode_tokens).saturating_sub(args.profile_rows);
+        let Some(ops) = engine.profile_step(args.profile_rows, pos)? else {
             bail!("--profile times the ops of this machine's own stage: run it without --peer or --discover");
         };
         let whole = ops.first().map_or(f64::NAN, |o| o.seconds);
+        report.profile_rows = Some(args.profile_rows);
         report.profile = Some(
             ops.iter()
                 .map(|o| OpReport {
                     op: o.label.to_owned(),
                     dispatches: o.dispatches,
-                    ms_per_token: o.seconds * 1e3,
+                    ms_per_step: o.seconds * 1e3,
                     share: o.seconds / whole,
                 })
                 .collect(),
@@ -619,6 +625,7 @@ fn bench_report(args: &BenchArgs, engine: &dyn Engine, m: &Measured) -> anyhow::
         stages: pipelined.then(|| stage_reports(&placement, m, args.decode_tokens)),
         hops: pipelined.then(|| hop_reports(&placement, m, args.decode_tokens)),
         profile: None,
+        profile_rows: None,
     })
 }
 
@@ -675,10 +682,11 @@ fn print_bench(report: &BenchReport) {
         println!("hop {} -> {}: {:.3} ms round trip per token", h.from, h.to, h.round_trip_ms);
     }
     if let Some(ops) = &report.profile {
-        println!("\none-row decode step, op by op (each kind alone; the ops overlap less than this adds up to):");
-        println!("{:<20} {:>10} {:>12} {:>7}", "op", "dispatches", "ms/token", "share");
+        let rows = report.profile_rows.unwrap_or(1);
+        println!("\n{rows}-row step, op by op (each kind alone; the ops overlap less than this adds up to):");
+        println!("{:<20} {:>10} {:>12} {:>7}", "op", "dispatches", "ms/step", "share");
         for o in ops {
-            println!("{:<20} {:>10} {:>12.3} {:>6.1}%", o.op, o.dispatches, o.ms_per_token, o.share * 100.0);
+            println!("{:<20} {:>10} {:>12.3} {:>6.1}%", o.op, o.dispatches, o.ms_per_step, o.share * 100.0);
         }
     }
 }

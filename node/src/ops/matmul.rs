@@ -40,12 +40,11 @@ pub(crate) struct Params {
 pub enum StepRows {
     /// One row: a decode step of one sequence.
     One,
-    /// Two rows.
-    Two,
-    /// Three or four.
-    Four,
-    /// Five to [`FEW_ROWS`]: decode steps of a few sequences.
-    Eight,
+    /// Exactly this many, 2 to [`FEW_ROWS`]: decode steps of a few sequences, speculative
+    /// steps. Each count has its own recording, whose kernels do the work of exactly that
+    /// many tokens (a kernel for more would do theirs too, and on CPU adapters, where a
+    /// step of a few rows is bound by arithmetic, that is what costs).
+    Few(u32),
     /// More: prefill chunks and large batches.
     Many,
 }
@@ -55,25 +54,21 @@ impl StepRows {
     pub fn of(n: u32) -> StepRows {
         match n {
             0 | 1 => StepRows::One,
-            2 => StepRows::Two,
-            3 | 4 => StepRows::Four,
-            n if n <= FEW_ROWS => StepRows::Eight,
+            n if n <= FEW_ROWS => StepRows::Few(n),
             _ => StepRows::Many,
         }
     }
 
     /// The classes a stage whose steps carry up to `max` rows records lists for.
     pub fn up_to(max: u32) -> Vec<StepRows> {
-        let all = [StepRows::One, StepRows::Two, StepRows::Four, StepRows::Eight, StepRows::Many];
-        all.into_iter().filter(|c| *c <= StepRows::of(max)).collect()
+        let few = (2..=max.min(FEW_ROWS)).map(StepRows::Few);
+        std::iter::once(StepRows::One).chain(few).chain((max > FEW_ROWS).then_some(StepRows::Many)).collect()
     }
 
     /// The most rows of the class's steps, for the few-rows classes.
     fn few_tokens(self) -> Option<u32> {
         match self {
-            StepRows::Two => Some(2),
-            StepRows::Four => Some(4),
-            StepRows::Eight => Some(FEW_ROWS),
+            StepRows::Few(n) => Some(n),
             StepRows::One | StepRows::Many => None,
         }
     }
@@ -240,7 +235,7 @@ impl Recorder<'_> {
         let (kernel, label, consts, tile_rows, tile_tokens) = match (class, plan.many) {
             (StepRows::One, _) => rows_kernel(plan.one),
             // Exactly as many tokens per lane as the class's steps have at most.
-            (StepRows::Two | StepRows::Four | StepRows::Eight, _) => {
+            (StepRows::Few(_), _) => {
                 rows_kernel(RowsShape { tokens: class.few_tokens().unwrap_or(FEW_ROWS), ..plan.few })
             }
             (StepRows::Many, ManyShape::Rows(r)) => rows_kernel(r),
@@ -550,11 +545,18 @@ mod tests {
         use StepRows::*;
         assert_eq!(
             [0, 1, 2, 3, 4, 5, 8, 9, 512].map(StepRows::of),
-            [One, One, Two, Four, Four, Eight, Eight, Many, Many]
+            [One, One, Few(2), Few(3), Few(4), Few(5), Few(8), Many, Many]
         );
         assert_eq!(StepRows::up_to(1), [One]);
-        assert_eq!(StepRows::up_to(3), [One, Two, Four]);
-        assert_eq!(StepRows::up_to(8), [One, Two, Four, Eight]);
-        assert_eq!(StepRows::up_to(128), [One, Two, Four, Eight, Many]);
+        assert_eq!(StepRows::up_to(3), [One, Few(2), Few(3)]);
+        assert_eq!(
+            StepRows::up_to(8),
+            (2..=8).map(Few).fold(vec![One], |mut v, c| {
+                v.push(c);
+                v
+            })
+        );
+        assert_eq!(StepRows::up_to(128).len(), 9);
+        assert_eq!(StepRows::up_to(128).last(), Some(&Many));
     }
 }

@@ -459,15 +459,28 @@ impl Stage {
         self.gpu.describe()
     }
 
-    /// Where a decode step of one row goes, op by op (see [`crate::bench::profile`]): run
-    /// after measuring, since it leaves the sequences' state spoiled.
-    pub fn profile_decode(&self, reps: u32) -> Result<Vec<crate::bench::OpTime>> {
-        let mut lists: Vec<(&[Dispatch], Step)> = vec![(self.list(1), Step::new(1, 1))];
-        let one = Step::new(1, 1);
-        self.gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&one));
+    /// Where a step of `rows` rows of one sequence at positions `pos..` goes, op by op (see
+    /// [`crate::bench::profile`]), each row sampled greedily: a decode step with 1, a
+    /// speculative step verifying `rows - 1` drafts with more (at most the stage's step
+    /// and sample sizes). Run after measuring: it leaves the sequences' state spoiled.
+    pub fn profile_step(&self, rows: u32, pos: u32, reps: u32) -> Result<Vec<crate::bench::OpTime>> {
+        let rows = rows.clamp(1, self.spec.max_batch);
+        let pos = pos.min(self.spec.ctx.saturating_sub(rows));
+        let (q, s) = (&self.gpu.queue, &self.scratch);
+        let layout = BatchLayout::new(&[Run { slot: 0, pos, n: rows, keep: 0 }]);
+        let step = Step::new(rows, 1);
+        q.write_buffer(&s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&s.positions, 0, bytemuck::cast_slice(&layout.positions));
+        q.write_buffer(&s.rows, 0, bytemuck::cast_slice(&layout.rows));
+        q.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&layout.seqs));
+        let mut lists: Vec<(&[Dispatch], Step)> = vec![(self.list(rows), step)];
         if let Some(head) = &self.head {
-            lists.push((head.list(1), one));
-            self.gpu.queue.write_buffer(&head.step, 0, bytemuck::bytes_of(&one));
+            let n = rows.min(head.max_samples);
+            let sampled: Vec<u32> = (rows - n..rows).collect();
+            q.write_buffer(&head.sample_rows, 0, bytemuck::cast_slice(&sampled));
+            q.write_buffer(&head.sampling, 0, bytemuck::cast_slice(&vec![RowSampling::greedy(); n as usize]));
+            q.write_buffer(&head.step, 0, bytemuck::bytes_of(&Step::new(n, 1)));
+            lists.push((head.list(n), Step::new(n, 1)));
         }
         crate::bench::profile(&self.gpu, &lists, reps)
     }
