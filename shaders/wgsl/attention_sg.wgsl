@@ -136,20 +136,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             vs[i] = half4(v_pool[base + i * SG]);
         }
         for (var r = 0u; r < ROWS; r++) {
+            // Whether row r sees key j (rows past the group's last see none): the same on
+            // every lane, so a branch the lanes take together skips the work outright.
+            if j >= n_keys[r] {
+                continue;
+            }
             var d = 0.0;
             for (var i = 0u; i < LANE_QUADS; i++) {
                 d += dot(qs[r][i], ks[i]);
             }
             let s = subgroupAdd(d);
-            // The same for every lane: whether row r sees key j.
-            let sees = j < n_keys[r];
             let m_new = max(m[r], s);
             let corr = exp(m[r] - m_new);
             let p = exp(s - m_new);
-            l[r] = select(l[r], l[r] * corr + p, sees);
-            m[r] = select(m[r], m_new, sees);
+            l[r] = l[r] * corr + p;
+            m[r] = m_new;
             for (var i = 0u; i < LANE_QUADS; i++) {
-                acc[r][i] = select(acc[r][i], acc[r][i] * corr + p * vs[i], sees);
+                acc[r][i] = acc[r][i] * corr + p * vs[i];
             }
         }
     }
