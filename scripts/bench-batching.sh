@@ -4,11 +4,12 @@
 # sequences (`strata bench --concurrency`), and prefill of a 512-token prompt against
 # decode (`strata bench`). Prints one JSON object per run and a summary of the ratios.
 # A benchmark, not a test: it reports what it measured and never fails on a number.
+# Usage: scripts/bench-batching.sh [BIN] (default: a release build, made if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
-cargo build --release --bin strata --quiet
-S=./target/release/strata
+S=${1:-./target/release/strata}
+[ -x "$S" ] || cargo build --release --bin strata --quiet
 Q8=models/SmolLM2-135M-Instruct.Q8_0.gguf
 [ -f "$Q8" ] || "$S" quantize models/SmolLM2-135M-Instruct.Q4_1.gguf "$Q8" --type q8_0 >/dev/null
 PROMPT=${PROMPT_TOKENS:-32}

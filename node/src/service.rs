@@ -511,11 +511,6 @@ impl Inner {
             .iter()
             .zip(&masks)
             .map(|(s, allowed)| SeqStep {
-                seq: s.seq_id,
-                pos: s.pos,
-                rows: s.rows,
-                tokens: &s.token_ids,
-                want: want_of(s),
                 history: &s.history,
                 allowed,
                 checkpoint: s.checkpoint,
@@ -523,6 +518,7 @@ impl Inner {
                 verify: s.verify,
                 keep: s.keep,
                 draft: s.draft,
+                ..SeqStep::new(s.seq_id, s.pos, s.rows, &s.token_ids, want_of(s))
             })
             .collect();
         let t0 = Instant::now();

@@ -42,31 +42,72 @@ struct IdParams {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read> ids: array<u32>;
 
-// Runs slots `list[0..count]`, all routed to expert `e` (of this part), for rows r0.. .
-fn run_slots(e: u32, list: array<u32, TB>, count: u32, r0: u32) {
-    var base: array<u32, R>;
-    for (var r = 0u; r < R; r++) {
-        base[r] = ((e - params.expert0) * params.rows + min(r0 + r, params.rows - 1u)) * params.k8;
-    }
-    var xrow: array<u32, TB>;
-    for (var i = 0u; i < count; i++) {
-        let v = list[i];
-        xrow[i] = select(v / params.n_used, v, params.x_per_slot != 0u) * 2u * params.k8;
-    }
-    var acc: array<f32, R * TB>;
-    for (var p = 0u; p < params.k8; p++) {
-        for (var r = 0u; r < R; r++) {
-            let w = load8(base[r] + p);
-            for (var i = 0u; i < count; i++) {
-                let xi = xrow[i] + 2u * p;
-                acc[r * TB + i] += dot(w[0], x[xi]) + dot(w[1], x[xi + 1u]);
-            }
+// Adds the dots of weight piece `w` with the first `count` slots' pieces of x to `acc`.
+fn slot_dots(acc: array<f32, TB>, w: mat2x4<f32>, xs: array<mat2x4<f32>, TB>, count: u32) -> array<f32, TB> {
+    var a = acc;
+    for (var i = 0u; i < TB; i++) {
+        if i < count {
+            a[i] += dot(w[0], xs[i][0]) + dot(w[1], xs[i][1]);
         }
     }
-    for (var i = 0u; i < count; i++) {
-        for (var r = 0u; r < R; r++) {
-            if r0 + r < params.rows {
-                out[list[i] * params.rows + r0 + r] = acc[r * TB + i];
+    return a;
+}
+
+// The first weight piece of the lane's row r of expert e (rows past the expert read its
+// last row; their sums are never stored).
+fn expert_base(e: u32, r0: u32, r: u32) -> u32 {
+    return ((e - params.expert0) * params.rows + min(r0 + r, params.rows - 1u)) * params.k8;
+}
+
+// Runs slots `list[0..count]`, all routed to expert `e` (of this part), for rows r0.. .
+//
+// The lane's rows (R is at most 4) are written out one by one and the slots' loops run
+// to the constant TB with a branch, rather than looping over arrays by a counter the
+// compiler may not unroll: Mesa 22.3's lavapipe keeps such arrays in scratch memory and
+// reaches them lane by lane, which cost more than the arithmetic.
+fn run_slots(e: u32, list: array<u32, TB>, count: u32, r0: u32) {
+    var xrow: array<u32, TB>;
+    for (var i = 0u; i < TB; i++) {
+        let v = list[min(i, count - 1u)];
+        xrow[i] = select(v / params.n_used, v, params.x_per_slot != 0u) * 2u * params.k8;
+    }
+    let b0 = expert_base(e, r0, 0u);
+    let b1 = expert_base(e, r0, min(1u, R - 1u));
+    let b2 = expert_base(e, r0, min(2u, R - 1u));
+    let b3 = expert_base(e, r0, min(3u, R - 1u));
+    var a0: array<f32, TB>;
+    var a1: array<f32, TB>;
+    var a2: array<f32, TB>;
+    var a3: array<f32, TB>;
+    for (var p = 0u; p < params.k8; p++) {
+        var xs: array<mat2x4<f32>, TB>;
+        for (var i = 0u; i < TB; i++) {
+            if i < count {
+                let xi = xrow[i] + 2u * p;
+                xs[i] = mat2x4<f32>(x[xi], x[xi + 1u]);
+            }
+        }
+        a0 = slot_dots(a0, load8(b0 + p), xs, count);
+        if R > 1u {
+            a1 = slot_dots(a1, load8(b1 + p), xs, count);
+        }
+        if R > 2u {
+            a2 = slot_dots(a2, load8(b2 + p), xs, count);
+            a3 = slot_dots(a3, load8(b3 + p), xs, count);
+        }
+    }
+    for (var i = 0u; i < TB; i++) {
+        if i < count {
+            let o = list[i] * params.rows + r0;
+            out[o] = a0[i];
+            if R > 1u && r0 + 1u < params.rows {
+                out[o + 1u] = a1[i];
+            }
+            if R > 2u && r0 + 2u < params.rows {
+                out[o + 2u] = a2[i];
+            }
+            if R > 3u && r0 + 3u < params.rows {
+                out[o + 3u] = a3[i];
             }
         }
     }

@@ -55,6 +55,21 @@ fn x_piece(tok: u32, p: u32, lane: u32) -> mat2x4<f32> {
     return mat2x4<f32>(vec4<f32>(e[0], e[1], e[2], e[3]), vec4<f32>(e[4], e[5], e[6], e[7]));
 }
 
+// Adds the dots of weight piece `w` with the TB tokens' pieces of x to `acc`.
+fn row_dots(acc: array<f32, TB>, w: mat2x4<f32>, xs: array<mat2x4<f32>, TB>) -> array<f32, TB> {
+    var a = acc;
+    for (var t = 0u; t < TB; t++) {
+        a[t] += piece_dot(w, xs[t][0], xs[t][1]);
+    }
+    return a;
+}
+
+// The first weight piece of the lane's row r: rows past the matrix read its last row
+// (their sums are computed and never stored).
+fn row_base(r0: u32, r: u32) -> u32 {
+    return min(r0 + r, params.rows - 1u) * params.k8;
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -67,21 +82,63 @@ fn main(
     let r0 = ((wid.y * params.groups_x + wid.x) * (WG / S) + g) * R;
     let t0 = wid.z * TB;
     let n_tokens = max(step.n_tokens, 1u);
-    var base: array<u32, R>;
-    for (var r = 0u; r < R; r++) {
-        base[r] = min(r0 + r, params.rows - 1u) * params.k8;
-    }
-    var acc: array<f32, R * TB>;
+    // The lane's rows are written out one by one (R is at most 8), each with its own sums,
+    // rather than as a loop over arrays: a compiler that does not unroll such a loop (Mesa
+    // 22.3's lavapipe does not, once TB > 1) keeps arrays indexed by its counter in scratch
+    // memory and reaches them lane by lane, which cost more than the arithmetic. Rows past
+    // R are constant-false branches.
+    let b0 = row_base(r0, 0u);
+    let b1 = row_base(r0, min(1u, R - 1u));
+    let b2 = row_base(r0, min(2u, R - 1u));
+    let b3 = row_base(r0, min(3u, R - 1u));
+    let b4 = row_base(r0, min(4u, R - 1u));
+    let b5 = row_base(r0, min(5u, R - 1u));
+    let b6 = row_base(r0, min(6u, R - 1u));
+    let b7 = row_base(r0, min(7u, R - 1u));
+    var a0: array<f32, TB>;
+    var a1: array<f32, TB>;
+    var a2: array<f32, TB>;
+    var a3: array<f32, TB>;
+    var a4: array<f32, TB>;
+    var a5: array<f32, TB>;
+    var a6: array<f32, TB>;
+    var a7: array<f32, TB>;
     for (var p = s; p < params.k8; p += S) {
         var xs: array<mat2x4<f32>, TB>;
         for (var t = 0u; t < TB; t++) {
             xs[t] = x_piece(min(t0 + t, n_tokens - 1u), p, lane);
         }
-        for (var r = 0u; r < R; r++) {
-            let w = load8(base[r] + p);
-            for (var t = 0u; t < TB; t++) {
-                acc[r * TB + t] += piece_dot(w, xs[t][0], xs[t][1]);
-            }
+        a0 = row_dots(a0, load8(b0 + p), xs);
+        if R > 1u {
+            a1 = row_dots(a1, load8(b1 + p), xs);
+        }
+        if R > 2u {
+            a2 = row_dots(a2, load8(b2 + p), xs);
+            a3 = row_dots(a3, load8(b3 + p), xs);
+        }
+        if R > 4u {
+            a4 = row_dots(a4, load8(b4 + p), xs);
+            a5 = row_dots(a5, load8(b5 + p), xs);
+            a6 = row_dots(a6, load8(b6 + p), xs);
+            a7 = row_dots(a7, load8(b7 + p), xs);
+        }
+    }
+    // Out of the hot loop, the sums go to one array, row-major.
+    var acc: array<f32, R * TB>;
+    for (var t = 0u; t < TB; t++) {
+        acc[t] = a0[t];
+        if R > 1u {
+            acc[TB + t] = a1[t];
+        }
+        if R > 2u {
+            acc[2u * TB + t] = a2[t];
+            acc[3u * TB + t] = a3[t];
+        }
+        if R > 4u {
+            acc[4u * TB + t] = a4[t];
+            acc[5u * TB + t] = a5[t];
+            acc[6u * TB + t] = a6[t];
+            acc[7u * TB + t] = a7[t];
         }
     }
     if S > 1u {

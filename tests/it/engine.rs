@@ -156,20 +156,7 @@ fn teacher_forced_batched(path: &std::path::Path, golden_name: &str) {
             .map(|(i, s)| {
                 let n = if i == 0 { 5 } else { 1 }.min(s.forced_ids.len() - pos[i]);
                 let tokens = &s.forced_ids[pos[i]..pos[i] + n];
-                SeqStep {
-                    seq: i as u64,
-                    pos: pos[i] as u32,
-                    rows: n as u32,
-                    tokens,
-                    want: Want::Logits,
-                    history: &[],
-                    allowed: &[],
-                    checkpoint: false,
-                    fork_from: None,
-                    verify: 0,
-                    keep: 0,
-                    draft: 0,
-                }
+                SeqStep::new(i as u64, pos[i] as u32, n as u32, tokens, Want::Logits)
             })
             .collect();
         let out = st.step(&steps, None).unwrap();
@@ -265,20 +252,8 @@ fn logits_of(
     fork: Option<u64>,
 ) -> Result<Vec<f32>, String> {
     use strata_node::stage::{Produced, SeqStep, Want};
-    let step = SeqStep {
-        seq,
-        pos,
-        rows: tokens.len() as u32,
-        tokens,
-        want: Want::Logits,
-        history: &[],
-        allowed: &[],
-        checkpoint,
-        fork_from: fork,
-        verify: 0,
-        keep: 0,
-        draft: 0,
-    };
+    let step =
+        SeqStep { checkpoint, fork_from: fork, ..SeqStep::new(seq, pos, tokens.len() as u32, tokens, Want::Logits) };
     let out = st.step(&[step], None).unwrap();
     match out.seqs.into_iter().next().unwrap().1 {
         Ok(Produced::Logits(l)) => Ok(l),

@@ -72,20 +72,8 @@ fn argmax_gap(v: &[f32]) -> (u32, f32) {
 /// A greedy step of `tokens` at `pos` that asks for `draft` MTP drafts: its token and the
 /// drafts.
 fn drafting_step(st: &mut Stage, seq: u64, pos: u32, tokens: &[u32], draft: u32) -> (u32, Vec<u32>) {
-    let step = SeqStep {
-        seq,
-        pos,
-        rows: tokens.len() as u32,
-        tokens,
-        want: Want::Token { sampling: SamplingParams::greedy(), logprobs: None },
-        history: &[],
-        allowed: &[],
-        checkpoint: false,
-        fork_from: None,
-        verify: 0,
-        keep: 0,
-        draft,
-    };
+    let greedy = Want::Token { sampling: SamplingParams::greedy(), logprobs: None };
+    let step = SeqStep { draft, ..SeqStep::new(seq, pos, tokens.len() as u32, tokens, greedy) };
     let mut out = st.step(&[step], None).unwrap();
     let drafts = out.drafts.pop().unwrap();
     match out.seqs.pop().unwrap().1.unwrap() {
@@ -166,20 +154,7 @@ fn mtp_drafts_a_stage_cannot_make_are_refused() {
     assert!(err.contains("no MTP block"), "{err}");
 
     let mut st = mtp_stage(2);
-    let step = |draft: u32, want: Want| SeqStep {
-        seq: 7,
-        pos: 0,
-        rows: 2,
-        tokens: &[1, 2],
-        want,
-        history: &[],
-        allowed: &[],
-        checkpoint: false,
-        fork_from: None,
-        verify: 0,
-        keep: 0,
-        draft,
-    };
+    let step = |draft: u32, want: Want| SeqStep { draft, ..SeqStep::new(7, 0, 2, &[1, 2], want) };
     let greedy = || Want::Token { sampling: SamplingParams::greedy(), logprobs: None };
     let refused = |st: &mut Stage, s: SeqStep<'_>| st.step(&[s], None).unwrap().seqs.pop().unwrap().1.unwrap_err();
     let e = refused(&mut st, step(3, greedy())).to_string();

@@ -34,20 +34,7 @@ fn step_of(
     keep: u32,
     want: Want,
 ) -> Result<Produced, String> {
-    let step = SeqStep {
-        seq,
-        pos,
-        rows: tokens.len() as u32,
-        tokens,
-        want,
-        history: &[],
-        allowed: &[],
-        checkpoint: false,
-        fork_from: None,
-        verify,
-        keep,
-        draft: 0,
-    };
+    let step = SeqStep { verify, keep, ..SeqStep::new(seq, pos, tokens.len() as u32, tokens, want) };
     let out = st.step(&[step], None).map_err(|e| e.to_string())?;
     out.seqs.into_iter().next().unwrap().1.map_err(|e| e.to_string())
 }

@@ -204,6 +204,29 @@ pub struct SeqStep<'a> {
     pub draft: u32,
 }
 
+impl<'a> SeqStep<'a> {
+    /// `ids` of `seq` at `pos..`, sampled with `sampling`, with none of the optional
+    /// parts: no penalties' history, logprobs, grammar mask, checkpoint, fork, drafts or
+    /// verification. Callers set those with struct-update syntax.
+    pub fn new(seq: SeqId, ids: &'a [u32], pos: u32, sampling: &'a SamplingParams, want_token: bool) -> SeqStep<'a> {
+        SeqStep {
+            seq,
+            ids,
+            pos,
+            sampling,
+            history: &[],
+            want_token,
+            logprobs: None,
+            allowed: &[],
+            checkpoint: false,
+            fork_from: None,
+            verify: 0,
+            keep: 0,
+            draft: 0,
+        }
+    }
+}
+
 /// A sampled token, and its log-probabilities when the step asked for them.
 #[derive(Debug, Clone)]
 pub struct Sampled {
@@ -459,21 +482,7 @@ pub trait Engine: Send {
             let want_token = i + 1 == chunks.len();
             let history = if history.is_empty() { history } else { &history[at..at + chunk.len()] };
             let allowed = if want_token { allowed } else { &[] };
-            self.submit(&[SeqStep {
-                seq,
-                ids: chunk,
-                pos: p,
-                sampling,
-                history,
-                want_token,
-                logprobs: None,
-                allowed,
-                checkpoint: false,
-                fork_from: None,
-                verify: 0,
-                keep: 0,
-                draft: 0,
-            }])?;
+            self.submit(&[SeqStep { history, allowed, ..SeqStep::new(seq, chunk, p, sampling, want_token) }])?;
             p += chunk.len() as u32;
             at += chunk.len();
         }
@@ -505,21 +514,8 @@ pub trait Engine: Send {
         sampling: &SamplingParams,
         allowed: &[u32],
     ) -> anyhow::Result<u32> {
-        let step = SeqStep {
-            seq,
-            ids: &[id],
-            pos,
-            sampling,
-            history: &[],
-            want_token: true,
-            logprobs: None,
-            allowed,
-            checkpoint: false,
-            fork_from: None,
-            verify: 0,
-            keep: 0,
-            draft: 0,
-        };
+        let ids = [id];
+        let step = SeqStep { allowed, ..SeqStep::new(seq, &ids, pos, sampling, true) };
         let sampled = self.run_one(step)??;
         sampled.map(|s| s.token).context("a decode step yielded no token")
     }

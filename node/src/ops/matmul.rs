@@ -74,8 +74,8 @@ impl StepRows {
     }
 }
 
-/// `mm_rows`: lanes in groups of `splits` (the plan's S), each group owning `rows`
-/// consecutive rows (at most: fewer for a matrix too small to give every thread of the
+/// `mm_rows`: lanes in groups of `splits` (the plan's S), each group owning `rows` (1, 2,
+/// 4 or 8) consecutive rows (at most: fewer for a matrix too small to give every thread of the
 /// adapter work, see [`MatmulPlan::min_groups`]) for `tokens` tokens at once;
 /// `broadcast`: the subgroup size through which lanes share x (S = 1 and one subgroup per
 /// workgroup).
@@ -168,7 +168,8 @@ impl MatmulPlan {
             ManyShape::Rows(r) => Some(r),
             ManyShape::Tile(_) => None,
         }) {
-            if r.lanes == 0 || !r.lanes.is_multiple_of(s) || r.rows == 0 || r.tokens == 0 {
+            // mm_rows writes its rows out one by one, up to 8 (see the kernel).
+            if r.lanes == 0 || !r.lanes.is_multiple_of(s) || !matches!(r.rows, 1 | 2 | 4 | 8) || r.tokens == 0 {
                 return bad(format!("{r:?} with splits {s}"));
             }
             if let Some(sg) = r.broadcast

@@ -179,6 +179,28 @@ pub struct SeqStep<'a> {
     pub draft: u32,
 }
 
+impl<'a> SeqStep<'a> {
+    /// `rows` rows of `seq` from `pos` (`tokens` on the first stage, else empty), with
+    /// none of the optional parts: no penalties' history, no grammar mask, no checkpoint,
+    /// fork, drafts or verification. Callers set those with struct-update syntax.
+    pub fn new(seq: SeqId, pos: u32, rows: u32, tokens: &'a [u32], want: Want) -> SeqStep<'a> {
+        SeqStep {
+            seq,
+            pos,
+            rows,
+            tokens,
+            want,
+            history: &[],
+            allowed: &[],
+            checkpoint: false,
+            fork_from: None,
+            verify: 0,
+            keep: 0,
+            draft: 0,
+        }
+    }
+}
+
 /// What one sequence's part of a step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Produced {
@@ -1143,20 +1165,7 @@ impl Stage {
             }
             Input::Hidden(h) => (&[][..], Some(h)),
         };
-        let step = SeqStep {
-            seq,
-            pos,
-            rows,
-            tokens,
-            want,
-            history: &[],
-            allowed: &[],
-            checkpoint: false,
-            fork_from: None,
-            verify: 0,
-            keep: 0,
-            draft: 0,
-        };
+        let step = SeqStep::new(seq, pos, rows, tokens, want);
         let mut output = self.step(std::slice::from_ref(&step), hidden)?;
         let (_, produced) = output.seqs.pop().expect("one sequence in, one out");
         Ok((produced?, output.hidden))
