@@ -75,8 +75,8 @@ impl StepRows {
 }
 
 /// `mm_rows`: lanes in groups of `splits` (the plan's S), each group owning `rows` (1, 2,
-/// 4 or 8) consecutive rows (at most: fewer for a matrix too small to give every thread of the
-/// adapter work, see [`MatmulPlan::min_groups`]) for `tokens` tokens at once;
+/// 4 or 8) consecutive rows (at most: fewer for a matrix too small to give every thread
+/// of the adapter work, see [`MatmulPlan::min_groups`]) for `tokens` tokens at once;
 /// `broadcast`: the subgroup size through which lanes share x (S = 1 and one subgroup per
 /// workgroup).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,7 +112,8 @@ impl<'a> Recorder<'a> {
     /// Threads per workgroup for the kernels that reduce one row with `workgroup_sum`
     /// (`rms_norm`, `rope`): `default` on GPUs, and 8 on CPU adapters, where a workgroup
     /// runs on one thread as groups of SIMD lanes and every barrier of the reduction
-    /// switches between all of its groups (8-row SmolLM2 steps: norms 8.5 -> 4.0 ms, rotations 7.5 -> 4.3 ms).
+    /// switches between all of its groups (8-row SmolLM2 steps on lavapipe: norms 8.5 ->
+    /// 4.0 ms, rotations 7.5 -> 4.3 ms).
     pub(crate) fn row_lanes(&self, default: u32) -> u32 {
         if self.gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { default }
     }
