@@ -27,7 +27,7 @@ pub fn read_bandwidth(gpu: &Gpu) -> Result<f64> {
     let n_vec4 = (bytes / 16) as u32;
     let params = gpu.uniform("bandwidth_params", &Params { n_vec4, stride: groups * WG });
     let kernels = KernelCache::new();
-    let pipeline = kernels.pipeline(gpu, Kernel::READ_BANDWIDTH, None, &[("WG", format!("{WG}u"))])?;
+    let pipeline = kernels.pipeline(gpu, Kernel::READ_BANDWIDTH, &[], &[("WG", format!("{WG}u"))])?;
     let d = Dispatch::new(
         gpu,
         "read_bandwidth",

@@ -6,6 +6,9 @@
 //! bindings 4.. and defines `fn load8(p: u32) -> mat2x4<f32>`, the 8 consecutive values
 //! of piece `p`. The `mm_*` kernels and `embed` are written against that function alone,
 //! so they compile only with a prelude in front ([`crate::Kernel::assemble`]).
+//!
+//! `mm_rows` and `mm_tile` also take their input rows `x` from an x prelude
+//! (`x_storage`, or `x_uniform` where a uniform buffer reads faster and x fits in one).
 
 use crate::Kernel;
 
@@ -18,6 +21,8 @@ crate::registry::kernels! { MATMUL:
     Q_Q4_1 => "q_q4_1",
     Q_Q4_K => "q_q4_k",
     Q_Q6_K => "q_q6_k",
+    X_STORAGE => "x_storage",
+    X_UNIFORM => "x_uniform",
     MM_ROWS => "mm_rows",
     MM_TILE => "mm_tile",
     MM_ID => "mm_id",
@@ -38,3 +43,9 @@ pub const FORMATS: &[Kernel] = &[
 
 /// The kernels that call `load8`, each compiled with one of [`FORMATS`] in front.
 pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::MM_ID, Kernel::EMBED];
+
+/// The x preludes: how a matrix kernel binds its input rows.
+pub const X_PRELUDES: &[Kernel] = &[Kernel::X_STORAGE, Kernel::X_UNIFORM];
+
+/// The kernels that read `x` (binding 2) from an x prelude, compiled after the format's.
+pub const X_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE];

@@ -68,12 +68,12 @@ impl Kernel {
         Ok(r.finish())
     }
 
-    /// What gets compiled: `prelude` (if any, e.g. a weight format) then the kernel, includes
-    /// resolved (a piece both include is pasted once), then `consts` specialised — also
-    /// constants that come from included pieces.
-    pub fn assemble(&self, prelude: Option<Kernel>, consts: &[(&str, String)]) -> Result<String, AssembleError> {
+    /// What gets compiled: `preludes` in order (e.g. a weight format, an x prelude), then
+    /// the kernel, includes resolved (a piece several include is pasted once), then
+    /// `consts` specialised — also constants that come from preludes and included pieces.
+    pub fn assemble(&self, preludes: &[Kernel], consts: &[(&str, String)]) -> Result<String, AssembleError> {
         let mut r = Resolver::new(PIECES);
-        if let Some(p) = prelude {
+        for p in preludes {
             r.push(p.name, p.text)?;
         }
         r.push(self.name, self.text)?;

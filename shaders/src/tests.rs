@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::matmul::{FORMATS, WEIGHT_READERS};
+use crate::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
 use crate::{Kernel, all, include};
 
 /// Parses and validates `src` as wgpu would before handing it to a driver.
@@ -20,15 +20,22 @@ fn validate(label: &str, src: &str) {
 #[test]
 fn every_kernel_assembles_and_validates() {
     for k in all() {
-        if FORMATS.contains(&k) {
+        if FORMATS.contains(&k) || X_PRELUDES.contains(&k) {
             // A prelude alone has no entry point, but must still be valid.
             validate(k.name, &k.source().unwrap());
+        } else if X_READERS.contains(&k) {
+            for f in FORMATS {
+                for x in X_PRELUDES {
+                    let src = k.assemble(&[*f, *x], &[]).unwrap();
+                    validate(&format!("{}+{}+{}", k.name, f.name, x.name), &src);
+                }
+            }
         } else if WEIGHT_READERS.contains(&k) {
             for f in FORMATS {
-                validate(&format!("{}+{}", k.name, f.name), &k.assemble(Some(*f), &[]).unwrap());
+                validate(&format!("{}+{}", k.name, f.name), &k.assemble(&[*f], &[]).unwrap());
             }
         } else {
-            validate(k.name, &k.assemble(None, &[]).unwrap());
+            validate(k.name, &k.assemble(&[], &[]).unwrap());
         }
     }
 }
@@ -48,17 +55,17 @@ fn load8_callers_are_weight_readers() {
 fn constants_of_pieces_specialise() {
     // mm_rows's S is also what common/matmul.wgsl's `tree` sums over.
     let consts = [("WG", "64u".to_owned()), ("S", "4u".to_owned())];
-    let src = Kernel::MM_ROWS.assemble(Some(Kernel::Q_Q8_0), &consts).unwrap();
+    let src = Kernel::MM_ROWS.assemble(&[Kernel::Q_Q8_0, Kernel::X_STORAGE], &consts).unwrap();
     assert!(src.contains("const WG: u32 = 64u;\n") && src.contains("const S: u32 = 4u;\n"));
     validate("mm_rows specialised", &src);
-    let err = Kernel::SWIGLU.assemble(None, &[("NOPE", "1u".into())]).unwrap_err();
+    let err = Kernel::SWIGLU.assemble(&[], &[("NOPE", "1u".into())]).unwrap_err();
     assert!(matches!(err, crate::AssembleError::Specialise(_)), "{err}");
 }
 
 #[test]
 fn a_piece_is_pasted_once_per_source() {
     // Both the kernel and common/matmul.wgsl include common/step.wgsl.
-    let src = Kernel::MM_TILE.assemble(Some(Kernel::Q_Q4_K), &[]).unwrap();
+    let src = Kernel::MM_TILE.assemble(&[Kernel::Q_Q4_K, Kernel::X_STORAGE], &[]).unwrap();
     assert_eq!(src.matches("struct Step {").count(), 1);
     assert!(!src.lines().any(|l| l.starts_with(include::DIRECTIVE)));
 }

@@ -194,12 +194,18 @@ impl Gpu {
         })
     }
 
-    /// An uninitialised (zeroed) storage buffer of `size` bytes.
+    /// An uninitialised (zeroed) storage buffer of `size` bytes. On CPU adapters it may also
+    /// be bound as a uniform buffer: the matrix kernels read their input rows so there
+    /// ([`crate::ops::matmul::MatmulPlan::uniform_x`]).
     pub fn storage(&self, label: &str, size: u64) -> wgpu::Buffer {
+        let mut usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        if self.info.device_type == wgpu::DeviceType::Cpu {
+            usage |= wgpu::BufferUsages::UNIFORM;
+        }
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: size.max(4).div_ceil(4) * 4,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            usage,
             mapped_at_creation: false,
         })
     }

@@ -21,29 +21,24 @@ impl KernelCache {
         Self::default()
     }
 
-    /// The pipeline of `kernel`'s entry point `main`: `prelude` (e.g. a weight format)
-    /// prepended, includes resolved, `consts` specialised ([`Kernel::assemble`]).
+    /// The pipeline of `kernel`'s entry point `main`: `preludes` (e.g. a weight format, an
+    /// x prelude) prepended, includes resolved, `consts` specialised ([`Kernel::assemble`]).
     pub fn pipeline(
         &self,
         gpu: &Gpu,
         kernel: Kernel,
-        prelude: Option<Kernel>,
+        preludes: &[Kernel],
         consts: &[(&'static str, String)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let mut key_consts = consts.to_vec();
-        if let Some(p) = prelude {
-            key_consts.push(("#prelude", p.name.to_owned()));
-        }
+        key_consts.extend(preludes.iter().map(|p| ("#prelude", p.name.to_owned())));
         let key = (kernel.name, key_consts);
         if let Some(p) = self.pipelines.lock().expect("kernel cache poisoned").get(&key) {
             return Ok(p.clone());
         }
-        let label = match prelude {
-            Some(p) => format!("{}+{}", kernel.name, p.name),
-            None => kernel.name.to_owned(),
-        };
+        let label = std::iter::once(kernel.name).chain(preludes.iter().map(|p| p.name)).collect::<Vec<_>>().join("+");
         let source = kernel
-            .assemble(prelude, consts)
+            .assemble(preludes, consts)
             .map_err(|e| Error::Kernel { kernel: label.clone(), message: e.to_string() })?;
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {

@@ -2,20 +2,24 @@ use super::*;
 use crate::testing::gpu;
 
 /// Every kernel file becomes a pipeline on the device, includes resolved: each kernel
-/// that calls `load8` with every weight-format prelude (which compiles each prelude
-/// too), the rest alone.
+/// that calls `load8` with every weight-format prelude (and each x prelude, for those
+/// that read x from one), which compiles each prelude too; the rest alone.
 #[test]
 fn every_kernel_compiles() {
-    use strata_shaders::matmul::{FORMATS, WEIGHT_READERS};
+    use strata_shaders::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
     let (gpu, kernels) = gpu();
     for k in strata_shaders::all() {
-        if FORMATS.contains(&k) {
+        if FORMATS.contains(&k) || X_PRELUDES.contains(&k) {
             continue;
         }
-        let preludes: Vec<Option<strata_shaders::Kernel>> =
-            if WEIGHT_READERS.contains(&k) { FORMATS.iter().copied().map(Some).collect() } else { vec![None] };
-        for p in preludes {
-            kernels.pipeline(gpu, k, p, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let formats: Vec<&[strata_shaders::Kernel]> =
+            if WEIGHT_READERS.contains(&k) { FORMATS.chunks(1).collect() } else { vec![&[]] };
+        let xs: Vec<&[strata_shaders::Kernel]> =
+            if X_READERS.contains(&k) { X_PRELUDES.chunks(1).collect() } else { vec![&[]] };
+        for f in &formats {
+            for x in &xs {
+                kernels.pipeline(gpu, k, &[*f, *x].concat(), &[]).unwrap_or_else(|e| panic!("{e}"));
+            }
         }
     }
 }
@@ -32,7 +36,7 @@ fn read_bandwidth_kernel_runs() {
     let src = gpu.storage_init("src", &vec![7u8; 1 << 20]);
     let sink = gpu.storage("sink", 4096);
     let p = gpu.uniform("p", &P { n_vec4: (1 << 20) / 16, stride: 64 * 256 });
-    let pipe = kernels.pipeline(gpu, strata_shaders::Kernel::READ_BANDWIDTH, None, &[]).unwrap();
+    let pipe = kernels.pipeline(gpu, strata_shaders::Kernel::READ_BANDWIDTH, &[], &[]).unwrap();
     let d = Dispatch::new(
         gpu,
         "bw",

@@ -98,7 +98,7 @@ impl Recorder<'_> {
             n_blocks: layout.blocks,
         };
         let params = self.uniform("kv_store", &params);
-        let pipeline = self.pipeline(Kernel::KV_STORE, None, &[])?;
+        let pipeline = self.pipeline(Kernel::KV_STORE, &[], &[])?;
         let table = kv.table.buffer().as_entire_binding();
         let resources = [rows, table, k, v, layer.k().as_entire_binding(), layer.v().as_entire_binding()];
         let workgroups = Workgroups(Dim::Fixed(row_pairs.div_ceil(STORE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
@@ -216,7 +216,7 @@ impl Recorder<'_> {
                     ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
                     ("ROWS", format!("{}u", lanes_rows(self.step_rows()))),
                 ];
-                self.pipeline(Kernel::ATTENTION_SG, None, &consts)?
+                self.pipeline(Kernel::ATTENTION_SG, &[], &consts)?
             }
             _ => {
                 let pairs = head_dim / 2;
@@ -226,7 +226,7 @@ impl Recorder<'_> {
                     ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
                     ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
                 ];
-                self.pipeline(Kernel::ATTENTION, None, &consts)?
+                self.pipeline(Kernel::ATTENTION, &[], &consts)?
             }
         };
         let resources = [

@@ -73,7 +73,7 @@ impl Recorder<'_> {
             _pad: 0,
         };
         let params = self.uniform("deltanet_conv", &params);
-        let pipeline = self.pipeline(Kernel::DELTANET_CONV, None, &[])?;
+        let pipeline = self.pipeline(Kernel::DELTANET_CONV, &[], &[])?;
         let heads = channels / head_dim;
         let rows = self.bind_act(op, "rows", batch.rows, 4)?;
         let seqs = self.bind(op, "seqs", batch.seqs, batch.seqs.size())?;
@@ -82,7 +82,7 @@ impl Recorder<'_> {
         self.dispatch("deltanet_conv", pipeline, &params, &resources, workgroups);
 
         let params = self.uniform("deltanet_conv_state", &ConvStateParams { channels, kernel, _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::DELTANET_CONV_STATE, None, &[])?;
+        let pipeline = self.pipeline(Kernel::DELTANET_CONV_STATE, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(channels.div_ceil(WG)), Dim::Seqs { group: 1 }, Dim::Fixed(1));
         self.dispatch(
             "deltanet_conv_state",
@@ -161,7 +161,7 @@ impl Recorder<'_> {
         let params = self.uniform("deltanet_state", &params);
         let cols = STATE_COLS.min(dk);
         let consts = [("DK", format!("{dk}u")), ("COLS", format!("{cols}u"))];
-        let pipeline = self.pipeline(Kernel::DELTANET_STATE, None, &consts)?;
+        let pipeline = self.pipeline(Kernel::DELTANET_STATE, &[], &consts)?;
         let workgroups = Workgroups(Dim::Fixed(nv), Dim::Fixed(dk.div_ceil(cols)), Dim::Seqs { group: 1 });
         self.dispatch("deltanet_state", pipeline, &params, &resources, workgroups);
         Ok(())
@@ -195,7 +195,7 @@ impl Recorder<'_> {
             self.bind(op, "weight", weight, u64::from(head_dim) * 4)?,
         ];
         let params = self.uniform("deltanet_gated_norm", &NormParams { head_dim, n_heads, eps, _pad: 0 });
-        let pipeline = self.pipeline(Kernel::DELTANET_GATED_NORM, None, &[])?;
+        let pipeline = self.pipeline(Kernel::DELTANET_GATED_NORM, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("deltanet_gated_norm", pipeline, &params, &resources, workgroups);
         Ok(())

@@ -30,7 +30,7 @@ impl Recorder<'_> {
             self.bind_act("swiglu", "out", out, n)?,
         );
         let params = self.uniform("swiglu", &Params { n, _pad: [0; 3] });
-        let pipeline = self.pipeline(Kernel::SWIGLU, None, &[])?;
+        let pipeline = self.pipeline(Kernel::SWIGLU, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("swiglu", pipeline, &params, &[gate, up, out], workgroups);
         Ok(())
@@ -52,7 +52,7 @@ impl Recorder<'_> {
         let rows = self.bind_act(op, "rows", rows, 1)?;
         let dst = self.bind_act(op, "dst", dst, n)?;
         let params = self.uniform(op, &Params { n, _pad: [0; 3] });
-        let pipeline = self.pipeline(Kernel::GATHER_ROWS, None, &[])?;
+        let pipeline = self.pipeline(Kernel::GATHER_ROWS, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch(op, pipeline, &params, &[rows, src, dst], workgroups);
         Ok(())

@@ -31,7 +31,7 @@ impl Recorder<'_> {
         let k = table.k() as u32;
         let ids = self.bind_act("embed", &what("ids"), ids, 1)?;
         let out = self.bind_act("embed", &what("out"), out, k)?;
-        let pipeline = self.pipeline(Kernel::EMBED, Some(table.format()), &[("WG", format!("{WG}u"))])?;
+        let pipeline = self.pipeline(Kernel::EMBED, &[table.format()], &[("WG", format!("{WG}u"))])?;
         let k8 = k / 8;
         for (i, part) in table.parts().iter().enumerate() {
             let params = Params {

@@ -12,7 +12,7 @@
 
 use strata_shaders::Kernel;
 
-use super::recorder::{Act, Recorder};
+use super::recorder::{Act, Recorder, binding};
 use crate::gpu::{Dim, Gpu, Workgroups};
 use crate::weights::QuantMatrix;
 use crate::{Error, Result};
@@ -118,6 +118,9 @@ pub struct MatmulPlan {
     /// Workgroups a matrix should give at least, so that every thread of the adapter has
     /// work: `mm_rows` takes fewer rows per lane for small matrices.
     pub min_groups: u32,
+    /// `mm_rows` reads x through a uniform binding (`x_uniform.wgsl`) where the step's
+    /// rows fit in one and x's buffer allows it, rather than a storage one.
+    pub uniform_x: bool,
 }
 
 impl MatmulPlan {
@@ -145,7 +148,15 @@ impl MatmulPlan {
         // lavapipe runs a workgroup on one of its threads, one per core.
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
         let min_groups = (2 * threads).clamp(2, 64);
-        MatmulPlan { splits: 1, one, few, many: ManyShape::Rows(few), max_groups: MAX_GROUPS, min_groups }
+        MatmulPlan {
+            splits: 1,
+            one,
+            few,
+            many: ManyShape::Rows(few),
+            max_groups: MAX_GROUPS,
+            min_groups,
+            uniform_x: true,
+        }
     }
 
     /// GPUs: four lanes per row read consecutive pieces (S = 4), and batches of many rows
@@ -154,7 +165,36 @@ impl MatmulPlan {
         let one = RowsShape { lanes: 64, rows: 1, tokens: 1, broadcast: None };
         let few = RowsShape { lanes: 64, rows: 1, tokens: FEW_ROWS, broadcast: None };
         let tile = TileShape { rows: 64, tokens: 32, thread_rows: 4, thread_tokens: 4, pieces: 4 };
-        MatmulPlan { splits: 4, one, few, many: ManyShape::Tile(tile), max_groups: MAX_GROUPS, min_groups: 1 }
+        MatmulPlan {
+            splits: 4,
+            one,
+            few,
+            many: ManyShape::Tile(tile),
+            max_groups: MAX_GROUPS,
+            min_groups: 1,
+            uniform_x: false,
+        }
+    }
+
+    /// Where `mm_rows` reads x through a uniform binding: the rows of a step of `class` and
+    /// their bytes, if the plan asks for it, the class is one the few-rows kernel runs,
+    /// those rows of `k` values fit a uniform binding of `max_uniform` bytes, and x's
+    /// buffer (of `usage`) may be bound so. `None`: through a storage binding.
+    pub fn uniform_x_rows(
+        &self,
+        class: StepRows,
+        k: u32,
+        max_uniform: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Option<(u32, u64)> {
+        let tokens = match class {
+            StepRows::One => self.one.tokens,
+            StepRows::Few(n) => n,
+            StepRows::Many => return None,
+        };
+        let bytes = u64::from(tokens) * u64::from(k) * 4;
+        (self.uniform_x && bytes <= max_uniform && usage.contains(wgpu::BufferUsages::UNIFORM))
+            .then_some((tokens, bytes))
     }
 
     /// Refuses shapes the kernels cannot run.
@@ -208,8 +248,15 @@ impl Recorder<'_> {
         plan.check()?;
         let what = |part: &str| format!("{}: {part}", w.name());
         let (k, n) = (w.k() as u32, w.n() as u32);
-        let x_binding = self.bind_act("matmul", &what("x"), x, k)?;
+        let mut x_binding = self.bind_act("matmul", &what("x"), x, k)?;
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
+        let class = self.step_rows();
+        let max_uniform = u64::from(self.gpu().limits.max_uniform_buffer_binding_size);
+        let uniform_x = plan.uniform_x_rows(class, k, max_uniform, x.buffer.usage());
+        if let Some((_, bytes)) = uniform_x {
+            x_binding = binding(x.buffer, bytes);
+        }
+        let x_prelude = if uniform_x.is_some() { Kernel::X_UNIFORM } else { Kernel::X_STORAGE };
         let s = format!("{}u", plan.splits);
         // Rows per lane: the shape's, halved (down to 4) while the matrix would give fewer
         // workgroups than the adapter has threads to keep busy. The sums are the same.
@@ -222,7 +269,7 @@ impl Recorder<'_> {
         };
         let rows_kernel = |r: RowsShape| {
             let r = RowsShape { rows: rows_per_lane(r), ..r };
-            let consts = vec![
+            let mut consts = vec![
                 ("WG", format!("{}u", r.lanes)),
                 ("R", format!("{}u", r.rows)),
                 ("S", s.clone()),
@@ -230,9 +277,11 @@ impl Recorder<'_> {
                 ("XB", format!("{}u", u32::from(r.broadcast.is_some()))),
                 ("SG", format!("{}u", r.broadcast.unwrap_or(8))),
             ];
+            if let Some((tokens, _)) = uniform_x {
+                consts.push(("XN", format!("{}u", tokens * k / 4)));
+            }
             (Kernel::MM_ROWS, "mm_rows", consts, r.lanes / plan.splits * r.rows, r.tokens)
         };
-        let class = self.step_rows();
         let (kernel, label, consts, tile_rows, tile_tokens) = match (class, plan.many) {
             (StepRows::One, _) => rows_kernel(plan.one),
             // Exactly as many tokens per lane as the class's steps have at most.
@@ -254,7 +303,7 @@ impl Recorder<'_> {
                 (Kernel::MM_TILE, "mm_tile", consts, t.rows, t.tokens)
             }
         };
-        let pipeline = self.pipeline(kernel, Some(w.format()), &consts)?;
+        let pipeline = self.pipeline(kernel, &[w.format(), x_prelude], &consts)?;
         for part in w.parts() {
             let (gx, gy) = grid((part.rows as u32).div_ceil(tile_rows), plan.max_groups);
             let params = Params {
@@ -319,7 +368,10 @@ mod tests {
         plan: MatmulPlan,
     ) -> Vec<f32> {
         let (gpu, kernels) = gpu();
-        let (xb, out, step) = (f32_buffer(gpu, x), f32_buffer(gpu, init), step(gpu, t));
+        // x as stages hold it: a buffer that CPU adapters may also bind as a uniform one.
+        let xb = gpu.storage("x", size_of_val(x) as u64);
+        gpu.queue.write_buffer(&xb, 0, bytemuck::cast_slice(x));
+        let (out, step) = (f32_buffer(gpu, init), step(gpu, t));
         let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap().for_rows(StepRows::of(t));
         rec.set_matmul_plan(plan);
         let (xa, oa) = (Act::new(&xb, max_tokens, w.k() as u32), Act::new(&out, max_tokens, w.n() as u32));
@@ -372,9 +424,10 @@ mod tests {
     }
 
     /// Every plan this adapter can run: the CPU plan with and without subgroup broadcasts
-    /// (with the adapter's own subgroup size, and 4 where that is what it has), the GPU
-    /// plan, ones with a tiny grid limit so that the group index wraps into y, and one with
-    /// the most rows per lane.
+    /// (with the adapter's own subgroup size, and 4 where that is what it has), with x
+    /// through a uniform binding (on CPU adapters) and a storage one, the GPU plan, ones
+    /// with a tiny grid limit so that the group index wraps into y, and one with the most
+    /// rows per lane.
     fn plans() -> Vec<MatmulPlan> {
         let g = &gpu().0;
         let mut plans = vec![MatmulPlan::cpu(None), MatmulPlan::gpu()];
@@ -383,14 +436,34 @@ mod tests {
             && matches!(g.info.subgroup_min_size, 4 | 8)
         {
             plans.push(MatmulPlan::cpu(Some(g.info.subgroup_min_size)));
+            plans.push(MatmulPlan { uniform_x: false, ..MatmulPlan::cpu(Some(g.info.subgroup_min_size)) });
         } else {
             eprintln!("subgroup size not fixed at 4 or 8 on this adapter: no broadcast plan");
         }
         plans.push(MatmulPlan { max_groups: 3, ..MatmulPlan::gpu() });
         plans.push(MatmulPlan { max_groups: 2, ..MatmulPlan::cpu(None) });
+        plans.push(MatmulPlan { uniform_x: false, ..MatmulPlan::cpu(None) });
         // The largest rows per lane, whatever the matrix.
         plans.push(MatmulPlan { min_groups: 1, ..MatmulPlan::cpu(None) });
         plans
+    }
+
+    #[test]
+    fn x_goes_through_a_uniform_binding_where_it_fits() {
+        use wgpu::BufferUsages as U;
+        let (cpu, usage) = (MatmulPlan::cpu(Some(8)), U::STORAGE | U::UNIFORM);
+        assert_eq!(cpu.uniform_x_rows(StepRows::One, 576, 65536, usage), Some((1, 2304)));
+        assert_eq!(cpu.uniform_x_rows(StepRows::Few(8), 1536, 65536, usage), Some((8, 49152)));
+        // Qwen3.6-27B's down projection: one row of 17,408 values is over 64 KiB.
+        assert_eq!(cpu.uniform_x_rows(StepRows::One, 17408, 65536, usage), None);
+        assert_eq!(cpu.uniform_x_rows(StepRows::Many, 576, 65536, usage), None);
+        assert_eq!(cpu.uniform_x_rows(StepRows::One, 576, 65536, U::STORAGE), None);
+        assert_eq!(MatmulPlan::gpu().uniform_x_rows(StepRows::One, 576, 65536, usage), None);
+        // The stages' buffers allow it on CPU adapters, where the plan asks for it.
+        let g = &gpu().0;
+        let on_cpu = g.info.device_type == wgpu::DeviceType::Cpu;
+        assert_eq!(g.storage("x", 64).usage().contains(U::UNIFORM), on_cpu);
+        assert_eq!(MatmulPlan::for_gpu(g).uniform_x, on_cpu);
     }
 
     #[test]
@@ -435,13 +508,16 @@ mod tests {
             let zeros = vec![0.0; t * n];
             for plan in plans() {
                 let many = gpu_matmul(&w, &x, &zeros, t as u32, t as u32, false, plan);
-                for few in [2, 3, 6] {
-                    let got = gpu_matmul(&w, &x[..few * k], &zeros[..few * n], few as u32, few as u32, false, plan);
-                    assert_eq!(got[..], many[..few * n], "{ty} {plan:?}: {few} rows vs many");
-                }
-                for row in [0, 3, 20] {
-                    let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
-                    assert_eq!(one[..], many[row * n..(row + 1) * n], "{ty} {plan:?}: row {row} alone vs many");
+                // x through a uniform binding or a storage one: the same sums.
+                for plan in [plan, MatmulPlan { uniform_x: !plan.uniform_x, ..plan }] {
+                    for few in [2, 3, 6] {
+                        let got = gpu_matmul(&w, &x[..few * k], &zeros[..few * n], few as u32, few as u32, false, plan);
+                        assert_eq!(got[..], many[..few * n], "{ty} {plan:?}: {few} rows vs many");
+                    }
+                    for row in [0, 3, 20] {
+                        let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
+                        assert_eq!(one[..], many[row * n..(row + 1) * n], "{ty} {plan:?}: row {row} alone vs many");
+                    }
                 }
             }
         }

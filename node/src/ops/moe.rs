@@ -78,7 +78,7 @@ impl Recorder<'_> {
         let ids = self.bind_act(op, "ids", ids, n_used)?;
         let weights = self.bind_act(op, "weights", weights, n_used)?;
         let params = self.uniform(op, &RouteParams { n_expert, n_used, _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::MOE_ROUTE, None, &[])?;
+        let pipeline = self.pipeline(Kernel::MOE_ROUTE, &[], &[])?;
         let workgroups = Workgroups(Dim::Tokens { group: ROUTE_WG }, Dim::Fixed(1), Dim::Fixed(1));
         self.dispatch(op, pipeline, &params, &[logits, ids, weights], workgroups);
         Ok(())
@@ -118,7 +118,7 @@ impl Recorder<'_> {
             ("TB", "8u".to_owned()),
             ("GROUPED", format!("{}u", u32::from(grouped))),
         ];
-        let pipeline = self.pipeline(Kernel::MM_ID, Some(w.format()), &consts)?;
+        let pipeline = self.pipeline(Kernel::MM_ID, &[w.format()], &consts)?;
         let gx = rows.div_ceil(lanes * rows_per_lane);
         for part in w.parts() {
             let (expert0, part_experts) = ((part.row0 as u32) / rows, (part.rows as u32) / rows);
@@ -165,7 +165,7 @@ impl Recorder<'_> {
             self.bind_act(op, "gate", gate, 1)?,
         ];
         let params = self.uniform(op, &CombineParams { n, n_used, _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::MOE_COMBINE, None, &[])?;
+        let pipeline = self.pipeline(Kernel::MOE_COMBINE, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(n.div_ceil(COMBINE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch(op, pipeline, &params, &resources, workgroups);
         Ok(())

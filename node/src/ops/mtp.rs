@@ -60,7 +60,7 @@ impl Recorder<'_> {
         let ids = self.bind_act(op, "ids", ids, 1)?;
         let out = self.bind_act(op, "out", out, n)?;
         let params = self.uniform(op, &Params { n, words: from.words, _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::MTP_SELECT, None, &[])?;
+        let pipeline = self.pipeline(Kernel::MTP_SELECT, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(n.div_ceil(WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch(op, pipeline, &params, &[src, hidden, kept, picks, ids, out], workgroups);
         Ok(())

@@ -68,7 +68,7 @@ impl Recorder<'_> {
         let weight = self.bind("rms_norm", "weight", weight, u64::from(row_len) * 4)?;
         let params =
             self.uniform("rms_norm", &Params { row_len, rows_per_token, x_stride, out_stride, eps, _pad: [0; 3] });
-        let pipeline = self.pipeline(Kernel::RMS_NORM, None, &[("WG", format!("{}u", self.row_lanes(256)))])?;
+        let pipeline = self.pipeline(Kernel::RMS_NORM, &[], &[("WG", format!("{}u", self.row_lanes(256)))])?;
         let workgroups = Workgroups(Dim::Fixed(rows_per_token), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("rms_norm", pipeline, &params, &[x, weight, out], workgroups);
         Ok(())

@@ -11,7 +11,7 @@ use std::fmt::Debug;
 
 use naga::proc::Layouter;
 use strata_shaders::Kernel;
-use strata_shaders::matmul::{FORMATS, WEIGHT_READERS};
+use strata_shaders::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
 
 /// Word `i` of the probe value: 2.0f32 plus a few ulps as an f32, a large integer as a
 /// u32, so that either reading names the word.
@@ -83,8 +83,14 @@ fn rust_words<T: bytemuck::Pod + Debug>() -> Vec<Word> {
 
 /// `kernel` as it is compiled (weight readers with the f32 prelude).
 fn source(kernel: Kernel) -> String {
-    let prelude = WEIGHT_READERS.contains(&kernel).then_some(Kernel::Q_F32);
-    kernel.assemble(prelude, &[]).unwrap_or_else(|e| panic!("{}: {e}", kernel.name))
+    let mut preludes = Vec::new();
+    if WEIGHT_READERS.contains(&kernel) {
+        preludes.push(Kernel::Q_F32);
+    }
+    if X_READERS.contains(&kernel) {
+        preludes.push(Kernel::X_STORAGE);
+    }
+    kernel.assemble(&preludes, &[]).unwrap_or_else(|e| panic!("{}: {e}", kernel.name))
 }
 
 fn uniforms(kernel: Kernel) -> Vec<(u32, Vec<Word>, String)> {
@@ -175,15 +181,20 @@ fn params_structs_match_their_wgsl_twins() {
 
     // The step uniform: binding 0 of every kernel that has one.
     let with_step: Vec<Kernel> = strata_shaders::all()
-        .filter(|k| !FORMATS.contains(k) && uniforms(*k).iter().any(|(b, _, name)| *b == 0 && name == "Step"))
+        .filter(|k| {
+            !FORMATS.contains(k)
+                && !X_PRELUDES.contains(k)
+                && uniforms(*k).iter().any(|(b, _, name)| *b == 0 && name == "Step")
+        })
         .collect();
     assert!(with_step.len() >= 15, "{} kernels bind Step", with_step.len());
     check::<crate::gpu::Step>(0, &with_step, &mut covered);
 
     layout!(covered, crate::bench::Params => binding 0 of READ_BANDWIDTH);
 
-    // No uniform of any kernel is left out.
-    for k in strata_shaders::all().filter(|k| !FORMATS.contains(k)) {
+    // No uniform of any kernel is left out (`x_uniform`'s holds a matrix kernel's input
+    // rows, not parameters).
+    for k in strata_shaders::all().filter(|k| !FORMATS.contains(k) && !X_PRELUDES.contains(k)) {
         for (b, _, name) in uniforms(k) {
             assert!(covered.contains(&(k.name, b)), "{}: uniform {name} at binding {b} has no Rust twin here", k.name);
         }

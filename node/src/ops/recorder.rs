@@ -135,10 +135,10 @@ impl<'a> Recorder<'a> {
     pub(crate) fn pipeline(
         &self,
         kernel: Kernel,
-        prelude: Option<Kernel>,
+        preludes: &[Kernel],
         consts: &[(&'static str, String)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.kernels.pipeline(self.gpu, kernel, prelude, consts)
+        self.kernels.pipeline(self.gpu, kernel, preludes, consts)
     }
 
     pub(crate) fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {

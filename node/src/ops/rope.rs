@@ -129,7 +129,7 @@ impl Recorder<'_> {
             out_stride,
         };
         let params = self.uniform(op, &params);
-        let pipeline = self.pipeline(Kernel::ROPE, None, &[("WG", format!("{}u", self.row_lanes(64)))])?;
+        let pipeline = self.pipeline(Kernel::ROPE, &[], &[("WG", format!("{}u", self.row_lanes(64)))])?;
         let workgroups = Workgroups(Dim::Fixed(n_heads), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch(op, pipeline, &params, &[positions, freqs.as_entire_binding(), x, weight, out], workgroups);
         Ok(())

@@ -159,7 +159,7 @@ impl Recorder<'_> {
         let out = self.bind("top_k", "out", out, u64::from(rows * top_k_words(k_max)) * 4)?;
         let mask = self.bind("top_k", "mask", mask, u64::from(rows * mask_words(n_vocab)) * 4)?;
         let partial = self.gpu().storage("top_k partial", u64::from(rows * n_chunks * (k_max + 1)) * 8);
-        let pipeline = self.pipeline(Kernel::TOP_K, None, &[])?;
+        let pipeline = self.pipeline(Kernel::TOP_K, &[], &[])?;
         for (merge, groups) in [(0, n_chunks), (1, 1)] {
             let params = self.uniform("top_k", &TopKParams { n_vocab, k_max, n_chunks, merge });
             let resources = [sampling.clone(), logits.clone(), partial.as_entire_binding(), out.clone(), mask.clone()];
@@ -188,7 +188,7 @@ impl Recorder<'_> {
         let sampling = self.bind_sampling("penalize", sampling)?;
         let ids = self.bind("penalize", "ids", ids, u64::from(self.max_tokens() * max_ids) * 4)?;
         let params = self.uniform("penalize", &PenalizeParams { n_vocab, max_ids, _pad: [0; 2] });
-        let pipeline = self.pipeline(Kernel::PENALIZE, None, &[])?;
+        let pipeline = self.pipeline(Kernel::PENALIZE, &[], &[])?;
         let workgroups = Workgroups(Dim::Fixed(max_ids.div_ceil(PENALIZE_WG)), Dim::Tokens { group: 1 }, Dim::Fixed(1));
         self.dispatch("penalize", pipeline, &params, &[sampling, ids, logits], workgroups);
         Ok(())

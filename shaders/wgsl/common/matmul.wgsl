@@ -1,5 +1,6 @@
-// Bindings 0..3 of the matrix kernels (mm_rows, mm_tile), whose params are one Rust struct
-// (`ops::matmul::Params`); the weight-format prelude binds 4.. .
+// Bindings 0, 1 and 3 of the matrix kernels (mm_rows, mm_tile), whose params are one Rust
+// struct (`ops::matmul::Params`); x, at 2, comes from an x prelude (`x_storage.wgsl` or
+// `x_uniform.wgsl`), and the weight-format prelude binds 4.. .
 //
 // Every matrix kernel sums an output the same way, so that a row's result does not depend
 // on how many rows share its step or which kernel ran it: piece p (8 values of k) adds
@@ -26,7 +27,6 @@ struct Params {
 }
 
 @group(0) @binding(1) var<uniform> params: Params;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 // Writes `v` to out[i], or adds it there (params.accumulate).
