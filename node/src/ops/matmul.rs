@@ -251,7 +251,7 @@ impl Recorder<'_> {
         let mut x_binding = self.bind_act("matmul", &what("x"), x, k)?;
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
         let class = self.step_rows();
-        let max_uniform = u64::from(self.gpu().limits.max_uniform_buffer_binding_size);
+        let max_uniform = self.gpu().limits.max_uniform_buffer_binding_size;
         let uniform_x = plan.uniform_x_rows(class, k, max_uniform, x.buffer.usage());
         if let Some((_, bytes)) = uniform_x {
             x_binding = binding(x.buffer, bytes);
