@@ -120,6 +120,8 @@ pub struct Snapshot {
     pub busy: Vec<f64>,
     /// Sequences preempted (their KV blocks taken for others, recomputed later) so far.
     pub preemptions: u64,
+    /// Requests that waited in the queue for KV pool room beside running sequences.
+    pub pool_waits: u64,
     /// Requests that reused cached positions (resuming a finished sequence, or forking a
     /// running one), and the prompt tokens that were therefore not computed again.
     pub prefix_hits: u64,
@@ -277,6 +279,8 @@ struct Job {
     request: GenRequest,
     events: UnboundedSender<Event>,
     submitted: Instant,
+    /// It has waited at the head of the queue for KV pool room (counted once).
+    waited_for_pool: bool,
     _held: Held,
 }
 
@@ -360,6 +364,7 @@ impl Scheduler {
                 next_seq: 1,
                 admissions: 0,
                 preemptions: 0,
+                pool_waits: 0,
                 reuse: config.prefix_reuse,
                 checkpoints,
                 ledger: BlockLedger::new(kv.map_or(16, |kv| kv.block_size)),
@@ -405,7 +410,7 @@ impl Scheduler {
         let (events, rx) = unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.jobs
-            .send(Job { id, request, events, submitted: Instant::now(), _held: held })
+            .send(Job { id, request, events, submitted: Instant::now(), waited_for_pool: false, _held: held })
             .map_err(|_| Refused::Stopped)?;
         Ok((id, rx))
     }
@@ -525,6 +530,8 @@ struct Loop<'a> {
     next_seq: SeqId,
     admissions: u64,
     preemptions: u64,
+    /// Requests held in the queue for KV pool room (see [`Snapshot::pool_waits`]).
+    pool_waits: u64,
     reuse: PrefixReuse,
     /// The recurrent stages keep a checkpoint per sequence (and reuse wants them).
     checkpoints: bool,
@@ -771,6 +778,14 @@ impl<'a> Loop<'a> {
                 } + reserve;
                 while need > self.free_blocks() && self.evict_retained(keep) {}
                 if need > self.free_blocks() && !self.active.is_empty() {
+                    // A new request held back by the pool (not by the slots): counted once.
+                    if self.resumed.is_empty()
+                        && let Some(j) = self.waiting.front_mut()
+                        && !j.waited_for_pool
+                    {
+                        j.waited_for_pool = true;
+                        self.pool_waits += 1;
+                    }
                     return;
                 }
             }
@@ -1459,6 +1474,7 @@ impl<'a> Loop<'a> {
             kv,
             busy,
             preemptions: self.preemptions,
+            pool_waits: self.pool_waits,
             prefix_hits: self.prefix.0,
             prefix_forks: self.forks,
             prefix_cached_tokens: self.prefix.1,
@@ -2024,6 +2040,8 @@ mod tests {
         assert!(at("release 1") < b_first, "{all:?}");
         // a ran straight through: positions 0..17 in order, never again from 0.
         assert_eq!(parts_of(&log, 1).iter().filter(|p| p.ends_with("@0")).count(), 1, "{all:?}");
+        // b's wait is counted once, however many iterations it waited.
+        assert_eq!(sched.snapshot().pool_waits, 1);
     }
 
     /// An engine whose results stop (a pipeline that lost a node): the running request

@@ -85,6 +85,13 @@ impl Metrics {
         let _ = writeln!(out, "strata_preemptions_total {}", snap.preemptions);
         head(
             &mut out,
+            "strata_kv_pool_waits_total",
+            "counter",
+            "Requests that waited in the queue for KV pool room beside running sequences.",
+        );
+        let _ = writeln!(out, "strata_kv_pool_waits_total {}", snap.pool_waits);
+        head(
+            &mut out,
             "strata_prefix_cache_hits_total",
             "counter",
             "Requests whose prompt reused cached positions: a finished sequence's (the prefix cache) or a running one's (a fork).",

@@ -290,6 +290,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "active_sequences": snap.active,
         "queued": snap.queued,
         "preemptions": snap.preemptions,
+        "kv_pool_waits": snap.pool_waits,
         "steps_total": snap.steps_total,
         "micro_batches": snap.micro_batches,
         "rows_per_step": if snap.steps_total > 0 { snap.rows_total as f64 / snap.steps_total as f64 } else { 0.0 },
