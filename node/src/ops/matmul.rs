@@ -176,25 +176,29 @@ impl MatmulPlan {
         }
     }
 
-    /// Where `mm_rows` reads x through a uniform binding: the rows of a step of `class` and
-    /// their bytes, if the plan asks for it, the class is one the few-rows kernel runs,
-    /// those rows of `k` values fit a uniform binding of `max_uniform` bytes, and x's
-    /// buffer (of `usage`) may be bound so. `None`: through a storage binding.
-    pub fn uniform_x_rows(
+    /// Where `mm_rows` reads x through a uniform binding: the bytes of x's buffer to bind
+    /// (all of it, or as much as a uniform binding of `max_uniform` bytes takes, in whole
+    /// vec4s), if the plan asks for it, the class is one the few-rows kernel runs, the
+    /// class's rows of `k` values lie within those bytes, and the buffer (of `size` bytes
+    /// and `usage`) may be bound so. `None`: through a storage binding. The bytes bound
+    /// depend on the buffer alone, not on `k` or the class, so the kernels of every
+    /// matrix and class share pipelines as they did with a storage binding.
+    pub fn uniform_x_bytes(
         &self,
         class: StepRows,
         k: u32,
         max_uniform: u64,
+        size: u64,
         usage: wgpu::BufferUsages,
-    ) -> Option<(u32, u64)> {
+    ) -> Option<u64> {
         let tokens = match class {
             StepRows::One => self.one.tokens,
             StepRows::Few(n) => n,
             StepRows::Many => return None,
         };
-        let bytes = u64::from(tokens) * u64::from(k) * 4;
-        (self.uniform_x && bytes <= max_uniform && usage.contains(wgpu::BufferUsages::UNIFORM))
-            .then_some((tokens, bytes))
+        let bound = size.min(max_uniform) / 16 * 16;
+        let rows = u64::from(tokens) * u64::from(k) * 4;
+        (self.uniform_x && rows <= bound && usage.contains(wgpu::BufferUsages::UNIFORM)).then_some(bound)
     }
 
     /// Refuses shapes the kernels cannot run.
@@ -252,8 +256,8 @@ impl Recorder<'_> {
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
         let class = self.step_rows();
         let max_uniform = self.gpu().limits.max_uniform_buffer_binding_size;
-        let uniform_x = plan.uniform_x_rows(class, k, max_uniform, x.buffer.usage());
-        if let Some((_, bytes)) = uniform_x {
+        let uniform_x = plan.uniform_x_bytes(class, k, max_uniform, x.buffer.size(), x.buffer.usage());
+        if let Some(bytes) = uniform_x {
             x_binding = binding(x.buffer, bytes);
         }
         let x_prelude = if uniform_x.is_some() { Kernel::X_UNIFORM } else { Kernel::X_STORAGE };
@@ -277,8 +281,8 @@ impl Recorder<'_> {
                 ("XB", format!("{}u", u32::from(r.broadcast.is_some()))),
                 ("SG", format!("{}u", r.broadcast.unwrap_or(8))),
             ];
-            if let Some((tokens, _)) = uniform_x {
-                consts.push(("XN", format!("{}u", tokens * k / 4)));
+            if let Some(bytes) = uniform_x {
+                consts.push(("XN", format!("{}u", bytes / 16)));
             }
             (Kernel::MM_ROWS, "mm_rows", consts, r.lanes / plan.splits * r.rows, r.tokens)
         };
@@ -452,13 +456,17 @@ mod tests {
     fn x_goes_through_a_uniform_binding_where_it_fits() {
         use wgpu::BufferUsages as U;
         let (cpu, usage) = (MatmulPlan::cpu(Some(8)), U::STORAGE | U::UNIFORM);
-        assert_eq!(cpu.uniform_x_rows(StepRows::One, 576, 65536, usage), Some((1, 2304)));
-        assert_eq!(cpu.uniform_x_rows(StepRows::Few(8), 1536, 65536, usage), Some((8, 49152)));
+        // A stage's buffers of 64 rows: the first 64 KiB are bound, whatever the matrix.
+        let (rows_576, rows_1536) = (64 * 576 * 4, 64 * 1536 * 4);
+        assert_eq!(cpu.uniform_x_bytes(StepRows::One, 576, 65536, rows_576, usage), Some(65536));
+        assert_eq!(cpu.uniform_x_bytes(StepRows::Few(8), 1536, 65536, rows_1536, usage), Some(65536));
+        // A buffer under 64 KiB is bound whole (its rows are within it).
+        assert_eq!(cpu.uniform_x_bytes(StepRows::Few(3), 576, 65536, 3 * 576 * 4, usage), Some(6912));
         // Qwen3.6-27B's down projection: one row of 17,408 values is over 64 KiB.
-        assert_eq!(cpu.uniform_x_rows(StepRows::One, 17408, 65536, usage), None);
-        assert_eq!(cpu.uniform_x_rows(StepRows::Many, 576, 65536, usage), None);
-        assert_eq!(cpu.uniform_x_rows(StepRows::One, 576, 65536, U::STORAGE), None);
-        assert_eq!(MatmulPlan::gpu().uniform_x_rows(StepRows::One, 576, 65536, usage), None);
+        assert_eq!(cpu.uniform_x_bytes(StepRows::One, 17408, 65536, 64 * 17408 * 4, usage), None);
+        assert_eq!(cpu.uniform_x_bytes(StepRows::Many, 576, 65536, rows_576, usage), None);
+        assert_eq!(cpu.uniform_x_bytes(StepRows::One, 576, 65536, rows_576, U::STORAGE), None);
+        assert_eq!(MatmulPlan::gpu().uniform_x_bytes(StepRows::One, 576, 65536, rows_576, usage), None);
         // The stages' buffers allow it on CPU adapters, where the plan asks for it.
         let g = &gpu().0;
         let on_cpu = g.info.device_type == wgpu::DeviceType::Cpu;
