@@ -343,6 +343,11 @@ pub struct BenchArgs {
     /// speculative step verifying N - 1 drafts (default 1: a plain decode step).
     #[arg(long, value_name = "N", default_value_t = 1, requires = "profile", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub profile_rows: u32,
+    /// With --profile: split the step's rows evenly over N sequences, each at the same
+    /// position and reading the same cache (--profile-rows 8 --profile-seqs 8: a decode
+    /// step of 8 sequences, as --concurrency 8 runs).
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "profile", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub profile_seqs: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

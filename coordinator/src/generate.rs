@@ -494,6 +494,9 @@ struct BenchReport {
     /// The profiled step's rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     profile_rows: Option<u32>,
+    /// The sequences the profiled step's rows belong to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile_seqs: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -523,7 +526,9 @@ struct HopReport {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.engine.model).with_context(|| format!("reading {}", args.engine.model.display()))?;
-    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs: 1, serving: false, checkpoints: false })?;
+    // The profiled step's sequences need their slots.
+    let max_seqs = if args.profile { args.profile_seqs } else { 1 };
+    let mut engine = engine::load(&gguf, &args.engine, EngineUse { max_seqs, serving: false, checkpoints: false })?;
     let need = args.prompt_tokens + args.decode_tokens;
     if need > engine.ctx() {
         bail!(
@@ -536,12 +541,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let m = measure(&mut *engine, &ids, args.decode_tokens)?;
     let mut report = bench_report(&args, &*engine, &m)?;
     if args.profile {
-        let pos = (args.prompt_tokens + args.decode_tokens).saturating_sub(args.profile_rows);
-        let Some(ops) = engine.profile_step(args.profile_rows, pos)? else {
+        if !args.profile_rows.is_multiple_of(args.profile_seqs) {
+            bail!("--profile-rows {} do not split evenly over --profile-seqs {}", args.profile_rows, args.profile_seqs);
+        }
+        let per_seq = args.profile_rows / args.profile_seqs;
+        let pos = (args.prompt_tokens + args.decode_tokens).saturating_sub(per_seq);
+        let Some(ops) = engine.profile_step(args.profile_rows, args.profile_seqs, pos)? else {
             bail!("--profile times the ops of this machine's own stage: run it without --peer or --discover");
         };
         let whole = ops.first().map_or(f64::NAN, |o| o.seconds);
         report.profile_rows = Some(args.profile_rows);
+        report.profile_seqs = Some(args.profile_seqs);
         report.profile = Some(
             ops.iter()
                 .map(|o| OpReport {
@@ -626,6 +636,7 @@ fn bench_report(args: &BenchArgs, engine: &dyn Engine, m: &Measured) -> anyhow::
         hops: pipelined.then(|| hop_reports(&placement, m, args.decode_tokens)),
         profile: None,
         profile_rows: None,
+        profile_seqs: None,
     })
 }
 
@@ -683,7 +694,11 @@ fn print_bench(report: &BenchReport) {
     }
     if let Some(ops) = &report.profile {
         let rows = report.profile_rows.unwrap_or(1);
-        println!("\n{rows}-row step, op by op (each kind alone; the ops overlap less than this adds up to):");
+        let seqs = match report.profile_seqs.unwrap_or(1) {
+            1 => "one sequence".to_owned(),
+            n => format!("{n} sequences"),
+        };
+        println!("\n{rows}-row step of {seqs}, op by op (each kind alone; the ops overlap less than this adds up to):");
         println!("{:<20} {:>10} {:>12} {:>7}", "op", "dispatches", "ms/step", "share");
         for o in ops {
             println!("{:<20} {:>10} {:>12.3} {:>6.1}%", o.op, o.dispatches, o.ms_per_step, o.share * 100.0);

@@ -1,14 +1,16 @@
 // Causal softmax attention over the paged f16 KV pool for adapters that run a subgroup as
 // the SIMD lanes of one CPU thread (lavapipe): one subgroup of SG lanes per (up to ROWS
-// consecutive rows of one sequence, query head h), the lanes splitting the head's dims,
-// keys taken one at a time in order with an online softmax per row. Each key and value is
-// loaded and unpacked once for the group's rows (a prefill chunk's, or a speculative
-// step's drafts). No workgroup memory and no barriers: on such adapters every access to
-// workgroup memory is a loop over the lanes. Every row is computed with the same
-// operations in the same order (a key past a row's position leaves its sums as they are),
-// so a row's output has the same bits alone or beside others; a row alone in its group
-// (every decode row) takes a path without the others' work. Same inputs, outputs and
-// parameters as `attention`.
+// consecutive rows of one sequence, KV head g), the lanes splitting the head dims, keys
+// taken one at a time in order with an online softmax per row and query head. Such an
+// adapter loads storage memory lane by lane, each value in a loop with a bounds check, so
+// loads are what attention costs there; each key and value is therefore loaded and
+// unpacked once for what shares it: a lone row's GQ query heads (every decode row), or
+// one query head of a group's rows (a prefill chunk's, or a speculative step's drafts),
+// and each block's table entry once for its positions. No workgroup memory and no
+// barriers: on such adapters every access to workgroup memory is a loop over the lanes.
+// Every (row, head) is computed with the same operations in the same order (a key past a
+// row's position leaves its sums as they are), so a row's output has the same bits alone
+// or beside others. Same inputs, outputs and parameters as `attention`.
 
 const HEAD_DIM: u32 = 64u;
 const SG: u32 = 8u;
@@ -16,6 +18,8 @@ const SG: u32 = 8u;
 const LANE_QUADS: u32 = 2u;
 // Rows of one sequence per workgroup.
 const ROWS: u32 = 4u;
+// Query heads per KV head (params.group).
+const GQ: u32 = 2u;
 
 //#include "common/step.wgsl"
 //#include "common/batch.wgsl"
@@ -37,38 +41,56 @@ fn half4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
-// One row alone (a decode row): the group's arithmetic for that row, without the others'.
-fn one_row(t: u32, h: u32, lane: u32) {
+// One row alone (a decode row): its GQ query heads of KV head `kvh` together, each key
+// and value loaded once for all of them.
+fn one_row(t: u32, kvh: u32, lane: u32) {
     let info = rows[t];
     let n_keys = min(info.pos + 1u, params.max_blocks << params.block_shift);
-    let kvh = h / params.group;
-    let row = t * params.n_heads + h;
-    var qs: array<vec4<f32>, LANE_QUADS>;
-    for (var i = 0u; i < LANE_QUADS; i++) {
-        qs[i] = q[row * QUADS + lane + i * SG] * params.scale;
-    }
-    let mask = (1u << params.block_shift) - 1u;
-    var m = -3.0e38;
-    var l = 0.0;
-    var acc: array<vec4<f32>, LANE_QUADS>;
-    for (var j = 0u; j < n_keys; j++) {
-        let block = table[info.slot * params.max_blocks + (j >> params.block_shift)];
-        let base = (((block << params.block_shift) | (j & mask)) * params.n_kv_heads + kvh) * QUADS + lane;
-        var d = 0.0;
+    let row0 = t * params.n_heads + kvh * GQ;
+    var qs: array<array<vec4<f32>, LANE_QUADS>, GQ>;
+    var acc: array<array<vec4<f32>, LANE_QUADS>, GQ>;
+    var m: array<f32, GQ>;
+    var l: array<f32, GQ>;
+    for (var g = 0u; g < GQ; g++) {
         for (var i = 0u; i < LANE_QUADS; i++) {
-            d += dot(qs[i], half4(k_pool[base + i * SG]));
+            qs[g][i] = q[(row0 + g) * QUADS + lane + i * SG] * params.scale;
+            acc[g][i] = vec4<f32>(0.0);
         }
-        let s = subgroupAdd(d);
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let p = exp(s - m_new);
-        l = l * corr + p;
-        m = m_new;
-        for (var i = 0u; i < LANE_QUADS; i++) {
-            acc[i] = acc[i] * corr + p * half4(v_pool[base + i * SG]);
+        m[g] = -3.0e38;
+        l[g] = 0.0;
+    }
+    let size = 1u << params.block_shift;
+    for (var j0 = 0u; j0 < n_keys; j0 += size) {
+        let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
+        let end = min(j0 + size, n_keys);
+        for (var j = j0; j < end; j++) {
+            let base = (((block << params.block_shift) | (j - j0)) * params.n_kv_heads + kvh) * QUADS + lane;
+            var ks: array<vec4<f32>, LANE_QUADS>;
+            var vs: array<vec4<f32>, LANE_QUADS>;
+            for (var i = 0u; i < LANE_QUADS; i++) {
+                ks[i] = half4(k_pool[base + i * SG]);
+                vs[i] = half4(v_pool[base + i * SG]);
+            }
+            for (var g = 0u; g < GQ; g++) {
+                var d = 0.0;
+                for (var i = 0u; i < LANE_QUADS; i++) {
+                    d += dot(qs[g][i], ks[i]);
+                }
+                let s = subgroupAdd(d);
+                let m_new = max(m[g], s);
+                let corr = exp(m[g] - m_new);
+                let p = exp(s - m_new);
+                l[g] = l[g] * corr + p;
+                m[g] = m_new;
+                for (var i = 0u; i < LANE_QUADS; i++) {
+                    acc[g][i] = acc[g][i] * corr + p * vs[i];
+                }
+            }
         }
     }
-    write_row(row, acc, l, lane);
+    for (var g = 0u; g < GQ; g++) {
+        write_row(row0 + g, acc[g], l[g], lane);
+    }
 }
 
 fn write_row(row: u32, acc: array<vec4<f32>, LANE_QUADS>, l: f32, lane: u32) {
@@ -87,7 +109,7 @@ fn write_row(row: u32, acc: array<vec4<f32>, LANE_QUADS>, l: f32, lane: u32) {
 @compute @workgroup_size(SG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let t0 = wid.x;
-    let h = wid.y;
+    let kvh = wid.y;
     if t0 >= step.n_tokens {
         return;
     }
@@ -100,10 +122,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     // A row alone in its group (decode rows, the last of a run) takes the plain path.
     let next = t0 + 1u;
     if ROWS == 1u || next >= step.n_tokens || rows[next].first != info.first {
-        one_row(t0, h, lane);
+        one_row(t0, kvh, lane);
         return;
     }
-    let kvh = h / params.group;
+    for (var g = 0u; g < GQ; g++) {
+        rows_of_head(t0, kvh * GQ + g, lane);
+    }
+}
+
+// The rows of the group starting at `t0` for query head `h`, each key and value loaded
+// once for all of them.
+fn rows_of_head(t0: u32, h: u32, lane: u32) {
+    let info = rows[t0];
+    let kvh = h / GQ;
     let cap = params.max_blocks << params.block_shift;
     // Keys each row of the group sees: 0 for slots past its last row.
     var n_keys: array<u32, ROWS>;
@@ -125,34 +156,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         m[r] = -3.0e38;
         l[r] = 0.0;
     }
-    let mask = (1u << params.block_shift) - 1u;
-    for (var j = 0u; j < most; j++) {
-        let block = table[info.slot * params.max_blocks + (j >> params.block_shift)];
-        let base = (((block << params.block_shift) | (j & mask)) * params.n_kv_heads + kvh) * QUADS + lane;
-        var ks: array<vec4<f32>, LANE_QUADS>;
-        var vs: array<vec4<f32>, LANE_QUADS>;
-        for (var i = 0u; i < LANE_QUADS; i++) {
-            ks[i] = half4(k_pool[base + i * SG]);
-            vs[i] = half4(v_pool[base + i * SG]);
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            // Whether row r sees key j (rows past the group's last see none): the same on
-            // every lane, so a branch the lanes take together skips the work outright.
-            if j >= n_keys[r] {
-                continue;
-            }
-            var d = 0.0;
+    let size = 1u << params.block_shift;
+    for (var j0 = 0u; j0 < most; j0 += size) {
+        let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
+        let end = min(j0 + size, most);
+        for (var j = j0; j < end; j++) {
+            let base = (((block << params.block_shift) | (j - j0)) * params.n_kv_heads + kvh) * QUADS + lane;
+            var ks: array<vec4<f32>, LANE_QUADS>;
+            var vs: array<vec4<f32>, LANE_QUADS>;
             for (var i = 0u; i < LANE_QUADS; i++) {
-                d += dot(qs[r][i], ks[i]);
+                ks[i] = half4(k_pool[base + i * SG]);
+                vs[i] = half4(v_pool[base + i * SG]);
             }
-            let s = subgroupAdd(d);
-            let m_new = max(m[r], s);
-            let corr = exp(m[r] - m_new);
-            let p = exp(s - m_new);
-            l[r] = l[r] * corr + p;
-            m[r] = m_new;
-            for (var i = 0u; i < LANE_QUADS; i++) {
-                acc[r][i] = acc[r][i] * corr + p * vs[i];
+            for (var r = 0u; r < ROWS; r++) {
+                // Whether row r sees key j (rows past the group's last see none): the same
+                // on every lane, so a branch the lanes take together skips the work outright.
+                if j >= n_keys[r] {
+                    continue;
+                }
+                var d = 0.0;
+                for (var i = 0u; i < LANE_QUADS; i++) {
+                    d += dot(qs[r][i], ks[i]);
+                }
+                let s = subgroupAdd(d);
+                let m_new = max(m[r], s);
+                let corr = exp(m[r] - m_new);
+                let p = exp(s - m_new);
+                l[r] = l[r] * corr + p;
+                m[r] = m_new;
+                for (var i = 0u; i < LANE_QUADS; i++) {
+                    acc[r][i] = acc[r][i] * corr + p * vs[i];
+                }
             }
         }
     }

@@ -139,6 +139,27 @@ fn bench_profiles_a_moe_decode_step_and_counts_its_active_bytes() {
     }
 }
 
+/// `bench --profile --profile-seqs`: a decode step of several sequences, one row each,
+/// op by op on a hybrid model (attention and DeltaNet layers); rows that do not split
+/// evenly over the sequences are refused with a message naming both flags.
+#[test]
+fn bench_profiles_a_decode_step_of_several_sequences() {
+    let m = fixture("tiny-qwen35.gguf");
+    let args = ["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "4", "--profile"];
+    let out = strata_json(&[&args[..], &["--profile-rows", "4", "--profile-seqs", "4", "--json"]].concat());
+    assert_eq!(out["profile_rows"], 4, "{out:#}");
+    assert_eq!(out["profile_seqs"], 4, "{out:#}");
+    let ops = out["profile"].as_array().unwrap_or_else(|| panic!("no profile: {out:#}"));
+    let step = ops.iter().find(|o| o["op"] == "step").expect("the whole step");
+    assert!(step["ms_per_step"].as_f64().unwrap() > 0.0, "{step}");
+    for name in ["attention", "deltanet_state"] {
+        let op = ops.iter().find(|o| o["op"] == name).unwrap_or_else(|| panic!("no {name}: {ops:#?}"));
+        assert!(op["dispatches"].as_u64().unwrap() > 0, "{op}");
+    }
+    let err = fails(&[&args[..], &["--profile-rows", "4", "--profile-seqs", "3"]].concat());
+    assert!(err.contains("--profile-rows 4") && err.contains("--profile-seqs 3"), "{err}");
+}
+
 /// `bench --concurrency`: several sequences through the scheduler, one stage and a
 /// pipeline of two nodes; every figure it reports is there and sane.
 #[test]

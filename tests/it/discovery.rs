@@ -19,7 +19,7 @@ fn list_nodes(lan: &Lan, i: usize, args: &[&str]) -> (serde_json::Value, Duratio
     let t0 = Instant::now();
     let o = lan.output(cmd);
     let took = t0.elapsed();
-    assert!(o.status.success(), "strata nodes {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "strata nodes {args:?} failed ({}):\n{}", o.status, String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("strata nodes: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout)));
     (v, took)

@@ -41,7 +41,7 @@ pub fn smol_q8_0() -> PathBuf {
             .args(["--type", "q8_0"])
             .output()
             .expect("run strata quantize");
-        assert!(o.status.success(), "strata quantize failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "strata quantize failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr));
         std::fs::rename(&tmp, &out).expect("rename quantized model");
         out
     })
@@ -72,7 +72,8 @@ pub fn isolate(cmd: &mut Command) {
 /// Runs `strata` with `args`, asserting success, and parses its stdout as JSON.
 pub fn strata_json(args: &[&str]) -> serde_json::Value {
     let o = strata().args(args).output().expect("run strata");
-    assert!(o.status.success(), "strata {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    // The status says which signal ended a process that printed nothing.
+    assert!(o.status.success(), "strata {args:?} failed ({}):\n{}", o.status, String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!("strata {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&o.stdout))
     })

@@ -221,9 +221,9 @@ impl Engine for LocalEngine {
         Ok(Some(self.stage.read_bandwidth()?))
     }
 
-    fn profile_step(&self, rows: u32, pos: u32) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
+    fn profile_step(&self, rows: u32, seqs: u32, pos: u32) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
         // Enough repetitions that a submission's own cost is noise.
-        Ok(Some(self.stage.profile_step(rows, pos, 50)?))
+        Ok(Some(self.stage.profile_step(rows, seqs, pos, 50)?))
     }
 
     fn node_counters(&self) -> anyhow::Result<Vec<NodeCounters>> {

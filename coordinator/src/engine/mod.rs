@@ -439,10 +439,15 @@ pub trait Engine: Send {
     fn read_bandwidth(&self) -> anyhow::Result<Option<f64>> {
         Ok(None)
     }
-    /// Where a step of `rows` rows of one sequence at positions `pos..` (each sampled)
-    /// spends its time, op by op, on this machine's own stage; `None` (the default) for a
-    /// pipeline. Spoils the sequences' state: run it last.
-    fn profile_step(&self, _rows: u32, _pos: u32) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
+    /// Where a step of `rows` rows at positions `pos..` (each sampled), split evenly over
+    /// `seqs` sequences, spends its time, op by op, on this machine's own stage; `None`
+    /// (the default) for a pipeline. Spoils the sequences' state: run it last.
+    fn profile_step(
+        &self,
+        _rows: u32,
+        _seqs: u32,
+        _pos: u32,
+    ) -> anyhow::Result<Option<Vec<strata_node::bench::OpTime>>> {
         Ok(None)
     }
     /// Each stage's own counters, read now, in pipeline order.

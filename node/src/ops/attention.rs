@@ -38,7 +38,7 @@ pub enum AttentionKernel {
     /// `attention.wgsl`: a workgroup of 64 threads per (row, head), keys in tiles through
     /// workgroup memory. GPUs.
     Tiled,
-    /// `attention_sg.wgsl`: one subgroup of this many lanes per (row, head), the lanes
+    /// `attention_sg.wgsl`: one subgroup of this many lanes per (row, KV head), the lanes
     /// splitting the head's dims, keys one at a time: no workgroup memory, no barriers.
     /// CPU adapters whose subgroups are SIMD lanes of one thread, where workgroup memory is
     /// a loop over the lanes.
@@ -207,7 +207,9 @@ impl Recorder<'_> {
             _pad: [0; 3],
         };
         let params = self.uniform("attention", &params);
-        let pipeline = match self.attention_kernel() {
+        // `attention_sg` takes a KV head's query heads in one workgroup, `attention` one
+        // query head.
+        let (pipeline, heads) = match self.attention_kernel() {
             // Heads the lanes split evenly, four dims at a time.
             AttentionKernel::Lanes(sg) if head_dim.is_multiple_of(4 * sg) => {
                 let consts = [
@@ -215,8 +217,9 @@ impl Recorder<'_> {
                     ("SG", format!("{sg}u")),
                     ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
                     ("ROWS", format!("{}u", lanes_rows(self.step_rows()))),
+                    ("GQ", format!("{}u", n_heads / n_kv_heads)),
                 ];
-                self.pipeline(Kernel::ATTENTION_SG, &[], &consts)?
+                (self.pipeline(Kernel::ATTENTION_SG, &[], &consts)?, n_kv_heads)
             }
             _ => {
                 let pairs = head_dim / 2;
@@ -226,7 +229,7 @@ impl Recorder<'_> {
                     ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
                     ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
                 ];
-                self.pipeline(Kernel::ATTENTION, &[], &consts)?
+                (self.pipeline(Kernel::ATTENTION, &[], &consts)?, n_heads)
             }
         };
         let resources = [
@@ -238,7 +241,7 @@ impl Recorder<'_> {
             gate,
             out_binding,
         ];
-        let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(n_heads), Dim::Fixed(1));
+        let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(heads), Dim::Fixed(1));
         self.dispatch("attention", pipeline, &params, &resources, workgroups);
         Ok(())
     }

@@ -481,16 +481,25 @@ impl Stage {
         self.gpu.describe()
     }
 
-    /// Where a step of `rows` rows of one sequence at positions `pos..` goes, op by op (see
-    /// [`crate::bench::profile`]), each row sampled greedily: a decode step with 1, a
-    /// speculative step verifying `rows - 1` drafts with more (at most the stage's step
-    /// and sample sizes). Run after measuring: it leaves the sequences' state spoiled.
-    pub fn profile_step(&self, rows: u32, pos: u32, reps: u32) -> Result<Vec<crate::bench::OpTime>> {
+    /// Where a step of `rows` rows at positions `pos..` goes, op by op (see
+    /// [`crate::bench::profile`]), each row sampled greedily, the rows split evenly over
+    /// `seqs` sequences: with one sequence, a decode step with 1 row and a speculative step
+    /// verifying `rows - 1` drafts with more; with `seqs = rows`, a batched decode step of
+    /// that many sequences. The sequences all read the first slot's cache and state (so
+    /// the profile leaves out the cache misses of several caches). Run after measuring: it
+    /// leaves the sequences' state spoiled.
+    pub fn profile_step(&self, rows: u32, seqs: u32, pos: u32, reps: u32) -> Result<Vec<crate::bench::OpTime>> {
         let rows = rows.clamp(1, self.spec.max_batch);
-        let pos = pos.min(self.spec.ctx.saturating_sub(rows));
+        if seqs == 0 || !rows.is_multiple_of(seqs) || seqs > self.spec.max_seqs {
+            let max = self.spec.max_seqs;
+            return Err(Error::Step(format!("{rows} rows over {seqs} sequences (at most {max}, evenly)")));
+        }
+        let per_seq = rows / seqs;
+        let pos = pos.min(self.spec.ctx.saturating_sub(per_seq));
         let (q, s) = (&self.gpu.queue, &self.scratch);
-        let layout = BatchLayout::new(&[Run { slot: 0, pos, n: rows, keep: 0 }]);
-        let step = Step::new(rows, 1);
+        let runs: Vec<Run> = (0..seqs).map(|_| Run { slot: 0, pos, n: per_seq, keep: 0 }).collect();
+        let layout = BatchLayout::new(&runs);
+        let step = Step::new(rows, seqs);
         q.write_buffer(&s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&s.positions, 0, bytemuck::cast_slice(&layout.positions));
         q.write_buffer(&s.rows, 0, bytemuck::cast_slice(&layout.rows));
