@@ -41,6 +41,66 @@ fn half4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
+// A query row's lane quads of head row `row` (t * n_heads + h), scaled.
+fn query(row: u32, lane: u32) -> array<vec4<f32>, LANE_QUADS> {
+    var qs: array<vec4<f32>, LANE_QUADS>;
+    for (var i = 0u; i < LANE_QUADS; i++) {
+        qs[i] = q[row * QUADS + lane + i * SG] * params.scale;
+    }
+    return qs;
+}
+
+// The lane's quads of key and value `j - j0` of `block` (which starts at position j0),
+// KV head `kvh`, unpacked.
+struct KeyValue {
+    k: array<vec4<f32>, LANE_QUADS>,
+    v: array<vec4<f32>, LANE_QUADS>,
+}
+
+fn load_kv(block: u32, offset: u32, kvh: u32, lane: u32) -> KeyValue {
+    let base = (((block << params.block_shift) | offset) * params.n_kv_heads + kvh) * QUADS + lane;
+    var kv: KeyValue;
+    for (var i = 0u; i < LANE_QUADS; i++) {
+        kv.k[i] = half4(k_pool[base + i * SG]);
+        kv.v[i] = half4(v_pool[base + i * SG]);
+    }
+    return kv;
+}
+
+// One (row, query head)'s online softmax over the keys so far.
+struct Softmax {
+    acc: array<vec4<f32>, LANE_QUADS>,
+    m: f32,
+    l: f32,
+}
+
+fn softmax_start() -> Softmax {
+    var st: Softmax;
+    st.m = -3.0e38;
+    st.l = 0.0;
+    return st;
+}
+
+// `st` after one more key and value: every (row, head) takes the same operations in the
+// same order, whichever path runs it.
+fn softmax_add(st: Softmax, qs: array<vec4<f32>, LANE_QUADS>, kv: KeyValue) -> Softmax {
+    var d = 0.0;
+    for (var i = 0u; i < LANE_QUADS; i++) {
+        d += dot(qs[i], kv.k[i]);
+    }
+    let s = subgroupAdd(d);
+    let m_new = max(st.m, s);
+    let corr = exp(st.m - m_new);
+    let p = exp(s - m_new);
+    var o: Softmax;
+    o.l = st.l * corr + p;
+    o.m = m_new;
+    for (var i = 0u; i < LANE_QUADS; i++) {
+        o.acc[i] = st.acc[i] * corr + p * kv.v[i];
+    }
+    return o;
+}
+
 // One row alone (a decode row): its GQ query heads of KV head `kvh` together, each key
 // and value loaded once for all of them.
 fn one_row(t: u32, kvh: u32, lane: u32) {
@@ -48,55 +108,30 @@ fn one_row(t: u32, kvh: u32, lane: u32) {
     let n_keys = min(info.pos + 1u, params.max_blocks << params.block_shift);
     let row0 = t * params.n_heads + kvh * GQ;
     var qs: array<array<vec4<f32>, LANE_QUADS>, GQ>;
-    var acc: array<array<vec4<f32>, LANE_QUADS>, GQ>;
-    var m: array<f32, GQ>;
-    var l: array<f32, GQ>;
+    var st: array<Softmax, GQ>;
     for (var g = 0u; g < GQ; g++) {
-        for (var i = 0u; i < LANE_QUADS; i++) {
-            qs[g][i] = q[(row0 + g) * QUADS + lane + i * SG] * params.scale;
-            acc[g][i] = vec4<f32>(0.0);
-        }
-        m[g] = -3.0e38;
-        l[g] = 0.0;
+        qs[g] = query(row0 + g, lane);
+        st[g] = softmax_start();
     }
     let size = 1u << params.block_shift;
     for (var j0 = 0u; j0 < n_keys; j0 += size) {
         let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
-        let end = min(j0 + size, n_keys);
-        for (var j = j0; j < end; j++) {
-            let base = (((block << params.block_shift) | (j - j0)) * params.n_kv_heads + kvh) * QUADS + lane;
-            var ks: array<vec4<f32>, LANE_QUADS>;
-            var vs: array<vec4<f32>, LANE_QUADS>;
-            for (var i = 0u; i < LANE_QUADS; i++) {
-                ks[i] = half4(k_pool[base + i * SG]);
-                vs[i] = half4(v_pool[base + i * SG]);
-            }
+        for (var j = j0; j < min(j0 + size, n_keys); j++) {
+            let kv = load_kv(block, j - j0, kvh, lane);
             for (var g = 0u; g < GQ; g++) {
-                var d = 0.0;
-                for (var i = 0u; i < LANE_QUADS; i++) {
-                    d += dot(qs[g][i], ks[i]);
-                }
-                let s = subgroupAdd(d);
-                let m_new = max(m[g], s);
-                let corr = exp(m[g] - m_new);
-                let p = exp(s - m_new);
-                l[g] = l[g] * corr + p;
-                m[g] = m_new;
-                for (var i = 0u; i < LANE_QUADS; i++) {
-                    acc[g][i] = acc[g][i] * corr + p * vs[i];
-                }
+                st[g] = softmax_add(st[g], qs[g], kv);
             }
         }
     }
     for (var g = 0u; g < GQ; g++) {
-        write_row(row0 + g, acc[g], l[g], lane);
+        write_row(row0 + g, st[g], lane);
     }
 }
 
-fn write_row(row: u32, acc: array<vec4<f32>, LANE_QUADS>, l: f32, lane: u32) {
-    let inv_l = 1.0 / l;
+fn write_row(row: u32, st: Softmax, lane: u32) {
+    let inv_l = 1.0 / st.l;
     for (var i = 0u; i < LANE_QUADS; i++) {
-        var o = acc[i] * inv_l;
+        var o = st.acc[i] * inv_l;
         let quad = lane + i * SG;
         if params.gated != 0u {
             let gb = row * params.gate_stride + params.gate_offset + 4u * quad;
@@ -139,53 +174,26 @@ fn rows_of_head(t0: u32, h: u32, lane: u32) {
     // Keys each row of the group sees: 0 for slots past its last row.
     var n_keys: array<u32, ROWS>;
     var qs: array<array<vec4<f32>, LANE_QUADS>, ROWS>;
-    var acc: array<array<vec4<f32>, LANE_QUADS>, ROWS>;
-    var m: array<f32, ROWS>;
-    var l: array<f32, ROWS>;
+    var st: array<Softmax, ROWS>;
     var most = 0u;
     for (var r = 0u; r < ROWS; r++) {
         let t = min(t0 + r, step.n_tokens - 1u);
         let mine = t0 + r < step.n_tokens && rows[t].first == info.first;
         n_keys[r] = select(0u, min(rows[t].pos + 1u, cap), mine);
         most = max(most, n_keys[r]);
-        let row = t * params.n_heads + h;
-        for (var i = 0u; i < LANE_QUADS; i++) {
-            qs[r][i] = q[row * QUADS + lane + i * SG] * params.scale;
-            acc[r][i] = vec4<f32>(0.0);
-        }
-        m[r] = -3.0e38;
-        l[r] = 0.0;
+        qs[r] = query(t * params.n_heads + h, lane);
+        st[r] = softmax_start();
     }
     let size = 1u << params.block_shift;
     for (var j0 = 0u; j0 < most; j0 += size) {
         let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
-        let end = min(j0 + size, most);
-        for (var j = j0; j < end; j++) {
-            let base = (((block << params.block_shift) | (j - j0)) * params.n_kv_heads + kvh) * QUADS + lane;
-            var ks: array<vec4<f32>, LANE_QUADS>;
-            var vs: array<vec4<f32>, LANE_QUADS>;
-            for (var i = 0u; i < LANE_QUADS; i++) {
-                ks[i] = half4(k_pool[base + i * SG]);
-                vs[i] = half4(v_pool[base + i * SG]);
-            }
+        for (var j = j0; j < min(j0 + size, most); j++) {
+            let kv = load_kv(block, j - j0, kvh, lane);
             for (var r = 0u; r < ROWS; r++) {
                 // Whether row r sees key j (rows past the group's last see none): the same
                 // on every lane, so a branch the lanes take together skips the work outright.
-                if j >= n_keys[r] {
-                    continue;
-                }
-                var d = 0.0;
-                for (var i = 0u; i < LANE_QUADS; i++) {
-                    d += dot(qs[r][i], ks[i]);
-                }
-                let s = subgroupAdd(d);
-                let m_new = max(m[r], s);
-                let corr = exp(m[r] - m_new);
-                let p = exp(s - m_new);
-                l[r] = l[r] * corr + p;
-                m[r] = m_new;
-                for (var i = 0u; i < LANE_QUADS; i++) {
-                    acc[r][i] = acc[r][i] * corr + p * vs[i];
+                if j < n_keys[r] {
+                    st[r] = softmax_add(st[r], qs[r], kv);
                 }
             }
         }
@@ -194,6 +202,6 @@ fn rows_of_head(t0: u32, h: u32, lane: u32) {
         if n_keys[r] == 0u {
             break;
         }
-        write_row((t0 + r) * params.n_heads + h, acc[r], l[r], lane);
+        write_row((t0 + r) * params.n_heads + h, st[r], lane);
     }
 }
