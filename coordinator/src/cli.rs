@@ -71,9 +71,9 @@ pub enum SpeculativeMode {
     /// One token per step and sequence.
     #[default]
     Off,
-    /// Prompt lookup: the tokens that followed the sequence's last few tokens where they
-    /// occurred before in its prompt or output (no weights; large gains when text or code
-    /// is quoted or edited).
+    /// Prompt lookup: the tokens that followed the sequence's latest tokens where they
+    /// occurred before in its prompt or output, at the place that agrees longest (no
+    /// weights; large gains when text or code is quoted, edited or repeated).
     Lookup,
     /// The model's own multi-token-prediction block (qwen35 and qwen35moe models that carry
     /// one, e.g. Qwen3.6): the last stage drafts with it inside each step, no extra trip.

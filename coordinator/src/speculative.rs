@@ -1,8 +1,8 @@
 //! Speculative decoding: drafts that the pipeline checks several at a time.
 //!
 //! A sequence's decode step carries its newest token and, after it, up to `--draft-max`
-//! draft tokens proposed by prompt lookup (the tokens that followed the latest earlier
-//! occurrence of the sequence's last few tokens). The last stage samples after every
+//! draft tokens proposed by prompt lookup (the tokens that followed the earlier
+//! occurrence of the sequence's latest tokens that agrees with them longest). The last stage samples after every
 //! one of those rows with the draw of that row's own position, so the sample after the
 //! newest token is the very token a plain step would have sampled; a draft is kept while
 //! it equals the sample before it, and the first sample that differs replaces it. The
@@ -50,34 +50,49 @@ impl Speculation {
     }
 }
 
-/// The longest suffix of the sequence that prompt lookup matches, and the shortest.
-const NGRAM_MAX: usize = 4;
+/// The longest suffix prompt lookup compares, and the shortest it accepts. Code repeats
+/// short runs everywhere (indentation, `self.`, a common line's start), so a 2- to
+/// 4-token suffix recurs in many places, most of them followed by something else; the
+/// place whose preceding tokens agree longest with the sequence's own is the one being
+/// copied. 64 tokens tell such places apart and cost little to compare.
+const MATCH_MAX: usize = 64;
 const NGRAM_MIN: usize = 2;
 
 /// A step carrying this many rows already gets no drafts: by then the stages are busy
 /// with the batch, and drafts would only lengthen the step.
 pub const BACK_OFF_ROWS: usize = 32;
 
-/// Prompt lookup: the tokens that followed the latest earlier occurrence of the last
-/// `n` tokens of `tokens` (`n` from [`NGRAM_MAX`] down to [`NGRAM_MIN`], the longest that
-/// occurs), at most `k` of them; empty when no suffix recurs.
+/// Prompt lookup: the tokens that followed the earlier occurrence of the sequence's
+/// latest tokens that agrees with them longest (up to [`MATCH_MAX`] tokens back, at
+/// least [`NGRAM_MIN`]; the latest such occurrence among equals), at most `k` of them;
+/// empty when no suffix recurs.
 pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
-    if k == 0 {
+    let n = tokens.len();
+    if k == 0 || n <= NGRAM_MIN {
         return Vec::new();
     }
-    for n in (NGRAM_MIN..=NGRAM_MAX).rev() {
-        if tokens.len() <= n {
+    let last = tokens[n - 1];
+    // (agreeing tokens, where the drafts start)
+    let mut best = (0, 0);
+    // Latest first, so that among equal matches the nearest context wins.
+    for from in (1..n).rev() {
+        if tokens[from - 1] != last {
             continue;
         }
-        let suffix = &tokens[tokens.len() - n..];
-        // Latest first: the nearest context is the likeliest to be repeated next.
-        let found = (0..tokens.len() - n).rev().find(|&i| &tokens[i..i + n] == suffix);
-        if let Some(i) = found {
-            let from = i + n;
-            return tokens[from..(from + k).min(tokens.len())].to_vec();
+        let agree =
+            tokens[..from].iter().rev().zip(tokens.iter().rev()).take(MATCH_MAX).take_while(|(a, b)| a == b).count();
+        if agree > best.0 {
+            best = (agree, from);
+            if agree == MATCH_MAX {
+                break;
+            }
         }
     }
-    Vec::new()
+    let (agree, from) = best;
+    if agree < NGRAM_MIN {
+        return Vec::new();
+    }
+    tokens[from..(from + k).min(n)].to_vec()
 }
 
 /// One sequence's speculation: how many drafts it tries, and the ones in flight.
@@ -121,7 +136,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lookup_continues_the_latest_earlier_occurrence_of_the_longest_suffix() {
+    fn lookup_continues_the_earlier_occurrence_that_agrees_longest() {
         // "1 2 3 4" occurred before, followed by 5 6 7.
         assert_eq!(lookup(&[1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4], 3), [5, 6, 7]);
         // Capped by k, and by the end of the sequence.
@@ -137,6 +152,11 @@ mod tests {
         assert!(lookup(&[], 4).is_empty());
         assert!(lookup(&[1, 2], 4).is_empty());
         assert!(lookup(&[1, 2, 1, 2], 0).is_empty());
+        // Past four tokens the longest agreement still decides: "5 1 2 3 4" was followed
+        // by 7, a later "0 1 2 3 4" by 8.
+        assert_eq!(lookup(&[5, 1, 2, 3, 4, 7, 0, 1, 2, 3, 4, 8, 5, 1, 2, 3, 4], 1), [7]);
+        // A sequence that repeats itself (the suffix overlaps its match) drafts the period.
+        assert_eq!(lookup(&[3, 3, 3, 3, 3], 2), [3]);
     }
 
     #[test]
