@@ -1,15 +1,15 @@
 //! Speculative decoding: drafts that the pipeline checks several at a time.
 //!
 //! A sequence's decode step carries its newest token and, after it, up to `--draft-max`
-//! draft tokens proposed by prompt lookup (the tokens that followed the earlier
-//! occurrence of the sequence's latest tokens that agrees with them longest). The last stage samples after every
-//! one of those rows with the draw of that row's own position, so the sample after the
-//! newest token is the very token a plain step would have sampled; a draft is kept while
-//! it equals the sample before it, and the first sample that differs replaces it. The
-//! output is therefore the plain run's, token for token, greedy or sampled: a draft that
-//! is one fixed token is accepted with probability p(draft), and a rejection leaves a
-//! sample from p given "not the draft", which is the speculative-sampling rule for a
-//! draft distribution that puts all its mass on one token.
+//! draft tokens proposed by prompt lookup (the tokens that followed the earlier occurrence
+//! of the sequence's latest tokens that agrees with them longest). The last stage samples
+//! after every one of those rows with the draw of that row's own position, so the sample
+//! after the newest token is the very token a plain step would have sampled; a draft is
+//! kept while it equals the sample before it, and the first sample that differs replaces
+//! it. The output is therefore the plain run's, token for token, greedy or sampled: a draft
+//! that is one fixed token is accepted with probability p(draft), and a rejection leaves a
+//! sample from p given "not the draft", which is the speculative-sampling rule for a draft
+//! distribution that puts all its mass on one token.
 //!
 //! Rejected rows leave no trace: attention rewrites their positions at the next step,
 //! and recurrent (DeltaNet) stages keep the state after the step's sure rows as a
