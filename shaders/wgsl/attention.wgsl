@@ -28,8 +28,6 @@ const NEG: f32 = -3.0e38;
 
 //#include "common/attention.wgsl"
 @group(0) @binding(2) var<storage, read> rows: array<RowInfo>;
-// [slots, max_blocks]: each sequence's blocks in order.
-@group(0) @binding(3) var<storage, read> table: array<u32>;
 @group(0) @binding(4) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> k_pool: array<vec2<u32>>;
 @group(0) @binding(6) var<storage, read> v_pool: array<u32>;
@@ -38,8 +36,7 @@ const NEG: f32 = -3.0e38;
 
 // Where position j of the sequence in `slot` is in the pool.
 fn pool_position(slot: u32, j: u32) -> u32 {
-    let block = table[slot * params.max_blocks + (j >> params.block_shift)];
-    return (block << params.block_shift) | (j & ((1u << params.block_shift) - 1u));
+    return (block_of(slot, j) << params.block_shift) | (j & ((1u << params.block_shift) - 1u));
 }
 
 var<workgroup> q_s: array<vec4<f32>, QUADS>;
@@ -66,7 +63,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if lid == 0u {
         let info = rows[t];
-        n_keys_s = min(info.pos + 1u, params.max_blocks << params.block_shift);
+        n_keys_s = keys_seen(info.pos);
         slot_s = info.slot;
     }
     let n_keys = workgroupUniformLoad(&n_keys_s);

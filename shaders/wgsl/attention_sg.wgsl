@@ -26,8 +26,6 @@ const GQ: u32 = 2u;
 
 //#include "common/attention.wgsl"
 @group(0) @binding(2) var<storage, read> rows: array<RowInfo>;
-// [slots, max_blocks]: each sequence's blocks in order.
-@group(0) @binding(3) var<storage, read> table: array<u32>;
 @group(0) @binding(4) var<storage, read> q: array<vec4<f32>>;
 // f16 quads: [positions, n_kv_heads, HEAD_DIM / 4] of vec2<u32>.
 @group(0) @binding(5) var<storage, read> k_pool: array<vec2<u32>>;
@@ -105,7 +103,7 @@ fn softmax_add(st: Softmax, qs: array<vec4<f32>, LANE_QUADS>, kv: KeyValue) -> S
 // and value loaded once for all of them.
 fn one_row(t: u32, kvh: u32, lane: u32) {
     let info = rows[t];
-    let n_keys = min(info.pos + 1u, params.max_blocks << params.block_shift);
+    let n_keys = keys_seen(info.pos);
     let row0 = t * params.n_heads + kvh * GQ;
     var qs: array<array<vec4<f32>, LANE_QUADS>, GQ>;
     var st: array<Softmax, GQ>;
@@ -115,7 +113,7 @@ fn one_row(t: u32, kvh: u32, lane: u32) {
     }
     let size = 1u << params.block_shift;
     for (var j0 = 0u; j0 < n_keys; j0 += size) {
-        let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
+        let block = block_of(info.slot, j0);
         for (var j = j0; j < min(j0 + size, n_keys); j++) {
             let kv = load_kv(block, j - j0, kvh, lane);
             for (var g = 0u; g < GQ; g++) {
@@ -170,7 +168,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
 fn rows_of_head(t0: u32, h: u32, lane: u32) {
     let info = rows[t0];
     let kvh = h / GQ;
-    let cap = params.max_blocks << params.block_shift;
     // Keys each row of the group sees: 0 for slots past its last row.
     var n_keys: array<u32, ROWS>;
     var qs: array<array<vec4<f32>, LANE_QUADS>, ROWS>;
@@ -179,14 +176,14 @@ fn rows_of_head(t0: u32, h: u32, lane: u32) {
     for (var r = 0u; r < ROWS; r++) {
         let t = min(t0 + r, step.n_tokens - 1u);
         let mine = t0 + r < step.n_tokens && rows[t].first == info.first;
-        n_keys[r] = select(0u, min(rows[t].pos + 1u, cap), mine);
+        n_keys[r] = select(0u, keys_seen(rows[t].pos), mine);
         most = max(most, n_keys[r]);
         qs[r] = query(t * params.n_heads + h, lane);
         st[r] = softmax_start();
     }
     let size = 1u << params.block_shift;
     for (var j0 = 0u; j0 < most; j0 += size) {
-        let block = table[info.slot * params.max_blocks + (j0 >> params.block_shift)];
+        let block = block_of(info.slot, j0);
         for (var j = j0; j < min(j0 + size, most); j++) {
             let kv = load_kv(block, j - j0, kvh, lane);
             for (var r = 0u; r < ROWS; r++) {
