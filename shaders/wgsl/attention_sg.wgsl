@@ -1,7 +1,7 @@
 // Causal softmax attention over the paged f16 KV pool for adapters that run a subgroup as
-// the SIMD lanes of one CPU thread (lavapipe): one subgroup of SG lanes per (up to ROWS
-// consecutive rows of one sequence, KV head g), the lanes splitting the head dims, keys
-// taken one at a time in order with an online softmax per row and query head. Such an
+// the SIMD lanes of one CPU thread (lavapipe): one subgroup of SG lanes per (row, KV
+// head), the lanes splitting the head dims, keys taken one at a time in order with an
+// online softmax per row and query head; rows of one sequence go ROWS at a time. Such an
 // adapter loads storage memory lane by lane, each value in a loop with a bounds check, so
 // loads are what attention costs there; each key and value is therefore loaded and
 // unpacked once for what shares it: a lone row's GQ query heads (every decode row), or
@@ -139,26 +139,34 @@ fn write_row(row: u32, st: Softmax, lane: u32) {
     }
 }
 
+// Workgroups: x over rows, y over KV heads. A group of rows takes one workgroup per query
+// head, not one per KV head taking its GQ heads in turn: the workgroups of the group's
+// rows share its query heads out (row r of n takes heads r, r + n, ...), so the adapter's
+// threads get the same work in more, evener pieces (a CPU adapter has few threads, and a
+// verifying step few groups). A row alone takes its KV head's query heads together.
 @compute @workgroup_size(SG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let t0 = wid.x;
+    let t = wid.x;
     let kvh = wid.y;
-    if t0 >= step.n_tokens {
+    if t >= step.n_tokens {
         return;
     }
-    let info = rows[t0];
-    // Rows go ROWS at a time from the start of their sequence's run: the first of each
-    // group does the group.
-    if (t0 - info.first) % ROWS != 0u {
-        return;
+    let info = rows[t];
+    // Rows go ROWS at a time from the start of their sequence's run.
+    let r = (t - info.first) % ROWS;
+    let t0 = t - r;
+    var n = 1u;
+    for (; n < ROWS; n++) {
+        if t0 + n >= step.n_tokens || rows[t0 + n].first != info.first {
+            break;
+        }
     }
     // A row alone in its group (decode rows, the last of a run) takes the plain path.
-    let next = t0 + 1u;
-    if ROWS == 1u || next >= step.n_tokens || rows[next].first != info.first {
-        one_row(t0, kvh, lane);
+    if n == 1u {
+        one_row(t, kvh, lane);
         return;
     }
-    for (var g = 0u; g < GQ; g++) {
+    for (var g = r; g < GQ; g += n) {
         rows_of_head(t0, kvh * GQ + g, lane);
     }
 }
