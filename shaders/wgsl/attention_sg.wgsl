@@ -167,13 +167,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         return;
     }
     for (var g = r; g < GQ; g += n) {
-        rows_of_head(t0, kvh * GQ + g, lane);
+        rows_of_head(t0, n, kvh * GQ + g, lane);
     }
 }
 
-// The rows of the group starting at `t0` for query head `h`, each key and value loaded
-// once for all of them.
-fn rows_of_head(t0: u32, h: u32, lane: u32) {
+// The `n` rows of the group starting at `t0` for query head `h`, each key and value
+// loaded once for all of them.
+fn rows_of_head(t0: u32, n: u32, h: u32, lane: u32) {
     let info = rows[t0];
     let kvh = h / GQ;
     // Keys each row of the group sees: 0 for slots past its last row.
@@ -182,9 +182,8 @@ fn rows_of_head(t0: u32, h: u32, lane: u32) {
     var st: array<Softmax, ROWS>;
     var most = 0u;
     for (var r = 0u; r < ROWS; r++) {
-        let t = min(t0 + r, step.n_tokens - 1u);
-        let mine = t0 + r < step.n_tokens && rows[t].first == info.first;
-        n_keys[r] = select(0u, keys_seen(rows[t].pos), mine);
+        let t = t0 + min(r, n - 1u);
+        n_keys[r] = select(0u, keys_seen(rows[t].pos), r < n);
         most = max(most, n_keys[r]);
         qs[r] = query(t * params.n_heads + h, lane);
         st[r] = softmax_start();
