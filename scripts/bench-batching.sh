@@ -4,9 +4,15 @@
 # sequences (`strata bench --concurrency`), and prefill of a 512-token prompt against
 # decode (`strata bench`). Prints one JSON object per run and a summary of the ratios.
 # A benchmark, not a test: it reports what it measured and never fails on a number.
-# Usage: scripts/bench-batching.sh [BIN] (default: a release build, made if missing).
+# Usage: [REPEAT=N] [PROMPT_TOKENS=N] [DECODE_TOKENS=N] scripts/bench-batching.sh [BIN]
+# (default BIN: a release build, made if missing). A shared or throttled machine's
+# speed drifts by tens of percent over minutes, so a ratio is taken within a round, from
+# the 1- and the 8-sequence runs made back to back (alternating which goes first);
+# REPEAT rounds (default 1) give the median ratio and the range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPEAT=${REPEAT:-1}
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT must be a whole number of rounds, 1 or more, not '$REPEAT'" >&2; exit 2; }
 bash scripts/setup.sh >/dev/null
 S=${1:-./target/release/strata}
 [ -x "$S" ] || cargo build --release --bin strata --quiet
@@ -26,8 +32,21 @@ concurrent() { # NAME N [FLAGS...]
     echo "$name: $(tr -d '\n ' <"$out/$name.json")"
 }
 
-concurrent one-1 1
-concurrent one-8 8
+rounds() { # WHERE [FLAGS...]: REPEAT rounds of 1 and 8 sequences back to back
+    local where=$1 round
+    shift
+    for ((round = 0; round < REPEAT; round++)); do
+        if ((round % 2)); then
+            concurrent "$where-8-$round" 8 "$@"
+            concurrent "$where-1-$round" 1 "$@"
+        else
+            concurrent "$where-1-$round" 1 "$@"
+            concurrent "$where-8-$round" 8 "$@"
+        fi
+    done
+}
+
+rounds one
 "$S" bench -m "$Q8" --prompt-tokens 512 --decode-tokens 32 --ctx 1024 --batch-tokens "${BATCH_TOKENS:-512}" --json \
     2>/dev/null >"$out/prefill.json"
 echo "prefill-512: $(tr -d '\n ' <"$out/prefill.json")"
@@ -41,24 +60,30 @@ for i in 0 1 2; do
     read -r line <&"$fd"
     peers+=(--peer "${line#listening on }")
 done
-concurrent three-1 1 --no-local "${peers[@]}"
-concurrent three-8 8 --no-local "${peers[@]}"
+rounds three --no-local "${peers[@]}"
 # The default keeps one step in flight here (the three nodes share one device); this is
 # what one step per stage would give.
 concurrent three-8-three-steps 8 --no-local --micro-batches 3 "${peers[@]}"
 
-python3 - "$out" <<'PY'
-import json, sys
-d = sys.argv[1]
-r = {n: json.load(open(f"{d}/{n}.json")) for n in ["one-1", "one-8", "three-1", "three-8", "three-8-three-steps", "prefill"]}
-agg = lambda n: r[n]["aggregate_decode_tokens_per_s"]
+python3 - "$out" "$REPEAT" <<'PY'
+import json, statistics, sys
+d, repeat = sys.argv[1], int(sys.argv[2])
+r = lambda n: json.load(open(f"{d}/{n}.json"))
+agg = lambda j: j["aggregate_decode_tokens_per_s"]
 print()
-print(f"one stage:   8 sequences {agg('one-8'):.2f} tok/s vs 1 {agg('one-1'):.2f}: {agg('one-8') / agg('one-1'):.2f}x")
-print(f"three nodes: 8 sequences {agg('three-8'):.2f} tok/s vs 1 {agg('three-1'):.2f}: {agg('three-8') / agg('three-1'):.2f}x")
-print(f"three nodes, three steps in flight (--micro-batches 3): 8 sequences {agg('three-8-three-steps'):.2f} tok/s: {agg('three-8-three-steps') / agg('three-1'):.2f}x")
-for n in ["three-1", "three-8", "three-8-three-steps"]:
-    busy = ", ".join(f"{s['node']} {s['busy_fraction']:.0%}" for s in r[n]["stages"])
-    print(f"  busy with {r[n]['concurrency']} sequence(s), {r[n]['micro_batches']} step(s) in flight: {busy}; bubble {r[n]['bubble']:.0%}")
-p = r["prefill"]
+for w, label in [("one", "one stage:  "), ("three", "three nodes:")]:
+    runs = [(r(f"{w}-1-{i}"), r(f"{w}-8-{i}")) for i in range(repeat)]
+    ratios = [agg(eight) / agg(one) for one, eight in runs]
+    ones = ", ".join(f"{agg(one):.2f}" for one, _ in runs)
+    eights = ", ".join(f"{agg(eight):.2f}" for _, eight in runs)
+    spread = f" (rounds {min(ratios):.2f}x to {max(ratios):.2f}x)" if repeat > 1 else ""
+    print(f"{label} 8 sequences {eights} tok/s vs 1 {ones}: {statistics.median(ratios):.2f}x{spread}")
+three_1 = r("three-1-0")
+t3 = r("three-8-three-steps")
+print(f"three nodes, three steps in flight (--micro-batches 3): 8 sequences {agg(t3):.2f} tok/s: {agg(t3) / agg(three_1):.2f}x")
+for j in [three_1, r("three-8-0"), t3]:
+    busy = ", ".join(f"{s['node']} {s['busy_fraction']:.0%}" for s in j["stages"])
+    print(f"  busy with {j['concurrency']} sequence(s), {j['micro_batches']} step(s) in flight: {busy}; bubble {j['bubble']:.0%}")
+p = r("prefill")
 print(f"prefill (512 tokens) {p['prefill_tokens_per_s']:.1f} tok/s vs decode {p['decode_tokens_per_s']:.2f} tok/s: {p['prefill_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x")
 PY

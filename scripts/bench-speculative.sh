@@ -5,9 +5,15 @@
 # and without `--speculative lookup`, on one stage and on three local `strata node`s.
 # Prints one JSON object per run and the ratios.
 # A benchmark, not a test: it reports what it measured and never fails on a number.
-# Usage: scripts/bench-speculative.sh [BIN] (default: a release build, made if missing).
+# Usage: [REPEAT=N] [DRAFT_MAX=N] [DECODE_TOKENS=N] scripts/bench-speculative.sh [BIN]
+# (default BIN: a release build, made if missing). A shared or throttled machine's
+# speed drifts by tens of percent over minutes, so a ratio is taken within a round, from
+# a run without and a run with lookup made back to back (alternating which goes first);
+# REPEAT rounds (default 1) give the median ratio and the range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPEAT=${REPEAT:-1}
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT must be a whole number of rounds, 1 or more, not '$REPEAT'" >&2; exit 2; }
 bash scripts/setup.sh >/dev/null
 S=${1:-./target/release/strata}
 [ -x "$S" ] || cargo build --release --bin strata --quiet
@@ -36,13 +42,21 @@ one() { # NAME TASK DECODE [FLAGS...]
     echo "$name-$task: $(tr -d '\n ' <"$out/$name-$task.json")"
 }
 
+pair() { # WHERE ROUND TASK DECODE [FLAGS...]: off and lookup back to back
+    local where=$1 round=$2 task=$3 decode=$4
+    shift 4
+    local off=(one "$where-off-$round" "$task" "$decode" --speculative off "$@")
+    local on=(one "$where-lookup-$round" "$task" "$decode" --speculative lookup --draft-max "$DRAFT" "$@")
+    if ((round % 2)); then "${on[@]}"; "${off[@]}"; else "${off[@]}"; "${on[@]}"; fi
+}
+
 both() { # WHERE [FLAGS...]
     local where=$1
     shift
-    one "$where-off" file "$DECODE" --speculative off "$@"
-    one "$where-lookup" file "$DECODE" --speculative lookup --draft-max "$DRAFT" "$@"
-    one "$where-off" excerpt 200 --speculative off "$@"
-    one "$where-lookup" excerpt 200 --speculative lookup --draft-max "$DRAFT" "$@"
+    for ((round = 0; round < REPEAT; round++)); do
+        pair "$where" "$round" file "$DECODE" "$@"
+        pair "$where" "$round" excerpt 200 "$@"
+    done
 }
 
 both one
@@ -57,19 +71,23 @@ for i in 0 1 2; do
 done
 both three --no-local "${peers[@]}"
 
-python3 - "$out" <<'PY'
-import json, sys
-d = sys.argv[1]
-names = [f"{w}-{s}-{t}" for w in ["one", "three"] for s in ["off", "lookup"] for t in ["file", "excerpt"]]
-r = {n: json.load(open(f"{d}/{n}.json")) for n in names}
-rate = lambda n: r[n]["per_sequence_decode_tokens_per_s"]
+python3 - "$out" "$REPEAT" <<'PY'
+import json, statistics, sys
+d, repeat = sys.argv[1], int(sys.argv[2])
+r = lambda n: json.load(open(f"{d}/{n}.json"))
+rate = lambda j: j["per_sequence_decode_tokens_per_s"]
 print()
 for t in ["file", "excerpt"]:
     for w in ["one", "three"]:
-        on, off = f"{w}-lookup-{t}", f"{w}-off-{t}"
-        s = r[on]["speculation"]
-        print(f"{t} ({r[on]['prompt_tokens']} prompt tokens), {'one stage' if w == 'one' else 'three nodes'}: "
-              f"decode {rate(on):.2f} tok/s with lookup vs {rate(off):.2f} without: {rate(on) / rate(off):.2f}x; "
+        runs = [(r(f"{w}-off-{i}-{t}"), r(f"{w}-lookup-{i}-{t}")) for i in range(repeat)]
+        ratios = [rate(on) / rate(off) for off, on in runs]
+        offs = ", ".join(f"{rate(off):.2f}" for off, _ in runs)
+        ons = ", ".join(f"{rate(on):.2f}" for _, on in runs)
+        on = runs[0][1]
+        s = on["speculation"]
+        spread = f" (rounds {min(ratios):.2f}x to {max(ratios):.2f}x)" if repeat > 1 else ""
+        print(f"{t} ({on['prompt_tokens']} prompt tokens), {'one stage' if w == 'one' else 'three nodes'}: "
+              f"decode {ons} tok/s with lookup vs {offs} without: {statistics.median(ratios):.2f}x{spread}; "
               f"{s['accepted_draft_tokens']} of {s['draft_tokens']} drafts accepted ({s['acceptance']:.0%}), "
               f"{s['tokens_per_trip']:.2f} tokens per trip")
 PY
