@@ -78,10 +78,12 @@ for w, label in [("one", "one stage:  "), ("three", "three nodes:")]:
     eights = ", ".join(f"{agg(eight):.2f}" for _, eight in runs)
     spread = f" (rounds {min(ratios):.2f}x to {max(ratios):.2f}x)" if repeat > 1 else ""
     print(f"{label} 8 sequences {eights} tok/s vs 1 {ones}: {statistics.median(ratios):.2f}x{spread}")
-three_1 = r("three-1-0")
+# The last round's runs are the ones nearest the three-steps run, made right after it.
+last = repeat - 1
+three_1 = r(f"three-1-{last}")
 t3 = r("three-8-three-steps")
 print(f"three nodes, three steps in flight (--micro-batches 3): 8 sequences {agg(t3):.2f} tok/s: {agg(t3) / agg(three_1):.2f}x")
-for j in [three_1, r("three-8-0"), t3]:
+for j in [three_1, r(f"three-8-{last}"), t3]:
     busy = ", ".join(f"{s['node']} {s['busy_fraction']:.0%}" for s in j["stages"])
     print(f"  busy with {j['concurrency']} sequence(s), {j['micro_batches']} step(s) in flight: {busy}; bubble {j['bubble']:.0%}")
 p = r("prefill")
