@@ -7,9 +7,10 @@
 //! `cargo run --release -p strata-node --example read_paths` (or with the dev profile,
 //! which is optimised too).
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::gpu::{Dispatch, Gpu, GpuConfig, Workgroups, encode_dispatches};
 
 const TEXTURE_READ: &str = r#"
 struct Params { n: u32, stride: u32, width: u32, pad: u32 }
@@ -51,7 +52,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
 
 /// Runs `wgsl`'s `main` over `groups` workgroups with `source` at binding 1, best of
 /// three (after a warm-up), and returns GB/s for `bytes` read per dispatch.
-fn rate(gpu: &Gpu, wgsl: &str, params: &[u32; 4], source: wgpu::BindingResource<'_>, groups: u32, bytes: f64) -> f64 {
+fn rate(
+    gpu: &Gpu,
+    wgsl: &str,
+    params: &[u32; 4],
+    source: wgpu::BindingResource<'_>,
+    groups: u32,
+    bytes: f64,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: None,
         source: wgpu::ShaderSource::Wgsl(wgsl.into()),
@@ -66,31 +74,27 @@ fn rate(gpu: &Gpu, wgsl: &str, params: &[u32; 4], source: wgpu::BindingResource<
     });
     let params = gpu.uniform("read_paths params", params);
     let sink = gpu.storage("read_paths sink", u64::from(groups) * 4);
-    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: source },
-            wgpu::BindGroupEntry { binding: 2, resource: sink.as_entire_binding() },
-        ],
-    });
-    let run = || {
+    let dispatch = Dispatch::new(
+        gpu,
+        "read_paths",
+        Arc::new(pipeline),
+        &[params.as_entire_binding(), source, sink.as_entire_binding()],
+        Workgroups::fixed(groups, 1, 1),
+    );
+    let run = || -> Result<f64, wgpu::PollError> {
         let t = Instant::now();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(groups, 1, 1);
-        }
+        encode_dispatches(&mut enc, std::slice::from_ref(&dispatch), 1);
         gpu.queue.submit([enc.finish()]);
-        gpu.device.poll(wgpu::PollType::wait_indefinitely()).expect("the adapter stopped");
-        t.elapsed().as_secs_f64()
+        gpu.device.poll(wgpu::PollType::wait_indefinitely())?;
+        Ok(t.elapsed().as_secs_f64())
     };
-    run();
-    let best = (0..3).map(|_| run()).fold(f64::INFINITY, f64::min);
-    bytes / best / 1e9
+    run()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        best = best.min(run()?);
+    }
+    Ok(bytes / best / 1e9)
 }
 
 fn report(what: &str, gbps: f64) {
@@ -125,7 +129,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wgpu::BindingResource::TextureView(&view),
         groups,
         bytes,
-    );
+    )?;
     report("texture, streamed", gbps);
 
     let small = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -138,7 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bytes = f64::from(groups * 256 * iters) * 16.0;
     for (name, kind) in [("storage", "storage, read"), ("uniform", "uniform")] {
         let wgsl = CACHED_READ.replace("KIND", kind);
-        let gbps = rate(&gpu, &wgsl, &[iters, 0, 0, 0], small.as_entire_binding(), groups, bytes);
+        let gbps = rate(&gpu, &wgsl, &[iters, 0, 0, 0], small.as_entire_binding(), groups, bytes)?;
         report(&format!("{name} buffer, 64 KiB cached"), gbps);
     }
     Ok(())
