@@ -3,7 +3,8 @@
 # greedy, copy-heavy requests ("repeat this code exactly, with one function renamed": the
 # whole 200-line scripts/data/inventory.py, and a 29-line excerpt of it), decoded with
 # and without `--speculative lookup`, on one stage and on three local `strata node`s.
-# Prints one JSON object per run and the ratios.
+# Prints one JSON object per run, the ratios, and how much of the model's answer to
+# each task copies the source.
 # A benchmark, not a test: it reports what it measured and never fails on a number.
 # Usage: [REPEAT=N] [DRAFT_MAX=N] [DECODE_TOKENS=N] scripts/bench-speculative.sh [BIN]
 # (default BIN: a release build, made if missing). A shared or throttled machine's
@@ -61,6 +62,14 @@ both() { # WHERE [FLAGS...]
 
 both one
 
+# The greedy answer to each task (what every run above decodes): how much of it copies
+# the source, which is what any draft can gain on.
+answer() { # TASK DECODE
+    "$S" run -m "$Q8" --ctx 4096 -n "$2" --json -p "$(cat "$out/$1.txt")" 2>/dev/null >"$out/answer-$1.json"
+}
+answer file "$DECODE"
+answer excerpt 200
+
 peers=()
 for i in 0 1 2; do
     exec {fd}< <("$S" node --listen 127.0.0.1:0 --no-mdns --memory 4GiB --name "spec$i" \
@@ -90,4 +99,14 @@ for t in ["file", "excerpt"]:
               f"decode {ons} tok/s with lookup vs {offs} without: {statistics.median(ratios):.2f}x{spread}; "
               f"{s['accepted_draft_tokens']} of {s['draft_tokens']} drafts accepted ({s['acceptance']:.0%}), "
               f"{s['tokens_per_trip']:.2f} tokens per trip")
+print()
+# A line of the answer counts as copied when, with the rename undone, it is a line of the
+# source file (blank lines and code fences aside).
+source = {l.strip() for l in open("scripts/data/inventory.py") if l.strip()}
+for t in ["file", "excerpt"]:
+    lines = [l.strip() for l in r(f"answer-{t}")["text"].splitlines()]
+    lines = [l for l in lines if l and not l.startswith("```")]
+    copied = sum(l.replace("parse_row", "parse_line") in source for l in lines)
+    print(f"{t}: {copied} of {len(lines)} lines of the answer are lines of the source; it begins "
+          + " / ".join(lines[:2])[:120])
 PY
