@@ -32,8 +32,11 @@ task() { # FILE LINES: the request for lines FIRST,LAST of the file
     sed -n "$2p" "$1"
     printf '<|im_end|>\n<|im_start|>assistant\n'
 }
-task scripts/data/inventory.py 1,199 >"$out/file.txt"
-task scripts/data/inventory.py 97,125 >"$out/excerpt.txt"
+SOURCE=scripts/data/inventory.py
+for t in file:1,199 excerpt:97,125; do
+    task "$SOURCE" "${t#*:}" >"$out/${t%%:*}.txt"
+    sed -n "${t#*:}p" "$SOURCE" >"$out/${t%%:*}.source"
+done
 
 one() { # NAME TASK DECODE [FLAGS...]
     local name=$1 task=$2 decode=$3
@@ -65,7 +68,10 @@ both one
 # The greedy answer to each task (what every run above decodes): how much of it copies
 # the source, which is what any draft can gain on.
 answer() { # TASK DECODE
-    "$S" run -m "$Q8" --ctx 4096 -n "$2" --json -p "$(cat "$out/$1.txt")" 2>/dev/null >"$out/answer-$1.json"
+    # The prompt whole: `$(...)` alone would drop its final newline.
+    local prompt
+    prompt=$(cat "$out/$1.txt"; printf x)
+    "$S" run -m "$Q8" --ctx 4096 -n "$2" --json -p "${prompt%x}" 2>/dev/null >"$out/answer-$1.json"
 }
 answer file "$DECODE"
 answer excerpt 200
@@ -101,12 +107,12 @@ for t in ["file", "excerpt"]:
               f"{s['tokens_per_trip']:.2f} tokens per trip")
 print()
 # A line of the answer counts as copied when, with the rename undone, it is a line of the
-# source file (blank lines and code fences aside).
-source = {l.strip() for l in open("scripts/data/inventory.py") if l.strip()}
+# code the task quotes (blank lines and code fences aside).
 for t in ["file", "excerpt"]:
+    source = {l.strip() for l in open(f"{d}/{t}.source") if l.strip()}
     lines = [l.strip() for l in r(f"answer-{t}")["text"].splitlines()]
     lines = [l for l in lines if l and not l.startswith("```")]
     copied = sum(l.replace("parse_row", "parse_line") in source for l in lines)
-    print(f"{t}: {copied} of {len(lines)} lines of the answer are lines of the source; it begins "
+    print(f"{t}: {copied} of {len(lines)} lines of the answer are lines of the code it quotes; it begins "
           + " / ".join(lines[:2])[:120])
 PY
