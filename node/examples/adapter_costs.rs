@@ -8,10 +8,9 @@
 //! `cargo run --release -p strata-node --example adapter_costs` (or with the dev profile,
 //! which is optimised too).
 
-use std::sync::Arc;
-use std::time::Instant;
+mod common;
 
-use strata_node::gpu::{Dispatch, Gpu, GpuConfig, Workgroups, encode_dispatches};
+use strata_node::gpu::{Dispatch, Gpu, GpuConfig, Workgroups};
 
 /// One tiny dispatch: each thread bumps its own counter. `WG` is replaced by the size.
 const TINY: &str = r#"
@@ -52,45 +51,15 @@ ACC
 }
 "#;
 
-/// Seconds for one submission of `list`, best of five after a warm-up.
-fn time(gpu: &Gpu, list: &[Dispatch]) -> Result<f64, wgpu::PollError> {
-    let run = || -> Result<f64, wgpu::PollError> {
-        let t = Instant::now();
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        encode_dispatches(&mut enc, list, 1);
-        gpu.queue.submit([enc.finish()]);
-        gpu.device.poll(wgpu::PollType::wait_indefinitely())?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    run()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        best = best.min(run()?);
-    }
-    Ok(best)
-}
-
 /// A dispatch of `wgsl`'s `main` over `groups` workgroups, with `params` at binding 0 and
 /// a sink of `sink_words` at binding 1.
 fn dispatch(gpu: &Gpu, wgsl: String, params: &[u32; 4], sink_words: u32, groups: u32) -> Dispatch {
-    let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: None,
-        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
-    });
-    let pipeline = gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: None,
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
     let params = gpu.uniform("adapter_costs params", params);
     let sink = gpu.storage("adapter_costs sink", u64::from(sink_words) * 4);
     Dispatch::new(
         gpu,
         "adapter_costs",
-        Arc::new(pipeline),
+        common::pipeline(gpu, &wgsl),
         &[params.as_entire_binding(), sink.as_entire_binding()],
         Workgroups::fixed(groups, 1, 1),
     )
@@ -125,7 +94,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (wg, groups) in [(8u32, 1u32), (8, 8), (64, 1), (256, 1), (8, 64)] {
         let d = dispatch(&gpu, TINY.replace("WG", &wg.to_string()), &[wg * groups, 0, 0, 0], wg * groups, groups);
         let list = vec![d; n];
-        let s = time(&gpu, &list)?;
+        let s = common::best_seconds(&gpu, &list, 5)?;
         println!(
             "{n} dispatches of {groups:>2} workgroup(s) of {wg:>3}: {:6.2} ms, {:5.1} us each",
             s * 1e3,
@@ -138,7 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let macs = f64::from(groups) * 8.0 * f64::from(iters) * 64.0;
     for (name, int8) in [("float (mm_rows)", false), ("int8 (dot4I8Packed)", true)] {
         let d = dispatch(&gpu, dots(int8), &[iters, 0, 0, 0], groups * 8, groups);
-        let s = time(&gpu, std::slice::from_ref(&d))?;
+        let s = common::best_seconds(&gpu, std::slice::from_ref(&d), 5)?;
         println!("multiply-adds in registers, {name:<20} {:6.1} GMAC/s", macs / s / 1e9);
     }
     Ok(())

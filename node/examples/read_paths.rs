@@ -7,10 +7,9 @@
 //! `cargo run --release -p strata-node --example read_paths` (or with the dev profile,
 //! which is optimised too).
 
-use std::sync::Arc;
-use std::time::Instant;
+mod common;
 
-use strata_node::gpu::{Dispatch, Gpu, GpuConfig, Workgroups, encode_dispatches};
+use strata_node::gpu::{Dispatch, Gpu, GpuConfig, Workgroups};
 
 const TEXTURE_READ: &str = r#"
 struct Params { n: u32, stride: u32, width: u32, pad: u32 }
@@ -60,40 +59,16 @@ fn rate(
     groups: u32,
     bytes: f64,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: None,
-        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
-    });
-    let pipeline = gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: None,
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
     let params = gpu.uniform("read_paths params", params);
     let sink = gpu.storage("read_paths sink", u64::from(groups) * 4);
     let dispatch = Dispatch::new(
         gpu,
         "read_paths",
-        Arc::new(pipeline),
+        common::pipeline(gpu, wgsl),
         &[params.as_entire_binding(), source, sink.as_entire_binding()],
         Workgroups::fixed(groups, 1, 1),
     );
-    let run = || -> Result<f64, wgpu::PollError> {
-        let t = Instant::now();
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        encode_dispatches(&mut enc, std::slice::from_ref(&dispatch), 1);
-        gpu.queue.submit([enc.finish()]);
-        gpu.device.poll(wgpu::PollType::wait_indefinitely())?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    run()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        best = best.min(run()?);
-    }
+    let best = common::best_seconds(gpu, std::slice::from_ref(&dispatch), 3)?;
     Ok(bytes / best / 1e9)
 }
 
