@@ -97,6 +97,12 @@ pub struct EngineArgs {
     /// also `WGPU_ADAPTER_NAME`).
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`; x
+    /// quantised per block of 32 values to two bytes a value), `on` or `off` (default:
+    /// `STRATA_INT8_DOT`, else off). Off by default: measured only on lavapipe, which
+    /// lowers the instruction and runs it slower than float products.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub int8_dot: Option<bool>,
     /// Rows one step carries, all sequences together: every decode row of the step's
     /// sequences, then prefill chunks up to this budget (so a long prompt never stalls the
     /// others' streams). Larger speeds up prefill, smaller keeps decode steps short.
@@ -192,6 +198,14 @@ impl EngineArgs {
 }
 
 /// A duration in seconds: finite, 0 to one hour.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("`{s}`: expected `on` or `off`")),
+    }
+}
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(0.0..=3600.0).contains(&v) {
@@ -223,6 +237,12 @@ pub struct NodeArgs {
     /// GPU adapter to use: a case-insensitive substring of its name (also `WGPU_ADAPTER_NAME`).
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`; x
+    /// quantised per block of 32 values to two bytes a value), `on` or `off` (default:
+    /// `STRATA_INT8_DOT`, else off). Off by default: measured only on lavapipe, which
+    /// lowers the instruction and runs it slower than float products.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub int8_dot: Option<bool>,
     /// Free a sequence's caches after this many seconds unused.
     #[arg(long, default_value_t = 600)]
     pub idle_timeout: u64,

@@ -65,6 +65,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         node_id: format!("{name}-{}-{}", std::process::id(), started.as_nanos() % 1_000_000),
         name,
         adapter: args.adapter.clone(),
+        int8_dot: args.int8_dot,
         memory,
         model_dir: args.model_dir.clone(),
         model_files: Vec::new(),

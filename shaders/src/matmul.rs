@@ -7,6 +7,10 @@
 //! of piece `p`. The `mm_*` kernels and `embed` are written against that function alone,
 //! so they compile only with a prelude in front ([`crate::Kernel::assemble`]).
 //!
+//! `mm_dot` is the integer-dot path for Q8_0 weights (x quantised per block of 32 by
+//! `quantize_x`, products summed with `dot4I8Packed`): it binds the weights through the
+//! Q8_0 prelude and never calls `load8`.
+//!
 //! `mm_rows` and `mm_tile` also take their input rows `x` from an x prelude
 //! (`x_storage`, or `x_uniform` where a uniform buffer reads faster and x fits in one).
 
@@ -25,6 +29,8 @@ crate::registry::kernels! { MATMUL:
     X_UNIFORM => "x_uniform",
     MM_ROWS => "mm_rows",
     MM_TILE => "mm_tile",
+    MM_DOT => "mm_dot",
+    QUANTIZE_X => "quantize_x",
     MM_ID => "mm_id",
     EMBED => "embed",
 }
@@ -49,3 +55,6 @@ pub const X_PRELUDES: &[Kernel] = &[Kernel::X_STORAGE, Kernel::X_UNIFORM];
 
 /// The kernels that read `x` (binding 2) from an x prelude, compiled after the format's.
 pub const X_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE];
+
+/// The kernels compiled with the Q8_0 prelude alone, for its bindings: the integer-dot path.
+pub const Q8_0_READERS: &[Kernel] = &[Kernel::MM_DOT];

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
+use crate::matmul::{FORMATS, Q8_0_READERS, WEIGHT_READERS, X_PRELUDES, X_READERS};
 use crate::{Kernel, all, include};
 
 /// Parses and validates `src` as wgpu would before handing it to a driver.
@@ -30,6 +30,10 @@ fn every_kernel_assembles_and_validates() {
                     validate(&format!("{}+{}+{}", k.name, f.name, x.name), &src);
                 }
             }
+        } else if Q8_0_READERS.contains(&k) {
+            let src = k.assemble(&[Kernel::Q_Q8_0], &[("S", "1u".into()), ("TB", "3u".into())]).unwrap();
+            validate(&format!("{}+q_q8_0", k.name), &src);
+            validate(&format!("{}+q_q8_0 (default)", k.name), &k.assemble(&[Kernel::Q_Q8_0], &[]).unwrap());
         } else if WEIGHT_READERS.contains(&k) {
             for f in FORMATS {
                 validate(&format!("{}+{}", k.name, f.name), &k.assemble(&[*f], &[]).unwrap());

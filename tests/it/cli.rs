@@ -27,6 +27,7 @@ fn help_explains_every_command_and_flag() {
         "--ctx",
         "--batch",
         "--adapter",
+        "--int8-dot",
         "--ignore-eos",
         "--peer",
         "--no-local",
@@ -70,6 +71,43 @@ fn flags_out_of_range_are_refused() {
     let err = fails(&["run", "--model", m, "--prompt", "hi", "--ctx", "16", "--max-tokens", "100"]);
     assert!(err.contains("context length 16"), "{err}");
     assert!(fails(&["quantize", m, "/tmp/x.gguf", "--type", "q5_k"]).contains("q5_k"));
+    let err = fails(&["run", "--model", m, "--prompt", "hi", "--int8-dot", "maybe"]);
+    assert!(err.contains("--int8-dot") && err.contains("`on` or `off`"), "{err}");
+    let o = strata().args(["run", "--model", m, "--prompt", "hi"]).env("STRATA_INT8_DOT", "maybe").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("STRATA_INT8_DOT=maybe"), "{err}");
+}
+
+/// `--int8-dot on`: a Q8_0 model's matrix products go through `quantize_x` and `mm_dot`
+/// (one of each per product) in the profiled 4-row step, and the bench's prefill and
+/// one-row decode run on them too.
+#[test]
+fn bench_with_int8_dot_runs_q8_0_products_through_integer_dots() {
+    let m = crate::support::smol_q8_0();
+    let out = strata_json(&[
+        "bench",
+        "--model",
+        path_str(&m),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "2",
+        "--profile",
+        "--profile-rows",
+        "4",
+        "--profile-seqs",
+        "4",
+        "--int8-dot",
+        "on",
+        "--json",
+    ]);
+    let ops = out["profile"].as_array().unwrap_or_else(|| panic!("no profile: {out:#}"));
+    let count = |name: &str| ops.iter().find(|o| o["op"] == name).map_or(0, |o| o["dispatches"].as_u64().unwrap());
+    assert_eq!(count("mm_rows"), 0, "{ops:#?}");
+    assert!(count("mm_dot") > 0 && count("mm_dot") == count("quantize_x"), "{ops:#?}");
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(out[key].as_f64().unwrap() > 0.0, "{key}: {out:#}");
+    }
 }
 
 /// Nothing the user did not cause prints "error": without `XDG_RUNTIME_DIR` (a bare

@@ -292,6 +292,7 @@ fn distinct_devices(stages: &[StageHandle]) -> usize {
 async fn start_local(
     gguf_path: &std::path::Path,
     adapter: Option<String>,
+    int8_dot: Option<bool>,
     security: &Security,
 ) -> anyhow::Result<(String, LocalNode)> {
     // The coordinator's own node has the file: it never needs a shard cache.
@@ -299,6 +300,7 @@ async fn start_local(
         node_id: format!("local-{}", std::process::id()),
         name: "local".into(),
         adapter,
+        int8_dot,
         memory: MemoryLimit::Auto,
         model_dir: None,
         model_files: vec![gguf_path.to_owned()],
@@ -333,7 +335,7 @@ async fn stage_addresses(
     let local = if args.no_local {
         None
     } else {
-        let (addr, node) = start_local(&args.model, args.adapter.clone(), security).await?;
+        let (addr, node) = start_local(&args.model, args.adapter.clone(), args.int8_dot, security).await?;
         addrs.push(addr);
         Some(node)
     };

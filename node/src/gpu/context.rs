@@ -12,6 +12,13 @@ pub struct GpuConfig {
     /// Substring of the adapter name to use (case-insensitive); falls back to the
     /// `WGPU_ADAPTER_NAME` environment variable, then to the best adapter found.
     pub adapter: Option<String>,
+    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`), x
+    /// quantised per block of 32 values to two bytes a value, instead of float
+    /// multiply-adds: falls back to the `STRATA_INT8_DOT` environment variable (`on`/`off`),
+    /// then off. Off by default because it is measured only on lavapipe, which lowers the
+    /// instruction to byte extracts and runs the path slower than float products (README,
+    /// "Integer dot products").
+    pub int8_dot: Option<bool>,
 }
 
 /// What a device is, in words: for logs, reports and node identities (callers outside
@@ -36,6 +43,8 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Q8_0 matrix products go through integer dot products ([`GpuConfig::int8_dot`]).
+    pub int8_dot: bool,
     /// The first GPU error no error scope caught since the last [`Gpu::check`]. wgpu's
     /// default handler panics; a node must instead fail the one request and keep serving.
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -59,6 +68,18 @@ fn machine_identity() -> String {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             format!("process-{}-{}", std::process::id(), now.as_nanos())
         })
+}
+
+/// `STRATA_INT8_DOT`: `on`/`1`/`true` or `off`/`0`/`false` (unset: off).
+fn int8_dot_from_env() -> Result<bool> {
+    match std::env::var("STRATA_INT8_DOT") {
+        Err(_) => Ok(false),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "on" | "1" | "true" => Ok(true),
+            "off" | "0" | "false" | "" => Ok(false),
+            other => Err(Error::Device(format!("STRATA_INT8_DOT={other}: expected `on` or `off`"))),
+        },
+    }
 }
 
 fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
@@ -95,6 +116,18 @@ impl Gpu {
         };
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let int8_dot = match config.int8_dot {
+            Some(on) => on,
+            None => int8_dot_from_env()?,
+        };
+        if int8_dot
+            && !instance.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct)
+        {
+            return Err(Error::Device(format!(
+                "--int8-dot: {} offers no packed 4x8-bit integer dot products in WGSL",
+                info.name
+            )));
+        }
         let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & optional;
         let (device, queue) = adapter
@@ -115,7 +148,7 @@ impl Gpu {
             tracing::error!(error = %e, "GPU error");
             sink.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
         }));
-        Ok(Gpu { device, queue, info, limits, features, uncaptured })
+        Ok(Gpu { device, queue, info, limits, features, int8_dot, uncaptured })
     }
 
     /// The GPU error raised since the last check outside any error scope, if any, as an

@@ -3,19 +3,25 @@ use crate::testing::gpu;
 
 /// Every kernel file becomes a pipeline on the device, includes resolved: each kernel
 /// that calls `load8` with every weight-format prelude (and each x prelude, for those
-/// that read x from one), which compiles each prelude too; the rest alone.
+/// that read x from one), which compiles each prelude too; the integer-dot kernel with
+/// the Q8_0 prelude; the rest alone.
 #[test]
 fn every_kernel_compiles() {
-    use strata_shaders::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
+    use strata_shaders::Kernel;
+    use strata_shaders::matmul::{FORMATS, Q8_0_READERS, WEIGHT_READERS, X_PRELUDES, X_READERS};
     let (gpu, kernels) = gpu();
     for k in strata_shaders::all() {
         if FORMATS.contains(&k) || X_PRELUDES.contains(&k) {
             continue;
         }
-        let formats: Vec<&[strata_shaders::Kernel]> =
-            if WEIGHT_READERS.contains(&k) { FORMATS.chunks(1).collect() } else { vec![&[]] };
-        let xs: Vec<&[strata_shaders::Kernel]> =
-            if X_READERS.contains(&k) { X_PRELUDES.chunks(1).collect() } else { vec![&[]] };
+        let formats: Vec<&[Kernel]> = if WEIGHT_READERS.contains(&k) {
+            FORMATS.chunks(1).collect()
+        } else if Q8_0_READERS.contains(&k) {
+            vec![&[Kernel::Q_Q8_0]]
+        } else {
+            vec![&[]]
+        };
+        let xs: Vec<&[Kernel]> = if X_READERS.contains(&k) { X_PRELUDES.chunks(1).collect() } else { vec![&[]] };
         for f in &formats {
             for x in &xs {
                 kernels.pipeline(gpu, k, &[*f, *x].concat(), &[]).unwrap_or_else(|e| panic!("{e}"));

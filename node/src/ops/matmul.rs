@@ -10,6 +10,7 @@
 //! [`MatmulPlan`]. So a row's result is bit for bit the same whichever kernel ran it and
 //! whatever else shared its step: batching never changes a token.
 
+use strata_model::quant::GgmlType;
 use strata_shaders::Kernel;
 
 use super::recorder::{Act, Recorder, binding};
@@ -121,16 +122,21 @@ pub struct MatmulPlan {
     /// `mm_rows` reads x through a uniform binding (`x_uniform.wgsl`) where the step's
     /// rows fit in one and x's buffer allows it, rather than a storage one.
     pub uniform_x: bool,
+    /// Q8_0 matrices go through integer dot products (`quantize_x`, then `mm_dot`) in every
+    /// class, with the plan's lanes and splits; other formats keep the float kernels. The
+    /// adapter's [`Gpu::int8_dot`] decides (see [`crate::gpu::GpuConfig::int8_dot`]).
+    pub int8_dot: bool,
 }
 
 impl MatmulPlan {
     /// The plan for `gpu`'s adapter.
     pub fn for_gpu(gpu: &Gpu) -> MatmulPlan {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        let plan = if gpu.info.device_type == wgpu::DeviceType::Cpu {
             MatmulPlan::cpu(gpu.cpu_subgroup())
         } else {
             MatmulPlan::gpu()
-        }
+        };
+        MatmulPlan { int8_dot: gpu.int8_dot, ..plan }
     }
 
     /// CPU adapters (lavapipe) run a workgroup as the SIMD lanes of one thread and load
@@ -156,6 +162,7 @@ impl MatmulPlan {
             max_groups: MAX_GROUPS,
             min_groups,
             uniform_x: true,
+            int8_dot: false,
         }
     }
 
@@ -173,6 +180,7 @@ impl MatmulPlan {
             max_groups: MAX_GROUPS,
             min_groups: 1,
             uniform_x: false,
+            int8_dot: false,
         }
     }
 
@@ -254,6 +262,9 @@ impl Recorder<'_> {
         let (k, n) = (w.k() as u32, w.n() as u32);
         let mut x_binding = self.bind_act("matmul", &what("x"), x, k)?;
         let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
+        if plan.int8_dot && w.ty() == GgmlType::Q8_0 {
+            return self.matmul_int8(w, x_binding, out_binding, accumulate);
+        }
         let class = self.step_rows();
         let max_uniform = self.gpu().limits.max_uniform_buffer_binding_size;
         let uniform_x = plan.uniform_x_bytes(class, k, max_uniform, x.buffer.size(), x.buffer.usage());
@@ -335,6 +346,110 @@ impl Recorder<'_> {
     }
 }
 
+/// x of an integer-dot product: a step's rows quantised per block of 32 values, as
+/// `quantize_x` writes them and `mm_dot` reads them.
+pub(crate) struct QuantizedX {
+    /// Two signed bytes per value (per block the 32 high ones, then the 32 low ones):
+    /// `2 k` bytes per row.
+    q: wgpu::Buffer,
+    /// One f32 scale per block: `k / 32` per row.
+    d: wgpu::Buffer,
+    /// The widest row `q` and `d` hold, for the recorder's `max_tokens` rows.
+    k: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct QuantizeParams {
+    blocks: u32,
+    groups_x: u32,
+    _pad: [u32; 2],
+}
+
+/// Threads of `quantize_x`, one per block of 32 values.
+const QUANTIZE_WG: u32 = 64;
+
+impl Recorder<'_> {
+    /// The scratch for quantised rows of `k` values, grown (a new pair of buffers; dispatches
+    /// recorded earlier keep theirs) when `k` is wider than any before. Products run one
+    /// after another in a submission, so each may overwrite what the last one quantised.
+    fn quantized_x(&mut self, k: u32) -> (wgpu::Buffer, wgpu::Buffer) {
+        match &self.int8_x {
+            Some(s) if s.k >= k => (s.q.clone(), s.d.clone()),
+            _ => {
+                let tokens = u64::from(self.max_tokens());
+                let q = self.gpu().storage("quantized x", tokens * u64::from(k) * 2);
+                let d = self.gpu().storage("quantized x scales", tokens * u64::from(k / 32) * 4);
+                self.int8_x = Some(QuantizedX { q: q.clone(), d: d.clone(), k });
+                (q, d)
+            }
+        }
+    }
+
+    /// `matmul` for a Q8_0 matrix through integer dot products: x is quantised per block
+    /// into the recorder's scratch, then `mm_dot` runs each part with the plan's lanes and
+    /// splits and as many tokens per lane as the class's steps have (8 for the many-rows
+    /// class). A row's sums do not depend on the class, as with the float kernels.
+    fn matmul_int8(
+        &mut self,
+        w: &QuantMatrix,
+        x: wgpu::BindingResource<'_>,
+        out: wgpu::BindingResource<'_>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let plan = self.matmul_plan();
+        let (k, n) = (w.k() as u32, w.n() as u32);
+        let (q, d) = self.quantized_x(k);
+        let blocks = k / 32;
+        let (gx, gy) = grid(blocks.div_ceil(QUANTIZE_WG), plan.max_groups);
+        let params = self.uniform("quantize_x", &QuantizeParams { blocks, groups_x: gx, _pad: [0; 2] });
+        let pipeline = self.pipeline(Kernel::QUANTIZE_X, &[], &[("WG", format!("{QUANTIZE_WG}u"))])?;
+        let tokens = self.max_tokens();
+        let (q_bytes, d_bytes) = (u64::from(tokens) * u64::from(k) * 2, u64::from(tokens) * u64::from(blocks) * 4);
+        let (qb, db) = (binding(&q, q_bytes), binding(&d, d_bytes));
+        let one_row = Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), Dim::Tokens { group: 1 });
+        self.dispatch("quantize_x", pipeline, &params, &[x, qb.clone(), db.clone()], one_row);
+
+        let shape = match self.step_rows() {
+            StepRows::One => plan.one,
+            StepRows::Few(t) => RowsShape { tokens: t, ..plan.few },
+            StepRows::Many => RowsShape { tokens: FEW_ROWS, ..plan.few },
+        };
+        let consts = [
+            ("WG", format!("{}u", shape.lanes)),
+            ("S", format!("{}u", plan.splits)),
+            ("TB", format!("{}u", shape.tokens)),
+        ];
+        let pipeline = self.pipeline(Kernel::MM_DOT, &[Kernel::Q_Q8_0], &consts)?;
+        let rows_per_group = shape.lanes / plan.splits;
+        for part in w.parts() {
+            let (gx, gy) = grid((part.rows as u32).div_ceil(rows_per_group), plan.max_groups);
+            let params = Params {
+                k8: k / 8,
+                rows: part.rows as u32,
+                n,
+                row0: part.row0 as u32,
+                accumulate: accumulate.into(),
+                groups_x: gx,
+                _pad: [0; 2],
+            };
+            let params = self.uniform("mm_dot", &params);
+            let mut resources = vec![(2, qb.clone()), (3, out.clone())];
+            resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
+            resources.push((6, db.clone()));
+            let tokens = Dim::Tokens { group: shape.tokens };
+            self.dispatch_at(
+                "mm_dot",
+                pipeline.clone(),
+                &params,
+                &resources,
+                Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens),
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -381,7 +496,9 @@ mod tests {
         let (xa, oa) = (Act::new(&xb, max_tokens, w.k() as u32), Act::new(&out, max_tokens, w.n() as u32));
         rec.matmul(w, xa, oa, accumulate).unwrap();
         let d = rec.finish();
-        assert_eq!(d.len(), w.parts().len());
+        // The integer-dot path quantises x first.
+        let quantize = usize::from(plan.int8_dot && w.ty() == GgmlType::Q8_0);
+        assert_eq!(d.len(), quantize + w.parts().len());
         submit(gpu, &d, t);
         gpu.read_f32(&out, init.len()).unwrap()
     }
@@ -418,8 +535,14 @@ mod tests {
     /// Asserts `got` matches `want` to 1e-4 of each output's magnitude.
     #[track_caller]
     fn assert_rows_close(got: &[f32], want: &[f32], mag: &[f32], what: &str) {
+        assert_rows_close_to(got, want, mag, 1e-4, what);
+    }
+
+    /// Asserts `got` matches `want` to `tol` of each output's magnitude.
+    #[track_caller]
+    fn assert_rows_close_to(got: &[f32], want: &[f32], mag: &[f32], tol: f32, what: &str) {
         let scaled = |v: &[f32]| v.iter().zip(mag).map(|(a, m)| a / m).collect::<Vec<f32>>();
-        assert_close(&scaled(got), &scaled(want), 1e-4, 0.0, what);
+        assert_close(&scaled(got), &scaled(want), tol, 0.0, what);
     }
 
     /// `k` values per row that `ty` can hold, SmolLM2's 576 where its blocks allow.
@@ -514,7 +637,8 @@ mod tests {
             let w = QuantMatrix::upload(&gpu().0, "w", ty, k, n, &bytes).unwrap();
             let x = rng.vec(t * k, 1.0);
             let zeros = vec![0.0; t * n];
-            for plan in plans() {
+            // The integer-dot path too (it applies to Q8_0; the others keep the float kernels).
+            for plan in plans().into_iter().flat_map(|p| [p, int8(p)]) {
                 let many = gpu_matmul(&w, &x, &zeros, t as u32, t as u32, false, plan);
                 // x through a uniform binding or a storage one: the same sums.
                 for plan in [plan, MatmulPlan { uniform_x: !plan.uniform_x, ..plan }] {
@@ -526,6 +650,111 @@ mod tests {
                         let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
                         assert_eq!(one[..], many[row * n..(row + 1) * n], "{ty} {plan:?}: row {row} alone vs many");
                     }
+                }
+            }
+        }
+    }
+
+    /// The integer-dot twin of `plan`: the same lanes, splits and classes.
+    fn int8(plan: MatmulPlan) -> MatmulPlan {
+        MatmulPlan { int8_dot: true, ..plan }
+    }
+
+    /// `x`'s rows quantised as `quantize_x` does: per block of 32, the high bytes, the low
+    /// bytes, and the scale max|x| / (127 * 254).
+    fn cpu_quantize(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+        let (mut q, mut d) = (Vec::new(), Vec::new());
+        for block in x.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let u: Vec<f32> = block.iter().map(|v| v * inv).collect();
+            q.extend(u.iter().map(|u| u.round_ties_even() as i8));
+            q.extend(u.iter().map(|u| ((u - u.round_ties_even()) * 254.0).round_ties_even() as i8));
+            d.push(amax / (127.0 * 254.0));
+        }
+        (q, d)
+    }
+
+    /// The values quantised blocks stand for.
+    fn dequantize_x(q: &[i8], d: &[f32]) -> Vec<f32> {
+        q.chunks_exact(64)
+            .zip(d)
+            .flat_map(|(b, &d)| (0..32).map(move |i| (254.0 * f32::from(b[i]) + f32::from(b[32 + i])) * d))
+            .collect()
+    }
+
+    /// `out` after an integer-dot `matmul` on `t` rows (buffers of `max_tokens` rows), and
+    /// the quantised x it computed from: its signed bytes and scales, for `t` rows.
+    fn gpu_matmul_int8(
+        w: &QuantMatrix,
+        x: &[f32],
+        init: &[f32],
+        t: u32,
+        max_tokens: u32,
+        plan: MatmulPlan,
+    ) -> (Vec<f32>, Vec<i8>, Vec<f32>) {
+        let (gpu, kernels) = gpu();
+        let xb = f32_buffer(gpu, x);
+        let (out, step) = (f32_buffer(gpu, init), step(gpu, t));
+        let mut rec = Recorder::new(gpu, kernels, &step, max_tokens).unwrap().for_rows(StepRows::of(t));
+        rec.set_matmul_plan(int8(plan));
+        let k = w.k() as u32;
+        let (xa, oa) = (Act::new(&xb, max_tokens, k), Act::new(&out, max_tokens, w.n() as u32));
+        rec.matmul(w, xa, oa, true).unwrap();
+        let scratch = rec.int8_x.take().expect("the integer-dot path quantised x");
+        let d = rec.finish();
+        assert_eq!(d.len(), 1 + w.parts().len(), "quantize_x, then mm_dot per part");
+        submit(gpu, &d, t);
+        let q = gpu.read_bytes(&scratch.q, 0, u64::from(t * k * 2)).unwrap().into_iter().map(|b| b as i8).collect();
+        let scales = gpu.read_f32(&scratch.d, (t * k / 32) as usize).unwrap();
+        (gpu.read_f32(&out, init.len()).unwrap(), q, scales)
+    }
+
+    /// The integer-dot path against its CPU twin: x quantised alike (a value may differ by
+    /// one low step where the GPU's division rounds the other way), then every block's exact
+    /// integer sums times the two scales, for one row, a few and many, in every plan, with
+    /// odd row counts and a split matrix; and the result within 1e-4 of the float product.
+    #[test]
+    fn int8_dot_matches_its_cpu_twin() {
+        let mut rng = Rng::new(11);
+        let n = 131;
+        for (k, max_part) in [(576, None), (256, Some(2048)), (1536, None)] {
+            let bytes = random_weights(&mut rng, GgmlType::Q8_0, k, n);
+            let wf = dequantize(GgmlType::Q8_0, &bytes).unwrap();
+            let g = &gpu().0;
+            let w = match max_part {
+                Some(m) => QuantMatrix::upload_with_max_part(g, "w", GgmlType::Q8_0, k, n, &bytes, m).unwrap(),
+                None => QuantMatrix::upload(g, "w", GgmlType::Q8_0, k, n, &bytes).unwrap(),
+            };
+            assert!(max_part.is_none() || w.parts().len() > 1);
+            for plan in plans() {
+                for (t, max_tokens) in [(1, 1), (2, 2), (3, 4), (8, 8), (21, 23)] {
+                    let mut x = rng.vec(max_tokens * k, 1.0);
+                    // A block of zeros (scale 0) and one of a single large value.
+                    x[32..64].fill(0.0);
+                    x[64..96].iter_mut().enumerate().for_each(|(i, v)| *v = if i == 5 { -40.0 } else { 0.0 });
+                    let init = rng.vec(max_tokens * n, 1.0);
+                    let what = format!("k={k} t={t} {plan:?}");
+                    let (got, q, d) = gpu_matmul_int8(&w, &x, &init, t as u32, max_tokens as u32, plan);
+                    let (want_q, want_d) = cpu_quantize(&x[..t * k]);
+                    let (xq, want_xq) = (dequantize_x(&q, &d), dequantize_x(&want_q, &want_d));
+                    for (i, (a, b)) in xq.iter().zip(&want_xq).enumerate() {
+                        let step = d[i / 32];
+                        assert!((a - b).abs() <= 1.01 * step, "{what}: value {i}: {a} vs {b} (step {step})");
+                    }
+                    assert_close(&d, &want_d, 1e-9, 1e-6, &format!("{what}: scales"));
+                    assert_eq!(
+                        (q[128 + 5], q[128 + 32 + 5]),
+                        (-127, 0),
+                        "{what}: a block's largest value is +-127 steps"
+                    );
+                    // The twin sums from the GPU's own bytes, so the comparison is of the sums.
+                    let (want, mag) = cpu_matmul(&wf, k, &(0..n).collect::<Vec<_>>(), &xq, &init[..t * n], t, true);
+                    assert_rows_close(&got[..t * n], &want, &mag, &what);
+                    assert_eq!(&got[t * n..], &init[t * n..], "{what}: tokens past the step were written");
+                    // And the quantisation keeps the product close to the float one.
+                    let (exact, _) = cpu_matmul(&wf, k, &(0..n).collect::<Vec<_>>(), &x, &init, t, true);
+                    assert_rows_close(&got[..t * n], &exact, &mag, &format!("{what}: against float x"));
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::fmt::Debug;
 
 use naga::proc::Layouter;
 use strata_shaders::Kernel;
-use strata_shaders::matmul::{FORMATS, WEIGHT_READERS, X_PRELUDES, X_READERS};
+use strata_shaders::matmul::{FORMATS, Q8_0_READERS, WEIGHT_READERS, X_PRELUDES, X_READERS};
 
 /// Word `i` of the probe value: 2.0f32 plus a few ulps as an f32, a large integer as a
 /// u32, so that either reading names the word.
@@ -87,6 +87,9 @@ fn source(kernel: Kernel) -> String {
     if WEIGHT_READERS.contains(&kernel) {
         preludes.push(Kernel::Q_F32);
     }
+    if Q8_0_READERS.contains(&kernel) {
+        preludes.push(Kernel::Q_Q8_0);
+    }
     if X_READERS.contains(&kernel) {
         preludes.push(Kernel::X_STORAGE);
     }
@@ -161,7 +164,8 @@ macro_rules! layout {
 fn params_structs_match_their_wgsl_twins() {
     use crate::ops::*;
     let mut covered = BTreeSet::new();
-    layout!(covered, matmul::Params => binding 1 of MM_ROWS, MM_TILE);
+    layout!(covered, matmul::Params => binding 1 of MM_ROWS, MM_TILE, MM_DOT);
+    layout!(covered, matmul::QuantizeParams => binding 1 of QUANTIZE_X);
     layout!(covered, embed::Params => binding 1 of EMBED);
     layout!(covered, norm::Params => binding 1 of RMS_NORM);
     layout!(covered, rope::Params => binding 1 of ROPE);

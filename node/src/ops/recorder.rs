@@ -55,6 +55,8 @@ pub struct Recorder<'a> {
     plan: MatmulPlan,
     attention: AttentionKernel,
     dispatches: Vec<Dispatch>,
+    /// Scratch for the integer-dot path's quantised x, shared by the recording's products.
+    pub(super) int8_x: Option<super::matmul::QuantizedX>,
 }
 
 impl<'a> Recorder<'a> {
@@ -72,7 +74,7 @@ impl<'a> Recorder<'a> {
         }
         let (rows, plan, attention) =
             (StepRows::of(max_tokens), MatmulPlan::for_gpu(gpu), AttentionKernel::for_gpu(gpu));
-        Ok(Recorder { gpu, kernels, step, max_tokens, rows, plan, attention, dispatches: Vec::new() })
+        Ok(Recorder { gpu, kernels, step, max_tokens, rows, plan, attention, dispatches: Vec::new(), int8_x: None })
     }
 
     /// The recording is for steps of `rows`' class (of at most `max_tokens` rows).
