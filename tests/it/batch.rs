@@ -100,6 +100,25 @@ fn batched_equals_alone_smollm2_q8_0() {
     batched_equals_alone(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &[]);
 }
 
+/// With Q8_0 products through integer dot products (`--int8-dot on`), too, a sequence's
+/// tokens do not depend on what shares its steps: three prompts alone, then batched with
+/// five others in steps of 8 rows (decode rows beside prefill chunks), on one stage.
+#[test]
+fn batched_equals_alone_with_int8_dot_products_smollm2_q8_0() {
+    let model = smol_q8_0();
+    let g = load_golden("smollm2-135m-q8_0.golden.json");
+    let seqs = golden::sequences(&g);
+    let mut prompts: Vec<&str> = seqs.iter().map(|s| s.prompt.as_str()).collect();
+    prompts.extend(OTHERS);
+    let flags = ["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8", "--int8-dot", "on"];
+    let all = batched(&model, &prompts, &flags);
+    for (i, p) in prompts.iter().enumerate().take(3) {
+        let solo = alone(&model, p, &flags);
+        assert_eq!(solo.len(), 16, "prompt {i} {p:?} alone");
+        assert_eq!(all[i], solo, "prompt {i} {p:?} batched with {} others", prompts.len() - 1);
+    }
+}
+
 /// Seeded sampling draws by position, whatever the batch: the same text alone and batched.
 #[test]
 fn seeded_sampling_is_the_same_alone_and_batched() {

@@ -370,6 +370,17 @@ pub(crate) struct QuantizeParams {
 const QUANTIZE_WG: u32 = 64;
 
 impl Recorder<'_> {
+    /// Rows of x a step of the recording's class quantises at most: the class's bound, so
+    /// that the one-row and few-rows recordings of a stage with a large `--batch-tokens`
+    /// do not each hold scratch for the whole batch.
+    fn quantized_rows(&self) -> u32 {
+        match self.step_rows() {
+            StepRows::One => 1,
+            StepRows::Few(n) => n.min(self.max_tokens()),
+            StepRows::Many => self.max_tokens(),
+        }
+    }
+
     /// The scratch for quantised rows of `k` values, grown (a new pair of buffers; dispatches
     /// recorded earlier keep theirs) when `k` is wider than any before. Products run one
     /// after another in a submission, so each may overwrite what the last one quantised.
@@ -377,7 +388,7 @@ impl Recorder<'_> {
         match &self.int8_x {
             Some(s) if s.k >= k => (s.q.clone(), s.d.clone()),
             _ => {
-                let tokens = u64::from(self.max_tokens());
+                let tokens = u64::from(self.quantized_rows());
                 let q = self.gpu().storage("quantized x", tokens * u64::from(k) * 2);
                 let d = self.gpu().storage("quantized x scales", tokens * u64::from(k / 32) * 4);
                 self.int8_x = Some(QuantizedX { q: q.clone(), d: d.clone(), k });
@@ -404,7 +415,7 @@ impl Recorder<'_> {
         let (gx, gy) = grid(blocks.div_ceil(QUANTIZE_WG), plan.max_groups);
         let params = self.uniform("quantize_x", &QuantizeParams { blocks, groups_x: gx, _pad: [0; 2] });
         let pipeline = self.pipeline(Kernel::QUANTIZE_X, &[], &[("WG", format!("{QUANTIZE_WG}u"))])?;
-        let tokens = self.max_tokens();
+        let tokens = self.quantized_rows();
         let (q_bytes, d_bytes) = (u64::from(tokens) * u64::from(k) * 2, u64::from(tokens) * u64::from(blocks) * 4);
         let (qb, db) = (binding(&q, q_bytes), binding(&d, d_bytes));
         let one_row = Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), Dim::Tokens { group: 1 });
