@@ -354,7 +354,7 @@ pub(crate) struct QuantizedX {
     q: wgpu::Buffer,
     /// One f32 scale per block: `k / 32` per row.
     d: wgpu::Buffer,
-    /// The widest row `q` and `d` hold, for the recorder's `max_tokens` rows.
+    /// The widest row `q` and `d` hold, for as many rows as the recording's class has.
     k: u32,
 }
 
