@@ -108,6 +108,8 @@ fn bench_with_int8_dot_runs_q8_0_products_through_integer_dots() {
     for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
         assert!(out[key].as_f64().unwrap() > 0.0, "{key}: {out:#}");
     }
+    let adapter = out["adapter"].as_str().unwrap_or_else(|| panic!("no adapter: {out:#}"));
+    assert!(adapter.ends_with("[int8 dot]"), "the report says which path ran: {adapter}");
 }
 
 /// Nothing the user did not cause prints "error": without `XDG_RUNTIME_DIR` (a bare

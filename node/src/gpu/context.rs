@@ -25,7 +25,8 @@ pub struct GpuConfig {
 /// this crate never format wgpu types themselves).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// The adapter's name, e.g. `llvmpipe (LLVM 19.1.7, 256 bits)`.
+    /// The adapter's name, e.g. `llvmpipe (LLVM 19.1.7, 256 bits)`, with ` [int8 dot]`
+    /// after it where Q8_0 products use integer dot products.
     pub name: String,
     /// The graphics API, e.g. `Vulkan`.
     pub backend: String,
@@ -183,8 +184,12 @@ impl Gpu {
         (self.info.device_type == wgpu::DeviceType::Cpu && fixed).then_some(min)
     }
 
+    /// The device in words; a stage computing Q8_0 products with integer dot products says
+    /// so after the adapter's name, so that `strata nodes`, `/v1/cluster` and bench reports
+    /// show which path produced their figures.
     pub fn describe(&self) -> DeviceInfo {
-        DeviceInfo { name: self.info.name.clone(), backend: format!("{:?}", self.info.backend), key: self.device_key() }
+        let name = if self.int8_dot { format!("{} [int8 dot]", self.info.name) } else { self.info.name.clone() };
+        DeviceInfo { name, backend: format!("{:?}", self.info.backend), key: self.device_key() }
     }
 
     fn device_key(&self) -> String {
