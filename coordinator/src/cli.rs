@@ -197,15 +197,12 @@ impl EngineArgs {
     }
 }
 
-/// A duration in seconds: finite, 0 to one hour.
+/// A switch, as `strata_node::gpu::parse_on_off` reads it.
 fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "on" | "true" | "1" => Ok(true),
-        "off" | "false" | "0" => Ok(false),
-        _ => Err(format!("`{s}`: expected `on` or `off`")),
-    }
+    strata_node::gpu::parse_on_off(s).ok_or_else(|| format!("`{s}`: expected `on` or `off`"))
 }
 
+/// A duration in seconds: finite, 0 to one hour.
 fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(0.0..=3600.0).contains(&v) {

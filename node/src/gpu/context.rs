@@ -71,15 +71,22 @@ fn machine_identity() -> String {
         })
 }
 
-/// `STRATA_INT8_DOT`: `on`/`1`/`true` or `off`/`0`/`false` (unset: off).
+/// A switch's value as the command line and the environment spell it: `on`/`true`/`1` or
+/// `off`/`false`/`0`, any case; `None` for anything else.
+pub fn parse_on_off(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Some(true),
+        "off" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// `STRATA_INT8_DOT` (unset or empty: off).
 fn int8_dot_from_env() -> Result<bool> {
     match std::env::var("STRATA_INT8_DOT") {
         Err(_) => Ok(false),
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "on" | "1" | "true" => Ok(true),
-            "off" | "0" | "false" | "" => Ok(false),
-            other => Err(Error::Device(format!("STRATA_INT8_DOT={other}: expected `on` or `off`"))),
-        },
+        Ok(v) if v.trim().is_empty() => Ok(false),
+        Ok(v) => parse_on_off(&v).ok_or_else(|| Error::Device(format!("STRATA_INT8_DOT={v}: expected `on` or `off`"))),
     }
 }
 

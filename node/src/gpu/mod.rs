@@ -9,7 +9,7 @@ mod dispatch;
 mod kernels;
 mod step;
 
-pub use context::{DeviceInfo, Gpu, GpuConfig};
+pub use context::{DeviceInfo, Gpu, GpuConfig, parse_on_off};
 pub use dispatch::{Dim, Dispatch, Workgroups, encode_dispatches, encode_pass};
 pub use kernels::KernelCache;
 pub use step::Step;

@@ -15,7 +15,7 @@ use strata_shaders::Kernel;
 
 use super::recorder::{Act, Recorder, binding};
 use crate::gpu::{Dim, Gpu, Workgroups};
-use crate::weights::QuantMatrix;
+use crate::weights::{MatrixPart, QuantMatrix};
 use crate::{Error, Result};
 
 /// The most workgroups a dispatch may have along one dimension.
@@ -320,27 +320,10 @@ impl Recorder<'_> {
         };
         let pipeline = self.pipeline(kernel, &[w.format(), x_prelude], &consts)?;
         for part in w.parts() {
-            let (gx, gy) = grid((part.rows as u32).div_ceil(tile_rows), plan.max_groups);
-            let params = Params {
-                k8: k / 8,
-                rows: part.rows as u32,
-                n,
-                row0: part.row0 as u32,
-                accumulate: accumulate.into(),
-                groups_x: gx,
-                _pad: [0; 2],
-            };
-            let params = self.uniform(label, &params);
+            let (params, groups) = self.part_params(label, w, part, accumulate, tile_rows, tile_tokens);
             let mut resources = vec![x_binding.clone(), out_binding.clone()];
             resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
-            let tokens = Dim::Tokens { group: tile_tokens };
-            self.dispatch(
-                label,
-                pipeline.clone(),
-                &params,
-                &resources,
-                Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens),
-            );
+            self.dispatch(label, pipeline.clone(), &params, &resources, groups);
         }
         Ok(())
     }
@@ -370,6 +353,30 @@ pub(crate) struct QuantizeParams {
 const QUANTIZE_WG: u32 = 64;
 
 impl Recorder<'_> {
+    /// The params of a matrix kernel's dispatch over one part of `w`, and its workgroups:
+    /// `rows` rows and `tokens` tokens a workgroup (`mm_rows`, `mm_tile` and `mm_dot` alike).
+    fn part_params(
+        &self,
+        label: &str,
+        w: &QuantMatrix,
+        part: &MatrixPart,
+        accumulate: bool,
+        rows: u32,
+        tokens: u32,
+    ) -> (wgpu::Buffer, Workgroups) {
+        let (gx, gy) = grid((part.rows as u32).div_ceil(rows), self.matmul_plan().max_groups);
+        let params = Params {
+            k8: w.k() as u32 / 8,
+            rows: part.rows as u32,
+            n: w.n() as u32,
+            row0: part.row0 as u32,
+            accumulate: accumulate.into(),
+            groups_x: gx,
+            _pad: [0; 2],
+        };
+        (self.uniform(label, &params), Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), Dim::Tokens { group: tokens }))
+    }
+
     /// Rows of x a step of the recording's class quantises at most: the class's bound, so
     /// that the one-row and few-rows recordings of a stage with a large `--batch-tokens`
     /// do not each hold scratch for the whole batch.
@@ -409,7 +416,7 @@ impl Recorder<'_> {
         accumulate: bool,
     ) -> Result<()> {
         let plan = self.matmul_plan();
-        let (k, n) = (w.k() as u32, w.n() as u32);
+        let k = w.k() as u32;
         let (q, d) = self.quantized_x(k);
         let blocks = k / 32;
         let (gx, gy) = grid(blocks.div_ceil(QUANTIZE_WG), plan.max_groups);
@@ -434,28 +441,11 @@ impl Recorder<'_> {
         let pipeline = self.pipeline(Kernel::MM_DOT, &[Kernel::Q_Q8_0], &consts)?;
         let rows_per_group = shape.lanes / plan.splits;
         for part in w.parts() {
-            let (gx, gy) = grid((part.rows as u32).div_ceil(rows_per_group), plan.max_groups);
-            let params = Params {
-                k8: k / 8,
-                rows: part.rows as u32,
-                n,
-                row0: part.row0 as u32,
-                accumulate: accumulate.into(),
-                groups_x: gx,
-                _pad: [0; 2],
-            };
-            let params = self.uniform("mm_dot", &params);
+            let (params, groups) = self.part_params("mm_dot", w, part, accumulate, rows_per_group, shape.tokens);
             let mut resources = vec![(2, qb.clone()), (3, out.clone())];
             resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
             resources.push((6, db.clone()));
-            let tokens = Dim::Tokens { group: shape.tokens };
-            self.dispatch_at(
-                "mm_dot",
-                pipeline.clone(),
-                &params,
-                &resources,
-                Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), tokens),
-            );
+            self.dispatch_at("mm_dot", pipeline.clone(), &params, &resources, groups);
         }
         Ok(())
     }
