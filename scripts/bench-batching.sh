@@ -74,17 +74,17 @@ agg = lambda j: j["aggregate_decode_tokens_per_s"]
 print()
 for w, label in [("one", "one stage:  "), ("three", "three nodes:")]:
     runs = [(r(f"{w}-1-{i}"), r(f"{w}-8-{i}")) for i in range(repeat)]
-    ratios = [agg(eight) / agg(one) for one, eight in runs]
-    ones = ", ".join(f"{agg(one):.2f}" for one, _ in runs)
-    eights = ", ".join(f"{agg(eight):.2f}" for _, eight in runs)
+    ones = [agg(one) for one, _ in runs]
+    eights = [agg(eight) for _, eight in runs]
+    ratios = [e / o for o, e in zip(ones, eights)]
+    listed = lambda rates: ", ".join(f"{x:.2f}" for x in rates)
     spread = f" (rounds {min(ratios):.2f}x to {max(ratios):.2f}x)" if repeat > 1 else ""
-    print(f"{label} 8 sequences {eights} tok/s vs 1 {ones}: {statistics.median(ratios):.2f}x{spread}")
+    print(f"{label} 8 sequences {listed(eights)} tok/s vs 1 {listed(ones)}: {statistics.median(ratios):.2f}x{spread}")
     if repeat > 1:
         # Contention for memory (a neighbour on a shared host) slows the one-sequence
         # run, which waits on weight loads, far more than the eight, which compute: the
         # round ratios then read high. Each side's fastest round is its least contended.
-        best1, best8 = max(agg(one) for one, _ in runs), max(agg(eight) for _, eight in runs)
-        print(f"{' ' * len(label)} each side's fastest round: {best8:.2f} vs {best1:.2f} tok/s: {best8 / best1:.2f}x")
+        print(f"{' ' * len(label)} each side's fastest round: {max(eights):.2f} vs {max(ones):.2f} tok/s: {max(eights) / max(ones):.2f}x")
 # The last round's runs are the ones nearest the three-steps run, made right after it.
 last = repeat - 1
 three_1 = r(f"three-1-{last}")
