@@ -420,6 +420,10 @@ pub struct PlanArgs {
     /// layer's share of the KV pool and its activations.
     #[arg(long)]
     pub mtp: bool,
+    /// Plan as nodes running `--int8-dot on` do: each stage also holds x quantised for
+    /// the integer-dot path (a step's rows, two bytes a value of its widest Q8_0 matrix).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off, default_value = "off", action = clap::ArgAction::Set)]
+    pub int8_dot: bool,
 }
 
 #[derive(Args, Debug)]

@@ -21,7 +21,11 @@ fn node_budget(spec: &str) -> anyhow::Result<NodeBudget> {
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let gguf = Gguf::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let cfg = ModelConfig::from_gguf(&gguf)?;
-    let nodes = args.nodes.iter().map(|s| node_budget(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let nodes = args
+        .nodes
+        .iter()
+        .map(|s| Ok(node_budget(s)?.with_int8_dot(args.int8_dot)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let asked = args.ctx.map(|c| c as usize);
     let pc = PlanConfig {
         seqs: args.seqs as usize,
@@ -101,6 +105,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             mib(embedding),
             mib(m.kv_bytes_per_position * plan.kv_positions),
             mib(m.scratch_bytes)
+        );
+    }
+    if args.int8_dot {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let per_stage: Vec<String> = plan
+            .stages
+            .iter()
+            .map(|s| format!("{} {:.1} MiB", s.name, mib(cost.int8_bytes(s.layers.clone()))))
+            .collect();
+        println!(
+            "integer dot products (--int8-dot on): each stage's scratch holds x quantised for its Q8_0 matrices ({})",
+            per_stage.join(", ")
         );
     }
     if plan.kv_positions < cost.kv_positions {

@@ -103,12 +103,48 @@ impl PlanConfig {
 pub struct NodeBudget {
     pub name: String,
     pub usable_bytes: u64,
+    /// The node's Q8_0 products go through integer dot products (`--int8-dot`), which
+    /// quantise x into a scratch of their own ([`Int8Cost`]).
+    pub int8_dot: bool,
 }
 
 impl NodeBudget {
     pub fn new(name: impl Into<String>, usable_bytes: u64) -> Self {
-        NodeBudget { name: name.into(), usable_bytes }
+        NodeBudget { name: name.into(), usable_bytes, int8_dot: false }
     }
+
+    /// The same node, with `--int8-dot` on or off.
+    pub fn with_int8_dot(self, int8_dot: bool) -> Self {
+        NodeBudget { int8_dot, ..self }
+    }
+}
+
+/// Bytes of the integer-dot path's scratch: `rows` rows of up to `k` values of x, two
+/// signed bytes a value and an f32 scale per block of 32. A stage holds one, shared by
+/// all its recordings (it runs one step at a time, and its products one after another).
+pub fn int8_scratch_bytes(rows: u64, k: u64) -> u64 {
+    rows * k * 2 + rows * k.div_ceil(32) * 4
+}
+
+/// Values per row of `t` if it is a matrix the integer-dot path multiplies by (a 2-D
+/// Q8_0 tensor), else 0. The experts' stacked matrices (3-D) go through `mm_id`, not
+/// that path.
+pub fn int8_width(t: &TensorInfo) -> u64 {
+    if t.ty == crate::quant::GgmlType::Q8_0 && t.dims.len() == 2 { t.dims[0] } else { 0 }
+}
+
+/// The widest row of x the integer-dot path quantises on a stage holding `layers` (and
+/// the MTP block with `mtp`): the widest of its matrices' [`int8_width`]s. The token
+/// embedding is read by lookup, so it counts only as the last stage's tied head.
+pub fn stage_int8_width(gguf: &Gguf, cfg: &ModelConfig, layers: Range<usize>, mtp: bool) -> Result<u64> {
+    let last = layers.end == cfg.n_layer();
+    let embedding = &cfg.global_tensors().token_embd.name;
+    Ok(shard_tensors(gguf, cfg, layers, mtp)?
+        .into_iter()
+        .filter(|t| &t.name != embedding || (last && cfg.tied_output))
+        .map(int8_width)
+        .max()
+        .unwrap_or(0))
 }
 
 /// What one layer of the main pass costs.
@@ -183,6 +219,8 @@ pub struct ModelCost {
     /// Tensors no stage loads: MTP blocks (but the one [`PlanConfig::mtp`] loads) and any
     /// tensor the forward pass does not read.
     pub unplanned_bytes: u64,
+    /// What a node with `--int8-dot` holds besides.
+    pub int8: Int8Cost,
     /// The MTP block the last stage loads, with [`PlanConfig::mtp`].
     pub mtp: Option<MtpCost>,
     /// The KV pool the attention layers' `cache_bytes` are priced for, and its blocks.
@@ -192,6 +230,24 @@ pub struct ModelCost {
     pub kv_least_positions: u64,
     /// The pool was asked for (`--kv-pool`): the planner keeps it as it is.
     pub kv_fixed: bool,
+}
+
+/// The integer-dot path's scratch ([`int8_scratch_bytes`]) of a stage on a node with
+/// `--int8-dot`: as many rows as its largest recording quantises, as wide as its widest
+/// Q8_0 matrix's rows ([`int8_width`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Int8Cost {
+    /// Each main-pass layer's widest, in order.
+    pub layer_widths: Vec<u64>,
+    /// The head's (the last stage).
+    pub head_width: u64,
+    /// The MTP block's, with [`PlanConfig::mtp`] (the last stage).
+    pub mtp_width: u64,
+    /// Rows of a step.
+    pub rows: u64,
+    /// Rows of the last stage's largest recording: the MTP block's first pass carries a
+    /// step's rows and a draft row per sequence.
+    pub last_rows: u64,
 }
 
 /// The three parts of a stage's memory.
@@ -226,6 +282,8 @@ impl ModelCost {
         let mut unread = vec![0u64; n_layer];
         let (mut embedding, mut output_norm, mut output, mut unplanned) = (None, 0, 0, 0);
         let mut mtp_weights = 0;
+        let mut widths = vec![0u64; n_layer];
+        let (mut head_width, mut mtp_width) = (0, 0);
         let globals = cfg.global_tensors();
         if pc.mtp && cfg.n_mtp == 0 {
             return Err(PlanError::Invalid("MTP drafts for a model without an MTP block".into()).into());
@@ -234,6 +292,7 @@ impl ModelCost {
             match block_index(&t.name) {
                 Some(i) if i < n_layer => {
                     weights[i] += t.size;
+                    widths[i] = widths[i].max(int8_width(t));
                     if let Some(moe) = &cfg.moe
                         && t.name.ends_with("_exps.weight")
                     {
@@ -242,12 +301,23 @@ impl ModelCost {
                     }
                 }
                 // MTP blocks follow the main pass's blocks; the first drafts with `mtp`.
-                Some(i) if pc.mtp && i == n_layer => mtp_weights += t.size,
+                Some(i) if pc.mtp && i == n_layer => {
+                    mtp_weights += t.size;
+                    mtp_width = mtp_width.max(int8_width(t));
+                }
                 Some(_) => unplanned += t.size,
                 // A tied head is the embedding, matched first.
-                None if t.name == globals.token_embd.name => embedding = Some(t.size),
+                None if t.name == globals.token_embd.name => {
+                    embedding = Some(t.size);
+                    if cfg.tied_output {
+                        head_width = int8_width(t);
+                    }
+                }
                 None if t.name == globals.output_norm.name => output_norm = t.size,
-                None if t.name == globals.output.name => output = t.size,
+                None if t.name == globals.output.name => {
+                    output = t.size;
+                    head_width = int8_width(t);
+                }
                 None => unplanned += t.size,
             }
         }
@@ -328,6 +398,13 @@ impl ModelCost {
             tied_head: cfg.tied_output,
             scratch,
             unplanned_bytes: unplanned,
+            int8: Int8Cost {
+                layer_widths: widths,
+                head_width,
+                mtp_width,
+                rows: t,
+                last_rows: t + if pc.mtp { seqs } else { 0 },
+            },
             mtp,
             kv_positions: positions,
             kv_block_size: pc.kv_block_size as u64,
@@ -403,6 +480,25 @@ impl ModelCost {
             scratch_bytes += m.scratch_bytes;
         }
         StageCost { weight_bytes, cache_bytes, scratch_bytes }
+    }
+
+    /// What a stage holding `layers` costs on `node`: [`ModelCost::stage`], and the
+    /// integer-dot path's scratch where the node takes that path.
+    pub fn stage_on(&self, layers: Range<usize>, node: &NodeBudget) -> StageCost {
+        let mut c = self.stage(layers.clone());
+        c.scratch_bytes += if node.int8_dot { self.int8_bytes(layers) } else { 0 };
+        c
+    }
+
+    /// The integer-dot path's scratch on a stage holding `layers` ([`Int8Cost`]).
+    pub fn int8_bytes(&self, layers: Range<usize>) -> u64 {
+        let last = layers.end == self.n_layer();
+        let i = &self.int8;
+        let mut width = i.layer_widths[layers].iter().copied().max().unwrap_or(0);
+        if last {
+            width = width.max(i.head_width).max(if self.mtp.is_some() { i.mtp_width } else { 0 });
+        }
+        int8_scratch_bytes(if last { i.last_rows } else { i.rows }, width)
     }
 }
 
@@ -660,7 +756,7 @@ impl Plan {
                 k if k == k_n - 1 => l_n - 1..l_n,
                 k => k..l_n - (k_n - k) + 1,
             };
-            let needed = positions.map(|i| cost.stage(i..i + 1).total()).min().expect("a position exists");
+            let needed = positions.map(|i| cost.stage_on(i..i + 1, node).total()).min().expect("a position exists");
             if needed > node.usable_bytes {
                 return Err(
                     PlanError::NodeTooSmall { node: node.name.clone(), needed, available: node.usable_bytes }.into()
@@ -677,7 +773,8 @@ impl Plan {
                 // Node k-1 takes layers j..i.
                 for (j, before) in best[k - 1].iter().enumerate().take(i).skip(k - 1) {
                     let Some(before) = before else { continue };
-                    let f = Fraction { used: cost.stage(j..i).total(), of: nodes[k - 1].usable_bytes };
+                    let f =
+                        Fraction { used: cost.stage_on(j..i, &nodes[k - 1]).total(), of: nodes[k - 1].usable_bytes };
                     let mut fractions = before.fractions.clone();
                     let at = fractions.partition_point(|x| *x >= f);
                     fractions.insert(at, f);
@@ -766,7 +863,7 @@ impl Plan {
             .zip(ranges)
             .enumerate()
             .map(|(k, (node, layers))| {
-                let c = cost.stage(layers.clone());
+                let c = cost.stage_on(layers.clone(), node);
                 let total_bytes = c.total();
                 StagePlan {
                     node: k,

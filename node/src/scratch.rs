@@ -10,6 +10,7 @@ use crate::layers::deltanet::DeltaNetScratch;
 use crate::layers::moe::MoeScratch;
 use crate::ops::Act;
 use crate::ops::deltanet::StepBatch;
+use crate::ops::matmul::QuantizedX;
 use crate::{Error, Result};
 
 pub struct Scratch {
@@ -44,6 +45,9 @@ pub struct Scratch {
     deltanet: Option<DeltaNetScratch>,
     /// A MoE layer's activations, when the model's layers have experts.
     moe: Option<MoeScratch>,
+    /// x quantised for the integer-dot path, when the stage takes it: one for all the
+    /// stage's recordings ([`crate::ops::recorder::Recorder::with_int8_scratch`]).
+    pub int8: Option<QuantizedX>,
     widths: Widths,
 }
 
@@ -93,6 +97,7 @@ impl Scratch {
             ffn_up: f32s("ffn_up", cfg.n_ff),
             deltanet,
             moe: if cfg.moe.is_some() { Some(MoeScratch::new(gpu, cfg, max_tokens)?) } else { None },
+            int8: None,
             widths: Widths {
                 embd: cfg.n_embd as u32,
                 q: q_width as u32,
@@ -101,6 +106,11 @@ impl Scratch {
                 ff: cfg.n_ff as u32,
             },
         })
+    }
+
+    /// The stage's integer-dot scratch (see [`Scratch::int8`]).
+    pub fn with_int8(self, int8: Option<QuantizedX>) -> Scratch {
+        Scratch { int8, ..self }
     }
 
     /// These activations' steps use `table` (another scratch's, see [`BlockTable::reader`]).

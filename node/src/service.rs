@@ -776,6 +776,7 @@ impl pb::stage_server::Stage for StageService {
             max_binding: self.inner.gpu.max_binding(),
             device_key: id.device_key.clone(),
             leaving: self.inner.leaving.load(Ordering::SeqCst),
+            int8_dot: self.inner.gpu.int8_dot,
         }))
     }
 

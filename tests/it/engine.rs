@@ -76,6 +76,31 @@ fn smollm2_q8_0_teacher_forced_with_int8_dot_products() {
     teacher_forced_on(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &config);
 }
 
+/// With `--int8-dot`, a stage holds one scratch of quantised x for all its recordings,
+/// of exactly the bytes the planner counts for it, and a step through it decodes as the
+/// float path does (the goldens' bar, teacher-forced, above).
+#[test]
+fn int8_dot_scratch_is_one_per_stage_and_what_the_planner_counts() {
+    use strata_model::plan::{ModelCost, PlanConfig};
+    let path = fixture("tiny-qwen35.gguf");
+    let gguf = Gguf::open(&path).unwrap();
+    let config = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let n = config.n_layer();
+    let cost = ModelCost::new(&gguf, &config, &PlanConfig { max_batch: 7, ..PlanConfig::new(512) }).unwrap();
+    let on = GpuConfig { int8_dot: Some(true), ..GpuConfig::default() };
+    let mut st = stage_on(&path, 7, &on);
+    // 7 rows of ffn_down's 384 values: two bytes each, and a scale per 32.
+    assert_eq!(cost.int8_bytes(0..n), 7 * 384 * 2 + 7 * 12 * 4);
+    assert_eq!(st.int8_scratch_bytes(), cost.int8_bytes(0..n));
+    assert_eq!(stage(&path, 7).int8_scratch_bytes(), 0);
+    let g = load_golden("tiny-qwen35.golden.json");
+    let seq = &golden::sequences(&g)[0];
+    for (pos, (&tok, topk)) in seq.forced_ids.iter().zip(&seq.ref_topk).enumerate().take(4) {
+        let logits = st.logits(0, Input::Tokens(&[tok]), &[pos as u32]).unwrap();
+        check_position("tiny-qwen35 with int8 dot products", pos, &logits, topk);
+    }
+}
+
 #[test]
 fn bad_steps_are_errors_not_panics() {
     let mut st = stage(&fixture("tiny-qwen3.gguf"), 4);

@@ -44,7 +44,7 @@ impl LocalEngine {
         let (ctx, kv_positions) = if args.ctx.is_none() {
             let memory = strata_node::memory::probe(&gpu);
             tracing::info!(bytes = memory.bytes, source = memory.source, "usable memory");
-            let budget = [NodeBudget::new("local", memory.bytes)];
+            let budget = [NodeBudget::new("local", memory.bytes).with_int8_dot(gpu.int8_dot)];
             let binding = gpu.max_binding();
             let (ctx, plan) = super::fit_context(gguf, args, usage, ctx, &budget, None, |_| Some(binding))
                 .with_context(|| format!("planning {} on this machine", args.model.display()))?;

@@ -46,6 +46,8 @@ struct StageHandle {
     memory: u64,
     /// Its adapter's largest storage buffer.
     max_binding: u64,
+    /// Its Q8_0 products go through integer dot products (`--int8-dot`).
+    int8_dot: bool,
     /// Which physical device computes; stages with equal keys share it.
     device_key: String,
     layers: std::ops::Range<usize>,
@@ -363,6 +365,7 @@ async fn probe_node(addr: &str, security: &Security) -> anyhow::Result<(StageHan
         backend: info.backend,
         memory: info.usable_memory,
         max_binding: info.max_binding,
+        int8_dot: info.int8_dot,
         device_key: info.device_key,
         layers: 0..0,
         pool: false,
@@ -547,7 +550,8 @@ async fn plan_and_load(
     split: Option<&[usize]>,
 ) -> anyhow::Result<Connected> {
     let config = ModelConfig::from_gguf(gguf)?;
-    let budgets: Vec<NodeBudget> = stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory)).collect();
+    let budgets: Vec<NodeBudget> =
+        stages.iter().map(|s| NodeBudget::new(s.name.clone(), s.memory).with_int8_dot(s.int8_dot)).collect();
     // The smallest largest-binding of the stages a plan gives part of the pool.
     let binding = |plan: &Plan| plan.stages.iter().filter(|s| s.has_pool()).map(|s| stages[s.node].max_binding).min();
     // No `--ctx`: the first plan finds the largest context the nodes hold; a re-plan keeps it.

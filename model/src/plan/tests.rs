@@ -28,6 +28,7 @@ fn cost(layers: &[u64], embedding: u64, head: u64) -> ModelCost {
         tied_head: false,
         scratch: ScratchCost { common: 0, attention: 0, deltanet: 0, head: 0, moe: 0 },
         unplanned_bytes: 0,
+        int8: Int8Cost { layer_widths: vec![0; layers.len()], ..Int8Cost::default() },
         mtp: None,
         kv_positions: 0,
         kv_block_size: 16,
@@ -61,7 +62,7 @@ fn assert_valid(plan: &Plan, cost: &ModelCost, nodes: &[NodeBudget]) {
         assert_eq!((s.node, &s.name, s.layers.start), (k, &n.name, next));
         assert!(!s.layers.is_empty());
         next = s.layers.end;
-        let c = cost.stage(s.layers.clone());
+        let c = cost.stage_on(s.layers.clone(), n);
         assert_eq!(
             (s.weight_bytes, s.cache_bytes, s.scratch_bytes, s.total_bytes),
             (c.weight_bytes, c.cache_bytes, c.scratch_bytes, c.total())
@@ -337,6 +338,43 @@ fn scratch_follows_the_layer_kinds_of_the_stage() {
     // No gate in qwen3's attn_q: q and the attention output only.
     assert_eq!(c.scratch.attention, 16 * (4 * 32 * 2 + 2 * 2 * 32) * 4);
     assert_eq!(c.scratch.deltanet, 0);
+}
+
+/// A node taking the integer-dot path (`--int8-dot`) holds x quantised for its widest
+/// Q8_0 matrix besides, and the plan counts it on that node only; with MTP drafts the
+/// last stage's rows include a draft row per sequence.
+#[test]
+fn int8_dot_nodes_are_charged_their_quantised_x() {
+    let (g, cfg) = fixture("tiny-qwen35.gguf");
+    let c = ModelCost::new(&g, &cfg, &PlanConfig { max_batch: 16, ..PlanConfig::new(256) }).unwrap();
+    // Every layer's widest Q8_0 matrix is ffn_down (F = 384); the head's rows are E = 128.
+    assert_eq!(c.int8.layer_widths, vec![384; cfg.n_layer()]);
+    assert_eq!(c.int8.head_width, 128);
+    let per_stage = int8_scratch_bytes(16, 384);
+    assert_eq!(per_stage, 16 * 384 * 2 + 16 * 12 * 4);
+    let plain = NodeBudget::new("a", 64 * MIB);
+    let int8 = plain.clone().with_int8_dot(true);
+    for r in [0..3, 3..8, 0..8] {
+        assert_eq!(c.stage_on(r.clone(), &plain), c.stage(r.clone()));
+        assert_eq!(c.stage_on(r.clone(), &int8).scratch_bytes, c.stage(r.clone()).scratch_bytes + per_stage);
+        // What the node allocates for the same stage.
+        assert_eq!(stage_int8_width(&g, &cfg, r, false).unwrap(), 384);
+    }
+    let nodes = [NodeBudget::new("a", 8 * MIB).with_int8_dot(true), NodeBudget::new("b", 8 * MIB)];
+    let plan = Plan::auto(&c, &nodes).unwrap();
+    assert_valid(&plan, &c, &nodes);
+    let s = &plan.stages;
+    assert_eq!(s[0].scratch_bytes, c.stage(s[0].layers.clone()).scratch_bytes + per_stage);
+    assert_eq!(s[1].scratch_bytes, c.stage(s[1].layers.clone()).scratch_bytes);
+
+    let (g, cfg) = fixture("tiny-qwen35-mtp.gguf");
+    let pc = PlanConfig { max_batch: 16, seqs: 4, mtp: true, draft_max: 2, ..PlanConfig::new(256) };
+    let c = ModelCost::new(&g, &cfg, &pc).unwrap();
+    let n = cfg.n_layer();
+    let width = stage_int8_width(&g, &cfg, 0..n, true).unwrap();
+    assert!(width >= 128, "{width}");
+    assert_eq!(c.int8_bytes(0..n), int8_scratch_bytes(16 + 4, width));
+    assert_eq!(c.int8_bytes(0..n - 1), int8_scratch_bytes(16, stage_int8_width(&g, &cfg, 0..n - 1, true).unwrap()));
 }
 
 #[test]

@@ -331,14 +331,33 @@ impl Recorder<'_> {
 
 /// x of an integer-dot product: a step's rows quantised per block of 32 values, as
 /// `quantize_x` writes them and `mm_dot` reads them.
-pub(crate) struct QuantizedX {
+#[derive(Clone)]
+pub struct QuantizedX {
     /// Two signed bytes per value (per block the 32 high ones, then the 32 low ones):
     /// `2 k` bytes per row.
     q: wgpu::Buffer,
     /// One f32 scale per block: `k / 32` per row.
     d: wgpu::Buffer,
-    /// The widest row `q` and `d` hold, for as many rows as the recording's class has.
+    /// The widest row `q` and `d` hold.
     k: u32,
+    /// The rows they hold.
+    rows: u32,
+}
+
+impl QuantizedX {
+    /// Scratch for `rows` rows of up to `k` values, of the bytes
+    /// [`strata_model::plan::int8_scratch_bytes`] counts.
+    pub fn new(gpu: &Gpu, rows: u32, k: u32) -> QuantizedX {
+        let (rows64, k64) = (u64::from(rows), u64::from(k));
+        let q = gpu.storage("quantized x", rows64 * k64 * 2);
+        let d = gpu.storage("quantized x scales", rows64 * k64.div_ceil(32) * 4);
+        QuantizedX { q, d, k, rows }
+    }
+
+    /// Bytes of its two buffers.
+    pub fn bytes(&self) -> u64 {
+        self.q.size() + self.d.size()
+    }
 }
 
 #[repr(C)]
@@ -388,18 +407,22 @@ impl Recorder<'_> {
         }
     }
 
-    /// The scratch for quantised rows of `k` values, grown (a new pair of buffers; dispatches
-    /// recorded earlier keep theirs) when `k` is wider than any before. Products run one
-    /// after another in a submission, so each may overwrite what the last one quantised.
+    /// The scratch for quantised rows of `k` values: the stage's shared one
+    /// ([`Recorder::with_int8_scratch`]) where it is wide and tall enough, else the
+    /// recording's own, grown (a new pair of buffers; dispatches recorded earlier keep
+    /// theirs) when `k` is wider than any before. Products run one after another in a
+    /// submission, so each may overwrite what the last one quantised.
     fn quantized_x(&mut self, k: u32) -> (wgpu::Buffer, wgpu::Buffer) {
+        let rows = self.quantized_rows();
         match &self.int8_x {
-            Some(s) if s.k >= k => (s.q.clone(), s.d.clone()),
-            _ => {
-                let tokens = u64::from(self.quantized_rows());
-                let q = self.gpu().storage("quantized x", tokens * u64::from(k) * 2);
-                let d = self.gpu().storage("quantized x scales", tokens * u64::from(k / 32) * 4);
-                self.int8_x = Some(QuantizedX { q: q.clone(), d: d.clone(), k });
-                (q, d)
+            Some(s) if s.k >= k && s.rows >= rows => (s.q.clone(), s.d.clone()),
+            held => {
+                let k = held.as_ref().map_or(k, |s| s.k.max(k));
+                tracing::debug!(rows, k, "integer-dot scratch beyond the stage's: the recording takes its own");
+                let s = QuantizedX::new(self.gpu(), rows, k);
+                let buffers = (s.q.clone(), s.d.clone());
+                self.int8_x = Some(s);
+                buffers
             }
         }
     }

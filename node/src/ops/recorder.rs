@@ -82,6 +82,13 @@ impl<'a> Recorder<'a> {
         Recorder { rows, ..self }
     }
 
+    /// The integer-dot path quantises x into `scratch` (one per stage, shared by all its
+    /// recordings: a stage runs one step at a time, its products one after another) where
+    /// it is wide and tall enough; `None`: each recording allocates its own.
+    pub fn with_int8_scratch(self, scratch: Option<&super::matmul::QuantizedX>) -> Self {
+        Recorder { int8_x: scratch.cloned(), ..self }
+    }
+
     /// The class of steps this recording serves.
     pub fn step_rows(&self) -> StepRows {
         self.rows

@@ -67,7 +67,9 @@ impl Head {
         };
         let mut lists = Vec::new();
         for rows in StepRows::up_to(max_samples) {
-            let mut rec = Recorder::new(gpu, ctx.kernels, &head.step, max_samples)?.for_rows(rows);
+            let mut rec = Recorder::new(gpu, ctx.kernels, &head.step, max_samples)?
+                .for_rows(rows)
+                .with_int8_scratch(s.int8.as_ref());
             let (x_act, n_act) = (Act::new(&x_last, max_samples, e), Act::new(&n_last, max_samples, e));
             let logits = Act::new(&head.logits, max_samples, vocab);
             rec.gather_rows(s.x(), Act::new(&head.sample_rows, max_samples, 1), x_act)?;

@@ -27,7 +27,7 @@ use crate::gpu::{Dispatch, Gpu, KernelCache, Step, encode_pass};
 use crate::kv_pool::{KvLayout, LayerKv};
 use crate::layers::LoadCtx;
 use crate::ops::Recorder;
-use crate::ops::matmul::StepRows;
+use crate::ops::matmul::{QuantizedX, StepRows};
 use crate::ops::sample::{Penalties, RowSampling, TopK};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
@@ -318,7 +318,17 @@ impl Stage {
                 u64::from(layout.block_size) * LayerKv::bytes_per_position(a.n_head_kv as u32, a.head_dim as u32);
             gpu.storage("kv block bounce", bytes / 2)
         });
-        let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?;
+        // One integer-dot scratch for every recording, as tall as the largest (the MTP
+        // block's first pass carries a draft row per sequence besides the step's rows) and
+        // as wide as the stage's widest Q8_0 matrix: what the planner counts.
+        let int8 = if gpu.int8_dot {
+            let width = strata_model::plan::stage_int8_width(gguf, &config, spec.layers.clone(), mtp)?;
+            let rows = spec.max_batch + if mtp { spec.max_seqs } else { 0 };
+            (width > 0).then(|| QuantizedX::new(&gpu, rows, width as u32))
+        } else {
+            None
+        };
+        let scratch = Scratch::new(&gpu, &config, spec.max_batch, spec.max_seqs, recurrent, kv)?.with_int8(int8);
         let max_samples = spec.max_samples();
         let head = if last { Some(Head::load(&ctx, &config, &scratch, max_samples)?) } else { None };
         let mtp = match &head {
@@ -537,6 +547,12 @@ impl Stage {
         self.head.is_some()
     }
 
+    /// Bytes of the integer-dot path's scratch (0 without `--int8-dot`): one for every
+    /// recording of the stage, as the planner counts it.
+    pub fn int8_scratch_bytes(&self) -> u64 {
+        self.scratch.int8.as_ref().map_or(0, |x| x.bytes())
+    }
+
     /// Bytes of weights held on the GPU.
     pub fn weight_bytes(&self) -> u64 {
         let layers: u64 = self.layers.iter().map(|l| l.weight_bytes()).sum();
@@ -617,7 +633,9 @@ impl Stage {
     /// layer in order, over any sequences' rows.
     fn record(&self, rows: StepRows) -> Result<Vec<Dispatch>> {
         let s = &self.scratch;
-        let mut rec = Recorder::new(&self.gpu, &self.kernels, &s.step, self.spec.max_batch)?.for_rows(rows);
+        let mut rec = Recorder::new(&self.gpu, &self.kernels, &s.step, self.spec.max_batch)?
+            .for_rows(rows)
+            .with_int8_scratch(s.int8.as_ref());
         if let Some(table) = &self.embed {
             rec.embed(table, s.ids(), s.x())?;
         }

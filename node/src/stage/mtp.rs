@@ -191,7 +191,8 @@ impl MtpHead {
             let s = &pass.scratch;
             let h = Act::new(&pass.h, rows, e);
             for class in StepRows::up_to(rows) {
-                let mut rec = Recorder::new(gpu, kernels, &s.step, rows)?.for_rows(class);
+                let mut rec =
+                    Recorder::new(gpu, kernels, &s.step, rows)?.for_rows(class).with_int8_scratch(main.int8.as_ref());
                 let from = MtpSources {
                     src: Act::new(&pass.select, rows, 2),
                     hidden: from_hidden,
@@ -210,7 +211,9 @@ impl MtpHead {
             }
             let n_out = Act::new(&pass.n_out, max_seqs, e);
             for class in StepRows::up_to(max_seqs) {
-                let mut rec = Recorder::new(gpu, kernels, &pass.head_step, max_seqs)?.for_rows(class);
+                let mut rec = Recorder::new(gpu, kernels, &pass.head_step, max_seqs)?
+                    .for_rows(class)
+                    .with_int8_scratch(main.int8.as_ref());
                 rec.gather_rows(s.x(), Act::new(&pass.sample_rows, max_seqs, 1), n_out)?;
                 rec.rms_norm(n_out, &shared_head_norm, n_out, norm)?;
                 rec.matmul(&head.output, n_out, Act::new(&logits, max_seqs, vocab), false)?;
