@@ -126,6 +126,23 @@ pub fn int8_scratch_bytes(rows: u64, k: u64) -> u64 {
     rows * k * 2 + rows * k.div_ceil(32) * 4
 }
 
+/// The most chunks the GPU attention kernel splits a row's keys into, and the fewest keys
+/// a chunk holds (whole tiles of 64): a decode row's work spread over this many workgroups
+/// per query head instead of one for its whole context (`node`'s `attention.wgsl`).
+pub const ATTENTION_SPLITS: u64 = 16;
+pub const ATTENTION_CHUNK_MIN: u64 = 256;
+/// Steps of at most this many rows run attention split into chunks (the node's decode
+/// and speculative steps); larger ones run each row's chunks in one workgroup.
+pub const ATTENTION_SPLIT_ROWS: u64 = 8;
+
+/// Bytes of the split attention's partial states on a stage with attention layers and
+/// steps of up to `max_batch` rows: for each row of a split step, query head and chunk,
+/// a softmax max and sum and the head's `head_dim` value sums, f32. Shared by the
+/// stage's attention layers, which run one after another.
+pub fn attention_parts_bytes(max_batch: u64, n_head: u64, head_dim: u64) -> u64 {
+    max_batch.min(ATTENTION_SPLIT_ROWS) * n_head * ATTENTION_SPLITS * (head_dim + 2) * 4
+}
+
 /// Values per row of `t` if it is a matrix the integer-dot path multiplies by (a 2-D
 /// Q8_0 tensor), else 0. The experts' stacked matrices (3-D) go through `mm_id`, not
 /// that path.
@@ -172,7 +189,8 @@ pub struct LayerCost {
 /// - `attention` (a stage with an attention layer): `T · (H·D · (2 + 2·gate) + 2 · HKV·D) · 4`:
 ///   q, the attention output, k and v, and with an output gate (qwen35) `attn_q`'s raw
 ///   `[q | gate]` rows. The attention kernel uses an online softmax, so no `T x ctx` score
-///   matrix exists.
+///   matrix exists; decode steps split each row's keys into chunks whose states wait in
+///   [`attention_parts_bytes`]: `min(T, 8) · H · 16 · (D + 2) · 4`.
 /// - `deltanet` (a stage with a DeltaNet layer): `T · (2C + 2Vd + 2nv) · 4`: qkv before and
 ///   after the conv, z, the output, beta and alpha.
 /// - `head` (the last stage): `(2E + n_vocab) · 4` per sampled row (one per sequence of a
@@ -367,7 +385,8 @@ impl ModelCost {
         });
         let scratch = ScratchCost {
             common: t * (3 * e + 2 * f) * 4 + t * 8,
-            attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4,
+            attention: t * (q * (2 + 2 * gate) + 2 * (a.n_head_kv * a.head_dim) as u64) * 4
+                + attention_parts_bytes(t, a.n_head as u64, a.head_dim as u64),
             deltanet,
             head: (2 * e + cfg.n_vocab as u64) * 4 * (seqs * (pc.draft_max as u64 + 1)).min(t),
             moe: cfg.moe.as_ref().map_or(0, |m| {

@@ -3,6 +3,7 @@
 //! rows belong to which sequence, and where each sequence's KV blocks are.
 
 use strata_model::config::ModelConfig;
+use strata_model::plan::attention_parts_bytes;
 
 use crate::gpu::{Gpu, Step};
 use crate::kv_pool::{BlockTable, KvLayout};
@@ -48,6 +49,9 @@ pub struct Scratch {
     /// x quantised for the integer-dot path, when the stage takes it: one for all the
     /// stage's recordings ([`crate::ops::recorder::Recorder::with_int8_scratch`]).
     pub int8: Option<QuantizedX>,
+    /// The split attention's partial states (`strata_model::plan::attention_parts_bytes`),
+    /// when the stage has attention layers: shared by them, as they run one after another.
+    attn_parts: Option<wgpu::Buffer>,
     widths: Widths,
 }
 
@@ -98,6 +102,10 @@ impl Scratch {
             deltanet,
             moe: if cfg.moe.is_some() { Some(MoeScratch::new(gpu, cfg, max_tokens)?) } else { None },
             int8: None,
+            attn_parts: kv.is_some().then(|| {
+                let bytes = attention_parts_bytes(t, a.n_head as u64, a.head_dim as u64);
+                gpu.storage("attention parts", bytes.max(4))
+            }),
             widths: Widths {
                 embd: cfg.n_embd as u32,
                 q: q_width as u32,
@@ -155,6 +163,12 @@ impl Scratch {
     /// Only gated attention has it: elsewhere a placeholder of width 1.
     pub fn q_full(&self) -> Act<'_> {
         self.act(&self.q_full, self.widths.q_full)
+    }
+
+    /// Where split attention leaves its chunks' states (`None`: the stage's attention runs
+    /// each row's chunks in one workgroup).
+    pub fn attention_parts(&self) -> Option<&wgpu::Buffer> {
+        self.attn_parts.as_ref()
     }
 
     pub fn k(&self) -> Act<'_> {

@@ -325,7 +325,8 @@ fn scratch_follows_the_layer_kinds_of_the_stage() {
     // E 128, F 384, 4 heads / 2 KV heads of 64 with a gate, C = 2*32*2 + 32*4 = 256, Vd 128, nv 4.
     let s = &c.scratch;
     assert_eq!(s.common, 16 * (3 * 128 + 2 * 384) * 4 + 16 * 8);
-    assert_eq!(s.attention, 16 * (4 * 64 * 4 + 2 * 2 * 64) * 4);
+    // ... and the split attention's partial states: 8 rows, 4 heads, 16 chunks, 64 + 2 values.
+    assert_eq!(s.attention, 16 * (4 * 64 * 4 + 2 * 2 * 64) * 4 + 8 * 4 * 16 * 66 * 4);
     assert_eq!(s.deltanet, 16 * (2 * 256 + 2 * 128 + 2 * 4) * 4);
     assert_eq!(s.head, (2 * 128 + 1024) * 4);
     // Layers 0..3 are DeltaNet, 3 is attention, 7 (the last) is attention.
@@ -336,7 +337,10 @@ fn scratch_follows_the_layer_kinds_of_the_stage() {
     let (g, cfg) = fixture("tiny-qwen3.gguf");
     let c = ModelCost::new(&g, &cfg, &PlanConfig { max_batch: 16, ..PlanConfig::new(256) }).unwrap();
     // No gate in qwen3's attn_q: q and the attention output only.
-    assert_eq!(c.scratch.attention, 16 * (4 * 32 * 2 + 2 * 2 * 32) * 4);
+    assert_eq!(c.scratch.attention, 16 * (4 * 32 * 2 + 2 * 2 * 32) * 4 + 8 * 4 * 16 * 34 * 4);
+    // A stage whose steps are smaller than the split rows keeps states for those only.
+    let c = ModelCost::new(&g, &cfg, &PlanConfig { max_batch: 2, ..PlanConfig::new(256) }).unwrap();
+    assert_eq!(c.scratch.attention, 2 * (4 * 32 * 2 + 2 * 2 * 32) * 4 + 2 * 4 * 16 * 34 * 4);
     assert_eq!(c.scratch.deltanet, 0);
 }
 

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use strata_node::gpu::{Dispatch, Gpu, encode_dispatches};
 
-/// The compute pipeline of `wgsl`'s `main`, its layout taken from the shader.
+/// The compute pipeline of `wgsl`'s `main`, its layout taken from the shader (not every
+/// example that includes this module builds its own kernels).
+#[allow(dead_code)]
 pub fn pipeline(gpu: &Gpu, wgsl: &str) -> Arc<wgpu::ComputePipeline> {
     let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: None,

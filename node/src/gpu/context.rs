@@ -46,6 +46,10 @@ pub struct Gpu {
     pub features: wgpu::Features,
     /// Q8_0 matrix products go through integer dot products ([`GpuConfig::int8_dot`]).
     pub int8_dot: bool,
+    /// Decode steps split each row's keys over workgroups in `attention.wgsl` (the GPU
+    /// kernel): `STRATA_SPLIT_ATTENTION` (`on`/`off`), on unless set off, so that a first
+    /// GPU run can measure both. The bits are the same either way.
+    pub split_attention: bool,
     /// The first GPU error no error scope caught since the last [`Gpu::check`]. wgpu's
     /// default handler panics; a node must instead fail the one request and keep serving.
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -81,12 +85,12 @@ pub fn parse_on_off(s: &str) -> Option<bool> {
     }
 }
 
-/// `STRATA_INT8_DOT` (unset or empty: off).
-fn int8_dot_from_env() -> Result<bool> {
-    match std::env::var("STRATA_INT8_DOT") {
-        Err(_) => Ok(false),
-        Ok(v) if v.trim().is_empty() => Ok(false),
-        Ok(v) => parse_on_off(&v).ok_or_else(|| Error::Device(format!("STRATA_INT8_DOT={v}: expected `on` or `off`"))),
+/// The switch in environment variable `name` (unset or empty: `default`).
+fn switch_from_env(name: &str, default: bool) -> Result<bool> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) if v.trim().is_empty() => Ok(default),
+        Ok(v) => parse_on_off(&v).ok_or_else(|| Error::Device(format!("{name}={v}: expected `on` or `off`"))),
     }
 }
 
@@ -126,7 +130,7 @@ impl Gpu {
         let limits = adapter.limits();
         let int8_dot = match config.int8_dot {
             Some(on) => on,
-            None => int8_dot_from_env()?,
+            None => switch_from_env("STRATA_INT8_DOT", false)?,
         };
         if int8_dot
             && !instance.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct)
@@ -156,7 +160,8 @@ impl Gpu {
             tracing::error!(error = %e, "GPU error");
             sink.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
         }));
-        Ok(Gpu { device, queue, info, limits, features, int8_dot, uncaptured })
+        let split_attention = switch_from_env("STRATA_SPLIT_ATTENTION", true)?;
+        Ok(Gpu { device, queue, info, limits, features, int8_dot, split_attention, uncaptured })
     }
 
     /// The GPU error raised since the last check outside any error scope, if any, as an

@@ -79,6 +79,7 @@ impl Attention {
         }
         rec.kv_store(cache, s.k(), s.v(), rows)?;
         let mut attn = attention::Attention::new(h, d);
+        attn.parts = s.attention_parts();
         if a.output_gate {
             attn.gate = Some(OutputGate { gate: s.q_full(), stride: 2 * d, offset: d });
         }

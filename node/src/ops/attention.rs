@@ -4,9 +4,10 @@
 //! Decode and prefill rows of any sequences use the same two dispatches; each row's
 //! position and slot come from the step's [`crate::batch::RowInfo`]s.
 
+use strata_model::plan;
 use strata_shaders::Kernel;
 
-use super::matmul::StepRows;
+use super::matmul::{FEW_ROWS, StepRows};
 use super::recorder::{Act, Recorder};
 use crate::gpu::{Dim, Workgroups};
 use crate::kv_pool::{BlockTable, LayerKv};
@@ -127,13 +128,34 @@ pub struct Attention<'a> {
     pub scale: f32,
     /// `out *= sigmoid(gate)` after attention.
     pub gate: Option<OutputGate<'a>>,
+    /// Where `attention.wgsl` leaves the states of a decode step's chunks of keys
+    /// ([`strata_model::plan::attention_parts_bytes`]): with it, steps of up to
+    /// [`FEW_ROWS`] rows spread each row's keys over several workgroups per head. `None`,
+    /// too small for the recording's rows, or [`crate::gpu::Gpu::split_attention`] off:
+    /// each row's workgroup runs all its chunks.
+    pub parts: Option<&'a wgpu::Buffer>,
 }
 
 impl Attention<'_> {
     pub fn new(n_heads: u32, head_dim: u32) -> Self {
-        Attention { n_heads, scale: 1.0 / (head_dim as f32).sqrt(), gate: None }
+        Attention { n_heads, scale: 1.0 / (head_dim as f32).sqrt(), gate: None, parts: None }
     }
 }
+
+/// How `attention.wgsl` runs a row's chunks of keys (its `params.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkMode {
+    /// One workgroup per (row, head) runs them one after another.
+    Loop = 0,
+    /// One workgroup per (row, head, chunk), leaving the chunk's state in `parts` ...
+    Split = 1,
+    /// ... which one workgroup per (row, head) then combines.
+    Merge = 2,
+}
+
+// The planner sizes `parts` for steps of up to its split rows; the recorder splits steps
+// of the few-rows classes.
+const _: () = assert!(FEW_ROWS as u64 == plan::ATTENTION_SPLIT_ROWS);
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -147,7 +169,8 @@ pub(crate) struct AttnParams {
     gate_stride: u32,
     gate_offset: u32,
     max_blocks: u32,
-    _pad: [u32; 3],
+    mode: u32,
+    _pad: [u32; 2],
 }
 
 impl Recorder<'_> {
@@ -204,35 +227,10 @@ impl Recorder<'_> {
             gate_stride,
             gate_offset,
             max_blocks: layout.max_blocks,
-            _pad: [0; 3],
+            mode: ChunkMode::Loop as u32,
+            _pad: [0; 2],
         };
-        let params = self.uniform("attention", &params);
-        // `attention_sg` takes a KV head's query heads in one workgroup, `attention` one
-        // query head.
-        let (pipeline, heads) = match self.attention_kernel() {
-            // Heads the lanes split evenly, four dims at a time.
-            AttentionKernel::Lanes(sg) if head_dim.is_multiple_of(4 * sg) => {
-                let consts = [
-                    ("HEAD_DIM", format!("{head_dim}u")),
-                    ("SG", format!("{sg}u")),
-                    ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
-                    ("ROWS", format!("{}u", lanes_rows(self.step_rows()))),
-                    ("GQ", format!("{}u", n_heads / n_kv_heads)),
-                ];
-                (self.pipeline(Kernel::ATTENTION_SG, &[], &consts)?, n_kv_heads)
-            }
-            _ => {
-                let pairs = head_dim / 2;
-                let consts = [
-                    ("HEAD_DIM", format!("{head_dim}u")),
-                    ("WG", format!("{ATTN_WG}u")),
-                    ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
-                    ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
-                ];
-                (self.pipeline(Kernel::ATTENTION, &[], &consts)?, n_heads)
-            }
-        };
-        let resources = [
+        let resources = vec![
             rows,
             kv.table.buffer().as_entire_binding(),
             q_binding,
@@ -241,8 +239,73 @@ impl Recorder<'_> {
             gate,
             out_binding,
         ];
-        let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(heads), Dim::Fixed(1));
-        self.dispatch("attention", pipeline, &params, &resources, workgroups);
+        match self.attention_kernel() {
+            // Heads the lanes split evenly, four dims at a time.
+            AttentionKernel::Lanes(sg) if head_dim.is_multiple_of(4 * sg) => {
+                // A KV head's query heads in one workgroup.
+                let consts = [
+                    ("HEAD_DIM", format!("{head_dim}u")),
+                    ("SG", format!("{sg}u")),
+                    ("LANE_QUADS", format!("{}u", head_dim / 4 / sg)),
+                    ("ROWS", format!("{}u", lanes_rows(self.step_rows()))),
+                    ("GQ", format!("{}u", n_heads / n_kv_heads)),
+                ];
+                let pipeline = self.pipeline(Kernel::ATTENTION_SG, &[], &consts)?;
+                let params = self.uniform("attention", &params);
+                let workgroups = Workgroups(Dim::Tokens { group: 1 }, Dim::Fixed(n_kv_heads), Dim::Fixed(1));
+                self.dispatch("attention", pipeline, &params, &resources, workgroups);
+                Ok(())
+            }
+            _ => self.attention_tiled(params, head_dim, attn.parts, resources),
+        }
+    }
+
+    /// `attention.wgsl`: a workgroup per query head, and per chunk of keys where the
+    /// recording's steps are small enough for `parts` (then a second dispatch combines
+    /// the chunks). `resources`: bindings 2 to 8.
+    fn attention_tiled<'b>(
+        &mut self,
+        params: AttnParams,
+        head_dim: u32,
+        parts: Option<&'b wgpu::Buffer>,
+        mut resources: Vec<wgpu::BindingResource<'b>>,
+    ) -> Result<()> {
+        let pairs = head_dim / 2;
+        let consts = [
+            ("HEAD_DIM", format!("{head_dim}u")),
+            ("WG", format!("{ATTN_WG}u")),
+            ("PAIRS_PER_THREAD", format!("{}u", pairs.div_ceil(ATTN_WG))),
+            ("SLICES", format!("{}u", (ATTN_WG / pairs).max(1))),
+            ("SPLITS", format!("{}u", plan::ATTENTION_SPLITS)),
+            ("CHUNK_MIN", format!("{}u", plan::ATTENTION_CHUNK_MIN)),
+        ];
+        let pipeline = self.pipeline(Kernel::ATTENTION, &[], &consts)?;
+        let heads = params.n_heads;
+        let split_rows = match self.step_rows() {
+            StepRows::One => Some(1),
+            StepRows::Few(n) => Some(n),
+            StepRows::Many => None,
+        };
+        let per_row = u64::from(heads) * plan::ATTENTION_SPLITS * (u64::from(head_dim) + 2) * 4;
+        let parts = parts
+            .filter(|_| self.gpu().split_attention)
+            .filter(|p| split_rows.is_some_and(|r| p.size() >= u64::from(r) * per_row));
+        let modes: &[(ChunkMode, u32)] = match parts {
+            Some(parts) => {
+                resources.push(parts.as_entire_binding());
+                &[(ChunkMode::Split, plan::ATTENTION_SPLITS as u32), (ChunkMode::Merge, 1)]
+            }
+            None => {
+                // An unread binding: the output, already bound read-write.
+                resources.push(resources[6].clone());
+                &[(ChunkMode::Loop, 1)]
+            }
+        };
+        for &(mode, chunks) in modes {
+            let params = self.uniform("attention", &AttnParams { mode: mode as u32, ..params });
+            let workgroups = Workgroups(Dim::Fixed(chunks), Dim::Fixed(heads), Dim::Tokens { group: 1 });
+            self.dispatch("attention", pipeline.clone(), &params, &resources, workgroups);
+        }
         Ok(())
     }
 }
@@ -255,7 +318,7 @@ mod tests {
     use crate::batch::{BatchLayout, Run};
     use crate::gpu::{Dispatch, Step};
     use crate::kv_pool::KvLayout;
-    use crate::ops::harness::{f32_buffer, record, run_step, step_buffer};
+    use crate::ops::harness::{f32_buffer, record, record_for, run_step, step_buffer};
     use crate::testing::{Rng, assert_close, gpu};
 
     fn round_f16(x: &[f32]) -> Vec<f32> {
@@ -280,7 +343,11 @@ mod tests {
         v: wgpu::Buffer,
         rows: wgpu::Buffer,
         out: wgpu::Buffer,
-        dispatches: Vec<Dispatch>,
+        /// Where split attention leaves its chunks' states.
+        _parts: wgpu::Buffer,
+        /// A list per class of step, as a stage records them: small steps split each
+        /// row's keys over workgroups (`attention.wgsl`), large ones do not.
+        dispatches: Vec<(StepRows, Vec<Dispatch>)>,
         held: Vec<Vec<u32>>,
         twins: Vec<Twin>,
         n_heads: usize,
@@ -309,20 +376,27 @@ mod tests {
             let (q, k, v, out) = (act(n_heads), act(n_kv), act(n_kv), act(n_heads));
             let rows = gpu.storage("rows", u64::from(max_tokens) * 16);
             let step = step_buffer(gpu);
+            let parts = gpu.storage("parts", plan::attention_parts_bytes(max_tokens.into(), n_heads.into(), hd.into()));
             let mut attn = Attention::new(n_heads, hd);
             attn.gate = gate.map(|(gate, stride, offset)| OutputGate {
                 gate: Act::new(gate, max_tokens, n_heads * stride),
                 stride,
                 offset,
             });
+            attn.parts = Some(&parts);
             let act = |b, heads| Act::new(b, max_tokens, heads * hd);
-            let dispatches = record(&step, max_tokens, |rec| {
-                rec.set_attention_kernel(kernel);
-                let (paged, rows) = (PagedKv { layer: &kv, table: &table }, Act::new(&rows, max_tokens, 4));
-                rec.kv_store(paged, act(&k, n_kv), act(&v, n_kv), rows)?;
-                rec.attention(paged, act(&q, n_heads), rows, act(&out, n_heads), attn)
-            })
-            .unwrap();
+            let dispatches = StepRows::up_to(max_tokens)
+                .into_iter()
+                .map(|class| {
+                    let list = record_for(&step, max_tokens, class, |rec| {
+                        rec.set_attention_kernel(kernel);
+                        let (paged, rows) = (PagedKv { layer: &kv, table: &table }, Act::new(&rows, max_tokens, 4));
+                        rec.kv_store(paged, act(&k, n_kv), act(&v, n_kv), rows)?;
+                        rec.attention(paged, act(&q, n_heads), rows, act(&out, n_heads), attn)
+                    });
+                    (class, list.unwrap())
+                })
+                .collect();
             let (n_heads, n_kv, hd) = (n_heads as usize, n_kv as usize, hd as usize);
             let slots = slots as usize;
             Layer {
@@ -334,6 +408,7 @@ mod tests {
                 v,
                 rows,
                 out,
+                _parts: parts,
                 dispatches,
                 held: vec![Vec::new(); slots],
                 twins: vec![Twin::default(); slots],
@@ -356,7 +431,9 @@ mod tests {
             }
             gpu.queue.write_buffer(&self.rows, 0, bytemuck::cast_slice(&layout.rows));
             let step = Step::new(layout.n_rows(), layout.n_seqs());
-            let list = if attend { &self.dispatches[..] } else { &self.dispatches[..1] };
+            let class = StepRows::of(layout.n_rows());
+            let list = &self.dispatches.iter().find(|(c, _)| *c == class).expect("a list for every class").1;
+            let list = if attend { &list[..] } else { &list[..1] };
             run_step(gpu, &self.step, list, step);
             let row = self.n_kv * self.hd;
             for (info, (kr, vr)) in layout.rows.iter().zip(k.chunks_exact(row).zip(v.chunks_exact(row))) {
@@ -516,6 +593,61 @@ mod tests {
             let runs = [run(0, len - 1, 1)];
             let (q, got) = layer.random_step(&mut rng, &runs);
             assert_close(&got, &layer.want(&runs, &q, None), 1e-5, 1e-4, &format!("{kernel:?}: 3000 positions"));
+        }
+    }
+
+    /// At long contexts a row's keys come in chunks: a small step spreads them over
+    /// workgroups and combines their states in a second dispatch, a large one runs them
+    /// in the row's workgroup. Both give the row the same bits, for every head layout.
+    #[test]
+    fn split_and_looped_chunks_give_the_same_bits() {
+        let (gpu, _) = gpu();
+        let mut rng = Rng::new(17);
+        for (kernel, (n_heads, n_kv, hd)) in
+            kernels().into_iter().flat_map(|k| [(4, 2, 64), (24, 4, 256), (2, 1, 80)].map(|s| (k, s)))
+        {
+            // Gated for one layout (the gate applied where the chunks are combined): the
+            // same gates in every row, so that a row's output is the same in any step.
+            let gated = n_heads == 4;
+            let stride = 2 * hd as usize;
+            let heads_gate = rng.vec(n_heads as usize * stride, 4.0);
+            let qg: Vec<f32> = heads_gate.iter().copied().cycle().take(1024 * heads_gate.len()).collect();
+            let qg_buffer = f32_buffer(gpu, &qg);
+            let gate = gated.then_some((&qg_buffer, 2 * hd, hd));
+            let mut layer = Layer::new(kernel, n_heads, n_kv, hd, 2048, 128, 2, 1024, gate);
+            if kernel == AttentionKernel::Tiled && gpu.split_attention {
+                // kv_store, then the chunks and their combination.
+                assert_eq!(layer.dispatches[0].0, StepRows::One);
+                assert_eq!(layer.dispatches[0].1.len(), 3);
+                assert_eq!(layer.dispatches.last().unwrap().1.len(), 2);
+            }
+            layer.random_fill(&mut rng, &[run(0, 0, 1000), run(1, 0, 24)]);
+            layer.random_fill(&mut rng, &[run(0, 1000, 200), run(1, 24, 676)]);
+            // 12 rows of one sequence and a decode row of another: one large step ...
+            let runs = [run(0, 1200, 12), run(1, 700, 1)];
+            let (q, k, v) = layer.random_inputs(&mut rng, &runs);
+            let got = layer.step(&runs, &q, &k, &v);
+            let what = format!("{kernel:?}: {n_heads}/{n_kv} heads of {hd}, gated {gated}");
+            let want_gate = gated.then_some((&qg[..], stride, hd as usize));
+            assert_close(&got, &layer.want(&runs, &q, want_gate), 1e-5, 1e-4, &what);
+            // ... the same rows in steps of 1 and of 4 (split where the kernel splits).
+            let (qr, kr) = ((n_heads * hd) as usize, (n_kv * hd) as usize);
+            let rows: Vec<Run> = (0..12).map(|i| run(0, 1200 + i, 1)).chain([run(1, 700, 1)]).collect();
+            for size in [1, 4] {
+                let mut again = Vec::new();
+                for (i, group) in rows.chunks(size).enumerate() {
+                    let at = i * size;
+                    let n = group.len();
+                    let merged: Vec<Run> = if group.iter().all(|r| r.slot == 0) {
+                        vec![run(0, group[0].pos, n as u32)]
+                    } else {
+                        group.to_vec()
+                    };
+                    let s = |x: &[f32], w: usize| x[at * w..(at + n) * w].to_vec();
+                    again.extend(layer.step(&merged, &s(&q, qr), &s(&k, kr), &s(&v, kr)));
+                }
+                assert_eq!(again, got, "{what}: steps of {size}");
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Running ops in tests: buffers from slices, the step uniform, one submission per step.
 
+use super::matmul::StepRows;
 use super::recorder::Recorder;
 use crate::Result;
 use crate::gpu::{Dispatch, Gpu, Step, encode_pass};
@@ -37,8 +38,18 @@ pub(crate) fn record(
     max_tokens: u32,
     f: impl FnOnce(&mut Recorder) -> Result<()>,
 ) -> Result<Vec<Dispatch>> {
+    record_for(step, max_tokens, StepRows::of(max_tokens), f)
+}
+
+/// Like [`record`], for steps of `class` (of at most `max_tokens` rows).
+pub(crate) fn record_for(
+    step: &wgpu::Buffer,
+    max_tokens: u32,
+    class: StepRows,
+    f: impl FnOnce(&mut Recorder) -> Result<()>,
+) -> Result<Vec<Dispatch>> {
     let (gpu, kernels) = crate::testing::gpu();
-    let mut rec = Recorder::new(gpu, kernels, step, max_tokens)?;
+    let mut rec = Recorder::new(gpu, kernels, step, max_tokens)?.for_rows(class);
     f(&mut rec)?;
     Ok(rec.finish())
 }

@@ -16,7 +16,8 @@ struct Params {
     gate_offset: u32,
     // Entries per sequence slot of the block table.
     max_blocks: u32,
-    pad0: u32,
+    // attention.wgsl: LOOP, SPLIT or MERGE (see there); attention_sg: unread.
+    mode: u32,
     pad1: u32,
     pad2: u32,
 }
