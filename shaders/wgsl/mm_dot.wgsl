@@ -77,6 +77,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if t0 + t >= step.n_tokens {
             break;
         }
-        store_out((t0 + t) * params.n + params.row0 + r, acc[t]);
+        store_out(t0 + t, params.row0 + r, acc[t]);
     }
 }

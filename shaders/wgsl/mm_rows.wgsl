@@ -163,7 +163,7 @@ fn main(
         }
         for (var r = 0u; r < R; r++) {
             if r0 + r < params.rows {
-                store_out((t0 + t) * params.n + params.row0 + r0 + r, acc[r * TB + t]);
+                store_out(t0 + t, params.row0 + r0 + r, acc[r * TB + t]);
             }
         }
     }

@@ -90,7 +90,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 for (var s = 0u; s < S; s++) {
                     v[s] = acc[(r * TK + t) * S + s];
                 }
-                store_out(tok * params.n + params.row0 + row, tree(v));
+                store_out(tok, params.row0 + row, tree(v));
             }
         }
     }

@@ -5,6 +5,7 @@ use strata_model::arch::AttentionTensors;
 use strata_model::config::{self, ModelConfig};
 
 use super::LoadCtx;
+use super::projections::Projections;
 use crate::Result;
 use crate::kv_pool::LayerKv;
 use crate::ops::Recorder;
@@ -15,10 +16,9 @@ use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 
 pub struct Attention {
-    /// `attn_q`; for qwen35 each head's rows are `[query | gate]`, kept fused.
-    q: QuantMatrix,
-    k: QuantMatrix,
-    v: QuantMatrix,
+    /// `attn_q`, `attn_k` and `attn_v`; for qwen35 each head's rows of `attn_q` are
+    /// `[query | gate]`, kept fused.
+    qkv: Projections,
     o: QuantMatrix,
     q_norm: Option<wgpu::Buffer>,
     k_norm: Option<wgpu::Buffer>,
@@ -28,9 +28,7 @@ impl Attention {
     pub fn load(ctx: &LoadCtx, t: &AttentionTensors) -> Result<Attention> {
         let norm = |spec: &Option<_>| spec.as_ref().map(|s| ctx.vector(s)).transpose();
         Ok(Attention {
-            q: ctx.matrix(&t.q)?,
-            k: ctx.matrix(&t.k)?,
-            v: ctx.matrix(&t.v)?,
+            qkv: Projections::load(ctx, &[&t.q, &t.k, &t.v])?,
             o: ctx.matrix(&t.o)?,
             q_norm: norm(&t.q_norm)?,
             k_norm: norm(&t.k_norm)?,
@@ -38,7 +36,7 @@ impl Attention {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.q.bytes() + self.k.bytes() + self.v.bytes() + self.o.bytes()
+        self.qkv.bytes() + self.o.bytes()
     }
 
     /// Records `x += attention(n)` over the layer's part `kv` of the pool, `n` the
@@ -61,9 +59,7 @@ impl Attention {
         // Gated: project [query | gate] per head into q_full; the query halves are normed
         // (always, in qwen35) into q, the gate halves read in place by attention.
         let q_out = if a.output_gate { s.q_full() } else { s.q() };
-        rec.matmul(&self.q, s.n(), q_out, false)?;
-        rec.matmul(&self.k, s.n(), s.k(), false)?;
-        rec.matmul(&self.v, s.n(), s.v(), false)?;
+        self.qkv.record(rec, s.n(), &[q_out, s.k(), s.v()])?;
         // Per-head norm (qwen3, qwen35) fused with RoPE; llama rotates only.
         match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => {

@@ -6,6 +6,7 @@ use strata_model::arch::DeltaNetTensors;
 use strata_model::config::{DeltaNetConfig, ModelConfig};
 
 use super::LoadCtx;
+use super::projections::Projections;
 use crate::deltanet_state::DeltaNetState;
 use crate::gpu::Gpu;
 use crate::ops::deltanet::Gates;
@@ -15,11 +16,8 @@ use crate::weights::QuantMatrix;
 use crate::{Error, Result};
 
 pub struct DeltaNet {
-    attn_qkv: QuantMatrix,
-    /// `z`, the output gate.
-    attn_gate: QuantMatrix,
-    ssm_beta: QuantMatrix,
-    ssm_alpha: QuantMatrix,
+    /// `attn_qkv`, `attn_gate` (`z`, the output gate), `ssm_beta` and `ssm_alpha`.
+    inputs: Projections,
     /// f32 `[channels, conv_kernel]`.
     ssm_conv1d: wgpu::Buffer,
     /// f32 `[2, n_value_heads]`: `ssm_a`, then `ssm_dt.bias` (one binding for the kernel).
@@ -38,10 +36,7 @@ pub fn config(cfg: &ModelConfig) -> Result<&DeltaNetConfig> {
 impl DeltaNet {
     pub fn load(ctx: &LoadCtx, t: &DeltaNetTensors) -> Result<DeltaNet> {
         Ok(DeltaNet {
-            attn_qkv: ctx.matrix(&t.qkv)?,
-            attn_gate: ctx.matrix(&t.gate)?,
-            ssm_beta: ctx.matrix(&t.beta)?,
-            ssm_alpha: ctx.matrix(&t.alpha)?,
+            inputs: Projections::load(ctx, &[&t.qkv, &t.gate, &t.beta, &t.alpha])?,
             // ggml `[kernel, channels]`: a row of taps per channel, as the kernel reads it.
             ssm_conv1d: ctx.vector(&t.conv1d)?,
             gate_consts: ctx.vectors("gate consts", &[&t.a, &t.dt_bias])?,
@@ -52,10 +47,8 @@ impl DeltaNet {
 
     /// Bytes of weights held on the GPU (all read by every step).
     pub fn bytes(&self) -> u64 {
-        let matrices =
-            [&self.attn_qkv, &self.attn_gate, &self.ssm_beta, &self.ssm_alpha, &self.ssm_out].map(|m| m.bytes());
-        let vectors = [&self.ssm_conv1d, &self.gate_consts, &self.ssm_norm].map(|b| b.size());
-        matrices.iter().chain(&vectors).sum()
+        let vectors: u64 = [&self.ssm_conv1d, &self.gate_consts, &self.ssm_norm].map(|b| b.size()).iter().sum();
+        self.inputs.bytes() + self.ssm_out.bytes() + vectors
     }
 
     /// Records `x += mixer(n)` for the step's rows, each sequence advancing its own slot of
@@ -69,11 +62,7 @@ impl DeltaNet {
             });
         }
         let d = s.deltanet()?;
-        for (w, y) in
-            [(&self.attn_qkv, d.qkv()), (&self.attn_gate, d.z()), (&self.ssm_beta, d.b()), (&self.ssm_alpha, d.a())]
-        {
-            rec.matmul(w, s.n(), y, false)?;
-        }
+        self.inputs.record(rec, s.n(), &[d.qkv(), d.z(), d.b(), d.a()])?;
         rec.deltanet_conv(state, d.qkv(), &self.ssm_conv1d, d.y(), s.batch(), cfg.eps)?;
         let gates = Gates { b: d.b(), a: d.a(), consts: &self.gate_consts };
         rec.delta_rule(state, d.y(), gates, d.o(), &s.seqs)?;

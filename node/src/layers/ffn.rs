@@ -3,24 +3,25 @@
 use strata_model::arch::FfnTensors;
 
 use super::LoadCtx;
+use super::projections::Projections;
 use crate::Result;
 use crate::ops::{Act, Recorder};
 use crate::scratch::Scratch;
 use crate::weights::QuantMatrix;
 
 pub struct Ffn {
-    gate: QuantMatrix,
-    up: QuantMatrix,
+    /// `ffn_gate` and `ffn_up`.
+    gate_up: Projections,
     down: QuantMatrix,
 }
 
 impl Ffn {
     pub fn load(ctx: &LoadCtx, t: &FfnTensors) -> Result<Ffn> {
-        Ok(Ffn { gate: ctx.matrix(&t.gate)?, up: ctx.matrix(&t.up)?, down: ctx.matrix(&t.down)? })
+        Ok(Ffn { gate_up: Projections::load(ctx, &[&t.gate, &t.up])?, down: ctx.matrix(&t.down)? })
     }
 
     pub fn bytes(&self) -> u64 {
-        self.gate.bytes() + self.up.bytes() + self.down.bytes()
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     /// `x += ffn(n)`, on the residual stream.
@@ -30,8 +31,7 @@ impl Ffn {
 
     /// `out (+)= ffn(n)` (a MoE layer's shared expert writes its own buffer).
     pub fn record_to(&self, rec: &mut Recorder, s: &Scratch, out: Act<'_>, accumulate: bool) -> Result<()> {
-        rec.matmul(&self.gate, s.n(), s.ffn_gate(), false)?;
-        rec.matmul(&self.up, s.n(), s.ffn_up(), false)?;
+        self.gate_up.record(rec, s.n(), &[s.ffn_gate(), s.ffn_up()])?;
         rec.swiglu(s.ffn_gate(), s.ffn_up(), s.ffn_gate())?;
         rec.matmul(&self.down, s.ffn_gate(), out, accumulate)
     }

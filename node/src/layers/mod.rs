@@ -6,11 +6,13 @@ pub mod attention;
 pub mod deltanet;
 pub mod ffn;
 pub mod moe;
+pub mod projections;
 
 use strata_model::arch::TensorSpec;
 use strata_model::gguf::Gguf;
 
 use crate::gpu::{Gpu, KernelCache};
+use crate::ops::matmul::MAX_OUTPUTS;
 use crate::weights::QuantMatrix;
 use crate::{Error, Result};
 
@@ -38,6 +40,31 @@ impl LoadCtx<'_> {
     pub fn matrix(&self, spec: &TensorSpec) -> Result<QuantMatrix> {
         let t = self.tensor(spec)?;
         QuantMatrix::upload(self.gpu, &spec.name, t.ty, spec.k(), spec.n(), self.gguf.tensor_data(t))
+    }
+
+    /// Matrices of one input (the same `k`) end to end as one `[k, n1 + n2 + ..]`, for
+    /// [`crate::ops::Recorder::matmul_into`] to run as one product writing each its own
+    /// output; `None` where they are stored in different formats (then each runs alone).
+    pub fn fused(&self, specs: &[&TensorSpec]) -> Result<Option<QuantMatrix>> {
+        let tensors = specs.iter().map(|s| self.tensor(s)).collect::<Result<Vec<_>>>()?;
+        let (ty, k) = (tensors[0].ty, specs[0].k());
+        let same = tensors.iter().zip(specs).all(|(t, s)| t.ty == ty && s.k() == k);
+        // Rows not of whole blocks: each alone, whose upload says what is wrong.
+        let Some(row_bytes) = ty.bytes_for(k as u64).filter(|_| same && specs.len() <= MAX_OUTPUTS) else {
+            return Ok(None);
+        };
+        let mut data = Vec::new();
+        for (t, s) in tensors.iter().zip(specs) {
+            let bytes = row_bytes as usize * s.n();
+            let stored = self.gguf.tensor_data(t);
+            if stored.len() < bytes {
+                return Err(Error::Shape { op: "load", message: format!("`{}` holds {} bytes", s.name, stored.len()) });
+            }
+            data.extend_from_slice(&stored[..bytes]);
+        }
+        let n = specs.iter().map(|s| s.n()).sum();
+        let name = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" + ");
+        QuantMatrix::upload(self.gpu, &name, ty, k, n, &data).map(Some)
     }
 
     /// A matrix `[k, n]` as two matrices `[k / 2, n]`: the first and the second half of

@@ -33,8 +33,15 @@ pub(crate) struct Params {
     row0: u32,
     accumulate: u32,
     groups_x: u32,
-    _pad: [u32; 2],
+    /// Where the second to fourth outputs' rows begin (`n` for those there are not).
+    split1: u32,
+    split2: u32,
+    split3: u32,
+    _pad: [u32; 3],
 }
+
+/// The most outputs one matrix product writes ([`Recorder::matmul_into`]).
+pub const MAX_OUTPUTS: usize = 4;
 
 /// How many rows the steps of a recording carry, which picks the matrix kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -256,14 +263,44 @@ impl Recorder<'_> {
     /// (fusing a residual add). The kernel is the recorder's [`StepRows`] class's in its
     /// [`MatmulPlan`]; its workgroups follow the step's rows.
     pub fn matmul(&mut self, w: &QuantMatrix, x: Act<'_>, out: Act<'_>, accumulate: bool) -> Result<()> {
+        self.matmul_into(w, x, &[out], accumulate)
+    }
+
+    /// [`Recorder::matmul`] for a matrix that is several with the same input end to end
+    /// (see [`crate::layers::LoadCtx::fused`]): its rows go to `outs` in order, each
+    /// output's rows as wide as it is (their widths add up to `w.n()`), so one dispatch
+    /// does the work of several. A row's sums are the same as when its matrix runs alone.
+    pub fn matmul_into(&mut self, w: &QuantMatrix, x: Act<'_>, outs: &[Act<'_>], accumulate: bool) -> Result<()> {
         let plan = self.matmul_plan();
         plan.check()?;
         let what = |part: &str| format!("{}: {part}", w.name());
         let (k, n) = (w.k() as u32, w.n() as u32);
+        let widths: u32 = outs.iter().map(|o| o.width).sum();
+        if outs.is_empty() || outs.len() > MAX_OUTPUTS || widths != n {
+            let got: Vec<u32> = outs.iter().map(|o| o.width).collect();
+            return Err(Error::Shape {
+                op: "matmul",
+                message: format!("{}: {n} rows into outputs of widths {got:?} (1 to {MAX_OUTPUTS} of them)", w.name()),
+            });
+        }
         let mut x_binding = self.bind_act("matmul", &what("x"), x, k)?;
-        let out_binding = self.bind_act("matmul", &what("out"), out, n)?;
+        let mut out_bindings = Vec::with_capacity(MAX_OUTPUTS);
+        for o in outs {
+            out_bindings.push(self.bind_act("matmul", &what("out"), *o, o.width)?);
+        }
+        // Outputs there are not: the first again, never written through those bindings.
+        while out_bindings.len() < MAX_OUTPUTS {
+            out_bindings.push(out_bindings[0].clone());
+        }
+        let mut splits = [n; MAX_OUTPUTS - 1];
+        let mut at = 0;
+        for (i, o) in outs.iter().enumerate().take(outs.len() - 1) {
+            at += o.width;
+            splits[i] = at;
+        }
+        let outputs = Outputs { bindings: out_bindings, splits };
         if plan.int8_dot && w.ty() == GgmlType::Q8_0 {
-            return self.matmul_int8(w, x_binding, out_binding, accumulate);
+            return self.matmul_int8(w, x_binding, outputs, accumulate);
         }
         let class = self.step_rows();
         let max_uniform = self.gpu().limits.max_uniform_buffer_binding_size;
@@ -320,12 +357,27 @@ impl Recorder<'_> {
         };
         let pipeline = self.pipeline(kernel, &[w.format(), x_prelude], &consts)?;
         for part in w.parts() {
-            let (params, groups) = self.part_params(label, w, part, accumulate, tile_rows, tile_tokens);
-            let mut resources = vec![x_binding.clone(), out_binding.clone()];
-            resources.extend(part.buffers.iter().map(|b| b.as_entire_binding()));
-            self.dispatch(label, pipeline.clone(), &params, &resources, groups);
+            let (params, groups) = self.part_params(label, w, part, accumulate, tile_rows, tile_tokens, &outputs);
+            let mut resources = vec![(2, x_binding.clone())];
+            resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
+            resources.extend(outputs.resources());
+            self.dispatch_at(label, pipeline.clone(), &params, &resources, groups);
         }
         Ok(())
+    }
+}
+
+/// Where a matrix product writes: its outputs' bindings (as many as the kernels bind,
+/// the first repeated where there are fewer) and where each after the first begins.
+struct Outputs<'a> {
+    bindings: Vec<wgpu::BindingResource<'a>>,
+    splits: [u32; MAX_OUTPUTS - 1],
+}
+
+impl<'a> Outputs<'a> {
+    /// The outputs at their binding numbers: 3, then 10 to 12.
+    fn resources(&self) -> Vec<(u32, wgpu::BindingResource<'a>)> {
+        [3, 10, 11, 12].into_iter().zip(self.bindings.iter().cloned()).collect()
     }
 }
 
@@ -374,6 +426,7 @@ const QUANTIZE_WG: u32 = 64;
 impl Recorder<'_> {
     /// The params of a matrix kernel's dispatch over one part of `w`, and its workgroups:
     /// `rows` rows and `tokens` tokens a workgroup (`mm_rows`, `mm_tile` and `mm_dot` alike).
+    #[allow(clippy::too_many_arguments)]
     fn part_params(
         &self,
         label: &str,
@@ -382,6 +435,7 @@ impl Recorder<'_> {
         accumulate: bool,
         rows: u32,
         tokens: u32,
+        outputs: &Outputs<'_>,
     ) -> (wgpu::Buffer, Workgroups) {
         let (gx, gy) = grid((part.rows as u32).div_ceil(rows), self.matmul_plan().max_groups);
         let params = Params {
@@ -391,7 +445,10 @@ impl Recorder<'_> {
             row0: part.row0 as u32,
             accumulate: accumulate.into(),
             groups_x: gx,
-            _pad: [0; 2],
+            split1: outputs.splits[0],
+            split2: outputs.splits[1],
+            split3: outputs.splits[2],
+            _pad: [0; 3],
         };
         (self.uniform(label, &params), Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), Dim::Tokens { group: tokens }))
     }
@@ -435,7 +492,7 @@ impl Recorder<'_> {
         &mut self,
         w: &QuantMatrix,
         x: wgpu::BindingResource<'_>,
-        out: wgpu::BindingResource<'_>,
+        outputs: Outputs<'_>,
         accumulate: bool,
     ) -> Result<()> {
         let plan = self.matmul_plan();
@@ -464,10 +521,12 @@ impl Recorder<'_> {
         let pipeline = self.pipeline(Kernel::MM_DOT, &[Kernel::Q_Q8_0], &consts)?;
         let rows_per_group = shape.lanes / plan.splits;
         for part in w.parts() {
-            let (params, groups) = self.part_params("mm_dot", w, part, accumulate, rows_per_group, shape.tokens);
-            let mut resources = vec![(2, qb.clone()), (3, out.clone())];
+            let (params, groups) =
+                self.part_params("mm_dot", w, part, accumulate, rows_per_group, shape.tokens, &outputs);
+            let mut resources = vec![(2, qb.clone())];
             resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
             resources.push((6, db.clone()));
+            resources.extend(outputs.resources());
             self.dispatch_at("mm_dot", pipeline.clone(), &params, &resources, groups);
         }
         Ok(())
@@ -677,6 +736,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Several matrices of one input end to end, as one product writing each output
+    /// (`matmul_into`), give every output the bits its matrix gives alone: for every plan
+    /// (the integer-dot path too), class and format, the matrix split across bindings or
+    /// not (parts that straddle outputs), overwriting and accumulating.
+    #[test]
+    fn fused_products_write_each_output_as_alone() {
+        let (gpu, kernels) = gpu();
+        let mut rng = Rng::new(8);
+        let widths = [37usize, 16, 16, 9];
+        let n: usize = widths.iter().sum();
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16, GgmlType::Q6_K] {
+            let k = if ty.block_len() == 256 { 256 } else { 96 };
+            let bytes = random_weights(&mut rng, ty, k, n);
+            let row_bytes = bytes.len() / n;
+            let mut alone = Vec::new();
+            let mut at = 0;
+            for &w in &widths {
+                let part = &bytes[at * row_bytes..(at + w) * row_bytes];
+                alone.push(QuantMatrix::upload(gpu, "alone", ty, k, w, part).unwrap());
+                at += w;
+            }
+            let whole = QuantMatrix::upload(gpu, "fused", ty, k, n, &bytes).unwrap();
+            let split =
+                QuantMatrix::upload_with_max_part(gpu, "fused", ty, k, n, &bytes, bytes.len() as u64 / 3).unwrap();
+            assert!(split.parts().len() >= 3, "{ty}: {} parts", split.parts().len());
+            // The integer-dot path takes Q8_0 only: the others' twins would run the same.
+            let int8_too = ty == GgmlType::Q8_0;
+            for plan in plans().into_iter().flat_map(|p| [Some(p), int8_too.then(|| int8(p))]).flatten() {
+                for (t, accumulate) in [(1u32, false), (3, true), (12, false)] {
+                    let x = rng.vec(t as usize * k, 1.0);
+                    let inits: Vec<Vec<f32>> = widths.iter().map(|&w| rng.vec(t as usize * w, 1.0)).collect();
+                    let want: Vec<Vec<f32>> = alone
+                        .iter()
+                        .zip(&inits)
+                        .map(|(w, init)| gpu_matmul(w, &x, init, t, t, accumulate, plan))
+                        .collect();
+                    for fused in [&whole, &split] {
+                        let xb = gpu.storage("x", size_of_val(&x[..]) as u64);
+                        gpu.queue.write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+                        let outs: Vec<wgpu::Buffer> = inits.iter().map(|i| f32_buffer(gpu, i)).collect();
+                        let step = step(gpu, t);
+                        let mut rec = Recorder::new(gpu, kernels, &step, t).unwrap().for_rows(StepRows::of(t));
+                        rec.set_matmul_plan(plan);
+                        let acts: Vec<Act> = outs.iter().zip(widths).map(|(b, w)| Act::new(b, t, w as u32)).collect();
+                        rec.matmul_into(fused, Act::new(&xb, t, k as u32), &acts, accumulate).unwrap();
+                        let d = rec.finish();
+                        let quantize = usize::from(plan.int8_dot && ty == GgmlType::Q8_0);
+                        assert_eq!(d.len(), quantize + fused.parts().len(), "one dispatch per part");
+                        submit(gpu, &d, t);
+                        for (i, (b, want)) in outs.iter().zip(&want).enumerate() {
+                            let got = gpu.read_f32(b, want.len()).unwrap();
+                            let what = format!("{ty} {} parts t={t} {plan:?}: output {i}", fused.parts().len());
+                            assert_eq!(&got, want, "{what}");
+                        }
+                    }
+                }
+            }
+        }
+        // Widths that do not add up to the matrix's rows are refused.
+        let w = QuantMatrix::upload(gpu, "w", GgmlType::F32, 8, 4, &[0; 8 * 4 * 4]).unwrap();
+        let (x, o) = (gpu.storage("x", 32), gpu.storage("o", 16));
+        let step = step(gpu, 1);
+        let mut rec = Recorder::new(gpu, kernels, &step, 1).unwrap();
+        let e = rec.matmul_into(&w, Act::new(&x, 1, 8), &[Act::new(&o, 1, 2), Act::new(&o, 1, 1)], false);
+        assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
     }
 
     /// The integer-dot twin of `plan`: the same lanes, splits and classes.
