@@ -21,6 +21,21 @@ const ATTN_WG: u32 = 64;
 /// once for all of them, at most: more spill the lanes' registers.
 const LANES_ROWS: u32 = 4;
 
+/// The most vec4s of per-lane state `attention_sg.wgsl` is given: a lane's quads of a
+/// head times the query heads (a decode row) or rows (a group) its workgroup holds. On
+/// lavapipe (Mesa 22.3, LLVM 15) with 4-lane subgroups (`LP_NATIVE_VECTOR_WIDTH=128`),
+/// heads of 256 at 64 (4 query heads or rows of 16 quads) gave wrong outputs past a few
+/// hundred positions, and at 48 right ones (`split_and_looped_chunks_give_the_same_bits`
+/// found it: Qwen3.6-27B's layout, 1,200 positions). Larger layouts take `attention.wgsl`.
+const LANES_MAX_QUADS: u32 = 48;
+
+/// Whether `attention_sg.wgsl` takes heads of `head_dim` over subgroups of `sg` lanes with
+/// `group` query heads per KV head: in every class of step alike (its groups hold up to
+/// [`LANES_ROWS`] rows), so that a row's bits never depend on what shares its step.
+fn lanes_fit(sg: u32, head_dim: u32, group: u32) -> bool {
+    head_dim.is_multiple_of(4 * sg) && head_dim / 4 / sg * group.max(LANES_ROWS) <= LANES_MAX_QUADS
+}
+
 /// Rows per subgroup of `attention_sg.wgsl` in a recording for steps of `class`: no more
 /// than such a step has, since every row of a group costs registers whether or not the
 /// step fills it (on lavapipe a 2-row step ran its attention 118 -> 83 ms faster with
@@ -240,8 +255,8 @@ impl Recorder<'_> {
             out_binding,
         ];
         match self.attention_kernel() {
-            // Heads the lanes split evenly, four dims at a time.
-            AttentionKernel::Lanes(sg) if head_dim.is_multiple_of(4 * sg) => {
+            // Heads the lanes split evenly, four dims at a time, and state the lanes hold.
+            AttentionKernel::Lanes(sg) if lanes_fit(sg, head_dim, n_heads / n_kv_heads) => {
                 // A KV head's query heads in one workgroup.
                 let consts = [
                     ("HEAD_DIM", format!("{head_dim}u")),
@@ -533,6 +548,16 @@ mod tests {
             None => eprintln!("no fixed CPU subgroup on this adapter: the lanes kernel is not run"),
         }
         k
+    }
+
+    #[test]
+    fn lanes_kernel_takes_only_the_layouts_it_runs_right() {
+        // SmolLM2 (heads of 64, 3 per KV head) on 8 or 4 lanes; Qwen3.6-27B (256, 6) on 8.
+        assert!(lanes_fit(8, 64, 3) && lanes_fit(4, 64, 3) && lanes_fit(8, 256, 6));
+        // Qwen3.6-27B on 4 lanes: 16 quads a lane for 6 heads, or for a group's 4 rows.
+        assert!(!lanes_fit(4, 256, 6) && !lanes_fit(4, 256, 2));
+        // Heads the lanes cannot split evenly.
+        assert!(!lanes_fit(8, 80, 2));
     }
 
     #[test]
