@@ -22,16 +22,12 @@ impl Projections {
     /// The matrices `specs`, those of one format and width together (in their order), at
     /// most [`MAX_OUTPUTS`] a product.
     pub fn load(ctx: &LoadCtx, specs: &[&TensorSpec]) -> Result<Projections> {
+        // Each matrix's format and width, looked up once.
+        let kinds =
+            specs.iter().map(|s| Ok((ctx.gguf.require_tensor(&s.name)?.ty, s.k()))).collect::<Result<Vec<_>>>()?;
         let mut members: Vec<Vec<usize>> = Vec::new();
-        for (i, spec) in specs.iter().enumerate() {
-            let ty = ctx.gguf.require_tensor(&spec.name)?.ty;
-            let alike = |g: &Vec<usize>| {
-                let first = specs[g[0]];
-                g.len() < MAX_OUTPUTS
-                    && first.k() == spec.k()
-                    && ctx.gguf.require_tensor(&first.name).is_ok_and(|t| t.ty == ty)
-            };
-            match members.iter_mut().find(|g| alike(g)) {
+        for (i, kind) in kinds.iter().enumerate() {
+            match members.iter_mut().find(|g| g.len() < MAX_OUTPUTS && kinds[g[0]] == *kind) {
                 Some(g) => g.push(i),
                 None => members.push(vec![i]),
             }

@@ -301,10 +301,9 @@ impl Recorder<'_> {
             StepRows::Few(n) => Some(n),
             StepRows::Many => None,
         };
-        let per_row = u64::from(heads) * plan::ATTENTION_SPLITS * (u64::from(head_dim) + 2) * 4;
-        let parts = parts
-            .filter(|_| self.gpu().split_attention)
-            .filter(|p| split_rows.is_some_and(|r| p.size() >= u64::from(r) * per_row));
+        let parts = parts.filter(|_| self.gpu().split_attention).filter(|p| {
+            split_rows.is_some_and(|r| p.size() >= plan::attention_parts_bytes(r.into(), heads.into(), head_dim.into()))
+        });
         let modes: &[(ChunkMode, u32)] = match parts {
             Some(parts) => {
                 resources.push(parts.as_entire_binding());
