@@ -22,9 +22,8 @@ impl Projections {
     /// The matrices `specs`, those of one format and width together (in their order), at
     /// most [`MAX_OUTPUTS`] a product.
     pub fn load(ctx: &LoadCtx, specs: &[&TensorSpec]) -> Result<Projections> {
-        // Each matrix's format and width, looked up once.
-        let kinds =
-            specs.iter().map(|s| Ok((ctx.gguf.require_tensor(&s.name)?.ty, s.k()))).collect::<Result<Vec<_>>>()?;
+        // Each matrix's format and width, looked up (and its shape checked) once.
+        let kinds = specs.iter().map(|s| Ok((ctx.tensor(s)?.ty, s.k()))).collect::<Result<Vec<_>>>()?;
         let mut members: Vec<Vec<usize>> = Vec::new();
         for (i, kind) in kinds.iter().enumerate() {
             match members.iter_mut().find(|g| g.len() < MAX_OUTPUTS && kinds[g[0]] == *kind) {
