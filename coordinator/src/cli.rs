@@ -428,10 +428,16 @@ pub struct PlanArgs {
 
 #[derive(Args, Debug)]
 pub struct SynthesizeArgs {
-    /// The shape to write: qwen36-27b (dense, about 29 GB apparent) or qwen36-35b-a3b
-    /// (the MoE, about 38 GB apparent).
+    /// The shape to write: qwen36-27b (dense, about 29 GB apparent), qwen36-35b-a3b (the
+    /// MoE, about 38 GB apparent) or smollm2-135m (the README's benchmark model, Q8_0,
+    /// 145 MB). Zeros run as fast as real weights, so these also serve to measure speed
+    /// where the real file is not at hand.
     #[arg(long, default_value = "qwen36-27b")]
     pub shape: String,
+    /// Keep only the first N layers of the shape, at full width (the embedding, head and
+    /// MTP block stay): a few of a large model's layers to measure on one device.
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
     /// Output GGUF path.
     pub output: PathBuf,
 }

@@ -129,12 +129,21 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 }
 
 pub fn synthesize(args: SynthesizeArgs) -> anyhow::Result<()> {
-    match args.shape.as_str() {
-        "qwen36-27b" => strata_model::synthetic::write_qwen36_27b_shape(&args.output)?,
-        "qwen36-35b-a3b" => strata_model::synthetic::qwen36_35b_a3b_shape()?.write(&args.output)?,
-        other => bail!("unknown shape `{other}` (supported: qwen36-27b, qwen36-35b-a3b)"),
+    use strata_model::synthetic::Shape;
+    let Some(mut shape) = Shape::by_name(&args.shape) else {
+        bail!("unknown shape `{}` (supported: {})", args.shape, Shape::NAMES.join(", "));
+    };
+    if let Some(n) = args.layers {
+        shape = shape.with_layers(n).with_context(|| format!("--layers {n} of {}", args.shape))?;
     }
+    let layers = shape.n_layer();
+    shape.zeros()?.write(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     let len = std::fs::metadata(&args.output)?.len();
-    eprintln!("wrote {} ({:.2} GB apparent size, all zeros, sparse)", args.output.display(), len as f64 / 1e9);
+    eprintln!(
+        "wrote {} ({}, {layers} layers, {:.2} GB apparent size, all zeros, sparse)",
+        args.output.display(),
+        args.shape,
+        len as f64 / 1e9
+    );
     Ok(())
 }

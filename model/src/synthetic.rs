@@ -1,5 +1,11 @@
 //! All-zero GGUFs with a real model's exact shape.
 //!
+//! Zeros run exactly as real weights do: no kernel's work depends on a weight's value, so
+//! a synthesized file times like the real one (SmolLM2-135M's shape, Q8_0, against the
+//! real file: see the README's device benchmark), which lets a machine that cannot hold
+//! or download a model measure it. [`Shape::with_layers`] keeps the first layers only, at
+//! full width, for measuring a few of a large model's layers.
+//!
 //! Every tensor is [`TensorData::Zeros`], so the file is sparse: Qwen3.6-27B's shape is a
 //! 29 GB file that takes next to no disk and is written in a moment. Its tensor index is
 //! exactly that of a real Q8_0 conversion, which is what the planner reads, and its
@@ -14,7 +20,7 @@
 use std::path::Path;
 
 use crate::arch::{Arch, TensorRole, qwen35};
-use crate::config::{AttentionConfig, DeltaNetConfig, ModelConfig, MoeConfig};
+use crate::config::{AttentionConfig, DeltaNetConfig, LayerKind, ModelConfig, MoeConfig};
 use crate::gguf::{GgufWriter, TensorData, Value, ValueType};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
@@ -147,6 +153,181 @@ impl Qwen35Shape {
     }
 }
 
+/// The shape of a `llama` model (SmolLM2, Llama 2/3): attention in every layer, the head
+/// dim `n_embd / n_head`, every dim rotated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaShape {
+    pub name: &'static str,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub rope_theta: f32,
+    pub eps: f32,
+    pub context_length: usize,
+    /// Type of every matrix, the embedding too; vectors are F32.
+    pub matrix_type: GgmlType,
+    /// No `output.weight`: the embedding is the head.
+    pub tied_output: bool,
+}
+
+impl LlamaShape {
+    /// SmolLM2-135M-Instruct (the README's benchmark model) as this project's Q8_0 copy of
+    /// it holds it: every matrix Q8_0, the embedding doubling as the head.
+    pub const SMOLLM2_135M: LlamaShape = LlamaShape {
+        name: "SmolLM2-135M (zeros)",
+        n_embd: 576,
+        n_ff: 1536,
+        n_vocab: 49_152,
+        n_layer: 30,
+        n_head: 9,
+        n_head_kv: 3,
+        rope_theta: 100_000.0,
+        eps: 1e-5,
+        context_length: 8192,
+        matrix_type: GgmlType::Q8_0,
+        tied_output: true,
+    };
+
+    pub fn config(&self) -> ModelConfig {
+        let style = Arch::Llama.attention();
+        let head_dim = self.n_embd / self.n_head;
+        ModelConfig {
+            arch: Arch::Llama,
+            n_embd: self.n_embd,
+            n_ff: self.n_ff,
+            n_vocab: self.n_vocab,
+            eps: self.eps,
+            context_length: self.context_length,
+            attention: AttentionConfig {
+                n_head: self.n_head,
+                n_head_kv: self.n_head_kv,
+                head_dim,
+                n_rot: head_dim,
+                rope_theta: self.rope_theta,
+                rope_style: style.rope_style,
+                qk_norm: style.qk_norm,
+                output_gate: style.output_gate,
+            },
+            deltanet: None,
+            moe: None,
+            layers: vec![LayerKind::Attention; self.n_layer],
+            n_mtp: 0,
+            tied_output: self.tied_output,
+        }
+    }
+}
+
+/// A shape `strata synthesize` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    Qwen35(Qwen35Shape),
+    Llama(LlamaShape),
+}
+
+impl Shape {
+    /// The names [`Shape::by_name`] knows, in the order `--help` lists them.
+    pub const NAMES: [&str; 3] = ["qwen36-27b", "qwen36-35b-a3b", "smollm2-135m"];
+
+    pub fn by_name(name: &str) -> Option<Shape> {
+        match name {
+            "qwen36-27b" => Some(Shape::Qwen35(Qwen35Shape::QWEN36_27B)),
+            "qwen36-35b-a3b" => Some(Shape::Qwen35(Qwen35Shape::QWEN36_35B_A3B)),
+            "smollm2-135m" => Some(Shape::Llama(LlamaShape::SMOLLM2_135M)),
+            _ => None,
+        }
+    }
+
+    /// Layers of the main pass.
+    pub fn n_layer(&self) -> usize {
+        match self {
+            Shape::Qwen35(s) => s.n_layer,
+            Shape::Llama(s) => s.n_layer,
+        }
+    }
+
+    /// The config a file of this shape reads back as.
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Shape::Qwen35(s) => s.config(),
+            Shape::Llama(s) => s.config(),
+        }
+    }
+
+    /// The same shape with only its first `n` layers (1 to [`Shape::n_layer`]); the
+    /// embedding, head and any MTP block stay. A `qwen35` shape keeps its layer pattern, so
+    /// `n` of at least its full-attention interval holds every kind of layer.
+    pub fn with_layers(self, n: usize) -> Result<Shape> {
+        let all = self.n_layer();
+        if n == 0 || n > all {
+            return Err(Error::Config(format!("this shape has {all} layers: keep 1 to {all} of them, not {n}")));
+        }
+        Ok(match self {
+            Shape::Qwen35(s) => Shape::Qwen35(Qwen35Shape { n_layer: n, ..s }),
+            Shape::Llama(s) => Shape::Llama(LlamaShape { n_layer: n, ..s }),
+        })
+    }
+
+    /// A writer holding the shape's metadata and every tensor, all zeros.
+    pub fn zeros(&self) -> Result<GgufWriter> {
+        match self {
+            Shape::Qwen35(s) => qwen35_zeros(s),
+            Shape::Llama(s) => llama_zeros(s),
+        }
+    }
+}
+
+/// A writer holding a `llama` `shape`'s metadata and every tensor, all zeros, in the
+/// converter's order ([`ModelConfig::tensors`]). Matrices and the embedding are
+/// `matrix_type`; vectors F32.
+pub fn llama_zeros(shape: &LlamaShape) -> Result<GgufWriter> {
+    let s = shape;
+    if s.n_head == 0 || s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) || !s.n_embd.is_multiple_of(s.n_head)
+    {
+        return Err(Error::Config(format!(
+            "{} query heads over an embedding of {} cannot share {} KV heads",
+            s.n_head, s.n_embd, s.n_head_kv
+        )));
+    }
+    let mut w = GgufWriter::new();
+    let arch = |k: &str| format!("llama.{k}");
+    let u32v = |v: usize| -> Result<Value> {
+        u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
+    };
+    w.set("general.architecture", Value::String("llama".into()))?;
+    w.set("general.name", Value::String(s.name.into()))?;
+    w.set(arch("context_length"), u32v(s.context_length)?)?;
+    w.set(arch("embedding_length"), u32v(s.n_embd)?)?;
+    w.set(arch("block_count"), u32v(s.n_layer)?)?;
+    w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?;
+    w.set(arch("attention.head_count"), u32v(s.n_head)?)?;
+    w.set(arch("attention.head_count_kv"), u32v(s.n_head_kv)?)?;
+    w.set(arch("attention.layer_norm_rms_epsilon"), Value::F32(s.eps))?;
+    w.set(arch("rope.freq_base"), Value::F32(s.rope_theta))?;
+    w.set(arch("rope.dimension_count"), u32v(s.n_embd / s.n_head)?)?;
+    set_tokenizer(&mut w, s.n_vocab)?;
+    w.set("general.file_type", Value::U32(file_type(s.matrix_type)))?;
+    add_zero_tensors(&mut w, &s.config(), s.matrix_type)?;
+    Ok(w)
+}
+
+/// llama.cpp's `general.file_type` for files of `matrix_type`: LLAMA_FTYPE_MOSTLY_Q8_0 is
+/// 7; other types get "all F32" (0) as a placeholder.
+fn file_type(matrix_type: GgmlType) -> u32 {
+    if matrix_type == GgmlType::Q8_0 { 7 } else { 0 }
+}
+
+/// Every tensor of `cfg`'s schema, all zeros: matrices `matrix_type`, the rest F32.
+fn add_zero_tensors(w: &mut GgufWriter, cfg: &ModelConfig, matrix_type: GgmlType) -> Result<()> {
+    for t in cfg.tensors() {
+        let ty = if t.role == TensorRole::Matrix { matrix_type } else { GgmlType::F32 };
+        w.add_tensor(t.name, ty, t.dims, TensorData::Zeros)?;
+    }
+    Ok(())
+}
+
 /// A writer holding `shape`'s metadata and every tensor, all zeros.
 ///
 /// The tensors are those of the `qwen35` schema ([`ModelConfig::tensors`]), in llama.cpp's
@@ -201,13 +382,8 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     w.set(arch("ssm.inner_size"), u32v(s.ssm_head_dim * s.ssm_value_heads)?)?;
     w.set(arch("full_attention_interval"), u32v(s.full_attention_interval)?)?;
     set_tokenizer(&mut w, s.n_vocab)?;
-    // llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 is 7; other types get "all F32" (0) as a placeholder.
-    w.set("general.file_type", Value::U32(if s.matrix_type == GgmlType::Q8_0 { 7 } else { 0 }))?;
-
-    for t in s.config().tensors() {
-        let ty = if t.role == TensorRole::Matrix { s.matrix_type } else { GgmlType::F32 };
-        w.add_tensor(t.name, ty, t.dims, TensorData::Zeros)?;
-    }
+    w.set("general.file_type", Value::U32(file_type(s.matrix_type)))?;
+    add_zero_tensors(&mut w, &s.config(), s.matrix_type)?;
     Ok(w)
 }
 

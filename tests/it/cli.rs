@@ -302,3 +302,53 @@ fn plan_splits_the_35b_a3b_shape_and_counts_the_bytes_a_token_reads() {
     assert!(table.contains("weights read per decoded token: 3.20 GB of the 36.89 GB held"), "{table}");
     std::fs::remove_file(&model).unwrap();
 }
+
+/// `strata synthesize --shape smollm2-135m` writes SmolLM2-135M's exact tensor index (as
+/// our Q8_0 copy of the real file has it), and a few layers of it load and run: what the
+/// device benchmark (`scripts/bench-device.sh`) relies on where no model file can travel.
+#[test]
+fn synthesized_smollm2_shape_matches_the_real_index_and_runs() {
+    use strata_model::gguf::Gguf;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let full = dir.join("smollm2-shape.gguf");
+    let o = strata().args(["synthesize", "--shape", "smollm2-135m"]).arg(&full).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same tensors (names, shapes, types); the real file lists them in another order.
+    let index = |g: &Gguf| {
+        g.tensors
+            .iter()
+            .map(|t| (t.name.clone(), (t.dims.clone(), format!("{:?}", t.ty))))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let real = Gguf::open(crate::support::smol_q8_0()).unwrap();
+    let zeros = Gguf::open(&full).unwrap();
+    assert_eq!(index(&zeros), index(&real));
+    std::fs::remove_file(&full).unwrap();
+
+    let two = dir.join("smollm2-shape-2-layers.gguf");
+    let o = strata().args(["synthesize", "--shape", "smollm2-135m", "--layers", "2"]).arg(&two).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("2 layers"));
+    let m = path_str(&two);
+    let out = strata_json(&["bench", "--model", m, "--prompt-tokens", "8", "--decode-tokens", "4", "--json"]);
+    assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    let out = strata_json(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert!(out["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    std::fs::remove_file(&two).unwrap();
+
+    let err = fails(&["synthesize", "--shape", "smollm2-135m", "--layers", "31", m]);
+    assert!(err.contains("30 layers") && err.contains("not 31"), "{err}");
+    let err = fails(&["synthesize", "--shape", "llama-7b", m]);
+    assert!(err.contains("unknown shape `llama-7b`") && err.contains("smollm2-135m"), "{err}");
+}

@@ -270,3 +270,47 @@ fn qwen36_35b_a3b_shape_plans_on_16_12_12_gib_and_reads_its_active_experts() {
     let reads: u64 = plan.stages.iter().map(|s| cost.stage_read_bytes(s.layers.clone(), cfg.n_vocab)).sum();
     assert_eq!(reads, read);
 }
+
+#[test]
+fn smollm2_shape_reads_back_as_its_config_and_tokenizer() {
+    let shape = Shape::by_name("smollm2-135m").unwrap();
+    let g = Gguf::from_bytes(shape.zeros().unwrap().to_bytes().unwrap()).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    assert_eq!(cfg, shape.config());
+    assert_eq!((cfg.n_embd, cfg.n_ff, cfg.n_vocab, cfg.n_layer()), (576, 1536, 49_152, 30));
+    let a = &cfg.attention;
+    assert_eq!((a.n_head, a.n_head_kv, a.head_dim, a.n_rot, a.rope_theta), (9, 3, 64, 64, 100_000.0));
+    assert!(cfg.tied_output && cfg.deltanet.is_none() && cfg.moe.is_none());
+    // Every matrix Q8_0, the embedding (which is also the head) too; the norms F32.
+    for t in &g.tensors {
+        let want = if t.dims.len() == 2 { GgmlType::Q8_0 } else { GgmlType::F32 };
+        assert_eq!(t.ty, want, "{}", t.name);
+    }
+    assert_eq!(g.tensors.len(), 2 + 30 * 9);
+    assert_eq!(Tokenizer::from_gguf(&g).unwrap().encode("hi", false).unwrap().len(), 2);
+}
+
+#[test]
+fn a_shape_keeps_its_first_layers_and_their_pattern() {
+    let smol = Shape::by_name("smollm2-135m").unwrap().with_layers(2).unwrap();
+    let g = Gguf::from_bytes(smol.zeros().unwrap().to_bytes().unwrap()).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    assert_eq!((cfg.n_layer(), cfg.n_embd, cfg.n_vocab), (2, 576, 49_152));
+    assert_eq!(g.tensors.len(), 2 + 2 * 9);
+
+    // Qwen3.6-27B's first 8 layers: its pattern (attention every fourth) and its MTP block.
+    let big = Shape::by_name("qwen36-27b").unwrap().with_layers(8).unwrap().config();
+    use LayerKind::{Attention as A, DeltaNet as D};
+    assert_eq!(big.layers, [D, D, D, A, D, D, D, A]);
+    assert_eq!((big.n_mtp, big.n_embd, big.n_ff), (1, 5120, 17408));
+    let tiny = Shape::Qwen35(tiny(false, 1)).with_layers(3).unwrap();
+    let cfg = ModelConfig::from_gguf(&Gguf::from_bytes(tiny.zeros().unwrap().to_bytes().unwrap()).unwrap()).unwrap();
+    assert_eq!((cfg.layers.as_slice(), cfg.n_mtp), ([D, D, D].as_slice(), 1));
+
+    for n in [0, 31] {
+        let err = Shape::by_name("smollm2-135m").unwrap().with_layers(n).unwrap_err().to_string();
+        assert!(err.contains("30 layers") && err.contains(&format!("not {n}")), "{err}");
+    }
+    assert_eq!(Shape::NAMES.map(|n| Shape::by_name(n).is_some()), [true; 3]);
+    assert!(Shape::by_name("llama-7b").is_none());
+}
