@@ -18,8 +18,9 @@
 #     at 1 and 8 sequences, and split attention off (STRATA_SPLIT_ATTENTION=off) at a
 #     long context;
 # then `attention_costs` (split against unsplit attention, up to 32768 positions).
-# Every bench has its own time limit, and no new one starts past DEADLINE seconds (default
-# 420), so a slow or hung step costs its own figure, not the run's. Results: one JSON
+# Every bench has its own time limit (120 s), and no new one starts past DEADLINE seconds
+# (default 400), so a slow or hung step costs its own figure, not the run's, and the whole
+# run ends within about 520 s (a device call of timeout_s 580 leaves room for the summary). Results: one JSON
 # object per bench in $OUT/results.jsonl, a table in $OUT/summary.md, the log in
 # $OUT/log.txt. QUICK=1 runs a small version (fewer tokens, 4 layers of the 27B, 1 and 4
 # sequences) to check the script on a slow adapter such as lavapipe.
@@ -46,7 +47,7 @@ prepare() {
 }
 
 run() {
-    local quick=${QUICK:-0} deadline=${DEADLINE:-420}
+    local quick=${QUICK:-0} deadline=${DEADLINE:-400}
     OUT=${OUT:-$PWD/device-out}
     mkdir -p "$OUT"
     : >"$OUT/results.jsonl"
@@ -97,10 +98,15 @@ run() {
         fi
     }
 
-    log "strata $("$S" --version 2>&1); $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"
+    local version
+    if ! version=$("$S" --version 2>&1); then
+        log "$S does not start on this machine: $version"
+        exit 1
+    fi
+    log "$version; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"
     local W=${WORK:-/tmp/strata-device}
     mkdir -p "$W"
-    local layers=8 prompt=512 decode=64 long=8192 seqs=(1 4 8 32) limit=150 cmax=32768
+    local layers=8 prompt=512 decode=64 long=8192 seqs=(1 4 8 32) limit=120 cmax=32768
     if [ "$quick" = 1 ]; then
         layers=4 prompt=16 decode=4 long=256 seqs=(1 4) limit=300 cmax=1024
     fi
