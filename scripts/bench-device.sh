@@ -16,7 +16,7 @@
 #   - aggregate decode tok/s at 1, 4, 8 and 32 concurrent sequences;
 #   - the optional paths against their defaults: integer dot products (STRATA_INT8_DOT=on)
 #     at 1 and 8 sequences, and split attention off (STRATA_SPLIT_ATTENTION=off) at a
-#     long context;
+#     long context (8,000 positions: within SmolLM2's trained 8,192);
 # then `attention_costs` (split against unsplit attention, up to 32768 positions).
 # Every bench has its own time limit (120 s), and no new one starts past DEADLINE seconds
 # (default 400), so a slow or hung step costs its own figure, not the run's, and the whole
@@ -106,7 +106,7 @@ run() {
     log "$version; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"
     local W=${WORK:-/tmp/strata-device}
     mkdir -p "$W"
-    local layers=8 prompt=512 decode=64 long=8192 seqs=(1 4 8 32) limit=120 cmax=32768
+    local layers=8 prompt=512 decode=64 long=8000 seqs=(1 4 8 32) limit=120 cmax=32768
     if [ "$quick" = 1 ]; then
         layers=4 prompt=16 decode=4 long=256 seqs=(1 4) limit=300 cmax=1024
     fi
