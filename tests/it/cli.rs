@@ -352,3 +352,34 @@ fn synthesized_smollm2_shape_matches_the_real_index_and_runs() {
     let err = fails(&["synthesize", "--shape", "llama-7b", m]);
     assert!(err.contains("unknown shape `llama-7b`") && err.contains("smollm2-135m"), "{err}");
 }
+
+/// `scripts/bench-device.sh run`, cut short by its deadline after the first bench: the
+/// script a borrowed GPU runs blind still synthesizes its models, runs `strata bench` with
+/// flags `strata` accepts and writes its results and summary.
+#[test]
+fn device_benchmark_script_runs_and_summarizes() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-device");
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = std::process::Command::new("bash")
+        .arg(root.join("scripts/bench-device.sh"))
+        .arg("run")
+        .env("STRATA", env!("CARGO_BIN_EXE_strata"))
+        .env("ATTENTION_COSTS", "/nonexistent")
+        .env("QUICK", "1")
+        .env("DEADLINE", "1")
+        .env("OUT", dir.join("out"))
+        .env("WORK", dir.join("work"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{log}\n{}", String::from_utf8_lossy(&o.stderr));
+    let results = std::fs::read_to_string(dir.join("out/results.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(results.lines().next().unwrap()).unwrap();
+    assert_eq!(first["label"], "smollm2-single", "{results}");
+    assert!(first["result"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{results}");
+    let summary = std::fs::read_to_string(dir.join("out/summary.md")).unwrap();
+    assert!(summary.contains("| smollm2-single |") && summary.contains("of read bandwidth"), "{summary}");
+    assert!(log.contains("skipped: past the 1s deadline"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
