@@ -430,8 +430,9 @@ pub struct PlanArgs {
 pub struct SynthesizeArgs {
     /// The shape to write: qwen36-27b (dense, about 29 GB apparent), qwen36-35b-a3b (the
     /// MoE, about 38 GB apparent) or smollm2-135m (the README's benchmark model, Q8_0,
-    /// 145 MB). Zeros run as fast as real weights, so these also serve to measure speed
-    /// where the real file is not at hand.
+    /// 145 MB). A dense model's zeros run as fast as its real weights, so these also serve
+    /// to measure speed where the real file is not at hand (not a mixture of experts:
+    /// zeros route every token to the same experts).
     #[arg(long, default_value = "qwen36-27b")]
     pub shape: String,
     /// Keep only the first N layers of the shape, at full width (the embedding, head and

@@ -1,10 +1,12 @@
 //! All-zero GGUFs with a real model's exact shape.
 //!
-//! Zeros run exactly as real weights do: no kernel's work depends on a weight's value, so
-//! a synthesized file times like the real one (SmolLM2-135M's shape, Q8_0, against the
-//! real file: see the README's device benchmark), which lets a machine that cannot hold
-//! or download a model measure it. [`Shape::with_layers`] keeps the first layers only, at
-//! full width, for measuring a few of a large model's layers.
+//! A dense model's zeros time like its real weights, since no kernel's work depends on a
+//! weight's value (measured on lavapipe for SmolLM2-135M's shape against the real file:
+//! see the README's "Measuring on a GPU"), so a machine that cannot hold or download a
+//! model can still measure it. Not a mixture of experts: zeros route every token to the
+//! same experts, so a batch reads fewer of them than real tokens would. [`Shape::with_layers`]
+//! keeps the first layers only, at full width, for measuring a few of a large model's
+//! layers.
 //!
 //! Every tensor is [`TensorData::Zeros`], so the file is sparse: Qwen3.6-27B's shape is a
 //! 29 GB file that takes next to no disk and is written in a moment. Its tensor index is
@@ -16,8 +18,6 @@
 //! The tokenizer is a stand-in: the 256 byte tokens of GPT-2's byte map, then
 //! `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then unused padding up to the vocabulary
 //! size, with no merges. Every byte is its own token; ids do not match the real model's.
-
-use std::path::Path;
 
 use crate::arch::{Arch, TensorRole, qwen35};
 use crate::config::{AttentionConfig, DeltaNetConfig, LayerKind, ModelConfig, MoeConfig};
@@ -385,21 +385,6 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     w.set("general.file_type", Value::U32(file_type(s.matrix_type)))?;
     add_zero_tensors(&mut w, &s.config(), s.matrix_type)?;
     Ok(w)
-}
-
-/// Qwen3.6-27B's exact shape, Q8_0, all zeros.
-pub fn qwen36_27b_shape() -> Result<GgufWriter> {
-    qwen35_zeros(&Qwen35Shape::QWEN36_27B)
-}
-
-/// Qwen3.6-35B-A3B's exact shape, Q8_0, all zeros.
-pub fn qwen36_35b_a3b_shape() -> Result<GgufWriter> {
-    qwen35_zeros(&Qwen35Shape::QWEN36_35B_A3B)
-}
-
-/// Writes [`qwen36_27b_shape`] to `path` as a sparse file (about 29 GB apparent size).
-pub fn write_qwen36_27b_shape(path: impl AsRef<Path>) -> Result<()> {
-    qwen36_27b_shape()?.write(path)
 }
 
 /// The stand-in byte-level tokenizer described in the module docs.

@@ -93,7 +93,7 @@ fn q8(cols: u64, rows: u64) -> u64 {
 #[test]
 fn qwen36_27b_shape_is_sparse_reads_back_and_plans_on_16_12_8_gib() {
     let path = TempPath(std::env::temp_dir().join(format!("strata-synthetic-27b-{}.gguf", std::process::id())));
-    write_qwen36_27b_shape(&path.0).unwrap();
+    Shape::by_name("qwen36-27b").unwrap().zeros().unwrap().write(&path.0).unwrap();
 
     let g = Gguf::open(&path.0).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
@@ -200,7 +200,7 @@ fn err_text(cost: &ModelCost, nodes: &[NodeBudget]) -> String {
 #[test]
 fn qwen36_35b_a3b_shape_plans_on_16_12_12_gib_and_reads_its_active_experts() {
     let path = TempPath(std::env::temp_dir().join(format!("strata-synthetic-35b-{}.gguf", std::process::id())));
-    crate::synthetic::qwen36_35b_a3b_shape().unwrap().write(&path.0).unwrap();
+    Shape::by_name("qwen36-35b-a3b").unwrap().zeros().unwrap().write(&path.0).unwrap();
     let g = Gguf::open(&path.0).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
     assert_eq!(cfg.arch, crate::config::Arch::Qwen35Moe);
