@@ -91,6 +91,7 @@ pub struct EngineArgs {
     pub model: PathBuf,
     /// Context length: tokens of KV cache per sequence (default: the model's own, or the
     /// most the memory holds for one sequence, with the KV pool sized by that memory).
+    /// Past the model's own it runs, with a warning.
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub ctx: Option<u32>,
     /// GPU adapter to use: a case-insensitive substring of its name (default: the best one;

@@ -135,6 +135,14 @@ fn a_run_without_a_runtime_dir_prints_no_error() {
 #[test]
 fn bench_reports_what_it_measured() {
     let m = fixture("tiny-qwen3.gguf");
+    // A context past the model's own (4096) runs, with a warning naming both.
+    let o = strata()
+        .args(["bench", "--model", path_str(&m), "--prompt-tokens", "8", "--decode-tokens", "2", "--ctx", "5000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("--ctx 5000 is past the 4096 positions the model was trained on"), "{err}");
     let out =
         strata_json(&["bench", "--model", path_str(&m), "--prompt-tokens", "16", "--decode-tokens", "8", "--json"]);
     for key in [

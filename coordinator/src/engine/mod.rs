@@ -30,9 +30,20 @@ pub use pipeline::{Pipeline, time_hops};
 const MAX_CTX: u32 = 1 << 20;
 
 /// The context length asked for, or the model's own, which an engine then shrinks to
-/// what the memory holds (see [`fit_context`]).
+/// what the memory holds (see [`fit_context`]). A `--ctx` past the model's own runs (the
+/// user may know the model extrapolates), with a warning: positions past its training
+/// tend to give worse text.
 pub fn context_length(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<u32> {
     let config = strata_model::config::ModelConfig::from_gguf(gguf)?;
+    if let Some(ctx) = args.ctx
+        && ctx as usize > config.context_length
+    {
+        tracing::warn!(ctx, trained = config.context_length, "--ctx is past the model's context length");
+        eprintln!(
+            "warning: --ctx {ctx} is past the {} positions the model was trained on; text past them may degrade",
+            config.context_length
+        );
+    }
     Ok(args.ctx.unwrap_or_else(|| (config.context_length.min(MAX_CTX as usize) as u32).max(16)))
 }
 
