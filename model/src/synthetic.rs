@@ -121,7 +121,6 @@ impl Qwen35Shape {
     /// The config [`ModelConfig::from_gguf`] reads back from [`qwen35_zeros`]'s file,
     /// whose tensor schema is the file's tensor index.
     pub fn config(&self) -> ModelConfig {
-        let style = qwen35::ATTENTION;
         ModelConfig {
             arch: self.arch(),
             n_embd: self.n_embd,
@@ -129,16 +128,7 @@ impl Qwen35Shape {
             n_vocab: self.n_vocab,
             eps: self.eps,
             context_length: self.context_length,
-            attention: AttentionConfig {
-                n_head: self.n_head,
-                n_head_kv: self.n_head_kv,
-                head_dim: self.head_dim,
-                n_rot: self.n_rot,
-                rope_theta: self.rope_theta,
-                rope_style: style.rope_style,
-                qk_norm: style.qk_norm,
-                output_gate: style.output_gate,
-            },
+            attention: attention(self.arch(), self.n_head, self.n_head_kv, self.head_dim, self.n_rot, self.rope_theta),
             deltanet: Some(DeltaNetConfig {
                 conv_kernel: self.conv_kernel,
                 n_key_heads: self.ssm_key_heads,
@@ -192,7 +182,6 @@ impl LlamaShape {
     };
 
     pub fn config(&self) -> ModelConfig {
-        let style = Arch::Llama.attention();
         let head_dim = self.n_embd / self.n_head;
         ModelConfig {
             arch: Arch::Llama,
@@ -201,16 +190,7 @@ impl LlamaShape {
             n_vocab: self.n_vocab,
             eps: self.eps,
             context_length: self.context_length,
-            attention: AttentionConfig {
-                n_head: self.n_head,
-                n_head_kv: self.n_head_kv,
-                head_dim,
-                n_rot: head_dim,
-                rope_theta: self.rope_theta,
-                rope_style: style.rope_style,
-                qk_norm: style.qk_norm,
-                output_gate: style.output_gate,
-            },
+            attention: attention(Arch::Llama, self.n_head, self.n_head_kv, head_dim, head_dim, self.rope_theta),
             deltanet: None,
             moe: None,
             layers: vec![LayerKind::Attention; self.n_layer],
@@ -291,26 +271,66 @@ pub fn llama_zeros(shape: &LlamaShape) -> Result<GgufWriter> {
             s.n_head, s.n_embd, s.n_head_kv
         )));
     }
+    let cfg = s.config();
     let mut w = GgufWriter::new();
-    let arch = |k: &str| format!("llama.{k}");
-    let u32v = |v: usize| -> Result<Value> {
-        u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
-    };
-    w.set("general.architecture", Value::String("llama".into()))?;
-    w.set("general.name", Value::String(s.name.into()))?;
-    w.set(arch("context_length"), u32v(s.context_length)?)?;
-    w.set(arch("embedding_length"), u32v(s.n_embd)?)?;
-    w.set(arch("block_count"), u32v(s.n_layer)?)?;
-    w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?;
-    w.set(arch("attention.head_count"), u32v(s.n_head)?)?;
-    w.set(arch("attention.head_count_kv"), u32v(s.n_head_kv)?)?;
-    w.set(arch("attention.layer_norm_rms_epsilon"), Value::F32(s.eps))?;
-    w.set(arch("rope.freq_base"), Value::F32(s.rope_theta))?;
-    w.set(arch("rope.dimension_count"), u32v(s.n_embd / s.n_head)?)?;
-    set_tokenizer(&mut w, s.n_vocab)?;
-    w.set("general.file_type", Value::U32(file_type(s.matrix_type)))?;
-    add_zero_tensors(&mut w, &s.config(), s.matrix_type)?;
+    set_common(&mut w, &cfg, s.name, s.n_layer, s.matrix_type)?;
+    w.set("llama.feed_forward_length", u32v(s.n_ff)?)?;
+    add_zero_tensors(&mut w, &cfg, s.matrix_type)?;
     Ok(w)
+}
+
+/// `v` as a GGUF u32.
+fn u32v(v: usize) -> Result<Value> {
+    u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
+}
+
+/// The attention of `arch` (its RoPE style, Q/K norm and output gate) with these heads.
+fn attention(
+    arch: Arch,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    n_rot: usize,
+    rope_theta: f32,
+) -> AttentionConfig {
+    let style = arch.attention();
+    AttentionConfig {
+        n_head,
+        n_head_kv,
+        head_dim,
+        n_rot,
+        rope_theta,
+        rope_style: style.rope_style,
+        qk_norm: style.qk_norm,
+        output_gate: style.output_gate,
+    }
+}
+
+/// The metadata every synthesized file has, from its config: architecture and name, the
+/// `{arch}.` sizes and attention keys every architecture reads, the stand-in tokenizer
+/// and the file type. `block_count` counts MTP blocks too.
+fn set_common(
+    w: &mut GgufWriter,
+    cfg: &ModelConfig,
+    name: &str,
+    block_count: usize,
+    matrix_type: GgmlType,
+) -> Result<()> {
+    let prefix = cfg.arch.name();
+    let arch = |k: &str| format!("{prefix}.{k}");
+    let a = &cfg.attention;
+    w.set("general.architecture", Value::String(prefix.into()))?;
+    w.set("general.name", Value::String(name.into()))?;
+    w.set(arch("context_length"), u32v(cfg.context_length)?)?;
+    w.set(arch("embedding_length"), u32v(cfg.n_embd)?)?;
+    w.set(arch("block_count"), u32v(block_count)?)?;
+    w.set(arch("attention.head_count"), u32v(a.n_head)?)?;
+    w.set(arch("attention.head_count_kv"), u32v(a.n_head_kv)?)?;
+    w.set(arch("attention.layer_norm_rms_epsilon"), Value::F32(cfg.eps))?;
+    w.set(arch("rope.dimension_count"), u32v(a.n_rot)?)?;
+    w.set(arch("rope.freq_base"), Value::F32(a.rope_theta))?;
+    set_tokenizer(w, cfg.n_vocab)?;
+    w.set("general.file_type", Value::U32(file_type(matrix_type)))
 }
 
 /// llama.cpp's `general.file_type` for files of `matrix_type`: LLAMA_FTYPE_MOSTLY_Q8_0 is
@@ -346,17 +366,11 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     if s.full_attention_interval == 0 {
         return Err(Error::Config("full_attention_interval must be at least 1".into()));
     }
+    let cfg = s.config();
     let mut w = GgufWriter::new();
+    set_common(&mut w, &cfg, s.name, s.block_count(), s.matrix_type)?;
     let prefix = s.arch().name();
     let arch = |k: &str| format!("{prefix}.{k}");
-    let u32v = |v: usize| -> Result<Value> {
-        u32::try_from(v).map(Value::U32).map_err(|_| Error::Config(format!("{v} does not fit a u32")))
-    };
-    w.set("general.architecture", Value::String(prefix.into()))?;
-    w.set("general.name", Value::String(s.name.into()))?;
-    w.set(arch("context_length"), u32v(s.context_length)?)?;
-    w.set(arch("embedding_length"), u32v(s.n_embd)?)?;
-    w.set(arch("block_count"), u32v(s.block_count())?)?;
     w.set(arch("nextn_predict_layers"), u32v(s.n_mtp)?)?;
     match &s.moe {
         None => w.set(arch("feed_forward_length"), u32v(s.n_ff)?)?,
@@ -367,13 +381,8 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
             w.set(arch("expert_shared_feed_forward_length"), u32v(m.shared_ff)?)?;
         }
     }
-    w.set(arch("attention.head_count"), u32v(s.n_head)?)?;
-    w.set(arch("attention.head_count_kv"), u32v(s.n_head_kv)?)?;
     w.set(arch("attention.key_length"), u32v(s.head_dim)?)?;
     w.set(arch("attention.value_length"), u32v(s.head_dim)?)?;
-    w.set(arch("attention.layer_norm_rms_epsilon"), Value::F32(s.eps))?;
-    w.set(arch("rope.dimension_count"), u32v(s.n_rot)?)?;
-    w.set(arch("rope.freq_base"), Value::F32(s.rope_theta))?;
     w.set(arch("rope.dimension_sections"), Value::Array(ValueType::I32, s.rope_sections.map(Value::I32).to_vec()))?;
     w.set(arch("ssm.conv_kernel"), u32v(s.conv_kernel)?)?;
     w.set(arch("ssm.state_size"), u32v(s.ssm_head_dim)?)?;
@@ -381,9 +390,7 @@ pub fn qwen35_zeros(shape: &Qwen35Shape) -> Result<GgufWriter> {
     w.set(arch("ssm.time_step_rank"), u32v(s.ssm_value_heads)?)?;
     w.set(arch("ssm.inner_size"), u32v(s.ssm_head_dim * s.ssm_value_heads)?)?;
     w.set(arch("full_attention_interval"), u32v(s.full_attention_interval)?)?;
-    set_tokenizer(&mut w, s.n_vocab)?;
-    w.set("general.file_type", Value::U32(file_type(s.matrix_type)))?;
-    add_zero_tensors(&mut w, &s.config(), s.matrix_type)?;
+    add_zero_tensors(&mut w, &cfg, s.matrix_type)?;
     Ok(w)
 }
 
