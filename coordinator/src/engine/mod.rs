@@ -38,7 +38,6 @@ pub fn context_length(gguf: &Gguf, args: &EngineArgs) -> anyhow::Result<u32> {
     if let Some(ctx) = args.ctx
         && ctx as usize > config.context_length
     {
-        tracing::warn!(ctx, trained = config.context_length, "--ctx is past the model's context length");
         eprintln!(
             "warning: --ctx {ctx} is past the {} positions the model was trained on; text past them may degrade",
             config.context_length
