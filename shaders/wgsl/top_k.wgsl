@@ -72,7 +72,51 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var ids: array<u32, PER>;
     var m = neg_inf();
     var s = 0.0;
-    if params.merge == 0u {
+    // A row asking for at most one candidate (greedy, or log-sum-exp only) streams its
+    // values through a running best and a running sum instead of holding them in arrays:
+    // CPU adapters keep such arrays in memory and reach them lane by lane.
+    let one = k <= 1u;
+    var one_v = neg_inf();
+    var one_i = NONE;
+    if one {
+        if params.merge == 0u {
+            let base = wid.x * WG * PER;
+            let masked = sampling[row].masked != 0u;
+            let words = (params.n_vocab + 31u) / 32u;
+            for (var j = 0u; j < PER; j++) {
+                let i = base + j * WG + lid;
+                if i >= params.n_vocab {
+                    break;
+                }
+                var v = neg_inf();
+                if !masked || ((mask[row * words + i / 32u] >> (i % 32u)) & 1u) == 1u {
+                    v = logits[row * params.n_vocab + i];
+                }
+                if before(v, i, one_v, one_i) {
+                    one_v = v;
+                    one_i = i;
+                }
+                let mm = max(m, v);
+                s = rescale(m, s, mm) + rescale(v, 1.0, mm);
+                m = mm;
+            }
+        } else {
+            for (var c = lid; c < params.n_chunks; c += WG) {
+                let e = partial[part + c * stride];
+                let cm = bitcast<f32>(e.x);
+                let mm = max(m, cm);
+                s = rescale(m, s, mm) + rescale(cm, bitcast<f32>(e.y), mm);
+                m = mm;
+                if k == 1u {
+                    let b = partial[part + c * stride + 1u];
+                    if before(bitcast<f32>(b.x), b.y, one_v, one_i) {
+                        one_v = bitcast<f32>(b.x);
+                        one_i = b.y;
+                    }
+                }
+            }
+        }
+    } else if params.merge == 0u {
         let base = wid.x * WG * PER;
         let masked = sampling[row].masked != 0u;
         let words = (params.n_vocab + 31u) / 32u;
@@ -133,14 +177,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     var taken = 0u;
     for (var r = 0u; r < k; r++) {
-        var bv = neg_inf();
-        var bi = NONE;
+        var bv = one_v;
+        var bi = one_i;
         var bj = PER;
-        for (var j = 0u; j < PER; j++) {
-            if (taken & (1u << j)) == 0u && ids[j] != NONE && before(vals[j], ids[j], bv, bi) {
-                bv = vals[j];
-                bi = ids[j];
-                bj = j;
+        if !one {
+            for (var j = 0u; j < PER; j++) {
+                if (taken & (1u << j)) == 0u && ids[j] != NONE && before(vals[j], ids[j], bv, bi) {
+                    bv = vals[j];
+                    bi = ids[j];
+                    bj = j;
+                }
             }
         }
         red_v[lid] = bv;
