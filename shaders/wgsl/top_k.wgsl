@@ -58,6 +58,15 @@ fn rescale(m: f32, s: f32, to: f32) -> f32 {
     return s * exp(m - to);
 }
 
+// Logit i of `row`, or -inf where the row is masked and its mask does not allow i.
+fn row_logit(row: u32, i: u32, masked: bool) -> f32 {
+    let words = (params.n_vocab + 31u) / 32u;
+    if masked && ((mask[row * words + i / 32u] >> (i % 32u)) & 1u) == 0u {
+        return neg_inf();
+    }
+    return logits[row * params.n_vocab + i];
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wid.y;
@@ -78,20 +87,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let one = k <= 1u;
     var one_v = neg_inf();
     var one_i = NONE;
-    if one {
-        if params.merge == 0u {
-            let base = wid.x * WG * PER;
-            let masked = sampling[row].masked != 0u;
-            let words = (params.n_vocab + 31u) / 32u;
+    if params.merge == 0u {
+        let base = wid.x * WG * PER;
+        let masked = sampling[row].masked != 0u;
+        if one {
             for (var j = 0u; j < PER; j++) {
                 let i = base + j * WG + lid;
                 if i >= params.n_vocab {
                     break;
                 }
-                var v = neg_inf();
-                if !masked || ((mask[row * words + i / 32u] >> (i % 32u)) & 1u) == 1u {
-                    v = logits[row * params.n_vocab + i];
-                }
+                let v = row_logit(row, i, masked);
                 if before(v, i, one_v, one_i) {
                     one_v = v;
                     one_i = i;
@@ -101,51 +106,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 m = mm;
             }
         } else {
-            for (var c = lid; c < params.n_chunks; c += WG) {
-                let e = partial[part + c * stride];
-                let cm = bitcast<f32>(e.x);
-                let mm = max(m, cm);
-                s = rescale(m, s, mm) + rescale(cm, bitcast<f32>(e.y), mm);
-                m = mm;
-                if k == 1u {
-                    let b = partial[part + c * stride + 1u];
-                    if before(bitcast<f32>(b.x), b.y, one_v, one_i) {
-                        one_v = bitcast<f32>(b.x);
-                        one_i = b.y;
-                    }
+            for (var j = 0u; j < PER; j++) {
+                let i = base + j * WG + lid;
+                vals[j] = neg_inf();
+                ids[j] = NONE;
+                if i < params.n_vocab {
+                    ids[j] = i;
+                    vals[j] = row_logit(row, i, masked);
+                    m = max(m, vals[j]);
                 }
             }
-        }
-    } else if params.merge == 0u {
-        let base = wid.x * WG * PER;
-        let masked = sampling[row].masked != 0u;
-        let words = (params.n_vocab + 31u) / 32u;
-        for (var j = 0u; j < PER; j++) {
-            let i = base + j * WG + lid;
-            vals[j] = neg_inf();
-            ids[j] = NONE;
-            if i < params.n_vocab {
-                ids[j] = i;
-                if !masked || ((mask[row * words + i / 32u] >> (i % 32u)) & 1u) == 1u {
-                    vals[j] = logits[row * params.n_vocab + i];
+            for (var j = 0u; j < PER; j++) {
+                if ids[j] != NONE {
+                    s += rescale(vals[j], 1.0, m);
                 }
-                m = max(m, vals[j]);
-            }
-        }
-        for (var j = 0u; j < PER; j++) {
-            if ids[j] != NONE {
-                s += rescale(vals[j], 1.0, m);
             }
         }
     } else {
-        for (var j = 0u; j < PER; j++) {
-            let c = j * WG + lid;
-            vals[j] = neg_inf();
-            ids[j] = NONE;
-            if c < params.n_chunks * k {
-                let e = partial[part + (c / k) * stride + 1u + c % k];
-                vals[j] = bitcast<f32>(e.x);
-                ids[j] = e.y;
+        if one {
+            // k is 1 (or 0: no candidates): each chunk's one candidate.
+            for (var c = lid; c < params.n_chunks * k; c += WG) {
+                let b = partial[part + c * stride + 1u];
+                if before(bitcast<f32>(b.x), b.y, one_v, one_i) {
+                    one_v = bitcast<f32>(b.x);
+                    one_i = b.y;
+                }
+            }
+        } else {
+            for (var j = 0u; j < PER; j++) {
+                let c = j * WG + lid;
+                vals[j] = neg_inf();
+                ids[j] = NONE;
+                if c < params.n_chunks * k {
+                    let e = partial[part + (c / k) * stride + 1u + c % k];
+                    vals[j] = bitcast<f32>(e.x);
+                    ids[j] = e.y;
+                }
             }
         }
         for (var c = lid; c < params.n_chunks; c += WG) {
