@@ -197,6 +197,38 @@ fn a_frozen_node_is_noticed_by_the_heartbeat_within_three_seconds() {
     assert!(detected < 3.0, "the heartbeat took {detected} s to notice");
 }
 
+/// A node frozen while the server is idle is noticed as fast: the scheduler refreshes the
+/// nodes' counters for `/metrics` between steps and when idle, and that refresh must give
+/// up once the heartbeat finds the node lost instead of waiting out its own timeout (it
+/// once held the scheduler 5 s). The heartbeat notices within 2.5 s (1 s interval, 1.5 s
+/// timeout) and an idle scheduler looks again within 0.5 s; the rest is margin for a
+/// loaded machine.
+#[test]
+fn a_node_frozen_while_idle_is_noticed_without_waiting_for_its_counters() {
+    let model = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start(3, &model_dir(std::slice::from_ref(&model)));
+    let mut args = vec!["--ctx", "256", "--max-seqs", "4"];
+    let flags = cluster.flags();
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&model, &args);
+    let body = serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.0}).to_string();
+    let before = server.post("/v1/completions", &body);
+    assert_eq!(before.status, 200, "{}", before.body);
+    // Idle for a few refreshes, so that one falls due just after the freeze.
+    std::thread::sleep(Duration::from_millis(1200));
+    let at = unix_now();
+    cluster.signal(1, "STOP");
+    let c = recovered(&server);
+    let r = &c["last_recovery"];
+    assert_eq!(r["left_out"], serde_json::json!(["node1"]), "{c:#}");
+    let detected = r["at_unix"].as_f64().unwrap() - r["replan_seconds"].as_f64().unwrap() - at;
+    eprintln!("SIGSTOP of an idle cluster noticed {detected:.2} s after the freeze");
+    assert!(detected < 4.0, "the idle scheduler took {detected:.2} s to notice the frozen node");
+    let after = server.post("/v1/completions", &body);
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_eq!(after.json()["choices"][0]["text"], before.json()["choices"][0]["text"]);
+}
+
 /// SIGTERM: the node says it is leaving, the coordinator moves its layers and closes its
 /// streams, and the node exits by itself; no client sees an error.
 #[test]

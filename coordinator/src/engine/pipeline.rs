@@ -767,18 +767,48 @@ impl Pipeline {
     }
 
     /// Every node's `Health`, in pipeline order: the one reader of the nodes' counters.
+    ///
+    /// The nodes are asked at once, and the asks give up as soon as the heartbeat finds a
+    /// node lost: the scheduler thread reads these between steps, and a frozen node would
+    /// otherwise hold it (and every stream) for [`HEALTH_TIMEOUT`] instead of letting it
+    /// notice the loss and re-plan.
     fn read_counters(&self) -> Vec<anyhow::Result<NodeCounters>> {
-        self.rt.block_on(async {
-            let mut out = Vec::new();
-            for s in &self.stages {
-                let h = tokio::time::timeout(HEALTH_TIMEOUT, s.client.clone().health(pb::HealthRequest {})).await;
-                let h = match h {
-                    Ok(h) => h.map(|r| counters(r.into_inner())).map_err(anyhow::Error::from),
-                    Err(_) => Err(anyhow::anyhow!("no answer within {} s", HEALTH_TIMEOUT.as_secs())),
-                };
-                out.push(h.with_context(|| format!("health of {}", s.addr)));
+        let alarm = self.heartbeat.as_ref().map(|h| h.alarm.clone());
+        let asks: Vec<_> = self.stages.iter().map(|s| (s.addr.clone(), s.client.clone())).collect();
+        let n = asks.len();
+        self.rt.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, (addr, mut client)) in asks.into_iter().enumerate() {
+                set.spawn(async move {
+                    let h = match tokio::time::timeout(HEALTH_TIMEOUT, client.health(pb::HealthRequest {})).await {
+                        Ok(h) => h.map(|r| counters(r.into_inner())).map_err(anyhow::Error::from),
+                        Err(_) => Err(anyhow::anyhow!("no answer within {} s", HEALTH_TIMEOUT.as_secs())),
+                    };
+                    (i, h.with_context(|| format!("health of {addr}")))
+                });
             }
-            out
+            let all = async {
+                let mut out: Vec<Option<anyhow::Result<NodeCounters>>> = (0..n).map(|_| None).collect();
+                while let Some(done) = set.join_next().await {
+                    match done {
+                        Ok((i, h)) => out[i] = Some(h),
+                        Err(e) => tracing::warn!(error = %e, "a health ask failed to run"),
+                    }
+                }
+                out.into_iter()
+                    .map(|h| h.unwrap_or_else(|| Err(anyhow::anyhow!("the health ask did not run"))))
+                    .collect()
+            };
+            let lost = async {
+                match alarm {
+                    Some(a) => Heartbeat::lost(a).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = all => out,
+                why = lost => (0..n).map(|_| Err(anyhow::anyhow!("not asked: {why}"))).collect(),
+            }
         })
     }
 
