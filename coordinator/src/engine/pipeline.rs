@@ -237,6 +237,30 @@ impl Heartbeat {
     }
 }
 
+/// Runs `work` on `rt` for the scheduler thread, unless `heartbeat` finds a node lost
+/// first (then the cause). Everything the scheduler waits for on the nodes goes through
+/// here: a frozen node answers nothing, and the thread must stay free to notice the loss
+/// and re-plan.
+fn unless_lost<T>(
+    rt: &tokio::runtime::Runtime,
+    heartbeat: Option<&Heartbeat>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    let alarm = heartbeat.map(|h| h.alarm.clone());
+    rt.block_on(async move {
+        let lost = async {
+            match alarm {
+                Some(a) => Heartbeat::lost(a).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            out = work => Ok(out),
+            why = lost => Err(why),
+        }
+    })
+}
+
 fn wire_format(w: Wire) -> pb::HiddenFormat {
     match w {
         Wire::F32 => pb::HiddenFormat::F32,
@@ -773,10 +797,9 @@ impl Pipeline {
     /// otherwise hold it (and every stream) for [`HEALTH_TIMEOUT`] instead of letting it
     /// notice the loss and re-plan.
     fn read_counters(&self) -> Vec<anyhow::Result<NodeCounters>> {
-        let alarm = self.heartbeat.as_ref().map(|h| h.alarm.clone());
         let asks: Vec<_> = self.stages.iter().map(|s| (s.addr.clone(), s.client.clone())).collect();
         let n = asks.len();
-        self.rt.block_on(async move {
+        let all = async move {
             let mut set = tokio::task::JoinSet::new();
             for (i, (addr, mut client)) in asks.into_iter().enumerate() {
                 set.spawn(async move {
@@ -787,29 +810,17 @@ impl Pipeline {
                     (i, h.with_context(|| format!("health of {addr}")))
                 });
             }
-            let all = async {
-                let mut out: Vec<Option<anyhow::Result<NodeCounters>>> = (0..n).map(|_| None).collect();
-                while let Some(done) = set.join_next().await {
-                    match done {
-                        Ok((i, h)) => out[i] = Some(h),
-                        Err(e) => tracing::warn!(error = %e, "a health ask failed to run"),
-                    }
+            let mut out: Vec<Option<anyhow::Result<NodeCounters>>> = (0..n).map(|_| None).collect();
+            while let Some(done) = set.join_next().await {
+                match done {
+                    Ok((i, h)) => out[i] = Some(h),
+                    Err(e) => tracing::warn!(error = %e, "a health ask failed to run"),
                 }
-                out.into_iter()
-                    .map(|h| h.unwrap_or_else(|| Err(anyhow::anyhow!("the health ask did not run"))))
-                    .collect()
-            };
-            let lost = async {
-                match alarm {
-                    Some(a) => Heartbeat::lost(a).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                out = all => out,
-                why = lost => (0..n).map(|_| Err(anyhow::anyhow!("not asked: {why}"))).collect(),
             }
-        })
+            out.into_iter().map(|h| h.unwrap_or_else(|| Err(anyhow::anyhow!("the health ask did not run")))).collect()
+        };
+        unless_lost(&self.rt, self.heartbeat.as_ref(), all)
+            .unwrap_or_else(|why| (0..n).map(|_| Err(anyhow::anyhow!("not asked: {why}"))).collect())
     }
 
     /// A stage's figures before its node has answered `Health`.
@@ -835,7 +846,8 @@ impl Engine for Pipeline {
     fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64> {
         let act = self.activation(seqs);
         let n = act.step;
-        self.rt.block_on(Self::send(&self.tx, act))?;
+        unless_lost(&self.rt, self.heartbeat.as_ref(), Self::send(&self.tx, act))
+            .map_err(|why| anyhow::anyhow!("{why}"))??;
         let seqs = seqs.iter().map(|s| (s.seq, s.logprobs.is_some())).collect();
         self.in_flight.insert(n, InFlight { seqs, sent: Instant::now() });
         Ok(n)
@@ -846,22 +858,9 @@ impl Engine for Pipeline {
             bail!("next_result without a submitted step");
         }
         loop {
-            let alarm = self.heartbeat.as_ref().map(|h| h.alarm.clone());
-            let results = &mut self.results;
-            let r = self
-                .rt
-                .block_on(async move {
-                    let lost = async {
-                        match alarm {
-                            Some(a) => Heartbeat::lost(a).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        m = results.message() => m.map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message())),
-                        why = lost => Err(anyhow::anyhow!("{why}")),
-                    }
-                })?
+            let r = unless_lost(&self.rt, self.heartbeat.as_ref(), self.results.message())
+                .map_err(|why| anyhow::anyhow!("{why}"))?
+                .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
                 .context("the pipeline closed its result stream")?;
             let Some(flight) = self.in_flight.remove(&r.step) else {
                 tracing::warn!(step = r.step, "a result for a step not in flight");
@@ -873,10 +872,15 @@ impl Engine for Pipeline {
         }
     }
 
-    /// Frees a sequence on every stage (each stage passes it on to the next).
+    /// Frees a sequence on every stage (each stage passes it on to the next, and answers
+    /// once the rest have). A lost node ends the wait: the re-plan that follows drops
+    /// every sequence anyway.
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
         let mut client = self.stages[0].client.clone();
-        self.rt.block_on(client.release(pb::ReleaseRequest { seq_id: seq })).context("releasing a sequence")?;
+        unless_lost(&self.rt, self.heartbeat.as_ref(), client.release(pb::ReleaseRequest { seq_id: seq }))
+            .map_err(|why| anyhow::anyhow!("{why}"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .context("releasing a sequence")?;
         Ok(())
     }
 
