@@ -1186,16 +1186,6 @@ impl<'a> Loop<'a> {
                 return;
             }
         };
-        // A stage that could not hand a step on (its next stage went away) answers every
-        // sequence `Unavailable`; the result stream may break only later. Either way the
-        // pipeline lost a node: re-plan, rather than fail requests a re-plan can finish.
-        let unreachable =
-            done.outcomes.iter().find_map(|(_, o)| o.as_ref().err().filter(|e| e.code == ErrorCode::Unavailable));
-        if let Some(e) = unreachable {
-            tracing::error!("a stage lost its next stage: {e}");
-            self.recover(e.message.clone());
-            return;
-        }
         self.in_flight.retain(|(step, _)| *step != done.step);
         let mut generated = 0u32;
         for (seq, outcome) in done.outcomes {
@@ -2101,21 +2091,6 @@ mod tests {
         assert_eq!(snap.recoveries, 1);
         assert!(snap.broken.is_none());
         assert_eq!(snap.last_recovery.unwrap().left_out, ["b"]);
-    }
-
-    /// A step whose sequences come back `Unavailable` (a stage's next stage went away)
-    /// means a lost node, as a broken result stream does: the scheduler re-plans and every
-    /// request answers as it would alone, with no error.
-    #[test]
-    fn a_stage_that_lost_its_next_stage_leads_to_a_replan_not_an_error() {
-        let mut engine = slow_engine();
-        engine.unreachable_after = Some(6);
-        engine.recoverable = true;
-        let sched = two_like_alone(engine);
-        let snap = sched.snapshot();
-        assert_eq!(snap.recoveries, 1);
-        assert!(snap.broken.is_none());
-        assert!(snap.last_recovery.unwrap().cause.contains("closed its stream"));
     }
 
     /// With one running and one waiting allowed, a third request is refused at once; a

@@ -674,9 +674,6 @@ pub(crate) mod testing {
         pub max_batch: u32,
         /// From this step on, `next_result` fails as a whole (a pipeline losing a node).
         pub fail_after: Option<u64>,
-        /// From this step on, every sequence of a step comes back `Unavailable` (a stage
-        /// whose next stage went away answers so, before the result stream breaks).
-        pub unreachable_after: Option<u64>,
         /// Whether `recover` works (clearing `fail_after` and every step in flight).
         pub recoverable: bool,
         pub recoveries: u32,
@@ -698,7 +695,6 @@ pub(crate) mod testing {
                 kv: None,
                 max_batch: 4,
                 fail_after: None,
-                unreachable_after: None,
                 recoverable: false,
                 recoveries: 0,
                 checkpoints: false,
@@ -750,13 +746,9 @@ pub(crate) mod testing {
             Ok(step)
         }
         fn next_result(&mut self) -> anyhow::Result<StepDone> {
-            let mut done = self.results.pop_front().context("nothing submitted")?;
+            let done = self.results.pop_front().context("nothing submitted")?;
             if self.fail_after.is_some_and(|n| done.step >= n) {
                 anyhow::bail!("the result stream broke");
-            }
-            if self.unreachable_after.is_some_and(|n| done.step >= n) {
-                let lost = StepError::new(ErrorCode::Unavailable, "node `a`: the next stage closed its stream");
-                done.outcomes.iter_mut().for_each(|o| o.1 = Err(lost.clone()));
             }
             Ok(done)
         }
@@ -770,7 +762,6 @@ pub(crate) mod testing {
         fn recover(&mut self) -> anyhow::Result<Recovered> {
             anyhow::ensure!(self.recoverable, "no node is left");
             self.fail_after = None;
-            self.unreachable_after = None;
             self.results.clear();
             self.recoveries += 1;
             // Every sequence goes: logged as a release of sequence 0.

@@ -268,6 +268,14 @@ fn wire_format(w: Wire) -> pb::HiddenFormat {
     }
 }
 
+/// Why `r` says the pipeline is broken, if it does: a stage that could not hand a step on
+/// (its next stage went away) fails the step as a whole with `Unavailable`, the only
+/// use nodes make of that code. A lost node, as a broken result stream is, so that the
+/// scheduler re-plans rather than failing requests a re-plan can finish.
+fn lost_next_stage(r: &pb::StepResult) -> Option<&str> {
+    (!r.error.is_empty() && error_code(r.error_code) == ErrorCode::Unavailable).then_some(r.error.as_str())
+}
+
 /// A step error's code as the node sent it.
 fn error_code(code: i32) -> ErrorCode {
     use pb::StepErrorCode as C;
@@ -862,6 +870,10 @@ impl Engine for Pipeline {
                 .map_err(|why| anyhow::anyhow!("{why}"))?
                 .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
                 .context("the pipeline closed its result stream")?;
+            if let Some(why) = lost_next_stage(&r) {
+                // The result stream may break only later; the pipeline is broken now.
+                bail!("{why}");
+            }
             let Some(flight) = self.in_flight.remove(&r.step) else {
                 tracing::warn!(step = r.step, "a result for a step not in flight");
                 continue;
@@ -1099,4 +1111,26 @@ pub fn time_hops(
         pb::HiddenFormat::F16 => "f16",
     };
     Ok(HopTimes { format, payload_bytes: payload.len(), round_trips_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step failed as a whole with `Unavailable` (as a stage sends it when its next
+    /// stage closed the stream) breaks the pipeline; other failures stay the step's.
+    #[test]
+    fn only_a_step_failed_as_unavailable_means_a_lost_node() {
+        let failed = |code: pb::StepErrorCode, error: &str| pb::StepResult {
+            step: 7,
+            error: error.into(),
+            error_code: code as i32,
+            ..Default::default()
+        };
+        let lost = failed(pb::StepErrorCode::Unavailable, "node `a`: the next stage closed its stream");
+        assert_eq!(lost_next_stage(&lost), Some("node `a`: the next stage closed its stream"));
+        assert_eq!(lost_next_stage(&failed(pb::StepErrorCode::Internal, "node `a`: stage task failed")), None);
+        assert_eq!(lost_next_stage(&failed(pb::StepErrorCode::ResourceExhausted, "node `a`: no free block")), None);
+        assert_eq!(lost_next_stage(&pb::StepResult { step: 7, ..Default::default() }), None);
+    }
 }
