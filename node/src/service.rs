@@ -54,6 +54,13 @@ use crate::memory::MemoryLimit;
 use crate::shard_cache::{MissingRange, ShardCache, hex};
 use crate::stage::{Logprobs, Produced, SeqStep, Stage, StageSpec, Want};
 
+/// How long a release waits for the next stage to release too. A stage answers one in
+/// milliseconds; a next stage that takes seconds is frozen or cut off, which the
+/// coordinator's heartbeat notices and re-plans around (dropping every sequence there).
+/// Waiting on would only hold this handler open, and the previous stage's, which waits on
+/// this one, until HTTP/2's keep-alive gave up (40 s).
+const NEXT_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 /// Who a node is and what it offers (the domain side of `NodeInfo`).
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -877,10 +884,16 @@ impl pb::stage_server::Stage for StageService {
             .await
             .map_err(internal)?;
         let next = lock(&self.inner.next).clone();
-        if let Some(mut client) = next
-            && let Err(s) = client.release(pb::ReleaseRequest { seq_id: seq }).await
-        {
-            tracing::warn!(seq, status = %s, "the next stage did not release");
+        if let Some(mut client) = next {
+            match tokio::time::timeout(NEXT_RELEASE_WAIT, client.release(pb::ReleaseRequest { seq_id: seq })).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => tracing::warn!(seq, status = %s, "the next stage did not release"),
+                Err(_) => tracing::warn!(
+                    seq,
+                    waited_s = NEXT_RELEASE_WAIT.as_secs_f64(),
+                    "the next stage did not answer a release; answering without it"
+                ),
+            }
         }
         Ok(Response::new(pb::ReleaseResponse { released }))
     }

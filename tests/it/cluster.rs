@@ -529,3 +529,45 @@ fn wire_formats_keep_teacher_forced_logits_tiny_qwen3() {
 fn wire_formats_keep_teacher_forced_logits_smollm2_q8_0() {
     wire_formats_keep_logits(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", [10, 12, 8], 1);
 }
+
+/// A stage passes a release on to the next stage and answers once that one has. A next
+/// stage that is frozen (SIGSTOP: its sockets stay open and nothing answers) must not
+/// hold the release open until HTTP/2's keep-alive gives up (40 s): the stage waits 3 s
+/// for it, then answers for itself, and keeps serving.
+#[test]
+fn a_release_does_not_wait_on_a_frozen_next_stage() {
+    let m = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&m)));
+    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
+    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let n = cfg.n_layer() as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let plain = &strata_proto::transport::Security::Plain;
+        let mut last = strata_proto::transport::connect(&cluster.addrs[1], plain).await.unwrap();
+        last.load_shard(strata_proto::versioned(shard(&gguf, n / 2..n, 64, 8))).await.unwrap();
+        let mut first = strata_proto::transport::connect(&cluster.addrs[0], plain).await.unwrap();
+        let load = pb::LoadShardRequest { next_stage: cluster.addrs[1].clone(), ..shard(&gguf, 0..n / 2, 64, 8) };
+        first.load_shard(strata_proto::versioned(load)).await.unwrap();
+        // Both stages answer at once while the next one is up.
+        let t0 = std::time::Instant::now();
+        first.release(pb::ReleaseRequest { seq_id: 1 }).await.unwrap();
+        let up = t0.elapsed();
+
+        cluster.signal(1, "STOP");
+        let t0 = std::time::Instant::now();
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(30), first.release(pb::ReleaseRequest { seq_id: 2 }))
+                .await
+                .expect("the release waited 30 s on the frozen next stage")
+                .expect("the release answered with an error");
+        let frozen = t0.elapsed();
+        eprintln!("release answered in {up:.2?} with the next stage up, {frozen:.2?} with it frozen");
+        assert!(!answer.into_inner().released, "sequence 2 was never there");
+        // 3 s of waiting, and margin for a loaded machine.
+        assert!(frozen < std::time::Duration::from_secs(8), "the release took {frozen:.2?}");
+        let h = first.health(pb::HealthRequest {}).await.unwrap().into_inner();
+        assert!(h.loaded, "{h:?}");
+        cluster.signal(1, "CONT");
+    });
+}
