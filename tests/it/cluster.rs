@@ -37,6 +37,31 @@ fn shard(
     }
 }
 
+/// `nodes` fresh nodes serving the tiny qwen3 fixture, its GGUF, config and layer count,
+/// and a runtime for the tests' own gRPC clients.
+struct TinyQwen3 {
+    cluster: Cluster,
+    gguf: strata_model::gguf::Gguf,
+    cfg: strata_model::config::ModelConfig,
+    n_layer: u32,
+    rt: tokio::runtime::Runtime,
+}
+
+fn tiny_qwen3_nodes(nodes: usize) -> TinyQwen3 {
+    let m = fixture("tiny-qwen3.gguf");
+    let cluster = Cluster::start(nodes, &model_dir(std::slice::from_ref(&m)));
+    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
+    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let n_layer = cfg.n_layer() as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    TinyQwen3 { cluster, gguf, cfg, n_layer, rt }
+}
+
+/// A client of the node at `addr`, without TLS.
+async fn plain_client(addr: &str) -> pb::stage_client::StageClient<strata_proto::tonic::transport::Channel> {
+    strata_proto::transport::connect(addr, &strata_proto::transport::Security::Plain).await.unwrap()
+}
+
 fn generated(out: &serde_json::Value) -> Vec<u32> {
     out["generated_ids"].as_array().expect("generated_ids").iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
@@ -159,16 +184,9 @@ fn f16_wire_keeps_greedy_tokens() {
 
 #[test]
 fn malformed_activations_are_answered_and_the_node_keeps_serving() {
-    let m = fixture("tiny-qwen3.gguf");
-    let cluster = Cluster::start(1, &model_dir(std::slice::from_ref(&m)));
-    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
-    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
-    let n = cfg.n_layer() as u32;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let TinyQwen3 { cluster, gguf, cfg, n_layer: n, rt } = tiny_qwen3_nodes(1);
     rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&cluster.addrs[0], &strata_proto::transport::Security::Plain)
-            .await
-            .unwrap();
+        let mut client = plain_client(&cluster.addrs[0]).await;
         // The last half of the layers: a stage that takes hidden states and samples.
         client.load_shard(strata_proto::versioned(shard(&gguf, n / 2..n, 64, 8))).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -264,17 +282,10 @@ fn malformed_activations_are_answered_and_the_node_keeps_serving() {
 /// the node keeps serving it.
 #[test]
 fn absurd_shards_and_other_versions_are_refused_and_the_loaded_shard_keeps_serving() {
-    let m = fixture("tiny-qwen3.gguf");
-    let cluster = Cluster::start(1, &model_dir(std::slice::from_ref(&m)));
-    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
-    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
-    let n = cfg.n_layer() as u32;
+    let TinyQwen3 { cluster, gguf, cfg, n_layer: n, rt } = tiny_qwen3_nodes(1);
     let load = |ctx, max_batch| shard(&gguf, 0..n, ctx, max_batch);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
-        let mut client = strata_proto::transport::connect(&cluster.addrs[0], &strata_proto::transport::Security::Plain)
-            .await
-            .unwrap();
+        let mut client = plain_client(&cluster.addrs[0]).await;
         client.load_shard(strata_proto::versioned(load(64, 8))).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
@@ -352,13 +363,8 @@ impl Rng {
 /// and afterwards a valid step runs and the node reports its health.
 #[test]
 fn random_activations_are_answered_and_the_node_keeps_serving() {
-    let m = fixture("tiny-qwen3.gguf");
-    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
-    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
-    let n = cfg.n_layer() as u32;
-    let cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&m)));
+    let TinyQwen3 { cluster, gguf, cfg, n_layer: n, rt } = tiny_qwen3_nodes(2);
     let cases = std::env::var("STRATA_FUZZ_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(150u64);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let mut rng = Rng(0x5eed_cafe);
         let mut errors = 0;
@@ -366,8 +372,7 @@ fn random_activations_are_answered_and_the_node_keeps_serving() {
         // (takes hidden rows and samples): each answers on its own.
         for (addr, layers) in [(&cluster.addrs[0], 0..n), (&cluster.addrs[1], n / 2..n)] {
             let first = layers.start == 0;
-            let mut client =
-                strata_proto::transport::connect(addr, &strata_proto::transport::Security::Plain).await.unwrap();
+            let mut client = plain_client(addr).await;
             client.load_shard(strata_proto::versioned(shard(&gguf, layers, 64, 8))).await.unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let mut results = client.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
@@ -445,8 +450,7 @@ fn wire_logits(
     rt.block_on(async {
         let mut start = 0;
         for (k, &n) in split.iter().enumerate() {
-            let mut client =
-                strata_proto::transport::connect(&addrs[k], &strata_proto::transport::Security::Plain).await.unwrap();
+            let mut client = plain_client(&addrs[k]).await;
             let next_stage = if k + 1 < split.len() { addrs[k + 1].clone() } else { String::new() };
             let load = pb::LoadShardRequest { next_stage, ..shard(&gguf, start..start + n, 256, 8) };
             client
@@ -455,8 +459,7 @@ fn wire_logits(
                 .unwrap_or_else(|s| panic!("loading {split:?} on {}: {}", addrs[k], s.message()));
             start += n;
         }
-        let mut first =
-            strata_proto::transport::connect(&addrs[0], &strata_proto::transport::Security::Plain).await.unwrap();
+        let mut first = plain_client(&addrs[0]).await;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut results = first.forward(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let mut step = 0;
@@ -536,17 +539,11 @@ fn wire_formats_keep_teacher_forced_logits_smollm2_q8_0() {
 /// for it, then answers for itself, and keeps serving.
 #[test]
 fn a_release_does_not_wait_on_a_frozen_next_stage() {
-    let m = fixture("tiny-qwen3.gguf");
-    let cluster = Cluster::start(2, &model_dir(std::slice::from_ref(&m)));
-    let gguf = strata_model::gguf::Gguf::open(&m).unwrap();
-    let cfg = strata_model::config::ModelConfig::from_gguf(&gguf).unwrap();
-    let n = cfg.n_layer() as u32;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let TinyQwen3 { cluster, gguf, n_layer: n, rt, .. } = tiny_qwen3_nodes(2);
     rt.block_on(async {
-        let plain = &strata_proto::transport::Security::Plain;
-        let mut last = strata_proto::transport::connect(&cluster.addrs[1], plain).await.unwrap();
+        let mut last = plain_client(&cluster.addrs[1]).await;
         last.load_shard(strata_proto::versioned(shard(&gguf, n / 2..n, 64, 8))).await.unwrap();
-        let mut first = strata_proto::transport::connect(&cluster.addrs[0], plain).await.unwrap();
+        let mut first = plain_client(&cluster.addrs[0]).await;
         let load = pb::LoadShardRequest { next_stage: cluster.addrs[1].clone(), ..shard(&gguf, 0..n / 2, 64, 8) };
         first.load_shard(strata_proto::versioned(load)).await.unwrap();
         // With the next stage up, for comparison.
