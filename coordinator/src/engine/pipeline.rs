@@ -238,14 +238,14 @@ impl Heartbeat {
 }
 
 /// Runs `work` on `rt` for the scheduler thread, unless `heartbeat` finds a node lost
-/// first (then the cause). Everything the scheduler waits for on the nodes goes through
+/// first (then an error saying which and why). Everything the scheduler waits for on the nodes goes through
 /// here: a frozen node answers nothing, and the thread must stay free to notice the loss
 /// and re-plan.
 fn unless_lost<T>(
     rt: &tokio::runtime::Runtime,
     heartbeat: Option<&Heartbeat>,
     work: impl std::future::Future<Output = T>,
-) -> Result<T, String> {
+) -> anyhow::Result<T> {
     let alarm = heartbeat.map(|h| h.alarm.clone());
     rt.block_on(async move {
         let lost = async {
@@ -256,7 +256,7 @@ fn unless_lost<T>(
         };
         tokio::select! {
             out = work => Ok(out),
-            why = lost => Err(why),
+            why = lost => Err(anyhow::anyhow!("{why}")),
         }
     })
 }
@@ -854,8 +854,7 @@ impl Engine for Pipeline {
     fn submit(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<u64> {
         let act = self.activation(seqs);
         let n = act.step;
-        unless_lost(&self.rt, self.heartbeat.as_ref(), Self::send(&self.tx, act))
-            .map_err(|why| anyhow::anyhow!("{why}"))??;
+        unless_lost(&self.rt, self.heartbeat.as_ref(), Self::send(&self.tx, act))??;
         let seqs = seqs.iter().map(|s| (s.seq, s.logprobs.is_some())).collect();
         self.in_flight.insert(n, InFlight { seqs, sent: Instant::now() });
         Ok(n)
@@ -866,8 +865,7 @@ impl Engine for Pipeline {
             bail!("next_result without a submitted step");
         }
         loop {
-            let r = unless_lost(&self.rt, self.heartbeat.as_ref(), self.results.message())
-                .map_err(|why| anyhow::anyhow!("{why}"))?
+            let r = unless_lost(&self.rt, self.heartbeat.as_ref(), self.results.message())?
                 .map_err(|s| anyhow::anyhow!("pipeline failed: {}", s.message()))?
                 .context("the pipeline closed its result stream")?;
             if let Some(why) = lost_next_stage(&r) {
@@ -890,7 +888,6 @@ impl Engine for Pipeline {
     fn release(&mut self, seq: SeqId) -> anyhow::Result<()> {
         let mut client = self.stages[0].client.clone();
         unless_lost(&self.rt, self.heartbeat.as_ref(), client.release(pb::ReleaseRequest { seq_id: seq }))
-            .map_err(|why| anyhow::anyhow!("{why}"))
             .and_then(|r| r.map_err(anyhow::Error::from))
             .context("releasing a sequence")?;
         Ok(())
