@@ -15,6 +15,7 @@
 #     reads per second as a fraction of the device's plain streaming read bandwidth;
 #   - aggregate decode tok/s at 1, 4, 8 and 32 concurrent sequences;
 #   - the optional paths against their defaults: integer dot products (STRATA_INT8_DOT=on)
+#     at 1 and 8 sequences, cooperative matrices (STRATA_COOP_MATRIX=on) for prefill and
 #     at 1 and 8 sequences, and split attention off (STRATA_SPLIT_ATTENTION=off) at a
 #     long context (8,000 positions: within SmolLM2's trained 8,192);
 # then `attention_costs` (split against unsplit attention, up to 32768 positions).
@@ -126,6 +127,14 @@ run() {
         model=$W/$name.gguf
         for n in 1 8; do
             bench "$name-seqs-$n-int8" "$limit" STRATA_INT8_DOT=on -- bench -m "$model" --prompt-tokens 32 \
+                --decode-tokens "$decode" --concurrency "$n" --ctx $((32 + decode))
+        done
+        # Cooperative matrices (tensor cores), where the device offers them: prefill, then
+        # decode at 1 and 8 sequences (a device without them fails the bench, saying so).
+        bench "$name-single-coop" "$limit" STRATA_COOP_MATRIX=on -- bench -m "$model" --prompt-tokens "$prompt" \
+            --decode-tokens "$decode" --ctx $((prompt + decode)) --batch-tokens "$prompt"
+        for n in 1 8; do
+            bench "$name-seqs-$n-coop" "$limit" STRATA_COOP_MATRIX=on -- bench -m "$model" --prompt-tokens 32 \
                 --decode-tokens "$decode" --concurrency "$n" --ctx $((32 + decode))
         done
         for split in on off; do

@@ -67,6 +67,11 @@ if [ "${1:-}" = --test ] && ! { cargo fmt --version && cargo clippy --version; }
         exit 1
     fi
 fi
+# With --test: a lavapipe that offers cooperative matrices (Mesa 26, unpacked into
+# .lavapipe-coop/ with its own C library; nothing installed), for the tests of `mm_coop`.
+if [ "${1:-}" = --test ] && [ "$(uname -sm)" = "Linux x86_64" ] && command -v apt-get >/dev/null; then
+    bash scripts/lavapipe-coop.sh
+fi
 # With --test: the test clients of `strata serve` too (the official OpenAI Python client,
 # and headless Chromium driven over the DevTools protocol with websocket-client).
 if [ "${1:-}" = --test ] && ! python3 -c 'import openai, anthropic, websocket, jsonschema' >/dev/null 2>&1; then

@@ -18,8 +18,8 @@ pub mod scratch;
 pub mod service;
 pub mod shard_cache;
 pub mod stage;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod weights;
 
 pub use error::{Error, ErrorKind, Result};

@@ -221,7 +221,11 @@ impl StageService {
     /// Opens the GPU `options` names, sizes the memory on offer (probing it for `Auto`)
     /// and makes the service; the caller never handles the device itself.
     pub fn open(options: NodeOptions) -> crate::Result<StageService> {
-        let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: options.adapter, int8_dot: options.int8_dot })?);
+        let gpu = Arc::new(Gpu::new(&GpuConfig {
+            adapter: options.adapter,
+            int8_dot: options.int8_dot,
+            ..Default::default()
+        })?);
         let memory = options.memory.resolve(|| crate::memory::probe(&gpu));
         tracing::info!(bytes = memory.bytes, source = memory.source, "usable memory");
         let device = gpu.describe();

@@ -1,4 +1,6 @@
-//! Test support for kernel tests: one shared device, a seeded RNG, tolerant comparison.
+//! Test support for kernel tests: one shared device, a seeded RNG, tolerant comparison,
+//! and processes whose products go through cooperative matrices. Also built for other
+//! crates' tests with the `test-support` feature.
 
 use std::sync::OnceLock;
 
@@ -11,6 +13,60 @@ pub fn gpu() -> &'static (Gpu, KernelCache) {
         let gpu = Gpu::new(&GpuConfig::default()).expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)");
         (gpu, KernelCache::new())
     })
+}
+
+/// Set in a test process [`in_coop_child`] started: the test runs its checks.
+const COOP_CHILD: &str = "STRATA_TEST_COOP_CHILD";
+
+/// A lavapipe that offers cooperative matrices, unpacked with its own C library: the
+/// system's (Mesa 22.3 in CI) offers none; Mesa 26's does (8x8x8, f16 products summed in
+/// f32), and `scripts/lavapipe-coop.sh` unpacks it into `.lavapipe-coop/` at the
+/// workspace's root (or `$STRATA_COOP_LAVAPIPE`).
+fn coop_lavapipe() -> std::path::PathBuf {
+    std::env::var_os("STRATA_COOP_LAVAPIPE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.lavapipe-coop"))
+}
+
+/// A command that runs `program` with every matrix product through cooperative matrices
+/// (`STRATA_COOP_MATRIX=on`): under [`coop_lavapipe`], started through its C library's
+/// loader, where it has been unpacked; else on this machine's own driver (which then
+/// must offer them, or the program fails saying so).
+pub fn coop_command(program: &std::path::Path) -> std::process::Command {
+    let dir = coop_lavapipe();
+    let mut cmd = if dir.join("lvp.json").is_file() {
+        let lib = dir.join("lib");
+        let mut c = std::process::Command::new(lib.join("ld-linux-x86-64.so.2"));
+        c.arg("--library-path").arg(&lib).arg(program).env("VK_ICD_FILENAMES", dir.join("lvp.json"));
+        c
+    } else {
+        eprintln!("{}: no such lavapipe (run scripts/lavapipe-coop.sh); trying this machine's driver", dir.display());
+        std::process::Command::new(program)
+    };
+    // Mesa 26's lavapipe offers them at its native 256-bit vectors only: CI's second pass
+    // of the kernel tests at 128 bits (subgroups of 4) would find none.
+    cmd.env("STRATA_COOP_MATRIX", "on").env_remove("LP_NATIVE_VECTOR_WIDTH");
+    cmd
+}
+
+/// Runs the test `name` (its path in this test binary) again in a child process of
+/// [`coop_command`], so that the shared [`gpu`] computes matrix products through
+/// cooperative matrices; returns `true` in that child, where the caller then runs its
+/// checks, and `false` in the parent once the child passed.
+pub fn in_coop_child(name: &str) -> bool {
+    if std::env::var_os(COOP_CHILD).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = coop_command(&exe)
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(COOP_CHILD, "1")
+        .output()
+        .expect("start the test's child");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{stdout}{stderr}");
+    assert!(out.status.success() && stdout.contains("1 passed"), "{name} under cooperative matrices: {}", out.status);
+    false
 }
 
 /// splitmix64: small, seeded, reproducible.

@@ -11,6 +11,10 @@
 //! `quantize_x`, products summed with `dot4I8Packed`): it binds the weights through the
 //! Q8_0 prelude and never calls `load8`.
 //!
+//! `mm_coop` multiplies through cooperative matrices (f16 products summed in f32) where an
+//! adapter offers them; a cooperative-matrix prelude (`coop_8`, `coop_16`) goes in front
+//! of its format and x preludes, with the `enable` directives WGSL wants first.
+//!
 //! `mm_rows` and `mm_tile` also take their input rows `x` from an x prelude
 //! (`x_storage`, or `x_uniform` where a uniform buffer reads faster and x fits in one).
 
@@ -27,9 +31,12 @@ crate::registry::kernels! { MATMUL:
     Q_Q6_K => "q_q6_k",
     X_STORAGE => "x_storage",
     X_UNIFORM => "x_uniform",
+    COOP_8 => "coop_8",
+    COOP_16 => "coop_16",
     MM_ROWS => "mm_rows",
     MM_TILE => "mm_tile",
     MM_DOT => "mm_dot",
+    MM_COOP => "mm_coop",
     QUANTIZE_X => "quantize_x",
     MM_ID => "mm_id",
     EMBED => "embed",
@@ -48,13 +55,18 @@ pub const FORMATS: &[Kernel] = &[
 ];
 
 /// The kernels that call `load8`, each compiled with one of [`FORMATS`] in front.
-pub const WEIGHT_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::MM_ID, Kernel::EMBED];
+pub const WEIGHT_READERS: &[Kernel] =
+    &[Kernel::MM_ROWS, Kernel::MM_TILE, Kernel::MM_COOP, Kernel::MM_ID, Kernel::EMBED];
 
 /// The x preludes: how a matrix kernel binds its input rows.
 pub const X_PRELUDES: &[Kernel] = &[Kernel::X_STORAGE, Kernel::X_UNIFORM];
 
 /// The kernels that read `x` (binding 2) from an x prelude, compiled after the format's.
 pub const X_READERS: &[Kernel] = &[Kernel::MM_ROWS, Kernel::MM_TILE];
+
+/// The cooperative-matrix preludes, one per matrix size (8x8x8, 16x16x16): what `mm_coop`
+/// is compiled with first, before a format and `x_storage`.
+pub const COOP_PRELUDES: &[Kernel] = &[Kernel::COOP_8, Kernel::COOP_16];
 
 /// The kernels compiled with the Q8_0 prelude alone, for its bindings: the integer-dot path.
 pub const Q8_0_READERS: &[Kernel] = &[Kernel::MM_DOT];

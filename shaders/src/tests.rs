@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::matmul::{FORMATS, Q8_0_READERS, WEIGHT_READERS, X_PRELUDES, X_READERS};
+use crate::matmul::{COOP_PRELUDES, FORMATS, Q8_0_READERS, WEIGHT_READERS, X_PRELUDES, X_READERS};
 use crate::{Kernel, all, include};
 
 /// Parses and validates `src` as wgpu would before handing it to a driver.
@@ -12,7 +12,8 @@ fn validate(label: &str, src: &str) {
     // Subgroups: only mm_rows's broadcasts use them, on adapters that have them. f16 packing
     // (unpack2x16float) wgpu allows on every adapter it runs on.
     use naga::valid::Capabilities as C;
-    let caps = C::SUBGROUP | C::SHADER_FLOAT16_IN_FLOAT32;
+    // f16 values and cooperative matrices: only mm_coop, on adapters that offer both.
+    let caps = C::SUBGROUP | C::SHADER_FLOAT16_IN_FLOAT32 | C::SHADER_FLOAT16 | C::COOPERATIVE_MATRIX;
     let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
     v.validate(&module).unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(src)));
 }
@@ -20,7 +21,7 @@ fn validate(label: &str, src: &str) {
 #[test]
 fn every_kernel_assembles_and_validates() {
     for k in all() {
-        if FORMATS.contains(&k) || X_PRELUDES.contains(&k) {
+        if FORMATS.contains(&k) || X_PRELUDES.contains(&k) || COOP_PRELUDES.contains(&k) {
             // A prelude alone has no entry point, but must still be valid.
             validate(k.name, &k.source().unwrap());
         } else if X_READERS.contains(&k) {
@@ -28,6 +29,13 @@ fn every_kernel_assembles_and_validates() {
                 for x in X_PRELUDES {
                     let src = k.assemble(&[*f, *x], &[]).unwrap();
                     validate(&format!("{}+{}+{}", k.name, f.name, x.name), &src);
+                }
+            }
+        } else if k == Kernel::MM_COOP {
+            for c in COOP_PRELUDES {
+                for f in FORMATS {
+                    let src = k.assemble(&[*c, *f, Kernel::X_STORAGE], &[("TM", "2u".into())]).unwrap();
+                    validate(&format!("{}+{}+{}", k.name, c.name, f.name), &src);
                 }
             }
         } else if Q8_0_READERS.contains(&k) {

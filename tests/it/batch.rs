@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use crate::golden;
-use crate::support::{Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_json};
+use crate::support::{
+    Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_coop, strata_json,
+};
 
 /// Prompts of very different lengths beside the golden ones: one token, a long one (past
 /// several prefill chunks), and a few in between.
@@ -114,6 +116,45 @@ fn batched_equals_alone_with_int8_dot_products_smollm2_q8_0() {
     let all = batched(&model, &prompts, &flags);
     for (i, p) in prompts.iter().enumerate().take(3) {
         let solo = alone(&model, p, &flags);
+        assert_eq!(solo.len(), 16, "prompt {i} {p:?} alone");
+        assert_eq!(all[i], solo, "prompt {i} {p:?} batched with {} others", prompts.len() - 1);
+    }
+}
+
+/// With every product through cooperative matrices (`STRATA_COOP_MATRIX=on`, on a
+/// lavapipe that offers them), too, a sequence's tokens do not depend on what shares its
+/// steps: the hybrid fixture's prompts alone, then batched with the others in steps of 8
+/// rows (decode rows beside prefill chunks), on one stage.
+#[test]
+fn batched_equals_alone_with_cooperative_matrices_tiny_qwen35() {
+    let model = fixture("tiny-qwen35.gguf");
+    let g = load_golden("tiny-qwen35.golden.json");
+    let seqs = golden::sequences(&g);
+    let mut prompts: Vec<&str> = seqs.iter().map(|s| s.prompt.as_str()).collect();
+    prompts.extend(OTHERS);
+    let run = |prompts: &[&str]| {
+        let mut args = vec!["run", "--json", "--model", path_str(&model)];
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        args.extend(["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8"]);
+        let o = strata_coop().args(&args).env("RUST_LOG", "strata_node::gpu=info").output().expect("run strata");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "strata {args:?} ({}):\n{err}", o.status);
+        // The log's colours (escape sequences up to their `m`) aside.
+        let mut pieces = err.split('\x1b');
+        let first = pieces.next().unwrap_or_default().to_owned();
+        let plain = first + &pieces.map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect::<String>();
+        assert!(plain.contains("coop_matrix=Some("), "the products went through cooperative matrices:\n{err}");
+        let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+        match out.as_array() {
+            Some(each) => each.iter().map(ids).collect::<Vec<_>>(),
+            None => vec![ids(&out)],
+        }
+    };
+    let all = run(&prompts);
+    for (i, p) in prompts.iter().enumerate() {
+        let solo = run(&[p]).remove(0);
         assert_eq!(solo.len(), 16, "prompt {i} {p:?} alone");
         assert_eq!(all[i], solo, "prompt {i} {p:?} batched with {} others", prompts.len() - 1);
     }

@@ -76,6 +76,18 @@ fn smollm2_q8_0_teacher_forced_with_int8_dot_products() {
     teacher_forced_on(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &config);
 }
 
+/// Matrix products through cooperative matrices (each value as two f16, products summed
+/// in f32) stay within the goldens' bar, in decode steps and prefill chunks alike: in a
+/// child process on a lavapipe that offers them (`strata_node::testing::in_coop_child`).
+#[test]
+fn smollm2_q8_0_teacher_forced_with_cooperative_matrices() {
+    if !strata_node::testing::in_coop_child("engine::smollm2_q8_0_teacher_forced_with_cooperative_matrices") {
+        return;
+    }
+    let config = GpuConfig { coop_matrix: Some(true), ..GpuConfig::default() };
+    teacher_forced_on(&smol_q8_0(), "smollm2-135m-q8_0.golden.json", &config);
+}
+
 /// With `--int8-dot`, a stage holds one scratch of quantised x for all its recordings,
 /// of exactly the bytes the planner counts for it, and a step through it decodes as the
 /// float path does (the goldens' bar, teacher-forced, above).

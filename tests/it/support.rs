@@ -61,6 +61,14 @@ pub fn strata() -> Command {
     cmd
 }
 
+/// `strata` with every matrix product through cooperative matrices, on a lavapipe that
+/// offers them (`strata_node::testing::coop_command`).
+pub fn strata_coop() -> Command {
+    let mut cmd = strata_node::testing::coop_command(Path::new(env!("CARGO_BIN_EXE_strata")));
+    isolate(&mut cmd);
+    cmd
+}
+
 /// Points `cmd` at an empty config directory and removes the keys the environment may
 /// hold (tests pass keys explicitly).
 pub fn isolate(cmd: &mut Command) {

@@ -38,7 +38,11 @@ impl LocalEngine {
     pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<LocalEngine> {
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
-        let gpu = Arc::new(Gpu::new(&GpuConfig { adapter: args.adapter.clone(), int8_dot: args.int8_dot })?);
+        let gpu = Arc::new(Gpu::new(&GpuConfig {
+            adapter: args.adapter.clone(),
+            int8_dot: args.int8_dot,
+            ..Default::default()
+        })?);
         // No `--ctx`: the model's own context, or the most this device's memory holds, with
         // the pool sized by that memory (as a pipeline's plan sizes it over its nodes).
         let (ctx, kv_positions) = if args.ctx.is_none() {

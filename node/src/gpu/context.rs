@@ -19,6 +19,14 @@ pub struct GpuConfig {
     /// instruction to byte extracts and runs the path slower than float products (README,
     /// "Integer dot products").
     pub int8_dot: Option<bool>,
+    /// Every matrix product through cooperative matrices (`mm_coop`: tensor cores, Apple's
+    /// simdgroup matrices), where the adapter offers wgpu's experimental
+    /// `EXPERIMENTAL_COOPERATIVE_MATRIX` with square f16 x f16 -> f32 matrices (8 or 16) and
+    /// a fixed subgroup size: falls back to the `STRATA_COOP_MATRIX` environment variable
+    /// (`on`/`off`), then off. Off by default until measured on a GPU. Weights and x travel
+    /// as two f16 each (about 22 bits), so its sums differ from the float kernels' in the
+    /// last bits, but never with what shares a step (README, "Cooperative matrices").
+    pub coop_matrix: Option<bool>,
 }
 
 /// What a device is, in words: for logs, reports and node identities (callers outside
@@ -46,6 +54,8 @@ pub struct Gpu {
     pub features: wgpu::Features,
     /// Q8_0 matrix products go through integer dot products ([`GpuConfig::int8_dot`]).
     pub int8_dot: bool,
+    /// Matrix products go through cooperative matrices of this size ([`GpuConfig::coop_matrix`]).
+    pub coop_matrix: Option<u32>,
     /// Decode steps split each row's keys over workgroups in `attention.wgsl` (the GPU
     /// kernel): `STRATA_SPLIT_ATTENTION` (`on`/`off`), on unless set off, so that a first
     /// GPU run can measure both. The bits are the same either way.
@@ -91,6 +101,42 @@ fn switch_from_env(name: &str, default: bool) -> Result<bool> {
         Err(_) => Ok(default),
         Ok(v) if v.trim().is_empty() => Ok(default),
         Ok(v) => parse_on_off(&v).ok_or_else(|| Error::Device(format!("{name}={v}: expected `on` or `off`"))),
+    }
+}
+
+/// The size of the square cooperative matrices `mm_coop` can use on `adapter` (f16
+/// products summed in f32; 16 where offered, else 8), or why there are none.
+fn coop_matrix_size(adapter: &wgpu::Adapter) -> Result<u32> {
+    let info = adapter.get_info();
+    let missing = |what: &str| Err(Error::Device(format!("cooperative matrices: {} {what}", info.name)));
+    let features = adapter.features();
+    if !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        return missing("offers none (wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX; Vulkan's VK_KHR_cooperative_matrix)");
+    }
+    if !features.contains(wgpu::Features::SHADER_F16) {
+        return missing("has no f16 in shaders");
+    }
+    if !features.contains(wgpu::Features::SUBGROUP) || info.subgroup_min_size != info.subgroup_max_size {
+        return missing("has no fixed subgroup size (a workgroup of mm_coop is one subgroup)");
+    }
+    // Mesa 26's lavapipe at 128-bit vectors (subgroups of 4) lists 8x8 matrices, then
+    // refuses the feature when the device is created.
+    if info.subgroup_min_size < 8 {
+        return missing(&format!(
+            "has subgroups of {} lanes (cooperative matrices want 8 or more)",
+            info.subgroup_min_size
+        ));
+    }
+    use wgpu::CooperativeScalarType as T;
+    let props = adapter.cooperative_matrix_properties();
+    let square = |m: u32| {
+        props
+            .iter()
+            .any(|p| p.m_size == m && p.n_size == m && p.k_size == m && p.ab_type == T::F16 && p.cr_type == T::F32)
+    };
+    match [16, 8].into_iter().find(|&m| square(m)) {
+        Some(m) => Ok(m),
+        None => missing(&format!("offers no square f16 x f16 -> f32 configuration of 8 or 16 (it offers {props:?})")),
     }
 }
 
@@ -140,20 +186,60 @@ impl Gpu {
                 info.name
             )));
         }
+        let coop_matrix = match config.coop_matrix {
+            Some(on) => on,
+            None => switch_from_env("STRATA_COOP_MATRIX", false)?,
+        }
+        .then(|| coop_matrix_size(&adapter))
+        .transpose()?;
+        if int8_dot && coop_matrix.is_some() {
+            return Err(Error::Device(
+                "integer dot products and cooperative matrices are two paths for the same products: turn one off"
+                    .into(),
+            ));
+        }
         let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & optional;
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("strata"),
-                required_features: features,
-                required_limits: limits.clone(),
-                memory_hints: wgpu::MemoryHints::Performance,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let mut features = adapter.features() & optional;
+        if coop_matrix.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("strata"),
+            required_features: features,
+            required_limits: limits.clone(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            // SAFETY: wgpu gates its experimental features behind this token. The one
+            // requested, cooperative matrices, is used only by `mm_coop`, whose loads
+            // and stores stay within workgroup arrays it declares.
+            experimental_features: if coop_matrix.is_some() {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
+            ..Default::default()
+        };
+        // A driver may list cooperative-matrix configurations and then refuse the feature
+        // (Mesa 26's lavapipe at 128-bit vectors), which wgpu reports by panicking: that
+        // is an error of this device, not of the process.
+        let (device, queue) = if coop_matrix.is_some() {
+            let request = std::panic::AssertUnwindSafe(|| pollster::block_on(adapter.request_device(&desc)));
+            std::panic::catch_unwind(request).map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied());
+                Error::Device(format!(
+                    "cooperative matrices: {} lists them but its driver refused to enable them ({})",
+                    info.name,
+                    why.unwrap_or("no reason given")
+                ))
+            })?
+        } else {
+            adapter.request_device(&desc).await
+        }
+        .map_err(|e| Error::Device(e.to_string()))?;
         tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type,
-            max_binding = limits.max_storage_buffer_binding_size, "opened GPU");
+            max_binding = limits.max_storage_buffer_binding_size, int8_dot, coop_matrix = ?coop_matrix, "opened GPU");
         let uncaptured = Arc::new(Mutex::new(None));
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -161,7 +247,7 @@ impl Gpu {
             sink.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
         }));
         let split_attention = switch_from_env("STRATA_SPLIT_ATTENTION", true)?;
-        Ok(Gpu { device, queue, info, limits, features, int8_dot, split_attention, uncaptured })
+        Ok(Gpu { device, queue, info, limits, features, int8_dot, coop_matrix, split_attention, uncaptured })
     }
 
     /// The GPU error raised since the last check outside any error scope, if any, as an
@@ -200,7 +286,11 @@ impl Gpu {
     /// so after the adapter's name, so that `strata nodes`, `/v1/cluster` and bench reports
     /// show which path produced their figures.
     pub fn describe(&self) -> DeviceInfo {
-        let name = if self.int8_dot { format!("{} [int8 dot]", self.info.name) } else { self.info.name.clone() };
+        let name = match (self.int8_dot, self.coop_matrix) {
+            (true, _) => format!("{} [int8 dot]", self.info.name),
+            (false, Some(m)) => format!("{} [coop matrix {m}x{m}]", self.info.name),
+            (false, None) => self.info.name.clone(),
+        };
         DeviceInfo { name, backend: format!("{:?}", self.info.backend), key: self.device_key() }
     }
 

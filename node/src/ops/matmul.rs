@@ -106,6 +106,17 @@ pub struct TileShape {
     pub pieces: u32,
 }
 
+/// `mm_coop`: square cooperative matrices of `size` (8 or 16), a workgroup of one subgroup
+/// of `lanes` computing `row_matrices` x `size` rows for `size` tokens, `pieces` (of 8
+/// values of k) per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoopShape {
+    pub size: u32,
+    pub lanes: u32,
+    pub row_matrices: u32,
+    pub pieces: u32,
+}
+
 /// The kernel of the many-rows class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManyShape {
@@ -133,6 +144,10 @@ pub struct MatmulPlan {
     /// class, with the plan's lanes and splits; other formats keep the float kernels. The
     /// adapter's [`Gpu::int8_dot`] decides (see [`crate::gpu::GpuConfig::int8_dot`]).
     pub int8_dot: bool,
+    /// Every class's products through cooperative matrices (`mm_coop`) instead of the
+    /// kernels above, whose float sums they would not match: the adapter's
+    /// [`Gpu::coop_matrix`] decides.
+    pub coop: Option<CoopShape>,
 }
 
 impl MatmulPlan {
@@ -143,7 +158,13 @@ impl MatmulPlan {
         } else {
             MatmulPlan::gpu()
         };
-        MatmulPlan { int8_dot: gpu.int8_dot, ..plan }
+        let coop = gpu.coop_matrix.map(|size| CoopShape {
+            size,
+            lanes: gpu.info.subgroup_min_size,
+            row_matrices: 2,
+            pieces: 4,
+        });
+        MatmulPlan { int8_dot: gpu.int8_dot, coop, ..plan }
     }
 
     /// CPU adapters (lavapipe) run a workgroup as the SIMD lanes of one thread and load
@@ -170,6 +191,7 @@ impl MatmulPlan {
             min_groups,
             uniform_x: true,
             int8_dot: false,
+            coop: None,
         }
     }
 
@@ -188,6 +210,7 @@ impl MatmulPlan {
             min_groups: 1,
             uniform_x: false,
             int8_dot: false,
+            coop: None,
         }
     }
 
@@ -236,6 +259,15 @@ impl MatmulPlan {
             {
                 return bad(format!("{r:?}: broadcasts need one subgroup of 4 or 8 lanes and splits 1"));
             }
+        }
+        if let Some(c) = self.coop
+            && (!matches!(c.size, 8 | 16)
+                || c.lanes == 0
+                || c.row_matrices == 0
+                || c.pieces == 0
+                || !c.pieces.is_multiple_of(c.size / 8))
+        {
+            return bad(format!("{c:?}"));
         }
         if let ManyShape::Tile(t) = self.many
             && (!t.pieces.is_multiple_of(s)
@@ -299,6 +331,9 @@ impl Recorder<'_> {
             splits[i] = at;
         }
         let outputs = Outputs { bindings: out_bindings, splits };
+        if let Some(coop) = plan.coop {
+            return self.matmul_coop(coop, w, x_binding, outputs, accumulate);
+        }
         if plan.int8_dot && w.ty() == GgmlType::Q8_0 {
             return self.matmul_int8(w, x_binding, outputs, accumulate);
         }
@@ -451,6 +486,34 @@ impl Recorder<'_> {
             _pad: [0; 3],
         };
         (self.uniform(label, &params), Workgroups(Dim::Fixed(gx), Dim::Fixed(gy), Dim::Tokens { group: tokens }))
+    }
+
+    /// `matmul` through cooperative matrices, for every class of step alike: each part in
+    /// tiles of `coop.row_matrices * coop.size` rows x `coop.size` tokens.
+    fn matmul_coop(
+        &mut self,
+        coop: CoopShape,
+        w: &QuantMatrix,
+        x: wgpu::BindingResource<'_>,
+        outputs: Outputs<'_>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let prelude = if coop.size == 16 { Kernel::COOP_16 } else { Kernel::COOP_8 };
+        let consts = [
+            ("SG", format!("{}u", coop.lanes)),
+            ("TM", format!("{}u", coop.row_matrices)),
+            ("KC", format!("{}u", coop.pieces)),
+        ];
+        let pipeline = self.pipeline(Kernel::MM_COOP, &[prelude, w.format(), Kernel::X_STORAGE], &consts)?;
+        let rows = coop.row_matrices * coop.size;
+        for part in w.parts() {
+            let (params, groups) = self.part_params("mm_coop", w, part, accumulate, rows, coop.size, &outputs);
+            let mut resources = vec![(2, x.clone())];
+            resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
+            resources.extend(outputs.resources());
+            self.dispatch_at("mm_coop", pipeline.clone(), &params, &resources, groups);
+        }
+        Ok(())
     }
 
     /// Rows of x a step of the recording's class quantises at most: the class's bound, so
@@ -803,6 +866,94 @@ mod tests {
         let mut rec = Recorder::new(gpu, kernels, &step, 1).unwrap();
         let e = rec.matmul_into(&w, Act::new(&x, 1, 8), &[Act::new(&o, 1, 2), Act::new(&o, 1, 1)], false);
         assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    }
+
+    /// The cooperative-matrix plans of the test adapter (whose [`Gpu::coop_matrix`] must be
+    /// set): one row matrix a workgroup and two, chunks of one or two multiply-adds.
+    fn coop_plans() -> Vec<MatmulPlan> {
+        let g = &gpu().0;
+        let size = g.coop_matrix.expect("the test adapter computes through cooperative matrices");
+        let plan = MatmulPlan::for_gpu(g);
+        let shape = plan.coop.expect("the adapter's plan uses them");
+        assert_eq!(shape.size, size);
+        let step = size / 8;
+        [(1, step), (2, 2 * step), (2, step)]
+            .into_iter()
+            .map(|(row_matrices, pieces)| MatmulPlan {
+                coop: Some(CoopShape { row_matrices, pieces, ..shape }),
+                ..plan
+            })
+            .collect()
+    }
+
+    /// `mm_coop` (in a child process on an adapter that offers cooperative matrices, see
+    /// [`crate::testing::in_coop_child`]) against the CPU for every weight type, for one
+    /// row, a few and many, with row and token counts that leave partial tiles, and over a
+    /// split matrix; f16 products, so within 2e-3 of each output's magnitude. And the
+    /// property batching rests on: a row's bits are the same alone, among a few and among
+    /// many. And values f16 cannot hold keep what it would cut.
+    #[test]
+    fn cooperative_matrices_match_cpu_and_sum_a_row_alike() {
+        if !crate::testing::in_coop_child("ops::matmul::tests::cooperative_matrices_match_cpu_and_sum_a_row_alike") {
+            return;
+        }
+        // x = 1 + 2^-12 is 1 in f16; its remainder 2^-12 must still be multiplied in.
+        let (k, n) = (256, 3);
+        let w1 = 1.0f32 + 2f32.powi(-10);
+        let ones: Vec<u8> = bytemuck::cast_slice(&vec![w1; k * n]).to_vec();
+        let w = QuantMatrix::upload(&gpu().0, "w", GgmlType::F32, k, n, &ones).unwrap();
+        let x = vec![1.0f32 + 2f32.powi(-12); k];
+        for plan in coop_plans() {
+            let got = gpu_matmul(&w, &x, &[0.0; 3], 1, 1, false, plan);
+            let want = k as f32 * w1 * x[0];
+            assert_close(&got, &[want; 3], 1e-4, 0.0, &format!("x beyond f16's precision {plan:?}"));
+        }
+        let mut rng = Rng::new(21);
+        let n = 131;
+        for ty in TYPES {
+            for k in widths(ty) {
+                let bytes = random_weights(&mut rng, ty, k, n);
+                let wf = dequantize(ty, &bytes).unwrap();
+                let g = &gpu().0;
+                let w = QuantMatrix::upload(g, "w", ty, k, n, &bytes).unwrap();
+                let split =
+                    QuantMatrix::upload_with_max_part(g, "w", ty, k, n, &bytes, bytes.len() as u64 / 3).unwrap();
+                let rows: Vec<usize> = (0..n).collect();
+                for plan in coop_plans() {
+                    for (t, max_tokens) in [(1, 1), (3, 4), (8, 8), (21, 23)] {
+                        let x = rng.vec(max_tokens * k, 1.0);
+                        let init = rng.vec(max_tokens * n, 1.0);
+                        let what = format!("{ty} k={k} n={n} t={t} {plan:?}");
+                        let got = gpu_matmul(&w, &x, &init, t as u32, max_tokens as u32, true, plan);
+                        let (want, mag) = cpu_matmul(&wf, k, &rows, &x, &init, t, true);
+                        assert_rows_close_to(&got[..t * n], &want, &mag, 3e-4, &what);
+                        assert_eq!(&got[t * n..], &init[t * n..], "{what}: tokens past the step were written");
+                        let parts = gpu_matmul(&split, &x, &init, t as u32, max_tokens as u32, true, plan);
+                        assert_eq!(parts, got, "{what}: split into {} parts", split.parts().len());
+                        if t == 21 {
+                            let zeros = vec![0.0; t * n];
+                            let many = gpu_matmul(&w, &x[..t * k], &zeros, t as u32, t as u32, false, plan);
+                            for few in [2, 5] {
+                                let got = gpu_matmul(
+                                    &w,
+                                    &x[..few * k],
+                                    &zeros[..few * n],
+                                    few as u32,
+                                    few as u32,
+                                    false,
+                                    plan,
+                                );
+                                assert_eq!(got[..], many[..few * n], "{what}: {few} rows vs many");
+                            }
+                            for row in [0, 9, 20] {
+                                let one = gpu_matmul(&w, &x[row * k..(row + 1) * k], &zeros[..n], 1, 1, false, plan);
+                                assert_eq!(one[..], many[row * n..(row + 1) * n], "{what}: row {row} alone vs many");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The integer-dot twin of `plan`: the same lanes, splits and classes.

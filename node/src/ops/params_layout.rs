@@ -84,13 +84,16 @@ fn rust_words<T: bytemuck::Pod + Debug>() -> Vec<Word> {
 /// `kernel` as it is compiled (weight readers with the f32 prelude).
 fn source(kernel: Kernel) -> String {
     let mut preludes = Vec::new();
+    if kernel == Kernel::MM_COOP {
+        preludes.push(Kernel::COOP_8);
+    }
     if WEIGHT_READERS.contains(&kernel) {
         preludes.push(Kernel::Q_F32);
     }
     if Q8_0_READERS.contains(&kernel) {
         preludes.push(Kernel::Q_Q8_0);
     }
-    if X_READERS.contains(&kernel) {
+    if X_READERS.contains(&kernel) || kernel == Kernel::MM_COOP {
         preludes.push(Kernel::X_STORAGE);
     }
     kernel.assemble(&preludes, &[]).unwrap_or_else(|e| panic!("{}: {e}", kernel.name))
@@ -164,7 +167,7 @@ macro_rules! layout {
 fn params_structs_match_their_wgsl_twins() {
     use crate::ops::*;
     let mut covered = BTreeSet::new();
-    layout!(covered, matmul::Params => binding 1 of MM_ROWS, MM_TILE, MM_DOT);
+    layout!(covered, matmul::Params => binding 1 of MM_ROWS, MM_TILE, MM_DOT, MM_COOP);
     layout!(covered, matmul::QuantizeParams => binding 1 of QUANTIZE_X);
     layout!(covered, embed::Params => binding 1 of EMBED);
     layout!(covered, norm::Params => binding 1 of RMS_NORM);

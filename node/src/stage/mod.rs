@@ -482,7 +482,7 @@ impl Stage {
     /// Opens the GPU (`adapter`: a substring of its name, else the best one) and loads
     /// `spec`'s layers of `gguf` on it.
     pub fn open(gguf: &Gguf, spec: StageSpec, adapter: Option<String>) -> Result<Stage> {
-        let gpu = std::sync::Arc::new(Gpu::new(&crate::gpu::GpuConfig { adapter, int8_dot: None })?);
+        let gpu = std::sync::Arc::new(Gpu::new(&crate::gpu::GpuConfig { adapter, ..Default::default() })?);
         Stage::load(gpu, gguf, spec)
     }
 
