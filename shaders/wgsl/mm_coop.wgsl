@@ -8,8 +8,8 @@
 // tokens. Per chunk of KC pieces (8 values of k each) its lanes dequantise the weight
 // tile into workgroup memory as f16 (each weight read once for CM tokens) beside the x
 // tile, each value as two f16 (`split`), then the subgroup multiplies them CM values of k
-// at a time into TM sum matrices: three products per pair of matrices (rounded x
-// rounded, and each rounded by the other's remainder), about float accuracy.
+// at a time into TM sum matrices: three products per pair of matrices (cut x cut, and
+// each cut by the other's remainder), about float accuracy.
 //
 // The products are of f16 values summed in f32, in an order the hardware fixes; they
 // differ from the other kernels' float sums, so a plan that uses this kernel uses it for
@@ -31,7 +31,7 @@ const ROWS: u32 = TM * CM;
 const KV: u32 = KC * 8u;
 
 // [row][k] (A, row-major), [token][k] (B, column-major), [token][row] (C, column-major);
-// each f16 tile twice: the values rounded, then what the rounding left.
+// each f16 tile twice: the values cut to f16, then what the cut left (`split`).
 var<workgroup> w_tile: array<f16, 2u * ROWS * KV>;
 var<workgroup> x_tile: array<f16, 2u * CM * KV>;
 var<workgroup> sum_tile: array<f32, ROWS * CM>;
