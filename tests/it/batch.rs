@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::golden;
 use crate::support::{
-    Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_coop, strata_json,
+    Cluster, fixture, golden as load_golden, model_dir, path_str, smol_q8_0, strata_coop, strata_json, strip_ansi,
 };
 
 /// Prompts of very different lengths beside the golden ones: one token, a long one (past
@@ -27,21 +27,25 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     v["generated_ids"].as_array().expect("generated_ids").iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// `strata run` of one prompt alone: its generated ids.
-fn alone(model: &Path, prompt: &str, flags: &[&str]) -> Vec<u32> {
-    let mut args = vec!["run", "--json", "--model", path_str(model), "--prompt", prompt];
-    args.extend_from_slice(flags);
-    ids(&strata_json(&args))
-}
-
-/// `strata run` of every prompt at once (batched into shared steps): each one's ids.
-fn batched(model: &Path, prompts: &[&str], flags: &[&str]) -> Vec<Vec<u32>> {
+/// The arguments of `strata run --json` for `prompts` (one, or several batched into
+/// shared steps) with `flags`.
+fn run_args<'a>(model: &'a Path, prompts: &[&'a str], flags: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["run", "--json", "--model", path_str(model)];
     for p in prompts {
         args.extend(["--prompt", p]);
     }
     args.extend_from_slice(flags);
-    let out = strata_json(&args);
+    args
+}
+
+/// `strata run` of one prompt alone: its generated ids.
+fn alone(model: &Path, prompt: &str, flags: &[&str]) -> Vec<u32> {
+    ids(&strata_json(&run_args(model, &[prompt], flags)))
+}
+
+/// `strata run` of every prompt at once (batched into shared steps): each one's ids.
+fn batched(model: &Path, prompts: &[&str], flags: &[&str]) -> Vec<Vec<u32>> {
+    let out = strata_json(&run_args(model, prompts, flags));
     out.as_array().unwrap_or_else(|| panic!("a JSON array: {out}")).iter().map(ids).collect()
 }
 
@@ -133,19 +137,14 @@ fn batched_equals_alone_with_cooperative_matrices_tiny_qwen35() {
     let mut prompts: Vec<&str> = seqs.iter().map(|s| s.prompt.as_str()).collect();
     prompts.extend(OTHERS);
     let run = |prompts: &[&str]| {
-        let mut args = vec!["run", "--json", "--model", path_str(&model)];
-        for p in prompts {
-            args.extend(["--prompt", p]);
-        }
-        args.extend(["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8"]);
+        let args = run_args(&model, prompts, &["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8"]);
         let o = strata_coop().args(&args).env("RUST_LOG", "strata_node::gpu=info").output().expect("run strata");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "strata {args:?} ({}):\n{err}", o.status);
-        // The log's colours (escape sequences up to their `m`) aside.
-        let mut pieces = err.split('\x1b');
-        let first = pieces.next().unwrap_or_default().to_owned();
-        let plain = first + &pieces.map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect::<String>();
-        assert!(plain.contains("coop_matrix=Some("), "the products went through cooperative matrices:\n{err}");
+        assert!(
+            strip_ansi(&err).contains("coop_matrix=Some("),
+            "the products went through cooperative matrices:\n{err}"
+        );
         let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
         match out.as_array() {
             Some(each) => each.iter().map(ids).collect::<Vec<_>>(),

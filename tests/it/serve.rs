@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, fixture, model_dir, path_str, smol_q8_0, strata, strata_json};
+use crate::support::{Cluster, fixture, model_dir, path_str, smol_q8_0, strata, strata_json, strip_ansi};
 
 /// A running `strata serve`; killed on drop, on every exit path of a test.
 pub(crate) struct Server {
@@ -436,20 +436,6 @@ fn wait_for(ok: impl Fn() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
-}
-
-/// The log without terminal colour codes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The web page in headless Chromium, on a server with an API key: the page asks for the

@@ -69,6 +69,20 @@ pub fn strata_coop() -> Command {
     cmd
 }
 
+/// A log without terminal colour codes.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Points `cmd` at an empty config directory and removes the keys the environment may
 /// hold (tests pass keys explicitly).
 pub fn isolate(cmd: &mut Command) {
