@@ -391,13 +391,7 @@ impl Recorder<'_> {
             }
         };
         let pipeline = self.pipeline(kernel, &[w.format(), x_prelude], &consts)?;
-        for part in w.parts() {
-            let (params, groups) = self.part_params(label, w, part, accumulate, tile_rows, tile_tokens, &outputs);
-            let mut resources = vec![(2, x_binding.clone())];
-            resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
-            resources.extend(outputs.resources());
-            self.dispatch_at(label, pipeline.clone(), &params, &resources, groups);
-        }
+        self.dispatch_parts(label, pipeline, w, &[(2, x_binding)], &outputs, accumulate, tile_rows, tile_tokens);
         Ok(())
     }
 }
@@ -506,14 +500,32 @@ impl Recorder<'_> {
         ];
         let pipeline = self.pipeline(Kernel::MM_COOP, &[prelude, w.format(), Kernel::X_STORAGE], &consts)?;
         let rows = coop.row_matrices * coop.size;
+        self.dispatch_parts("mm_coop", pipeline, w, &[(2, x)], &outputs, accumulate, rows, coop.size);
+        Ok(())
+    }
+
+    /// One dispatch of a matrix kernel per part of `w`: `inputs` at their binding numbers
+    /// (x, and what else the kernel reads besides the weights), the part's weights from 4
+    /// on, the outputs; `rows` x `tokens` a workgroup ([`Recorder::part_params`]).
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_parts(
+        &mut self,
+        label: &'static str,
+        pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+        w: &QuantMatrix,
+        inputs: &[(u32, wgpu::BindingResource<'_>)],
+        outputs: &Outputs<'_>,
+        accumulate: bool,
+        rows: u32,
+        tokens: u32,
+    ) {
         for part in w.parts() {
-            let (params, groups) = self.part_params("mm_coop", w, part, accumulate, rows, coop.size, &outputs);
-            let mut resources = vec![(2, x.clone())];
+            let (params, groups) = self.part_params(label, w, part, accumulate, rows, tokens, outputs);
+            let mut resources = inputs.to_vec();
             resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
             resources.extend(outputs.resources());
-            self.dispatch_at("mm_coop", pipeline.clone(), &params, &resources, groups);
+            self.dispatch_at(label, pipeline.clone(), &params, &resources, groups);
         }
-        Ok(())
     }
 
     /// Rows of x a step of the recording's class quantises at most: the class's bound, so
@@ -583,15 +595,8 @@ impl Recorder<'_> {
         ];
         let pipeline = self.pipeline(Kernel::MM_DOT, &[Kernel::Q_Q8_0], &consts)?;
         let rows_per_group = shape.lanes / plan.splits;
-        for part in w.parts() {
-            let (params, groups) =
-                self.part_params("mm_dot", w, part, accumulate, rows_per_group, shape.tokens, &outputs);
-            let mut resources = vec![(2, qb.clone())];
-            resources.extend(part.buffers.iter().enumerate().map(|(i, b)| (4 + i as u32, b.as_entire_binding())));
-            resources.push((6, db.clone()));
-            resources.extend(outputs.resources());
-            self.dispatch_at("mm_dot", pipeline.clone(), &params, &resources, groups);
-        }
+        let inputs = [(2, qb), (6, db)];
+        self.dispatch_parts("mm_dot", pipeline, w, &inputs, &outputs, accumulate, rows_per_group, shape.tokens);
         Ok(())
     }
 }
