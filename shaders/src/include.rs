@@ -16,6 +16,7 @@ pub(crate) const PIECES: &[(&str, &str)] = &[
     ("common/step.wgsl", include_str!("../wgsl/common/step.wgsl")),
     ("common/elementwise.wgsl", include_str!("../wgsl/common/elementwise.wgsl")),
     ("common/matmul.wgsl", include_str!("../wgsl/common/matmul.wgsl")),
+    ("common/tile.wgsl", include_str!("../wgsl/common/tile.wgsl")),
     ("common/batch.wgsl", include_str!("../wgsl/common/batch.wgsl")),
     ("common/attention.wgsl", include_str!("../wgsl/common/attention.wgsl")),
     ("common/sample.wgsl", include_str!("../wgsl/common/sample.wgsl")),

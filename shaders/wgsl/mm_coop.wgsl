@@ -24,7 +24,7 @@ const KC: u32 = 2u;
 // The kernels' shared summation constant (common/matmul.wgsl's `tree`), unused here.
 const S: u32 = 1u;
 
-//#include "common/matmul.wgsl"
+//#include "common/tile.wgsl"
 
 const ROWS: u32 = TM * CM;
 // Values of k per chunk.
@@ -57,16 +57,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // No early return for a tile past the rows (the grid's padding): cooperative
     // operations need control flow that never diverged. Its loads are guarded to zeros
     // and its stores skipped.
-    let k4 = 2u * params.k8;
     var sums: array<CoopSum, TM>;
     for (var c = 0u; c < params.k8; c += KC) {
         for (var i = lid; i < ROWS * KC; i += SG) {
             let row = i / KC;
             let pc = i % KC;
-            var w = mat2x4<f32>();
-            if r0 + row < params.rows && c + pc < params.k8 {
-                w = load8((r0 + row) * params.k8 + c + pc);
-            }
+            let w = tile_weights(r0 + row, c + pc);
             let o = row * KV + pc * 8u;
             for (var c = 0u; c < 2u; c++) {
                 let h = split(w[c]);
@@ -79,14 +75,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var i = lid; i < CM * KC; i += SG) {
             let tok = i / KC;
             let pc = i % KC;
-            var a = vec4<f32>();
-            var b = vec4<f32>();
-            if t0 + tok < step.n_tokens && c + pc < params.k8 {
-                a = x[(t0 + tok) * k4 + 2u * (c + pc)];
-                b = x[(t0 + tok) * k4 + 2u * (c + pc) + 1u];
-            }
+            let v = tile_x(t0 + tok, c + pc);
             let o = tok * KV + pc * 8u;
-            let v = mat2x4<f32>(a, b);
             for (var c = 0u; c < 2u; c++) {
                 let h = split(v[c]);
                 for (var j = 0u; j < 4u; j++) {

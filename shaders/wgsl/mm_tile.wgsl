@@ -21,7 +21,7 @@ const S: u32 = 4u;
 // (TN / RB) * (TT / TK) threads: one per block.
 const WG: u32 = 128u;
 
-//#include "common/matmul.wgsl"
+//#include "common/tile.wgsl"
 
 // [row][piece][half] and [token][piece][half].
 var<workgroup> w_tile: array<vec4<f32>, TN * KC * 2u>;
@@ -36,31 +36,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let tr = lid % (TN / RB);
     let tt = lid / (TN / RB);
-    let k4 = 2u * params.k8;
     // acc[(r * TK + t) * S + s]: partial s of row tr * RB + r, token tt * TK + t.
     var acc: array<f32, RB * TK * S>;
     for (var c = 0u; c < params.k8; c += KC) {
         for (var i = lid; i < TN * KC; i += WG) {
             let row = i / KC;
             let pc = i % KC;
-            var w = mat2x4<f32>();
-            if r0 + row < params.rows && c + pc < params.k8 {
-                w = load8((r0 + row) * params.k8 + c + pc);
-            }
+            let w = tile_weights(r0 + row, c + pc);
             w_tile[2u * i] = w[0];
             w_tile[2u * i + 1u] = w[1];
         }
         for (var i = lid; i < TT * KC; i += WG) {
             let tok = i / KC;
             let pc = i % KC;
-            var a = vec4<f32>();
-            var b = vec4<f32>();
-            if t0 + tok < step.n_tokens && c + pc < params.k8 {
-                a = x[(t0 + tok) * k4 + 2u * (c + pc)];
-                b = x[(t0 + tok) * k4 + 2u * (c + pc) + 1u];
-            }
-            x_tile[2u * i] = a;
-            x_tile[2u * i + 1u] = b;
+            let v = tile_x(t0 + tok, c + pc);
+            x_tile[2u * i] = v[0];
+            x_tile[2u * i + 1u] = v[1];
         }
         workgroupBarrier();
         let pieces = min(KC, params.k8 - c);
