@@ -94,16 +94,8 @@ pub struct EngineArgs {
     /// Past the model's own it runs, with a warning.
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub ctx: Option<u32>,
-    /// GPU adapter to use: a case-insensitive substring of its name (default: the best one;
-    /// also `WGPU_ADAPTER_NAME`).
-    #[arg(long)]
-    pub adapter: Option<String>,
-    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`; x
-    /// quantised per block of 32 values to two bytes a value), `on` or `off` (default:
-    /// `STRATA_INT8_DOT`, else off). Off by default: measured only on lavapipe, which
-    /// lowers the instruction and runs it slower than float products.
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
-    pub int8_dot: Option<bool>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Rows one step carries, all sequences together: every decode row of the step's
     /// sequences, then prefill chunks up to this budget (so a long prompt never stalls the
     /// others' streams). Larger speeds up prefill, smaller keeps decode steps short.
@@ -191,6 +183,40 @@ pub struct InitArgs {
     pub key_file: Option<PathBuf>,
 }
 
+/// Which GPU runs the model's layers here, and which optional kernels it uses: the same
+/// flags for `run`, `serve`, `chat`, `bench` (their local node) and `node`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// GPU adapter to use: a case-insensitive substring of its name (default: the best one;
+    /// also `WGPU_ADAPTER_NAME`).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`; x
+    /// quantised per block of 32 values to two bytes a value), `on` or `off` (default:
+    /// `STRATA_INT8_DOT`, else off). Off by default: measured only on lavapipe, which
+    /// lowers the instruction and runs it slower than float products.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub int8_dot: Option<bool>,
+    /// Every matrix product through cooperative matrices (tensor cores; wgpu's experimental
+    /// f16 8x8 or 16x16 matrices, each value as two f16, f32 sums), `on` or `off` (default:
+    /// `STRATA_COOP_MATRIX`, else off). `on` refuses to start on an adapter without them,
+    /// naming what it lacks; not with `--int8-dot on`. Off by default until measured on a
+    /// GPU: on lavapipe it runs far slower than the float kernels.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub coop_matrix: Option<bool>,
+}
+
+impl DeviceArgs {
+    /// The device these flags ask for.
+    pub fn gpu_config(&self) -> strata_node::gpu::GpuConfig {
+        strata_node::gpu::GpuConfig {
+            adapter: self.adapter.clone(),
+            int8_dot: self.int8_dot,
+            coop_matrix: self.coop_matrix,
+        }
+    }
+}
+
 impl EngineArgs {
     /// Whether the model runs as a pipeline of stage services rather than in-process.
     pub fn is_pipeline(&self) -> bool {
@@ -232,15 +258,8 @@ pub struct NodeArgs {
     /// restarted node finds its shards here and is sent nothing again.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// GPU adapter to use: a case-insensitive substring of its name (also `WGPU_ADAPTER_NAME`).
-    #[arg(long)]
-    pub adapter: Option<String>,
-    /// Q8_0 matrix products through 4x8-bit integer dot products (`dot4I8Packed`; x
-    /// quantised per block of 32 values to two bytes a value), `on` or `off` (default:
-    /// `STRATA_INT8_DOT`, else off). Off by default: measured only on lavapipe, which
-    /// lowers the instruction and runs it slower than float products.
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
-    pub int8_dot: Option<bool>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Free a sequence's caches after this many seconds unused.
     #[arg(long, default_value_t = 600)]
     pub idle_timeout: u64,

@@ -64,8 +64,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let service = StageService::open(NodeOptions {
         node_id: format!("{name}-{}-{}", std::process::id(), started.as_nanos() % 1_000_000),
         name,
-        adapter: args.adapter.clone(),
-        int8_dot: args.int8_dot,
+        gpu: args.device.gpu_config(),
         memory,
         model_dir: args.model_dir.clone(),
         model_files: Vec::new(),

@@ -94,10 +94,8 @@ impl NodeIdentity {
 pub struct NodeOptions {
     pub node_id: String,
     pub name: String,
-    /// A case-insensitive substring of the adapter's name (default: the best adapter).
-    pub adapter: Option<String>,
-    /// Q8_0 products through integer dot products ([`crate::gpu::GpuConfig::int8_dot`]).
-    pub int8_dot: Option<bool>,
+    /// The adapter, and its optional kernels ([`GpuConfig`]).
+    pub gpu: GpuConfig,
     /// What the node offers for weights and caches (`Auto`: probe the device).
     pub memory: MemoryLimit,
     pub model_dir: Option<PathBuf>,
@@ -221,11 +219,7 @@ impl StageService {
     /// Opens the GPU `options` names, sizes the memory on offer (probing it for `Auto`)
     /// and makes the service; the caller never handles the device itself.
     pub fn open(options: NodeOptions) -> crate::Result<StageService> {
-        let gpu = Arc::new(Gpu::new(&GpuConfig {
-            adapter: options.adapter,
-            int8_dot: options.int8_dot,
-            ..Default::default()
-        })?);
+        let gpu = Arc::new(Gpu::new(&options.gpu)?);
         let memory = options.memory.resolve(|| crate::memory::probe(&gpu));
         tracing::info!(bytes = memory.bytes, source = memory.source, "usable memory");
         let device = gpu.describe();

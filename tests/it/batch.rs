@@ -125,10 +125,10 @@ fn batched_equals_alone_with_int8_dot_products_smollm2_q8_0() {
     }
 }
 
-/// With every product through cooperative matrices (`STRATA_COOP_MATRIX=on`, on a
-/// lavapipe that offers them), too, a sequence's tokens do not depend on what shares its
-/// steps: the hybrid fixture's prompts alone, then batched with the others in steps of 8
-/// rows (decode rows beside prefill chunks), on one stage.
+/// With every product through cooperative matrices (`--coop-matrix on`, on a lavapipe
+/// that offers them), too, a sequence's tokens do not depend on what shares its steps: the
+/// hybrid fixture's prompts alone, then batched with the others in steps of 8 rows (decode
+/// rows beside prefill chunks), on one stage.
 #[test]
 fn batched_equals_alone_with_cooperative_matrices_tiny_qwen35() {
     let model = fixture("tiny-qwen35.gguf");
@@ -137,8 +137,12 @@ fn batched_equals_alone_with_cooperative_matrices_tiny_qwen35() {
     let mut prompts: Vec<&str> = seqs.iter().map(|s| s.prompt.as_str()).collect();
     prompts.extend(OTHERS);
     let run = |prompts: &[&str]| {
-        let args = run_args(&model, prompts, &["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8"]);
-        let o = strata_coop().args(&args).env("RUST_LOG", "strata_node::gpu=info").output().expect("run strata");
+        let flags = ["--max-tokens", "16", "--ignore-eos", "--batch-tokens", "8", "--coop-matrix", "on"];
+        let args = run_args(&model, prompts, &flags);
+        // The flag alone asks for them.
+        let mut cmd = strata_coop();
+        cmd.env_remove("STRATA_COOP_MATRIX");
+        let o = cmd.args(&args).env("RUST_LOG", "strata_node::gpu=info").output().expect("run strata");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "strata {args:?} ({}):\n{err}", o.status);
         assert!(

@@ -28,6 +28,7 @@ fn help_explains_every_command_and_flag() {
         "--batch",
         "--adapter",
         "--int8-dot",
+        "--coop-matrix",
         "--ignore-eos",
         "--peer",
         "--no-local",
@@ -76,6 +77,10 @@ fn flags_out_of_range_are_refused() {
     let o = strata().args(["run", "--model", m, "--prompt", "hi"]).env("STRATA_INT8_DOT", "maybe").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("STRATA_INT8_DOT=maybe"), "{err}");
+    let err = fails(&["run", "--model", m, "--prompt", "hi", "--coop-matrix", "maybe"]);
+    assert!(err.contains("--coop-matrix") && err.contains("`on` or `off`"), "{err}");
+    let err = fails(&["run", "--model", m, "--prompt", "hi", "--coop-matrix", "on", "--int8-dot", "on"]);
+    assert!(err.contains("--coop-matrix") && err.contains("cooperative matrices"), "{err}");
 }
 
 /// `--int8-dot on`: a Q8_0 model's matrix products go through `quantize_x` and `mm_dot`

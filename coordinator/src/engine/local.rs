@@ -10,7 +10,7 @@ use strata_model::config::ModelConfig;
 use strata_model::gguf::Gguf;
 use strata_model::plan::NodeBudget;
 use strata_node::error::ErrorKind;
-use strata_node::gpu::{Gpu, GpuConfig};
+use strata_node::gpu::Gpu;
 use strata_node::stage::{Produced, SeqId, SeqStep as StageStep, Stage, Want};
 
 use super::{
@@ -38,11 +38,7 @@ impl LocalEngine {
     pub fn load(gguf: &Gguf, args: &EngineArgs, usage: EngineUse) -> anyhow::Result<LocalEngine> {
         let config = ModelConfig::from_gguf(gguf)?;
         let ctx = context_length(gguf, args)?;
-        let gpu = Arc::new(Gpu::new(&GpuConfig {
-            adapter: args.adapter.clone(),
-            int8_dot: args.int8_dot,
-            ..Default::default()
-        })?);
+        let gpu = Arc::new(Gpu::new(&args.device.gpu_config())?);
         // No `--ctx`: the model's own context, or the most this device's memory holds, with
         // the pool sized by that memory (as a pipeline's plan sizes it over its nodes).
         let (ctx, kv_positions) = if args.ctx.is_none() {

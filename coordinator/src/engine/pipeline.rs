@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 use strata_model::config::ModelConfig;
 use strata_model::gguf::Gguf;
 use strata_model::plan::{ModelCost, NodeBudget, Plan, PlanConfig, parse_split};
+use strata_node::gpu::GpuConfig;
 use strata_node::memory::MemoryLimit;
 use strata_node::service::{self, NodeOptions, StageService};
 use strata_node::stage::{Logprobs, SeqId};
@@ -325,16 +326,14 @@ fn distinct_devices(stages: &[StageHandle]) -> usize {
 /// Starts this machine's stage service on a free loopback port; returns its address.
 async fn start_local(
     gguf_path: &std::path::Path,
-    adapter: Option<String>,
-    int8_dot: Option<bool>,
+    gpu: GpuConfig,
     security: &Security,
 ) -> anyhow::Result<(String, LocalNode)> {
     // The coordinator's own node has the file: it never needs a shard cache.
     let svc = StageService::open(NodeOptions {
         node_id: format!("local-{}", std::process::id()),
         name: "local".into(),
-        adapter,
-        int8_dot,
+        gpu,
         memory: MemoryLimit::Auto,
         model_dir: None,
         model_files: vec![gguf_path.to_owned()],
@@ -369,7 +368,7 @@ async fn stage_addresses(
     let local = if args.no_local {
         None
     } else {
-        let (addr, node) = start_local(&args.model, args.adapter.clone(), args.int8_dot, security).await?;
+        let (addr, node) = start_local(&args.model, args.device.gpu_config(), security).await?;
         addrs.push(addr);
         Some(node)
     };

@@ -108,7 +108,7 @@ fn switch_from_env(name: &str, default: bool) -> Result<bool> {
 /// products summed in f32; 16 where offered, else 8), or why there are none.
 fn coop_matrix_size(adapter: &wgpu::Adapter) -> Result<u32> {
     let info = adapter.get_info();
-    let missing = |what: &str| Err(Error::Device(format!("cooperative matrices: {} {what}", info.name)));
+    let missing = |what: &str| Err(Error::Device(format!("--coop-matrix: cooperative matrices: {} {what}", info.name)));
     let features = adapter.features();
     if !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
         return missing("offers none (wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX; Vulkan's VK_KHR_cooperative_matrix)");
@@ -194,7 +194,7 @@ impl Gpu {
         .transpose()?;
         if int8_dot && coop_matrix.is_some() {
             return Err(Error::Device(
-                "integer dot products and cooperative matrices are two paths for the same products: turn one off"
+                "--int8-dot and --coop-matrix: integer dot products and cooperative matrices are two paths for the same products: turn one off"
                     .into(),
             ));
         }
