@@ -30,10 +30,12 @@ const ROWS: u32 = TM * CM;
 // Values of k per chunk.
 const KV: u32 = KC * 8u;
 
-// [row][k] (A, row-major), [token][k] (B, column-major), [token][row] (C, column-major);
-// each f16 tile twice: the values cut to f16, then what the cut left (`split`).
-var<workgroup> w_tile: array<f16, 2u * ROWS * KV>;
-var<workgroup> x_tile: array<f16, 2u * CM * KV>;
+// The weight tile [row][k] (A, row-major) from W_AT, then the x tile [token][k] (B,
+// column-major) from X_AT, each twice: the values cut to f16, then what the cut left
+// (`split`), one tile further on. The sums [token][row] (C, column-major) apart.
+const W_AT: u32 = 0u;
+const X_AT: u32 = 2u * ROWS * KV;
+var<workgroup> tiles: array<f16, 2u * (ROWS + CM) * KV>;
 var<workgroup> sum_tile: array<f32, ROWS * CM>;
 
 const F16_MAX: f32 = 65504.0;
@@ -50,6 +52,18 @@ fn split(v: vec4<f32>) -> array<vec4<f16>, 2> {
     return array<vec4<f16>, 2>(vec4<f16>(hi), vec4<f16>(f - hi));
 }
 
+// Writes piece `p` (8 values of k) into `tiles` at `at`, as `split` cuts it: the cut
+// values there, what the cut left `tile` values further on.
+fn stage(p: mat2x4<f32>, at: u32, tile: u32) {
+    for (var half = 0u; half < 2u; half++) {
+        let h = split(p[half]);
+        for (var j = 0u; j < 4u; j++) {
+            tiles[at + 4u * half + j] = h[0][j];
+            tiles[at + tile + 4u * half + j] = h[1][j];
+        }
+    }
+}
+
 @compute @workgroup_size(SG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r0 = (wid.y * params.groups_x + wid.x) * ROWS;
@@ -62,36 +76,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var i = lid; i < ROWS * KC; i += SG) {
             let row = i / KC;
             let pc = i % KC;
-            let w = tile_weights(r0 + row, c + pc);
-            let o = row * KV + pc * 8u;
-            for (var c = 0u; c < 2u; c++) {
-                let h = split(w[c]);
-                for (var j = 0u; j < 4u; j++) {
-                    w_tile[o + 4u * c + j] = h[0][j];
-                    w_tile[ROWS * KV + o + 4u * c + j] = h[1][j];
-                }
-            }
+            stage(tile_weights(r0 + row, c + pc), W_AT + row * KV + pc * 8u, ROWS * KV);
         }
         for (var i = lid; i < CM * KC; i += SG) {
             let tok = i / KC;
             let pc = i % KC;
-            let v = tile_x(t0 + tok, c + pc);
-            let o = tok * KV + pc * 8u;
-            for (var c = 0u; c < 2u; c++) {
-                let h = split(v[c]);
-                for (var j = 0u; j < 4u; j++) {
-                    x_tile[o + 4u * c + j] = h[0][j];
-                    x_tile[CM * KV + o + 4u * c + j] = h[1][j];
-                }
-            }
+            stage(tile_x(t0 + tok, c + pc), X_AT + tok * KV + pc * 8u, CM * KV);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KV; kk += CM) {
-            let xs = coopLoad<CoopX>(&x_tile[kk], KV);
-            let xr = coopLoad<CoopX>(&x_tile[CM * KV + kk], KV);
+            let xs = coopLoad<CoopX>(&tiles[X_AT + kk], KV);
+            let xr = coopLoad<CoopX>(&tiles[X_AT + CM * KV + kk], KV);
             for (var m = 0u; m < TM; m++) {
-                let ws = coopLoadT<CoopW>(&w_tile[m * CM * KV + kk], KV);
-                let wr = coopLoadT<CoopW>(&w_tile[ROWS * KV + m * CM * KV + kk], KV);
+                let ws = coopLoadT<CoopW>(&tiles[W_AT + m * CM * KV + kk], KV);
+                let wr = coopLoadT<CoopW>(&tiles[W_AT + ROWS * KV + m * CM * KV + kk], KV);
                 // The remainders' products first (the smaller terms), then the main one.
                 sums[m] = coopMultiplyAdd(wr, xs, sums[m]);
                 sums[m] = coopMultiplyAdd(ws, xr, sums[m]);
