@@ -128,9 +128,19 @@ impl Reply {
 /// A minimal HTTP/1.1 client: one request per connection.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    send(&mut s, method, path, body);
+    read_reply(s, Vec::new())
+}
+
+/// Writes one request on `s` (the server closes the connection after its reply).
+fn send(s: &mut TcpStream, method: &str, path: &str, body: &str) {
+    let addr = s.peer_addr().unwrap();
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = Vec::new();
+}
+
+/// Reads the reply on `s` to its end; `raw` holds what was already read of it.
+fn read_reply(mut s: TcpStream, mut raw: Vec<u8>) -> Reply {
+    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
     s.read_to_end(&mut raw).expect("read reply");
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").expect("HTTP head");
@@ -494,21 +504,25 @@ fn a_full_kv_pool_makes_a_request_wait_and_one_too_large_is_refused() {
             .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_owned())
             .collect()
     };
-    // B is sent once A is seen running, but A's 20 tokens can be over before B reaches the
-    // scheduler (the poll that sees A, and B's connection, take tens of milliseconds on a
-    // loaded box): then B fits and nothing waits. So the pair runs again, at most 5 times,
-    // until B was held back once; every time, both answers are their answers alone.
+    // B is sent the moment A's first token arrives (A then holds its blocks), on a
+    // connection opened beforehand. A's 20 tokens take tens of milliseconds, and on a
+    // loaded box they can still be over before B reaches the scheduler: then B fits and
+    // nothing waits. So the pair runs again, at most 5 times, until B was held back once;
+    // every time, both answers are their answers alone.
     let mut waits = 0;
-    for _ in 0..5 {
-        let long = long.clone();
-        let b_body = b_body.clone();
-        let a = std::thread::spawn(move || {
-            let streamed = json!({ "prompt": long, "max_tokens": 20, "temperature": 0, "stream": true }).to_string();
-            http(addr, "POST", "/v1/completions", &streamed)
-        });
-        assert!(wait_for(|| server.active().0 == 1), "A did not start");
-        let b = std::thread::spawn(move || http(addr, "POST", "/v1/completions", &b_body));
-        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    for attempt in 1..=5 {
+        let (mut a, mut b) = (TcpStream::connect(addr).unwrap(), TcpStream::connect(addr).unwrap());
+        let streamed = json!({ "prompt": long, "max_tokens": 20, "temperature": 0, "stream": true }).to_string();
+        send(&mut a, "POST", "/v1/completions", &streamed);
+        a.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+        let (mut raw, mut buf) = (Vec::new(), [0u8; 4096]);
+        while !String::from_utf8_lossy(&raw).contains("data: ") {
+            let n = a.read(&mut buf).unwrap();
+            assert!(n > 0, "A's stream ended before its first token: {}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&buf[..n]);
+        }
+        send(&mut b, "POST", "/v1/completions", &b_body);
+        let (a, b) = (read_reply(a, raw), read_reply(b, Vec::new()));
         assert_eq!(text_of(&a.body), a_alone["choices"][0]["text"].as_str().unwrap(), "A's stream changed");
         assert_eq!(b.status, 200, "{}", b.body);
         assert_eq!(b.json()["choices"][0]["text"], b_alone["choices"][0]["text"], "B's answer changed");
@@ -517,6 +531,7 @@ fn a_full_kv_pool_makes_a_request_wait_and_one_too_large_is_refused() {
         // over before a poll of `/v1/cluster` would see B queued).
         waits = server.get("/v1/cluster").json()["kv_pool_waits"].as_u64().unwrap();
         if waits > 0 {
+            eprintln!("B was held back beside A on try {attempt}");
             break;
         }
     }
