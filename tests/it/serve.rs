@@ -138,6 +138,22 @@ fn send(s: &mut TcpStream, method: &str, path: &str, body: &str) {
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
 }
 
+/// Reads a streamed reply on `s` until `events` server-sent events (or its end, `[DONE]`)
+/// have arrived; returns what it read, for [`read_reply`] to go on from.
+fn read_events(s: &mut TcpStream, events: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let (mut raw, mut buf) = (Vec::new(), [0u8; 4096]);
+    loop {
+        let seen = String::from_utf8_lossy(&raw);
+        if seen.matches("data: ").count() >= events || seen.contains("[DONE]") {
+            return raw;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Reads the reply on `s` to its end; `raw` holds what was already read of it.
 fn read_reply(mut s: TcpStream, mut raw: Vec<u8>) -> Reply {
     s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
@@ -412,16 +428,9 @@ fn disconnect_mid_stream_frees_the_sequence_on_every_node() {
         let body = format!(
             r#"{{"prompt":"Once upon a time","max_tokens":4000,"temperature":1.0,"stream":true,"seed":{seed}}}"#
         );
-        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        send(&mut s, "POST", "/v1/completions", &body);
         // Read until a few chunks of text have arrived: the sequence is generating.
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 4096];
-        while seen.matches("data: ").count() < 3 && !seen.contains("[DONE]") {
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "stream ended early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_events(&mut s, 3);
         let generating = server.active().0 == 1 && wait_for(|| server.held() == [1, 1, 1]);
         drop(s);
         server.wait_idle();
@@ -514,13 +523,7 @@ fn a_full_kv_pool_makes_a_request_wait_and_one_too_large_is_refused() {
         let (mut a, mut b) = (TcpStream::connect(addr).unwrap(), TcpStream::connect(addr).unwrap());
         let streamed = json!({ "prompt": long, "max_tokens": 20, "temperature": 0, "stream": true }).to_string();
         send(&mut a, "POST", "/v1/completions", &streamed);
-        a.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-        let (mut raw, mut buf) = (Vec::new(), [0u8; 4096]);
-        while !String::from_utf8_lossy(&raw).contains("data: ") {
-            let n = a.read(&mut buf).unwrap();
-            assert!(n > 0, "A's stream ended before its first token: {}", String::from_utf8_lossy(&raw));
-            raw.extend_from_slice(&buf[..n]);
-        }
+        let raw = read_events(&mut a, 1);
         send(&mut b, "POST", "/v1/completions", &b_body);
         let (a, b) = (read_reply(a, raw), read_reply(b, Vec::new()));
         assert_eq!(text_of(&a.body), a_alone["choices"][0]["text"].as_str().unwrap(), "A's stream changed");
